@@ -1,0 +1,51 @@
+# The front door. Logic lives in cargo and in initrd/*.sh; this file only
+# wires them together.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT := target/$(AGENT_TARGET)/release/ember-agent
+export EMBER_CACHE ?= /var/cache/ember
+export EMBER_IMAGES ?= $(CURDIR)/target/images
+
+.PHONY: up test deps build agent images bench lint fmt clean-cache
+
+## up: install what is missing, build, make images, smoke-test one VM.
+up: deps build images
+	./target/release/ember vm run --timings -- uname -a
+	@echo "ember is ready: try ./target/release/ember vm run -- python3 -c 'print(6*7)'"
+
+## test: install what is missing, then run every test (unit, component, VM).
+test: deps images
+	$(CARGO) build --release -p ember-gateway
+	$(CARGO) test --workspace --all-targets --no-fail-fast
+
+deps:
+	./initrd/deps.sh
+
+build:
+	$(CARGO) build --release -p ember-gateway
+
+# The guest agent is a static binary (glibc, crt-static) so it runs in any
+# guest root; --target keeps its flags away from host builds.
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p ember-guest-agent --target $(AGENT_TARGET)
+
+images: agent
+	./initrd/images.sh $(AGENT)
+
+## bench: cold boot and exec round-trip figures (see docs/BENCHMARKS.md).
+bench: deps build images
+	./target/release/ember vm bench
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean-cache:
+	rm -rf $(EMBER_CACHE)/images

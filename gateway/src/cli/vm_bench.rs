@@ -1,0 +1,216 @@
+//! `ember vm bench`: cold boot to agent-ready per channel and init mode,
+//! and the round trip of `true` on a booted VM. Prints p50/p95.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use ember_pool::vm::{InitMode, VmConfig};
+use ember_pool::{ChannelChoice, VmHost};
+use ember_wire::{Command, ExecRequest};
+use serde::Serialize;
+
+use super::VmOpts;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub vm: VmOpts,
+    /// Cold boots per channel and init mode.
+    #[arg(long, default_value_t = 5)]
+    pub boots: usize,
+    /// `true` round trips per channel.
+    #[arg(long, default_value_t = 50)]
+    pub execs: usize,
+    /// Channels to measure (comma-separated); default: each that runs here.
+    #[arg(long, value_delimiter = ',')]
+    pub channels: Vec<ChannelChoice>,
+    /// Init modes to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values = ["fast", "full"])]
+    pub init_modes: Vec<InitMode>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Stats {
+    n: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+}
+
+/// Nearest-rank percentiles of samples in milliseconds.
+fn stats(mut samples: Vec<f64>) -> Option<Stats> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_by(f64::total_cmp);
+    let rank =
+        |p: f64| samples[((p / 100.0 * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
+    Some(Stats {
+        n: samples.len(),
+        p50_ms: rank(50.0),
+        p95_ms: rank(95.0),
+        min_ms: samples[0],
+        max_ms: samples[samples.len() - 1],
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct BootRow {
+    channel: String,
+    init_mode: InitMode,
+    accel: String,
+    boot_to_agent: Stats,
+    guest_uptime: Stats,
+}
+
+#[derive(Debug, Serialize)]
+struct ExecRow {
+    channel: String,
+    true_round_trip: Stats,
+    in_guest: Stats,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    initrd_bytes: u64,
+    boots: Vec<BootRow>,
+    execs: Vec<ExecRow>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let base = args.vm.config()?;
+    let initrd_bytes = std::fs::metadata(&base.images.initrd)?.len();
+    let channels = if args.channels.is_empty() { available_channels(&base) } else { args.channels.clone() };
+    let mut report = Report { initrd_bytes, boots: Vec::new(), execs: Vec::new() };
+    for &channel in &channels {
+        for &mode in &args.init_modes {
+            let mut cfg = base.clone();
+            cfg.channel = channel;
+            cfg.init_mode = mode;
+            let host = VmHost::new(cfg, false)?;
+            let accel = host.accel().await;
+            let (mut boot, mut uptime) = (Vec::new(), Vec::new());
+            for i in 0..args.boots {
+                let vm = host.boot().await?;
+                let t = vm.timings();
+                boot.push(t.total_ms as f64);
+                uptime.push(t.guest_uptime_ms as f64);
+                if !args.json {
+                    eprintln!(
+                        "boot {}/{} {} {:?}: {} ms",
+                        i + 1,
+                        args.boots,
+                        host.channel(),
+                        mode,
+                        t.total_ms
+                    );
+                }
+                let measure_exec = mode == InitMode::Fast && i + 1 == args.boots && args.execs > 0;
+                if measure_exec {
+                    report.execs.push(exec_round_trips(&vm, args.execs).await?);
+                }
+                vm.shutdown().await;
+            }
+            if let (Some(b), Some(u)) = (stats(boot), stats(uptime)) {
+                report.boots.push(BootRow {
+                    channel: host.channel().to_string(),
+                    init_mode: mode,
+                    accel: accel.name().into(),
+                    boot_to_agent: b,
+                    guest_uptime: u,
+                });
+            }
+        }
+    }
+    print_report(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn available_channels(cfg: &VmConfig) -> Vec<ChannelChoice> {
+    let host = ember_pool::channel::HostChannels::probe(&cfg.vhost_device_vsock);
+    let mut v = Vec::new();
+    if host.vhost_vsock {
+        v.push(ChannelChoice::Vsock);
+    }
+    if host.vhost_device_vsock {
+        v.push(ChannelChoice::HybridVsock);
+    }
+    v.push(ChannelChoice::Serial);
+    v
+}
+
+async fn exec_round_trips(vm: &ember_pool::Vm, n: usize) -> anyhow::Result<ExecRow> {
+    let (mut rtt, mut guest) = (Vec::new(), Vec::new());
+    // One warm-up run: the first exec pays for cold page cache.
+    let req = ExecRequest::new(Command::Argv(vec!["true".into()]));
+    vm.agent().run(req.clone()).await?;
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = vm.agent().run(req.clone()).await?;
+        rtt.push(t.elapsed().as_secs_f64() * 1000.0);
+        guest.push(out.status.duration_ms as f64);
+        anyhow::ensure!(out.status.code == Some(0), "`true` failed: {:?}", out.status);
+    }
+    Ok(ExecRow {
+        channel: vm.channel().to_string(),
+        true_round_trip: stats(rtt).ok_or_else(|| anyhow::anyhow!("no samples"))?,
+        in_guest: stats(guest).ok_or_else(|| anyhow::anyhow!("no samples"))?,
+    })
+}
+
+fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    println!("initrd: {} bytes ({:.2} MiB)", r.initrd_bytes, r.initrd_bytes as f64 / 1048576.0);
+    println!("\ncold boot to agent-ready (host wall clock, ms)");
+    println!(
+        "{:<14} {:<6} {:<5} {:>4} {:>8} {:>8} {:>8}",
+        "channel", "init", "accel", "n", "p50", "p95", "guest p50"
+    );
+    for b in &r.boots {
+        println!(
+            "{:<14} {:<6} {:<5} {:>4} {:>8.0} {:>8.0} {:>8.0}",
+            b.channel,
+            format!("{:?}", b.init_mode).to_lowercase(),
+            b.accel,
+            b.boot_to_agent.n,
+            b.boot_to_agent.p50_ms,
+            b.boot_to_agent.p95_ms,
+            b.guest_uptime.p50_ms
+        );
+    }
+    println!("\nexec round trip of `true` on a booted VM (ms)");
+    println!("{:<14} {:>4} {:>8} {:>8} {:>12}", "channel", "n", "p50", "p95", "in-guest p50");
+    for e in &r.execs {
+        println!(
+            "{:<14} {:>4} {:>8.1} {:>8.1} {:>12.1}",
+            e.channel,
+            e.true_round_trip.n,
+            e.true_round_trip.p50_ms,
+            e.true_round_trip.p95_ms,
+            e.in_guest.p50_ms
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s = stats((1..=100).map(f64::from).collect()).unwrap();
+        assert_eq!((s.p50_ms, s.p95_ms, s.min_ms, s.max_ms), (50.0, 95.0, 1.0, 100.0));
+        let one = stats(vec![7.0]).unwrap();
+        assert_eq!((one.p50_ms, one.p95_ms), (7.0, 7.0));
+        assert!(stats(vec![]).is_none());
+    }
+}

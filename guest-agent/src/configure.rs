@@ -1,0 +1,113 @@
+//! `configure`: hostname, network and DNS in one round trip.
+
+use std::process::{Command, Stdio};
+
+use ember_wire::{Configure, ErrorCode, ErrorReply};
+
+use crate::Agent;
+
+pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> {
+    let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
+    if let Some(name) = &cfg.hostname {
+        validate_hostname(name).map_err(bad)?;
+    }
+    for ns in &cfg.dns {
+        ns.parse::<std::net::IpAddr>().map_err(|_| bad(format!("invalid nameserver {ns:?}")))?;
+    }
+    if let Some(net) = &cfg.network {
+        validate_interface(&net.interface).map_err(bad)?;
+        let (addr, prefix) = net
+            .address
+            .split_once('/')
+            .ok_or_else(|| bad(format!("address {:?} needs a /prefix", net.address)))?;
+        let ip: std::net::IpAddr = addr.parse().map_err(|_| bad(format!("invalid address {addr:?}")))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match prefix.parse::<u8>() {
+            Ok(p) if p <= max => {}
+            _ => return Err(bad(format!("invalid prefix length {prefix:?}"))),
+        }
+        if let Some(gw) = &net.gateway {
+            gw.parse::<std::net::IpAddr>().map_err(|_| bad(format!("invalid gateway {gw:?}")))?;
+        }
+    }
+
+    if let Some(name) = &cfg.hostname {
+        nix::unistd::sethostname(name).map_err(|e| internal(format!("sethostname: {e}")))?;
+    }
+    if let Some(net) = &cfg.network {
+        let bb = agent.layout.busybox.to_string_lossy().into_owned();
+        let i = net.interface.as_str();
+        run(agent, &[&bb, "ip", "link", "set", i, "up"]).await?;
+        run(agent, &[&bb, "ip", "addr", "flush", "dev", i]).await?;
+        run(agent, &[&bb, "ip", "addr", "add", &net.address, "dev", i]).await?;
+        if let Some(gw) = &net.gateway {
+            run(agent, &[&bb, "ip", "route", "replace", "default", "via", gw, "dev", i]).await?;
+        }
+    }
+    if !cfg.dns.is_empty() {
+        let text: String = cfg.dns.iter().map(|ns| format!("nameserver {ns}\n")).collect();
+        std::fs::write(&agent.layout.resolv_conf, text)
+            .map_err(|e| internal(format!("writing {}: {e}", agent.layout.resolv_conf.display())))?;
+    }
+    Ok(())
+}
+
+fn internal(m: String) -> ErrorReply {
+    ErrorReply::new(ErrorCode::Internal, m)
+}
+
+pub fn validate_hostname(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.split('.').all(|l| {
+            !l.is_empty() && !l.starts_with('-') && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid hostname {name:?}"))
+    }
+}
+
+fn validate_interface(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid interface name {name:?}"))
+    }
+}
+
+/// Run a root helper to completion through the reaper.
+async fn run(agent: &Agent, argv: &[&str]) -> Result<(), ErrorReply> {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let (mut child, rx) =
+        agent.reaper.spawn(&mut cmd).map_err(|e| internal(format!("{}: {e}", argv.join(" "))))?;
+    let stderr = child.stderr.take();
+    let status = rx.await.map_err(|_| internal("reaper went away".into()))?;
+    if matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)) {
+        return Ok(());
+    }
+    let mut msg = String::new();
+    if let Some(mut e) = stderr {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut msg);
+    }
+    Err(internal(format!("`{}` failed ({status:?}): {}", argv[1..].join(" "), msg.trim())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames_are_validated() {
+        assert!(validate_hostname("ember-1.local").is_ok());
+        for bad in ["", "-x", "a..b", "a b", "x;reboot", &"a".repeat(65)] {
+            assert!(validate_hostname(bad).is_err(), "{bad}");
+        }
+    }
+}

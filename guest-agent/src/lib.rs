@@ -1,0 +1,120 @@
+//! The Ember guest agent.
+//!
+//! It serves the framed protocol of `ember-wire` on every transport the
+//! guest has (AF_VSOCK and a virtio-serial port), runs user commands as an
+//! unprivileged user in their own process group and cgroup, and reaps every
+//! orphan, since it is PID 1 (fast init) or a child subreaper (full init).
+
+mod cgroup;
+mod configure;
+mod exec;
+mod files;
+mod reaper;
+mod reset;
+mod session;
+mod setup;
+mod sys;
+mod transport;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use cgroup::Cgroups;
+pub use reaper::{ReapMode, Reaper};
+pub use session::serve;
+
+/// Where and as whom the agent runs user commands. The guest uses
+/// [`GuestLayout::guest`]; host tests use a temp dir and the current user.
+#[derive(Debug, Clone)]
+pub struct GuestLayout {
+    /// Default working directory, the user's home.
+    pub workspace: PathBuf,
+    /// Directories `reset` empties (and the only ones `write_files` may
+    /// write to outside the workspace).
+    pub scratch_dirs: Vec<PathBuf>,
+    /// Run commands as this uid/gid; `None` keeps the agent's own.
+    pub user: Option<(u32, u32)>,
+    /// Hostname restored by `reset`.
+    pub hostname: String,
+    /// resolv.conf written by `configure`.
+    pub resolv_conf: PathBuf,
+    /// busybox, for `ip` in `configure`.
+    pub busybox: PathBuf,
+}
+
+impl GuestLayout {
+    pub const USER_UID: u32 = 1000;
+
+    pub fn guest() -> Self {
+        Self {
+            workspace: "/home/ember".into(),
+            scratch_dirs: vec!["/home/ember".into(), "/tmp".into(), "/var/tmp".into(), "/dev/shm".into()],
+            user: Some((Self::USER_UID, Self::USER_UID)),
+            hostname: "ember".into(),
+            resolv_conf: "/etc/resolv.conf".into(),
+            busybox: "/bin/busybox".into(),
+        }
+    }
+}
+
+/// Shared state of one agent process.
+#[derive(Debug)]
+pub struct Agent {
+    pub layout: GuestLayout,
+    pub reaper: Arc<Reaper>,
+    pub cgroups: Option<Cgroups>,
+    /// The guest powers off on `shutdown` only when this is set.
+    pub power_off_on_shutdown: bool,
+}
+
+/// Command-line arguments of `ember-agent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    pub vsock_port: Option<u32>,
+    pub serial: bool,
+}
+
+impl Args {
+    pub const USAGE: &'static str = "usage: ember-agent [--vsock-port PORT | --no-vsock] [--no-serial]";
+
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
+        let mut out = Args { vsock_port: Some(ember_wire::AGENT_VSOCK_PORT), serial: true };
+        let mut it = args.into_iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--vsock-port" => {
+                    let v = it.next().ok_or("--vsock-port needs a value")?;
+                    out.vsock_port = Some(v.parse().map_err(|_| format!("bad port {v:?}"))?);
+                }
+                "--no-vsock" => out.vsock_port = None,
+                "--no-serial" => out.serial = false,
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Run the agent inside a guest until it is shut down.
+pub async fn run(args: Args) -> std::io::Result<()> {
+    setup::init_logging();
+    let reaper = Reaper::start(ReapMode::All)?;
+    let cgroups = setup::prepare_guest()?;
+    let agent =
+        Arc::new(Agent { layout: GuestLayout::guest(), reaper, cgroups, power_off_on_shutdown: true });
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "agent starting");
+    transport::serve_all(agent, args).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_arguments() {
+        let a = Args::parse(["--vsock-port".into(), "5000".into(), "--no-serial".into()]).unwrap();
+        assert_eq!(a, Args { vsock_port: Some(5000), serial: false });
+        assert!(Args::parse(["--bogus".into()]).is_err());
+        assert!(Args::parse(["--vsock-port".into(), "x".into()]).is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! `ember-agent`: started by `/sbin/init-fast` (as PID 1) or by systemd in
+//! the guest. Everything but argument parsing lives in the library.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = match ember_guest_agent::Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("ember-agent: {msg}\n{}", ember_guest_agent::Args::USAGE);
+            return ExitCode::from(64);
+        }
+    };
+    // One vCPU per guest, and the reaper must never race std's own waitpid
+    // after a failed exec: a current-thread runtime gives both.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ember-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(ember_guest_agent::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ember-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

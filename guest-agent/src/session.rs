@@ -1,0 +1,225 @@
+//! One host connection: decode frames, run each request as its own task,
+//! write replies through one writer. Generic over the stream, so tests drive
+//! it through `tokio::io::duplex`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ember_wire::{
+    decode, encode, ErrorCode, ErrorReply, FrameDecoder, FrameError, HelloReply, Request, RequestBody,
+    Response, ResponseBody, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+
+/// Requests one connection may have in flight at once.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+enum Outgoing {
+    Frame(Response),
+    /// Flush, then power the guest off.
+    PowerOff,
+}
+
+/// How a session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SessionStats {
+    pub bytes_read: u64,
+}
+
+/// Serve one connection until the host closes it. Commands still running
+/// when it closes are killed.
+pub async fn serve<S>(agent: Arc<Agent>, stream: S) -> std::io::Result<SessionStats>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
+    let power_off = agent.power_off_on_shutdown;
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Outgoing::Frame(resp) => {
+                    let frame = match encode(&resp) {
+                        Ok(f) => f,
+                        Err(e) => encode(&Response {
+                            id: resp.id,
+                            body: ResponseBody::Error(ErrorReply::new(ErrorCode::Internal, e.to_string())),
+                        })
+                        .unwrap_or_default(),
+                    };
+                    if wr.write_all(&frame).await.is_err() {
+                        break;
+                    }
+                }
+                Outgoing::PowerOff => {
+                    let _ = wr.flush().await;
+                    if power_off {
+                        crate::setup::power_off();
+                    }
+                }
+            }
+        }
+    });
+
+    let inflight: Arc<Mutex<HashMap<u64, CancellationToken>>> = Arc::default();
+    let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stats = SessionStats { bytes_read: 0 };
+    let (resp_tx, mut resp_rx) = mpsc::channel::<Response>(64);
+    // Replies from request tasks funnel into the writer.
+    let fwd_tx = tx.clone();
+    let forwarder = tokio::spawn(async move {
+        while let Some(r) = resp_rx.recv().await {
+            if fwd_tx.send(Outgoing::Frame(r)).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let result = loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        stats.bytes_read += n as u64;
+        decoder.push(&buf[..n]);
+        while let Some(frame) = decoder.next_frame() {
+            let parsed = match frame {
+                Ok(body) => parse_request(&body),
+                Err(e) => Err((0, e)),
+            };
+            let req = match parsed {
+                Ok(r) => r,
+                Err((id, e)) => {
+                    let code = match e {
+                        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                        _ => ErrorCode::BadFrame,
+                    };
+                    tracing::warn!(error = %e, "bad frame from host");
+                    let body = ResponseBody::Error(ErrorReply::new(code, e.to_string()));
+                    let _ = resp_tx.send(Response { id, body }).await;
+                    continue;
+                }
+            };
+            dispatch(&agent, req, &resp_tx, &tx, &inflight).await;
+        }
+    };
+
+    for token in inflight.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        token.cancel();
+    }
+    drop(resp_tx);
+    drop(tx);
+    let _ = forwarder.await;
+    writer.abort();
+    result.map(|()| stats)
+}
+
+/// Parse a frame body; on failure keep the request id if it can be read, so
+/// the host can match the error to its request.
+fn parse_request(body: &[u8]) -> Result<Request, (u64, FrameError)> {
+    decode::<Request>(body).map_err(|e| {
+        let id = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_u64()))
+            .unwrap_or(0);
+        (id, e)
+    })
+}
+
+async fn dispatch(
+    agent: &Arc<Agent>,
+    req: Request,
+    resp: &mpsc::Sender<Response>,
+    out: &mpsc::Sender<Outgoing>,
+    inflight: &Arc<Mutex<HashMap<u64, CancellationToken>>>,
+) {
+    let id = req.id;
+    let reply_now = |body| Response { id, body };
+    match req.body {
+        RequestBody::Hello { nonce } => {
+            let hello = HelloReply {
+                nonce,
+                protocol: PROTOCOL_VERSION,
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                uptime_ms: crate::setup::uptime_ms(),
+            };
+            let _ = resp.send(reply_now(ResponseBody::Hello(hello))).await;
+        }
+        RequestBody::Cancel { target } => {
+            if let Some(t) = inflight.lock().unwrap_or_else(|p| p.into_inner()).get(&target) {
+                t.cancel();
+            }
+            let _ = resp.send(reply_now(ResponseBody::Ok)).await;
+        }
+        RequestBody::Shutdown {} => {
+            let _ = out.send(Outgoing::Frame(reply_now(ResponseBody::Ok))).await;
+            let _ = out.send(Outgoing::PowerOff).await;
+        }
+        body => {
+            let token = CancellationToken::new();
+            if let Err(msg) = register(inflight, id, &token) {
+                let e = ErrorReply::new(ErrorCode::BadRequest, msg);
+                let _ = resp.send(reply_now(ResponseBody::Error(e))).await;
+                return;
+            }
+            let agent = Arc::clone(agent);
+            let resp = resp.clone();
+            let inflight = Arc::clone(inflight);
+            tokio::spawn(async move {
+                run_request(&agent, id, body, &resp, token).await;
+                inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            });
+        }
+    }
+}
+
+fn register(
+    inflight: &Mutex<HashMap<u64, CancellationToken>>,
+    id: u64,
+    token: &CancellationToken,
+) -> Result<(), String> {
+    let mut map = inflight.lock().unwrap_or_else(|p| p.into_inner());
+    if map.contains_key(&id) {
+        return Err(format!("request id {id} is already in flight"));
+    }
+    if map.len() >= MAX_IN_FLIGHT {
+        return Err(format!("more than {MAX_IN_FLIGHT} requests in flight"));
+    }
+    map.insert(id, token.clone());
+    Ok(())
+}
+
+async fn run_request(
+    agent: &Agent,
+    id: u64,
+    body: RequestBody,
+    resp: &mpsc::Sender<Response>,
+    token: CancellationToken,
+) {
+    let done = |r: Result<(), ErrorReply>| Response {
+        id,
+        body: match r {
+            Ok(()) => ResponseBody::Ok,
+            Err(e) => ResponseBody::Error(e),
+        },
+    };
+    match body {
+        RequestBody::Exec(req) => crate::exec::run(agent, id, req, resp.clone(), token).await,
+        RequestBody::WriteFiles { files } => {
+            let _ = resp.send(done(crate::files::write_files(&agent.layout, files).await)).await;
+        }
+        RequestBody::Configure(cfg) => {
+            let _ = resp.send(done(crate::configure::configure(agent, cfg).await)).await;
+        }
+        RequestBody::Reset {} => {
+            let _ = resp.send(done(crate::reset::reset(agent).await)).await;
+        }
+        RequestBody::Hello { .. } | RequestBody::Cancel { .. } | RequestBody::Shutdown {} => {}
+    }
+}

@@ -1,0 +1,46 @@
+//! The agent's only `unsafe` code: what a forked child does before `exec`.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt as _;
+use std::process::Command;
+
+/// Set up `cmd` so that, between `fork` and `exec`, the child joins the
+/// cgroup whose `cgroup.procs` is `cgroup_procs` (while still root), then
+/// drops to `user`. Joining first means nothing the command forks can start
+/// outside the cgroup; dropping afterwards is why std's `uid()` (which runs
+/// before pre-exec hooks) is not used.
+pub fn confine_child(cmd: &mut Command, cgroup_procs: Option<&File>, user: Option<(u32, u32)>) {
+    let procs_fd: Option<RawFd> = cgroup_procs.map(|f| f.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (write, setgroups, setgid, setuid) on
+    // values captured by copy; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = procs_fd {
+                // "0" moves the writing process itself.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid)) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Register an owned file with the tokio reactor.
+pub fn async_file(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {
+    // SAFETY: the AsyncFd takes ownership of `file`, so its descriptor stays
+    // open and unchanged until the AsyncFd is dropped; File::as_raw_fd always
+    // returns that same descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register(file) }.map_err(io::Error::from)
+}

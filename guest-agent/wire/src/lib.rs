@@ -1,0 +1,26 @@
+//! The wire format spoken between the host and the Ember guest agent.
+//!
+//! Both sides link this crate, so they cannot disagree about a frame. It holds
+//! only message types and a sans-I/O codec: callers feed bytes in and take
+//! frames out, whatever the transport (vsock, hybrid vsock, virtio-serial).
+//!
+//! A frame is a 4-byte big-endian body length followed by a JSON body. Every
+//! message carries a request id, so several requests can be in flight on one
+//! connection; replies to one request arrive in order.
+#![forbid(unsafe_code)]
+
+mod bytes;
+mod codec;
+mod message;
+
+pub use codec::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN};
+pub use message::*;
+
+/// Protocol version; `hello` reports it so a host can refuse a stale image.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// AF_VSOCK port the agent listens on (kernel vsock and hybrid vsock).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Name of the virtio-serial port the agent serves (`virtserialport,name=...`).
+pub const SERIAL_PORT_NAME: &str = "org.ember.agent";
+/// Largest frame body either side accepts by default.
+pub const MAX_FRAME_LEN: usize = 16 << 20;

@@ -1,0 +1,244 @@
+//! Message types. Requests go host -> guest, responses guest -> host; both
+//! carry the id of the request they belong to.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RequestBody {
+    /// Liveness and resynchronisation: the reply echoes `nonce`.
+    Hello {
+        nonce: u64,
+    },
+    /// Run a command; answered by `output` chunks then one `exit`.
+    Exec(ExecRequest),
+    /// Kill the process tree of the exec request `target`.
+    Cancel {
+        target: u64,
+    },
+    WriteFiles {
+        files: Vec<FileSpec>,
+    },
+    Configure(Configure),
+    /// Kill every process that is not the agent and wipe scratch state.
+    /// (Empty struct variants, unlike unit ones, refuse unknown fields.)
+    Reset {},
+    /// Power the guest off after replying.
+    Shutdown {},
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Executed directly, `argv[0]` looked up in `PATH`.
+    Argv(Vec<String>),
+    /// Run by `/bin/sh -c`.
+    Shell(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub command: Command,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the workspace when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default, with = "crate::bytes")]
+    pub stdin: Vec<u8>,
+    /// Wall-clock limit; the whole process tree is killed when it passes.
+    pub timeout_ms: u64,
+    /// Bytes of stdout+stderr passed back; the rest is read and dropped.
+    pub output_limit: u64,
+    /// Maximum tasks in the command's cgroup (fork-bomb guard).
+    #[serde(default)]
+    pub pids_limit: Option<u32>,
+    /// Kill processes the command left running once it exits (default). A
+    /// session may keep them.
+    #[serde(default = "yes")]
+    pub kill_leftovers: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ExecRequest {
+    pub fn new(command: Command) -> Self {
+        Self {
+            command,
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: Vec::new(),
+            timeout_ms: 30_000,
+            output_limit: 1 << 20,
+            pids_limit: None,
+            kill_leftovers: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Relative to the workspace, or absolute inside a writable directory.
+    pub path: String,
+    #[serde(with = "crate::bytes")]
+    pub content: Vec<u8>,
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Configure {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
+    /// Nameservers written to the guest's resolv.conf.
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Guest interface, e.g. `eth0`.
+    pub interface: String,
+    /// Address with prefix length, e.g. `10.0.0.2/24`.
+    pub address: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    pub id: u64,
+    pub body: ResponseBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseBody {
+    Hello(HelloReply),
+    Output {
+        stream: Stream,
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
+    Exit(ExitStatus),
+    /// Success of a request that has no other result.
+    Ok,
+    Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloReply {
+    pub nonce: u64,
+    pub protocol: u32,
+    pub agent_version: String,
+    pub uptime_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitStatus {
+    /// Exit code when the process exited normally.
+    pub code: Option<i32>,
+    /// Signal number when it was killed.
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub cancelled: bool,
+    pub truncated: bool,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame could not be parsed.
+    BadFrame,
+    /// The frame exceeded the size limit.
+    FrameTooLarge,
+    /// The request was understood but is invalid.
+    BadRequest,
+    /// The command could not be started.
+    SpawnFailed,
+    /// The guest failed to carry out the request.
+    Internal,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_request_json_shape_is_stable() {
+        let mut req = ExecRequest::new(Command::Argv(vec!["echo".into(), "hi".into()]));
+        req.stdin = b"\xff\x00".to_vec();
+        let json = serde_json::to_value(Request { id: 9, body: RequestBody::Exec(req.clone()) }).unwrap();
+        assert_eq!(json["body"]["type"], "exec");
+        assert_eq!(json["body"]["command"]["argv"][1], "hi");
+        assert_eq!(json["body"]["stdin"], "/wA=");
+        let back: Request = serde_json::from_value(json).unwrap();
+        assert_eq!(back.body, RequestBody::Exec(req));
+    }
+
+    #[test]
+    fn defaults_apply_and_unknown_fields_are_refused() {
+        let r: Request = serde_json::from_str(
+            r#"{"id":1,"body":{"type":"exec","command":{"shell":"true"},"timeout_ms":5,"output_limit":9}}"#,
+        )
+        .unwrap();
+        let RequestBody::Exec(e) = r.body else { panic!("not exec") };
+        assert!(e.kill_leftovers);
+        assert!(e.env.is_empty());
+        let bad = r#"{"id":1,"body":{"type":"reset","extra":1}}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err());
+    }
+
+    #[test]
+    fn non_utf8_output_survives() {
+        let data: Vec<u8> = (0..=255).collect();
+        let resp = Response { id: 1, body: ResponseBody::Output { stream: Stream::Stdout, data } };
+        let back: Response = crate::decode(&crate::encode(&resp).unwrap()[4..]).unwrap();
+        assert_eq!(back, resp);
+    }
+}

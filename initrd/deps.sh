@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install what Ember needs on a Debian host, skipping what is present.
+# Idempotent; run as root. Called by `make deps` (and so by up, test, bench).
+# Inputs:  none. Outputs: Debian packages, vhost-device-vsock in ~/.cargo/bin.
+set -euo pipefail
+log() { printf '[deps] %s\n' "$*" >&2; }
+
+need_apt=()
+have() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+for p in busybox-static cpio debootstrap e2fsprogs gzip; do
+    have "$p" || need_apt+=("$p")
+done
+# qemu-system-x86 and qemu-utils must come from the same release: the image
+# may carry a newer qemu-utils that conflicts with bookworm's qemu-system-x86.
+qemu_ok=false
+if have qemu-system-x86 && have qemu-utils; then
+    sv=$(dpkg-query -W -f '${Version}' qemu-system-x86)
+    uv=$(dpkg-query -W -f '${Version}' qemu-utils)
+    [[ $sv == "$uv" ]] && qemu_ok=true
+fi
+
+if ((${#need_apt[@]})) || ! $qemu_ok; then
+    export DEBIAN_FRONTEND=noninteractive
+    log "apt-get update"
+    apt-get update -qq
+    if ((${#need_apt[@]})); then
+        log "installing ${need_apt[*]}"
+        apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    fi
+    if ! $qemu_ok; then
+        v=$(apt-cache policy qemu-system-x86 | awk '/Candidate/{print $2}')
+        [[ -n $v && $v != "(none)" ]] || { log "no qemu-system-x86 candidate"; exit 1; }
+        log "installing qemu-system-x86 and qemu-utils $v"
+        apt-get install -y -qq --no-install-recommends --allow-downgrades \
+            "qemu-system-x86=$v" "qemu-utils=$v" >/dev/null
+    fi
+fi
+
+# The apt lists are also what images.sh resolves the guest kernel from.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    log "apt-get update (for the guest kernel package)"
+    apt-get update -qq
+fi
+
+# vhost-user vsock back end for the hybrid-vsock channel.
+export PATH="$HOME/.cargo/bin:$PATH"
+vhost_version=0.3.0
+if ! vhost-device-vsock --version 2>/dev/null | grep -q "$vhost_version"; then
+    log "cargo install vhost-device-vsock $vhost_version (about a minute)"
+    cargo install --quiet vhost-device-vsock --version "$vhost_version"
+fi

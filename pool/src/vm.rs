@@ -1,0 +1,420 @@
+//! One microVM: a QEMU `-M microvm` process, its QMP connection, its agent
+//! channel and every file it needs. A `Vm` owns all of them; dropping it
+//! (or a failed boot) kills the processes and removes the files.
+
+mod accel;
+mod argv;
+mod config;
+mod host;
+mod process;
+mod qmp;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+
+pub use accel::Accel;
+pub use argv::{kernel_cmdline, qemu_argv, vhost_vsock_argv, ChannelDevice, MemoryBacking, QemuArgs};
+pub use config::{default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, VmConfig};
+pub use host::VmHost;
+pub use process::{find_program, run_tool, wait_until, OwnedProcess};
+pub use qmp::{Qmp, QmpError};
+pub use state::{ReapReport, StateDir};
+
+use crate::channel::{self, AgentClient, AgentError, ChannelAddr, ChannelKind, CidLease};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Tool(String),
+    #[error("VM {vm} did not answer within {after:?}\n{diagnostics}")]
+    BootTimeout { vm: String, after: Duration, diagnostics: String },
+    #[error("VM {vm} exited during boot ({status})\n{diagnostics}")]
+    Exited { vm: String, status: String, diagnostics: String },
+    #[error("VM {vm}: {source}")]
+    Qmp { vm: String, source: QmpError },
+    #[error("VM {vm}: {source}")]
+    Agent { vm: String, source: AgentError },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Io { what, source }
+}
+
+/// Removes a directory tree when dropped.
+#[derive(Debug)]
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.0.display(), error = %e, "cannot remove VM directory");
+            }
+        }
+    }
+}
+
+/// Where the time of one boot went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BootTimings {
+    /// Disk overlay and helper processes ready, QEMU started.
+    pub prepare_ms: u64,
+    /// QEMU started until the agent's first reply.
+    pub boot_ms: u64,
+    /// The guest's own uptime at that reply.
+    pub guest_uptime_ms: u64,
+    pub total_ms: u64,
+}
+
+/// A booted VM with a live agent.
+#[derive(Debug)]
+pub struct Vm {
+    id: String,
+    channel: ChannelKind,
+    accel: Accel,
+    timings: BootTimings,
+    agent: AgentClient,
+    qmp: tokio::sync::Mutex<Qmp<UnixStream>>,
+    // Field order is drop order: processes die before their files go.
+    qemu: OwnedProcess,
+    helper: Option<OwnedProcess>,
+    _cid: Option<CidLease>,
+    dir: DirGuard,
+    _host: Arc<VmHost>,
+}
+
+/// A VM being built; whatever exists is cleaned up if boot fails.
+struct Parts {
+    id: String,
+    dir: DirGuard,
+    helper: Option<OwnedProcess>,
+    cid: Option<CidLease>,
+}
+
+impl Vm {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn channel(&self) -> ChannelKind {
+        self.channel
+    }
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+    pub fn timings(&self) -> BootTimings {
+        self.timings
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+    pub fn qemu_pid(&self) -> u32 {
+        self.qemu.pid()
+    }
+    pub fn helper_pid(&self) -> Option<u32> {
+        self.helper.as_ref().map(OwnedProcess::pid)
+    }
+
+    /// Run a QMP command.
+    pub async fn qmp(
+        &self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, VmError> {
+        self.qmp
+            .lock()
+            .await
+            .execute(command, args)
+            .await
+            .map_err(|source| VmError::Qmp { vm: self.id.clone(), source })
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.qemu.try_exit().is_none()
+    }
+
+    /// Stop the VM: QMP `quit`, then kill whatever is left; remove files.
+    pub async fn shutdown(self) {
+        let Vm { qmp, qemu, helper, dir, _cid, agent, .. } = self;
+        drop(agent);
+        let quit = async { qmp.lock().await.quit().await };
+        let _ = tokio::time::timeout(Duration::from_secs(2), quit).await;
+        qemu.stop(Duration::from_secs(2)).await;
+        if let Some(h) = helper {
+            h.stop(Duration::ZERO).await;
+        }
+        drop(dir);
+    }
+
+    pub(crate) async fn boot(host: Arc<VmHost>, accel: Accel, timeout: Duration) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let cfg = host.config();
+        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir = host.state().create_vm_dir(&id).map_err(io_err("creating the VM directory"))?;
+        let mut parts = Parts { id: id.clone(), dir: DirGuard(dir.clone()), helper: None, cid: None };
+        let span =
+            tracing::info_span!("vm_boot", vm_id = %id, channel = %host.channel(), accel = accel.name());
+        let _enter = span.enter();
+
+        let scratch = dir.join("scratch.qcow2");
+        let overlay_args: Vec<std::ffi::OsString> = vec![
+            "create".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-F".into(),
+            "raw".into(),
+            "-b".into(),
+            cfg.images.scratch.clone().into(),
+            scratch.clone().into(),
+        ];
+        run_tool(&cfg.qemu_img, &overlay_args, Duration::from_secs(10)).await.map_err(VmError::Tool)?;
+
+        let (device, addr, memory) = match host.channel() {
+            ChannelKind::Serial => {
+                let socket = dir.join("agent.sock");
+                (
+                    ChannelDevice::Serial { socket: socket.clone() },
+                    ChannelAddr::Serial { socket },
+                    MemoryBacking::Private,
+                )
+            }
+            ChannelKind::HybridVsock => {
+                let vhost_socket = dir.join("vhost.sock");
+                let uds = dir.join("vsock.sock");
+                let helper = OwnedProcess::spawn(
+                    "vhost-device-vsock",
+                    &cfg.vhost_device_vsock,
+                    &vhost_vsock_argv(3, &vhost_socket, &uds),
+                    &dir.join("vhost-device-vsock.log"),
+                )
+                .map_err(io_err(format!("starting {}", cfg.vhost_device_vsock.display())))?;
+                state::record_pid(&dir, helper.pid()).map_err(io_err("recording a pid"))?;
+                parts.helper = Some(helper);
+                let ready =
+                    wait_until(deadline, Duration::from_millis(2), || vhost_socket.exists().then_some(()))
+                        .await;
+                if ready.is_none() {
+                    return Err(parts.timeout(timeout, "vhost-device-vsock did not create its socket"));
+                }
+                (
+                    ChannelDevice::HybridVsock { vhost_socket },
+                    ChannelAddr::HybridVsock { uds, port: ember_wire::AGENT_VSOCK_PORT },
+                    MemoryBacking::SharedMemfd,
+                )
+            }
+            ChannelKind::Vsock => {
+                let lease = host.cids().allocate().map_err(io_err("allocating a vsock CID"))?;
+                let cid = lease.cid();
+                parts.cid = Some(lease);
+                (
+                    ChannelDevice::Vsock { cid },
+                    ChannelAddr::Vsock { cid, port: ember_wire::AGENT_VSOCK_PORT },
+                    MemoryBacking::Private,
+                )
+            }
+        };
+
+        let qmp_socket = dir.join("qmp.sock");
+        let args = QemuArgs {
+            name: id.clone(),
+            accel,
+            memory_mb: cfg.memory_mb,
+            vcpus: cfg.vcpus,
+            kernel: cfg.images.kernel.clone(),
+            initrd: cfg.images.initrd.clone(),
+            cmdline: kernel_cmdline(cfg.init_mode == InitMode::Full),
+            rootfs: cfg.images.rootfs.clone(),
+            scratch,
+            console_log: dir.join("console.log"),
+            qmp_socket: qmp_socket.clone(),
+            channel: device,
+            memory,
+            isolated_nic: cfg.isolated_nic,
+        };
+        let mut qemu = OwnedProcess::spawn("qemu", &cfg.qemu, &qemu_argv(&args), &dir.join("qemu.log"))
+            .map_err(io_err(format!("starting {}", cfg.qemu.display())))?;
+        state::record_pid(&dir, qemu.pid()).map_err(io_err("recording a pid"))?;
+        let prepare_ms = started.elapsed().as_millis() as u64;
+        let qemu_started = Instant::now();
+
+        let qmp = match connect_qmp(&qmp_socket, &mut qemu, deadline).await {
+            Ok(q) => q,
+            Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
+        };
+        let (agent, hello) = match connect_agent(&addr, host.channel(), &mut qemu, deadline).await {
+            Ok(a) => a,
+            Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
+        };
+        let timings = BootTimings {
+            prepare_ms,
+            boot_ms: qemu_started.elapsed().as_millis() as u64,
+            guest_uptime_ms: hello.uptime_ms,
+            total_ms: started.elapsed().as_millis() as u64,
+        };
+        tracing::info!(?timings, "VM ready");
+        let Parts { id, dir, helper, cid } = parts;
+        Ok(Vm {
+            id,
+            channel: host.channel(),
+            accel,
+            timings,
+            agent,
+            qmp: tokio::sync::Mutex::new(qmp),
+            qemu,
+            helper,
+            _cid: cid,
+            dir,
+            _host: host,
+        })
+    }
+}
+
+/// Why a boot step failed before the VM existed.
+enum BootFailure {
+    Timeout(&'static str),
+    Exited(String),
+    Qmp(QmpError),
+}
+
+impl Parts {
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for (name, lines) in [("console.log", 25), ("qemu.log", 10), ("vhost-device-vsock.log", 10)] {
+            let Ok(text) = std::fs::read_to_string(self.dir.0.join(name)) else { continue };
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            if !tail.is_empty() {
+                out.push_str(&format!("--- last lines of {name} ---\n"));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    fn timeout(&self, after: Duration, why: &str) -> VmError {
+        VmError::BootTimeout {
+            vm: self.id.clone(),
+            after,
+            diagnostics: format!("{why}\n{}", self.diagnostics()),
+        }
+    }
+
+    fn fail(&self, qemu: &mut OwnedProcess, after: Duration, f: BootFailure) -> VmError {
+        match f {
+            BootFailure::Timeout(why) => self.timeout(after, why),
+            BootFailure::Exited(status) => {
+                let _ = qemu.try_exit();
+                VmError::Exited { vm: self.id.clone(), status, diagnostics: self.diagnostics() }
+            }
+            BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
+        }
+    }
+}
+
+fn exited(qemu: &mut OwnedProcess) -> Option<BootFailure> {
+    qemu.try_exit().map(|st| BootFailure::Exited(st.to_string()))
+}
+
+async fn connect_qmp(
+    path: &Path,
+    qemu: &mut OwnedProcess,
+    deadline: Instant,
+) -> Result<Qmp<UnixStream>, BootFailure> {
+    loop {
+        if let Some(f) = exited(qemu) {
+            return Err(f);
+        }
+        if let Ok(s) = UnixStream::connect(path).await {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            return match tokio::time::timeout(remaining, Qmp::handshake(s)).await {
+                Ok(r) => r.map_err(BootFailure::Qmp),
+                Err(_) => Err(BootFailure::Timeout("QMP handshake timed out")),
+            };
+        }
+        if Instant::now() >= deadline {
+            return Err(BootFailure::Timeout("QMP socket never appeared"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Connect to the agent and get its hello, retrying until the guest is up.
+/// Over virtio-serial the connection succeeds at once and the hello waits in
+/// QEMU until the agent opens its port; over vsock, connecting fails until
+/// the agent listens.
+async fn connect_agent(
+    addr: &ChannelAddr,
+    kind: ChannelKind,
+    qemu: &mut OwnedProcess,
+    deadline: Instant,
+) -> Result<(AgentClient, ember_wire::HelloReply), BootFailure> {
+    let retry = Duration::from_millis(10);
+    loop {
+        if let Some(f) = exited(qemu) {
+            return Err(f);
+        }
+        if Instant::now() >= deadline {
+            return Err(BootFailure::Timeout("the agent never answered hello"));
+        }
+        let Ok(stream) = channel::connect(addr).await else {
+            tokio::time::sleep(retry).await;
+            continue;
+        };
+        let client = AgentClient::new(stream);
+        let nonce = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or_default());
+        let per_try = match kind {
+            ChannelKind::Serial => deadline.saturating_duration_since(Instant::now()),
+            _ => Duration::from_secs(2),
+        };
+        let try_deadline = Instant::now() + per_try;
+        let reply = {
+            let hello = client.hello(nonce);
+            tokio::pin!(hello);
+            // Watch QEMU while waiting, so a crash is reported at once.
+            loop {
+                tokio::select! {
+                    r = &mut hello => break r.ok(),
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if let Some(f) = exited(qemu) {
+                            return Err(f);
+                        }
+                        if Instant::now() >= try_deadline {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(h) = reply {
+            return Ok((client, h));
+        }
+        tokio::time::sleep(retry).await;
+    }
+}
+
+/// Run a `sh -c` command with defaults, for tests and the CLI.
+pub fn shell(cmd: &str) -> ember_wire::ExecRequest {
+    ember_wire::ExecRequest::new(ember_wire::Command::Shell(cmd.into()))
+}
+
+/// The error an agent call returned, tagged with its VM.
+pub fn agent_err(vm: &Vm) -> impl FnOnce(AgentError) -> VmError + '_ {
+    move |source| VmError::Agent { vm: vm.id.clone(), source }
+}

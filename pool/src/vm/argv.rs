@@ -1,0 +1,243 @@
+//! Command lines for QEMU and vhost-device-vsock, built by pure functions
+//! so tests can assert the exact argv.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use super::Accel;
+
+/// Guest RAM backing. Hybrid vsock needs RAM that the vhost-user daemon can
+/// map (a shared memfd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBacking {
+    Private,
+    SharedMemfd,
+}
+
+/// How the agent channel is wired into the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelDevice {
+    /// virtio-serial port on a Unix socket that QEMU listens on.
+    Serial { socket: PathBuf },
+    /// vhost-user vsock device whose back end listens on `vhost_socket`.
+    HybridVsock { vhost_socket: PathBuf },
+    /// Kernel vhost-vsock with a host-unique guest CID.
+    Vsock { cid: u32 },
+}
+
+/// Everything that shapes one QEMU command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuArgs {
+    pub name: String,
+    pub accel: Accel,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// Shared read-only root image (raw ext4).
+    pub rootfs: PathBuf,
+    /// This VM's writable scratch disk (qcow2 overlay).
+    pub scratch: PathBuf,
+    pub console_log: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub channel: ChannelDevice,
+    pub memory: MemoryBacking,
+    /// Attach a NIC on an empty hub: lets `configure` be tested without any
+    /// path for traffic to leave the VM.
+    pub isolated_nic: bool,
+}
+
+fn push(v: &mut Vec<OsString>, items: &[&str]) {
+    v.extend(items.iter().map(OsString::from));
+}
+
+/// The guest kernel command line.
+pub fn kernel_cmdline(init_full: bool) -> String {
+    let init = if init_full { "full" } else { "fast" };
+    // panic=-1 + QEMU's -no-reboot: a guest that panics makes QEMU exit.
+    format!("console=ttyS0 quiet loglevel=3 panic=-1 reboot=t ember.init={init}")
+}
+
+pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
+    let mut v: Vec<OsString> = Vec::new();
+    let mem = format!("{}M", a.memory_mb);
+    // Keep the PIT: without it the TCG guest cannot calibrate its TSC and hangs.
+    let mut machine = String::from("microvm,x-option-roms=off,rtc=on");
+    match a.memory {
+        MemoryBacking::Private => {}
+        MemoryBacking::SharedMemfd => {
+            push(&mut v, &["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+            machine.push_str(",memory-backend=mem");
+        }
+    }
+    push(&mut v, &["-name", &a.name, "-M", &machine]);
+    match a.accel {
+        Accel::Kvm => push(&mut v, &["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&mut v, &["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&mut v, &["-m", &mem, "-smp", &a.vcpus.to_string()]);
+    push(&mut v, &["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&mut v, &["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    v.push("-kernel".into());
+    v.push(a.kernel.clone().into());
+    v.push("-initrd".into());
+    v.push(a.initrd.clone().into());
+    push(&mut v, &["-append", &a.cmdline]);
+    push(
+        &mut v,
+        &["-chardev", &format!("file,id=con,path={}", a.console_log.display()), "-serial", "chardev:con"],
+    );
+    push(
+        &mut v,
+        &[
+            "-drive",
+            &format!("id=root,file={},format=raw,if=none,readonly=on", a.rootfs.display()),
+            "-device",
+            "virtio-blk-device,drive=root,serial=ember-root",
+        ],
+    );
+    push(
+        &mut v,
+        &[
+            "-drive",
+            &format!("id=scratch,file={},format=qcow2,if=none,discard=unmap", a.scratch.display()),
+            "-device",
+            "virtio-blk-device,drive=scratch,serial=ember-scratch",
+        ],
+    );
+    match &a.channel {
+        ChannelDevice::Serial { socket } => push(
+            &mut v,
+            &[
+                "-device",
+                "virtio-serial-device,max_ports=2",
+                "-chardev",
+                &format!("socket,id=agent,path={},server=on,wait=off", socket.display()),
+                "-device",
+                &format!("virtserialport,chardev=agent,name={}", ember_wire::SERIAL_PORT_NAME),
+            ],
+        ),
+        ChannelDevice::HybridVsock { vhost_socket } => push(
+            &mut v,
+            &[
+                "-chardev",
+                &format!("socket,id=vhost,path={}", vhost_socket.display()),
+                "-device",
+                "vhost-user-vsock-device,chardev=vhost",
+            ],
+        ),
+        ChannelDevice::Vsock { cid } => {
+            push(&mut v, &["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
+        }
+    }
+    if a.isolated_nic {
+        push(&mut v, &["-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-device,netdev=n0"]);
+    }
+    push(&mut v, &["-qmp", &format!("unix:{},server=on,wait=off", a.qmp_socket.display())]);
+    v
+}
+
+/// vhost-device-vsock serving one VM: QEMU connects to `vhost_socket`, the
+/// host reaches the guest through `uds`.
+pub fn vhost_vsock_argv(
+    guest_cid: u32,
+    vhost_socket: &std::path::Path,
+    uds: &std::path::Path,
+) -> Vec<OsString> {
+    vec![
+        "--guest-cid".into(),
+        guest_cid.to_string().into(),
+        "--socket".into(),
+        vhost_socket.into(),
+        "--uds-path".into(),
+        uds.into(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(channel: ChannelDevice, memory: MemoryBacking) -> QemuArgs {
+        QemuArgs {
+            name: "ember-vm1".into(),
+            accel: Accel::Tcg,
+            memory_mb: 256,
+            vcpus: 1,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            cmdline: kernel_cmdline(false),
+            rootfs: "/img/rootfs.ext4".into(),
+            scratch: "/run/vm1/scratch.qcow2".into(),
+            console_log: "/run/vm1/console.log".into(),
+            qmp_socket: "/run/vm1/qmp.sock".into(),
+            channel,
+            memory,
+            isolated_nic: false,
+        }
+    }
+
+    fn joined(v: &[OsString]) -> String {
+        v.iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn serial_vm_argv_is_exact() {
+        let v = qemu_argv(&args(
+            ChannelDevice::Serial { socket: "/run/vm1/agent.sock".into() },
+            MemoryBacking::Private,
+        ));
+        assert_eq!(
+            joined(&v),
+            "-name ember-vm1 -M microvm,x-option-roms=off,rtc=on -accel tcg -cpu max \
+             -m 256M -smp 1 -nodefaults -no-user-config -nographic -no-reboot \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -kernel /img/vmlinuz -initrd /img/initrd.img \
+             -append console=ttyS0 quiet loglevel=3 panic=-1 reboot=t ember.init=fast \
+             -chardev file,id=con,path=/run/vm1/console.log -serial chardev:con \
+             -drive id=root,file=/img/rootfs.ext4,format=raw,if=none,readonly=on \
+             -device virtio-blk-device,drive=root,serial=ember-root \
+             -drive id=scratch,file=/run/vm1/scratch.qcow2,format=qcow2,if=none,discard=unmap \
+             -device virtio-blk-device,drive=scratch,serial=ember-scratch \
+             -device virtio-serial-device,max_ports=2 \
+             -chardev socket,id=agent,path=/run/vm1/agent.sock,server=on,wait=off \
+             -device virtserialport,chardev=agent,name=org.ember.agent \
+             -qmp unix:/run/vm1/qmp.sock,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn hybrid_vsock_shares_guest_memory_and_has_no_network() {
+        let v = joined(&qemu_argv(&args(
+            ChannelDevice::HybridVsock { vhost_socket: "/run/vm1/vhost.sock".into() },
+            MemoryBacking::SharedMemfd,
+        )));
+        assert!(v.starts_with(
+            "-object memory-backend-memfd,id=mem,size=256M,share=on -name ember-vm1 -M microvm,"
+        ));
+        assert!(v.contains(",memory-backend=mem "));
+        assert!(v.contains(
+            "-chardev socket,id=vhost,path=/run/vm1/vhost.sock -device vhost-user-vsock-device,chardev=vhost"
+        ));
+        assert!(!v.contains("netdev") && !v.contains("virtio-net"), "no NIC unless asked for");
+    }
+
+    #[test]
+    fn kernel_vsock_kvm_and_isolated_nic() {
+        let mut a = args(ChannelDevice::Vsock { cid: 7 }, MemoryBacking::Private);
+        a.accel = Accel::Kvm;
+        a.isolated_nic = true;
+        let v = joined(&qemu_argv(&a));
+        assert!(v.contains("-accel kvm -cpu host"));
+        assert!(v.contains("-device vhost-vsock-device,guest-cid=7"));
+        assert!(v.contains("-netdev hubport,id=n0,hubid=0 -device virtio-net-device,netdev=n0"));
+        assert!(kernel_cmdline(true).ends_with("ember.init=full"));
+    }
+
+    #[test]
+    fn vhost_device_argv() {
+        let v = vhost_vsock_argv(3, "/d/vhost.sock".as_ref(), "/d/vsock.sock".as_ref());
+        assert_eq!(joined(&v), "--guest-cid 3 --socket /d/vhost.sock --uds-path /d/vsock.sock");
+    }
+}

@@ -1,0 +1,108 @@
+//! Per-host context shared by every VM: validated config, the state
+//! directory, the CID allocator, the chosen channel and acceleration.
+
+use std::sync::Arc;
+
+use tokio::sync::OnceCell;
+
+use super::accel::{self, Accel};
+use super::config::{AccelChoice, VmConfig};
+use super::state::{ReapReport, StateDir};
+use super::{find_program, Vm, VmError};
+use crate::channel::{self, ChannelKind, CidAllocator, HostChannels};
+
+#[derive(Debug)]
+pub struct VmHost {
+    config: VmConfig,
+    state: StateDir,
+    cids: CidAllocator,
+    channel: ChannelKind,
+    accel: OnceCell<Accel>,
+    reaped: ReapReport,
+}
+
+impl VmHost {
+    /// Validate the config, check the programs exist, reap what a crashed
+    /// earlier run left in the state directory.
+    pub fn new(config: VmConfig, need_migratable: bool) -> Result<Arc<Self>, VmError> {
+        let mut problems = config.validate().err().unwrap_or_default();
+        for (what, prog) in [("qemu", &config.qemu), ("qemu-img", &config.qemu_img)] {
+            if find_program(prog).is_none() {
+                problems.push(format!("{what} program {} not found (make up installs it)", prog.display()));
+            }
+        }
+        let host = HostChannels::probe(&config.vhost_device_vsock);
+        let channel = match channel::choose(config.channel, host, need_migratable) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        };
+        let Some(channel) = channel.filter(|_| problems.is_empty()) else {
+            return Err(VmError::Config(problems));
+        };
+        let (state, reaped) = StateDir::open(&config.state_dir).map_err(|e| VmError::Io {
+            what: format!("state directory {}", config.state_dir.display()),
+            source: e,
+        })?;
+        let cids = CidAllocator::new(config.state_dir.join("cids"), 3..u32::MAX);
+        let accel = OnceCell::new_with(match config.accel {
+            AccelChoice::Kvm => Some(Accel::Kvm),
+            AccelChoice::Tcg => Some(Accel::Tcg),
+            AccelChoice::Auto => None,
+        });
+        Ok(Arc::new(Self { config, state, cids, channel, accel, reaped }))
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+    pub fn channel(&self) -> ChannelKind {
+        self.channel
+    }
+    pub fn reaped(&self) -> &ReapReport {
+        &self.reaped
+    }
+    pub(crate) fn state(&self) -> &StateDir {
+        &self.state
+    }
+    pub(crate) fn cids(&self) -> &CidAllocator {
+        &self.cids
+    }
+
+    /// The acceleration VMs use, probing KVM on first use under `auto`.
+    pub async fn accel(self: &Arc<Self>) -> Accel {
+        *self.accel.get_or_init(|| self.probe_accel()).await
+    }
+
+    async fn probe_accel(self: &Arc<Self>) -> Accel {
+        if !accel::kvm_device_usable() {
+            return Accel::Tcg;
+        }
+        let path = accel::verdict_path(&self.config.cache_dir, &self.config.qemu, &self.config.images.kernel);
+        if let Some(v) = accel::read_verdict(&path) {
+            return v;
+        }
+        let timeout = self.config.kvm_probe_timeout;
+        tracing::info!(?timeout, "probing KVM with a test boot");
+        let verdict = match Vm::boot(Arc::clone(self), Accel::Kvm, timeout).await {
+            Ok(vm) => {
+                vm.shutdown().await;
+                Accel::Kvm
+            }
+            Err(e) => {
+                tracing::info!(error = %e.to_string().lines().next().unwrap_or_default(), "KVM boot failed; using TCG");
+                Accel::Tcg
+            }
+        };
+        accel::write_verdict(&path, verdict);
+        verdict
+    }
+
+    /// Boot a VM and wait for its agent.
+    pub async fn boot(self: &Arc<Self>) -> Result<Vm, VmError> {
+        let accel = self.accel().await;
+        Vm::boot(Arc::clone(self), accel, self.config.boot_timeout).await
+    }
+}
