@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian minbase with python3, busybox and systemd (for init_mode=full),
+# Debian minbase with python3 (full stdlib), busybox and systemd (for init_mode=full),
 # trimmed, as a tarball. Slow (~1 min), so cached on its own.
 # Inputs:  $1 = output dir
 # Outputs: $1/base.tar
@@ -7,7 +7,7 @@ set -euo pipefail
 out=$1
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
-debootstrap --variant=minbase --include=python3-minimal,busybox-static,systemd-sysv \
+debootstrap --variant=minbase --include=python3,busybox-static,systemd-sysv \
     bookworm "$root" >"$out/debootstrap.log" 2>&1 || { tail -20 "$out/debootstrap.log" >&2; exit 1; }
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
     "$root"/usr/share/man/* "$root"/usr/share/locale/* "$root"/usr/share/info/* "$root"/var/log/*

@@ -237,7 +237,10 @@ impl Vm {
             vcpus: cfg.vcpus,
             kernel: cfg.images.kernel.clone(),
             initrd: cfg.images.initrd.clone(),
-            cmdline: kernel_cmdline(cfg.init_mode == InitMode::Full),
+            cmdline: kernel_cmdline(
+                cfg.init_mode == InitMode::Full,
+                if accel == Accel::Tcg { accel::host_tsc_khz() } else { None },
+            ),
             rootfs: cfg.images.rootfs.clone(),
             scratch,
             console_log: dir.join("console.log"),

@@ -55,9 +55,35 @@ pub fn write_verdict(path: &Path, accel: Accel) {
     }
 }
 
+/// The host TSC frequency in kHz, from `/proc/cpuinfo`, when the TSC is
+/// constant (so "cpu MHz" is its rate). TCG guests read the host TSC.
+pub fn host_tsc_khz() -> Option<u64> {
+    parse_tsc_khz(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+fn parse_tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let field = |name: &str| {
+        cpuinfo.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim())
+    };
+    let flags = field("flags")?;
+    if !flags.split_whitespace().any(|f| f == "constant_tsc") {
+        return None;
+    }
+    let mhz: f64 = field("cpu MHz")?.parse().ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_frequency_only_when_constant() {
+        let info = "processor\t: 0\ncpu MHz\t\t: 2596.100\nflags\t\t: fpu tsc constant_tsc nonstop_tsc\n";
+        assert_eq!(parse_tsc_khz(info), Some(2_596_100));
+        assert_eq!(parse_tsc_khz(&info.replace(" constant_tsc", "")), None);
+        assert_eq!(parse_tsc_khz("flags : constant_tsc\n"), None);
+    }
 
     #[test]
     fn verdict_round_trips_and_garbage_is_ignored() {

@@ -53,10 +53,19 @@ fn push(v: &mut Vec<OsString>, items: &[&str]) {
 }
 
 /// The guest kernel command line.
-pub fn kernel_cmdline(init_full: bool) -> String {
+///
+/// `tsc_khz`: under TCG the guest's TSC is the host's, but the guest cannot
+/// calibrate it against the emulated PIT when the host is busy (several VMs
+/// booting at once); it then marks the TSC unstable and can hang for good.
+/// Giving it the frequency skips that calibration.
+pub fn kernel_cmdline(init_full: bool, tsc_khz: Option<u64>) -> String {
     let init = if init_full { "full" } else { "fast" };
     // panic=-1 + QEMU's -no-reboot: a guest that panics makes QEMU exit.
-    format!("console=ttyS0 quiet loglevel=3 panic=-1 reboot=t ember.init={init}")
+    let mut c = format!("console=ttyS0 quiet loglevel=3 panic=-1 reboot=t ember.init={init}");
+    if let Some(khz) = tsc_khz {
+        c.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    c
 }
 
 pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
@@ -167,7 +176,7 @@ mod tests {
             vcpus: 1,
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
-            cmdline: kernel_cmdline(false),
+            cmdline: kernel_cmdline(false, None),
             rootfs: "/img/rootfs.ext4".into(),
             scratch: "/run/vm1/scratch.qcow2".into(),
             console_log: "/run/vm1/console.log".into(),
@@ -232,7 +241,8 @@ mod tests {
         assert!(v.contains("-accel kvm -cpu host"));
         assert!(v.contains("-device vhost-vsock-device,guest-cid=7"));
         assert!(v.contains("-netdev hubport,id=n0,hubid=0 -device virtio-net-device,netdev=n0"));
-        assert!(kernel_cmdline(true).ends_with("ember.init=full"));
+        assert!(kernel_cmdline(true, None).ends_with("ember.init=full"));
+        assert!(kernel_cmdline(false, Some(2596100)).ends_with("ember.init=fast tsc_early_khz=2596100"));
     }
 
     #[test]

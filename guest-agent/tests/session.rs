@@ -1,0 +1,246 @@
+//! Component tests: a real agent session and the real host client, talking
+//! the real protocol through an in-memory duplex. Commands run on the test
+//! host as the current user (no cgroups, no uid switch), so only benign ones.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_guest_agent::{Agent, GuestLayout, ReapMode, Reaper};
+use ember_pool::{AgentClient, AgentError, ExecEvent};
+use ember_wire::{Command, ErrorCode, ExecRequest, FileSpec, Stream, MAX_FRAME_LEN};
+
+struct Harness {
+    client: AgentClient,
+    dir: tempfile::TempDir,
+}
+
+fn start() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = GuestLayout::guest();
+    layout.workspace = dir.path().to_path_buf();
+    layout.scratch_dirs = vec![dir.path().to_path_buf()];
+    layout.user = None;
+    let agent = Arc::new(Agent {
+        layout,
+        reaper: Reaper::start(ReapMode::Registered).unwrap(),
+        cgroups: None,
+        power_off_on_shutdown: false,
+    });
+    let (host, guest) = tokio::io::duplex(1 << 16);
+    tokio::spawn(ember_guest_agent::serve(agent, guest));
+    Harness { client: AgentClient::new(host), dir }
+}
+
+fn sh(cmd: &str) -> ExecRequest {
+    let mut r = ExecRequest::new(Command::Shell(cmd.into()));
+    r.timeout_ms = 10_000;
+    r
+}
+
+#[tokio::test]
+async fn hello_reports_protocol_and_echoes_nonce() {
+    let h = start();
+    let hello = h.client.hello(42).await.unwrap();
+    assert_eq!(hello.nonce, 42);
+    assert_eq!(hello.protocol, ember_wire::PROTOCOL_VERSION);
+}
+
+#[tokio::test]
+async fn exit_codes_stdout_stderr_stdin_env_and_cwd() {
+    let h = start();
+    let mut req = sh("cat; echo \"$GREETING\" from \"$PWD\"; echo oops >&2; exit 7");
+    req.stdin = b"in:".to_vec();
+    req.env.insert("GREETING".into(), "hi".into());
+    let out = h.client.run(req).await.unwrap();
+    let cwd = h.dir.path().canonicalize().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("in:hi from {}\n", cwd.display()));
+    assert_eq!(out.stderr, b"oops\n");
+    assert_eq!(out.status.code, Some(7));
+    assert!(!out.status.timed_out && !out.status.truncated);
+}
+
+#[tokio::test]
+async fn argv_is_not_shell_interpreted_and_output_may_be_binary() {
+    let h = start();
+    let req = ExecRequest::new(Command::Argv(vec!["printf".into(), "\\377\\000$HOME;".into()]));
+    let out = h.client.run(req).await.unwrap();
+    assert_eq!(out.stdout, b"\xff\x00$HOME;");
+}
+
+#[tokio::test]
+async fn a_signal_is_reported_as_such() {
+    let h = start();
+    let out = h.client.run(sh("kill -TERM $$")).await.unwrap();
+    assert_eq!((out.status.code, out.status.signal), (None, Some(15)));
+}
+
+#[tokio::test]
+async fn timeout_kills_the_process_tree() {
+    let h = start();
+    let mut req = sh("sleep 30 & echo $!; sleep 30");
+    req.timeout_ms = 300;
+    let started = Instant::now();
+    let out = h.client.run(req).await.unwrap();
+    assert!(out.status.timed_out);
+    assert_eq!(out.status.signal, Some(9));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let bg: i32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    assert!(gone(bg).await, "background sleep {bg} survived the timeout");
+}
+
+#[tokio::test]
+async fn leftover_processes_are_killed_when_the_command_exits() {
+    let h = start();
+    let out = h.client.run(sh("sleep 30 >/dev/null 2>&1 & echo $!")).await.unwrap();
+    assert_eq!(out.status.code, Some(0));
+    let bg: i32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    assert!(gone(bg).await, "leftover {bg} survived");
+}
+
+async fn gone(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z") {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn output_cap_truncates_exactly_and_counts_both_streams() {
+    let h = start();
+    let mut req = sh("echo 12345 >&2; head -c 100000 /dev/zero");
+    req.output_limit = 1000;
+    let out = h.client.run(req).await.unwrap();
+    assert!(out.status.truncated);
+    assert_eq!(out.stderr, b"12345\n");
+    assert_eq!(out.stdout.len(), 1000 - 6);
+    assert_eq!(out.status.code, Some(0), "the command is not killed by the cap");
+}
+
+#[tokio::test]
+async fn output_is_streamed_before_the_command_ends() {
+    let h = start();
+    let mut handle = h.client.exec(sh("echo first; sleep 2; echo second")).await.unwrap();
+    let t = Instant::now();
+    match handle.next().await.unwrap() {
+        ExecEvent::Output { stream: Stream::Stdout, data } => assert_eq!(data, b"first\n"),
+        other => panic!("expected output, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_millis(1500), "first chunk arrived only at the end");
+    drop(handle);
+}
+
+#[tokio::test]
+async fn dropping_the_handle_cancels_the_command() {
+    let h = start();
+    let mut handle = h.client.exec(sh("echo $$; exec sleep 30")).await.unwrap();
+    let pid: i32 = match handle.next().await.unwrap() {
+        ExecEvent::Output { data, .. } => String::from_utf8(data).unwrap().trim().parse().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    drop(handle);
+    assert!(gone(pid).await, "cancelled command {pid} still runs");
+}
+
+#[tokio::test]
+async fn many_requests_in_flight_on_one_connection() {
+    let h = start();
+    let client = Arc::new(h.client);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let c = Arc::clone(&client);
+            tokio::spawn(async move { c.run(sh(&format!("sleep 0.5; echo {i}"))).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let out = t.await.unwrap().unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{i}\n"));
+    }
+    // 20 x 0.5 s one after another would take 10 s.
+    assert!(started.elapsed() < Duration::from_secs(5), "requests did not overlap: {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn bad_requests_get_errors_not_crashes() {
+    let h = start();
+    let empty = ExecRequest::new(Command::Argv(vec![]));
+    assert!(
+        matches!(h.client.run(empty).await, Err(AgentError::Remote(e)) if e.code == ErrorCode::BadRequest)
+    );
+    let missing = ExecRequest::new(Command::Argv(vec!["/no/such/program".into()]));
+    assert!(
+        matches!(h.client.run(missing).await, Err(AgentError::Remote(e)) if e.code == ErrorCode::SpawnFailed)
+    );
+    let mut bad_cwd = sh("true");
+    bad_cwd.cwd = Some("/definitely/not/here".into());
+    assert!(
+        matches!(h.client.run(bad_cwd).await, Err(AgentError::Remote(e)) if e.message.contains("/definitely/not/here"))
+    );
+    let mut bad_env = sh("true");
+    bad_env.env.insert("A=B".into(), "x".into());
+    assert!(h.client.run(bad_env).await.is_err());
+    assert_eq!(h.client.hello(1).await.unwrap().nonce, 1, "agent still serves");
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_get_error_frames_and_the_agent_keeps_serving() {
+    let h = start();
+    // Valid length, garbage body.
+    let mut junk = 5u32.to_be_bytes().to_vec();
+    junk.extend(b"{nope");
+    h.client.send_raw(junk).await.unwrap();
+    let e = h.client.next_stray_error(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(e.code, ErrorCode::BadFrame);
+    // Valid JSON, unknown request type: the id is kept.
+    let body = br#"{"id":0,"body":{"type":"format_disk"}}"#;
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend(body);
+    h.client.send_raw(frame).await.unwrap();
+    assert_eq!(h.client.next_stray_error(Duration::from_secs(5)).await.unwrap().code, ErrorCode::BadFrame);
+    // Oversized: announced and actually sent; skipped without buffering.
+    let len = MAX_FRAME_LEN + 1;
+    let mut big = (len as u32).to_be_bytes().to_vec();
+    big.resize(4 + len, b'x');
+    h.client.send_raw(big).await.unwrap();
+    assert_eq!(
+        h.client.next_stray_error(Duration::from_secs(10)).await.unwrap().code,
+        ErrorCode::FrameTooLarge
+    );
+    assert_eq!(h.client.hello(9).await.unwrap().nonce, 9);
+    let out = h.client.run(sh("echo still")).await.unwrap();
+    assert_eq!(out.stdout, b"still\n");
+}
+
+#[tokio::test]
+async fn write_files_then_read_them_back() {
+    let h = start();
+    let files = vec![
+        FileSpec { path: "dir/a.txt".into(), content: b"alpha\xff".to_vec(), mode: 0o600 },
+        FileSpec { path: "run.sh".into(), content: b"#!/bin/sh\necho ran\n".to_vec(), mode: 0o755 },
+    ];
+    h.client.write_files(files).await.unwrap();
+    let out = h.client.run(sh("cat dir/a.txt; ./run.sh; stat -c %a dir/a.txt")).await.unwrap();
+    assert_eq!(out.stdout, b"alpha\xffran\n600\n");
+    let escape = vec![FileSpec { path: "../escape".into(), content: vec![], mode: 0o644 }];
+    assert!(
+        matches!(h.client.write_files(escape).await, Err(AgentError::Remote(e)) if e.code == ErrorCode::BadRequest)
+    );
+}
+
+#[tokio::test]
+async fn closing_the_connection_kills_running_commands() {
+    let h = start();
+    let mut handle = h.client.exec(sh("echo $$; exec sleep 30")).await.unwrap();
+    let pid: i32 = match handle.next().await.unwrap() {
+        ExecEvent::Output { data, .. } => String::from_utf8(data).unwrap().trim().parse().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    std::mem::forget(handle);
+    drop(h.client);
+    assert!(gone(pid).await, "command {pid} outlived its connection");
+}

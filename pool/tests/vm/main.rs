@@ -1,0 +1,404 @@
+//! VM tests: real QEMU microVMs, the real guest agent, real disks.
+//! Needs the images from `make images` (EMBER_IMAGES); `make test` builds
+//! them first. Run one case with `cargo test -p ember-pool --test vm -- NAME`.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use ember_pool::channel::ExecOutput;
+use ember_pool::vm::{wait_until, ImageSet, InitMode, VmConfig};
+use ember_pool::{AgentError, ChannelChoice, ExecEvent, Vm, VmHost};
+use ember_wire::{Command, Configure, ErrorCode, ExecRequest, FileSpec, NetworkConfig, MAX_FRAME_LEN};
+use harness::{CaseFuture, Report};
+
+fn images_dir() -> PathBuf {
+    std::env::var_os("EMBER_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"))
+}
+
+fn sh(cmd: &str) -> ExecRequest {
+    let mut r = ExecRequest::new(Command::Shell(cmd.into()));
+    r.timeout_ms = 20_000;
+    r
+}
+
+async fn run(vm: &Vm, cmd: &str) -> anyhow::Result<ExecOutput> {
+    vm.agent().run(sh(cmd)).await.with_context(|| format!("running {cmd:?}"))
+}
+
+async fn stdout(vm: &Vm, cmd: &str) -> anyhow::Result<String> {
+    let out = run(vm, cmd).await?;
+    ensure!(
+        out.status.code == Some(0),
+        "{cmd:?} failed: {:?}, stderr {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Number of processes named `name` in the guest.
+async fn count_procs(vm: &Vm, name: &str) -> anyhow::Result<usize> {
+    let s = stdout(vm, &format!("cat /proc/[0-9]*/comm 2>/dev/null | grep -cx {name} || true")).await?;
+    Ok(s.trim().parse()?)
+}
+
+// ---------------------------------------------------------------- cases
+
+async fn echo_and_exit_codes(vm: &Vm) -> anyhow::Result<()> {
+    let out = run(vm, "echo hello; exit 3").await?;
+    ensure_eq!(out.stdout, b"hello\n".to_vec());
+    ensure_eq!(out.status.code, Some(3));
+    let f = vm.agent().run(ExecRequest::new(Command::Argv(vec!["false".into()]))).await?;
+    ensure_eq!(f.status.code, Some(1));
+    Ok(())
+}
+
+async fn stderr_is_separate(vm: &Vm) -> anyhow::Result<()> {
+    let out = run(vm, "echo out; echo err >&2").await?;
+    ensure_eq!((out.stdout, out.stderr), (b"out\n".to_vec(), b"err\n".to_vec()));
+    Ok(())
+}
+
+async fn stdin_is_delivered(vm: &Vm) -> anyhow::Result<()> {
+    let mut req = sh("wc -c; head -c 3 /dev/null");
+    req.stdin = vec![b'x'; 100_000];
+    let out = vm.agent().run(req).await?;
+    ensure_eq!(String::from_utf8(out.stdout)?.trim(), "100000");
+    Ok(())
+}
+
+async fn env_and_defaults(vm: &Vm) -> anyhow::Result<()> {
+    let mut req = sh("echo \"$MY_VAR|$HOME|$USER|$(pwd)|$(id -u)\"");
+    req.env.insert("MY_VAR".into(), "a b=c".into());
+    let out = vm.agent().run(req).await?;
+    ensure_eq!(String::from_utf8(out.stdout)?, "a b=c|/home/ember|ember|/home/ember|1000\n");
+    Ok(())
+}
+
+async fn non_utf8_output_survives(vm: &Vm) -> anyhow::Result<()> {
+    let out = run(vm, r"printf '\377\376\000\303('").await?;
+    ensure_eq!(out.stdout, b"\xff\xfe\x00\xc3(".to_vec());
+    Ok(())
+}
+
+async fn python3_runs(vm: &Vm) -> anyhow::Result<()> {
+    let s = stdout(vm, "python3 -c 'import json; print(json.dumps({\"sum\": sum(range(10))}))'").await?;
+    ensure_eq!(s, "{\"sum\": 45}\n");
+    Ok(())
+}
+
+async fn timeout_kills_the_process_tree(vm: &Vm) -> anyhow::Result<()> {
+    let mut req = sh("sleep 100 & sleep 100");
+    req.timeout_ms = 1000;
+    let t = Instant::now();
+    let out = vm.agent().run(req).await?;
+    ensure!(out.status.timed_out, "not timed out: {:?}", out.status);
+    ensure_eq!(out.status.signal, Some(9));
+    ensure!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    ensure_eq!(count_procs(vm, "sleep").await?, 0);
+    // Only the cgroup of the command now running remains.
+    ensure_eq!(stdout(vm, "ls -d /sys/fs/cgroup/ember/*/ | wc -l").await?.trim(), "1");
+    Ok(())
+}
+
+async fn daemonized_processes_die_with_the_command(vm: &Vm) -> anyhow::Result<()> {
+    // setsid + double fork escapes the process group, not the cgroup.
+    run(vm, "setsid sh -c 'sleep 200 &' </dev/null >/dev/null 2>&1").await?;
+    ensure_eq!(count_procs(vm, "sleep").await?, 0);
+    Ok(())
+}
+
+async fn output_cap(vm: &Vm) -> anyhow::Result<()> {
+    let mut req = sh("head -c 5000000 /dev/zero; echo done >&2");
+    req.output_limit = 10_000;
+    let out = vm.agent().run(req).await?;
+    ensure!(out.status.truncated);
+    ensure_eq!(out.stdout.len() + out.stderr.len(), 10_000);
+    ensure_eq!(out.status.code, Some(0));
+    Ok(())
+}
+
+async fn write_files_and_read_back(vm: &Vm) -> anyhow::Result<()> {
+    vm.agent()
+        .write_files(vec![
+            FileSpec { path: "src/main.py".into(), content: b"print('from file')\n".to_vec(), mode: 0o644 },
+            FileSpec { path: "/tmp/data.bin".into(), content: vec![0, 255, 1], mode: 0o600 },
+        ])
+        .await?;
+    ensure_eq!(
+        stdout(vm, "python3 src/main.py; od -An -tu1 /tmp/data.bin; stat -c '%U %a' /tmp/data.bin").await?,
+        "from file\n   0 255   1\nember 600\n"
+    );
+    for bad in ["../../etc/passwd", "/etc/motd", "/usr/bin/x"] {
+        let r =
+            vm.agent().write_files(vec![FileSpec { path: bad.into(), content: vec![], mode: 0o644 }]).await;
+        ensure!(
+            matches!(r, Err(AgentError::Remote(ref e)) if e.code == ErrorCode::BadRequest),
+            "{bad}: {r:?}"
+        );
+    }
+    // A symlink the user planted must not let the root agent write elsewhere.
+    run(vm, "ln -sf /mnt/scratch/evil /home/ember/link").await?;
+    let r = vm
+        .agent()
+        .write_files(vec![FileSpec { path: "link".into(), content: b"x".to_vec(), mode: 0o644 }])
+        .await;
+    ensure!(r.is_err(), "write through a symlink succeeded");
+    Ok(())
+}
+
+async fn user_is_unprivileged_and_root_is_read_only(vm: &Vm) -> anyhow::Result<()> {
+    let out = run(vm, "touch /etc/x 2>&1; touch /x 2>&1; echo ok > /tmp/t && echo ok > ~/t && echo writable")
+        .await?;
+    let s = String::from_utf8(out.stdout)?;
+    ensure!(s.contains("Read-only file system") || s.contains("Permission denied"), "{s}");
+    ensure!(s.ends_with("writable\n"), "{s}");
+    Ok(())
+}
+
+async fn pids_limit_contains_a_fork_bomb(vm: &Vm) -> anyhow::Result<()> {
+    let mut req = sh("b() { b | b & }; b; sleep 2; echo survived");
+    req.pids_limit = Some(64);
+    req.timeout_ms = 10_000;
+    let out = vm.agent().run(req).await?;
+    ensure!(!out.status.timed_out, "{:?}", out.status);
+    ensure!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("fork"), "no fork failures seen");
+    // Everything was killed and the guest answers normally.
+    ensure_eq!(count_procs(vm, "sh").await?, 1);
+    ensure_eq!(stdout(vm, "echo fine").await?, "fine\n");
+    Ok(())
+}
+
+async fn requests_run_concurrently(vm: &Vm) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let (a, b, c, d) = tokio::join!(
+        run(vm, "sleep 1; echo a"),
+        run(vm, "sleep 1; echo b"),
+        run(vm, "sleep 1; echo c"),
+        run(vm, "sleep 1; echo d")
+    );
+    for (o, want) in [(a?, "a\n"), (b?, "b\n"), (c?, "c\n"), (d?, "d\n")] {
+        ensure_eq!(String::from_utf8(o.stdout)?, want);
+    }
+    ensure!(t.elapsed() < Duration::from_secs(3), "4 x sleep 1 took {:?}", t.elapsed());
+    Ok(())
+}
+
+async fn cancel_kills_the_command(vm: &Vm) -> anyhow::Result<()> {
+    let mut h = vm.agent().exec(sh("echo started; sleep 60 & sleep 60")).await?;
+    ensure!(matches!(h.next().await?, ExecEvent::Output { .. }));
+    h.cancel().await?;
+    match h.next().await? {
+        ExecEvent::Exit(st) => ensure!(st.cancelled && st.signal == Some(9), "{st:?}"),
+        other => anyhow::bail!("expected exit, got {other:?}"),
+    }
+    ensure_eq!(count_procs(vm, "sleep").await?, 0);
+    Ok(())
+}
+
+async fn malformed_frames_are_survived(vm: &Vm) -> anyhow::Result<()> {
+    let body = b"{\"id\":";
+    let mut junk = (body.len() as u32).to_be_bytes().to_vec();
+    junk.extend(body);
+    vm.agent().send_raw(junk).await?;
+    ensure_eq!(vm.agent().next_stray_error(Duration::from_secs(10)).await?.code, ErrorCode::BadFrame);
+    let len = MAX_FRAME_LEN + 1;
+    let mut big = (len as u32).to_be_bytes().to_vec();
+    big.resize(4 + len, b'z');
+    vm.agent().send_raw(big).await?;
+    ensure_eq!(vm.agent().next_stray_error(Duration::from_secs(60)).await?.code, ErrorCode::FrameTooLarge);
+    ensure_eq!(vm.agent().hello(77).await?.nonce, 77);
+    ensure_eq!(stdout(vm, "echo alive").await?, "alive\n");
+    Ok(())
+}
+
+async fn configure_in_one_round_trip(vm: &Vm) -> anyhow::Result<()> {
+    let cfg = Configure {
+        hostname: Some("worker-7".into()),
+        // Documentation addresses; the NIC hangs off an empty QEMU hub, so
+        // nothing can leave the VM.
+        network: Some(NetworkConfig {
+            interface: "eth0".into(),
+            address: "192.0.2.10/24".into(),
+            gateway: Some("192.0.2.1".into()),
+        }),
+        dns: vec!["192.0.2.53".into()],
+    };
+    vm.agent().configure(cfg).await?;
+    let s = stdout(vm, "hostname; cat /etc/resolv.conf; /bin/busybox ip -4 addr show eth0 | grep -o '192.0.2.10/24'; /bin/busybox ip route | grep default").await?;
+    ensure!(s.starts_with("worker-7\nnameserver 192.0.2.53\n192.0.2.10/24\ndefault via 192.0.2.1"), "{s}");
+    let bad = Configure { hostname: Some("bad host".into()), ..Default::default() };
+    ensure!(
+        matches!(vm.agent().configure(bad).await, Err(AgentError::Remote(e)) if e.code == ErrorCode::BadRequest)
+    );
+    Ok(())
+}
+
+async fn reset_leaves_nothing_behind(vm: &Vm) -> anyhow::Result<()> {
+    let mut keep =
+        sh("echo x > /tmp/a; echo y > ~/b; mkdir -p ~/.cache/d; echo z > /var/tmp/c; echo w > /dev/shm/d; \
+         setsid sh -c 'sleep 300 &' </dev/null >/dev/null 2>&1; nohup sleep 301 >/dev/null 2>&1 &");
+    keep.kill_leftovers = false;
+    vm.agent().run(keep).await?;
+    vm.agent().configure(Configure { hostname: Some("dirty".into()), ..Default::default() }).await?;
+    ensure!(count_procs(vm, "sleep").await? >= 2, "the test did not manage to leave processes behind");
+    vm.agent().reset().await?;
+    ensure_eq!(count_procs(vm, "sleep").await?, 0);
+    ensure_eq!(
+        stdout(vm, "ls -A /tmp ~ /var/tmp /dev/shm | tr -d '\\n'; hostname").await?,
+        "/dev/shm:/home/ember:/tmp:/var/tmp:ember\n"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------- cases with their own VM
+
+async fn crash_is_detected(host: &Arc<VmHost>) -> anyhow::Result<()> {
+    let mut vm = host.boot().await?;
+    let dir = vm.dir().to_path_buf();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.qemu_pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let r = tokio::time::timeout(Duration::from_secs(5), vm.agent().hello(1)).await?;
+    ensure!(matches!(r, Err(AgentError::Disconnected)), "{r:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    ensure!(wait_until(deadline, Duration::from_millis(10), || (!vm.is_running()).then_some(()))
+        .await
+        .is_some());
+    drop(vm);
+    ensure!(!dir.exists(), "VM dir {} left behind", dir.display());
+    Ok(())
+}
+
+async fn agent_shutdown_powers_off(host: &Arc<VmHost>, init: &str) -> anyhow::Result<()> {
+    let mut vm = host.boot().await?;
+    ensure_eq!(stdout(&vm, "cat /proc/1/comm").await?.trim(), init);
+    ensure_eq!(stdout(&vm, "echo ok").await?, "ok\n");
+    vm.agent().shutdown().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    ensure!(
+        wait_until(deadline, Duration::from_millis(20), || (!vm.is_running()).then_some(())).await.is_some(),
+        "QEMU still runs after the guest powered off"
+    );
+    vm.shutdown().await;
+    Ok(())
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+type VmCase = for<'a> fn(&'a Vm) -> CaseFuture<'a>;
+
+macro_rules! vm_cases {
+    ($($name:ident),* $(,)?) => { &[$((stringify!($name), |vm| Box::pin($name(vm)))),*] };
+}
+
+const VM_CASES: &[(&str, VmCase)] = vm_cases![
+    echo_and_exit_codes,
+    stderr_is_separate,
+    stdin_is_delivered,
+    env_and_defaults,
+    non_utf8_output_survives,
+    python3_runs,
+    timeout_kills_the_process_tree,
+    daemonized_processes_die_with_the_command,
+    output_cap,
+    write_files_and_read_back,
+    user_is_unprivileged_and_root_is_read_only,
+    pids_limit_contains_a_fork_bomb,
+    requests_run_concurrently,
+    cancel_kills_the_command,
+    malformed_frames_are_survived,
+    reset_leaves_nothing_behind,
+];
+
+async fn suite(report: &mut Report) -> anyhow::Result<()> {
+    let images = ImageSet::from_dir(&images_dir()).map_err(anyhow::Error::msg)?;
+    // A fixed path, so a run that was killed is reaped by the next one.
+    let state_dir = std::env::temp_dir().join("ember-vmtest-state");
+    let state_path = state_dir.to_string_lossy().into_owned();
+    let config = |channel, init_mode, nic| {
+        let mut c = VmConfig::with_images(images.clone());
+        c.state_dir = state_dir.clone();
+        c.channel = channel;
+        c.init_mode = init_mode;
+        c.isolated_nic = nic;
+        c
+    };
+    {
+        let serial = VmHost::new(config(ChannelChoice::Serial, InitMode::Fast, true), false)?;
+        let hybrid = VmHost::new(config(ChannelChoice::HybridVsock, InitMode::Fast, false), false)?;
+        let full = VmHost::new(config(ChannelChoice::Serial, InitMode::Full, false), false)?;
+        // Probe acceleration once before booting in parallel.
+        let accel = serial.accel().await;
+        println!("acceleration: {}", accel.name());
+        // Booted in parallel on purpose: a loaded host once made TCG guests
+        // hang in TSC calibration (see kernel_cmdline).
+        let (s, h) = tokio::join!(serial.boot(), hybrid.boot());
+        let vms = [s.context("booting the serial VM")?, h.context("booting the hybrid-vsock VM")?];
+        for vm in &vms {
+            println!("booted {} ({}) in {} ms", vm.id(), vm.channel(), vm.timings().total_ms);
+            for (name, case) in VM_CASES {
+                report.run(&format!("{name} [{}]", vm.channel()), case(vm)).await;
+            }
+        }
+        report
+            .run("configure_in_one_round_trip [serial]", Box::pin(configure_in_one_round_trip(&vms[0])))
+            .await;
+        for vm in vms {
+            vm.shutdown().await;
+        }
+        report.run("crash_is_detected [serial]", Box::pin(crash_is_detected(&serial))).await;
+        report.run("crash_is_detected [hybrid-vsock]", Box::pin(crash_is_detected(&hybrid))).await;
+        report
+            .run(
+                "agent_shutdown_powers_off [fast init]",
+                Box::pin(agent_shutdown_powers_off(&serial, "ember-agent")),
+            )
+            .await;
+        report
+            .run(
+                "agent_shutdown_powers_off [full init]",
+                Box::pin(agent_shutdown_powers_off(&full, "systemd")),
+            )
+            .await;
+    }
+    // Every host and VM is gone: nothing may be left.
+    let leak = async {
+        let procs = processes_mentioning(&state_path);
+        ensure!(procs.is_empty(), "processes left behind: {procs:#?}");
+        let owners: Vec<_> =
+            std::fs::read_dir(state_dir.join("owners"))?.flatten().map(|e| e.path()).collect();
+        ensure!(owners.is_empty(), "state left behind: {owners:?}");
+        Ok(())
+    };
+    report.run("nothing_is_left_behind", Box::pin(leak)).await;
+    Ok(())
+}
+
+fn main() {
+    let mut report = Report::new();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if let Err(e) = rt.block_on(suite(&mut report)) {
+        report.fail("suite setup", e);
+    }
+    drop(rt);
+    std::process::exit(report.finish());
+}
