@@ -2,6 +2,8 @@
 //! the real protocol through an in-memory duplex. Commands run on the test
 //! host as the current user (no cgroups, no uid switch), so only benign ones.
 
+#![allow(clippy::unwrap_used)] // test fixtures
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

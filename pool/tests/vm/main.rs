@@ -2,6 +2,8 @@
 //! Needs the images from `make images` (EMBER_IMAGES); `make test` builds
 //! them first. Run one case with `cargo test -p ember-pool --test vm -- NAME`.
 
+#![allow(clippy::unwrap_used)] // test fixtures
+
 mod harness;
 
 use std::path::{Path, PathBuf};
