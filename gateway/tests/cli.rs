@@ -1,0 +1,134 @@
+//! End-to-end tests of the `ember` binary: real VMs, called as a user would.
+#![allow(clippy::unwrap_used)] // test fixtures
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn images() -> PathBuf {
+    std::env::var_os("EMBER_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"))
+}
+
+/// `ember` with images and a per-test state dir (fixed, so a killed run is
+/// reaped by the next).
+fn ember(state: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
+    c.env("EMBER_IMAGES", images()).env("EMBER_STATE_DIR", std::env::temp_dir().join(state));
+    c
+}
+
+fn run(state: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = ember(state)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn output_and_exit_code_pass_through() {
+    let out = run("ember-cli-a", &["vm", "run", "--", "sh", "-c", "echo hi; echo err >&2; exit 3"], b"");
+    assert_eq!(out.stdout, b"hi\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn stdin_env_and_python() {
+    let out = run(
+        "ember-cli-b",
+        &[
+            "vm",
+            "run",
+            "-e",
+            "N=6",
+            "--",
+            "python3",
+            "-c",
+            "import os,sys; print(len(sys.stdin.read()) * int(os.environ['N']))",
+        ],
+        b"1234567",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "42\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn timeout_exits_124() {
+    let t = Instant::now();
+    let out = run("ember-cli-c", &["vm", "run", "--timeout", "1s", "--", "sleep", "60"], b"");
+    assert_eq!(out.status.code(), Some(124), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn usage_errors_are_clear() {
+    let out = ember("ember-cli-d").args(["vm", "run", "--channel", "tcp", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown channel"));
+    let out =
+        ember("ember-cli-d").args(["vm", "run", "--images", "/nonexistent", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vmlinuz") && err.contains("make images"), "{err}");
+}
+
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.contains(") Z")
+}
+
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kill `ember` hard while its VM runs: QEMU (its own process group)
+/// survives, and the next ember start must find and kill it.
+#[test]
+fn a_crashed_run_is_reaped_by_the_next() {
+    let state = std::env::temp_dir().join("ember-cli-crash");
+    let mut first = ember("ember-cli-crash")
+        .args(["vm", "run", "--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let owner = format!("{}-", first.id());
+    let pids_file = wait_for("the VM to record its pids", || {
+        let owners = std::fs::read_dir(state.join("owners")).ok()?;
+        let mine = owners.flatten().find(|e| e.file_name().to_string_lossy().starts_with(&owner))?;
+        let vm = std::fs::read_dir(mine.path().join("vms")).ok()?.flatten().next()?;
+        let pids = vm.path().join("pids");
+        pids.exists().then_some(pids)
+    });
+    let qemu: i32 = wait_for("the qemu pid", || {
+        std::fs::read_to_string(&pids_file).ok()?.lines().next()?.trim().parse().ok()
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(alive(qemu), "qemu died with its owner; the test proves nothing");
+
+    let out = run("ember-cli-crash", &["vm", "run", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the orphaned qemu to die", || (!alive(qemu)).then_some(()));
+    assert!(!pids_file.exists(), "the dead owner's state was not removed");
+}
