@@ -11,6 +11,9 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Cgroups {
     root: PathBuf,
+    /// Cgroups of finished commands whose processes were allowed to live on;
+    /// removed once they are empty.
+    lingering: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 /// One exec's cgroup. The child joins it through [`ExecCgroup::procs_fd`]
@@ -33,7 +36,7 @@ impl Cgroups {
             Err(e) => return Err(e),
         }
         enable_controllers(&root)?;
-        Ok(Self { root })
+        Ok(Self { root, lingering: Default::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -56,8 +59,21 @@ impl Cgroups {
         cg
     }
 
+    /// Keep `cg` (still populated) until its processes are gone.
+    pub fn linger(&self, cg: ExecCgroup) {
+        self.lingering.lock().unwrap_or_else(|p| p.into_inner()).push(cg.path);
+    }
+
+    /// Remove lingering cgroups that have emptied. Returns how many remain.
+    pub fn sweep(&self) -> usize {
+        let mut list = self.lingering.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|path| populated(path) || std::fs::remove_dir(path).is_err() && path.exists());
+        list.len()
+    }
+
     /// Kill every process in every exec cgroup and remove the cgroups.
     pub async fn kill_all(&self) -> io::Result<()> {
+        self.lingering.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for entry in fs::read_dir(&self.root)? {
             let entry = entry?;
             if entry.file_type()?.is_dir() {

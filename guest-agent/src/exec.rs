@@ -204,7 +204,12 @@ async fn run_inner(
             cg.destroy()
                 .await
                 .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("cannot remove cgroup: {e}")))?;
+        } else if let Some(cgs) = &agent.cgroups {
+            cgs.linger(cg);
         }
+    }
+    if let Some(cgs) = &agent.cgroups {
+        cgs.sweep();
     }
     match exit {
         Some(WaitStatus::Exited(_, code)) => status.code = Some(code),

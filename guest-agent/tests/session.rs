@@ -99,6 +99,14 @@ async fn leftover_processes_are_killed_when_the_command_exits() {
     assert!(gone(bg).await, "leftover {bg} survived");
 }
 
+/// The command's first output chunk, parsed as a pid.
+async fn first_line_as_pid(handle: &mut ember_pool::channel::ExecHandle) -> i32 {
+    match handle.next().await.unwrap() {
+        ExecEvent::Output { data, .. } => String::from_utf8(data).unwrap().trim().parse().unwrap(),
+        other => panic!("expected output, got {other:?}"),
+    }
+}
+
 async fn gone(pid: i32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -140,10 +148,7 @@ async fn output_is_streamed_before_the_command_ends() {
 async fn dropping_the_handle_cancels_the_command() {
     let h = start();
     let mut handle = h.client.exec(sh("echo $$; exec sleep 30")).await.unwrap();
-    let pid: i32 = match handle.next().await.unwrap() {
-        ExecEvent::Output { data, .. } => String::from_utf8(data).unwrap().trim().parse().unwrap(),
-        other => panic!("{other:?}"),
-    };
+    let pid = first_line_as_pid(&mut handle).await;
     drop(handle);
     assert!(gone(pid).await, "cancelled command {pid} still runs");
 }
@@ -238,10 +243,7 @@ async fn write_files_then_read_them_back() {
 async fn closing_the_connection_kills_running_commands() {
     let h = start();
     let mut handle = h.client.exec(sh("echo $$; exec sleep 30")).await.unwrap();
-    let pid: i32 = match handle.next().await.unwrap() {
-        ExecEvent::Output { data, .. } => String::from_utf8(data).unwrap().trim().parse().unwrap(),
-        other => panic!("{other:?}"),
-    };
+    let pid = first_line_as_pid(&mut handle).await;
     std::mem::forget(handle);
     drop(h.client);
     assert!(gone(pid).await, "command {pid} outlived its connection");

@@ -289,7 +289,7 @@ impl Vm {
 
 /// Why a boot step failed before the VM existed.
 enum BootFailure {
-    Timeout(&'static str),
+    Timeout(String),
     Exited(String),
     Qmp(QmpError),
 }
@@ -319,9 +319,16 @@ impl Parts {
         }
     }
 
+    /// A hung guest idles; a slow one burns CPU: say which.
+    fn timeout_with_cpu(&self, qemu: &OwnedProcess, after: Duration, why: &str) -> VmError {
+        let cpu =
+            cpu_seconds(qemu.pid()).map(|s| format!(" (QEMU used {s:.1} s of CPU)")).unwrap_or_default();
+        self.timeout(after, &format!("{why}{cpu}"))
+    }
+
     fn fail(&self, qemu: &mut OwnedProcess, after: Duration, f: BootFailure) -> VmError {
         match f {
-            BootFailure::Timeout(why) => self.timeout(after, why),
+            BootFailure::Timeout(why) => self.timeout_with_cpu(qemu, after, &why),
             BootFailure::Exited(status) => {
                 let _ = qemu.try_exit();
                 VmError::Exited { vm: self.id.clone(), status, diagnostics: self.diagnostics() }
@@ -329,6 +336,15 @@ impl Parts {
             BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
         }
     }
+}
+
+/// CPU time (user + system) of a process, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    Some(ticks as f64 / hz as f64)
 }
 
 fn exited(qemu: &mut OwnedProcess) -> Option<BootFailure> {
@@ -348,11 +364,11 @@ async fn connect_qmp(
             let remaining = deadline.saturating_duration_since(Instant::now());
             return match tokio::time::timeout(remaining, Qmp::handshake(s)).await {
                 Ok(r) => r.map_err(BootFailure::Qmp),
-                Err(_) => Err(BootFailure::Timeout("QMP handshake timed out")),
+                Err(_) => Err(BootFailure::Timeout("QMP handshake timed out".into())),
             };
         }
         if Instant::now() >= deadline {
-            return Err(BootFailure::Timeout("QMP socket never appeared"));
+            return Err(BootFailure::Timeout("QMP socket never appeared".into()));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -369,17 +385,29 @@ async fn connect_agent(
     deadline: Instant,
 ) -> Result<(AgentClient, ember_wire::HelloReply), BootFailure> {
     let retry = Duration::from_millis(10);
+    let (mut attempts, mut connected, mut last_error) = (0u32, 0u32, String::from("none"));
     loop {
         if let Some(f) = exited(qemu) {
             return Err(f);
         }
         if Instant::now() >= deadline {
-            return Err(BootFailure::Timeout("the agent never answered hello"));
+            return Err(BootFailure::Timeout(format!(
+                "the agent never answered hello ({attempts} connection attempts, {connected} connected, \
+                 last error: {last_error})"
+            )));
         }
-        let Ok(stream) = channel::connect(addr).await else {
-            tokio::time::sleep(retry).await;
-            continue;
+        attempts += 1;
+        let stream = match channel::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::trace!(error = %e, "agent channel not up yet");
+                last_error = e.to_string();
+                tokio::time::sleep(retry).await;
+                continue;
+            }
         };
+        connected += 1;
+        tracing::debug!("agent channel connected; sending hello");
         let client = AgentClient::new(stream);
         let nonce = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or_default());
         let per_try = match kind {
@@ -408,6 +436,8 @@ async fn connect_agent(
         if let Some(h) = reply {
             return Ok((client, h));
         }
+        tracing::debug!("no hello reply on this connection; reconnecting");
+        last_error = "connected, but no hello reply".into();
         tokio::time::sleep(retry).await;
     }
 }
