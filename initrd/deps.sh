@@ -42,10 +42,11 @@ if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
     apt-get update -qq
 fi
 
-# vhost-user vsock back end for the hybrid-vsock channel.
+# vhost-user vsock back end for the hybrid-vsock channel. Installed under
+# /usr/local so the unprivileged user it runs as can execute it.
 export PATH="$HOME/.cargo/bin:$PATH"
 vhost_version=0.3.0
-if ! vhost-device-vsock --version 2>/dev/null | grep -q "$vhost_version"; then
+if ! /usr/local/bin/vhost-device-vsock --version 2>/dev/null | grep -q "$vhost_version"; then
     log "cargo install vhost-device-vsock $vhost_version (about a minute)"
-    cargo install --quiet vhost-device-vsock --version "$vhost_version"
+    cargo install --quiet --root /usr/local vhost-device-vsock --version "$vhost_version"
 fi

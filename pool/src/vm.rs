@@ -31,8 +31,8 @@ use crate::channel::{self, AgentClient, AgentError, ChannelAddr, ChannelKind, Ci
 pub enum VmError {
     #[error("invalid VM configuration: {}", .0.join("; "))]
     Config(Vec<String>),
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     #[error("{0}")]
     Tool(String),
     #[error("VM {vm} did not answer within {after:?}\n{diagnostics}")]
@@ -47,7 +47,7 @@ pub enum VmError {
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     let what = what.into();
-    move |source| VmError::Io { what, source }
+    move |error| VmError::Io { what, error }
 }
 
 /// Removes a directory tree when dropped.
@@ -194,13 +194,23 @@ impl Vm {
                 )
             }
             ChannelKind::HybridVsock => {
-                let vhost_socket = dir.join("vhost.sock");
-                let uds = dir.join("vsock.sock");
-                let helper = OwnedProcess::spawn(
+                // The helper parses guest-controlled queues: run it as the
+                // QEMU user, in a directory of its own for its sockets.
+                let user = cfg.qemu_user.as_deref().map(lookup_user).transpose().map_err(VmError::Tool)?;
+                let sockets = dir.join("vhost");
+                std::fs::create_dir(&sockets).map_err(io_err("creating the vhost socket directory"))?;
+                if let Some((uid, gid)) = user {
+                    std::os::unix::fs::chown(&sockets, Some(uid), Some(gid))
+                        .map_err(io_err("handing the vhost socket directory to the QEMU user"))?;
+                }
+                let vhost_socket = sockets.join("vhost.sock");
+                let uds = sockets.join("vsock.sock");
+                let helper = OwnedProcess::spawn_as(
                     "vhost-device-vsock",
                     &cfg.vhost_device_vsock,
                     &vhost_vsock_argv(3, &vhost_socket, &uds),
                     &dir.join("vhost-device-vsock.log"),
+                    user,
                 )
                 .map_err(io_err(format!("starting {}", cfg.vhost_device_vsock.display())))?;
                 state::record_pid(&dir, helper.pid()).map_err(io_err("recording a pid"))?;
@@ -248,6 +258,7 @@ impl Vm {
             channel: device,
             memory,
             isolated_nic: cfg.isolated_nic,
+            run_as: cfg.qemu_user.clone(),
         };
         let mut qemu = OwnedProcess::spawn("qemu", &cfg.qemu, &qemu_argv(&args), &dir.join("qemu.log"))
             .map_err(io_err(format!("starting {}", cfg.qemu.display())))?;
@@ -335,6 +346,15 @@ impl Parts {
             }
             BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
         }
+    }
+}
+
+/// uid and gid of a user name.
+fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        Ok(None) => Err(format!("user {name:?} (vm.qemu_user) does not exist")),
+        Err(e) => Err(format!("looking up user {name:?}: {e}")),
     }
 }
 

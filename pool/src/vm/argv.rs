@@ -46,6 +46,8 @@ pub struct QemuArgs {
     /// Attach a NIC on an empty hub: lets `configure` be tested without any
     /// path for traffic to leave the VM.
     pub isolated_nic: bool,
+    /// Drop QEMU to this user once it has opened its files (`-runas`).
+    pub run_as: Option<String>,
 }
 
 fn push(v: &mut Vec<OsString>, items: &[&str]) {
@@ -87,7 +89,19 @@ pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
     }
     push(&mut v, &["-m", &mem, "-smp", &a.vcpus.to_string()]);
     push(&mut v, &["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-    push(&mut v, &["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    // seccomp. `-runas` needs setuid at start-up, hence elevateprivileges=allow
+    // with it; once QEMU is that user it has no capabilities to regain root.
+    let elevate = if a.run_as.is_some() { "allow" } else { "deny" };
+    push(
+        &mut v,
+        &[
+            "-sandbox",
+            &format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"),
+        ],
+    );
+    if let Some(user) = &a.run_as {
+        push(&mut v, &["-runas", user]);
+    }
     v.push("-kernel".into());
     v.push(a.kernel.clone().into());
     v.push("-initrd".into());
@@ -184,6 +198,7 @@ mod tests {
             channel,
             memory,
             isolated_nic: false,
+            run_as: None,
         }
     }
 
@@ -237,7 +252,9 @@ mod tests {
         let mut a = args(ChannelDevice::Vsock { cid: 7 }, MemoryBacking::Private);
         a.accel = Accel::Kvm;
         a.isolated_nic = true;
+        a.run_as = Some("nobody".into());
         let v = joined(&qemu_argv(&a));
+        assert!(v.contains("-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny -runas nobody "));
         assert!(v.contains("-accel kvm -cpu host"));
         assert!(v.contains("-device vhost-vsock-device,guest-cid=7"));
         assert!(v.contains("-netdev hubport,id=n0,hubid=0 -device virtio-net-device,netdev=n0"));

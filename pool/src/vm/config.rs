@@ -103,6 +103,8 @@ pub struct VmConfig {
     pub vhost_device_vsock: PathBuf,
     /// Give the guest a NIC on an isolated hub (for `configure` tests).
     pub isolated_nic: bool,
+    /// QEMU drops to this user after start-up (only when ember runs as root).
+    pub qemu_user: Option<String>,
 }
 
 impl VmConfig {
@@ -126,6 +128,7 @@ impl VmConfig {
             qemu_img: "qemu-img".into(),
             vhost_device_vsock: "vhost-device-vsock".into(),
             isolated_nic: false,
+            qemu_user: nix::unistd::geteuid().is_root().then(|| "nobody".to_string()),
         }
     }
 

@@ -44,7 +44,7 @@ impl VmHost {
         };
         let (state, reaped) = StateDir::open(&config.state_dir).map_err(|e| VmError::Io {
             what: format!("state directory {}", config.state_dir.display()),
-            source: e,
+            error: e,
         })?;
         let cids = CidAllocator::new(config.state_dir.join("cids"), 3..u32::MAX);
         let accel = OnceCell::new_with(match config.accel {

@@ -21,15 +21,29 @@ pub struct OwnedProcess {
 impl OwnedProcess {
     /// Start `program argv`, output appended to `log`.
     pub fn spawn(name: &'static str, program: &Path, argv: &[OsString], log: &Path) -> std::io::Result<Self> {
+        Self::spawn_as(name, program, argv, log, None)
+    }
+
+    /// Like [`spawn`](Self::spawn), running as `user` (uid, gid) if given.
+    pub fn spawn_as(
+        name: &'static str,
+        program: &Path,
+        argv: &[OsString],
+        log: &Path,
+        user: Option<(u32, u32)>,
+    ) -> std::io::Result<Self> {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let child = Command::new(program)
-            .args(argv)
+        let mut cmd = Command::new(program);
+        cmd.args(argv)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()?;
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = user {
+            cmd.uid(uid).gid(gid);
+        }
+        let child = cmd.spawn()?;
         let pid = child.id().ok_or_else(|| std::io::Error::other(format!("{name} exited at once")))?;
         Ok(Self { name, child, pid })
     }
