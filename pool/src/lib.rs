@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod config;
 pub mod vm;
 
 pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput};

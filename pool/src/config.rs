@@ -1,0 +1,361 @@
+//! Configuration in two layers: [`RawConfig`] is what a TOML file says
+//! (every field optional, durations in humantime like `"90s"`), and
+//! [`Config`] is the validated result. Defaults live here and nowhere else;
+//! validation reports every problem at once.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::channel::ChannelChoice;
+use crate::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
+
+/// How a used VM is made clean for the next caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResetMode {
+    /// `snapshot` where the channel is migratable, else `destroy`.
+    Auto,
+    /// Restore the memory, device and disk state saved when the VM was ready.
+    Snapshot,
+    /// Kill user processes, roll the writable layer back, remount.
+    Rollback,
+    /// Kill the VM; a fresh one replaces it.
+    Destroy,
+}
+
+impl ResetMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ResetMode::Auto => "auto",
+            ResetMode::Snapshot => "snapshot",
+            ResetMode::Rollback => "rollback",
+            ResetMode::Destroy => "destroy",
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub pool: RawPool,
+    #[serde(default)]
+    pub vm: RawVm,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub enabled: Option<bool>,
+    pub min_size: Option<usize>,
+    pub max_size: Option<usize>,
+    pub target_free: Option<usize>,
+    pub max_memory_mb: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    pub reset: Option<ResetMode>,
+    pub max_uses: Option<u32>,
+    /// How long a claim waits in the queue when the pool is at its limits.
+    #[serde(default, with = "humantime_serde")]
+    pub claim_timeout: Option<Duration>,
+    /// Claims that may wait at once; more are refused at once.
+    pub max_waiters: Option<usize>,
+    /// VMs created at the same time by the replenisher.
+    pub replenish_concurrency: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub sizer_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    #[serde(default)]
+    pub sessions: RawSessions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    pub max: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVm {
+    pub memory_mb: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub channel: Option<ChannelChoice>,
+    pub init_mode: Option<InitMode>,
+    pub accel: Option<AccelChoice>,
+    #[serde(default, with = "humantime_serde")]
+    pub boot_timeout: Option<Duration>,
+    pub images: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The validated pool configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub enabled: bool,
+    pub min_size: usize,
+    pub max_size: usize,
+    pub target_free: usize,
+    pub max_memory_mb: u64,
+    pub idle_timeout: Duration,
+    pub reset: ResetMode,
+    pub max_uses: u32,
+    pub claim_timeout: Duration,
+    pub max_waiters: usize,
+    pub replenish_concurrency: usize,
+    pub sizer_interval: Duration,
+    pub drain_timeout: Duration,
+    pub max_sessions: usize,
+    pub session_idle_ttl: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_size: 2,
+            max_size: 10,
+            target_free: 3,
+            max_memory_mb: 8192,
+            idle_timeout: Duration::from_secs(300),
+            reset: ResetMode::Auto,
+            max_uses: 100,
+            claim_timeout: Duration::from_secs(10),
+            max_waiters: 64,
+            replenish_concurrency: 2,
+            sizer_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+            max_sessions: 8,
+            session_idle_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pool: PoolConfig,
+    pub vm: VmConfig,
+}
+
+impl RawConfig {
+    pub fn parse(text: &str) -> Result<Self, Vec<String>> {
+        toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])
+    }
+
+    pub fn load(path: &Path) -> Result<Self, Vec<String>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+        Self::parse(&text).map_err(|p| p.into_iter().map(|m| format!("{}: {m}", path.display())).collect())
+    }
+
+    /// Apply defaults and check everything; `images_default` is used when
+    /// the file names no image directory.
+    pub fn validate(self, images_default: &Path) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let d = PoolConfig::default();
+        let p = self.pool;
+        let pool = PoolConfig {
+            enabled: p.enabled.unwrap_or(d.enabled),
+            min_size: p.min_size.unwrap_or(d.min_size),
+            max_size: p.max_size.unwrap_or(d.max_size),
+            target_free: p.target_free.unwrap_or(d.target_free),
+            max_memory_mb: p.max_memory_mb.unwrap_or(d.max_memory_mb),
+            idle_timeout: p.idle_timeout.unwrap_or(d.idle_timeout),
+            reset: p.reset.unwrap_or(d.reset),
+            max_uses: p.max_uses.unwrap_or(d.max_uses),
+            claim_timeout: p.claim_timeout.unwrap_or(d.claim_timeout),
+            max_waiters: p.max_waiters.unwrap_or(d.max_waiters),
+            replenish_concurrency: p.replenish_concurrency.unwrap_or(d.replenish_concurrency),
+            sizer_interval: p.sizer_interval.unwrap_or(d.sizer_interval),
+            drain_timeout: p.drain_timeout.unwrap_or(d.drain_timeout),
+            max_sessions: p.sessions.max.unwrap_or(d.max_sessions),
+            session_idle_ttl: p.sessions.idle_ttl.unwrap_or(d.session_idle_ttl),
+        };
+        if pool.max_size == 0 {
+            problems.push("pool.max_size must be at least 1".into());
+        }
+        if pool.min_size > pool.max_size {
+            problems
+                .push(format!("pool.min_size ({}) exceeds pool.max_size ({})", pool.min_size, pool.max_size));
+        }
+        if pool.target_free > pool.max_size {
+            problems.push(format!(
+                "pool.target_free ({}) exceeds pool.max_size ({})",
+                pool.target_free, pool.max_size
+            ));
+        }
+        if pool.max_uses == 0 {
+            problems.push("pool.max_uses must be at least 1".into());
+        }
+        if pool.replenish_concurrency == 0 {
+            problems.push("pool.replenish_concurrency must be at least 1".into());
+        }
+        if pool.sizer_interval < Duration::from_millis(10) {
+            problems.push("pool.sizer_interval must be at least 10ms".into());
+        }
+        if pool.max_sessions > pool.max_size {
+            problems.push(format!(
+                "pool.sessions.max ({}) exceeds pool.max_size ({})",
+                pool.max_sessions, pool.max_size
+            ));
+        }
+
+        let v = self.vm;
+        let images_dir = v.images.unwrap_or_else(|| images_default.to_path_buf());
+        let images = ImageSet::from_dir(&images_dir).unwrap_or_else(|e| {
+            problems.push(e);
+            ImageSet {
+                kernel: PathBuf::new(),
+                initrd: PathBuf::new(),
+                rootfs: PathBuf::new(),
+                scratch: PathBuf::new(),
+            }
+        });
+        let mut vm = VmConfig::with_images(images);
+        vm.memory_mb = v.memory_mb.unwrap_or(vm.memory_mb);
+        vm.vcpus = v.vcpus.unwrap_or(vm.vcpus);
+        vm.channel = v.channel.unwrap_or(vm.channel);
+        vm.init_mode = v.init_mode.unwrap_or(vm.init_mode);
+        vm.accel = v.accel.unwrap_or(vm.accel);
+        vm.boot_timeout = v.boot_timeout.unwrap_or(vm.boot_timeout);
+        vm.state_dir = v.state_dir.unwrap_or(vm.state_dir);
+        if let Err(p) = vm.validate() {
+            problems.extend(p);
+        }
+        let min_memory = pool.min_size as u64 * u64::from(vm.memory_mb);
+        if min_memory > pool.max_memory_mb {
+            problems.push(format!(
+                "pool.min_size ({}) x vm.memory_mb ({}) = {min_memory} MiB exceeds pool.max_memory_mb ({})",
+                pool.min_size, vm.memory_mb, pool.max_memory_mb
+            ));
+        }
+        if pool.reset == ResetMode::Snapshot && vm.channel == ChannelChoice::HybridVsock {
+            problems.push(
+                "pool.reset = \"snapshot\" needs a migratable channel; vm.channel = \"hybrid-vsock\" is not"
+                    .into(),
+            );
+        }
+        if problems.is_empty() {
+            Ok(Config { pool, vm })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["vmlinuz", "initrd.img", "rootfs.ext4", "scratch.ext4"] {
+            std::fs::write(d.path().join(f), "").unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let img = images();
+        let c = RawConfig::parse("").unwrap().validate(img.path()).unwrap();
+        assert_eq!(c.pool, PoolConfig::default());
+        assert_eq!(
+            (c.pool.min_size, c.pool.max_size, c.pool.target_free, c.pool.max_memory_mb),
+            (2, 10, 3, 8192)
+        );
+        assert_eq!(c.vm.memory_mb, 256);
+    }
+
+    #[test]
+    fn parses_every_key_with_humantime_durations() {
+        let img = images();
+        let text = format!(
+            r#"
+            [pool]
+            enabled = false
+            min_size = 1
+            max_size = 4
+            target_free = 2
+            max_memory_mb = 2048
+            idle_timeout = "90s"
+            reset = "destroy"
+            max_uses = 7
+            claim_timeout = "1500ms"
+            max_waiters = 3
+            replenish_concurrency = 1
+            sizer_interval = "250ms"
+            drain_timeout = "5s"
+            [pool.sessions]
+            max = 2
+            idle_ttl = "1m 30s"
+            [vm]
+            memory_mb = 512
+            vcpus = 2
+            channel = "serial"
+            init_mode = "full"
+            accel = "tcg"
+            boot_timeout = "20s"
+            images = "{}"
+            state_dir = "/tmp/x"
+            "#,
+            img.path().display()
+        );
+        let c = RawConfig::parse(&text).unwrap().validate(Path::new("/nonexistent")).unwrap();
+        assert!(!c.pool.enabled);
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.pool.claim_timeout, Duration::from_millis(1500));
+        assert_eq!(c.pool.session_idle_ttl, Duration::from_secs(90));
+        assert_eq!(c.pool.reset, ResetMode::Destroy);
+        assert_eq!((c.vm.memory_mb, c.vm.vcpus, c.vm.channel), (512, 2, ChannelChoice::Serial));
+        assert_eq!(c.vm.boot_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [pool]
+            min_size = 20
+            max_size = 10
+            max_uses = 0
+            max_memory_mb = 1024
+            reset = "snapshot"
+            [vm]
+            memory_mb = 64
+            channel = "hybrid-vsock"
+            images = "/nonexistent"
+        "#;
+        let problems = RawConfig::parse(text).unwrap().validate(Path::new("/x")).unwrap_err();
+        let all = problems.join("\n");
+        for needle in [
+            "min_size (20) exceeds",
+            "max_uses",
+            "memory_mb = 64",
+            "exceeds pool.max_memory_mb",
+            "migratable",
+            "make images",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_their_location() {
+        for (text, needle) in [
+            ("[pool]\nmin_sise = 1", "min_sise"),
+            ("[pool]\nidle_timeout = \"soon\"", "idle_timeout"),
+            ("[pool]\nreset = \"reboot\"", "reboot"),
+            ("[vm]\nchannel = \"tcp\"", "tcp"),
+            ("[gateway]\nlisten = 1", "gateway"),
+        ] {
+            let e = RawConfig::parse(text).unwrap_err().join("\n");
+            assert!(e.contains(needle), "{text:?} -> {e}");
+        }
+    }
+}
