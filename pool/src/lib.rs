@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod config;
+pub mod sizer;
 pub mod vm;
 
 pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput};
