@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod config;
+pub mod pool;
 pub mod sizer;
 pub mod vm;
 

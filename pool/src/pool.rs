@@ -1,0 +1,374 @@
+//! The warm pool: VMs are created ahead of demand, claimed in FIFO order as
+//! owned leases, made clean after every use, and replaced in the background.
+//!
+//! A VM is in exactly one state: booting, ready, claimed, resetting (or
+//! pinned to a session), or gone. The VM side is a [`Backend`]: the real one
+//! boots QEMU microVMs, a fake one lets unit tests drive every transition.
+
+mod backend;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
+mod lease;
+mod replenish;
+mod session;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub use backend::Backend;
+pub use lease::Lease;
+pub use session::SessionLease;
+
+use crate::config::PoolConfig;
+use crate::sizer::{RateEstimator, SizerState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Every VM is in use, the pool is at its limits and the wait queue is
+    /// full or the claim waited too long. The gateway answers 429.
+    #[error("pool exhausted: {in_use} VMs in use (limit {limit}), waited {waited:?}")]
+    Exhausted { in_use: usize, limit: usize, waited: Duration },
+    /// The pool is shutting down. The gateway answers 503.
+    #[error("pool is draining")]
+    Draining,
+    #[error("too many sessions (limit {limit})")]
+    SessionLimit { limit: usize },
+    #[error("session {key:?} lost its VM: {reason}")]
+    SessionLost { key: String, reason: String },
+    #[error("creating a VM failed: {0}")]
+    Create(String),
+    #[error("resetting VM {vm} failed: {reason}")]
+    Reset { vm: String, reason: String },
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PoolCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub exhausted: u64,
+    pub created: u64,
+    pub create_failures: u64,
+    pub destroyed: u64,
+    pub resets: u64,
+    pub reset_failures: u64,
+}
+
+/// A point-in-time view of the pool.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PoolStatus {
+    pub ready: usize,
+    pub booting: usize,
+    pub claimed: usize,
+    pub resetting: usize,
+    pub sessions: usize,
+    pub waiters: usize,
+    pub target: usize,
+    pub draining: bool,
+    pub rate_short: f64,
+    pub rate_long: f64,
+    pub counters: PoolCounters,
+}
+
+struct ReadyVm<V> {
+    vm: V,
+    uses: u32,
+}
+
+struct State<V> {
+    ready: VecDeque<ReadyVm<V>>,
+    booting: usize,
+    claimed: usize,
+    resetting: usize,
+    sessions: HashMap<String, Arc<session::Slot<V>>>,
+    waiters: usize,
+    draining: bool,
+    target: usize,
+    rates: RateEstimator,
+    sizer: SizerState,
+    /// Moving average of seconds a VM spends away from the ready set.
+    out_of_pool_secs: f64,
+    /// Creations that failed since the last one that worked (backoff).
+    create_failures_since_success: u32,
+    counters: PoolCounters,
+}
+
+impl<V> State<V> {
+    /// VMs that exist or are being made (sessions included).
+    fn total(&self) -> usize {
+        self.ready.len() + self.booting + self.claimed + self.resetting + self.sessions.len()
+    }
+}
+
+struct Inner<B: Backend> {
+    backend: B,
+    cfg: PoolConfig,
+    vm_memory_mb: u64,
+    state: Mutex<State<B::Vm>>,
+    /// A VM became ready or capacity was freed: wake waiting claims.
+    changed: Notify,
+    /// Something the replenisher should look at happened.
+    wake_replenisher: Notify,
+    /// Shutdown finished: nothing is claimed any more.
+    idle: Notify,
+}
+
+impl<B: Backend> Inner<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B::Vm>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most VMs that may exist at once.
+    fn capacity(&self) -> usize {
+        let by_memory = (self.cfg.max_memory_mb / self.vm_memory_mb.max(1)) as usize;
+        self.cfg.max_size.min(by_memory)
+    }
+
+    fn note_out_of_pool(&self, secs: f64) {
+        let mut st = self.lock();
+        st.out_of_pool_secs =
+            if st.out_of_pool_secs == 0.0 { secs } else { 0.8 * st.out_of_pool_secs + 0.2 * secs };
+    }
+
+    /// Destroy a VM in the background and account for it.
+    fn destroy_later(self: &Arc<Self>, vm: B::Vm) {
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            inner.backend.destroy(vm).await;
+            inner.lock().counters.destroyed += 1;
+        });
+    }
+}
+
+/// The warm pool. Cheap to clone.
+pub struct Pool<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for Pool<B> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Pool<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("status", &self.status()).finish()
+    }
+}
+
+impl<B: Backend> Pool<B> {
+    /// Start the pool and its background tasks (replenisher, session reaper).
+    pub fn start(backend: B, cfg: PoolConfig, vm_memory_mb: u32) -> Self {
+        let now = Instant::now();
+        let state = State {
+            ready: VecDeque::new(),
+            booting: 0,
+            claimed: 0,
+            resetting: 0,
+            sessions: HashMap::new(),
+            waiters: 0,
+            draining: false,
+            target: if cfg.enabled { cfg.min_size } else { 0 },
+            rates: RateEstimator::new(now),
+            sizer: SizerState::default(),
+            out_of_pool_secs: 0.0,
+            create_failures_since_success: 0,
+            counters: PoolCounters::default(),
+        };
+        let inner = Arc::new(Inner {
+            backend,
+            cfg,
+            vm_memory_mb: u64::from(vm_memory_mb),
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            wake_replenisher: Notify::new(),
+            idle: Notify::new(),
+        });
+        tokio::spawn(replenish::run(Arc::clone(&inner)));
+        tokio::spawn(session::reap_idle(Arc::clone(&inner)));
+        Self { inner }
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.cfg
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let now = Instant::now();
+        let st = self.inner.lock();
+        let rates = st.rates.rates(now);
+        PoolStatus {
+            ready: st.ready.len(),
+            booting: st.booting,
+            claimed: st.claimed,
+            resetting: st.resetting,
+            sessions: st.sessions.len(),
+            waiters: st.waiters,
+            target: st.target,
+            draining: st.draining,
+            rate_short: rates.short,
+            rate_long: rates.long,
+            counters: st.counters,
+        }
+    }
+
+    /// Claim a VM: the oldest ready one at once (a hit), else a new one
+    /// created on demand within the limits (a miss), else wait in a bounded
+    /// queue until `claim_timeout`.
+    pub async fn claim(&self) -> Result<Lease<B>, PoolError> {
+        let started = Instant::now();
+        let deadline = started + self.inner.cfg.claim_timeout;
+        self.inner.lock().rates.record(started);
+        self.inner.wake_replenisher.notify_one();
+        let mut queued = false;
+        let result = loop {
+            let changed = self.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.try_claim(queued, started) {
+                Ok(Step::Got(lease)) => break Ok(lease),
+                Ok(Step::Create) => break self.create_on_demand().await,
+                Ok(Step::Wait) => queued = true,
+                Err(e) => break Err(e),
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let mut st = self.inner.lock();
+                st.counters.exhausted += 1;
+                let in_use = st.claimed + st.resetting + st.sessions.len();
+                break Err(PoolError::Exhausted {
+                    in_use,
+                    limit: self.inner.capacity(),
+                    waited: started.elapsed(),
+                });
+            }
+        };
+        if queued {
+            self.inner.lock().waiters -= 1;
+        }
+        result
+    }
+
+    fn try_claim(&self, queued: bool, started: Instant) -> Result<Step<B>, PoolError> {
+        let mut st = self.inner.lock();
+        if st.draining {
+            return Err(PoolError::Draining);
+        }
+        while let Some(mut r) = st.ready.pop_front() {
+            if !self.inner.backend.healthy(&mut r.vm) {
+                tracing::warn!(vm = B::vm_id(&r.vm), "ready VM died; replacing it");
+                self.inner.destroy_later(r.vm);
+                self.inner.wake_replenisher.notify_one();
+                continue;
+            }
+            st.claimed += 1;
+            if !queued {
+                st.counters.hits += 1;
+            } else {
+                st.counters.misses += 1;
+            }
+            self.inner.wake_replenisher.notify_one();
+            return Ok(Step::Got(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, !queued, started)));
+        }
+        if st.total() < self.inner.capacity() {
+            st.booting += 1;
+            st.counters.misses += 1;
+            return Ok(Step::Create);
+        }
+        if !queued {
+            if st.waiters >= self.inner.cfg.max_waiters {
+                st.counters.exhausted += 1;
+                let in_use = st.claimed + st.resetting + st.sessions.len();
+                return Err(PoolError::Exhausted {
+                    in_use,
+                    limit: self.inner.capacity(),
+                    waited: Duration::ZERO,
+                });
+            }
+            st.waiters += 1;
+        }
+        Ok(Step::Wait)
+    }
+
+    async fn create_on_demand(&self) -> Result<Lease<B>, PoolError> {
+        let started = Instant::now();
+        let created = self.inner.backend.create().await;
+        let mut st = self.inner.lock();
+        st.booting -= 1;
+        match created {
+            Ok(vm) => {
+                st.counters.created += 1;
+                if st.draining {
+                    drop(st);
+                    self.inner.destroy_later(vm);
+                    return Err(PoolError::Draining);
+                }
+                st.claimed += 1;
+                Ok(Lease::new(Arc::clone(&self.inner), vm, 0, false, started))
+            }
+            Err(e) => {
+                st.counters.create_failures += 1;
+                drop(st);
+                self.inner.changed.notify_waiters();
+                Err(e)
+            }
+        }
+    }
+
+    /// Stop: refuse new claims, let claimed VMs come back for up to
+    /// `drain_timeout`, then destroy every VM the pool holds.
+    pub async fn shutdown(&self) {
+        self.inner.lock().draining = true;
+        self.inner.changed.notify_waiters();
+        self.inner.wake_replenisher.notify_one();
+        let deadline = Instant::now() + self.inner.cfg.drain_timeout;
+        loop {
+            let idle = self.inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            {
+                let st = self.inner.lock();
+                if st.claimed == 0 && st.resetting == 0 && st.booting == 0 {
+                    break;
+                }
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                tracing::warn!(
+                    "drain timeout passed with VMs still in use; they are destroyed when returned"
+                );
+                break;
+            }
+        }
+        let (ready, sessions): (Vec<_>, Vec<_>) = {
+            let mut st = self.inner.lock();
+            (st.ready.drain(..).collect(), st.sessions.drain().collect())
+        };
+        for r in ready {
+            self.inner.backend.destroy(r.vm).await;
+            self.inner.lock().counters.destroyed += 1;
+        }
+        for (_, slot) in sessions {
+            if let Some(vm) = slot.vm.lock().await.take() {
+                self.inner.backend.destroy(vm).await;
+                self.inner.lock().counters.destroyed += 1;
+            }
+        }
+    }
+}
+
+enum Step<B: Backend> {
+    Got(Lease<B>),
+    Create,
+    Wait,
+}
+
+#[cfg(test)]
+mod tests;

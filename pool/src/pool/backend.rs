@@ -1,0 +1,28 @@
+//! What the pool needs from VMs. The real backend boots QEMU microVMs
+//! (`crate::warm`); `fake` is for unit tests.
+
+use std::future::Future;
+
+use super::PoolError;
+
+pub trait Backend: Send + Sync + 'static {
+    type Vm: Send + Sync + 'static;
+
+    /// Make a new VM, ready to run commands.
+    fn create(&self) -> impl Future<Output = Result<Self::Vm, PoolError>> + Send;
+
+    /// Whether used VMs are made clean and reused (else they are destroyed).
+    fn recycles(&self) -> bool;
+
+    /// Make a used VM indistinguishable from a fresh one. An error means
+    /// the VM is destroyed and replaced.
+    fn reset(&self, vm: &mut Self::Vm) -> impl Future<Output = Result<(), PoolError>> + Send;
+
+    /// Remove the VM and everything it owns.
+    fn destroy(&self, vm: Self::Vm) -> impl Future<Output = ()> + Send;
+
+    /// A cheap liveness check (is the VM process still there?).
+    fn healthy(&self, vm: &mut Self::Vm) -> bool;
+
+    fn vm_id(vm: &Self::Vm) -> &str;
+}

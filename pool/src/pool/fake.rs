@@ -1,0 +1,93 @@
+//! A fake backend for unit tests: VMs are plain values with a "dirty" flag
+//! and a kill switch; delays and failures are injectable.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Backend, PoolError};
+
+#[derive(Debug, Default)]
+pub struct FakeState {
+    next_id: AtomicU64,
+    pub fail_creates: AtomicU32,
+    pub fail_resets: AtomicU32,
+    pub resets: AtomicU64,
+    alive: Mutex<HashSet<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeBackend {
+    pub state: Arc<FakeState>,
+    pub create_delay: Duration,
+    pub reset_delay: Duration,
+    pub recycles: bool,
+}
+
+#[derive(Debug)]
+pub struct FakeVm {
+    pub id: String,
+    /// Set by a user of the VM; a reset must clear it.
+    pub dirty: bool,
+    pub dead: Arc<AtomicBool>,
+}
+
+impl FakeBackend {
+    pub fn new(create_delay: Duration, reset_delay: Duration) -> Self {
+        Self { state: Arc::default(), create_delay, reset_delay, recycles: true }
+    }
+
+    /// VMs created and not yet destroyed.
+    pub fn alive(&self) -> usize {
+        self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_alive(&self, id: &str) -> bool {
+        self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+    }
+}
+
+impl Backend for FakeBackend {
+    type Vm = FakeVm;
+
+    async fn create(&self) -> Result<FakeVm, PoolError> {
+        tokio::time::sleep(self.create_delay).await;
+        let fail = self.state.fail_creates.load(Ordering::SeqCst);
+        if fail > 0 {
+            self.state.fail_creates.store(fail - 1, Ordering::SeqCst);
+            return Err(PoolError::Create("injected failure".into()));
+        }
+        let id = format!("fake-{}", self.state.next_id.fetch_add(1, Ordering::SeqCst));
+        self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone());
+        Ok(FakeVm { id, dirty: false, dead: Arc::default() })
+    }
+
+    fn recycles(&self) -> bool {
+        self.recycles
+    }
+
+    async fn reset(&self, vm: &mut FakeVm) -> Result<(), PoolError> {
+        tokio::time::sleep(self.reset_delay).await;
+        self.state.resets.fetch_add(1, Ordering::SeqCst);
+        let fail = self.state.fail_resets.load(Ordering::SeqCst);
+        if fail > 0 {
+            self.state.fail_resets.store(fail - 1, Ordering::SeqCst);
+            return Err(PoolError::Reset { vm: vm.id.clone(), reason: "injected failure".into() });
+        }
+        vm.dirty = false;
+        Ok(())
+    }
+
+    async fn destroy(&self, vm: FakeVm) {
+        self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).remove(&vm.id);
+    }
+
+    fn healthy(&self, vm: &mut FakeVm) -> bool {
+        !vm.dead.load(Ordering::SeqCst)
+    }
+
+    fn vm_id(vm: &FakeVm) -> &str {
+        &vm.id
+    }
+}

@@ -1,0 +1,151 @@
+//! The replenisher: on every sizer interval it asks the sizer for a target,
+//! and whenever woken (a claim, a VM gone) it creates VMs towards that
+//! target, a bounded number at a time, or destroys surplus ready ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Backend, Inner, ReadyVm};
+use crate::sizer::{self, Observed, SizerLimits};
+
+/// Assumed time out of the pool before any use was measured.
+const INITIAL_OUT_OF_POOL_SECS: f64 = 1.0;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+pub(super) async fn run<B: Backend>(inner: Arc<Inner<B>>) {
+    let mut next_decision = Instant::now();
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let wake = inner.wake_replenisher.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let now = Instant::now();
+        if now >= next_decision {
+            decide(&inner, now);
+            next_decision = now + inner.cfg.sizer_interval;
+        }
+        if inner.lock().draining {
+            return;
+        }
+        // After failures, creation pauses (exponential backoff); when a
+        // pause ends, one round of attempts is allowed.
+        let failures = inner.lock().create_failures_since_success;
+        if failures == 0 {
+            retry_at = None;
+        } else if retry_at.is_none() {
+            let backoff = Duration::from_millis(100u64 << failures.min(7)).min(MAX_BACKOFF);
+            retry_at = Some(now + backoff);
+        }
+        let may_create = retry_at.is_none_or(|t| now >= t);
+        if may_create && failures > 0 {
+            retry_at = None;
+        }
+        let (create, surplus) = plan(&inner, may_create);
+        for vm in surplus {
+            inner.destroy_later(vm);
+        }
+        for _ in 0..create {
+            let inner = Arc::clone(&inner);
+            tokio::spawn(async move { create_one(&inner).await });
+        }
+        let until = match retry_at {
+            Some(t) => t.min(next_decision),
+            None => next_decision,
+        };
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+}
+
+/// Run the sizer and store its target.
+fn decide<B: Backend>(inner: &Inner<B>, now: Instant) {
+    let mut st = inner.lock();
+    if !inner.cfg.enabled {
+        st.target = 0;
+        return;
+    }
+    let limits = SizerLimits {
+        min_size: inner.cfg.min_size,
+        max_size: inner.cfg.max_size,
+        target_free: inner.cfg.target_free,
+        max_by_memory: inner.capacity(),
+        idle_timeout: inner.cfg.idle_timeout,
+    };
+    let obs = Observed {
+        rates: st.rates.rates(now),
+        out_of_pool_secs: if st.out_of_pool_secs > 0.0 {
+            st.out_of_pool_secs
+        } else {
+            INITIAL_OUT_OF_POOL_SECS
+        },
+        sessions: st.sessions.len(),
+        last_arrival: st.rates.last_arrival(),
+    };
+    let mut sizer_state = st.sizer;
+    st.target = sizer::target(&limits, &obs, &mut sizer_state, now);
+    st.sizer = sizer_state;
+}
+
+/// How many VMs to start now, and which ready ones are surplus.
+fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
+    let mut st = inner.lock();
+    let current = st.ready.len() + st.booting + st.claimed + st.resetting;
+    let room = inner.capacity().saturating_sub(st.total());
+    if current < st.target {
+        let n = if may_create {
+            (st.target - current).min(inner.cfg.replenish_concurrency.saturating_sub(st.booting)).min(room)
+        } else {
+            0
+        };
+        st.booting += n;
+        return (n, Vec::new());
+    }
+    let surplus = (current - st.target).min(st.ready.len());
+    // Oldest first: they have served the most uses.
+    let gone: Vec<B::Vm> = st.ready.drain(..surplus).map(|r: ReadyVm<B::Vm>| r.vm).collect();
+    (0, gone)
+}
+
+/// Create one VM into the ready set.
+async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
+    let result = inner.backend.create().await;
+    let doomed = {
+        let mut st = inner.lock();
+        st.booting -= 1;
+        match result {
+            Ok(vm) => {
+                st.counters.created += 1;
+                st.create_failures_since_success = 0;
+                if st.draining {
+                    Some(vm)
+                } else {
+                    st.ready.push_back(ReadyVm { vm, uses: 0 });
+                    None
+                }
+            }
+            Err(e) => {
+                st.counters.create_failures += 1;
+                st.create_failures_since_success += 1;
+                tracing::warn!(error = %e, "creating a VM for the pool failed");
+                None
+            }
+        }
+    };
+    if let Some(vm) = doomed {
+        inner.backend.destroy(vm).await;
+        inner.lock().counters.destroyed += 1;
+    }
+    let idle = {
+        let st = inner.lock();
+        st.claimed == 0 && st.resetting == 0 && st.booting == 0
+    };
+    inner.changed.notify_one();
+    inner.wake_replenisher.notify_one();
+    if idle {
+        inner.idle.notify_waiters();
+    }
+}

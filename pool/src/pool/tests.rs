@@ -1,0 +1,347 @@
+//! Pool logic with the fake backend and paused time.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::fake::{FakeBackend, FakeVm};
+use super::*;
+
+fn cfg() -> PoolConfig {
+    PoolConfig {
+        min_size: 2,
+        max_size: 4,
+        target_free: 1,
+        max_memory_mb: 4096,
+        claim_timeout: Duration::from_secs(5),
+        max_waiters: 4,
+        sizer_interval: Duration::from_millis(100),
+        drain_timeout: Duration::from_secs(5),
+        max_sessions: 2,
+        session_idle_ttl: Duration::from_secs(60),
+        ..PoolConfig::default()
+    }
+}
+
+fn backend() -> FakeBackend {
+    FakeBackend::new(Duration::from_millis(500), Duration::from_millis(50))
+}
+
+/// Let background tasks run until `cond` holds (paused time auto-advances).
+async fn until(pool: &Pool<FakeBackend>, what: &str, cond: impl Fn(&PoolStatus) -> bool) {
+    for _ in 0..10_000 {
+        if cond(&pool.status()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never reached: {what}; status {:?}", pool.status());
+}
+
+#[tokio::test(start_paused = true)]
+async fn fills_to_min_size_then_claims_hit_in_fifo_order() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "2 ready", |s| s.ready == 2).await;
+    let a = pool.claim().await.unwrap();
+    let b = pool.claim().await.unwrap();
+    assert!(a.warm() && b.warm());
+    assert_eq!((a.id.as_str(), b.id.as_str()), ("fake-0", "fake-1"), "oldest ready first");
+    assert_eq!(a.claim_wait(), Duration::ZERO);
+    assert_eq!(pool.status().counters.hits, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_released_or_dropped_lease_is_reset_before_reuse() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let mut a = pool.claim().await.unwrap();
+    a.dirty = true;
+    let id = a.id.clone();
+    a.release().await;
+    let mut b = pool.claim().await.unwrap();
+    b.dirty = true;
+    drop(b); // an error path: no explicit release
+    until(&pool, "reset after drop", |s| s.resetting == 0 && s.claimed == 0).await;
+    // Every VM handed out now is clean.
+    for _ in 0..3 {
+        let l = pool.claim().await.unwrap();
+        assert!(!l.dirty, "{} handed out dirty", l.id);
+        l.release().await;
+    }
+    assert!(pool.backend().state.resets.load(Ordering::SeqCst) >= 2);
+    let _ = id;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_pool_creates_on_demand_as_a_miss() {
+    let mut c = cfg();
+    c.min_size = 0;
+    c.target_free = 0;
+    let pool = Pool::start(backend(), c, 256);
+    let t = tokio::time::Instant::now();
+    let l = pool.claim().await.unwrap();
+    assert!(!l.warm());
+    assert!(t.elapsed() >= Duration::from_millis(500), "waited for a create");
+    assert_eq!(pool.status().counters.misses, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhaustion_waits_then_fails_with_a_typed_error() {
+    let mut c = cfg();
+    c.max_size = 2;
+    c.target_free = 0;
+    let pool = Pool::start(backend(), c, 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let (_a, _b) = (pool.claim().await.unwrap(), pool.claim().await.unwrap());
+    let t = tokio::time::Instant::now();
+    let err = pool.claim().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted { in_use: 2, limit: 2, .. }), "{err}");
+    assert!(t.elapsed() >= Duration::from_secs(5), "waited claim_timeout");
+    assert_eq!(pool.status().waiters, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_wait_queue_refuses_at_once() {
+    let mut c = cfg();
+    c.max_size = 1;
+    c.min_size = 1;
+    c.target_free = 0;
+    c.max_waiters = 1;
+    let pool = Pool::start(backend(), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let _held = pool.claim().await.unwrap();
+    let p2 = pool.clone();
+    let waiter = tokio::spawn(async move { p2.claim().await.map(|l| l.id.clone()) });
+    until(&pool, "one waiter", |s| s.waiters == 1).await;
+    let t = tokio::time::Instant::now();
+    let err = pool.claim().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted { .. }));
+    assert_eq!(t.elapsed(), Duration::ZERO);
+    drop(waiter);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_gets_the_next_released_vm() {
+    let mut c = cfg();
+    c.max_size = 1;
+    c.min_size = 1;
+    c.target_free = 0;
+    let pool = Pool::start(backend(), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let held = pool.claim().await.unwrap();
+    let p2 = pool.clone();
+    let waiter = tokio::spawn(async move { p2.claim().await.map(|l| (l.id.clone(), l.warm())) });
+    until(&pool, "waiting", |s| s.waiters == 1).await;
+    held.release().await;
+    let (id, warm) = waiter.await.unwrap().unwrap();
+    assert_eq!(id, "fake-0");
+    assert!(!warm, "a claim that had to wait is a miss");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_reset_destroys_and_replaces() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    pool.backend().state.fail_resets.store(1, Ordering::SeqCst);
+    let l = pool.claim().await.unwrap();
+    let id = l.id.clone();
+    l.release().await;
+    let s = pool.status();
+    assert_eq!((s.counters.reset_failures, s.counters.destroyed), (1, 1));
+    until(&pool, "replaced", |s| s.ready >= 2).await;
+    for _ in 0..3 {
+        let l = pool.claim().await.unwrap();
+        assert_ne!(l.id, id, "the VM whose reset failed came back");
+        l.release().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_uses_retires_a_vm() {
+    let mut c = cfg();
+    c.max_uses = 2;
+    c.min_size = 1;
+    c.max_size = 1;
+    c.target_free = 0;
+    let pool = Pool::start(backend(), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    for _ in 0..2 {
+        let l = pool.claim().await.unwrap();
+        assert_eq!(l.id, "fake-0");
+        l.release().await;
+    }
+    let l = pool.claim().await.unwrap();
+    assert_eq!(l.id, "fake-1", "fake-0 served max_uses and was replaced");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_ready_vm_is_skipped_and_replaced() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let victim = pool.claim().await.unwrap();
+    let dead = std::sync::Arc::clone(&victim.dead);
+    victim.release().await; // back at the end of the queue
+    dead.store(true, Ordering::SeqCst);
+    let a = pool.claim().await.unwrap();
+    let b = pool.claim().await.unwrap();
+    assert!(a.id != "fake-0" && b.id != "fake-0", "dead VM handed out");
+    drop((a, b));
+    until(&pool, "destroyed", |s| s.counters.destroyed >= 1).await;
+    assert!(!pool.backend().alive().eq(&0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_limit_caps_the_pool() {
+    let mut c = cfg();
+    c.max_size = 10;
+    c.max_memory_mb = 768; // three 256 MiB VMs
+    c.min_size = 0;
+    c.target_free = 0;
+    let pool = Pool::start(backend(), c, 256);
+    let held: Vec<_> = [pool.claim().await, pool.claim().await, pool.claim().await]
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let err = pool.claim().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted { limit: 3, .. }), "{err}");
+    assert_eq!(pool.backend().alive(), 3);
+    drop(held);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pool_grows_with_load_and_returns_to_min_size_when_idle() {
+    let mut c = cfg();
+    c.max_size = 8;
+    c.target_free = 2;
+    c.idle_timeout = Duration::from_secs(30);
+    let pool = Pool::start(backend(), c, 256);
+    until(&pool, "min", |s| s.ready == 2).await;
+    // 10 claims a second for 20 s, each held 300 ms.
+    let mut half = PoolCounters::default();
+    for i in 0..200 {
+        if i == 100 {
+            half = pool.status().counters;
+        }
+        let p = pool.clone();
+        tokio::spawn(async move {
+            if let Ok(l) = p.claim().await {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                l.release().await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = pool.status();
+    assert!(s.target > 2, "target did not grow: {s:?}");
+    // After the ramp (the first 10 s), claims are warm.
+    let (hits, misses) = (s.counters.hits - half.hits, s.counters.misses - half.misses);
+    assert!(hits as f64 / (hits + misses) as f64 >= 0.99, "second half: {hits} hits, {misses} misses; {s:?}");
+    until(&pool, "back at min_size", |s| s.ready + s.booting == 2 && s.target == 2).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sessions_pin_a_vm_keep_state_serialize_and_isolate() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let id_a = {
+        let mut s = pool.session("alice").await.unwrap();
+        s.dirty = true; // a file written in the workspace
+        s.id.clone()
+    };
+    {
+        let s = pool.session("alice").await.unwrap();
+        assert_eq!(s.id, id_a);
+        assert!(s.dirty, "session state was reset between calls");
+    }
+    let bob = pool.session("bob").await.unwrap();
+    assert_ne!(bob.id, id_a);
+    assert!(!bob.dirty);
+    drop(bob);
+    assert_eq!(pool.status().sessions, 2);
+    // Pinned VMs are not warm: the pool refills behind them.
+    until(&pool, "refilled", |s| s.ready >= 2).await;
+    // Calls in one session are serialized.
+    let first = pool.session("alice").await.unwrap();
+    let p = pool.clone();
+    let second = tokio::spawn(async move { p.session("alice").await.map(|s| s.id.clone()) });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!second.is_finished(), "a second call ran while the first held the session");
+    drop(first);
+    assert_eq!(second.await.unwrap().unwrap(), id_a);
+    // The limit.
+    assert!(matches!(pool.session("carol").await, Err(PoolError::SessionLimit { limit: 2 })));
+    // Ending destroys the VM; the key starts fresh afterwards.
+    assert!(pool.end_session("alice").await);
+    assert!(!pool.end_session("alice").await);
+    let again = pool.session("alice").await.unwrap();
+    assert_ne!(again.id, id_a);
+    assert!(!pool.backend().is_alive(&id_a));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_sessions_expire() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    let id = pool.session("s").await.unwrap().id.clone();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(pool.sessions().len(), 1, "expired early");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(pool.sessions().is_empty(), "not expired after the TTL");
+    assert!(!pool.backend().is_alive(&id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_whose_vm_died_reports_it() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    let dead = std::sync::Arc::clone(&pool.session("s").await.unwrap().dead);
+    dead.store(true, Ordering::SeqCst);
+    assert!(matches!(pool.session("s").await, Err(PoolError::SessionLost { .. })));
+    assert!(pool.sessions().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_and_destroys_everything() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let held = pool.claim().await.unwrap();
+    let _session = pool.session("s").await.map(|s| s.id.clone()).unwrap();
+    let p = pool.clone();
+    let shutdown = tokio::spawn(async move { p.shutdown().await });
+    until(&pool, "draining", |s| s.draining).await;
+    assert!(matches!(pool.claim().await, Err(PoolError::Draining)));
+    assert!(matches!(pool.session("t").await, Err(PoolError::Draining)));
+    assert!(!shutdown.is_finished(), "shutdown did not wait for the claimed VM");
+    held.release().await;
+    shutdown.await.unwrap();
+    until(&pool, "all gone", |_| pool.backend().alive() == 0).await;
+    let s = pool.status();
+    assert_eq!((s.ready, s.claimed, s.sessions, s.booting), (0, 0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_disabled_pool_boots_per_claim_and_destroys_after_use() {
+    let mut c = cfg();
+    c.enabled = false;
+    let pool = Pool::start(backend(), c, 256);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(pool.backend().alive(), 0, "a disabled pool pre-booted");
+    let l = pool.claim().await.unwrap();
+    assert!(!l.warm());
+    l.release().await;
+    assert_eq!(pool.backend().alive(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn create_failures_back_off_and_recover() {
+    let b = backend();
+    b.state.fail_creates.store(5, Ordering::SeqCst);
+    let pool = Pool::start(b, cfg(), 256);
+    until(&pool, "recovered", |s| s.ready == 2).await;
+    let s = pool.status();
+    assert_eq!(s.counters.create_failures, 5);
+    assert_eq!(s.counters.created, 2);
+}
+
+#[test]
+fn fake_vm_is_debug() {
+    let vm = FakeVm { id: "x".into(), dirty: false, dead: Default::default() };
+    assert!(format!("{vm:?}").contains('x'));
+}
