@@ -8,6 +8,7 @@ pub mod config;
 pub mod pool;
 pub mod sizer;
 pub mod vm;
+pub mod warm;
 
 pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput};
 pub use vm::{Vm, VmConfig, VmError, VmHost};

@@ -30,8 +30,8 @@ use crate::sizer::{RateEstimator, SizerState};
 pub enum PoolError {
     /// Every VM is in use, the pool is at its limits and the wait queue is
     /// full or the claim waited too long. The gateway answers 429.
-    #[error("pool exhausted: {in_use} VMs in use (limit {limit}), waited {waited:?}")]
-    Exhausted { in_use: usize, limit: usize, waited: Duration },
+    #[error("pool exhausted: {in_use} VMs in use, {booting} booting (limit {limit}), waited {waited:?}")]
+    Exhausted { in_use: usize, booting: usize, limit: usize, waited: Duration },
     /// The pool is shutting down. The gateway answers 503.
     #[error("pool is draining")]
     Draining,
@@ -115,6 +115,8 @@ struct Inner<B: Backend> {
     wake_replenisher: Notify,
     /// Shutdown finished: nothing is claimed any more.
     idle: Notify,
+    /// Set once at shutdown; background tasks end on it.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl<B: Backend> Inner<B> {
@@ -147,11 +149,12 @@ impl<B: Backend> Inner<B> {
 /// The warm pool. Cheap to clone.
 pub struct Pool<B: Backend> {
     inner: Arc<Inner<B>>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl<B: Backend> Clone for Pool<B> {
     fn clone(&self) -> Self {
-        Self { inner: Arc::clone(&self.inner) }
+        Self { inner: Arc::clone(&self.inner), tasks: Arc::clone(&self.tasks) }
     }
 }
 
@@ -188,10 +191,13 @@ impl<B: Backend> Pool<B> {
             changed: Notify::new(),
             wake_replenisher: Notify::new(),
             idle: Notify::new(),
+            stop: tokio::sync::watch::Sender::new(false),
         });
-        tokio::spawn(replenish::run(Arc::clone(&inner)));
-        tokio::spawn(session::reap_idle(Arc::clone(&inner)));
-        Self { inner }
+        let tasks = vec![
+            tokio::spawn(replenish::run(Arc::clone(&inner))),
+            tokio::spawn(session::reap_idle(Arc::clone(&inner))),
+        ];
+        Self { inner, tasks: Arc::new(Mutex::new(tasks)) }
     }
 
     pub fn config(&self) -> &PoolConfig {
@@ -246,6 +252,7 @@ impl<B: Backend> Pool<B> {
                 let in_use = st.claimed + st.resetting + st.sessions.len();
                 break Err(PoolError::Exhausted {
                     in_use,
+                    booting: st.booting,
                     limit: self.inner.capacity(),
                     waited: started.elapsed(),
                 });
@@ -289,6 +296,7 @@ impl<B: Backend> Pool<B> {
                 let in_use = st.claimed + st.resetting + st.sessions.len();
                 return Err(PoolError::Exhausted {
                     in_use,
+                    booting: st.booting,
                     limit: self.inner.capacity(),
                     waited: Duration::ZERO,
                 });
@@ -327,8 +335,13 @@ impl<B: Backend> Pool<B> {
     /// `drain_timeout`, then destroy every VM the pool holds.
     pub async fn shutdown(&self) {
         self.inner.lock().draining = true;
+        self.inner.stop.send_replace(true);
         self.inner.changed.notify_waiters();
         self.inner.wake_replenisher.notify_one();
+        let tasks: Vec<_> = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
         let deadline = Instant::now() + self.inner.cfg.drain_timeout;
         loop {
             let idle = self.inner.idle.notified();

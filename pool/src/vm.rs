@@ -84,6 +84,7 @@ pub struct Vm {
     accel: Accel,
     timings: BootTimings,
     agent: AgentClient,
+    agent_addr: ChannelAddr,
     qmp: tokio::sync::Mutex<Qmp<UnixStream>>,
     // Field order is drop order: processes die before their files go.
     qemu: OwnedProcess,
@@ -139,6 +140,52 @@ impl Vm {
             .execute(command, args)
             .await
             .map_err(|source| VmError::Qmp { vm: self.id.clone(), source })
+    }
+
+    /// Run a human-monitor command (for what QMP lacks in QEMU 7.2, such as
+    /// `savevm`). HMP reports errors as output text, so any output is one.
+    pub async fn hmp(&self, command_line: &str) -> Result<(), VmError> {
+        let out = self
+            .qmp("human-monitor-command", Some(serde_json::json!({ "command-line": command_line })))
+            .await?;
+        match out.as_str().map(str::trim) {
+            Some("") | None => Ok(()),
+            Some(text) => Err(VmError::Tool(format!("VM {}: `{command_line}`: {text}", self.id))),
+        }
+    }
+
+    /// Save memory, devices and the scratch disk as snapshot `tag`.
+    pub async fn save_snapshot(&self, tag: &str) -> Result<(), VmError> {
+        self.hmp(&format!("savevm {tag}")).await
+    }
+
+    /// Return to snapshot `tag`, then reconnect to the agent: bytes in flight
+    /// at the restore may be lost, and a fresh connection (plus a hello with
+    /// a new nonce) leaves no doubt about where frames begin.
+    pub async fn load_snapshot(&mut self, tag: &str, timeout: Duration) -> Result<(), VmError> {
+        self.hmp(&format!("loadvm {tag}")).await?;
+        self.reconnect_agent(timeout).await
+    }
+
+    /// Replace the agent connection with a fresh one that answered hello.
+    pub async fn reconnect_agent(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        let kind = self.channel;
+        let addr = self.agent_addr.clone();
+        // QEMU's chardev socket serves one client at a time: hang up first.
+        self.agent.close();
+        let (agent, _hello) =
+            connect_agent(&addr, kind, &mut self.qemu, deadline).await.map_err(|f| match f {
+                BootFailure::Timeout(why) => {
+                    VmError::BootTimeout { vm: self.id.clone(), after: timeout, diagnostics: why }
+                }
+                BootFailure::Exited(status) => {
+                    VmError::Exited { vm: self.id.clone(), status, diagnostics: String::new() }
+                }
+                BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
+            })?;
+        self.agent = agent;
+        Ok(())
     }
 
     /// Whether QEMU is still running.
@@ -288,6 +335,7 @@ impl Vm {
             accel,
             timings,
             agent,
+            agent_addr: addr,
             qmp: tokio::sync::Mutex::new(qmp),
             qemu,
             helper,

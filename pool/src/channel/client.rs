@@ -200,6 +200,13 @@ impl AgentClient {
         self.call_ok(RequestBody::Shutdown {}).await
     }
 
+    /// Close the connection now (its socket is dropped with the I/O tasks).
+    pub fn close(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
     /// Write raw bytes to the channel (tests of the agent's frame handling).
     pub async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), AgentError> {
         self.out.send(bytes).await.map_err(|_| AgentError::Disconnected)

@@ -16,6 +16,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub(super) async fn run<B: Backend>(inner: Arc<Inner<B>>) {
     let mut next_decision = Instant::now();
+    let mut stop = inner.stop.subscribe();
     let mut retry_at: Option<Instant> = None;
     loop {
         let wake = inner.wake_replenisher.notified();
@@ -57,6 +58,7 @@ pub(super) async fn run<B: Backend>(inner: Arc<Inner<B>>) {
         tokio::select! {
             _ = wake => {}
             _ = tokio::time::sleep_until(until) => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

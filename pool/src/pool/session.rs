@@ -199,8 +199,12 @@ impl<B: Backend> Pool<B> {
 pub(super) async fn reap_idle<B: Backend>(inner: Arc<Inner<B>>) {
     let ttl = inner.cfg.session_idle_ttl;
     let every = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut stop = inner.stop.subscribe();
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
         let now = Instant::now();
         let expired: Vec<(String, Arc<Slot<B::Vm>>)> = {
             let mut st = inner.lock();

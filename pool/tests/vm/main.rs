@@ -274,6 +274,148 @@ async fn reset_leaves_nothing_behind(vm: &Vm) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ----------------------------------------------------------- pool cases
+
+type VmPool = ember_pool::pool::Pool<ember_pool::warm::VmBackend>;
+
+/// The guest's userspace processes (kernel threads have no command line
+/// and rename themselves after their current work), without this query's.
+async fn process_names(vm: &Vm) -> anyhow::Result<Vec<String>> {
+    let s = stdout(
+        vm,
+        "for p in /proc/[0-9]*; do [ \"${p#/proc/}\" = $$ ] && continue; \
+         c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); [ -n \"$c\" ] && echo \"$c\"; done; true",
+    )
+    .await?;
+    let mut v: Vec<String> =
+        s.lines().map(|l| l.trim().to_owned()).filter(|l| !l.starts_with("tr ")).collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Everything a user can leave behind, attempted; then the VM is returned
+/// and claimed again, and must look exactly like it did fresh.
+async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
+    let lease = pool.claim().await?;
+    let id = lease.id().to_string();
+    let fresh_procs = process_names(&lease).await?;
+    ensure_eq!(fresh_procs, vec!["/usr/sbin/ember-agent".to_string()]);
+    let fresh_listing =
+        stdout(&lease, "ls -la /tmp /var/tmp /dev/shm ~ | sed 's/ [A-Z][a-z][a-z] .*:.. / /'").await?;
+    let mut dirty = sh("echo a > /tmp/a; echo b > ~/b; mkdir -p ~/.hidden && echo c > ~/.hidden/c; \
+         echo d > /var/tmp/d; echo e > /dev/shm/e; mkfifo /tmp/fifo; ln -s /etc/passwd ~/link; \
+         setsid sh -c 'sleep 1000 &' </dev/null >/dev/null 2>&1; \
+         nohup python3 -c 'x = bytearray(64 << 20); import time; time.sleep(1000)' >/dev/null 2>&1 & \
+         (trap '' TERM HUP; exec sleep 999) >/dev/null 2>&1 &");
+    dirty.kill_leftovers = false;
+    lease.agent().run(dirty).await?;
+    lease
+        .agent()
+        .write_files(vec![FileSpec { path: "planted.txt".into(), content: b"x".to_vec(), mode: 0o644 }])
+        .await?;
+    lease
+        .agent()
+        .configure(Configure {
+            hostname: Some("dirty".into()),
+            dns: vec!["192.0.2.53".into()],
+            ..Default::default()
+        })
+        .await?;
+    ensure!(count_procs(&lease, "sleep").await? >= 2, "the test failed to leave processes behind");
+    lease.release().await;
+
+    let again = pool.claim().await?;
+    ensure_eq!(again.id(), id.as_str());
+    ensure_eq!(process_names(&again).await?, fresh_procs);
+    ensure_eq!(
+        stdout(&again, "ls -la /tmp /var/tmp /dev/shm ~ | sed 's/ [A-Z][a-z][a-z] .*:.. / /'").await?,
+        fresh_listing
+    );
+    ensure_eq!(
+        stdout(&again, "hostname; cat /etc/resolv.conf 2>/dev/null || echo no-resolv").await?,
+        "ember\nno-resolv\n"
+    );
+    again.release().await;
+    Ok(())
+}
+
+async fn pool_sessions_keep_state_and_are_isolated(pool: &VmPool) -> anyhow::Result<()> {
+    let mut keep = sh("echo one > ~/notes; sleep 1000 >/dev/null 2>&1 &");
+    keep.kill_leftovers = false;
+    let (vm_a, vm_b) = {
+        let a = pool.session("alice").await?;
+        a.agent().run(keep.clone()).await?;
+        let b = pool.session("bob").await?;
+        (a.id().to_string(), b.id().to_string())
+    };
+    ensure!(vm_a != vm_b, "two sessions share VM {vm_a}");
+    let a = pool.session("alice").await?;
+    ensure_eq!(a.id(), vm_a.as_str());
+    ensure_eq!(stdout(&a, "cat ~/notes").await?, "one\n");
+    ensure_eq!(count_procs(&a, "sleep").await?, 1);
+    drop(a);
+    let b = pool.session("bob").await?;
+    ensure_eq!(stdout(&b, "ls -A ~ | wc -l").await?.trim(), "0");
+    drop(b);
+    let names: Vec<String> = pool.sessions().into_iter().map(|s| s.key).collect();
+    ensure_eq!(names, vec!["alice".to_string(), "bob".to_string()]);
+    ensure!(pool.end_session("alice").await && pool.end_session("bob").await);
+    ensure!(processes_mentioning(&vm_a).is_empty(), "the ended session's VM still runs");
+    Ok(())
+}
+
+async fn pool_crashed_claimed_vm_is_replaced(pool: &VmPool) -> anyhow::Result<()> {
+    let before = pool.status().counters;
+    let lease = pool.claim().await?;
+    let id = lease.id().to_string();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lease.qemu_pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let r = lease.agent().run(sh("true")).await;
+    ensure!(r.is_err(), "exec on a dead VM succeeded");
+    drop(lease);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let replaced = wait_until(deadline, Duration::from_millis(50), || {
+        let s = pool.status();
+        (s.counters.reset_failures > before.reset_failures && s.ready >= 1).then_some(())
+    })
+    .await;
+    ensure!(replaced.is_some(), "not replaced: {:?}", pool.status());
+    let next = pool.claim().await?;
+    ensure!(next.id() != id, "the crashed VM was handed out again");
+    ensure_eq!(stdout(&next, "echo ok").await?, "ok\n");
+    next.release().await;
+    Ok(())
+}
+
+async fn pool_destroy_mode_and_exhaustion(pool: &VmPool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready == 1).then_some(()))
+        .await
+        .is_some());
+    let first = pool.claim().await?;
+    ensure!(first.warm());
+    let id = first.id().to_string();
+    let t = Instant::now();
+    let err = pool.claim().await.err().context("a second claim beyond max_size succeeded")?;
+    ensure!(matches!(err, ember_pool::pool::PoolError::Exhausted { .. }), "{err}");
+    ensure!(t.elapsed() >= Duration::from_millis(900), "did not wait claim_timeout");
+    first.release().await;
+    ensure!(processes_mentioning(&id).is_empty(), "destroy mode kept the VM");
+    // The replacement boots in the background.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready == 1).then_some(()))
+        .await
+        .is_some());
+    let second = pool.claim().await?;
+    ensure!(second.warm(), "the replacement was not warm");
+    ensure!(second.id() != id);
+    ensure_eq!(stdout(&second, "find /tmp ~ -mindepth 1 | wc -l").await?.trim(), "0");
+    second.release().await;
+    Ok(())
+}
+
 // ------------------------------------------------- cases with their own VM
 
 async fn crash_is_detected(host: &Arc<VmHost>) -> anyhow::Result<()> {
@@ -402,6 +544,55 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
                 Box::pin(agent_shutdown_powers_off(&full, "systemd")),
             )
             .await;
+
+        // The warm pool over real VMs.
+        use ember_pool::config::{PoolConfig, ResetMode};
+        use ember_pool::pool::Pool;
+        use ember_pool::warm::VmBackend;
+        let snap_cfg = PoolConfig {
+            min_size: 1,
+            max_size: 3,
+            target_free: 0,
+            max_sessions: 2,
+            claim_timeout: Duration::from_secs(60),
+            ..PoolConfig::default()
+        };
+        let backend = VmBackend::new(Arc::clone(&serial), ResetMode::Auto).map_err(anyhow::Error::msg)?;
+        let snap = Pool::start(backend, snap_cfg, 256);
+        ensure_eq!(snap.backend().mode(), ResetMode::Snapshot);
+        report
+            .run(
+                "pool_reset_leaves_nothing_behind [snapshot]",
+                Box::pin(pool_reset_leaves_nothing_behind(&snap)),
+            )
+            .await;
+        report
+            .run(
+                "pool_sessions_keep_state_and_are_isolated",
+                Box::pin(pool_sessions_keep_state_and_are_isolated(&snap)),
+            )
+            .await;
+        report
+            .run("pool_crashed_claimed_vm_is_replaced", Box::pin(pool_crashed_claimed_vm_is_replaced(&snap)))
+            .await;
+        let destroy_cfg = PoolConfig {
+            min_size: 1,
+            max_size: 1,
+            target_free: 0,
+            claim_timeout: Duration::from_secs(1),
+            ..PoolConfig::default()
+        };
+        let backend = VmBackend::new(Arc::clone(&hybrid), ResetMode::Auto).map_err(anyhow::Error::msg)?;
+        let destroy = Pool::start(backend, destroy_cfg, 256);
+        ensure_eq!(destroy.backend().mode(), ResetMode::Destroy);
+        report
+            .run(
+                "pool_destroy_mode_and_exhaustion [hybrid-vsock]",
+                Box::pin(pool_destroy_mode_and_exhaustion(&destroy)),
+            )
+            .await;
+        snap.shutdown().await;
+        destroy.shutdown().await;
     }
     // Every host and VM is gone: nothing may be left.
     let leak = async {
