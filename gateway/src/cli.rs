@@ -1,5 +1,7 @@
 //! Command-line interface: `ember vm run`, `ember vm bench`.
 
+mod pool_bench;
+mod stats;
 mod vm_bench;
 mod vm_run;
 
@@ -36,6 +38,15 @@ pub enum Command {
     /// Work with single VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Work with the warm pool.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Run a real pool through a burst and a steady phase; print figures.
+    Bench(pool_bench::PoolBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +97,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Vm(VmCommand::Run(args)) => vm_run::run(args).await,
         Command::Vm(VmCommand::Bench(args)) => vm_bench::run(args).await,
+        Command::Pool(PoolCommand::Bench(args)) => pool_bench::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -31,6 +31,11 @@ pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> 
         }
     }
 
+    if let Some(ms) = cfg.clock_unix_ms {
+        let ts = nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+            .map_err(|e| internal(format!("setting the clock: {e}")))?;
+    }
     if let Some(name) = &cfg.hostname {
         nix::unistd::sethostname(name).map_err(|e| internal(format!("sethostname: {e}")))?;
     }

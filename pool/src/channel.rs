@@ -125,27 +125,31 @@ pub enum ChannelAddr {
 pub trait AgentStream: AsyncRead + AsyncWrite + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + 'static> AgentStream for T {}
 
-/// Open one connection attempt to the agent. Fails fast; callers retry
-/// until the guest is up.
-pub async fn connect(addr: &ChannelAddr) -> std::io::Result<Pin<Box<dyn AgentStream>>> {
+/// Open one connection attempt to the agent; callers retry until the guest
+/// is up. `patience` bounds the wait for the hybrid-vsock `OK`: a `CONNECT`
+/// is queued by the device until the guest's vsock driver takes it, so it is
+/// answered (OK, or a reset if nothing listens yet) only once the guest is
+/// up. Abandoning queued requests early and sending more made
+/// vhost-device-vsock stop answering altogether under load.
+pub async fn connect(addr: &ChannelAddr, patience: Duration) -> std::io::Result<Pin<Box<dyn AgentStream>>> {
     match addr {
         ChannelAddr::Vsock { cid, port } => {
             let s = tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?;
             Ok(Box::pin(s))
         }
-        ChannelAddr::HybridVsock { uds, port } => Ok(Box::pin(hybrid_connect(uds, *port).await?)),
+        ChannelAddr::HybridVsock { uds, port } => Ok(Box::pin(hybrid_connect(uds, *port, patience).await?)),
         ChannelAddr::Serial { socket } => Ok(Box::pin(UnixStream::connect(socket).await?)),
     }
 }
 
 /// The hybrid-vsock handshake: `CONNECT <port>\n`, answered `OK <n>\n`.
-async fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+async fn hybrid_connect(uds: &Path, port: u32, patience: Duration) -> std::io::Result<UnixStream> {
     let mut s = UnixStream::connect(uds).await?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
     // Read the reply line byte by byte so no agent byte is swallowed.
     let mut reader = tokio::io::BufReader::with_capacity(1, &mut s);
     let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line))
+    let n = tokio::time::timeout(patience, reader.read_line(&mut line))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply to CONNECT"))??;
     if n == 0 || !line.starts_with("OK ") {
@@ -190,7 +194,7 @@ mod tests {
             assert_eq!(&buf, b"CONNECT 1024\n");
             s.write_all(b"OK 1073741824\nhello").await.unwrap();
         });
-        let mut s = hybrid_connect(&path, 1024).await.unwrap();
+        let mut s = hybrid_connect(&path, 1024, Duration::from_secs(5)).await.unwrap();
         let mut rest = [0u8; 5];
         tokio::io::AsyncReadExt::read_exact(&mut s, &mut rest).await.unwrap();
         assert_eq!(&rest, b"hello", "bytes after the OK line belong to the agent");

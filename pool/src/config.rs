@@ -36,6 +36,19 @@ impl ResetMode {
     }
 }
 
+impl std::str::FromStr for ResetMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "snapshot" => Self::Snapshot,
+            "rollback" => Self::Rollback,
+            "destroy" => Self::Destroy,
+            o => return Err(format!("unknown reset mode {o:?} (auto, snapshot, rollback, destroy)")),
+        })
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -198,12 +211,6 @@ impl RawConfig {
         }
         if pool.sizer_interval < Duration::from_millis(10) {
             problems.push("pool.sizer_interval must be at least 10ms".into());
-        }
-        if pool.max_sessions > pool.max_size {
-            problems.push(format!(
-                "pool.sessions.max ({}) exceeds pool.max_size ({})",
-                pool.max_sessions, pool.max_size
-            ));
         }
 
         let v = self.vm;

@@ -317,6 +317,23 @@ impl Vm {
             Ok(q) => q,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
         };
+        if host.channel() == ChannelKind::HybridVsock {
+            // vhost-device-vsock 0.3.0 can wedge for good when CONNECTs reach
+            // it before the guest's vsock driver is up: wait until the agent
+            // says on the console that it listens.
+            let console = dir.join("console.log");
+            let said = wait_until(deadline, Duration::from_millis(5), || {
+                std::fs::read_to_string(&console).ok().filter(|c| c.contains(AGENT_VSOCK_READY)).map(|_| ())
+            })
+            .await;
+            if said.is_none() {
+                return Err(parts.fail(
+                    &mut qemu,
+                    timeout,
+                    BootFailure::Timeout("the agent never listened on vsock".into()),
+                ));
+            }
+        }
         let (agent, hello) = match connect_agent(&addr, host.channel(), &mut qemu, deadline).await {
             Ok(a) => a,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
@@ -345,6 +362,9 @@ impl Vm {
         })
     }
 }
+
+/// What the agent prints on the console once it listens on vsock.
+const AGENT_VSOCK_READY: &str = "listening on vsock";
 
 /// Why a boot step failed before the VM existed.
 enum BootFailure {
@@ -465,7 +485,8 @@ async fn connect_agent(
             )));
         }
         attempts += 1;
-        let stream = match channel::connect(addr).await {
+        let patience = deadline.saturating_duration_since(Instant::now());
+        let stream = match channel::connect(addr, patience).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::trace!(error = %e, "agent channel not up yet");

@@ -16,6 +16,15 @@ pub struct VmBackend {
     host: Arc<VmHost>,
     mode: ResetMode,
     reset_timeout: Duration,
+    timings: std::sync::Mutex<BackendTimings>,
+}
+
+/// Durations of the backend's operations, for benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct BackendTimings {
+    /// Boot to agent-ready (and snapshot saved, in snapshot mode).
+    pub create: Vec<Duration>,
+    pub reset: Vec<Duration>,
 }
 
 impl VmBackend {
@@ -38,7 +47,16 @@ impl VmBackend {
             }
             m => m,
         };
-        Ok(Self { host, mode, reset_timeout: Duration::from_secs(20) })
+        Ok(Self { host, mode, reset_timeout: Duration::from_secs(20), timings: Default::default() })
+    }
+
+    /// What creates and resets took so far.
+    pub fn timings(&self) -> BackendTimings {
+        self.timings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, f: impl FnOnce(&mut BackendTimings)) {
+        f(&mut self.timings.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// The reset mode in force (never `auto`).
@@ -59,6 +77,7 @@ impl Backend for VmBackend {
     type Vm = Vm;
 
     async fn create(&self) -> Result<Vm, PoolError> {
+        let started = tokio::time::Instant::now();
         let vm = self.host.boot().await.map_err(create_err)?;
         if self.mode == ResetMode::Snapshot {
             // Taken while the agent is idle, right after its first hello.
@@ -67,6 +86,7 @@ impl Backend for VmBackend {
                 return Err(create_err(e));
             }
         }
+        self.record(|t| t.create.push(started.elapsed()));
         Ok(vm)
     }
 
@@ -79,10 +99,25 @@ impl Backend for VmBackend {
         let fail = |reason: String| PoolError::Reset { vm: id.clone(), reason };
         match self.mode {
             ResetMode::Snapshot => {
-                let restore = vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout);
+                let started = tokio::time::Instant::now();
+                let restore = async {
+                    vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout).await.map_err(|e| e.to_string())?;
+                    // The snapshot's clock is stale by the VM's age.
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_err(|e| e.to_string())?;
+                    let clock = ember_wire::Configure {
+                        clock_unix_ms: Some(now.as_millis() as u64),
+                        ..Default::default()
+                    };
+                    vm.agent().configure(clock).await.map_err(|e| e.to_string())
+                };
                 match tokio::time::timeout(self.reset_timeout, restore).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(fail(e.to_string())),
+                    Ok(Ok(())) => {
+                        self.record(|t| t.reset.push(started.elapsed()));
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(fail(e)),
                     Err(_) => Err(fail(format!("no answer within {:?}", self.reset_timeout))),
                 }
             }

@@ -10,6 +10,7 @@ use ember_pool::{ChannelChoice, VmHost};
 use ember_wire::{Command, ExecRequest};
 use serde::Serialize;
 
+use super::stats::{stats, Stats};
 use super::VmOpts;
 
 #[derive(Debug, Args)]
@@ -31,32 +32,6 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, Serialize)]
-struct Stats {
-    n: usize,
-    p50_ms: f64,
-    p95_ms: f64,
-    min_ms: f64,
-    max_ms: f64,
-}
-
-/// Nearest-rank percentiles of samples in milliseconds.
-fn stats(mut samples: Vec<f64>) -> Option<Stats> {
-    if samples.is_empty() {
-        return None;
-    }
-    samples.sort_by(f64::total_cmp);
-    let rank =
-        |p: f64| samples[((p / 100.0 * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
-    Some(Stats {
-        n: samples.len(),
-        p50_ms: rank(50.0),
-        p95_ms: rank(95.0),
-        min_ms: samples[0],
-        max_ms: samples[samples.len() - 1],
-    })
 }
 
 #[derive(Debug, Serialize)]
@@ -199,18 +174,4 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let s = stats((1..=100).map(f64::from).collect()).unwrap();
-        assert_eq!((s.p50_ms, s.p95_ms, s.min_ms, s.max_ms), (50.0, 95.0, 1.0, 100.0));
-        let one = stats(vec![7.0]).unwrap();
-        assert_eq!((one.p50_ms, one.p95_ms), (7.0, 7.0));
-        assert!(stats(vec![]).is_none());
-    }
 }

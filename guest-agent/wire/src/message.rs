@@ -113,6 +113,10 @@ pub struct Configure {
     /// Nameservers written to the guest's resolv.conf.
     #[serde(default)]
     pub dns: Vec<String>,
+    /// Set the guest's wall clock (milliseconds since the Unix epoch): a
+    /// restored snapshot otherwise resumes with the clock it was saved with.
+    #[serde(default)]
+    pub clock_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -246,8 +246,11 @@ async fn configure_in_one_round_trip(vm: &Vm) -> anyhow::Result<()> {
             gateway: Some("192.0.2.1".into()),
         }),
         dns: vec!["192.0.2.53".into()],
+        clock_unix_ms: Some(1_893_456_000_000), // 2030-01-01T00:00:00Z
     };
     vm.agent().configure(cfg).await?;
+    let t: u64 = stdout(vm, "date +%s").await?.trim().parse()?;
+    ensure!((1_893_456_000..1_893_456_005).contains(&t), "guest clock {t}");
     let s = stdout(vm, "hostname; cat /etc/resolv.conf; /bin/busybox ip -4 addr show eth0 | grep -o '192.0.2.10/24'; /bin/busybox ip route | grep default").await?;
     ensure!(s.starts_with("worker-7\nnameserver 192.0.2.53\n192.0.2.10/24\ndefault via 192.0.2.1"), "{s}");
     let bad = Configure { hostname: Some("bad host".into()), ..Default::default() };
@@ -324,8 +327,13 @@ async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
     ensure!(count_procs(&lease, "sleep").await? >= 2, "the test failed to leave processes behind");
     lease.release().await;
 
+    // The snapshot is older now; the guest clock must not be.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let again = pool.claim().await?;
     ensure_eq!(again.id(), id.as_str());
+    let guest: i64 = stdout(&again, "date +%s").await?.trim().parse()?;
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    ensure!((guest - host).abs() <= 1, "guest clock {guest} vs host {host} after the snapshot reset");
     ensure_eq!(process_names(&again).await?, fresh_procs);
     ensure_eq!(
         stdout(&again, "ls -la /tmp /var/tmp /dev/shm ~ | sed 's/ [A-Z][a-z][a-z] .*:.. / /'").await?,
