@@ -49,6 +49,18 @@ impl std::str::FromStr for ResetMode {
     }
 }
 
+/// How the pool makes new VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplenishMode {
+    /// `restore` where the channel allows it (serial), else `boot`.
+    Auto,
+    /// Start new VMs from a saved template (falls back to `boot` on failure).
+    Restore,
+    /// Cold-boot every VM.
+    Boot,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -69,6 +81,7 @@ pub struct RawPool {
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     pub reset: Option<ResetMode>,
+    pub replenish: Option<ReplenishMode>,
     pub max_uses: Option<u32>,
     /// How long a claim waits in the queue when the pool is at its limits.
     #[serde(default, with = "humantime_serde")]
@@ -117,6 +130,7 @@ pub struct PoolConfig {
     pub max_memory_mb: u64,
     pub idle_timeout: Duration,
     pub reset: ResetMode,
+    pub replenish: ReplenishMode,
     pub max_uses: u32,
     pub claim_timeout: Duration,
     pub max_waiters: usize,
@@ -137,6 +151,7 @@ impl Default for PoolConfig {
             max_memory_mb: 8192,
             idle_timeout: Duration::from_secs(300),
             reset: ResetMode::Auto,
+            replenish: ReplenishMode::Auto,
             max_uses: 100,
             claim_timeout: Duration::from_secs(10),
             max_waiters: 64,
@@ -181,6 +196,7 @@ impl RawConfig {
             max_memory_mb: p.max_memory_mb.unwrap_or(d.max_memory_mb),
             idle_timeout: p.idle_timeout.unwrap_or(d.idle_timeout),
             reset: p.reset.unwrap_or(d.reset),
+            replenish: p.replenish.unwrap_or(d.replenish),
             max_uses: p.max_uses.unwrap_or(d.max_uses),
             claim_timeout: p.claim_timeout.unwrap_or(d.claim_timeout),
             max_waiters: p.max_waiters.unwrap_or(d.max_waiters),
@@ -242,6 +258,9 @@ impl RawConfig {
                 pool.min_size, vm.memory_mb, pool.max_memory_mb
             ));
         }
+        if pool.replenish == ReplenishMode::Restore && vm.channel != ChannelChoice::Serial {
+            problems.push("pool.replenish = \"restore\" needs vm.channel = \"serial\"".into());
+        }
         if pool.reset == ResetMode::Snapshot && vm.channel == ChannelChoice::HybridVsock {
             problems.push(
                 "pool.reset = \"snapshot\" needs a migratable channel; vm.channel = \"hybrid-vsock\" is not"
@@ -293,6 +312,7 @@ mod tests {
             max_memory_mb = 2048
             idle_timeout = "90s"
             reset = "destroy"
+            replenish = "boot"
             max_uses = 7
             claim_timeout = "1500ms"
             max_waiters = 3
@@ -320,6 +340,7 @@ mod tests {
         assert_eq!(c.pool.claim_timeout, Duration::from_millis(1500));
         assert_eq!(c.pool.session_idle_ttl, Duration::from_secs(90));
         assert_eq!(c.pool.reset, ResetMode::Destroy);
+        assert_eq!(c.pool.replenish, ReplenishMode::Boot);
         assert_eq!((c.vm.memory_mb, c.vm.vcpus, c.vm.channel), (512, 2, ChannelChoice::Serial));
         assert_eq!(c.vm.boot_timeout, Duration::from_secs(20));
     }

@@ -84,6 +84,8 @@ struct State<V> {
     booting: usize,
     claimed: usize,
     resetting: usize,
+    /// Being destroyed: still uses memory, no longer serves.
+    destroying: usize,
     sessions: HashMap<String, Arc<session::Slot<V>>>,
     waiters: usize,
     draining: bool,
@@ -100,7 +102,12 @@ struct State<V> {
 impl<V> State<V> {
     /// VMs that exist or are being made (sessions included).
     fn total(&self) -> usize {
-        self.ready.len() + self.booting + self.claimed + self.resetting + self.sessions.len()
+        self.ready.len()
+            + self.booting
+            + self.claimed
+            + self.resetting
+            + self.destroying
+            + self.sessions.len()
     }
 }
 
@@ -138,10 +145,16 @@ impl<B: Backend> Inner<B> {
 
     /// Destroy a VM in the background and account for it.
     fn destroy_later(self: &Arc<Self>, vm: B::Vm) {
+        self.lock().destroying += 1;
         let inner = Arc::clone(self);
         tokio::spawn(async move {
             inner.backend.destroy(vm).await;
-            inner.lock().counters.destroyed += 1;
+            let mut st = inner.lock();
+            st.destroying -= 1;
+            st.counters.destroyed += 1;
+            drop(st);
+            inner.changed.notify_one();
+            inner.wake_replenisher.notify_one();
         });
     }
 }
@@ -173,6 +186,7 @@ impl<B: Backend> Pool<B> {
             booting: 0,
             claimed: 0,
             resetting: 0,
+            destroying: 0,
             sessions: HashMap::new(),
             waiters: 0,
             draining: false,
@@ -265,14 +279,29 @@ impl<B: Backend> Pool<B> {
     }
 
     fn try_claim(&self, queued: bool, started: Instant) -> Result<Step<B>, PoolError> {
-        let mut st = self.inner.lock();
+        let mut dead = Vec::new();
+        let step = self.try_claim_locked(&mut self.inner.lock(), queued, started, &mut dead);
+        // Destroyed outside the lock (destroy_later takes it).
+        for vm in dead {
+            tracing::warn!(vm = B::vm_id(&vm), "ready VM died; replacing it");
+            self.inner.destroy_later(vm);
+        }
+        step
+    }
+
+    fn try_claim_locked(
+        &self,
+        st: &mut State<B::Vm>,
+        queued: bool,
+        started: Instant,
+        dead: &mut Vec<B::Vm>,
+    ) -> Result<Step<B>, PoolError> {
         if st.draining {
             return Err(PoolError::Draining);
         }
         while let Some(mut r) = st.ready.pop_front() {
             if !self.inner.backend.healthy(&mut r.vm) {
-                tracing::warn!(vm = B::vm_id(&r.vm), "ready VM died; replacing it");
-                self.inner.destroy_later(r.vm);
+                dead.push(r.vm);
                 self.inner.wake_replenisher.notify_one();
                 continue;
             }

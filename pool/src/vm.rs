@@ -9,6 +9,7 @@ mod host;
 mod process;
 mod qmp;
 mod state;
+mod template;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub use host::VmHost;
 pub use process::{find_program, run_tool, wait_until, OwnedProcess};
 pub use qmp::{Qmp, QmpError};
 pub use state::{ReapReport, StateDir};
+pub use template::{BootPlan, Template};
 
 use crate::channel::{self, AgentClient, AgentError, ChannelAddr, ChannelKind, CidLease};
 
@@ -206,7 +208,12 @@ impl Vm {
         drop(dir);
     }
 
-    pub(crate) async fn boot(host: Arc<VmHost>, accel: Accel, timeout: Duration) -> Result<Vm, VmError> {
+    pub(crate) async fn boot(
+        host: Arc<VmHost>,
+        accel: Accel,
+        timeout: Duration,
+        plan: BootPlan<'_>,
+    ) -> Result<Vm, VmError> {
         let started = Instant::now();
         let deadline = started + timeout;
         let cfg = host.config();
@@ -217,19 +224,36 @@ impl Vm {
             tracing::info_span!("vm_boot", vm_id = %id, channel = %host.channel(), accel = accel.name());
         let _enter = span.enter();
 
-        let scratch = dir.join("scratch.qcow2");
+        // A template keeps its disk and RAM in its own directory: they
+        // outlive the template VM. A restored VM's disk is an overlay of the
+        // template's.
+        let scratch = match &plan {
+            BootPlan::Template(t) => t.disk.clone(),
+            _ => dir.join("scratch.qcow2"),
+        };
+        let (backing, backing_format) = match &plan {
+            BootPlan::Restore(t) => (t.disk.clone(), "qcow2"),
+            _ => (cfg.images.scratch.clone(), "raw"),
+        };
         let overlay_args: Vec<std::ffi::OsString> = vec![
             "create".into(),
             "-q".into(),
             "-f".into(),
             "qcow2".into(),
             "-F".into(),
-            "raw".into(),
+            backing_format.into(),
             "-b".into(),
-            cfg.images.scratch.clone().into(),
+            backing.into(),
             scratch.clone().into(),
         ];
         run_tool(&cfg.qemu_img, &overlay_args, Duration::from_secs(10)).await.map_err(VmError::Tool)?;
+        // QEMU may (re)open the disk after dropping to its user: on an
+        // incoming migration it opens images only when the VM starts.
+        let qemu_user = cfg.qemu_user.as_deref().map(lookup_user).transpose().map_err(VmError::Tool)?;
+        if let Some((uid, gid)) = qemu_user {
+            std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))
+                .map_err(io_err("handing the scratch disk to the QEMU user"))?;
+        }
 
         let (device, addr, memory) = match host.channel() {
             ChannelKind::Serial => {
@@ -286,6 +310,11 @@ impl Vm {
             }
         };
 
+        let memory = match &plan {
+            BootPlan::Cold => memory,
+            BootPlan::Template(t) => MemoryBacking::File { path: t.mem.clone(), shared: true },
+            BootPlan::Restore(t) => MemoryBacking::File { path: t.mem.clone(), shared: false },
+        };
         let qmp_socket = dir.join("qmp.sock");
         let args = QemuArgs {
             name: id.clone(),
@@ -306,6 +335,7 @@ impl Vm {
             memory,
             isolated_nic: cfg.isolated_nic,
             run_as: cfg.qemu_user.clone(),
+            incoming: matches!(plan, BootPlan::Restore(_)),
         };
         let mut qemu = OwnedProcess::spawn("qemu", &cfg.qemu, &qemu_argv(&args), &dir.join("qemu.log"))
             .map_err(io_err(format!("starting {}", cfg.qemu.display())))?;
@@ -313,10 +343,15 @@ impl Vm {
         let prepare_ms = started.elapsed().as_millis() as u64;
         let qemu_started = Instant::now();
 
-        let qmp = match connect_qmp(&qmp_socket, &mut qemu, deadline).await {
+        let mut qmp = match connect_qmp(&qmp_socket, &mut qemu, deadline).await {
             Ok(q) => q,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
         };
+        if let BootPlan::Restore(t) = &plan {
+            if let Err(e) = template::incoming(&mut qmp, t, deadline).await {
+                return Err(parts.fail(&mut qemu, timeout, e));
+            }
+        }
         if host.channel() == ChannelKind::HybridVsock {
             // vhost-device-vsock 0.3.0 can wedge for good when CONNECTs reach
             // it before the guest's vsock driver is up: wait until the agent
@@ -338,6 +373,12 @@ impl Vm {
             Ok(a) => a,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
         };
+        if matches!(plan, BootPlan::Restore(_)) {
+            // The guest resumes with the template's clock.
+            if let Err(e) = agent.configure(template::clock_now()).await {
+                return Err(VmError::Agent { vm: parts.id.clone(), source: e });
+            }
+        }
         let timings = BootTimings {
             prepare_ms,
             boot_ms: qemu_started.elapsed().as_millis() as u64,

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::ResetMode;
+use crate::channel::ChannelKind;
+use crate::config::{ReplenishMode, ResetMode};
 use crate::pool::{Backend, PoolError};
-use crate::vm::{Vm, VmHost};
+use crate::vm::{Template, Vm, VmHost};
 
 /// The snapshot every pool VM returns to.
 pub const CLEAN_SNAPSHOT: &str = "ember-clean";
@@ -15,6 +16,9 @@ pub const CLEAN_SNAPSHOT: &str = "ember-clean";
 pub struct VmBackend {
     host: Arc<VmHost>,
     mode: ResetMode,
+    restore: bool,
+    /// Made on first use; `None` if making it failed (then VMs boot cold).
+    template: tokio::sync::OnceCell<Option<Template>>,
     reset_timeout: Duration,
     timings: std::sync::Mutex<BackendTimings>,
 }
@@ -22,14 +26,16 @@ pub struct VmBackend {
 /// Durations of the backend's operations, for benchmarks.
 #[derive(Debug, Clone, Default)]
 pub struct BackendTimings {
-    /// Boot to agent-ready (and snapshot saved, in snapshot mode).
+    /// Cold boot to agent-ready (and snapshot saved, in snapshot mode).
     pub create: Vec<Duration>,
+    /// Restore from the template to agent-ready (and snapshot saved).
+    pub restore: Vec<Duration>,
     pub reset: Vec<Duration>,
 }
 
 impl VmBackend {
     /// Resolve `auto` for this host's channel and refuse what cannot work.
-    pub fn new(host: Arc<VmHost>, requested: ResetMode) -> Result<Self, String> {
+    pub fn new(host: Arc<VmHost>, requested: ResetMode, replenish: ReplenishMode) -> Result<Self, String> {
         let migratable = host.channel().migratable();
         let mode = match requested {
             ResetMode::Auto if migratable => ResetMode::Snapshot,
@@ -47,7 +53,54 @@ impl VmBackend {
             }
             m => m,
         };
-        Ok(Self { host, mode, reset_timeout: Duration::from_secs(20), timings: Default::default() })
+        let restore = match replenish {
+            ReplenishMode::Boot => false,
+            ReplenishMode::Auto => host.channel() == ChannelKind::Serial,
+            ReplenishMode::Restore if host.channel() == ChannelKind::Serial => true,
+            ReplenishMode::Restore => {
+                return Err(format!(
+                    "pool.replenish = \"restore\" needs the serial channel, not {}",
+                    host.channel()
+                ))
+            }
+        };
+        Ok(Self {
+            host,
+            mode,
+            restore,
+            template: tokio::sync::OnceCell::new(),
+            reset_timeout: Duration::from_secs(20),
+            timings: Default::default(),
+        })
+    }
+
+    /// Whether new VMs are restored from a template.
+    pub fn restores(&self) -> bool {
+        self.restore
+    }
+
+    async fn template(&self) -> Option<&Template> {
+        if !self.restore {
+            return None;
+        }
+        let t = self
+            .template
+            .get_or_init(|| async {
+                let started = tokio::time::Instant::now();
+                match self.host.make_template().await {
+                    Ok(t) => {
+                        self.record(|tm| tm.create.push(started.elapsed()));
+                        tracing::info!(took = ?started.elapsed(), "template ready");
+                        Some(t)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot make a template; VMs boot cold");
+                        None
+                    }
+                }
+            })
+            .await;
+        t.as_ref()
     }
 
     /// What creates and resets took so far.
@@ -78,7 +131,16 @@ impl Backend for VmBackend {
 
     async fn create(&self) -> Result<Vm, PoolError> {
         let started = tokio::time::Instant::now();
-        let vm = self.host.boot().await.map_err(create_err)?;
+        let (vm, restored) = match self.template().await {
+            Some(t) => match self.host.restore(t).await {
+                Ok(vm) => (vm, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "restore from the template failed; booting cold");
+                    (self.host.boot().await.map_err(create_err)?, false)
+                }
+            },
+            None => (self.host.boot().await.map_err(create_err)?, false),
+        };
         if self.mode == ResetMode::Snapshot {
             // Taken while the agent is idle, right after its first hello.
             if let Err(e) = vm.save_snapshot(CLEAN_SNAPSHOT).await {
@@ -86,7 +148,8 @@ impl Backend for VmBackend {
                 return Err(create_err(e));
             }
         }
-        self.record(|t| t.create.push(started.elapsed()));
+        let took = started.elapsed();
+        self.record(|t| if restored { t.restore.push(took) } else { t.create.push(took) });
         Ok(vm)
     }
 

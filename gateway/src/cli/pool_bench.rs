@@ -72,7 +72,8 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
         let mut pool_cfg = cfg.pool.clone();
         pool_cfg.reset = mode;
         let host = VmHost::new(cfg.vm.clone(), mode == ResetMode::Snapshot)?;
-        let backend = VmBackend::new(Arc::clone(&host), mode).map_err(anyhow::Error::msg)?;
+        let backend =
+            VmBackend::new(Arc::clone(&host), mode, pool_cfg.replenish).map_err(anyhow::Error::msg)?;
         let pool = Pool::start(backend, pool_cfg.clone(), cfg.vm.memory_mb);
         if !args.json {
             eprintln!("[{}] warming up to {} VMs over {}", mode.name(), pool_cfg.min_size, host.channel());
@@ -129,7 +130,7 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
             claim_miss: stats(s.claim_miss),
             reset: stats(timings.reset.iter().map(|d| ms(*d)).collect()),
             replenish_cold_boot: stats(timings.create.iter().map(|d| ms(*d)).collect()),
-            replenish_restore: None,
+            replenish_restore: stats(timings.restore.iter().map(|d| ms(*d)).collect()),
             warm_hit_ratio: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
             peak_vms,
             peak_memory_mb: peak_mb,
@@ -234,6 +235,9 @@ fn print(reports: &[ModeReport], json: bool) -> anyhow::Result<()> {
         println!("  {:<34} {}", "claim, miss (p50 / p95 ms)", f(&r.claim_miss));
         println!("  {:<34} {}", "reset (p50 / p95 ms)", f(&r.reset));
         println!("  {:<34} {}", "replenish by cold boot (p50 / p95)", f(&r.replenish_cold_boot));
+        if let (Some(b), Some(r)) = (&r.replenish_cold_boot, &r.replenish_restore) {
+            println!("  {:<34} {:.1}x", "restore speed-up (p50)", b.p50_ms / r.p50_ms);
+        }
         println!("  {:<34} {}", "replenish by restore (p50 / p95)", f(&r.replenish_restore));
         println!("  {:<34} {:.1}%", "warm-hit ratio", r.warm_hit_ratio * 100.0);
         println!("  {:<34} {} VMs, {:.0} MiB PSS", "peak", r.peak_vms, r.peak_memory_mb);

@@ -151,10 +151,10 @@ pub(super) async fn recycle<B: Backend>(
         Some(vm)
     };
     if let Some(vm) = doomed {
-        inner.backend.destroy(vm).await;
-        let mut st = inner.lock();
-        st.resetting -= 1;
-        st.counters.destroyed += 1;
+        // Replacement may start while this one is still being torn down.
+        inner.lock().resetting -= 1;
+        inner.wake_replenisher.notify_one();
+        inner.destroy_later(vm);
     }
     inner.changed.notify_one();
     inner.wake_replenisher.notify_one();

@@ -12,6 +12,12 @@ use super::Accel;
 pub enum MemoryBacking {
     Private,
     SharedMemfd,
+    /// RAM in a file: `shared` for a template (its RAM stays in the file
+    /// when it is saved), private copy-on-write for a VM restored from it.
+    File {
+        path: PathBuf,
+        shared: bool,
+    },
 }
 
 /// How the agent channel is wired into the VM.
@@ -48,6 +54,8 @@ pub struct QemuArgs {
     pub isolated_nic: bool,
     /// Drop QEMU to this user once it has opened its files (`-runas`).
     pub run_as: Option<String>,
+    /// Start paused, waiting for `migrate-incoming` (restore from a template).
+    pub incoming: bool,
 }
 
 fn push(v: &mut Vec<OsString>, items: &[&str]) {
@@ -75,10 +83,24 @@ pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
     let mem = format!("{}M", a.memory_mb);
     // Keep the PIT: without it the TCG guest cannot calibrate its TSC and hangs.
     let mut machine = String::from("microvm,x-option-roms=off,rtc=on");
-    match a.memory {
+    match &a.memory {
         MemoryBacking::Private => {}
         MemoryBacking::SharedMemfd => {
             push(&mut v, &["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+            machine.push_str(",memory-backend=mem");
+        }
+        MemoryBacking::File { path, shared } => {
+            let share = if *shared { "on" } else { "off" };
+            push(
+                &mut v,
+                &[
+                    "-object",
+                    &format!(
+                        "memory-backend-file,id=mem,size={mem},mem-path={},share={share}",
+                        path.display()
+                    ),
+                ],
+            );
             machine.push_str(",memory-backend=mem");
         }
     }
@@ -158,6 +180,9 @@ pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
         push(&mut v, &["-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-device,netdev=n0"]);
     }
     push(&mut v, &["-qmp", &format!("unix:{},server=on,wait=off", a.qmp_socket.display())]);
+    if a.incoming {
+        push(&mut v, &["-incoming", "defer"]);
+    }
     v
 }
 
@@ -199,6 +224,7 @@ mod tests {
             memory,
             isolated_nic: false,
             run_as: None,
+            incoming: false,
         }
     }
 
@@ -260,6 +286,22 @@ mod tests {
         assert!(v.contains("-netdev hubport,id=n0,hubid=0 -device virtio-net-device,netdev=n0"));
         assert!(kernel_cmdline(true, None).ends_with("ember.init=full"));
         assert!(kernel_cmdline(false, Some(2596100)).ends_with("ember.init=fast tsc_early_khz=2596100"));
+    }
+
+    #[test]
+    fn template_and_restored_vm_memory() {
+        let mut a = args(
+            ChannelDevice::Serial { socket: "/s".into() },
+            MemoryBacking::File { path: "/t/mem".into(), shared: true },
+        );
+        let v = joined(&qemu_argv(&a));
+        assert!(v.starts_with("-object memory-backend-file,id=mem,size=256M,mem-path=/t/mem,share=on -name"));
+        assert!(!v.contains("-incoming"));
+        a.memory = MemoryBacking::File { path: "/t/mem".into(), shared: false };
+        a.incoming = true;
+        let v = joined(&qemu_argv(&a));
+        assert!(v.contains("mem-path=/t/mem,share=off"));
+        assert!(v.ends_with("-incoming defer"));
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl VmHost {
         }
         let timeout = self.config.kvm_probe_timeout;
         tracing::info!(?timeout, "probing KVM with a test boot");
-        let verdict = match Vm::boot(Arc::clone(self), Accel::Kvm, timeout).await {
+        let verdict = match Vm::boot(Arc::clone(self), Accel::Kvm, timeout, super::BootPlan::Cold).await {
             Ok(vm) => {
                 vm.shutdown().await;
                 Accel::Kvm
@@ -103,6 +103,6 @@ impl VmHost {
     /// Boot a VM and wait for its agent.
     pub async fn boot(self: &Arc<Self>) -> Result<Vm, VmError> {
         let accel = self.accel().await;
-        Vm::boot(Arc::clone(self), accel, self.config.boot_timeout).await
+        Vm::boot(Arc::clone(self), accel, self.config.boot_timeout, super::BootPlan::Cold).await
     }
 }

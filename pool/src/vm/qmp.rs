@@ -46,6 +46,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
 
     /// Run one command and return its `return` value.
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let (id, line) = self.command_line(command, arguments);
+        self.stream.get_mut().write_all(line.as_bytes()).await?;
+        self.read_reply(id, command).await
+    }
+
+    fn command_line(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -54,7 +60,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.stream.get_mut().write_all(line.as_bytes()).await?;
+        (id, line)
+    }
+
+    async fn read_reply(&mut self, id: u64, command: &str) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
@@ -96,6 +105,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
 
     pub fn take_events(&mut self) -> Vec<Value> {
         std::mem::take(&mut self.events)
+    }
+}
+
+impl Qmp<tokio::net::UnixStream> {
+    /// `getfd`: give QEMU a file descriptor, named `name`, over the socket
+    /// (SCM_RIGHTS). This is how state files reach a sandboxed QEMU, which
+    /// may not spawn `exec:` helpers.
+    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        use std::os::fd::AsRawFd as _;
+        let (id, line) = self.command_line("getfd", Some(json!({ "fdname": name })));
+        let sock = self.stream.get_ref();
+        let fds = [fd.as_raw_fd()];
+        loop {
+            sock.writable().await?;
+            let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                nix::sys::socket::sendmsg::<()>(
+                    sock.as_raw_fd(),
+                    &[std::io::IoSlice::new(line.as_bytes())],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == line.len() => break,
+                Ok(n) => return Err(QmpError::Protocol(format!("getfd sent {n} of {} bytes", line.len()))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.read_reply(id, "getfd").await.map(|_| ())
     }
 }
 

@@ -410,7 +410,12 @@ async fn pool_destroy_mode_and_exhaustion(pool: &VmPool) -> anyhow::Result<()> {
     ensure!(matches!(err, ember_pool::pool::PoolError::Exhausted { .. }), "{err}");
     ensure!(t.elapsed() >= Duration::from_millis(900), "did not wait claim_timeout");
     first.release().await;
-    ensure!(processes_mentioning(&id).is_empty(), "destroy mode kept the VM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let gone = wait_until(deadline, Duration::from_millis(20), || {
+        processes_mentioning(&id).is_empty().then_some(())
+    })
+    .await;
+    ensure!(gone.is_some(), "destroy mode kept the VM");
     // The replacement boots in the background.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready == 1).then_some(()))
@@ -421,6 +426,52 @@ async fn pool_destroy_mode_and_exhaustion(pool: &VmPool) -> anyhow::Result<()> {
     ensure!(second.id() != id);
     ensure_eq!(stdout(&second, "find /tmp ~ -mindepth 1 | wc -l").await?.trim(), "0");
     second.release().await;
+    Ok(())
+}
+
+async fn template_restore(host: &Arc<VmHost>) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let template = host.make_template().await?;
+    println!("    template made in {} ms", t.elapsed().as_millis());
+    let mut restored = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let vm = host.restore(&template).await?;
+        println!(
+            "    restored {} in {} ms (boot_ms {})",
+            vm.id(),
+            t.elapsed().as_millis(),
+            vm.timings().boot_ms
+        );
+        restored.push(vm);
+    }
+    let cold = host.boot().await?;
+    for vm in &restored {
+        ensure_eq!(stdout(vm, "echo ok; cat /proc/1/comm").await?, "ok\nember-agent\n");
+        ensure!(
+            vm.timings().total_ms * 2 < cold.timings().total_ms,
+            "restore ({} ms) not clearly faster than a cold boot ({} ms)",
+            vm.timings().total_ms,
+            cold.timings().total_ms
+        );
+        let guest: i64 = stdout(vm, "date +%s").await?.trim().parse()?;
+        let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+        ensure!((guest - host_now).abs() <= 1, "restored clock {guest} vs {host_now}");
+    }
+    // Clones share nothing writable.
+    run(&restored[0], "echo mine > ~/f; echo mine > /tmp/g").await?;
+    ensure_eq!(stdout(&restored[1], "cat ~/f /tmp/g 2>&1 | grep -c 'No such' ").await?.trim(), "2");
+    // A restored VM can itself be snapshotted and reset (the pool does).
+    let mut vm = restored.pop().context("no VM")?;
+    vm.save_snapshot("s").await?;
+    run(&vm, "echo x > ~/later").await?;
+    vm.load_snapshot("s", Duration::from_secs(20)).await?;
+    ensure_eq!(stdout(&vm, "ls -A ~ | wc -l").await?.trim(), "0");
+    vm.shutdown().await;
+    for vm in restored {
+        vm.shutdown().await;
+    }
+    cold.shutdown().await;
     Ok(())
 }
 
@@ -553,8 +604,10 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             )
             .await;
 
+        report.run("template_restore [serial]", Box::pin(template_restore(&serial))).await;
+
         // The warm pool over real VMs.
-        use ember_pool::config::{PoolConfig, ResetMode};
+        use ember_pool::config::{PoolConfig, ReplenishMode, ResetMode};
         use ember_pool::pool::Pool;
         use ember_pool::warm::VmBackend;
         let snap_cfg = PoolConfig {
@@ -565,9 +618,11 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             claim_timeout: Duration::from_secs(60),
             ..PoolConfig::default()
         };
-        let backend = VmBackend::new(Arc::clone(&serial), ResetMode::Auto).map_err(anyhow::Error::msg)?;
+        let backend = VmBackend::new(Arc::clone(&serial), ResetMode::Auto, ReplenishMode::Auto)
+            .map_err(anyhow::Error::msg)?;
         let snap = Pool::start(backend, snap_cfg, 256);
         ensure_eq!(snap.backend().mode(), ResetMode::Snapshot);
+        ensure!(snap.backend().restores(), "serial pools restore from a template");
         report
             .run(
                 "pool_reset_leaves_nothing_behind [snapshot]",
@@ -590,9 +645,11 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             claim_timeout: Duration::from_secs(1),
             ..PoolConfig::default()
         };
-        let backend = VmBackend::new(Arc::clone(&hybrid), ResetMode::Auto).map_err(anyhow::Error::msg)?;
+        let backend = VmBackend::new(Arc::clone(&hybrid), ResetMode::Auto, ReplenishMode::Auto)
+            .map_err(anyhow::Error::msg)?;
         let destroy = Pool::start(backend, destroy_cfg, 256);
         ensure_eq!(destroy.backend().mode(), ResetMode::Destroy);
+        ensure!(!destroy.backend().restores(), "hybrid-vsock cannot restore");
         report
             .run(
                 "pool_destroy_mode_and_exhaustion [hybrid-vsock]",

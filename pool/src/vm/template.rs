@@ -1,0 +1,148 @@
+//! Template restore (the idea behind Kata's VM templating): one VM is booted
+//! with its RAM in a shared file and saved with `x-ignore-shared`, so the
+//! saved state is only device state (tens of KiB) while RAM stays in the
+//! file. A new VM maps that file privately (copy-on-write), gets its own
+//! qcow2 overlay of the template's disk and loads the device state: it is
+//! running in a fraction of a cold boot, and template pages are shared.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+
+use super::{BootFailure, DirGuard, Qmp, Vm, VmError, VmHost};
+use crate::channel::ChannelKind;
+
+/// How a VM starts.
+#[derive(Debug, Clone, Copy)]
+pub enum BootPlan<'a> {
+    /// Boot the kernel.
+    Cold,
+    /// Boot the template itself (RAM in the template's shared file).
+    Template(&'a Template),
+    /// Start from a saved template.
+    Restore(&'a Template),
+}
+
+/// A saved template; its files are removed when it is dropped.
+#[derive(Debug)]
+pub struct Template {
+    pub(super) mem: PathBuf,
+    pub(super) disk: PathBuf,
+    pub(super) state: PathBuf,
+    _dir: DirGuard,
+}
+
+const FD_NAME: &str = "ember-template";
+const POLL: Duration = Duration::from_millis(5);
+
+fn qmp_err(vm: &str) -> impl Fn(super::QmpError) -> VmError + '_ {
+    move |source| VmError::Qmp { vm: vm.to_string(), source }
+}
+
+impl VmHost {
+    /// Boot a template VM and save it. Needs the (migratable) serial channel.
+    pub async fn make_template(self: &Arc<Self>) -> Result<Template, VmError> {
+        if self.channel() != ChannelKind::Serial {
+            return Err(VmError::Config(vec![format!(
+                "template restore needs the serial channel, not {}",
+                self.channel()
+            )]));
+        }
+        let id = format!("tmpl-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir =
+            self.state().create_vm_dir(&id).map_err(super::io_err("creating the template directory"))?;
+        let t = Template {
+            mem: dir.join("mem"),
+            disk: dir.join("disk.qcow2"),
+            state: dir.join("state"),
+            _dir: DirGuard(dir),
+        };
+        let accel = self.accel().await;
+        let vm =
+            Vm::boot(Arc::clone(self), accel, self.config().boot_timeout, BootPlan::Template(&t)).await?;
+        let saved = save(&vm, &t).await;
+        vm.shutdown().await;
+        saved?;
+        Ok(t)
+    }
+
+    /// Start a VM from `template`.
+    pub async fn restore(self: &Arc<Self>, template: &Template) -> Result<Vm, VmError> {
+        let accel = self.accel().await;
+        Vm::boot(Arc::clone(self), accel, self.config().boot_timeout, BootPlan::Restore(template)).await
+    }
+}
+
+/// Pause the template and write its device state (RAM stays in the file).
+async fn save(vm: &Vm, t: &Template) -> Result<(), VmError> {
+    let id = vm.id();
+    let mut qmp = vm.qmp.lock().await;
+    qmp.execute("stop", None).await.map_err(qmp_err(id))?;
+    set_ignore_shared(&mut qmp).await.map_err(qmp_err(id))?;
+    let file = std::fs::File::create(&t.state).map_err(super::io_err("creating the template state file"))?;
+    qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(qmp_err(id))?;
+    qmp.execute("migrate", Some(json!({ "uri": format!("fd:{FD_NAME}") }))).await.map_err(qmp_err(id))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = qmp.execute("query-migrate", None).await.map_err(qmp_err(id))?;
+        match st.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(VmError::Tool(format!("saving template {id} failed: {st}")));
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(VmError::Tool(format!("saving template {id} did not finish: {st}")));
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+async fn set_ignore_shared(qmp: &mut Qmp<UnixStream>) -> Result<(), super::QmpError> {
+    let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+    qmp.execute("migrate-set-capabilities", Some(caps)).await.map(|_| ())
+}
+
+/// Load the template's device state into a VM started with `-incoming defer`
+/// and let it run.
+pub(super) async fn incoming(
+    qmp: &mut Qmp<UnixStream>,
+    t: &Template,
+    deadline: Instant,
+) -> Result<(), BootFailure> {
+    set_ignore_shared(qmp).await.map_err(BootFailure::Qmp)?;
+    let file = std::fs::File::open(&t.state)
+        .map_err(|e| BootFailure::Timeout(format!("cannot open the template state: {e}")))?;
+    qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(BootFailure::Qmp)?;
+    qmp.execute("migrate-incoming", Some(json!({ "uri": format!("fd:{FD_NAME}") })))
+        .await
+        .map_err(BootFailure::Qmp)?;
+    loop {
+        match qmp.status().await.map_err(BootFailure::Qmp)?.as_str() {
+            "running" => return Ok(()),
+            // Loaded but not started (autostart off): start it.
+            "paused" | "postmigrate" => {
+                qmp.execute("cont", None).await.map_err(BootFailure::Qmp)?;
+            }
+            "inmigrate" | "prelaunch" if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+            other => {
+                return Err(BootFailure::Timeout(format!(
+                    "restore from the template ended in state {other:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// A `configure` that sets the guest clock to now.
+pub(super) fn clock_now() -> ember_wire::Configure {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    ember_wire::Configure { clock_unix_ms: Some(ms), ..Default::default() }
+}
