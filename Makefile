@@ -36,9 +36,10 @@ agent:
 images: agent
 	./initrd/images.sh $(AGENT)
 
-## bench: cold boot and exec round-trip figures (see docs/BENCHMARKS.md).
+## bench: VM and pool figures (see docs/BENCHMARKS.md).
 bench: deps build images
-	./target/release/ember vm bench
+	./target/release/ember vm bench --boots 10 --execs 100
+	./target/release/ember pool bench --config pool/bench.toml --modes snapshot --burst 6 --rate 3 --steady 30s
 
 lint:
 	$(CARGO) fmt --all --check
