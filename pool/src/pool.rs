@@ -137,6 +137,13 @@ impl<B: Backend> Inner<B> {
         self.cfg.max_size.min(by_memory)
     }
 
+    /// Count and describe a claim refused for lack of capacity.
+    fn exhausted(&self, st: &mut State<B::Vm>, waited: Duration) -> PoolError {
+        st.counters.exhausted += 1;
+        let in_use = st.claimed + st.resetting + st.sessions.len();
+        PoolError::Exhausted { in_use, booting: st.booting, limit: self.capacity(), waited }
+    }
+
     fn note_out_of_pool(&self, secs: f64) {
         let mut st = self.lock();
         st.out_of_pool_secs =
@@ -261,15 +268,7 @@ impl<B: Backend> Pool<B> {
                 Err(e) => break Err(e),
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                let mut st = self.inner.lock();
-                st.counters.exhausted += 1;
-                let in_use = st.claimed + st.resetting + st.sessions.len();
-                break Err(PoolError::Exhausted {
-                    in_use,
-                    booting: st.booting,
-                    limit: self.inner.capacity(),
-                    waited: started.elapsed(),
-                });
+                break Err(self.inner.exhausted(&mut self.inner.lock(), started.elapsed()));
             }
         };
         if queued {
@@ -321,14 +320,7 @@ impl<B: Backend> Pool<B> {
         }
         if !queued {
             if st.waiters >= self.inner.cfg.max_waiters {
-                st.counters.exhausted += 1;
-                let in_use = st.claimed + st.resetting + st.sessions.len();
-                return Err(PoolError::Exhausted {
-                    in_use,
-                    booting: st.booting,
-                    limit: self.inner.capacity(),
-                    waited: Duration::ZERO,
-                });
+                return Err(self.inner.exhausted(st, Duration::ZERO));
             }
             st.waiters += 1;
         }
