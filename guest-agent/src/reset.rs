@@ -13,14 +13,61 @@ use nix::unistd::Pid;
 
 use crate::Agent;
 
-pub async fn reset(agent: &Agent) -> Result<(), ErrorReply> {
-    let internal = |what: &str, e: io::Error| ErrorReply::new(ErrorCode::Internal, format!("{what}: {e}"));
+fn internal(what: &str, e: io::Error) -> ErrorReply {
+    ErrorReply::new(ErrorCode::Internal, format!("{what}: {e}"))
+}
+
+/// Kill every user process: whole cgroups first, then anything the user owns.
+async fn kill_everything(agent: &Agent) -> Result<(), ErrorReply> {
     if let Some(cgs) = &agent.cgroups {
         cgs.kill_all().await.map_err(|e| internal("killing user cgroups", e))?;
     }
     if let Some((uid, _)) = agent.layout.user {
         kill_user_processes(uid).map_err(|e| internal("killing user processes", e))?;
     }
+    Ok(())
+}
+
+/// Mount points of the scratch layer, innermost first.
+const SCRATCH_MOUNTS: [&str; 4] = ["/home/ember", "/tmp", "/var/tmp", "/mnt/scratch"];
+
+pub async fn detach_scratch(agent: &Agent) -> Result<(), ErrorReply> {
+    kill_everything(agent).await?;
+    // State outside the scratch layer that a user or configure may change.
+    empty_dir(Path::new("/dev/shm")).map_err(|e| internal("emptying /dev/shm", e))?;
+    let _ = std::fs::remove_file("/run/resolv.conf");
+    nix::unistd::sethostname(&agent.layout.hostname)
+        .map_err(|e| internal("restoring hostname", io::Error::from(e)))?;
+    for m in SCRATCH_MOUNTS {
+        // SIGKILLed processes may hold files for a moment: retry, bounded.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match nix::mount::umount(m) {
+                Ok(()) => break,
+                Err(nix::errno::Errno::EBUSY) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(internal(&format!("unmounting {m}"), io::Error::from(e))),
+            }
+        }
+    }
+    // The block device's cached pages would hide the host's rollback.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| internal("dropping caches", e))?;
+    Ok(())
+}
+
+pub async fn attach_scratch(agent: &Agent) -> Result<(), ErrorReply> {
+    let mut cmd = std::process::Command::new("/usr/lib/ember/mount-scratch");
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    let (_child, rx) = agent.reaper.spawn(&mut cmd).map_err(|e| internal("running mount-scratch", e))?;
+    match rx.await {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+        other => Err(ErrorReply::new(ErrorCode::Internal, format!("mount-scratch failed: {other:?}"))),
+    }
+}
+
+pub async fn reset(agent: &Agent) -> Result<(), ErrorReply> {
+    kill_everything(agent).await?;
     for dir in &agent.layout.scratch_dirs {
         empty_dir(dir).map_err(|e| internal(&format!("emptying {}", dir.display()), e))?;
     }

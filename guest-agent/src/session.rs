@@ -220,6 +220,12 @@ async fn run_request(
         RequestBody::Reset {} => {
             let _ = resp.send(done(crate::reset::reset(agent).await)).await;
         }
+        RequestBody::DetachScratch {} => {
+            let _ = resp.send(done(crate::reset::detach_scratch(agent).await)).await;
+        }
+        RequestBody::AttachScratch {} => {
+            let _ = resp.send(done(crate::reset::attach_scratch(agent).await)).await;
+        }
         RequestBody::Hello { .. } | RequestBody::Cancel { .. } | RequestBody::Shutdown {} => {}
     }
 }

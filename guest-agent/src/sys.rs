@@ -7,14 +7,16 @@ use std::os::unix::process::CommandExt as _;
 use std::process::Command;
 
 /// Set up `cmd` so that, between `fork` and `exec`, the child joins the
-/// cgroup whose `cgroup.procs` is `cgroup_procs` (while still root), then
-/// drops to `user`. Joining first means nothing the command forks can start
-/// outside the cgroup; dropping afterwards is why std's `uid()` (which runs
-/// before pre-exec hooks) is not used.
+/// cgroup whose `cgroup.procs` is `cgroup_procs` and gets a new IPC
+/// namespace (while still root), then drops to `user`. Joining first means
+/// nothing the command forks can start outside the cgroup; the namespace
+/// makes SysV IPC objects and POSIX message queues die with the command's
+/// processes instead of outliving a reset. Dropping privileges last is why
+/// std's `uid()` (which runs before pre-exec hooks) is not used.
 pub fn confine_child(cmd: &mut Command, cgroup_procs: Option<&File>, user: Option<(u32, u32)>) {
     let procs_fd: Option<RawFd> = cgroup_procs.map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (write, setgroups, setgid, setuid) on
+    // async-signal-safe functions (write, unshare, setgroups, setgid, setuid) on
     // values captured by copy; it allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
@@ -25,6 +27,9 @@ pub fn confine_child(cmd: &mut Command, cgroup_procs: Option<&File>, user: Optio
                 }
             }
             if let Some((uid, gid)) = user {
+                if libc::unshare(libc::CLONE_NEWIPC) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 if libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
                     || libc::setuid(uid) != 0

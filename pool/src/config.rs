@@ -248,6 +248,10 @@ impl RawConfig {
         vm.accel = v.accel.unwrap_or(vm.accel);
         vm.boot_timeout = v.boot_timeout.unwrap_or(vm.boot_timeout);
         vm.state_dir = v.state_dir.unwrap_or(vm.state_dir);
+        if pool.reset == ResetMode::Rollback {
+            // The file backend rolls back a raw copy of the scratch image.
+            vm.scratch = crate::vm::ScratchKind::RawCopy;
+        }
         if let Err(p) = vm.validate() {
             problems.extend(p);
         }

@@ -7,6 +7,7 @@ pub mod channel;
 pub mod config;
 pub mod pool;
 pub mod sizer;
+pub mod storage;
 pub mod vm;
 pub mod warm;
 

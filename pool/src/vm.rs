@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 pub use accel::Accel;
 pub use argv::{kernel_cmdline, qemu_argv, vhost_vsock_argv, ChannelDevice, MemoryBacking, QemuArgs};
-pub use config::{default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, VmConfig};
+pub use config::{
+    default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, ScratchKind, VmConfig,
+};
 pub use host::VmHost;
 pub use process::{find_program, run_tool, wait_until, OwnedProcess};
 pub use qmp::{Qmp, QmpError};
@@ -169,6 +171,25 @@ impl Vm {
         self.reconnect_agent(timeout).await
     }
 
+    /// Roll the writable layer back to the clean image under the running VM:
+    /// the agent kills user processes and unmounts, the file is rolled back
+    /// in place, the agent remounts and must answer hello.
+    pub async fn rollback_scratch(&self, clean: &Path) -> Result<(), VmError> {
+        let scratch = self.dir().join("scratch.raw");
+        if !scratch.exists() {
+            return Err(VmError::Tool(format!("VM {} has no raw scratch disk to roll back", self.id)));
+        }
+        self.agent.detach_scratch().await.map_err(agent_err(self))?;
+        let clean = clean.to_path_buf();
+        tokio::task::spawn_blocking(move || crate::storage::rollback_in_place(&clean, &scratch))
+            .await
+            .map_err(|e| VmError::Tool(format!("rollback task: {e}")))?
+            .map_err(io_err(format!("rolling back VM {}'s scratch disk", self.id)))?;
+        self.agent.attach_scratch().await.map_err(agent_err(self))?;
+        self.agent.hello(u64::from(std::process::id())).await.map_err(agent_err(self))?;
+        Ok(())
+    }
+
     /// Replace the agent connection with a fresh one that answered hello.
     pub async fn reconnect_agent(&mut self, timeout: Duration) -> Result<(), VmError> {
         let deadline = Instant::now() + timeout;
@@ -227,26 +248,39 @@ impl Vm {
         // A template keeps its disk and RAM in its own directory: they
         // outlive the template VM. A restored VM's disk is an overlay of the
         // template's.
+        let raw_copy = cfg.scratch == ScratchKind::RawCopy && matches!(plan, BootPlan::Cold);
         let scratch = match &plan {
             BootPlan::Template(t) => t.disk.clone(),
+            _ if raw_copy => dir.join("scratch.raw"),
             _ => dir.join("scratch.qcow2"),
         };
-        let (backing, backing_format) = match &plan {
-            BootPlan::Restore(t) => (t.disk.clone(), "qcow2"),
-            _ => (cfg.images.scratch.clone(), "raw"),
-        };
-        let overlay_args: Vec<std::ffi::OsString> = vec![
-            "create".into(),
-            "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
-            "-F".into(),
-            backing_format.into(),
-            "-b".into(),
-            backing.into(),
-            scratch.clone().into(),
-        ];
-        run_tool(&cfg.qemu_img, &overlay_args, Duration::from_secs(10)).await.map_err(VmError::Tool)?;
+        if raw_copy {
+            let (clean, dst) = (cfg.images.scratch.clone(), scratch.clone());
+            tokio::task::spawn_blocking(move || crate::storage::sparse_copy(&clean, &dst))
+                .await
+                .map_err(|e| VmError::Tool(format!("copying the scratch image: {e}")))?
+                .map_err(io_err("copying the scratch image"))?;
+        } else {
+            // A template keeps its disk and RAM in its own directory: they
+            // outlive the template VM. A restored VM's disk is an overlay of
+            // the template's.
+            let (backing, backing_format) = match &plan {
+                BootPlan::Restore(t) => (t.disk.clone(), "qcow2"),
+                _ => (cfg.images.scratch.clone(), "raw"),
+            };
+            let overlay_args: Vec<std::ffi::OsString> = vec![
+                "create".into(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+                "-F".into(),
+                backing_format.into(),
+                "-b".into(),
+                backing.into(),
+                scratch.clone().into(),
+            ];
+            run_tool(&cfg.qemu_img, &overlay_args, Duration::from_secs(10)).await.map_err(VmError::Tool)?;
+        }
         // QEMU may (re)open the disk after dropping to its user: on an
         // incoming migration it opens images only when the VM starts.
         let qemu_user = cfg.qemu_user.as_deref().map(lookup_user).transpose().map_err(VmError::Tool)?;
@@ -328,6 +362,7 @@ impl Vm {
                 if accel == Accel::Tcg { accel::host_tsc_khz() } else { None },
             ),
             rootfs: cfg.images.rootfs.clone(),
+            scratch_format: if raw_copy { "raw" } else { "qcow2" },
             scratch,
             console_log: dir.join("console.log"),
             qmp_socket: qmp_socket.clone(),
@@ -373,11 +408,10 @@ impl Vm {
             Ok(a) => a,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
         };
-        if matches!(plan, BootPlan::Restore(_)) {
-            // The guest resumes with the template's clock.
-            if let Err(e) = agent.configure(template::clock_now()).await {
-                return Err(VmError::Agent { vm: parts.id.clone(), source: e });
-            }
+        // A restored guest resumes with the template's clock, and a booted
+        // one read a one-second RTC while booting slowly: set it precisely.
+        if let Err(e) = agent.configure(template::clock_now()).await {
+            return Err(VmError::Agent { vm: parts.id.clone(), source: e });
         }
         let timings = BootTimings {
             prepare_ms,

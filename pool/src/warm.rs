@@ -46,14 +46,14 @@ impl VmBackend {
                     host.channel()
                 ))
             }
-            ResetMode::Rollback => {
-                return Err(
-                    "pool.reset = \"rollback\" needs the ZFS storage backend, which is not built yet".into()
-                )
+            ResetMode::Rollback if host.config().scratch != crate::vm::ScratchKind::RawCopy => {
+                return Err("pool.reset = \"rollback\" needs VMs with a raw scratch copy".into());
             }
             m => m,
         };
         let restore = match replenish {
+            // A rolled-back layer is a raw copy, not an overlay of a template.
+            _ if mode == ResetMode::Rollback => false,
             ReplenishMode::Boot => false,
             ReplenishMode::Auto => host.channel() == ChannelKind::Serial,
             ReplenishMode::Restore if host.channel() == ChannelKind::Serial => true,
@@ -154,7 +154,7 @@ impl Backend for VmBackend {
     }
 
     fn recycles(&self) -> bool {
-        self.mode == ResetMode::Snapshot
+        matches!(self.mode, ResetMode::Snapshot | ResetMode::Rollback)
     }
 
     async fn reset(&self, vm: &mut Vm) -> Result<(), PoolError> {
@@ -181,6 +181,18 @@ impl Backend for VmBackend {
                         Ok(())
                     }
                     Ok(Err(e)) => Err(fail(e)),
+                    Err(_) => Err(fail(format!("no answer within {:?}", self.reset_timeout))),
+                }
+            }
+            ResetMode::Rollback => {
+                let started = tokio::time::Instant::now();
+                let clean = self.host.config().images.scratch.clone();
+                match tokio::time::timeout(self.reset_timeout, vm.rollback_scratch(&clean)).await {
+                    Ok(Ok(())) => {
+                        self.record(|t| t.reset.push(started.elapsed()));
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(fail(e.to_string())),
                     Err(_) => Err(fail(format!("no answer within {:?}", self.reset_timeout))),
                 }
             }

@@ -71,7 +71,11 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
     for &mode in &args.modes {
         let mut pool_cfg = cfg.pool.clone();
         pool_cfg.reset = mode;
-        let host = VmHost::new(cfg.vm.clone(), mode == ResetMode::Snapshot)?;
+        let mut vm_cfg = cfg.vm.clone();
+        if mode == ResetMode::Rollback {
+            vm_cfg.scratch = ember_pool::vm::ScratchKind::RawCopy;
+        }
+        let host = VmHost::new(vm_cfg, mode == ResetMode::Snapshot)?;
         let backend =
             VmBackend::new(Arc::clone(&host), mode, pool_cfg.replenish).map_err(anyhow::Error::msg)?;
         let pool = Pool::start(backend, pool_cfg.clone(), cfg.vm.memory_mb);

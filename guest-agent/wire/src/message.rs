@@ -34,6 +34,11 @@ pub enum RequestBody {
     Reset {},
     /// Power the guest off after replying.
     Shutdown {},
+    /// For a storage rollback: kill every user process, restore guest-wide
+    /// state (hostname, /dev/shm, DNS) and unmount the scratch layer.
+    DetachScratch {},
+    /// Mount the (rolled back) scratch layer again.
+    AttachScratch {},
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

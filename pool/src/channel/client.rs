@@ -196,6 +196,14 @@ impl AgentClient {
         self.call_ok(RequestBody::Reset {}).await
     }
 
+    pub async fn detach_scratch(&self) -> Result<(), AgentError> {
+        self.call_ok(RequestBody::DetachScratch {}).await
+    }
+
+    pub async fn attach_scratch(&self) -> Result<(), AgentError> {
+        self.call_ok(RequestBody::AttachScratch {}).await
+    }
+
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         self.call_ok(RequestBody::Shutdown {}).await
     }

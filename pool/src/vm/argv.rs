@@ -43,8 +43,10 @@ pub struct QemuArgs {
     pub cmdline: String,
     /// Shared read-only root image (raw ext4).
     pub rootfs: PathBuf,
-    /// This VM's writable scratch disk (qcow2 overlay).
+    /// This VM's writable scratch disk.
     pub scratch: PathBuf,
+    /// `qcow2` (an overlay) or `raw` (a copy).
+    pub scratch_format: &'static str,
     pub console_log: PathBuf,
     pub qmp_socket: PathBuf,
     pub channel: ChannelDevice,
@@ -146,7 +148,11 @@ pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
         &mut v,
         &[
             "-drive",
-            &format!("id=scratch,file={},format=qcow2,if=none,discard=unmap", a.scratch.display()),
+            &format!(
+                "id=scratch,file={},format={},if=none,discard=unmap",
+                a.scratch.display(),
+                a.scratch_format
+            ),
             "-device",
             "virtio-blk-device,drive=scratch,serial=ember-scratch",
         ],
@@ -218,6 +224,7 @@ mod tests {
             cmdline: kernel_cmdline(false, None),
             rootfs: "/img/rootfs.ext4".into(),
             scratch: "/run/vm1/scratch.qcow2".into(),
+            scratch_format: "qcow2",
             console_log: "/run/vm1/console.log".into(),
             qmp_socket: "/run/vm1/qmp.sock".into(),
             channel,

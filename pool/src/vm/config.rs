@@ -26,6 +26,15 @@ impl std::str::FromStr for InitMode {
     }
 }
 
+/// How a VM's writable layer is stored (the file backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScratchKind {
+    /// A qcow2 overlay of the clean image: ~10 ms to create; snapshots live in it.
+    Overlay,
+    /// A sparse raw copy of the clean image, rolled back in place.
+    RawCopy,
+}
+
 /// Requested acceleration; `auto` probes KVM once and caches the verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -105,6 +114,7 @@ pub struct VmConfig {
     pub isolated_nic: bool,
     /// QEMU drops to this user after start-up (only when ember runs as root).
     pub qemu_user: Option<String>,
+    pub scratch: ScratchKind,
 }
 
 impl VmConfig {
@@ -129,6 +139,7 @@ impl VmConfig {
             vhost_device_vsock: "vhost-device-vsock".into(),
             isolated_nic: false,
             qemu_user: nix::unistd::geteuid().is_root().then(|| "nobody".to_string()),
+            scratch: ScratchKind::Overlay,
         }
     }
 

@@ -335,6 +335,8 @@ async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
     ensure!((guest - host).abs() <= 1, "guest clock {guest} vs host {host} after the snapshot reset");
     ensure_eq!(process_names(&again).await?, fresh_procs);
+    let probe = "python3 -c 'import ctypes; c = ctypes.CDLL(None); print(c.shmget(0x454d42, 0, 0), c.msgget(0x454d43, 0))'";
+    ensure_eq!(stdout(&again, probe).await?, "-1 -1\n");
     ensure_eq!(
         stdout(&again, "ls -la /tmp /var/tmp /dev/shm ~ | sed 's/ [A-Z][a-z][a-z] .*:.. / /'").await?,
         fresh_listing
@@ -606,6 +608,12 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
 
         report.run("template_restore [serial]", Box::pin(template_restore(&serial))).await;
 
+        // Rollback: the same adversarial test, with the writable layer
+        // rolled back under a running VM instead of a memory snapshot.
+        let mut raw = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
+        raw.scratch = ember_pool::vm::ScratchKind::RawCopy;
+        let raw_host = VmHost::new(raw, false)?;
+
         // The warm pool over real VMs.
         use ember_pool::config::{PoolConfig, ReplenishMode, ResetMode};
         use ember_pool::pool::Pool;
@@ -656,8 +664,25 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
                 Box::pin(pool_destroy_mode_and_exhaustion(&destroy)),
             )
             .await;
+        let rollback_cfg = PoolConfig {
+            min_size: 1,
+            max_size: 1,
+            target_free: 0,
+            claim_timeout: Duration::from_secs(60),
+            ..PoolConfig::default()
+        };
+        let backend = VmBackend::new(Arc::clone(&raw_host), ResetMode::Rollback, ReplenishMode::Auto)
+            .map_err(anyhow::Error::msg)?;
+        let rollback = Pool::start(backend, rollback_cfg, 256);
+        report
+            .run(
+                "pool_reset_leaves_nothing_behind [rollback]",
+                Box::pin(pool_reset_leaves_nothing_behind(&rollback)),
+            )
+            .await;
         snap.shutdown().await;
         destroy.shutdown().await;
+        rollback.shutdown().await;
     }
     // Every host and VM is gone: nothing may be left.
     let leak = async {
