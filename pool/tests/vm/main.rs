@@ -299,6 +299,12 @@ async fn process_names(vm: &Vm) -> anyhow::Result<Vec<String>> {
 /// Everything a user can leave behind, attempted; then the VM is returned
 /// and claimed again, and must look exactly like it did fresh.
 async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
+    // Destroy mode replaces the VM; the other modes hand the same one back.
+    let same_vm = pool.backend().mode() != ember_pool::config::ResetMode::Destroy;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready >= 1).then_some(()))
+        .await
+        .is_some());
     let lease = pool.claim().await?;
     let id = lease.id().to_string();
     let fresh_procs = process_names(&lease).await?;
@@ -329,8 +335,14 @@ async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
 
     // The snapshot is older now; the guest clock must not be.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    if !same_vm {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready >= 1).then_some(()))
+            .await
+            .is_some());
+    }
     let again = pool.claim().await?;
-    ensure_eq!(again.id(), id.as_str());
+    ensure_eq!(again.id() == id, same_vm);
     let guest: i64 = stdout(&again, "date +%s").await?.trim().parse()?;
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
     ensure!((guest - host).abs() <= 1, "guest clock {guest} vs host {host} after the snapshot reset");
@@ -662,6 +674,12 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             .run(
                 "pool_destroy_mode_and_exhaustion [hybrid-vsock]",
                 Box::pin(pool_destroy_mode_and_exhaustion(&destroy)),
+            )
+            .await;
+        report
+            .run(
+                "pool_reset_leaves_nothing_behind [destroy]",
+                Box::pin(pool_reset_leaves_nothing_behind(&destroy)),
             )
             .await;
         let rollback_cfg = PoolConfig {
