@@ -56,6 +56,10 @@ async fn serve_vsock(agent: Arc<Agent>, port: u32) {
         return;
     };
     tracing::info!(port, "listening on vsock");
+    // On the console itself, whatever the init does with our stderr.
+    if let Ok(mut console) = OpenOptions::new().write(true).open("/dev/console") {
+        let _ = writeln!(console, "{}", ember_wire::VSOCK_READY_MARKER);
+    }
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

@@ -393,7 +393,10 @@ impl Vm {
             // says on the console that it listens.
             let console = dir.join("console.log");
             let said = wait_until(deadline, Duration::from_millis(5), || {
-                std::fs::read_to_string(&console).ok().filter(|c| c.contains(AGENT_VSOCK_READY)).map(|_| ())
+                std::fs::read_to_string(&console)
+                    .ok()
+                    .filter(|c| c.contains(ember_wire::VSOCK_READY_MARKER))
+                    .map(|_| ())
             })
             .await;
             if said.is_none() {
@@ -437,9 +440,6 @@ impl Vm {
         })
     }
 }
-
-/// What the agent prints on the console once it listens on vsock.
-const AGENT_VSOCK_READY: &str = "listening on vsock";
 
 /// Why a boot step failed before the VM existed.
 enum BootFailure {

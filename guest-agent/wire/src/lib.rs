@@ -22,5 +22,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent serves (`virtserialport,name=...`).
 pub const SERIAL_PORT_NAME: &str = "org.ember.agent";
+/// Written by the agent to the guest console once it listens on vsock, so
+/// the host knows when a hybrid-vsock CONNECT can be answered.
+pub const VSOCK_READY_MARKER: &str = "ember-agent: vsock ready";
 /// Largest frame body either side accepts by default.
 pub const MAX_FRAME_LEN: usize = 16 << 20;

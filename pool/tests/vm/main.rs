@@ -579,6 +579,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         let serial = VmHost::new(config(ChannelChoice::Serial, InitMode::Fast, true), false)?;
         let hybrid = VmHost::new(config(ChannelChoice::HybridVsock, InitMode::Fast, false), false)?;
         let full = VmHost::new(config(ChannelChoice::Serial, InitMode::Full, false), false)?;
+        let full_hybrid = VmHost::new(config(ChannelChoice::HybridVsock, InitMode::Full, false), false)?;
         // Probe acceleration once before booting in parallel.
         let accel = serial.accel().await;
         println!("acceleration: {}", accel.name());
@@ -615,6 +616,12 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             .run(
                 "agent_shutdown_powers_off [full init]",
                 Box::pin(agent_shutdown_powers_off(&full, "systemd")),
+            )
+            .await;
+        report
+            .run(
+                "agent_shutdown_powers_off [full init, hybrid-vsock]",
+                Box::pin(agent_shutdown_powers_off(&full_hybrid, "systemd")),
             )
             .await;
 
