@@ -3,6 +3,7 @@
 //! tree when it times out, is cancelled or (by default) once it exits.
 
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -96,8 +97,6 @@ fn resolve_program(prog: &str) -> PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from(prog))
 }
-
-use std::os::unix::process::CommandExt as _;
 
 async fn run_inner(
     agent: &Agent,

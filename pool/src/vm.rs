@@ -168,19 +168,21 @@ impl Vm {
     /// a new nonce) leaves no doubt about where frames begin.
     pub async fn load_snapshot(&mut self, tag: &str, timeout: Duration) -> Result<(), VmError> {
         self.hmp(&format!("loadvm {tag}")).await?;
-        self.reconnect_agent(timeout).await
+        self.reconnect_agent(timeout).await?;
+        // The snapshot's clock is stale by the time since it was saved.
+        self.agent.configure(template::clock_now()).await.map_err(agent_err(self))
     }
 
     /// Roll the writable layer back to the clean image under the running VM:
     /// the agent kills user processes and unmounts, the file is rolled back
     /// in place, the agent remounts and must answer hello.
-    pub async fn rollback_scratch(&self, clean: &Path) -> Result<(), VmError> {
+    pub async fn rollback_scratch(&self) -> Result<(), VmError> {
         let scratch = self.dir().join("scratch.raw");
         if !scratch.exists() {
             return Err(VmError::Tool(format!("VM {} has no raw scratch disk to roll back", self.id)));
         }
         self.agent.detach_scratch().await.map_err(agent_err(self))?;
-        let clean = clean.to_path_buf();
+        let clean = self._host.config().images.scratch.clone();
         tokio::task::spawn_blocking(move || crate::storage::rollback_in_place(&clean, &scratch))
             .await
             .map_err(|e| VmError::Tool(format!("rollback task: {e}")))?
@@ -283,8 +285,7 @@ impl Vm {
         }
         // QEMU may (re)open the disk after dropping to its user: on an
         // incoming migration it opens images only when the VM starts.
-        let qemu_user = cfg.qemu_user.as_deref().map(lookup_user).transpose().map_err(VmError::Tool)?;
-        if let Some((uid, gid)) = qemu_user {
+        if let Some((uid, gid)) = host.qemu_ids() {
             std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))
                 .map_err(io_err("handing the scratch disk to the QEMU user"))?;
         }
@@ -301,7 +302,7 @@ impl Vm {
             ChannelKind::HybridVsock => {
                 // The helper parses guest-controlled queues: run it as the
                 // QEMU user, in a directory of its own for its sockets.
-                let user = cfg.qemu_user.as_deref().map(lookup_user).transpose().map_err(VmError::Tool)?;
+                let user = host.qemu_ids();
                 let sockets = dir.join("vhost");
                 std::fs::create_dir(&sockets).map_err(io_err("creating the vhost socket directory"))?;
                 if let Some((uid, gid)) = user {
@@ -493,7 +494,7 @@ impl Parts {
 }
 
 /// uid and gid of a user name.
-fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+pub(crate) fn lookup_user(name: &str) -> Result<(u32, u32), String> {
     match nix::unistd::User::from_name(name) {
         Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
         Ok(None) => Err(format!("user {name:?} (vm.qemu_user) does not exist")),

@@ -160,43 +160,22 @@ impl Backend for VmBackend {
     async fn reset(&self, vm: &mut Vm) -> Result<(), PoolError> {
         let id = vm.id().to_string();
         let fail = |reason: String| PoolError::Reset { vm: id.clone(), reason };
-        match self.mode {
+        let started = tokio::time::Instant::now();
+        let outcome = match self.mode {
             ResetMode::Snapshot => {
-                let started = tokio::time::Instant::now();
-                let restore = async {
-                    vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout).await.map_err(|e| e.to_string())?;
-                    // The snapshot's clock is stale by the VM's age.
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_err(|e| e.to_string())?;
-                    let clock = ember_wire::Configure {
-                        clock_unix_ms: Some(now.as_millis() as u64),
-                        ..Default::default()
-                    };
-                    vm.agent().configure(clock).await.map_err(|e| e.to_string())
-                };
-                match tokio::time::timeout(self.reset_timeout, restore).await {
-                    Ok(Ok(())) => {
-                        self.record(|t| t.reset.push(started.elapsed()));
-                        Ok(())
-                    }
-                    Ok(Err(e)) => Err(fail(e)),
-                    Err(_) => Err(fail(format!("no answer within {:?}", self.reset_timeout))),
-                }
+                tokio::time::timeout(self.reset_timeout, vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout))
+                    .await
             }
-            ResetMode::Rollback => {
-                let started = tokio::time::Instant::now();
-                let clean = self.host.config().images.scratch.clone();
-                match tokio::time::timeout(self.reset_timeout, vm.rollback_scratch(&clean)).await {
-                    Ok(Ok(())) => {
-                        self.record(|t| t.reset.push(started.elapsed()));
-                        Ok(())
-                    }
-                    Ok(Err(e)) => Err(fail(e.to_string())),
-                    Err(_) => Err(fail(format!("no answer within {:?}", self.reset_timeout))),
-                }
+            ResetMode::Rollback => tokio::time::timeout(self.reset_timeout, vm.rollback_scratch()).await,
+            other => return Err(fail(format!("reset mode {} does not recycle", other.name()))),
+        };
+        match outcome {
+            Ok(Ok(())) => {
+                self.record(|t| t.reset.push(started.elapsed()));
+                Ok(())
             }
-            other => Err(fail(format!("reset mode {} does not recycle", other.name()))),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail(format!("no answer within {:?}", self.reset_timeout))),
         }
     }
 

@@ -19,6 +19,8 @@ pub struct VmHost {
     channel: ChannelKind,
     accel: OnceCell<Accel>,
     reaped: ReapReport,
+    /// uid/gid of `config.qemu_user`, resolved once.
+    qemu_ids: Option<(u32, u32)>,
 }
 
 impl VmHost {
@@ -39,6 +41,13 @@ impl VmHost {
                 None
             }
         };
+        let qemu_ids = match config.qemu_user.as_deref().map(super::lookup_user).transpose() {
+            Ok(ids) => ids,
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        };
         let Some(channel) = channel.filter(|_| problems.is_empty()) else {
             return Err(VmError::Config(problems));
         };
@@ -52,7 +61,7 @@ impl VmHost {
             AccelChoice::Tcg => Some(Accel::Tcg),
             AccelChoice::Auto => None,
         });
-        Ok(Arc::new(Self { config, state, cids, channel, accel, reaped }))
+        Ok(Arc::new(Self { config, state, cids, channel, accel, reaped, qemu_ids }))
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -60,6 +69,10 @@ impl VmHost {
     }
     pub fn channel(&self) -> ChannelKind {
         self.channel
+    }
+    /// The user QEMU and its helpers drop to, if any.
+    pub fn qemu_ids(&self) -> Option<(u32, u32)> {
+        self.qemu_ids
     }
     pub fn reaped(&self) -> &ReapReport {
         &self.reaped
