@@ -1,4 +1,4 @@
-//! Command-line interface: `ember vm run`, `ember vm bench`.
+//! Command-line interface: `ember serve`, `ember vm run|bench`, `ember pool bench`.
 
 mod pool_bench;
 mod stats;
@@ -26,6 +26,8 @@ pub struct Cli {
 impl Cli {
     pub fn log_level(&self) -> &'static str {
         match self.verbose {
+            // A server logs each invocation; one-shot tools stay quiet.
+            0 if matches!(self.command, Command::Serve(_)) => "info",
             0 => "warn",
             1 => "info",
             _ => "debug",
@@ -35,6 +37,8 @@ impl Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the HTTP API over a warm pool of VMs.
+    Serve(crate::serve::ServeArgs),
     /// Work with single VMs.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -95,6 +99,7 @@ impl VmOpts {
 
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
+        Command::Serve(args) => crate::serve::run(args).await,
         Command::Vm(VmCommand::Run(args)) => vm_run::run(args).await,
         Command::Vm(VmCommand::Bench(args)) => vm_bench::run(args).await,
         Command::Pool(PoolCommand::Bench(args)) => pool_bench::run(args).await,

@@ -1,8 +1,183 @@
-//! Loading the configuration file (see `ember_pool::config` for the keys).
+//! The configuration file: `[pool]` and `[vm]` (see `ember_pool::config`)
+//! plus the gateway's own `[gateway]` and `[limits]`. Two layers as in the
+//! pool crate: raw TOML with every key optional, then a validated
+//! [`Config`]; every problem is reported at once, and defaults live here.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use ember_pool::config::{Config, RawConfig};
+use ember_pool::config::{RawConfig as RawPoolFile, RawPool, RawVm};
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub pool: RawPool,
+    #[serde(default)]
+    pub vm: RawVm,
+    #[serde(default)]
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub listen: Option<SocketAddr>,
+    /// Directory of function directories (each with a `function.toml`).
+    pub functions_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_body_bytes: Option<usize>,
+    pub max_output_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub default_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_timeout: Option<Duration>,
+    pub max_concurrent_requests: Option<usize>,
+    pub max_pids: Option<u32>,
+}
+
+/// Where the gateway listens and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub functions_dir: PathBuf,
+    /// Whether `functions_dir` was named in the file (then it must exist).
+    pub functions_dir_explicit: bool,
+}
+
+/// Every per-request limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body; more is answered with 413.
+    pub max_body_bytes: usize,
+    /// Bytes of stdout + stderr kept per invocation; the rest is dropped
+    /// and the result says `truncated`.
+    pub max_output_bytes: u64,
+    /// Timeout of a command that names none.
+    pub default_timeout: Duration,
+    /// Largest timeout a request may ask for; more is answered with 400.
+    pub max_timeout: Duration,
+    /// Invocations running at once; more are answered with 429.
+    pub max_concurrent_requests: usize,
+    /// Tasks one command may have in its cgroup (fork-bomb guard).
+    pub max_pids: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            functions_dir: PathBuf::from("functions-examples"),
+            functions_dir_explicit: false,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            max_output_bytes: 1 << 20,
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(300),
+            max_concurrent_requests: 64,
+            max_pids: 1024,
+        }
+    }
+}
+
+/// The validated configuration of `ember serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pool: ember_pool::config::PoolConfig,
+    pub vm: ember_pool::VmConfig,
+    pub gateway: GatewayConfig,
+    pub limits: Limits,
+}
+
+impl RawConfig {
+    pub fn parse(text: &str) -> Result<Self, Vec<String>> {
+        toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])
+    }
+
+    pub fn load(path: &Path) -> Result<Self, Vec<String>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+        Self::parse(&text).map_err(|p| p.into_iter().map(|m| format!("{}: {m}", path.display())).collect())
+    }
+
+    pub fn validate(self, images_default: &Path) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let pool_file = RawPoolFile { pool: self.pool, vm: self.vm };
+        let pool_vm = pool_file.validate(images_default).map_err(|p| problems.extend(p)).ok();
+
+        let dg = GatewayConfig::default();
+        let gateway = GatewayConfig {
+            listen: self.gateway.listen.unwrap_or(dg.listen),
+            functions_dir_explicit: self.gateway.functions_dir.is_some(),
+            functions_dir: self.gateway.functions_dir.unwrap_or(dg.functions_dir),
+        };
+        if gateway.functions_dir_explicit && !gateway.functions_dir.is_dir() {
+            problems.push(format!(
+                "gateway.functions_dir {} is not a directory",
+                gateway.functions_dir.display()
+            ));
+        }
+
+        let d = Limits::default();
+        let l = self.limits;
+        let limits = Limits {
+            max_body_bytes: l.max_body_bytes.unwrap_or(d.max_body_bytes),
+            max_output_bytes: l.max_output_bytes.unwrap_or(d.max_output_bytes),
+            default_timeout: l.default_timeout.unwrap_or(d.default_timeout),
+            max_timeout: l.max_timeout.unwrap_or(d.max_timeout),
+            max_concurrent_requests: l.max_concurrent_requests.unwrap_or(d.max_concurrent_requests),
+            max_pids: l.max_pids.unwrap_or(d.max_pids),
+        };
+        if limits.max_body_bytes == 0 {
+            problems.push("limits.max_body_bytes must be at least 1".into());
+        }
+        // Output is held in memory until the result is sent.
+        if limits.max_output_bytes > 64 << 20 {
+            problems.push(format!("limits.max_output_bytes ({}) exceeds 64 MiB", limits.max_output_bytes));
+        }
+        if limits.max_body_bytes > ember_wire::MAX_FRAME_LEN / 2 {
+            problems.push(format!(
+                "limits.max_body_bytes ({}) exceeds {} (half an agent frame, as base64 grows it)",
+                limits.max_body_bytes,
+                ember_wire::MAX_FRAME_LEN / 2
+            ));
+        }
+        if limits.default_timeout.is_zero() || limits.max_timeout.is_zero() {
+            problems.push("limits.default_timeout and limits.max_timeout must be above zero".into());
+        }
+        if limits.default_timeout > limits.max_timeout {
+            problems.push(format!(
+                "limits.default_timeout ({}) exceeds limits.max_timeout ({})",
+                humantime::format_duration(limits.default_timeout),
+                humantime::format_duration(limits.max_timeout)
+            ));
+        }
+        if limits.max_concurrent_requests == 0 {
+            problems.push("limits.max_concurrent_requests must be at least 1".into());
+        }
+        if limits.max_pids < 8 {
+            problems.push("limits.max_pids must be at least 8".into());
+        }
+        match pool_vm {
+            Some(pv) if problems.is_empty() => Ok(Config { pool: pv.pool, vm: pv.vm, gateway, limits }),
+            _ => Err(problems),
+        }
+    }
+}
 
 /// Load `path` (or the defaults), then validate. Every problem is listed.
 pub fn load(path: Option<&Path>, images_default: &Path) -> Result<Config, Vec<String>> {
@@ -23,6 +198,91 @@ pub fn load_or_exit(path: Option<&Path>, images_default: &Path) -> Config {
                 eprintln!("  - {p}");
             }
             std::process::exit(64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["vmlinuz", "initrd.img", "rootfs.ext4", "scratch.ext4"] {
+            std::fs::write(d.path().join(f), "").unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn defaults_and_every_gateway_key() {
+        let img = images();
+        let c = RawConfig::parse("").unwrap().validate(img.path()).unwrap();
+        assert_eq!(c.gateway, GatewayConfig::default());
+        assert_eq!(c.limits, Limits::default());
+        let text = r#"
+            [gateway]
+            listen = "127.0.0.1:9999"
+            [limits]
+            max_body_bytes = 1000
+            max_output_bytes = 2000
+            default_timeout = "2s"
+            max_timeout = "1m"
+            max_concurrent_requests = 3
+            max_pids = 64
+            [pool]
+            max_size = 4
+            [pool.sessions]
+            max = 2
+        "#;
+        let c = RawConfig::parse(text).unwrap().validate(img.path()).unwrap();
+        assert_eq!(c.gateway.listen.port(), 9999);
+        assert_eq!(
+            c.limits,
+            Limits {
+                max_body_bytes: 1000,
+                max_output_bytes: 2000,
+                default_timeout: Duration::from_secs(2),
+                max_timeout: Duration::from_secs(60),
+                max_concurrent_requests: 3,
+                max_pids: 64,
+            }
+        );
+        assert_eq!((c.pool.max_size, c.pool.max_sessions), (4, 2));
+    }
+
+    #[test]
+    fn problems_of_every_section_are_reported_together() {
+        let text = r#"
+            [pool]
+            max_uses = 0
+            [gateway]
+            functions_dir = "/nonexistent/functions"
+            [limits]
+            default_timeout = "10m"
+            max_timeout = "1m"
+            max_concurrent_requests = 0
+            max_body_bytes = 0
+        "#;
+        let img = images();
+        let all = RawConfig::parse(text).unwrap().validate(img.path()).unwrap_err().join("\n");
+        for needle in
+            ["max_uses", "functions_dir", "default_timeout (10m) exceeds", "max_concurrent", "max_body"]
+        {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        for (text, needle) in [
+            ("[gateway]\nlisten_on = \"x\"", "listen_on"),
+            ("[limits]\nmax_bodyy = 1", "max_bodyy"),
+            ("[gateway]\nlisten = \"nowhere\"", "listen"),
+            ("[other]\nx = 1", "other"),
+        ] {
+            let e = RawConfig::parse(text).unwrap_err().join("\n");
+            assert!(e.contains(needle), "{text:?} -> {e}");
         }
     }
 }

@@ -1,7 +1,17 @@
-//! The `ember` binary's library: command-line interface and telemetry.
-//! The HTTP gateway (`ember serve`) lands here too.
+//! The `ember` binary's library: the HTTP gateway (`ember serve`), the
+//! command-line tools, configuration and telemetry.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cli;
 pub mod config;
+pub mod error;
+pub mod functions;
+pub mod invoke;
+pub mod metrics;
+pub mod routes;
+pub mod serve;
+pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

@@ -45,6 +45,18 @@ pub enum PoolError {
     Reset { vm: String, reason: String },
 }
 
+/// Something the pool did that metrics may want to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// A VM was made (booted or restored), or making one failed.
+    Created { took: Duration, ok: bool },
+    /// A used VM was reset for reuse, or resetting it failed.
+    Reset { took: Duration, ok: bool },
+}
+
+/// Receives [`PoolEvent`]s; must be quick (it runs on pool tasks).
+pub type Observer = Arc<dyn Fn(PoolEvent) + Send + Sync>;
+
 /// Counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PoolCounters {
@@ -124,6 +136,7 @@ struct Inner<B: Backend> {
     idle: Notify,
     /// Set once at shutdown; background tasks end on it.
     stop: tokio::sync::watch::Sender<bool>,
+    observer: std::sync::OnceLock<Observer>,
 }
 
 impl<B: Backend> Inner<B> {
@@ -142,6 +155,12 @@ impl<B: Backend> Inner<B> {
         st.counters.exhausted += 1;
         let in_use = st.claimed + st.resetting + st.sessions.len();
         PoolError::Exhausted { in_use, booting: st.booting, limit: self.capacity(), waited }
+    }
+
+    fn emit(&self, event: PoolEvent) {
+        if let Some(f) = self.observer.get() {
+            f(event);
+        }
     }
 
     fn note_out_of_pool(&self, secs: f64) {
@@ -213,12 +232,18 @@ impl<B: Backend> Pool<B> {
             wake_replenisher: Notify::new(),
             idle: Notify::new(),
             stop: tokio::sync::watch::Sender::new(false),
+            observer: std::sync::OnceLock::new(),
         });
         let tasks = vec![
             tokio::spawn(replenish::run(Arc::clone(&inner))),
             tokio::spawn(session::reap_idle(Arc::clone(&inner))),
         ];
         Self { inner, tasks: Arc::new(Mutex::new(tasks)) }
+    }
+
+    /// Report pool events to `f` from now on (the first observer set stays).
+    pub fn observe(&self, f: Observer) {
+        let _ = self.inner.observer.set(f);
     }
 
     pub fn config(&self) -> &PoolConfig {
@@ -330,6 +355,7 @@ impl<B: Backend> Pool<B> {
     async fn create_on_demand(&self) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
         let created = self.inner.backend.create().await;
+        self.inner.emit(PoolEvent::Created { took: started.elapsed(), ok: created.is_ok() });
         let mut st = self.inner.lock();
         st.booting -= 1;
         match created {

@@ -20,6 +20,8 @@ pub struct VmBackend {
     /// Made on first use; `None` if making it failed (then VMs boot cold).
     template: tokio::sync::OnceCell<Option<Template>>,
     reset_timeout: Duration,
+    /// Kept only when asked for (benchmarks): a server would grow it forever.
+    keep_timings: bool,
     timings: std::sync::Mutex<BackendTimings>,
 }
 
@@ -70,8 +72,15 @@ impl VmBackend {
             restore,
             template: tokio::sync::OnceCell::new(),
             reset_timeout: Duration::from_secs(20),
+            keep_timings: false,
             timings: Default::default(),
         })
+    }
+
+    /// Keep the duration of every create, restore and reset (see [`Self::timings`]).
+    pub fn keeping_timings(mut self) -> Self {
+        self.keep_timings = true;
+        self
     }
 
     /// Whether new VMs are restored from a template.
@@ -109,6 +118,9 @@ impl VmBackend {
     }
 
     fn record(&self, f: impl FnOnce(&mut BackendTimings)) {
+        if !self.keep_timings {
+            return;
+        }
         f(&mut self.timings.lock().unwrap_or_else(|p| p.into_inner()));
     }
 

@@ -76,8 +76,9 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
             vm_cfg.scratch = ember_pool::vm::ScratchKind::RawCopy;
         }
         let host = VmHost::new(vm_cfg, mode == ResetMode::Snapshot)?;
-        let backend =
-            VmBackend::new(Arc::clone(&host), mode, pool_cfg.replenish).map_err(anyhow::Error::msg)?;
+        let backend = VmBackend::new(Arc::clone(&host), mode, pool_cfg.replenish)
+            .map_err(anyhow::Error::msg)?
+            .keeping_timings();
         let pool = Pool::start(backend, pool_cfg.clone(), cfg.vm.memory_mb);
         if !args.json {
             eprintln!("[{}] warming up to {} VMs over {}", mode.name(), pool_cfg.min_size, host.channel());

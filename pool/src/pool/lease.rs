@@ -122,13 +122,16 @@ pub(super) async fn recycle<B: Backend>(
     let reuse =
         !discard && !draining && inner.cfg.enabled && inner.backend.recycles() && uses < inner.cfg.max_uses;
     let clean = if reuse {
-        match inner.backend.reset(&mut vm).await {
+        let started = Instant::now();
+        let ok = match inner.backend.reset(&mut vm).await {
             Ok(()) => inner.backend.healthy(&mut vm),
             Err(e) => {
                 tracing::warn!(vm = B::vm_id(&vm), error = %e, "reset failed; destroying the VM");
                 false
             }
-        }
+        };
+        inner.emit(super::PoolEvent::Reset { took: started.elapsed(), ok });
+        ok
     } else {
         false
     };

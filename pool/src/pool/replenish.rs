@@ -114,7 +114,9 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
 
 /// Create one VM into the ready set.
 async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
+    let started = tokio::time::Instant::now();
     let result = inner.backend.create().await;
+    inner.emit(super::PoolEvent::Created { took: started.elapsed(), ok: result.is_ok() });
     let doomed = {
         let mut st = inner.lock();
         st.booting -= 1;

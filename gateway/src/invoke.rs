@@ -1,0 +1,278 @@
+//! One invocation: take a concurrency permit, claim a VM (from the pool or
+//! the caller's session), write the files, start the command, and follow
+//! it to its exit. Whatever way a [`Running`] ends (finished, client gone,
+//! error), dropping it cancels the command and hands the VM back to be
+//! reset; a VM whose agent broke is destroyed instead.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_pool::pool::{Backend, Lease, SessionLease};
+use ember_pool::{AgentClient, AgentError, ExecEvent};
+use ember_wire::{ErrorCode, ExitStatus};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::api::{text_and_base64, Invocation, RunResult};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How long past its own timeout a command may take to report its exit
+/// before the VM is given up on.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// What the gateway needs of a VM: its agent.
+pub trait Sandbox: Send + Sync + 'static {
+    fn agent(&self) -> &AgentClient;
+    fn id(&self) -> &str;
+}
+
+impl Sandbox for ember_pool::Vm {
+    fn agent(&self) -> &AgentClient {
+        ember_pool::Vm::agent(self)
+    }
+    fn id(&self) -> &str {
+        ember_pool::Vm::id(self)
+    }
+}
+
+/// The VM an invocation holds.
+enum Held<B: Backend> {
+    Pool(Lease<B>),
+    Session { lease: SessionLease<B>, key: String },
+}
+
+impl<B: Backend> Deref for Held<B> {
+    type Target = B::Vm;
+    fn deref(&self) -> &B::Vm {
+        match self {
+            Held::Pool(l) => l,
+            Held::Session { lease, .. } => lease,
+        }
+    }
+}
+
+/// A started command and everything it holds.
+pub struct Running<B: Backend> {
+    pub id: String,
+    pub vm_id: String,
+    pub warm: bool,
+    pub session: Option<String>,
+    pub started: Instant,
+    deadline: Instant,
+    // Field order is drop order: cancel the command, then free the VM.
+    handle: Option<ember_pool::channel::ExecHandle>,
+    held: Option<Held<B>>,
+    state: AppState<B>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<B: Backend> std::fmt::Debug for Running<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("id", &self.id).field("vm", &self.vm_id).finish()
+    }
+}
+
+/// An error from the agent, as the caller sees it; `broken` says whether
+/// the VM can no longer be trusted.
+fn agent_error(vm: &str, e: AgentError) -> (ApiError, bool) {
+    match e {
+        AgentError::Remote(r) => {
+            let api = match r.code {
+                ErrorCode::BadRequest => {
+                    ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_request", r.message)
+                }
+                ErrorCode::SpawnFailed => {
+                    ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed", r.message)
+                }
+                _ => ApiError::vm_failed(format!("VM {vm}: {}", r.message)),
+            };
+            let broken = !matches!(r.code, ErrorCode::BadRequest | ErrorCode::SpawnFailed);
+            (api, broken)
+        }
+        other => (ApiError::vm_failed(format!("VM {vm}: {other}")), true),
+    }
+}
+
+impl<B: Backend> AppState<B>
+where
+    B::Vm: Sandbox,
+{
+    /// Claim a VM and start `inv` in it.
+    pub async fn start(
+        &self,
+        id: String,
+        session: Option<String>,
+        inv: Invocation,
+    ) -> Result<Running<B>, ApiError> {
+        if self.is_draining() {
+            return Err(ApiError::draining());
+        }
+        let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+            ApiError::busy(
+                "too_many_requests",
+                format!("{} invocations are running, the limit", self.limits.max_concurrent_requests),
+                1,
+            )
+        })?;
+        let claim_started = Instant::now();
+        let (held, warm) = match &session {
+            Some(key) => {
+                let lease = self.pool.session(key).await?;
+                (Held::Session { lease, key: key.clone() }, true)
+            }
+            None => {
+                let lease = self.pool.claim().await?;
+                let warm = lease.warm();
+                (Held::Pool(lease), warm)
+            }
+        };
+        self.metrics.claim_seconds.observe(claim_started.elapsed().as_secs_f64());
+        let vm_id = held.id().to_string();
+        tracing::Span::current().record("vm", vm_id.as_str());
+        let timeout = inv.timeout;
+        let (files, req) = inv.into_exec(&id, &self.limits, session.is_some());
+        let mut running = Running {
+            id,
+            vm_id,
+            warm,
+            session,
+            started: Instant::now(),
+            deadline: Instant::now() + timeout + EXIT_GRACE,
+            handle: None,
+            held: Some(held),
+            state: self.clone(),
+            _permit: permit,
+        };
+        let agent = running.agent();
+        if !files.is_empty() {
+            if let Err(e) = agent.write_files(files).await {
+                return Err(running.fail(e));
+            }
+        }
+        match running.agent().exec(req).await {
+            Ok(h) => running.handle = Some(h),
+            Err(e) => return Err(running.fail(e)),
+        }
+        Ok(running)
+    }
+
+    /// Run `inv` to its end and collect the result.
+    pub async fn run(
+        &self,
+        id: String,
+        session: Option<String>,
+        inv: Invocation,
+    ) -> Result<RunResult, ApiError> {
+        let mut running = self.start(id, session, inv).await?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        loop {
+            match running.next().await? {
+                ExecEvent::Output { stream: ember_wire::Stream::Stdout, data } => stdout.extend(data),
+                ExecEvent::Output { stream: ember_wire::Stream::Stderr, data } => stderr.extend(data),
+                ExecEvent::Exit(status) => {
+                    let (stdout, stdout_base64) = text_and_base64(stdout);
+                    let (stderr, stderr_base64) = text_and_base64(stderr);
+                    return Ok(RunResult {
+                        id: running.id.clone(),
+                        exit_code: status.code,
+                        signal: status.signal,
+                        stdout,
+                        stdout_base64,
+                        stderr,
+                        stderr_base64,
+                        timed_out: status.timed_out,
+                        truncated: status.truncated,
+                        duration_ms: status.duration_ms,
+                        warm: running.warm,
+                        vm_id: running.vm_id.clone(),
+                        session: running.session.clone(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl<B: Backend> Running<B>
+where
+    B::Vm: Sandbox,
+{
+    fn agent(&self) -> &AgentClient {
+        match &self.held {
+            Some(h) => h.agent(),
+            None => unreachable!("a running invocation holds its VM until dropped"),
+        }
+    }
+
+    /// The next output chunk or the exit. After an error the invocation is
+    /// over (and a broken VM is on its way out).
+    pub async fn next(&mut self) -> Result<ExecEvent, ApiError> {
+        let Some(handle) = self.handle.as_mut() else {
+            return Err(ApiError::vm_failed("the command already ended"));
+        };
+        match tokio::time::timeout_at(self.deadline, handle.next()).await {
+            Ok(Ok(ExecEvent::Exit(status))) => {
+                self.handle = None;
+                self.finished(&status);
+                Ok(ExecEvent::Exit(status))
+            }
+            Ok(Ok(ev)) => Ok(ev),
+            Ok(Err(e)) => {
+                self.handle = None;
+                Err(self.fail(e))
+            }
+            Err(_) => {
+                self.handle = None;
+                let e = ApiError::vm_failed(format!(
+                    "VM {} did not report the command's exit within its timeout + {EXIT_GRACE:?}",
+                    self.vm_id
+                ));
+                self.discard();
+                Err(e)
+            }
+        }
+    }
+
+    fn finished(&self, status: &ExitStatus) {
+        let outcome = if status.timed_out { "timed_out" } else { "exited" };
+        self.state.metrics.invocation(outcome, Some(self.started.elapsed()));
+        tracing::info!(
+            code = ?status.code,
+            signal = ?status.signal,
+            timed_out = status.timed_out,
+            truncated = status.truncated,
+            ms = status.duration_ms,
+            "command finished"
+        );
+    }
+
+    /// Turn an agent error into the caller's; destroy the VM if it broke.
+    fn fail(&mut self, e: AgentError) -> ApiError {
+        let (api, broken) = agent_error(&self.vm_id, e);
+        self.state.metrics.invocation("error", None);
+        tracing::warn!(error = %api, broken, "invocation failed");
+        if broken {
+            self.discard();
+        }
+        api
+    }
+
+    /// The VM is not to be trusted again: destroy it (or end its session).
+    fn discard(&mut self) {
+        match self.held.take() {
+            Some(Held::Pool(lease)) => {
+                tokio::spawn(lease.discard());
+            }
+            Some(Held::Session { lease, key }) => {
+                drop(lease);
+                let pool = self.state.pool.clone();
+                tokio::spawn(async move {
+                    pool.end_session(&key).await;
+                });
+            }
+            None => {}
+        }
+    }
+}

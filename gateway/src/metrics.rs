@@ -1,0 +1,176 @@
+//! Prometheus metrics (text format at `GET /metrics`). Request counts and
+//! latency histograms are recorded as things happen; pool sizes and
+//! counters are read from the pool at scrape time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_pool::pool::{PoolEvent, PoolStatus};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// Reads the pool's state at scrape time.
+pub type StatusFn = Arc<dyn Fn() -> PoolStatus + Send + Sync>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub invocations: Family<OutcomeLabels, Counter>,
+    pub claim_seconds: Histogram,
+    pub exec_seconds: Histogram,
+    pub reset_seconds: Histogram,
+    pub create_seconds: Histogram,
+}
+
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    // 1 ms .. ~65 s
+    exponential_buckets(0.001, 2.0, 17)
+}
+
+impl Metrics {
+    pub fn new(pool_status: StatusFn) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "ember_http_requests",
+            "HTTP requests answered, by route and status",
+            requests.clone(),
+        );
+        let invocations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "ember_invocations",
+            "Commands run, by outcome (exited, timed_out, error)",
+            invocations.clone(),
+        );
+        let claim_seconds = Histogram::new(seconds_buckets());
+        registry.register("ember_claim_seconds", "Time to get a VM for an invocation", claim_seconds.clone());
+        let exec_seconds = Histogram::new(seconds_buckets());
+        registry.register(
+            "ember_exec_seconds",
+            "Time from claim to the command's exit",
+            exec_seconds.clone(),
+        );
+        let reset_seconds = Histogram::new(seconds_buckets());
+        registry.register("ember_reset_seconds", "Time to make a used VM clean", reset_seconds.clone());
+        let create_seconds = Histogram::new(seconds_buckets());
+        registry.register("ember_vm_create_seconds", "Time to boot or restore a VM", create_seconds.clone());
+        registry.register_collector(Box::new(PoolCollector { status: pool_status }));
+        Arc::new(Self {
+            registry,
+            requests,
+            invocations,
+            claim_seconds,
+            exec_seconds,
+            reset_seconds,
+            create_seconds,
+        })
+    }
+
+    /// For [`ember_pool::pool::Pool::observe`].
+    pub fn observe_pool(self: &Arc<Self>) -> ember_pool::pool::Observer {
+        let m = Arc::clone(self);
+        Arc::new(move |event| match event {
+            PoolEvent::Reset { took, ok: true } => m.reset_seconds.observe(took.as_secs_f64()),
+            PoolEvent::Created { took, ok: true } => m.create_seconds.observe(took.as_secs_f64()),
+            // Failures show in the pool's counters.
+            PoolEvent::Reset { .. } | PoolEvent::Created { .. } => {}
+        })
+    }
+
+    pub fn request(&self, route: &str, method: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { route: route.into(), method: method.into(), status })
+            .inc();
+    }
+
+    pub fn invocation(&self, outcome: &'static str, exec: Option<Duration>) {
+        self.invocations.get_or_create(&OutcomeLabels { outcome }).inc();
+        if let Some(d) = exec {
+            self.exec_seconds.observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct PoolCollector {
+    status: StatusFn,
+}
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = (self.status)();
+        let c = s.counters;
+        counter(&mut enc, "ember_warm_hits", "Claims served by a ready VM", c.hits)?;
+        counter(&mut enc, "ember_warm_misses", "Claims that waited for a VM to boot", c.misses)?;
+        counter(&mut enc, "ember_pool_exhausted", "Claims refused for lack of capacity", c.exhausted)?;
+        counter(&mut enc, "ember_vms_created", "VMs created", c.created)?;
+        counter(&mut enc, "ember_vm_create_failures", "VM creations that failed", c.create_failures)?;
+        counter(&mut enc, "ember_vms_destroyed", "VMs destroyed", c.destroyed)?;
+        counter(&mut enc, "ember_vm_resets", "Used VMs made clean and reused", c.resets)?;
+        counter(
+            &mut enc,
+            "ember_vm_reset_failures",
+            "Resets that failed (the VM was replaced)",
+            c.reset_failures,
+        )?;
+        let g = ConstGauge::new(0i64);
+        let mut family = enc.encode_descriptor("ember_pool_vms", "VMs by state", None, g.metric_type())?;
+        for (state, n) in [
+            ("ready", s.ready),
+            ("booting", s.booting),
+            ("claimed", s.claimed),
+            ("resetting", s.resetting),
+            ("session", s.sessions),
+        ] {
+            let labels = [("state", state)];
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+        }
+        gauge(&mut enc, "ember_pool_target", "VMs the sizer wants ready", s.target as f64)?;
+        gauge(&mut enc, "ember_pool_waiters", "Claims waiting for a VM", s.waiters as f64)?;
+        gauge(&mut enc, "ember_request_rate_short", "Claims per second (short window)", s.rate_short)?;
+        gauge(&mut enc, "ember_request_rate_long", "Claims per second (long window)", s.rate_long)?;
+        Ok(())
+    }
+}

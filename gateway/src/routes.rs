@@ -1,0 +1,101 @@
+//! The HTTP API (described in `openapi.yaml`). Every route answers errors
+//! through [`ApiError`]; unknown paths and methods too.
+
+mod info;
+mod run;
+mod sessions;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use ember_pool::pool::Backend;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::error::ApiError;
+use crate::invoke::Sandbox;
+use crate::state::AppState;
+
+/// Header that pins calls to a session's workspace VM.
+pub const SESSION_HEADER: &str = "x-ember-session";
+/// Response header carrying the invocation id.
+pub const INVOCATION_HEADER: &str = "x-ember-invocation";
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// Every route as (method, path), in `openapi.yaml`'s spelling.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/run"),
+    ("GET", "/v1/pool"),
+    ("GET", "/v1/sessions"),
+    ("DELETE", "/v1/sessions/{key}"),
+    ("GET", "/v1/functions"),
+    ("POST", "/v1/functions/{name}"),
+];
+
+pub fn router<B: Backend>(state: AppState<B>) -> Router
+where
+    B::Vm: Sandbox,
+{
+    Router::new()
+        .route("/healthz", get(info::healthz::<B>))
+        .route("/metrics", get(info::metrics::<B>))
+        .route("/v1/run", post(run::run::<B>))
+        .route("/v1/pool", get(info::pool::<B>))
+        .route("/v1/sessions", get(sessions::list::<B>))
+        .route("/v1/sessions/{key}", delete(sessions::end::<B>))
+        .route("/v1/functions", get(info::functions::<B>))
+        .route("/v1/functions/{name}", post(run::function::<B>))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests::<B>))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server hit a bug")
+                .into_response()
+        }))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn count_requests<B: Backend>(State(state): State<AppState<B>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let route = route.as_deref().unwrap_or("unmatched");
+    state.metrics.request(route, &method, resp.status().as_u16());
+    resp
+}
+
+/// Whether the caller asked for an NDJSON stream.
+fn wants_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)))
+}
+
+/// The session key from the header, if any, checked.
+fn session_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(SESSION_HEADER) else { return Ok(None) };
+    let key = v.to_str().map_err(|_| ApiError::bad_request("X-Ember-Session must be ASCII"))?;
+    crate::api::check_session_key(key)?;
+    Ok(Some(key.to_string()))
+}
+
+#[cfg(test)]
+mod tests;

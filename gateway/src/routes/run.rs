@@ -1,0 +1,262 @@
+//! `POST /v1/run` and `POST /v1/functions/{name}`: read and check the
+//! request, run it, answer with one JSON result or an NDJSON stream.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ember_pool::pool::Backend;
+use ember_pool::ExecEvent;
+use ember_wire::Stream;
+use http_body_util::BodyExt as _;
+use serde::Deserialize;
+use tracing::Instrument as _;
+
+use super::{session_key, wants_stream, INVOCATION_HEADER, NDJSON};
+use crate::api::{parse_timeout, Invocation, Lang, Program, RunRequest, StreamEvent, Utf8Chunker};
+use crate::error::ApiError;
+use crate::invoke::{Running, Sandbox};
+use crate::state::AppState;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunQuery {
+    /// The body is code in this language (instead of a JSON request).
+    lang: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FunctionQuery {
+    timeout: Option<String>,
+}
+
+fn query<T: serde::de::DeserializeOwned + Default>(req: &Request) -> Result<T, ApiError> {
+    if req.uri().query().is_none_or(str::is_empty) {
+        return Ok(T::default());
+    }
+    Query::<T>::try_from_uri(req.uri())
+        .map(|q| q.0)
+        .map_err(|e| ApiError::bad_request(format!("query string: {}", e.body_text())))
+}
+
+/// The whole body, refused with 413 past `limit` bytes.
+async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body exceeds the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let ct = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if ct == "application/json" || (ct.starts_with("application/") && ct.ends_with("+json")) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!(
+            "content-type {ct:?}: send JSON (application/json), or the code itself with ?lang=python|sh|bash"
+        ),
+    ))
+}
+
+fn parse_run_request(body: &[u8]) -> Result<RunRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_request" };
+        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {e}"))
+    })
+}
+
+/// `POST /v1/run`.
+pub async fn run<B: Backend>(State(state): State<AppState<B>>, req: Request) -> Response
+where
+    B::Vm: Sandbox,
+{
+    let id = uuid::Uuid::new_v4().to_string();
+    let prepared = async {
+        let q: RunQuery = query(&req)?;
+        let headers = req.headers().clone();
+        let session = session_key(&headers)?;
+        let inv = match q.lang {
+            Some(lang) => {
+                let lang: Lang = lang.parse().map_err(ApiError::bad_request)?;
+                let timeout = parse_timeout(q.timeout.as_deref(), &state.limits)?;
+                let body = read_body(req, state.limits.max_body_bytes).await?;
+                let code = String::from_utf8(body.to_vec())
+                    .map_err(|_| ApiError::bad_request("the code in the body is not UTF-8"))?;
+                Invocation::new(Program::Code { lang, code }, timeout)
+            }
+            None => {
+                if q.timeout.is_some() {
+                    return Err(ApiError::bad_request("?timeout goes with ?lang; put it in the JSON body"));
+                }
+                is_json(&headers)?;
+                let body = read_body(req, state.limits.max_body_bytes).await?;
+                parse_run_request(&body)?.validate(&state.limits)?
+            }
+        };
+        Ok::<_, ApiError>((headers, session, inv))
+    };
+    match prepared.await {
+        Ok((headers, session, inv)) => invoke(state, id, &headers, session, inv).await,
+        Err(e) => with_id(e.into_response(), &id),
+    }
+}
+
+/// `POST /v1/functions/{name}`: the body is the function's input.
+pub async fn function<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response
+where
+    B::Vm: Sandbox,
+{
+    let id = uuid::Uuid::new_v4().to_string();
+    let prepared = async {
+        let f = state.functions.get(&name).ok_or_else(|| {
+            ApiError::not_found(format!("no function named {name:?} (see GET /v1/functions)"))
+        })?;
+        let q: FunctionQuery = query(&req)?;
+        let headers = req.headers().clone();
+        let session = session_key(&headers)?;
+        let timeout = match (q.timeout.as_deref(), f.timeout()) {
+            (None, Some(t)) => t,
+            (raw, _) => parse_timeout(raw, &state.limits)?,
+        };
+        let body = read_body(req, state.limits.max_body_bytes).await?;
+        Ok::<_, ApiError>((headers, session, f.invocation(body.to_vec(), timeout)))
+    };
+    match prepared.await {
+        Ok((headers, session, inv)) => invoke(state, id, &headers, session, inv).await,
+        Err(e) => with_id(e.into_response(), &id),
+    }
+}
+
+fn with_id(mut resp: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(INVOCATION_HEADER, v);
+    }
+    resp
+}
+
+async fn invoke<B: Backend>(
+    state: AppState<B>,
+    id: String,
+    headers: &HeaderMap,
+    session: Option<String>,
+    inv: Invocation,
+) -> Response
+where
+    B::Vm: Sandbox,
+{
+    let span =
+        tracing::info_span!("invocation", id = %id, vm = tracing::field::Empty, session = session.as_deref());
+    let resp = if wants_stream(headers) {
+        match state.start(id.clone(), session, inv).instrument(span.clone()).await {
+            Ok(running) => stream(running, span),
+            Err(e) => e.into_response(),
+        }
+    } else {
+        match state.run(id.clone(), session, inv).instrument(span).await {
+            Ok(result) => axum::Json(result).into_response(),
+            Err(e) => e.into_response(),
+        }
+    };
+    with_id(resp, &id)
+}
+
+fn line(ev: &StreamEvent) -> Bytes {
+    let mut v = serde_json::to_vec(ev).unwrap_or_else(|_| b"{}".to_vec());
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// Answer 200 with NDJSON lines as the command produces output. A task
+/// drives the command; if the client goes away, the task sees the stream
+/// closed and drops the invocation (killing the command, resetting the VM).
+fn stream<B: Backend>(mut running: Running<B>, span: tracing::Span) -> Response
+where
+    B::Vm: Sandbox,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let started =
+        StreamEvent::Started { id: running.id.clone(), vm_id: running.vm_id.clone(), warm: running.warm };
+    let task = async move {
+        let (mut out, mut err) = (Utf8Chunker::default(), Utf8Chunker::default());
+        let mut pending = vec![started];
+        loop {
+            for ev in pending.drain(..) {
+                if tx.send(line(&ev)).await.is_err() {
+                    tracing::info!("client went away; cancelling the command");
+                    return;
+                }
+            }
+            let next = tokio::select! {
+                ev = running.next() => ev,
+                _ = tx.closed() => {
+                    tracing::info!("client went away; cancelling the command");
+                    return;
+                }
+            };
+            match next {
+                Ok(ExecEvent::Output { stream: Stream::Stdout, data }) => {
+                    pending.extend(out.push(data).map(StreamEvent::Stdout))
+                }
+                Ok(ExecEvent::Output { stream: Stream::Stderr, data }) => {
+                    pending.extend(err.push(data).map(StreamEvent::Stderr))
+                }
+                Ok(ExecEvent::Exit(st)) => {
+                    pending.extend(out.finish().map(StreamEvent::Stdout));
+                    pending.extend(err.finish().map(StreamEvent::Stderr));
+                    pending.push(StreamEvent::Exit {
+                        exit_code: st.code,
+                        signal: st.signal,
+                        timed_out: st.timed_out,
+                        truncated: st.truncated,
+                        duration_ms: st.duration_ms,
+                    });
+                    break;
+                }
+                Err(e) => {
+                    pending.push(StreamEvent::Error {
+                        error: crate::api::ErrorBody { code: e.code.into(), message: e.message },
+                    });
+                    break;
+                }
+            }
+        }
+        for ev in pending {
+            if tx.send(line(&ev)).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::spawn(task.instrument(span));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+    resp
+}

@@ -1,0 +1,521 @@
+//! The router with a fake pool: every error path, the limits at their
+//! edges, NDJSON framing, sessions, and clients that go away.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use base64::Engine as _;
+use ember_pool::config::PoolConfig;
+use ember_pool::pool::Pool;
+use http_body_util::BodyExt as _;
+use serde_json::{json, Value};
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::config::Limits;
+use crate::functions::Functions;
+use crate::testing::FakeAgents;
+
+struct Fixture {
+    app: Router,
+    agents: FakeAgents,
+    state: AppState<FakeAgents>,
+}
+
+fn pool_config() -> PoolConfig {
+    PoolConfig {
+        min_size: 1,
+        max_size: 4,
+        target_free: 1,
+        claim_timeout: Duration::from_millis(200),
+        ..PoolConfig::default()
+    }
+}
+
+fn fixture_with(limits: Limits, pool: PoolConfig, functions: Functions) -> Fixture {
+    let agents = FakeAgents::default();
+    let pool = Pool::start(agents.clone(), pool, 256);
+    let state = AppState::new(pool, limits, functions);
+    Fixture { app: router(state.clone()), agents, state }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(Limits::default(), pool_config(), Functions::default())
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    /// An error answer: its status, and the code from its JSON body.
+    fn error(&self) -> (u16, String) {
+        let j = self.json();
+        let code = j["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {j}")).to_string();
+        assert!(j["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+        (self.status.as_u16(), code)
+    }
+}
+
+impl Fixture {
+    async fn send(&self, req: Request<Body>) -> Answer {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Answer { status: parts.status, headers: parts.headers, body }
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> Answer {
+        self.send(
+            Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.send(Request::get(path).body(Body::empty()).unwrap()).await
+    }
+
+    async fn wait_until(&self, what: &str, probe: impl Fn(&ember_pool::pool::PoolStatus) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !probe(&self.state.pool.status()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                self.state.pool
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait_for(&self, what: &str, probe: impl Fn(&crate::testing::Log) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !probe(&self.agents.log()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                self.agents.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_command_runs_and_answers_with_its_result() {
+    let f = fixture();
+    let a = f.post_json("/v1/run", json!({"cmd": "echo hi"})).await;
+    assert_eq!(a.status, 200);
+    let j = a.json();
+    assert_eq!(j["stdout"], "hi\n");
+    assert_eq!(j["stderr"], "");
+    assert_eq!(j["exit_code"], 0);
+    assert_eq!(j["signal"], Value::Null);
+    assert_eq!(j["timed_out"], false);
+    assert!(j["vm_id"].as_str().unwrap().starts_with("fake-"));
+    assert_eq!(a.headers[INVOCATION_HEADER].to_str().unwrap(), j["id"].as_str().unwrap());
+    assert!(j.get("stdout_base64").is_none());
+    // A non-zero exit is still a 200.
+    let a = f.post_json("/v1/run", json!({"cmd": "exit 3"})).await;
+    assert_eq!((a.status.as_u16(), a.json()["exit_code"].as_i64()), (200, Some(3)));
+}
+
+#[tokio::test]
+async fn request_fields_reach_the_agent() {
+    let f = fixture();
+    let a = f
+        .post_json(
+            "/v1/run",
+            json!({"argv": ["stdin"], "stdin": "in", "env": {"A": "1"}, "cwd": "sub", "timeout": "7s",
+                   "files": [{"path": "d/x.txt", "content": "x"}, {"path": "y", "content_base64": "/w==", "mode": 493}]}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.json());
+    let log = f.agents.log();
+    let e = log.execs.last().unwrap();
+    assert_eq!(e.command, ember_wire::Command::Argv(vec!["stdin".into()]));
+    assert_eq!((e.stdin.as_slice(), e.cwd.as_deref(), e.timeout_ms), (&b"in"[..], Some("sub"), 7000));
+    assert_eq!(e.env.get("A").map(String::as_str), Some("1"));
+    assert_eq!((e.output_limit, e.pids_limit), (Limits::default().max_output_bytes, Some(1024)));
+    assert!(e.kill_leftovers);
+    assert_eq!(log.files["d/x.txt"], b"x");
+    assert_eq!(log.files["y"], [0xff]);
+}
+
+#[tokio::test]
+async fn code_runs_from_json_or_from_a_raw_body() {
+    let f = fixture();
+    let a = f.post_json("/v1/run", json!({"lang": "python", "code": "print(1)"})).await;
+    assert_eq!(a.status, 200);
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(f.agents.log().files[&format!("/tmp/.ember/{id}.py")], b"print(1)");
+
+    let a = f
+        .send(
+            Request::post("/v1/run?lang=sh&timeout=3s")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Body::from("echo raw"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    let log = f.agents.log();
+    assert_eq!(log.files[&format!("/tmp/.ember/{id}.sh")], b"echo raw");
+    let e = log.execs.last().unwrap();
+    assert_eq!(e.command, ember_wire::Command::Argv(vec!["/bin/sh".into(), format!("/tmp/.ember/{id}.sh")]));
+    assert_eq!(e.timeout_ms, 3000);
+}
+
+#[tokio::test]
+async fn every_bad_request_gets_a_json_error_with_the_right_status() {
+    let f = fixture();
+    let raw = |path: &str, ct: Option<&str>, body: &'static [u8]| {
+        let mut b = Request::post(path);
+        if let Some(ct) = ct {
+            b = b.header("content-type", ct);
+        }
+        b.body(Body::from(body)).unwrap()
+    };
+    let cases: Vec<(Request<Body>, u16, &str)> = vec![
+        (raw("/v1/run", Some("application/json"), b"{\"cmd\": "), 400, "invalid_json"),
+        (raw("/v1/run", Some("application/json"), b"[1]"), 400, "invalid_request"),
+        (raw("/v1/run", Some("application/json"), b"{\"cmd\":\"x\",\"nope\":1}"), 400, "invalid_request"),
+        (
+            raw("/v1/run", Some("application/json"), b"{\"cmd\":\"x\",\"timeout\":\"6m\"}"),
+            400,
+            "invalid_request",
+        ),
+        (raw("/v1/run", Some("text/plain"), b"echo hi"), 415, "unsupported_media_type"),
+        (raw("/v1/run?lang=ruby", None, b"puts 1"), 400, "bad_request"),
+        (raw("/v1/run?lang=sh&bogus=1", None, b"true"), 400, "bad_request"),
+        (raw("/v1/run?timeout=1s", None, b"{\"cmd\":\"x\"}"), 400, "bad_request"),
+        (raw("/v1/run?lang=python", None, b"\xff\xfe"), 400, "bad_request"),
+        (raw("/v1/nothing", None, b""), 404, "not_found"),
+        (Request::get("/v1/run").body(Body::empty()).unwrap(), 405, "method_not_allowed"),
+        (Request::delete("/v1/sessions").body(Body::empty()).unwrap(), 405, "method_not_allowed"),
+        (raw("/v1/functions/nope", None, b""), 404, "not_found"),
+        (
+            Request::post("/v1/run").header("x-ember-session", "bad key").body(Body::from("{}")).unwrap(),
+            400,
+            "invalid_request",
+        ),
+        (raw("/v1/run", Some("application/json"), b"{\"argv\":[\"missing\"]}"), 422, "spawn_failed"),
+        (
+            raw(
+                "/v1/run",
+                Some("application/json"),
+                b"{\"cmd\":\"x\",\"files\":[{\"path\":\"refused\",\"content\":\"\"}]}",
+            ),
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (req, status, code) in cases {
+        let what = format!("{} {}", req.method(), req.uri());
+        let a = f.send(req).await;
+        assert_eq!(a.error(), (status, code.to_string()), "{what}");
+        assert_eq!(a.headers["content-type"], "application/json", "{what}");
+    }
+    // None of that kept a VM: refused requests give theirs back to be reset.
+    f.wait_until("no VM claimed", |s| s.claimed == 0 && s.resetting == 0).await;
+}
+
+#[tokio::test]
+async fn body_limit_is_exact() {
+    let limits = Limits { max_body_bytes: 64, ..Limits::default() };
+    let f = fixture_with(limits, pool_config(), Functions::default());
+    let body_of = |len: usize| {
+        let cmd = "x".repeat(len - r#"{"cmd":""}"#.len());
+        json!({ "cmd": cmd })
+    };
+    assert_eq!(body_of(64).to_string().len(), 64);
+    assert_eq!(f.post_json("/v1/run", body_of(64)).await.status, 200);
+    assert_eq!(f.post_json("/v1/run", body_of(65)).await.error(), (413, "body_too_large".into()));
+    // Without a content-length (chunked), the limit still holds.
+    let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from(vec![b' '; 65]))]);
+    let req = Request::post("/v1/run?lang=sh").body(Body::from_stream(stream)).unwrap();
+    assert_eq!(f.send(req).await.error(), (413, "body_too_large".into()));
+}
+
+#[tokio::test]
+async fn output_limit_is_exact_and_non_utf8_output_survives() {
+    let limits = Limits { max_output_bytes: 5000, ..Limits::default() };
+    let f = fixture_with(limits, pool_config(), Functions::default());
+    let j = f.post_json("/v1/run", json!({"cmd": "flood 5000"})).await.json();
+    assert_eq!((j["stdout"].as_str().unwrap().len(), &j["truncated"]), (5000, &json!(false)));
+    let j = f.post_json("/v1/run", json!({"cmd": "flood 5001"})).await.json();
+    assert_eq!((j["stdout"].as_str().unwrap().len(), &j["truncated"]), (5000, &json!(true)));
+
+    let j = f.post_json("/v1/run", json!({"cmd": "binary"})).await.json();
+    let raw = base64::engine::general_purpose::STANDARD.decode(j["stdout_base64"].as_str().unwrap()).unwrap();
+    assert_eq!(raw, (0..=255).collect::<Vec<u8>>());
+    assert!(j["stdout"].as_str().unwrap().contains('\u{fffd}'));
+}
+
+#[tokio::test]
+async fn a_user_timeout_is_a_200_with_timed_out() {
+    let f = fixture();
+    let a = f.post_json("/v1/run", json!({"cmd": "sleep", "timeout": "50ms"})).await;
+    assert_eq!(a.status, 200);
+    assert_eq!((a.json()["timed_out"].as_bool(), a.json()["signal"].as_i64()), (Some(true), Some(9)));
+}
+
+fn ndjson_lines(body: &[u8]) -> Vec<Value> {
+    assert!(body.ends_with(b"\n"), "NDJSON ends with a newline");
+    body.split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn ndjson_streams_chunks_then_the_exit() {
+    let f = fixture();
+    let req = Request::post("/v1/run")
+        .header("content-type", "application/json")
+        .header("accept", "application/x-ndjson")
+        .body(Body::from(json!({"cmd": "flood 2500"}).to_string()))
+        .unwrap();
+    let a = f.send(req).await;
+    assert_eq!((a.status.as_u16(), a.headers["content-type"].to_str().unwrap()), (200, NDJSON));
+    let lines = ndjson_lines(&a.body);
+    assert_eq!(lines[0]["type"], "started");
+    assert_eq!(lines[0]["id"].as_str(), a.headers[INVOCATION_HEADER].to_str().ok());
+    let stdout: usize =
+        lines.iter().filter(|l| l["type"] == "stdout").map(|l| l["data"].as_str().unwrap().len()).sum();
+    assert_eq!(stdout, 2500);
+    assert!(lines.iter().filter(|l| l["type"] == "stdout").count() >= 3, "chunks arrive as produced");
+    assert_eq!(lines[lines.len() - 2], json!({"type": "stderr", "data": "done\n"}));
+    assert_eq!(lines.last().unwrap()["type"], "exit");
+    assert_eq!(lines.last().unwrap()["exit_code"], 0);
+
+    // Errors before the start are plain JSON errors; after it, a last line.
+    let req = Request::post("/v1/run")
+        .header("accept", "application/x-ndjson")
+        .body(Body::from(json!({"cmd": "crash"}).to_string()))
+        .unwrap();
+    let lines = ndjson_lines(&f.send(req).await.body);
+    assert_eq!(lines.last().unwrap()["type"], "error");
+    assert_eq!(lines.last().unwrap()["error"]["code"], "vm_failed");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_command_and_the_vm_is_reset() {
+    let f = fixture();
+    // Streaming: read the first line, then drop the body.
+    let req = Request::post("/v1/run")
+        .header("accept", "application/x-ndjson")
+        .body(Body::from(json!({"cmd": "sleep", "timeout": "60s"}).to_string()))
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"{\"type\":\"started\""));
+    drop(body);
+    f.wait_for("cancel and reset", |l| l.cancels == 1 && l.resets == 1).await;
+
+    // Plain JSON: the request future is dropped mid-command.
+    let app = f.app.clone();
+    let call = tokio::spawn(async move {
+        let req = Request::post("/v1/run").body(Body::from(json!({"cmd": "sleep"}).to_string())).unwrap();
+        app.oneshot(req).await
+    });
+    f.wait_for("the second command", |l| l.execs.len() == 2).await;
+    call.abort();
+    f.wait_for("cancel and reset", |l| l.cancels == 2 && l.resets == 2).await;
+    assert_eq!(f.state.permits.available_permits(), Limits::default().max_concurrent_requests);
+}
+
+#[tokio::test]
+async fn a_broken_vm_is_a_502_and_is_replaced() {
+    let f = fixture();
+    let a = f.post_json("/v1/run", json!({"cmd": "crash"})).await;
+    assert_eq!(a.error(), (502, "vm_failed".into()));
+    f.wait_until("the broken VM destroyed", |s| s.counters.destroyed == 1).await;
+    assert_eq!(f.agents.log().resets, 0, "a broken VM is never reset for reuse");
+    assert_eq!(f.post_json("/v1/run", json!({"cmd": "echo ok"})).await.status, 200);
+}
+
+#[tokio::test]
+async fn concurrency_limit_answers_429_at_its_edge() {
+    let limits = Limits { max_concurrent_requests: 2, ..Limits::default() };
+    let f = fixture_with(limits, pool_config(), Functions::default());
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let app = f.app.clone();
+        held.push(tokio::spawn(async move {
+            let req = Request::post("/v1/run").body(Body::from(json!({"cmd": "sleep"}).to_string())).unwrap();
+            app.oneshot(req).await
+        }));
+    }
+    f.wait_for("two running", |l| l.execs.len() == 2).await;
+    let a = f.post_json("/v1/run", json!({"cmd": "echo x"})).await;
+    assert_eq!(a.error(), (429, "too_many_requests".into()));
+    assert_eq!(a.headers["retry-after"], "1");
+    for h in held {
+        h.abort();
+    }
+    f.wait_for("both cancelled", |l| l.cancels == 2).await;
+    assert_eq!(f.post_json("/v1/run", json!({"cmd": "echo x"})).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_full_pool_answers_429_with_retry_after() {
+    let pool = PoolConfig { min_size: 1, max_size: 1, max_waiters: 0, ..pool_config() };
+    let f = fixture_with(Limits::default(), pool, Functions::default());
+    f.wait_until("the VM ready", |s| s.ready == 1).await;
+    let app = f.app.clone();
+    let busy = tokio::spawn(async move {
+        let req = Request::post("/v1/run").body(Body::from(json!({"cmd": "sleep"}).to_string())).unwrap();
+        app.oneshot(req).await
+    });
+    f.wait_for("the pool's one VM busy", |l| l.execs.len() == 1).await;
+    let a = f.post_json("/v1/run", json!({"cmd": "echo x"})).await;
+    assert_eq!(a.error(), (429, "pool_exhausted".into()));
+    assert!(a.headers.contains_key("retry-after"));
+    busy.abort();
+}
+
+#[tokio::test]
+async fn sessions_pin_one_vm_per_key_and_end_on_delete() {
+    let pool = PoolConfig { max_sessions: 2, ..pool_config() };
+    let f = fixture_with(Limits::default(), pool, Functions::default());
+    let call = |key: &str, cmd: &str| {
+        Request::post("/v1/run")
+            .header("x-ember-session", key)
+            .body(Body::from(json!({ "cmd": cmd }).to_string()))
+            .unwrap()
+    };
+    let a1 = f.send(call("alice", "echo 1")).await.json();
+    let a2 = f.send(call("alice", "echo 2")).await.json();
+    let b1 = f.send(call("bob", "echo 3")).await.json();
+    assert_eq!(a1["vm_id"], a2["vm_id"]);
+    assert_ne!(a1["vm_id"], b1["vm_id"]);
+    assert_eq!(a1["session"], "alice");
+    assert!(!f.agents.log().execs.last().unwrap().kill_leftovers, "session processes persist");
+    // The limit, at its edge.
+    let a = f.send(call("carol", "echo 4")).await;
+    assert_eq!(a.error(), (429, "session_limit".into()));
+
+    let list = f.get("/v1/sessions").await.json();
+    let keys: Vec<&str> =
+        list["sessions"].as_array().unwrap().iter().map(|s| s["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["alice", "bob"]);
+    let del = |key: &str| Request::delete(format!("/v1/sessions/{key}")).body(Body::empty()).unwrap();
+    assert_eq!(f.send(del("alice")).await.status, 204);
+    assert_eq!(f.send(del("alice")).await.error(), (404, "not_found".into()));
+    let again = f.send(call("alice", "echo 5")).await.json();
+    assert_ne!(again["vm_id"], a1["vm_id"], "a new session gets a new VM");
+}
+
+#[tokio::test]
+async fn draining_refuses_new_work_with_503() {
+    let f = fixture();
+    assert_eq!(f.get("/healthz").await.status, 200);
+    f.state.start_draining();
+    let a = f.post_json("/v1/run", json!({"cmd": "echo x"})).await;
+    assert_eq!(a.error(), (503, "draining".into()));
+    assert!(a.headers.contains_key("retry-after"));
+    assert_eq!(f.get("/healthz").await.status, 503);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_show_the_pool() {
+    let f = fixture();
+    f.post_json("/v1/run", json!({"cmd": "echo x"})).await;
+    f.post_json("/v1/run", json!({"cmd": 1})).await;
+    f.get("/nowhere").await;
+    let m = f.get("/metrics").await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    for needle in [
+        r#"ember_http_requests_total{route="/v1/run",method="POST",status="200"} 1"#,
+        r#"ember_http_requests_total{route="/v1/run",method="POST",status="400"} 1"#,
+        r#"ember_http_requests_total{route="unmatched",method="GET",status="404"} 1"#,
+        r#"ember_invocations_total{outcome="exited"} 1"#,
+        "ember_claim_seconds_count 1",
+        "ember_exec_seconds_bucket{le=",
+        r#"ember_pool_vms{state="ready"}"#,
+        "ember_warm_hits_total",
+        "ember_warm_misses_total",
+        "# EOF",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    let pool = f.get("/v1/pool").await.json();
+    assert!(
+        pool["vms"]["ready"].is_u64() && pool["target"].is_u64() && pool["rates"]["short_per_sec"].is_f64()
+    );
+}
+
+#[tokio::test]
+async fn functions_are_listed_and_run_with_the_body_as_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("shout");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(
+        d.join("function.toml"),
+        "description = \"d\"\nlang = \"sh\"\nentry = \"main.sh\"\ntimeout = \"9s\"",
+    )
+    .unwrap();
+    std::fs::write(d.join("main.sh"), "tr a-z A-Z").unwrap();
+    let fns = Functions::load(dir.path(), Duration::from_secs(60)).unwrap();
+    let f = fixture_with(Limits::default(), pool_config(), fns);
+    let list = f.get("/v1/functions").await.json();
+    assert_eq!(list["functions"][0]["name"], "shout");
+    assert_eq!(list["functions"][0]["timeout_ms"], 9000);
+    let a = f.send(Request::post("/v1/functions/shout").body(Body::from("hey")).unwrap()).await;
+    assert_eq!(a.status, 200);
+    let log = f.agents.log();
+    let e = log.execs.last().unwrap();
+    assert_eq!((e.stdin.as_slice(), e.timeout_ms), (&b"hey"[..], 9000));
+    assert_eq!(log.files["main.sh"], b"tr a-z A-Z");
+}
+
+/// Every route in `openapi.yaml` exists with its methods, and no route is
+/// undocumented.
+#[tokio::test]
+async fn openapi_describes_exactly_the_routes() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi.yaml")).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let mut documented = Vec::new();
+    for (path, item) in doc["paths"].as_mapping().unwrap() {
+        for (method, _) in item.as_mapping().unwrap() {
+            let method = method.as_str().unwrap().to_uppercase();
+            if method != "PARAMETERS" {
+                documented.push((method, path.as_str().unwrap().to_string()));
+            }
+        }
+    }
+    documented.sort();
+    let mut routes: Vec<(String, String)> =
+        ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    routes.sort();
+    assert_eq!(documented, routes);
+    let f = fixture();
+    for (method, path) in routes {
+        let concrete = path.replace("{key}", "k").replace("{name}", "n");
+        let req = Request::builder().method(method.as_str()).uri(&concrete).body(Body::from("{}")).unwrap();
+        let a = f.send(req).await;
+        assert_ne!(a.status, 405, "{method} {path}");
+        if a.status == 404 {
+            // A documented route may say "no such session/function", never "no route".
+            assert!(
+                !a.json()["error"]["message"].as_str().unwrap().starts_with("no route"),
+                "{method} {path}"
+            );
+        }
+    }
+}

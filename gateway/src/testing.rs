@@ -1,0 +1,212 @@
+//! A fake pool backend for router tests: each "VM" is a scripted agent
+//! speaking the real wire protocol over `tokio::io::duplex`, so the real
+//! `AgentClient` is in the path. Nothing runs on the host.
+//!
+//! Shell commands the fake understands: `echo TEXT`, `sleep` (until
+//! cancelled or timed out), `flood N` (N bytes, limited like the agent),
+//! `binary` (bytes 0..=255), `stdin` (echoes stdin), `crash` (the agent
+//! dies), `exit N`. Anything else exits 0 silently. An argv whose program
+//! is `missing` fails to spawn.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ember_pool::pool::{Backend, PoolError};
+use ember_pool::AgentClient;
+use ember_wire::{
+    decode, encode, Command, ErrorCode, ErrorReply, ExecRequest, ExitStatus, FrameDecoder, Request,
+    RequestBody, Response, ResponseBody, Stream, MAX_FRAME_LEN,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+
+use crate::invoke::Sandbox;
+
+/// What the fake agents saw, across all VMs.
+#[derive(Debug, Default)]
+pub struct Log {
+    pub execs: Vec<ExecRequest>,
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub cancels: u64,
+    pub resets: u64,
+    pub alive: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FakeAgents {
+    pub log: Arc<Mutex<Log>>,
+    next: Arc<AtomicU64>,
+    pub create_delay: Duration,
+}
+
+pub struct FakeVm {
+    id: String,
+    agent: AgentClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FakeVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+impl Sandbox for FakeVm {
+    fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl FakeAgents {
+    pub fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for FakeAgents {
+    type Vm = FakeVm;
+
+    async fn create(&self) -> Result<FakeVm, PoolError> {
+        tokio::time::sleep(self.create_delay).await;
+        let (host, guest) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(serve(guest, Arc::clone(&self.log)));
+        self.log().alive += 1;
+        let id = format!("fake-{}", self.next.fetch_add(1, Ordering::SeqCst));
+        Ok(FakeVm { id, agent: AgentClient::new(host), task })
+    }
+
+    fn recycles(&self) -> bool {
+        true
+    }
+
+    async fn reset(&self, _vm: &mut FakeVm) -> Result<(), PoolError> {
+        self.log().resets += 1;
+        Ok(())
+    }
+
+    async fn destroy(&self, vm: FakeVm) {
+        vm.task.abort();
+        self.log().alive -= 1;
+    }
+
+    fn healthy(&self, vm: &mut FakeVm) -> bool {
+        !vm.task.is_finished()
+    }
+
+    fn vm_id(vm: &FakeVm) -> &str {
+        &vm.id
+    }
+}
+
+type Out = mpsc::UnboundedSender<Response>;
+
+async fn serve(stream: tokio::io::DuplexStream, log: Arc<Mutex<Log>>) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let writer = tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            let Ok(frame) = encode(&r) else { continue };
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut dec = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut running: BTreeMap<u64, mpsc::UnboundedSender<()>> = BTreeMap::new();
+    'conn: loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        dec.push(&buf[..n]);
+        while let Some(frame) = dec.next_frame() {
+            let Ok(req) = frame.and_then(|b| decode::<Request>(&b)) else { continue };
+            let reply = |body| {
+                let _ = tx.send(Response { id: req.id, body });
+            };
+            match req.body {
+                RequestBody::Exec(e) => {
+                    log.lock().unwrap_or_else(|p| p.into_inner()).execs.push(e.clone());
+                    if e.command == Command::Shell("crash".into()) {
+                        break 'conn;
+                    }
+                    let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
+                    running.insert(req.id, cancel_tx);
+                    tokio::spawn(exec(req.id, e, tx.clone(), cancel_rx));
+                }
+                RequestBody::Cancel { target } => {
+                    log.lock().unwrap_or_else(|p| p.into_inner()).cancels += 1;
+                    if let Some(c) = running.remove(&target) {
+                        let _ = c.send(());
+                    }
+                }
+                RequestBody::WriteFiles { files } => {
+                    if files.iter().any(|f| f.path.contains("refused")) {
+                        reply(ResponseBody::Error(ErrorReply::new(ErrorCode::BadRequest, "path refused")));
+                        continue;
+                    }
+                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                    for f in files {
+                        l.files.insert(f.path, f.content);
+                    }
+                    reply(ResponseBody::Ok);
+                }
+                _ => reply(ResponseBody::Ok),
+            }
+        }
+    }
+    writer.abort();
+}
+
+async fn exec(id: u64, e: ExecRequest, tx: Out, mut cancel: mpsc::UnboundedReceiver<()>) {
+    let send = |body| {
+        let _ = tx.send(Response { id, body });
+    };
+    let out = |stream, data: Vec<u8>| send(ResponseBody::Output { stream, data });
+    let mut status = ExitStatus { code: Some(0), ..Default::default() };
+    match &e.command {
+        Command::Argv(argv) if argv.first().is_some_and(|a| a == "missing") => {
+            send(ResponseBody::Error(ErrorReply::new(ErrorCode::SpawnFailed, "missing: not found")));
+            return;
+        }
+        Command::Argv(_) => {}
+        Command::Shell(line) => {
+            let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+            match word {
+                "echo" => out(Stream::Stdout, format!("{rest}\n").into_bytes()),
+                "stdin" => out(Stream::Stdout, e.stdin.clone()),
+                "binary" => out(Stream::Stdout, (0..=255).collect()),
+                "exit" => status.code = rest.parse().ok(),
+                "flood" => {
+                    let total: u64 = rest.parse().unwrap_or(0);
+                    let kept = total.min(e.output_limit);
+                    for chunk in 0..kept.div_ceil(1000) {
+                        let n = (kept - chunk * 1000).min(1000) as usize;
+                        out(Stream::Stdout, vec![b'x'; n]);
+                    }
+                    out(Stream::Stderr, b"done\n".to_vec());
+                    status.truncated = total > e.output_limit;
+                }
+                "sleep" => {
+                    let limit = Duration::from_millis(e.timeout_ms);
+                    tokio::select! {
+                        _ = cancel.recv() => {
+                            status = ExitStatus { signal: Some(9), cancelled: true, ..Default::default() };
+                        }
+                        _ = tokio::time::sleep(limit) => {
+                            status = ExitStatus { signal: Some(9), timed_out: true, ..Default::default() };
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    send(ResponseBody::Exit(status));
+}
