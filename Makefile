@@ -12,10 +12,10 @@ export EMBER_IMAGES ?= $(CURDIR)/target/images
 
 .PHONY: up test deps build agent images bench lint fmt clean-cache
 
-## up: install what is missing, build, make images, smoke-test one VM.
+## up: install what is missing, build, make images, serve on 127.0.0.1:8080
+## (foreground; Ctrl-C drains). EMBER_CONFIG=file or EMBER_LISTEN=addr to change.
 up: deps build images
-	./target/release/ember vm run --timings -- uname -a
-	@echo "ember is ready: try ./target/release/ember vm run -- python3 -c 'print(6*7)'"
+	exec ./target/release/ember serve
 
 ## test: install what is missing, then run every test (unit, component, VM).
 test: deps images

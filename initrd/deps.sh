@@ -7,7 +7,8 @@ log() { printf '[deps] %s\n' "$*" >&2; }
 
 need_apt=()
 have() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in busybox-static cpio debootstrap e2fsprogs gzip; do
+# curl (7.82+ for --json) is the client of the README examples and the e2e tests.
+for p in busybox-static cpio curl debootstrap e2fsprogs gzip tar; do
     have "$p" || need_apt+=("$p")
 done
 # qemu-system-x86 and qemu-utils must come from the same release: the image

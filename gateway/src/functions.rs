@@ -6,7 +6,7 @@
 //! description = "Word frequencies of a text"
 //! lang = "sh"            # python, sh or bash
 //! entry = "main.sh"      # run by the language's interpreter
-//! timeout = "10s"        # optional; at most limits.max_timeout
+//! timeout = "10s"        # optional; capped at limits.max_timeout
 //! input = "stdin"        # the request body goes to stdin, or
 //! # input = "file"       # is written to `input_file` in the workspace
 //! # input_file = "input.bin"
@@ -148,9 +148,15 @@ fn load_one(name: &str, dir: &Path, max_timeout: Duration) -> Result<Function, S
     let text =
         std::fs::read_to_string(dir.join(MANIFEST)).map_err(|e| format!("cannot read {MANIFEST}: {e}"))?;
     let m: Manifest = toml::from_str(&text).map_err(|e| format!("{MANIFEST}: {}", e.to_string().trim()))?;
-    if m.timeout.is_some_and(|t| t.is_zero() || t > max_timeout) {
-        return Err(format!("timeout must be above zero and at most limits.max_timeout ({max_timeout:?})"));
+    if m.timeout.is_some_and(|t| t.is_zero()) {
+        return Err("timeout must be above zero".into());
     }
+    let timeout = m.timeout.map(|t| {
+        if t > max_timeout {
+            tracing::warn!(function = name, "timeout {t:?} capped at limits.max_timeout ({max_timeout:?})");
+        }
+        t.min(max_timeout)
+    });
     let input_file = match (m.input, m.input_file) {
         (Input::File, Some(f)) if !f.is_empty() && !f.contains("..") && !f.starts_with('/') => Some(f),
         (Input::File, _) => return Err("input = \"file\" needs a relative input_file".into()),
@@ -170,8 +176,8 @@ fn load_one(name: &str, dir: &Path, max_timeout: Duration) -> Result<Function, S
         entry: m.entry,
         input: m.input,
         input_file,
-        timeout_ms: m.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        timeout: m.timeout,
+        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        timeout,
         files,
     })
 }
@@ -244,6 +250,8 @@ mod tests {
         assert_eq!(inv.program, Program::Argv(vec!["/bin/sh".into(), "main.sh".into()]));
         let paths: Vec<&str> = inv.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["lib/x.txt", "main.sh"]);
+        let capped = Functions::load(dir.path(), Duration::from_secs(2)).unwrap();
+        assert_eq!(capped.get("upper").unwrap().timeout(), Some(Duration::from_secs(2)));
         let insp = fns.get("inspect").unwrap();
         let inv = insp.invocation(vec![0xff], Duration::from_secs(1));
         assert!(inv.stdin.is_empty());
@@ -258,7 +266,7 @@ mod tests {
         write(
             dir.path(),
             "c",
-            "description = \"d\"\nlang = \"sh\"\nentry = \"m\"\ntimeout = \"2h\"",
+            "description = \"d\"\nlang = \"sh\"\nentry = \"m\"\ntimeout = \"0s\"",
             &[("m", "")],
         );
         write(

@@ -1,8 +1,9 @@
 //! Prometheus metrics (text format at `GET /metrics`). Request counts and
 //! latency histograms are recorded as things happen; pool sizes and
-//! counters are read from the pool at scrape time.
+//! counters are a snapshot of the pool's status taken at scrape time (the
+//! metrics never hold the pool: the pool holds them, as its observer).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_pool::pool::{PoolEvent, PoolStatus};
@@ -26,9 +27,6 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
-/// Reads the pool's state at scrape time.
-pub type StatusFn = Arc<dyn Fn() -> PoolStatus + Send + Sync>;
-
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -38,6 +36,7 @@ pub struct Metrics {
     pub exec_seconds: Histogram,
     pub reset_seconds: Histogram,
     pub create_seconds: Histogram,
+    pool_status: Arc<Mutex<Option<PoolStatus>>>,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -46,7 +45,7 @@ fn seconds_buckets() -> impl Iterator<Item = f64> {
 }
 
 impl Metrics {
-    pub fn new(pool_status: StatusFn) -> Arc<Self> {
+    pub fn new() -> Arc<Self> {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -72,7 +71,8 @@ impl Metrics {
         registry.register("ember_reset_seconds", "Time to make a used VM clean", reset_seconds.clone());
         let create_seconds = Histogram::new(seconds_buckets());
         registry.register("ember_vm_create_seconds", "Time to boot or restore a VM", create_seconds.clone());
-        registry.register_collector(Box::new(PoolCollector { status: pool_status }));
+        let pool_status = Arc::new(Mutex::new(None));
+        registry.register_collector(Box::new(PoolCollector { status: Arc::clone(&pool_status) }));
         Arc::new(Self {
             registry,
             requests,
@@ -81,6 +81,7 @@ impl Metrics {
             exec_seconds,
             reset_seconds,
             create_seconds,
+            pool_status,
         })
     }
 
@@ -108,7 +109,12 @@ impl Metrics {
         }
     }
 
-    pub fn encode(&self) -> String {
+    /// The text exposition, with `pool` as the pool's state.
+    pub fn encode(&self, pool: PoolStatus) -> String {
+        // One scrape at a time sees its own snapshot.
+        let mut slot = self.pool_status.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(pool);
+        drop(slot);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");
@@ -117,15 +123,9 @@ impl Metrics {
     }
 }
 
-#[derive(Clone)]
+#[derive(Debug)]
 struct PoolCollector {
-    status: StatusFn,
-}
-
-impl std::fmt::Debug for PoolCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PoolCollector")
-    }
+    status: Arc<Mutex<Option<PoolStatus>>>,
 }
 
 fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
@@ -140,7 +140,7 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<
 
 impl Collector for PoolCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = (self.status)();
+        let Some(s) = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
         let c = s.counters;
         counter(&mut enc, "ember_warm_hits", "Claims served by a ready VM", c.hits)?;
         counter(&mut enc, "ember_warm_misses", "Claims that waited for a VM to boot", c.misses)?;

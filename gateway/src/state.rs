@@ -45,8 +45,7 @@ impl<B: Backend> std::fmt::Debug for AppState<B> {
 impl<B: Backend> AppState<B> {
     /// Shared state over a started pool; pool events feed the metrics.
     pub fn new(pool: Pool<B>, limits: Limits, functions: Functions) -> Self {
-        let status_pool = pool.clone();
-        let metrics = Metrics::new(Arc::new(move || status_pool.status()));
+        let metrics = Metrics::new();
         pool.observe(metrics.observe_pool());
         Self {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_requests)),

@@ -55,7 +55,7 @@ pub async fn functions<B: Backend>(State(state): State<AppState<B>>) -> Response
 pub async fn metrics<B: Backend>(State(state): State<AppState<B>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
+        state.metrics.encode(state.pool.status()),
     )
         .into_response()
 }

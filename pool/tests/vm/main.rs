@@ -15,7 +15,7 @@ use ember_pool::channel::ExecOutput;
 use ember_pool::vm::{wait_until, ImageSet, InitMode, VmConfig};
 use ember_pool::{AgentError, ChannelChoice, ExecEvent, Vm, VmHost};
 use ember_wire::{Command, Configure, ErrorCode, ExecRequest, FileSpec, NetworkConfig, MAX_FRAME_LEN};
-use harness::{CaseFuture, Report};
+use harness::{processes_mentioning, CaseFuture, Report};
 
 fn images_dir() -> PathBuf {
     std::env::var_os("EMBER_IMAGES")
@@ -521,19 +521,6 @@ async fn agent_shutdown_powers_off(host: &Arc<VmHost>, init: &str) -> anyhow::Re
     );
     vm.shutdown().await;
     Ok(())
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) {
-            found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
-        }
-    }
-    found
 }
 
 type VmCase = for<'a> fn(&'a Vm) -> CaseFuture<'a>;

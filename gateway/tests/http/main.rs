@@ -1,0 +1,303 @@
+//! End-to-end: the real `ember serve` over real VMs, called with curl as a
+//! user would. One server is shared by the cases (its pool stays warm);
+//! the last cases drain it with SIGTERM and check that nothing is left.
+//!
+//! `cargo test --test http -- NAME` runs the cases whose name holds NAME.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test fixtures
+
+#[path = "../../../pool/tests/vm/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+mod readme;
+mod server;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use base64::Engine as _;
+use harness::Report;
+use serde_json::{json, Value};
+use server::Server;
+
+type Case = fn(&Server) -> anyhow::Result<()>;
+
+fn each_input_form(s: &Server) -> anyhow::Result<()> {
+    let r = s.run(json!({"cmd": "echo hello; echo oops >&2; exit 3"}))?;
+    ensure!(r["stdout"] == "hello\n" && r["stderr"] == "oops\n" && r["exit_code"] == 3, "{r}");
+    ensure!(r["vm_id"].as_str().is_some_and(|v| !v.is_empty()) && r["id"].is_string(), "{r}");
+
+    let r = s.run(json!({"argv": ["printf", "%s|", "a b", "c"]}))?;
+    ensure!(r["stdout"] == "a b|c|", "{r}");
+
+    let r = s.run(
+        json!({"lang": "python", "code": "import sys\nprint(sum(map(int, sys.stdin.read().split())))",
+                         "stdin": "1 2 3 4"}),
+    )?;
+    ensure!(r["stdout"] == "10\n", "{r}");
+
+    let a = s.post("/v1/run?lang=python", &[], b"import platform; print(platform.system())")?;
+    ensure!(a.status == 200 && a.json()?["stdout"] == "Linux\n", "{a:?}");
+    let a = s.post("/v1/run?lang=bash&timeout=5s", &[], b"echo ${BASH_VERSION%%.*}")?;
+    ensure!(a.status == 200 && a.json()?["exit_code"] == 0, "{a:?}");
+
+    let r = s.run(json!({
+        "cmd": "cat data/in.txt; cat run.sh | wc -c; ./run.sh; pwd; echo $GREETING",
+        "env": {"GREETING": "hej"},
+        "files": [{"path": "data/in.txt", "content": "from a file\n"},
+                  {"path": "run.sh", "content": "#!/bin/sh\necho exec ok\n", "mode": 493}],
+    }))?;
+    ensure!(r["stdout"] == "from a file\n23\nexec ok\n/home/ember\nhej\n", "{r}");
+    let r = s.run(json!({"cmd": "pwd", "cwd": "/tmp"}))?;
+    ensure!(r["stdout"] == "/tmp\n", "{r}");
+
+    // Non-UTF-8 output and stdin arrive byte for byte.
+    let r = s.run(json!({"cmd": "cat", "stdin_base64": "AP/+gA=="}))?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(r["stdout_base64"].as_str().context("no base64")?)?;
+    ensure!(raw == [0x00, 0xff, 0xfe, 0x80], "{r}");
+    Ok(())
+}
+
+fn timeouts_and_output_limits(s: &Server) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let r = s.run(json!({"cmd": "echo started; sleep 60", "timeout": "1s"}))?;
+    ensure!(r["timed_out"] == true && r["stdout"] == "started\n", "{r}");
+    ensure!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    // limits.max_output_bytes is 100000 in the suite's config.
+    let r = s.run(json!({"cmd": "head -c 100000 /dev/zero | tr '\\0' x"}))?;
+    ensure!(r["truncated"] == false && r["stdout"].as_str().map(str::len) == Some(100_000), "exact limit");
+    let r = s.run(json!({"cmd": "head -c 5000000 /dev/zero | tr '\\0' x; echo end >&2"}))?;
+    ensure!(r["truncated"] == true, "truncated flag");
+    let kept = r["stdout"].as_str().map_or(0, str::len) + r["stderr"].as_str().map_or(0, str::len);
+    ensure!(kept <= 100_000, "kept {kept} bytes");
+    // A timeout above the limit (20s here) is refused.
+    let a = s.post_json("/v1/run", &json!({"cmd": "true", "timeout": "21s"}))?;
+    ensure!(a.error()? == (400, "invalid_request".into()), "{a:?}");
+    Ok(())
+}
+
+fn errors_are_json_with_the_right_status(s: &Server) -> anyhow::Result<()> {
+    let cases: Vec<(server::Answer, u16, &str)> = vec![
+        (s.post("/v1/run", &["content-type: application/json"], b"{\"cmd\":")?, 400, "invalid_json"),
+        (
+            s.post("/v1/run", &["content-type: application/json"], b"{\"cmd\":\"x\",\"y\":1}")?,
+            400,
+            "invalid_request",
+        ),
+        (s.post("/v1/run", &["content-type: text/plain"], b"echo")?, 415, "unsupported_media_type"),
+        (s.post("/v1/run?lang=sh", &[], &vec![b'#'; 65_537])?, 413, "body_too_large"),
+        (s.request("GET", "/v1/run", &[], None)?, 405, "method_not_allowed"),
+        (s.request("GET", "/nope", &[], None)?, 404, "not_found"),
+        (s.post("/v1/functions/nope", &[], b"")?, 404, "not_found"),
+        (s.post_json("/v1/run", &json!({"argv": ["/no/such/program"]}))?, 422, "spawn_failed"),
+    ];
+    for (a, status, code) in cases {
+        ensure!(a.error()? == (status, code.to_string()), "expected {status} {code}: {a:?}");
+    }
+    // The limit itself is accepted.
+    let a = s.post("/v1/run?lang=sh", &[], &vec![b'#'; 65_536])?;
+    ensure!(a.status == 200, "{a:?}");
+    Ok(())
+}
+
+fn ndjson_streams_output_as_it_comes(s: &Server) -> anyhow::Result<()> {
+    let lines =
+        s.stream(&json!({"cmd": "for i in 1 2 3; do echo line$i; sleep 0.5; done; printf '\\377'"}))?;
+    let types: Vec<&str> = lines.iter().map(|(_, l)| l["type"].as_str().unwrap_or("?")).collect();
+    ensure!(types.first() == Some(&"started") && types.last() == Some(&"exit"), "{types:?}");
+    let out: Vec<&(Instant, Value)> = lines.iter().filter(|(_, l)| l["type"] == "stdout").collect();
+    ensure!(out.len() >= 4, "{lines:?}");
+    ensure!(out[0].1["data"] == "line1\n", "{:?}", out[0]);
+    let exit_at = lines.last().map(|(t, _)| *t).context("no lines")?;
+    ensure!(exit_at - out[0].0 >= Duration::from_millis(800), "the first line came only at the end");
+    ensure!(out.last().map(|(_, l)| &l["data_base64"]) == Some(&json!("/w==")), "{lines:?}");
+    Ok(())
+}
+
+fn a_client_that_goes_away_frees_its_vm(s: &Server) -> anyhow::Result<()> {
+    let before = s.pool()?["counters"]["resets"].as_u64().unwrap_or(0);
+    // Streaming: kill the client after the first line.
+    s.stream_then_hang_up(&json!({"cmd": "sleep 300"}))?;
+    s.wait_until("the streamed command's VM reset", |p| {
+        p["counters"]["resets"].as_u64() > Some(before) && p["invocations_running"] == 0
+    })?;
+    // Plain JSON: curl gives up after 2 s.
+    let before = s.pool()?["counters"]["resets"].as_u64().unwrap_or(0);
+    let a = s.curl(&["--max-time", "2", "--json", r#"{"cmd":"sleep 300"}"#], "/v1/run")?;
+    ensure!(a.curl_exit == Some(28), "curl should time out: {a:?}");
+    s.wait_until("the abandoned command's VM reset", |p| {
+        p["counters"]["resets"].as_u64() > Some(before) && p["invocations_running"] == 0
+    })?;
+    Ok(())
+}
+
+fn sessions_keep_state_and_stay_apart(s: &Server) -> anyhow::Result<()> {
+    let call = |key: &str, cmd: &str| s.run_in(key, json!({ "cmd": cmd }));
+    let a1 = call("alice", "echo secret > note.txt; (sleep 600 &); echo ok")?;
+    ensure!(a1["stdout"] == "ok\n" && a1["session"] == "alice", "{a1}");
+    // No procps in the guest: /proc is enough.
+    let sleepers = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep";
+    let a2 = call("alice", &format!("cat note.txt; [ $({sleepers}) -gt 0 ] && echo sleeper alive"))?;
+    ensure!(a2["stdout"] == "secret\nsleeper alive\n", "{a2}");
+    ensure!(a1["vm_id"] == a2["vm_id"], "same VM");
+    let b = call("bob", &format!("cat note.txt 2>&1; [ $({sleepers}) -eq 0 ] && echo no sleeper"))?;
+    ensure!(
+        b["vm_id"] != a1["vm_id"] && b["stdout"].as_str().is_some_and(|o| o.contains("No such file")),
+        "{b}"
+    );
+    ensure!(b["stdout"].as_str().is_some_and(|o| o.ends_with("no sleeper\n")), "{b}");
+
+    // Calls in one session are serialized: two at once take twice as long.
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        let h: Vec<_> = (0..2).map(|_| sc.spawn(|| call("bob", "sleep 1"))).collect();
+        h.into_iter().try_for_each(|h| h.join().expect("thread").map(drop))
+    })?;
+    ensure!(t.elapsed() >= Duration::from_secs(2), "ran in parallel: {:?}", t.elapsed());
+
+    let list = s.get("/v1/sessions")?.json()?;
+    let keys: Vec<&str> =
+        list["sessions"].as_array().context("sessions")?.iter().filter_map(|x| x["key"].as_str()).collect();
+    ensure!(keys == ["alice", "bob"], "{list}");
+    // The suite allows two sessions: a third is refused.
+    let c = s.post(
+        "/v1/run",
+        &["x-ember-session: carol", "content-type: application/json"],
+        br#"{"cmd":"true"}"#,
+    )?;
+    ensure!(c.error()? == (429, "session_limit".into()), "{c:?}");
+    for key in ["alice", "bob"] {
+        let d = s.request("DELETE", &format!("/v1/sessions/{key}"), &[], None)?;
+        ensure!(d.status == 204, "{d:?}");
+    }
+    ensure!(s.request("DELETE", "/v1/sessions/alice", &[], None)?.status == 404, "deleted twice");
+    let fresh = call("alice", "cat note.txt 2>&1 || true")?;
+    ensure!(
+        fresh["vm_id"] != a1["vm_id"] && fresh["stdout"].as_str().is_some_and(|o| o.contains("No such")),
+        "{fresh}"
+    );
+    ensure!(s.request("DELETE", "/v1/sessions/alice", &[], None)?.status == 204, "cleanup");
+    Ok(())
+}
+
+fn functions_run_with_real_input(s: &Server) -> anyhow::Result<()> {
+    let list = s.get("/v1/functions")?.json()?;
+    let names: Vec<&str> = list["functions"]
+        .as_array()
+        .context("functions")?
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    ensure!(names == ["json-stats", "primes", "tar-inspect", "wordfreq"], "{names:?}");
+
+    let r = s.post("/v1/functions/wordfreq", &[], b"the cat saw the other cat. The end")?.json()?;
+    ensure!(r["stdout"].as_str().is_some_and(|o| o.starts_with("      3 the\n      2 cat\n")), "{r}");
+
+    let r =
+        s.post("/v1/functions/json-stats", &[], br#"[{"n": 1, "k": "a"}, {"n": 3, "k": "a"}]"#)?.json()?;
+    let out: Value = serde_json::from_str(r["stdout"].as_str().context("stdout")?)?;
+    ensure!(out["fields"]["n"]["mean"] == 2.0 && out["fields"]["k"]["distinct"] == 1, "{out}");
+    let bad = s.post("/v1/functions/json-stats", &[], b"not json")?.json()?;
+    ensure!(bad["exit_code"] == 2 && bad["stderr"].as_str().is_some_and(|e| e.contains("not JSON")), "{bad}");
+
+    let r = s.post("/v1/functions/primes", &[], br#"{"limit": 100000}"#)?.json()?;
+    let out: Value = serde_json::from_str(r["stdout"].as_str().context("stdout")?)?;
+    ensure!(out["primes"] == 9592 && out["largest"] == 99991, "{out}");
+
+    // A tarball with an escaping symlink, built here, inspected in the VM.
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("hello.txt"), "hello\n")?;
+    std::os::unix::fs::symlink("/etc/shadow", dir.path().join("escape"))?;
+    let tar = std::process::Command::new("tar")
+        .args(["-czf", "-", "-C"])
+        .arg(dir.path())
+        .args(["hello.txt", "escape"])
+        .output()?;
+    ensure!(tar.status.success(), "tar failed");
+    let r = s.post("/v1/functions/tar-inspect", &[], &tar.stdout)?.json()?;
+    let out: Value =
+        serde_json::from_str(r["stdout"].as_str().context("stdout")?).with_context(|| format!("{r}"))?;
+    ensure!(out["entries"] == 2 && out["flagged"] == 1, "{out}");
+    let hello = &out["list"][0];
+    ensure!(hello["sha256"] == "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03", "{hello}");
+    Ok(())
+}
+
+fn concurrent_requests_all_succeed(s: &Server) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let results: Vec<anyhow::Result<Value>> = std::thread::scope(|sc| {
+        let h: Vec<_> =
+            (0..6).map(|i| sc.spawn(move || s.run(json!({"cmd": format!("sleep 1; echo {i}")})))).collect();
+        h.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r?;
+        ensure!(r["stdout"] == format!("{i}\n"), "request {i}: {r}");
+    }
+    // Six one-second commands, run side by side on a pool of at most 4 + boots.
+    ensure!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
+    Ok(())
+}
+
+fn metrics_and_pool_status(s: &Server) -> anyhow::Result<()> {
+    let text = String::from_utf8(s.get("/metrics")?.body)?;
+    for needle in [
+        r#"ember_http_requests_total{route="/v1/run",method="POST",status="200"}"#,
+        r#"ember_http_requests_total{route="/v1/run",method="POST",status="413"}"#,
+        r#"ember_invocations_total{outcome="timed_out"}"#,
+        "ember_claim_seconds_bucket",
+        "ember_exec_seconds_count",
+        "ember_reset_seconds_count",
+        r#"ember_pool_vms{state="ready"}"#,
+        "ember_warm_hits_total",
+        "ember_warm_misses_total",
+    ] {
+        ensure!(text.contains(needle), "metrics lack {needle:?}");
+    }
+    let resets = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ember_reset_seconds_count "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    ensure!(resets > 0.0, "no reset was timed");
+    let p = s.pool()?;
+    ensure!(
+        p["vms"]["ready"].is_u64() && p["target"].as_u64() >= Some(2) && p["limits"]["max_size"] == 4,
+        "{p}"
+    );
+    ensure!(s.get("/healthz")?.json()?["status"] == "ok", "healthz");
+    Ok(())
+}
+
+const CASES: &[(&str, Case)] = &[
+    ("each_input_form", each_input_form),
+    ("timeouts_and_output_limits", timeouts_and_output_limits),
+    ("errors_are_json_with_the_right_status", errors_are_json_with_the_right_status),
+    ("ndjson_streams_output_as_it_comes", ndjson_streams_output_as_it_comes),
+    ("a_client_that_goes_away_frees_its_vm", a_client_that_goes_away_frees_its_vm),
+    ("sessions_keep_state_and_stay_apart", sessions_keep_state_and_stay_apart),
+    ("functions_run_with_real_input", functions_run_with_real_input),
+    ("concurrent_requests_all_succeed", concurrent_requests_all_succeed),
+    ("readme_curl_examples_work", readme::examples_work),
+    ("metrics_and_pool_status", metrics_and_pool_status),
+];
+
+fn main() {
+    let mut report = Report::new();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let server = match Server::start() {
+            Ok(s) => s,
+            Err(e) => {
+                report.fail("server start", e);
+                return;
+            }
+        };
+        for (name, case) in CASES {
+            report.run(name, Box::pin(async { case(&server) })).await;
+        }
+        // Always last: drain, then nothing may be left.
+        report.run("sigterm_drains_and_removes_every_vm", Box::pin(async { server.drain() })).await;
+    });
+    std::process::exit(report.finish());
+}
