@@ -40,6 +40,7 @@ images: agent
 bench: deps build images
 	./target/release/ember vm bench --boots 10 --execs 100
 	./target/release/ember pool bench --config pool/bench.toml --modes snapshot --burst 6 --rate 3 --steady 30s
+	./loadtest/http-rtt.sh
 
 lint:
 	$(CARGO) fmt --all --check
