@@ -105,13 +105,11 @@ pub struct Config {
 
 impl RawConfig {
     pub fn parse(text: &str) -> Result<Self, Vec<String>> {
-        toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])
+        ember_pool::config::parse_toml(text)
     }
 
     pub fn load(path: &Path) -> Result<Self, Vec<String>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
-        Self::parse(&text).map_err(|p| p.into_iter().map(|m| format!("{}: {m}", path.display())).collect())
+        ember_pool::config::load_toml(path)
     }
 
     pub fn validate(self, images_default: &Path) -> Result<Config, Vec<String>> {
@@ -206,13 +204,7 @@ pub fn load_or_exit(path: Option<&Path>, images_default: &Path) -> Config {
 mod tests {
     use super::*;
 
-    fn images() -> tempfile::TempDir {
-        let d = tempfile::tempdir().unwrap();
-        for f in ["vmlinuz", "initrd.img", "rootfs.ext4", "scratch.ext4"] {
-            std::fs::write(d.path().join(f), "").unwrap();
-        }
-        d
-    }
+    use ember_pool::config::empty_image_dir as images;
 
     #[test]
     fn defaults_and_every_gateway_key() {

@@ -59,18 +59,15 @@ impl Metrics {
             "Commands run, by outcome (exited, timed_out, error)",
             invocations.clone(),
         );
-        let claim_seconds = Histogram::new(seconds_buckets());
-        registry.register("ember_claim_seconds", "Time to get a VM for an invocation", claim_seconds.clone());
-        let exec_seconds = Histogram::new(seconds_buckets());
-        registry.register(
-            "ember_exec_seconds",
-            "Time from claim to the command's exit",
-            exec_seconds.clone(),
-        );
-        let reset_seconds = Histogram::new(seconds_buckets());
-        registry.register("ember_reset_seconds", "Time to make a used VM clean", reset_seconds.clone());
-        let create_seconds = Histogram::new(seconds_buckets());
-        registry.register("ember_vm_create_seconds", "Time to boot or restore a VM", create_seconds.clone());
+        let mut seconds = |name: &str, help: &str| {
+            let h = Histogram::new(seconds_buckets());
+            registry.register(name, help, h.clone());
+            h
+        };
+        let claim_seconds = seconds("ember_claim_seconds", "Time to get a VM for an invocation");
+        let exec_seconds = seconds("ember_exec_seconds", "Time from claim to the command's exit");
+        let reset_seconds = seconds("ember_reset_seconds", "Time to make a used VM clean");
+        let create_seconds = seconds("ember_vm_create_seconds", "Time to boot or restore a VM");
         let pool_status = Arc::new(Mutex::new(None));
         registry.register_collector(Box::new(PoolCollector { status: Arc::clone(&pool_status) }));
         Arc::new(Self {

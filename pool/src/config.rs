@@ -171,15 +171,36 @@ pub struct Config {
     pub vm: VmConfig,
 }
 
+/// Parse TOML text into a raw config type; the error names the key and line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<String>> {
+    toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])
+}
+
+/// [`parse_toml`] on a file; errors start with its path.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    parse_toml(&text).map_err(|p| p.into_iter().map(|m| format!("{}: {m}", path.display())).collect())
+}
+
+/// A directory holding empty image files, enough to pass config validation.
+#[cfg(any(test, feature = "test-util"))]
+#[allow(clippy::unwrap_used)]
+pub fn empty_image_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["vmlinuz", "initrd.img", "rootfs.ext4", "scratch.ext4"] {
+        std::fs::write(d.path().join(f), "").unwrap();
+    }
+    d
+}
+
 impl RawConfig {
     pub fn parse(text: &str) -> Result<Self, Vec<String>> {
-        toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])
+        parse_toml(text)
     }
 
     pub fn load(path: &Path) -> Result<Self, Vec<String>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
-        Self::parse(&text).map_err(|p| p.into_iter().map(|m| format!("{}: {m}", path.display())).collect())
+        load_toml(path)
     }
 
     /// Apply defaults and check everything; `images_default` is used when
@@ -283,13 +304,7 @@ impl RawConfig {
 mod tests {
     use super::*;
 
-    fn images() -> tempfile::TempDir {
-        let d = tempfile::tempdir().unwrap();
-        for f in ["vmlinuz", "initrd.img", "rootfs.ext4", "scratch.ext4"] {
-            std::fs::write(d.path().join(f), "").unwrap();
-        }
-        d
-    }
+    use super::empty_image_dir as images;
 
     #[test]
     fn empty_file_gives_the_documented_defaults() {
