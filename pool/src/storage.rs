@@ -1,118 +1,157 @@
-//! The file storage backend's disk operations: a VM's writable layer is a
-//! sparse raw copy of the clean scratch image, rolled back in place (so
-//! QEMU's open file sees the clean data) while the guest has it unmounted.
-//! The ZFS backend will do the same with `zfs rollback`.
+//! Where a VM's writable disk comes from and how it is rolled back.
+//!
+//! - `file` (default): a sparse raw copy of the clean scratch image in the
+//!   VM's directory, rolled back in place (see [`file`]).
+//! - `zfs`: a clone of `<parent>/base@golden` per VM, rolled back with
+//!   `zfs rollback` to the clone's `@clean` snapshot (see [`zfs`]).
+//!
+//! A [`Disk`] owns what it was made of: releasing it (or dropping it, as a
+//! last resort) removes the clone.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
-use std::path::Path;
+pub mod file;
+mod runner;
+pub mod zfs;
 
-use nix::fcntl::{fallocate, FallocateFlags};
-use nix::unistd::{lseek, Whence};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Data extents `(offset, len)` of a sparse file.
-fn data_extents(f: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        let start = match lseek(f, pos, Whence::SeekData) {
-            Ok(s) => s,
-            Err(nix::errno::Errno::ENXIO) => break, // no data after pos
-            Err(e) => return Err(e.into()),
-        };
-        let end = lseek(f, start, Whence::SeekHole).map_err(io::Error::from)?;
-        out.push((start as u64, (end - start) as u64));
-        pos = end;
-    }
-    Ok(out)
+use serde::Deserialize;
+
+#[cfg(any(test, feature = "test-util"))]
+pub use runner::FakeRunner;
+pub use runner::{ProcessRunner, Runner};
+pub use zfs::ZfsStorage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("`{command}` failed (exit {code:?}): {stderr}")]
+    Failed { command: String, code: Option<i32>, stderr: String },
+    #[error("`{command}` did not finish within {after:?}")]
+    Timeout { command: String, after: Duration },
+    #[error("cannot run `{command}`: {error}")]
+    Spawn { command: String, error: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
 }
 
-/// Write `src`'s data extents into `dst` at the same offsets.
-fn copy_extents(src: &mut File, dst: &mut File, len: u64) -> io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut copied = 0;
-    for (off, n) in data_extents(src, len)? {
-        src.seek(SeekFrom::Start(off))?;
-        dst.seek(SeekFrom::Start(off))?;
-        let mut left = n;
-        while left > 0 {
-            let chunk = left.min(buf.len() as u64) as usize;
-            src.read_exact(&mut buf[..chunk])?;
-            dst.write_all(&buf[..chunk])?;
-            left -= chunk as u64;
+/// `[storage] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    File,
+    Zfs,
+}
+
+/// `[storage.zfs] mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZfsMode {
+    /// The disk is the clone's block device (kernel ZFS).
+    Zvol,
+    /// The disk is a raw image inside the cloned dataset (works on zfs-fuse).
+    #[default]
+    Dataset,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZfsConfig {
+    /// `<pool>/<dataset>`; nothing outside it is touched.
+    pub parent: String,
+    pub mode: ZfsMode,
+}
+
+/// Which backend holds VMs' writable disks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StorageConfig {
+    #[default]
+    File,
+    Zfs(ZfsConfig),
+}
+
+/// An opened storage backend.
+#[derive(Debug)]
+pub enum Storage {
+    File,
+    Zfs(Arc<ZfsStorage>),
+}
+
+/// A VM's writable disk.
+#[derive(Debug)]
+pub struct Disk {
+    path: PathBuf,
+    clone: Option<zfs::Clone>,
+}
+
+impl Disk {
+    /// What QEMU opens (a raw image or a block device).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Remove what the disk was made of (a clone; a file goes with its
+    /// VM directory).
+    pub async fn release(self) {
+        if let Some(c) = self.clone {
+            c.destroy().await;
         }
-        copied += n;
     }
-    Ok(copied)
 }
 
-/// A sparse copy of `clean` at `dst` (holes stay holes).
-pub fn sparse_copy(clean: &Path, dst: &Path) -> io::Result<()> {
-    let mut src = File::open(clean)?;
-    let len = src.metadata()?.len();
-    let mut out = OpenOptions::new().write(true).create_new(true).open(dst)?;
-    out.set_len(len)?;
-    copy_extents(&mut src, &mut out, len)?;
-    out.sync_data()
-}
-
-/// Make `dst` byte-for-byte equal to `clean` again, in place: punch out
-/// everything, then write back the clean image's data. Returns bytes written.
-pub fn rollback_in_place(clean: &Path, dst: &Path) -> io::Result<u64> {
-    let mut src = File::open(clean)?;
-    let len = src.metadata()?.len();
-    let mut out = OpenOptions::new().write(true).open(dst)?;
-    if out.metadata()?.len() != len {
-        return Err(io::Error::other(format!("{} is not the size of {}", dst.display(), clean.display())));
-    }
-    fallocate(
-        &out,
-        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-        0,
-        len as i64,
-    )
-    .map_err(io::Error::from)?;
-    let n = copy_extents(&mut src, &mut out, len)?;
-    out.sync_data()?;
-    Ok(n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_and_rollback_restore_the_clean_bytes_and_keep_holes() {
-        let d = tempfile::tempdir().unwrap();
-        let clean = d.path().join("clean");
-        {
-            let mut f = File::create(&clean).unwrap();
-            f.set_len(64 << 20).unwrap();
-            f.seek(SeekFrom::Start(4096)).unwrap();
-            f.write_all(b"superblock").unwrap();
-            f.seek(SeekFrom::Start(40 << 20)).unwrap();
-            f.write_all(&[7u8; 10_000]).unwrap();
-        }
-        let vm = d.path().join("vm");
-        sparse_copy(&clean, &vm).unwrap();
-        assert_eq!(std::fs::read(&vm).unwrap(), std::fs::read(&clean).unwrap());
-        let used = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&p.metadata().unwrap()) * 512;
-        assert!(used(&vm) < 1 << 20, "the copy is not sparse: {} bytes", used(&vm));
-        // The guest writes all over it.
-        {
-            let mut f = OpenOptions::new().write(true).open(&vm).unwrap();
-            for off in [0u64, 4096, 10 << 20, 40 << 20, (64 << 20) - 11] {
-                f.seek(SeekFrom::Start(off)).unwrap();
-                f.write_all(b"dirty!dirty").unwrap();
+impl Storage {
+    /// A fresh writable disk for VM `vm_id`, equal to `clean`.
+    pub async fn provision(&self, clean: &Path, vm_dir: &Path) -> Result<Disk, StorageError> {
+        match self {
+            Storage::File => {
+                let path = vm_dir.join("scratch.raw");
+                let (src, dst) = (clean.to_path_buf(), path.clone());
+                tokio::task::spawn_blocking(move || file::sparse_copy(&src, &dst))
+                    .await
+                    .map_err(|e| StorageError::Setup(format!("copy task: {e}")))?
+                    .map_err(|error| StorageError::Io { what: "copying the scratch image".into(), error })?;
+                Ok(Disk { path, clone: None })
+            }
+            Storage::Zfs(z) => {
+                let clone = ZfsStorage::clone_for_vm(z).await?;
+                Ok(Disk { path: clone.disk_path().to_path_buf(), clone: Some(clone) })
             }
         }
-        assert_ne!(std::fs::read(&vm).unwrap(), std::fs::read(&clean).unwrap());
-        // An fd opened before the rollback (QEMU's) sees the clean data.
-        let mut held = File::open(&vm).unwrap();
-        rollback_in_place(&clean, &vm).unwrap();
-        let mut seen = Vec::new();
-        held.read_to_end(&mut seen).unwrap();
-        assert_eq!(seen, std::fs::read(&clean).unwrap());
-        assert!(used(&vm) < 1 << 20);
+    }
+
+    /// Make `disk` equal to `clean` again; the guest must not have it mounted.
+    pub async fn rollback(&self, clean: &Path, disk: &Disk) -> Result<(), StorageError> {
+        match (self, &disk.clone) {
+            (Storage::Zfs(z), Some(c)) => z.rollback(c.name()).await,
+            (Storage::File, None) => {
+                let (src, dst) = (clean.to_path_buf(), disk.path.clone());
+                tokio::task::spawn_blocking(move || file::rollback_in_place(&src, &dst))
+                    .await
+                    .map_err(|e| StorageError::Setup(format!("rollback task: {e}")))?
+                    .map(drop)
+                    .map_err(|error| StorageError::Io {
+                        what: format!("rolling back {}", disk.path.display()),
+                        error,
+                    })
+            }
+            _ => Err(StorageError::Setup("the disk does not belong to this storage backend".into())),
+        }
+    }
+
+    /// Destroy whatever this process made that is still there (clones of
+    /// VMs that were not shut down). Called once at shutdown.
+    pub async fn close(&self) {
+        if let Storage::Zfs(z) = self {
+            z.destroy_remaining().await;
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Storage::File => "file",
+            Storage::Zfs(_) => "zfs",
+        }
     }
 }

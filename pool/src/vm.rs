@@ -183,7 +183,7 @@ impl Vm {
         }
         self.agent.detach_scratch().await.map_err(agent_err(self))?;
         let clean = self._host.config().images.scratch.clone();
-        tokio::task::spawn_blocking(move || crate::storage::rollback_in_place(&clean, &scratch))
+        tokio::task::spawn_blocking(move || crate::storage::file::rollback_in_place(&clean, &scratch))
             .await
             .map_err(|e| VmError::Tool(format!("rollback task: {e}")))?
             .map_err(io_err(format!("rolling back VM {}'s scratch disk", self.id)))?;
@@ -258,7 +258,7 @@ impl Vm {
         };
         if raw_copy {
             let (clean, dst) = (cfg.images.scratch.clone(), scratch.clone());
-            tokio::task::spawn_blocking(move || crate::storage::sparse_copy(&clean, &dst))
+            tokio::task::spawn_blocking(move || crate::storage::file::sparse_copy(&clean, &dst))
                 .await
                 .map_err(|e| VmError::Tool(format!("copying the scratch image: {e}")))?
                 .map_err(io_err("copying the scratch image"))?;

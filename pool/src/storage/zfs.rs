@@ -1,0 +1,342 @@
+//! The ZFS backend. Under `parent`:
+//!
+//! - `base` holds the clean writable image (`disk.raw` in dataset mode, the
+//!   volume itself in zvol mode), tagged `ember:image=<id of the image>`, and
+//!   `base@golden` is what VMs are cloned from. A stale base is rebuilt.
+//! - Each VM gets `warm-<uuid>`, a clone tagged `ember:owner=<owner>` (the
+//!   owning process, as in the state directory), plus `warm-<uuid>@clean`,
+//!   what `zfs rollback` returns it to. It is never renamed.
+//! - Start-up destroys `warm-*` clones whose owner is gone. Nothing outside
+//!   `parent` is ever named in a command.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Runner, StorageError, ZfsConfig, ZfsMode};
+
+const ZFS: &str = "zfs";
+/// How long a "dataset is busy" destroy is retried.
+const DESTROY_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a new zvol's device node may take to appear.
+const ZVOL_NODE_PATIENCE: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct ZfsStorage {
+    runner: Arc<dyn Runner>,
+    parent: String,
+    mode: ZfsMode,
+    /// Tag of this process's clones.
+    owner: String,
+    /// Where `parent` is mounted (dataset mode).
+    parent_mount: PathBuf,
+    /// Clones made and not yet destroyed.
+    live: Mutex<BTreeSet<String>>,
+}
+
+/// One VM's clone. Destroyed by [`Clone::destroy`], or on drop as a last
+/// resort.
+#[derive(Debug)]
+pub struct Clone {
+    storage: Arc<ZfsStorage>,
+    name: String,
+    disk: PathBuf,
+    destroyed: bool,
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Is `name` a valid dataset path to put under our control?
+fn check_parent(parent: &str) -> Result<(), String> {
+    let ok = !parent.is_empty()
+        && !parent.starts_with('/')
+        && !parent.ends_with('/')
+        && !parent.contains("//")
+        && parent.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("storage.zfs.parent {parent:?} is not a dataset name like \"tank/ember\""))
+    }
+}
+
+/// What identifies the clean image a base was made from.
+pub fn image_id(clean: &Path) -> Result<String, StorageError> {
+    let io = |error| StorageError::Io { what: format!("reading {}", clean.display()), error };
+    let canonical = clean.canonicalize().map_err(io)?;
+    let meta = canonical.metadata().map_err(io)?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    Ok(format!("{}:{}:{}", canonical.display(), meta.len(), mtime.map_or(0, |d| d.as_secs())))
+}
+
+impl ZfsStorage {
+    /// Check `parent`, destroy dead owners' clones, and make sure
+    /// `base@golden` holds `clean` (rebuilding a stale base).
+    pub async fn open(
+        runner: Arc<dyn Runner>,
+        cfg: &ZfsConfig,
+        clean: &Path,
+        owner: String,
+        file_owner: Option<(u32, u32)>,
+        owner_alive: impl Fn(&str) -> bool,
+    ) -> Result<Self, StorageError> {
+        check_parent(&cfg.parent).map_err(StorageError::Setup)?;
+        let parent = cfg.parent.clone();
+        let kind = runner
+            .run(ZFS, &args(&["list", "-H", "-o", "type", &parent]))
+            .await
+            .map_err(|e| StorageError::Setup(format!("storage.zfs.parent {parent:?} is not usable: {e}")))?;
+        if kind.trim() != "filesystem" {
+            return Err(StorageError::Setup(format!(
+                "storage.zfs.parent {parent:?} is a {}, not a filesystem",
+                kind.trim()
+            )));
+        }
+        let parent_mount = PathBuf::from(
+            runner.run(ZFS, &args(&["get", "-H", "-o", "value", "mountpoint", &parent])).await?.trim(),
+        );
+        let me =
+            Self { runner, parent, mode: cfg.mode, owner, parent_mount, live: Mutex::new(BTreeSet::new()) };
+        me.reap_orphans(&owner_alive).await?;
+        me.ensure_base(clean, file_owner).await?;
+        Ok(me)
+    }
+
+    async fn zfs(&self, list: &[&str]) -> Result<String, StorageError> {
+        self.runner.run(ZFS, &args(list)).await
+    }
+
+    fn base(&self) -> String {
+        format!("{}/base", self.parent)
+    }
+
+    fn golden(&self) -> String {
+        format!("{}/base@golden", self.parent)
+    }
+
+    /// Destroy `warm-*` children of `parent` whose owner is not alive.
+    async fn reap_orphans(&self, owner_alive: &impl Fn(&str) -> bool) -> Result<usize, StorageError> {
+        let list = self
+            .zfs(&[
+                "list",
+                "-H",
+                "-o",
+                "name,ember:owner",
+                "-t",
+                "filesystem,volume",
+                "-r",
+                "-d",
+                "1",
+                &self.parent,
+            ])
+            .await?;
+        let prefix = format!("{}/warm-", self.parent);
+        let mut reaped = 0;
+        for line in list.lines() {
+            let mut cols = line.split('\t');
+            let (Some(name), owner) = (cols.next(), cols.next().unwrap_or("-")) else { continue };
+            if !name.starts_with(&prefix) || name[prefix.len()..].contains('/') {
+                continue;
+            }
+            if owner != "-" && owner_alive(owner) {
+                continue;
+            }
+            tracing::info!(clone = name, owner, "destroying a clone its owner left behind");
+            self.destroy_dataset(name).await?;
+            reaped += 1;
+        }
+        Ok(reaped)
+    }
+
+    async fn ensure_base(&self, clean: &Path, file_owner: Option<(u32, u32)>) -> Result<(), StorageError> {
+        let id = image_id(clean)?;
+        let base = self.base();
+        match self.zfs(&["get", "-H", "-o", "value", "ember:image", &base]).await {
+            Ok(v) if v.trim() == id => {
+                let snaps =
+                    self.zfs(&["list", "-H", "-o", "name", "-t", "snapshot", "-r", "-d", "1", &base]).await?;
+                if !snaps.lines().any(|l| l.trim() == self.golden()) {
+                    self.zfs(&["snapshot", &self.golden()]).await?;
+                }
+                return Ok(());
+            }
+            Ok(_) => {
+                tracing::info!(base, "the base holds another image; rebuilding it");
+                self.zfs(&["destroy", "-r", &base]).await.map_err(|e| {
+                    StorageError::Setup(format!("cannot replace the stale {base} (clones of live VMs?): {e}"))
+                })?;
+            }
+            Err(_) => {} // no base yet
+        }
+        match self.mode {
+            ZfsMode::Dataset => {
+                self.zfs(&["create", &base]).await?;
+                let mount =
+                    PathBuf::from(self.zfs(&["get", "-H", "-o", "value", "mountpoint", &base]).await?.trim());
+                let disk = mount.join("disk.raw");
+                copy_image(clean, &disk, true).await?;
+                if let Some((uid, gid)) = file_owner {
+                    std::os::unix::fs::chown(&disk, Some(uid), Some(gid)).map_err(|error| {
+                        StorageError::Io { what: format!("chown {}", disk.display()), error }
+                    })?;
+                }
+            }
+            ZfsMode::Zvol => {
+                let size = clean
+                    .metadata()
+                    .map_err(|error| StorageError::Io {
+                        what: format!("reading {}", clean.display()),
+                        error,
+                    })?
+                    .len();
+                self.zfs(&["create", "-s", "-V", &size.to_string(), &base]).await?;
+                let node = wait_for_node(&zvol_node(&base)).await?;
+                copy_image(clean, &node, false).await?;
+            }
+        }
+        self.zfs(&["set", &format!("ember:image={id}"), &base]).await?;
+        self.zfs(&["snapshot", &self.golden()]).await?;
+        Ok(())
+    }
+
+    /// A new clone for one VM, with its `@clean` snapshot.
+    pub async fn clone_for_vm(self: &Arc<Self>) -> Result<Clone, StorageError> {
+        let name = format!("{}/warm-{}", self.parent, uuid::Uuid::new_v4().simple());
+        self.zfs(&["clone", "-o", &format!("ember:owner={}", self.owner), &self.golden(), &name]).await?;
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+        let mut clone = Clone { storage: Arc::clone(self), name, disk: PathBuf::new(), destroyed: false };
+        let ready = async {
+            self.zfs(&["snapshot", &format!("{}@clean", clone.name)]).await?;
+            match self.mode {
+                ZfsMode::Dataset => {
+                    let leaf = clone.name.rsplit('/').next().unwrap_or_default();
+                    Ok(self.parent_mount.join(leaf).join("disk.raw"))
+                }
+                ZfsMode::Zvol => wait_for_node(&zvol_node(&clone.name)).await,
+            }
+        };
+        match ready.await {
+            Ok(disk) => {
+                clone.disk = disk;
+                Ok(clone)
+            }
+            Err(e) => {
+                clone.destroy().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Return clone `name` to its `@clean` snapshot.
+    pub async fn rollback(&self, name: &str) -> Result<(), StorageError> {
+        self.zfs(&["rollback", "-r", &format!("{name}@clean")]).await.map(drop)
+    }
+
+    /// `zfs destroy -r`, retrying while the dataset is busy.
+    async fn destroy_dataset(&self, name: &str) -> Result<(), StorageError> {
+        let deadline = tokio::time::Instant::now() + DESTROY_PATIENCE;
+        loop {
+            match self.zfs(&["destroy", "-r", name]).await {
+                Ok(_) => return Ok(()),
+                Err(StorageError::Failed { stderr, .. }) if stderr.contains("does not exist") => {
+                    return Ok(())
+                }
+                Err(StorageError::Failed { ref stderr, .. })
+                    if stderr.contains("busy") && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn forget_and_destroy(&self, name: &str) {
+        if let Err(e) = self.destroy_dataset(name).await {
+            tracing::error!(clone = name, error = %e, "cannot destroy a VM's clone");
+        }
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+
+    /// Destroy every clone this process made that still exists.
+    pub async fn destroy_remaining(&self) {
+        let left: Vec<String> = self.live.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        for name in left {
+            tracing::warn!(clone = %name, "a clone outlived its VM; destroying it");
+            self.forget_and_destroy(&name).await;
+        }
+    }
+
+    /// Clones this process made that still exist.
+    pub fn live_clones(&self) -> Vec<String> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+}
+
+impl Clone {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn disk_path(&self) -> &Path {
+        &self.disk
+    }
+    pub async fn destroy(mut self) {
+        self.destroyed = true;
+        self.storage.forget_and_destroy(&self.name).await;
+    }
+}
+
+impl Drop for Clone {
+    fn drop(&mut self) {
+        if self.destroyed {
+            return;
+        }
+        let (storage, name) = (Arc::clone(&self.storage), self.name.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move { storage.forget_and_destroy(&name).await });
+            }
+            // No runtime left: the next start-up reaps it (its owner is gone).
+            Err(_) => tracing::warn!(clone = %name, "clone dropped without a runtime; left for reaping"),
+        }
+    }
+}
+
+fn zvol_node(dataset: &str) -> PathBuf {
+    Path::new("/dev/zvol").join(dataset)
+}
+
+async fn wait_for_node(node: &Path) -> Result<PathBuf, StorageError> {
+    let deadline = tokio::time::Instant::now() + ZVOL_NODE_PATIENCE;
+    while !node.exists() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StorageError::Setup(format!("{} did not appear", node.display())));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(node.to_path_buf())
+}
+
+/// Copy the clean image into a new file (sparse) or onto a zeroed volume.
+async fn copy_image(clean: &Path, dst: &Path, new_file: bool) -> Result<(), StorageError> {
+    let (src, to) = (clean.to_path_buf(), dst.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        if new_file {
+            super::file::sparse_copy(&src, &to)
+        } else {
+            super::file::copy_onto(&src, &to)
+        }
+    })
+    .await
+    .map_err(|e| StorageError::Setup(format!("copy task: {e}")))?
+    .map_err(|error| StorageError::Io {
+        what: format!("copying {} to {}", clean.display(), dst.display()),
+        error,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+//! The exact `zfs` commands of each step, with a fake runner.
+
+use super::*;
+use crate::storage::FakeRunner;
+
+struct Fixture {
+    runner: Arc<FakeRunner>,
+    tmp: tempfile::TempDir,
+    clean: PathBuf,
+}
+
+const PARENT: &str = "tank/ember";
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("scratch.ext4");
+    std::fs::write(&clean, b"clean image").unwrap();
+    std::fs::create_dir(tmp.path().join("base")).unwrap();
+    Fixture { runner: Arc::default(), tmp, clean }
+}
+
+fn cfg(mode: ZfsMode) -> ZfsConfig {
+    ZfsConfig { parent: PARENT.into(), mode }
+}
+
+impl Fixture {
+    fn mount(&self) -> String {
+        self.tmp.path().display().to_string()
+    }
+
+    /// Script the parent checks every open starts with.
+    fn parent_ok(&self, children: &str) {
+        self.runner
+            .ok("zfs list -H -o type tank/ember", "filesystem\n")
+            .ok("zfs get -H -o value mountpoint tank/ember", &format!("{}\n", self.mount()))
+            .ok("zfs list -H -o name,ember:owner", children);
+    }
+
+    /// Script a base that is current, with its golden snapshot.
+    fn base_current(&self) {
+        let id = image_id(&self.clean).unwrap();
+        self.runner
+            .ok("zfs get -H -o value ember:image tank/ember/base", &format!("{id}\n"))
+            .ok("zfs list -H -o name -t snapshot", "tank/ember/base@golden\n");
+    }
+
+    async fn open(&self, alive: &'static [&'static str]) -> Result<Arc<ZfsStorage>, StorageError> {
+        let runner: Arc<dyn Runner> = self.runner.clone();
+        ZfsStorage::open(runner, &cfg(ZfsMode::Dataset), &self.clean, "me".into(), None, |o| {
+            alive.contains(&o)
+        })
+        .await
+        .map(Arc::new)
+    }
+}
+
+const CHILDREN_NONE: &str = "tank/ember\t-\n";
+
+#[tokio::test]
+async fn a_fresh_parent_gets_a_base_and_golden_snapshot() {
+    let f = fixture();
+    f.parent_ok(CHILDREN_NONE);
+    f.runner.fail("zfs get -H -o value ember:image", "cannot open 'tank/ember/base': dataset does not exist");
+    f.runner.ok("zfs get -H -o value mountpoint tank/ember/base", &format!("{}/base\n", f.mount()));
+    f.open(&[]).await.unwrap();
+    let id = image_id(&f.clean).unwrap();
+    assert_eq!(
+        f.runner.calls(),
+        [
+            "zfs list -H -o type tank/ember".to_string(),
+            format!("zfs get -H -o value mountpoint tank/ember"),
+            "zfs list -H -o name,ember:owner -t filesystem,volume -r -d 1 tank/ember".into(),
+            "zfs get -H -o value ember:image tank/ember/base".into(),
+            "zfs create tank/ember/base".into(),
+            "zfs get -H -o value mountpoint tank/ember/base".into(),
+            format!("zfs set ember:image={id} tank/ember/base"),
+            "zfs snapshot tank/ember/base@golden".into(),
+        ]
+    );
+    assert_eq!(std::fs::read(f.tmp.path().join("base/disk.raw")).unwrap(), b"clean image");
+}
+
+#[tokio::test]
+async fn a_current_base_is_reused_and_a_stale_one_rebuilt() {
+    let f = fixture();
+    f.parent_ok(CHILDREN_NONE);
+    f.base_current();
+    f.open(&[]).await.unwrap();
+    assert!(!f.runner.calls().iter().any(|c| c.starts_with("zfs create") || c.starts_with("zfs destroy")));
+
+    let f = fixture();
+    f.parent_ok(CHILDREN_NONE);
+    f.runner.ok("zfs get -H -o value ember:image tank/ember/base", "/old/image:1:2\n");
+    f.runner.ok("zfs get -H -o value mountpoint tank/ember/base", &format!("{}/base\n", f.mount()));
+    f.open(&[]).await.unwrap();
+    let calls = f.runner.calls();
+    let destroy =
+        calls.iter().position(|c| c == "zfs destroy -r tank/ember/base").expect("stale base destroyed");
+    let create = calls.iter().position(|c| c == "zfs create tank/ember/base").expect("base recreated");
+    assert!(destroy < create);
+}
+
+#[tokio::test]
+async fn start_up_destroys_only_clones_of_dead_owners() {
+    let f = fixture();
+    f.parent_ok(
+        "tank/ember\t-\n\
+         tank/ember/base\t-\n\
+         tank/ember/warm-a\tdead-1\n\
+         tank/ember/warm-b\tlive-1\n\
+         tank/ember/warm-c\t-\n\
+         tank/ember/keep\tdead-1\n",
+    );
+    f.base_current();
+    f.open(&["live-1"]).await.unwrap();
+    let destroys: Vec<String> =
+        f.runner.calls().into_iter().filter(|c| c.starts_with("zfs destroy")).collect();
+    assert_eq!(destroys, ["zfs destroy -r tank/ember/warm-a", "zfs destroy -r tank/ember/warm-c"]);
+}
+
+#[tokio::test]
+async fn a_missing_or_wrong_parent_is_a_clear_error() {
+    let f = fixture();
+    f.runner.fail("zfs list -H -o type", "cannot open 'tank/ember': dataset does not exist");
+    let e = f.open(&[]).await.unwrap_err().to_string();
+    assert!(e.contains("tank/ember") && e.contains("dataset does not exist"), "{e}");
+    assert_eq!(f.runner.calls().len(), 1, "nothing else was tried");
+
+    let f = fixture();
+    f.runner.ok("zfs list -H -o type", "volume\n");
+    let e = f.open(&[]).await.unwrap_err().to_string();
+    assert!(e.contains("not a filesystem"), "{e}");
+
+    for bad in ["", "/tank", "tank/", "tank//x", "tank/a b", "tank/$(x)"] {
+        let f = fixture();
+        let runner: Arc<dyn Runner> = f.runner.clone();
+        let cfg = ZfsConfig { parent: bad.into(), mode: ZfsMode::Dataset };
+        let e = ZfsStorage::open(runner, &cfg, &f.clean, "me".into(), None, |_| false).await.unwrap_err();
+        assert!(e.to_string().contains("not a dataset name"), "{bad:?}: {e}");
+        assert!(f.runner.calls().is_empty(), "{bad:?} reached zfs");
+    }
+}
+
+#[tokio::test]
+async fn create_recycle_and_destroy_a_clone() {
+    let f = fixture();
+    f.parent_ok(CHILDREN_NONE);
+    f.base_current();
+    let z = f.open(&[]).await.unwrap();
+    f.runner.clear();
+
+    let clone = z.clone_for_vm().await.unwrap();
+    let name = clone.name().to_string();
+    assert!(name.starts_with("tank/ember/warm-") && name.len() == "tank/ember/warm-".len() + 32, "{name}");
+    assert_eq!(
+        f.runner.calls(),
+        [
+            format!("zfs clone -o ember:owner=me tank/ember/base@golden {name}"),
+            format!("zfs snapshot {name}@clean"),
+        ]
+    );
+    let leaf = name.rsplit('/').next().unwrap();
+    assert_eq!(clone.disk_path(), f.tmp.path().join(leaf).join("disk.raw"));
+    assert_eq!(z.live_clones(), [name.clone()]);
+
+    // Claiming a VM does not touch its clone; recycling rolls it back.
+    f.runner.clear();
+    z.rollback(&name).await.unwrap();
+    assert_eq!(f.runner.calls(), [format!("zfs rollback -r {name}@clean")]);
+
+    f.runner.clear();
+    clone.destroy().await;
+    assert_eq!(f.runner.calls(), [format!("zfs destroy -r {name}")]);
+    assert!(z.live_clones().is_empty());
+}
+
+#[tokio::test]
+async fn failures_half_way_leave_no_clone() {
+    let f = fixture();
+    f.parent_ok(CHILDREN_NONE);
+    f.base_current();
+    let z = f.open(&[]).await.unwrap();
+    f.runner.clear();
+    f.runner.fail("zfs snapshot", "out of space");
+    let e = z.clone_for_vm().await.unwrap_err();
+    assert!(e.to_string().contains("out of space"), "{e}");
+    let calls = f.runner.calls();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(calls[2].starts_with("zfs destroy -r tank/ember/warm-"), "{calls:?}");
+    assert!(z.live_clones().is_empty());
+
+    // A failed rollback is an error with zfs's words in it.
+    f.runner.clear();
+    f.runner.fail("zfs rollback", "cannot rollback: dataset is busy");
+    let e = z.rollback("tank/ember/warm-x").await.unwrap_err();
+    assert!(e.to_string().contains("dataset is busy"), "{e}");
+}
+
+#[tokio::test]
+async fn a_busy_destroy_is_retried_and_a_dropped_clone_is_destroyed() {
+    let f = fixture();
+    f.parent_ok(CHILDREN_NONE);
+    f.base_current();
+    let z = f.open(&[]).await.unwrap();
+    let clone = z.clone_for_vm().await.unwrap();
+    let name = clone.name().to_string();
+    f.runner.clear();
+    f.runner.fail("zfs destroy", "cannot destroy: dataset is busy").fail("zfs destroy", "dataset is busy");
+    clone.destroy().await;
+    assert_eq!(f.runner.calls(), vec![format!("zfs destroy -r {name}"); 3]);
+
+    let dropped = z.clone_for_vm().await.unwrap();
+    let name = dropped.name().to_string();
+    f.runner.clear();
+    drop(dropped);
+    for _ in 0..100 {
+        if !z.live_clones().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(f.runner.calls(), [format!("zfs destroy -r {name}")]);
+    assert!(z.live_clones().is_empty());
+}
