@@ -11,6 +11,9 @@ have() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok ins
 for p in busybox-static cpio curl debootstrap e2fsprogs gzip tar; do
     have "$p" || need_apt+=("$p")
 done
+# The ZFS storage backend's tests need `zfs`: zfs-fuse where no ZFS tools
+# exist (a host with kernel ZFS keeps its own zfsutils).
+command -v zfs >/dev/null || have zfs-fuse || need_apt+=(zfs-fuse)
 # qemu-system-x86 and qemu-utils must come from the same release: the image
 # may carry a newer qemu-utils that conflicts with bookworm's qemu-system-x86.
 qemu_ok=false

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ember_pool::config::{RawConfig as RawPoolFile, RawPool, RawVm};
+use ember_pool::config::{RawConfig as RawPoolFile, RawPool, RawStorage, RawVm};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub pool: RawPool,
     #[serde(default)]
     pub vm: RawVm,
+    #[serde(default)]
+    pub storage: RawStorage,
     #[serde(default)]
     pub gateway: RawGateway,
     #[serde(default)]
@@ -114,7 +116,7 @@ impl RawConfig {
 
     pub fn validate(self, images_default: &Path) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
-        let pool_file = RawPoolFile { pool: self.pool, vm: self.vm };
+        let pool_file = RawPoolFile { pool: self.pool, vm: self.vm, storage: self.storage };
         let pool_vm = pool_file.validate(images_default).map_err(|p| problems.extend(p)).ok();
 
         let dg = GatewayConfig::default();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::channel::ChannelChoice;
+use crate::storage::{BackendKind, StorageConfig, ZfsConfig, ZfsMode};
 use crate::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
 
 /// How a used VM is made clean for the next caller.
@@ -68,6 +69,23 @@ pub struct RawConfig {
     pub pool: RawPool,
     #[serde(default)]
     pub vm: RawVm,
+    #[serde(default)]
+    pub storage: RawStorage,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub backend: Option<BackendKind>,
+    #[serde(default)]
+    pub zfs: RawZfs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawZfs {
+    pub parent: Option<String>,
+    pub mode: Option<ZfsMode>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,9 +287,39 @@ impl RawConfig {
         vm.accel = v.accel.unwrap_or(vm.accel);
         vm.boot_timeout = v.boot_timeout.unwrap_or(vm.boot_timeout);
         vm.state_dir = v.state_dir.unwrap_or(vm.state_dir);
-        if pool.reset == ResetMode::Rollback {
-            // The file backend rolls back a raw copy of the scratch image.
+        let st = self.storage;
+        vm.storage = match st.backend.unwrap_or_default() {
+            BackendKind::File => {
+                if st.zfs.parent.is_some() || st.zfs.mode.is_some() {
+                    problems.push("[storage.zfs] is set but storage.backend is not \"zfs\"".into());
+                }
+                StorageConfig::File
+            }
+            BackendKind::Zfs => match st.zfs.parent {
+                Some(parent) => {
+                    StorageConfig::Zfs(ZfsConfig { parent, mode: st.zfs.mode.unwrap_or_default() })
+                }
+                None => {
+                    problems.push(
+                        "storage.backend = \"zfs\" needs storage.zfs.parent (\"<pool>/<dataset>\")".into(),
+                    );
+                    StorageConfig::File
+                }
+            },
+        };
+        let zfs = st.backend == Some(BackendKind::Zfs);
+        if pool.reset == ResetMode::Rollback || zfs {
+            // Rollback needs a raw writable disk; ZFS only makes raw disks.
             vm.scratch = crate::vm::ScratchKind::RawCopy;
+        }
+        if zfs && pool.reset == ResetMode::Snapshot {
+            problems.push(
+                "pool.reset = \"snapshot\" needs storage.backend = \"file\"; ZFS disks reset by rollback"
+                    .into(),
+            );
+        }
+        if zfs && pool.replenish == ReplenishMode::Restore {
+            problems.push("pool.replenish = \"restore\" needs storage.backend = \"file\"".into());
         }
         if let Err(p) = vm.validate() {
             problems.extend(p);
@@ -389,6 +437,41 @@ mod tests {
             "make images",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn zfs_storage_is_parsed_and_its_conflicts_reported() {
+        let img = images();
+        let text = "[storage]\nbackend = \"zfs\"\n[storage.zfs]\nparent = \"tank/ember\"\nmode = \"zvol\"";
+        let c = RawConfig::parse(text).unwrap().validate(img.path()).unwrap();
+        assert_eq!(
+            c.vm.storage,
+            StorageConfig::Zfs(ZfsConfig { parent: "tank/ember".into(), mode: ZfsMode::Zvol })
+        );
+        assert_eq!(c.vm.scratch, crate::vm::ScratchKind::RawCopy, "ZFS disks are raw");
+        let c = RawConfig::parse("[storage]\nbackend = \"zfs\"\n[storage.zfs]\nparent = \"t/e\"")
+            .unwrap()
+            .validate(img.path())
+            .unwrap();
+        assert_eq!(
+            c.vm.storage,
+            StorageConfig::Zfs(ZfsConfig { parent: "t/e".into(), mode: ZfsMode::Dataset })
+        );
+        for (text, needle) in [
+            ("[storage]\nbackend = \"zfs\"", "needs storage.zfs.parent"),
+            ("[storage.zfs]\nparent = \"t/e\"", "storage.backend is not"),
+            (
+                "[pool]\nreset = \"snapshot\"\n[storage]\nbackend = \"zfs\"\n[storage.zfs]\nparent = \"t/e\"",
+                "snapshot",
+            ),
+            ("[storage]\nbackend = \"btrfs\"", "btrfs"),
+        ] {
+            let e = match RawConfig::parse(text) {
+                Ok(raw) => raw.validate(img.path()).unwrap_err().join("\n"),
+                Err(e) => e.join("\n"),
+            };
+            assert!(e.contains(needle), "{text:?} -> {e}");
         }
     }
 

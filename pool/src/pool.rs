@@ -112,6 +112,11 @@ struct State<V> {
 }
 
 impl<V> State<V> {
+    /// Nothing is in flight: no VM claimed, being reset, booted or destroyed.
+    fn is_idle(&self) -> bool {
+        self.claimed == 0 && self.resetting == 0 && self.booting == 0 && self.destroying == 0
+    }
+
     /// VMs that exist or are being made (sessions included).
     fn total(&self) -> usize {
         self.ready.len()
@@ -178,9 +183,13 @@ impl<B: Backend> Inner<B> {
             let mut st = inner.lock();
             st.destroying -= 1;
             st.counters.destroyed += 1;
+            let idle = st.is_idle();
             drop(st);
             inner.changed.notify_one();
             inner.wake_replenisher.notify_one();
+            if idle {
+                inner.idle.notify_waiters();
+            }
         });
     }
 }
@@ -378,8 +387,9 @@ impl<B: Backend> Pool<B> {
         }
     }
 
-    /// Stop: refuse new claims, let claimed VMs come back for up to
-    /// `drain_timeout`, then destroy every VM the pool holds.
+    /// Stop: refuse new claims, let claimed VMs come back (and VMs being
+    /// destroyed go) for up to `drain_timeout`, then destroy every VM the
+    /// pool holds.
     pub async fn shutdown(&self) {
         self.inner.lock().draining = true;
         self.inner.stop.send_replace(true);
@@ -395,8 +405,7 @@ impl<B: Backend> Pool<B> {
             tokio::pin!(idle);
             idle.as_mut().enable();
             {
-                let st = self.inner.lock();
-                if st.claimed == 0 && st.resetting == 0 && st.booting == 0 {
+                if self.inner.lock().is_idle() {
                     break;
                 }
             }

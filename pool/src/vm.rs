@@ -30,6 +30,7 @@ pub use state::{ReapReport, StateDir};
 pub use template::{BootPlan, Template};
 
 use crate::channel::{self, AgentClient, AgentError, ChannelAddr, ChannelKind, CidLease};
+use crate::storage::Disk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -39,6 +40,8 @@ pub enum VmError {
     Io { what: String, error: std::io::Error },
     #[error("{0}")]
     Tool(String),
+    #[error("storage: {0}")]
+    Storage(String),
     #[error("VM {vm} did not answer within {after:?}\n{diagnostics}")]
     BootTimeout { vm: String, after: Duration, diagnostics: String },
     #[error("VM {vm} exited during boot ({status})\n{diagnostics}")]
@@ -73,6 +76,8 @@ impl Drop for DirGuard {
 pub struct BootTimings {
     /// Disk overlay and helper processes ready, QEMU started.
     pub prepare_ms: u64,
+    /// Making the writable disk (a clone or copy), alongside the channel.
+    pub disk_ms: u64,
     /// QEMU started until the agent's first reply.
     pub boot_ms: u64,
     /// The guest's own uptime at that reply.
@@ -94,6 +99,8 @@ pub struct Vm {
     qemu: OwnedProcess,
     helper: Option<OwnedProcess>,
     _cid: Option<CidLease>,
+    /// The raw writable disk from the storage backend, if any.
+    disk: Option<Disk>,
     dir: DirGuard,
     _host: Arc<VmHost>,
 }
@@ -104,6 +111,8 @@ struct Parts {
     dir: DirGuard,
     helper: Option<OwnedProcess>,
     cid: Option<CidLease>,
+    /// Dropped on failure: a clone destroys itself.
+    disk: Option<Disk>,
 }
 
 impl Vm {
@@ -176,20 +185,31 @@ impl Vm {
     /// Roll the writable layer back to the clean image under the running VM:
     /// the agent kills user processes and unmounts, the file is rolled back
     /// in place, the agent remounts and must answer hello.
-    pub async fn rollback_scratch(&self) -> Result<(), VmError> {
-        let scratch = self.dir().join("scratch.raw");
-        if !scratch.exists() {
+    pub async fn rollback_scratch(&self) -> Result<Duration, VmError> {
+        let Some(disk) = &self.disk else {
             return Err(VmError::Tool(format!("VM {} has no raw scratch disk to roll back", self.id)));
-        }
+        };
+        let storage = self._host.open_storage().await?;
+        let detach = Instant::now();
         self.agent.detach_scratch().await.map_err(agent_err(self))?;
-        let clean = self._host.config().images.scratch.clone();
-        tokio::task::spawn_blocking(move || crate::storage::file::rollback_in_place(&clean, &scratch))
+        let started = Instant::now();
+        storage
+            .rollback(&self._host.config().images.scratch, disk)
             .await
-            .map_err(|e| VmError::Tool(format!("rollback task: {e}")))?
-            .map_err(io_err(format!("rolling back VM {}'s scratch disk", self.id)))?;
+            .map_err(|e| VmError::Storage(format!("rolling back VM {}'s disk: {e}", self.id)))?;
+        let took = started.elapsed();
+        let attach = Instant::now();
         self.agent.attach_scratch().await.map_err(agent_err(self))?;
         self.agent.hello(u64::from(std::process::id())).await.map_err(agent_err(self))?;
-        Ok(())
+        tracing::debug!(
+            vm = %self.id,
+            detach = ?(started - detach),
+            rollback = ?took,
+            attach = ?attach.elapsed(),
+            backend = storage.name(),
+            "scratch rolled back"
+        );
+        Ok(took)
     }
 
     /// Replace the agent connection with a fresh one that answered hello.
@@ -220,7 +240,7 @@ impl Vm {
 
     /// Stop the VM: QMP `quit`, then kill whatever is left; remove files.
     pub async fn shutdown(self) {
-        let Vm { qmp, qemu, helper, dir, _cid, agent, .. } = self;
+        let Vm { qmp, qemu, helper, dir, _cid, agent, disk, .. } = self;
         drop(agent);
         let quit = async { qmp.lock().await.quit().await };
         let _ = tokio::time::timeout(Duration::from_secs(2), quit).await;
@@ -228,69 +248,24 @@ impl Vm {
         if let Some(h) = helper {
             h.stop(Duration::ZERO).await;
         }
+        // QEMU is gone: nothing holds the disk any more.
+        if let Some(d) = disk {
+            d.release().await;
+        }
         drop(dir);
     }
 
-    pub(crate) async fn boot(
-        host: Arc<VmHost>,
-        accel: Accel,
-        timeout: Duration,
-        plan: BootPlan<'_>,
-    ) -> Result<Vm, VmError> {
-        let started = Instant::now();
-        let deadline = started + timeout;
+    /// The agent channel's device, address and the memory backing it needs,
+    /// with its helper process or CID recorded in `parts`.
+    async fn prepare_channel(
+        host: &Arc<VmHost>,
+        dir: &Path,
+        parts: &mut Parts,
+        deadline: Instant,
+    ) -> Result<(ChannelDevice, ChannelAddr, MemoryBacking), VmError> {
         let cfg = host.config();
-        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let dir = host.state().create_vm_dir(&id).map_err(io_err("creating the VM directory"))?;
-        let mut parts = Parts { id: id.clone(), dir: DirGuard(dir.clone()), helper: None, cid: None };
-        let span =
-            tracing::info_span!("vm_boot", vm_id = %id, channel = %host.channel(), accel = accel.name());
-        let _enter = span.enter();
-
-        // A template keeps its disk and RAM in its own directory: they
-        // outlive the template VM. A restored VM's disk is an overlay of the
-        // template's.
-        let raw_copy = cfg.scratch == ScratchKind::RawCopy && matches!(plan, BootPlan::Cold);
-        let scratch = match &plan {
-            BootPlan::Template(t) => t.disk.clone(),
-            _ if raw_copy => dir.join("scratch.raw"),
-            _ => dir.join("scratch.qcow2"),
-        };
-        if raw_copy {
-            let (clean, dst) = (cfg.images.scratch.clone(), scratch.clone());
-            tokio::task::spawn_blocking(move || crate::storage::file::sparse_copy(&clean, &dst))
-                .await
-                .map_err(|e| VmError::Tool(format!("copying the scratch image: {e}")))?
-                .map_err(io_err("copying the scratch image"))?;
-        } else {
-            // A template keeps its disk and RAM in its own directory: they
-            // outlive the template VM. A restored VM's disk is an overlay of
-            // the template's.
-            let (backing, backing_format) = match &plan {
-                BootPlan::Restore(t) => (t.disk.clone(), "qcow2"),
-                _ => (cfg.images.scratch.clone(), "raw"),
-            };
-            let overlay_args: Vec<std::ffi::OsString> = vec![
-                "create".into(),
-                "-q".into(),
-                "-f".into(),
-                "qcow2".into(),
-                "-F".into(),
-                backing_format.into(),
-                "-b".into(),
-                backing.into(),
-                scratch.clone().into(),
-            ];
-            run_tool(&cfg.qemu_img, &overlay_args, Duration::from_secs(10)).await.map_err(VmError::Tool)?;
-        }
-        // QEMU may (re)open the disk after dropping to its user: on an
-        // incoming migration it opens images only when the VM starts.
-        if let Some((uid, gid)) = host.qemu_ids() {
-            std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))
-                .map_err(io_err("handing the scratch disk to the QEMU user"))?;
-        }
-
-        let (device, addr, memory) = match host.channel() {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        Ok(match host.channel() {
             ChannelKind::Serial => {
                 let socket = dir.join("agent.sock");
                 (
@@ -319,7 +294,7 @@ impl Vm {
                     user,
                 )
                 .map_err(io_err(format!("starting {}", cfg.vhost_device_vsock.display())))?;
-                state::record_pid(&dir, helper.pid()).map_err(io_err("recording a pid"))?;
+                state::record_pid(dir, helper.pid()).map_err(io_err("recording a pid"))?;
                 parts.helper = Some(helper);
                 let ready =
                     wait_until(deadline, Duration::from_millis(2), || vhost_socket.exists().then_some(()))
@@ -343,7 +318,76 @@ impl Vm {
                     MemoryBacking::Private,
                 )
             }
+        })
+    }
+
+    pub(crate) async fn boot(
+        host: Arc<VmHost>,
+        accel: Accel,
+        timeout: Duration,
+        plan: BootPlan<'_>,
+    ) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let cfg = host.config();
+        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir = host.state().create_vm_dir(&id).map_err(io_err("creating the VM directory"))?;
+        let mut parts =
+            Parts { id: id.clone(), dir: DirGuard(dir.clone()), helper: None, cid: None, disk: None };
+        let span =
+            tracing::info_span!("vm_boot", vm_id = %id, channel = %host.channel(), accel = accel.name());
+        let _enter = span.enter();
+
+        // The writable disk (a raw disk from the storage backend, or a qcow2
+        // overlay) is made while the channel is set up.
+        let raw_copy = cfg.scratch == ScratchKind::RawCopy && matches!(plan, BootPlan::Cold);
+        let disk_started = Instant::now();
+        let make_disk = async {
+            if raw_copy {
+                let storage = host.open_storage().await?;
+                let disk = storage
+                    .provision(&cfg.images.scratch, &dir)
+                    .await
+                    .map_err(|e| VmError::Storage(format!("VM {id}: making its disk: {e}")))?;
+                let path = disk.path().to_path_buf();
+                return Ok((Some(disk), path, disk_started.elapsed()));
+            }
+            // A template keeps its disk and RAM in its own directory: they
+            // outlive the template VM. A restored VM's disk is an overlay of
+            // the template's.
+            let (path, backing, backing_format) = match &plan {
+                BootPlan::Template(t) => return Ok((None, t.disk.clone(), disk_started.elapsed())),
+                BootPlan::Restore(t) => (dir.join("scratch.qcow2"), t.disk.clone(), "qcow2"),
+                BootPlan::Cold => (dir.join("scratch.qcow2"), cfg.images.scratch.clone(), "raw"),
+            };
+            let overlay_args: Vec<std::ffi::OsString> = vec![
+                "create".into(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+                "-F".into(),
+                backing_format.into(),
+                "-b".into(),
+                backing.into(),
+                path.clone().into(),
+            ];
+            run_tool(&cfg.qemu_img, &overlay_args, Duration::from_secs(10)).await.map_err(VmError::Tool)?;
+            Ok::<_, VmError>((None, path, disk_started.elapsed()))
         };
+        let (disk, channel) =
+            tokio::join!(make_disk, Self::prepare_channel(&host, &dir, &mut parts, deadline));
+        let (disk, scratch, disk_took) = disk?;
+        parts.disk = disk;
+        let (device, addr, memory) = match channel {
+            Ok(c) => c,
+            Err(e) => return Err(e),
+        };
+        // QEMU may (re)open the disk after dropping to its user: on an
+        // incoming migration it opens images only when the VM starts.
+        if let Some((uid, gid)) = host.qemu_ids() {
+            std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))
+                .map_err(io_err("handing the scratch disk to the QEMU user"))?;
+        }
 
         let memory = match &plan {
             BootPlan::Cold => memory,
@@ -419,12 +463,13 @@ impl Vm {
         }
         let timings = BootTimings {
             prepare_ms,
+            disk_ms: disk_took.as_millis() as u64,
             boot_ms: qemu_started.elapsed().as_millis() as u64,
             guest_uptime_ms: hello.uptime_ms,
             total_ms: started.elapsed().as_millis() as u64,
         };
         tracing::info!(?timings, "VM ready");
-        let Parts { id, dir, helper, cid } = parts;
+        let Parts { id, dir, helper, cid, disk } = parts;
         Ok(Vm {
             id,
             channel: host.channel(),
@@ -436,6 +481,7 @@ impl Vm {
             qemu,
             helper,
             _cid: cid,
+            disk,
             dir,
             _host: host,
         })

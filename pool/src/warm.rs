@@ -33,13 +33,25 @@ pub struct BackendTimings {
     /// Restore from the template to agent-ready (and snapshot saved).
     pub restore: Vec<Duration>,
     pub reset: Vec<Duration>,
+    /// The storage step of a rollback reset alone (file rewrite or `zfs rollback`).
+    pub rollback: Vec<Duration>,
+    /// Making a VM's writable disk (copy or clone), part of create.
+    pub disk: Vec<Duration>,
 }
 
 impl VmBackend {
     /// Resolve `auto` for this host's channel and refuse what cannot work.
     pub fn new(host: Arc<VmHost>, requested: ResetMode, replenish: ReplenishMode) -> Result<Self, String> {
         let migratable = host.channel().migratable();
+        let zfs = matches!(host.config().storage, crate::storage::StorageConfig::Zfs(_));
         let mode = match requested {
+            // ZFS disks are raw clones: recycled by rolling the clone back.
+            ResetMode::Auto if zfs => ResetMode::Rollback,
+            ResetMode::Snapshot if zfs => {
+                return Err("pool.reset = \"snapshot\" needs the file storage backend (qcow2 overlays); \
+                            with storage.backend = \"zfs\" use rollback or destroy"
+                    .into())
+            }
             ResetMode::Auto if migratable => ResetMode::Snapshot,
             ResetMode::Auto => ResetMode::Destroy,
             ResetMode::Snapshot if !migratable => {
@@ -55,7 +67,7 @@ impl VmBackend {
         };
         let restore = match replenish {
             // A rolled-back layer is a raw copy, not an overlay of a template.
-            _ if mode == ResetMode::Rollback => false,
+            _ if mode == ResetMode::Rollback || zfs => false,
             ReplenishMode::Boot => false,
             ReplenishMode::Auto => host.channel() == ChannelKind::Serial,
             ReplenishMode::Restore if host.channel() == ChannelKind::Serial => true,
@@ -140,12 +152,18 @@ impl VmBackend {
 /// the request's path, than by the caller.
 async fn warm_up(vm: &Vm) -> Result<(), String> {
     let mut req = crate::vm::shell("true");
-    req.timeout_ms = 5_000;
-    match tokio::time::timeout(Duration::from_secs(10), vm.agent().run(req)).await {
-        Ok(Ok(out)) if out.status.code == Some(0) => Ok(()),
+    // Generous: on slow storage (zfs-fuse) the first disk access after a
+    // rollback can take seconds; this is off the request path.
+    req.timeout_ms = 20_000;
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(Duration::from_secs(25), vm.agent().run(req)).await {
+        Ok(Ok(out)) if out.status.code == Some(0) => {
+            tracing::debug!(vm = vm.id(), took = ?started.elapsed(), "warmed up");
+            Ok(())
+        }
         Ok(Ok(out)) => Err(format!("warm-up command failed: {:?}", out.status)),
         Ok(Err(e)) => Err(format!("warm-up command: {e}")),
-        Err(_) => Err("warm-up command did not answer within 10s".into()),
+        Err(_) => Err("warm-up command did not answer within 25s".into()),
     }
 }
 
@@ -180,7 +198,15 @@ impl Backend for VmBackend {
             return Err(create_err(e));
         }
         let took = started.elapsed();
-        self.record(|t| if restored { t.restore.push(took) } else { t.create.push(took) });
+        let disk = Duration::from_millis(vm.timings().disk_ms);
+        self.record(|t| {
+            if restored {
+                t.restore.push(took)
+            } else {
+                t.create.push(took)
+            }
+            t.disk.push(disk);
+        });
         Ok(vm)
     }
 
@@ -197,7 +223,13 @@ impl Backend for VmBackend {
                 tokio::time::timeout(self.reset_timeout, vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout))
                     .await
             }
-            ResetMode::Rollback => tokio::time::timeout(self.reset_timeout, vm.rollback_scratch()).await,
+            ResetMode::Rollback => {
+                let rolled = tokio::time::timeout(self.reset_timeout, vm.rollback_scratch()).await;
+                if let Ok(Ok(took)) = &rolled {
+                    self.record(|t| t.rollback.push(*took));
+                }
+                rolled.map(|r| r.map(drop))
+            }
             other => return Err(fail(format!("reset mode {} does not recycle", other.name()))),
         };
         match outcome {

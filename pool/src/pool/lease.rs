@@ -161,10 +161,7 @@ pub(super) async fn recycle<B: Backend>(
     }
     inner.changed.notify_one();
     inner.wake_replenisher.notify_one();
-    let idle = {
-        let st = inner.lock();
-        st.claimed == 0 && st.resetting == 0 && st.booting == 0
-    };
+    let idle = inner.lock().is_idle();
     if idle {
         inner.idle.notify_waiters();
     }

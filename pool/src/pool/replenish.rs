@@ -143,10 +143,7 @@ async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
         inner.backend.destroy(vm).await;
         inner.lock().counters.destroyed += 1;
     }
-    let idle = {
-        let st = inner.lock();
-        st.claimed == 0 && st.resetting == 0 && st.booting == 0
-    };
+    let idle = inner.lock().is_idle();
     inner.changed.notify_one();
     inner.wake_replenisher.notify_one();
     if idle {

@@ -115,6 +115,8 @@ pub struct VmConfig {
     /// QEMU drops to this user after start-up (only when ember runs as root).
     pub qemu_user: Option<String>,
     pub scratch: ScratchKind,
+    /// Where raw scratch disks come from (`ScratchKind::RawCopy`).
+    pub storage: crate::storage::StorageConfig,
 }
 
 impl VmConfig {
@@ -140,6 +142,7 @@ impl VmConfig {
             isolated_nic: false,
             qemu_user: nix::unistd::geteuid().is_root().then(|| "nobody".to_string()),
             scratch: ScratchKind::Overlay,
+            storage: crate::storage::StorageConfig::File,
         }
     }
 

@@ -10,6 +10,7 @@ use super::config::{AccelChoice, VmConfig};
 use super::state::{ReapReport, StateDir};
 use super::{find_program, Vm, VmError};
 use crate::channel::{self, ChannelKind, CidAllocator, HostChannels};
+use crate::storage::{ProcessRunner, Runner, Storage, StorageConfig, ZfsStorage};
 
 #[derive(Debug)]
 pub struct VmHost {
@@ -21,6 +22,9 @@ pub struct VmHost {
     reaped: ReapReport,
     /// uid/gid of `config.qemu_user`, resolved once.
     qemu_ids: Option<(u32, u32)>,
+    /// Opened on first use (or by `open_storage` at start-up).
+    storage: OnceCell<Storage>,
+    runner: Arc<dyn Runner>,
 }
 
 impl VmHost {
@@ -61,7 +65,9 @@ impl VmHost {
             AccelChoice::Tcg => Some(Accel::Tcg),
             AccelChoice::Auto => None,
         });
-        Ok(Arc::new(Self { config, state, cids, channel, accel, reaped, qemu_ids }))
+        let storage = OnceCell::new();
+        let runner: Arc<dyn Runner> = Arc::new(ProcessRunner { timeout: std::time::Duration::from_secs(60) });
+        Ok(Arc::new(Self { config, state, cids, channel, accel, reaped, qemu_ids, storage, runner }))
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -82,6 +88,42 @@ impl VmHost {
     }
     pub(crate) fn cids(&self) -> &CidAllocator {
         &self.cids
+    }
+
+    /// The storage backend, opened (checked, orphans reaped, base made) on
+    /// first use. Call it at start-up to fail early.
+    pub async fn open_storage(&self) -> Result<&Storage, VmError> {
+        self.storage
+            .get_or_try_init(|| async {
+                match &self.config.storage {
+                    StorageConfig::File => Ok(Storage::File),
+                    StorageConfig::Zfs(z) => {
+                        let owner = self.state.owner_name();
+                        let started = std::time::Instant::now();
+                        let zfs = ZfsStorage::open(
+                            Arc::clone(&self.runner),
+                            z,
+                            &self.config.images.scratch,
+                            owner,
+                            self.qemu_ids,
+                            super::state::owner_alive,
+                        )
+                        .await
+                        .map_err(|e| VmError::Storage(e.to_string()))?;
+                        tracing::info!(parent = %z.parent, took = ?started.elapsed(), "zfs storage ready");
+                        Ok(Storage::Zfs(Arc::new(zfs)))
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Release what the storage backend still holds for this process (at
+    /// shutdown, after every VM is gone).
+    pub async fn close(&self) {
+        if let Some(s) = self.storage.get() {
+            s.close().await;
+        }
     }
 
     /// The acceleration VMs use, probing KVM on first use under `auto`.

@@ -43,6 +43,12 @@ impl StateDir {
         &self.owner_dir
     }
 
+    /// This owner's name (`<pid>-<start>-<n>`), also used to tag what it
+    /// makes outside the state directory (ZFS clones).
+    pub fn owner_name(&self) -> String {
+        self.owner_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
     /// A fresh directory for one VM.
     pub fn create_vm_dir(&self, id: &str) -> io::Result<PathBuf> {
         let dir = self.owner_dir.join("vms").join(id);
@@ -72,7 +78,7 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-fn owner_alive(name: &str) -> bool {
+pub(crate) fn owner_alive(name: &str) -> bool {
     let mut fields = name.split('-');
     let (Some(pid), Some(start)) = (fields.next(), fields.next()) else { return false };
     match (pid.parse::<u32>(), start.parse::<u64>()) {

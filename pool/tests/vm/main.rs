@@ -523,6 +523,83 @@ async fn agent_shutdown_powers_off(host: &Arc<VmHost>, init: &str) -> anyhow::Re
     Ok(())
 }
 
+/// `initrd/zfs-test-pool.sh up|down`; `up` prints the parent dataset.
+fn zfs_test_pool(action: &str) -> anyhow::Result<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../initrd/zfs-test-pool.sh");
+    let out = std::process::Command::new(script).arg(action).output()?;
+    ensure!(out.status.success(), "zfs-test-pool.sh {action}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `(name, ember:owner)` of the `warm-*` clones under `parent`.
+fn warm_clones(parent: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let out = std::process::Command::new("zfs")
+        .args(["list", "-H", "-o", "name,ember:owner", "-r", "-d", "1", parent])
+        .output()?;
+    ensure!(out.status.success(), "zfs list: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(n, _)| n.starts_with(&format!("{parent}/warm-")))
+        .map(|(n, o)| (n.to_string(), o.to_string()))
+        .collect())
+}
+
+fn zfs(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("zfs").args(args).output()?;
+    ensure!(out.status.success(), "zfs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// A clone whose owner is dead is destroyed when a host opens the storage;
+/// a live owner's clone is left alone.
+async fn zfs_orphans_are_reaped(cfg: VmConfig, parent: &str) -> anyhow::Result<()> {
+    let first = VmHost::new(cfg.clone(), false)?;
+    first.open_storage().await?; // makes base@golden
+    let golden = format!("{parent}/base@golden");
+    let orphan = format!("{parent}/warm-0rphan");
+    let foreign = format!("{parent}/warm-f0reign");
+    zfs(&["clone", "-o", "ember:owner=1-1-0", &golden, &orphan])?;
+    // "Alive": this very process, as another host in it would tag it.
+    let me = format!("{}-{}-99", std::process::id(), proc_start_time()?);
+    zfs(&["clone", "-o", &format!("ember:owner={me}"), &golden, &foreign])?;
+    let second = VmHost::new(cfg, false)?;
+    second.open_storage().await?;
+    let left: Vec<String> = warm_clones(parent)?.into_iter().map(|(n, _)| n).collect();
+    ensure_eq!(left, vec![foreign.clone()]);
+    // zfs-fuse calls a fresh clone busy for a moment.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = zfs(&["destroy", "-r", &foreign]) {
+        ensure!(Instant::now() < deadline, "{e:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+fn proc_start_time() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let after = stat.rsplit_once(')').context("stat")?.1;
+    after.split_whitespace().nth(19).context("starttime")?.parse().context("starttime")
+}
+
+/// Each VM has its own clone, tagged with its owner, under the parent;
+/// claiming it neither renames nor replaces the clone.
+async fn zfs_a_clone_per_vm(pool: &VmPool, parent: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready >= 1).then_some(()))
+        .await
+        .is_some());
+    let before = warm_clones(parent)?;
+    ensure!(!before.is_empty(), "no clone for the ready VM");
+    ensure!(before.iter().all(|(_, owner)| owner.contains('-')), "untagged clones: {before:?}");
+    let lease = pool.claim().await?;
+    ensure_eq!(stdout(&lease, "mountpoint -q ~ && echo mounted").await?, "mounted\n");
+    let during = warm_clones(parent)?;
+    ensure!(before.iter().all(|c| during.contains(c)), "claiming renamed a clone: {before:?} -> {during:?}");
+    lease.release().await;
+    Ok(())
+}
+
 type VmCase = for<'a> fn(&'a Vm) -> CaseFuture<'a>;
 
 macro_rules! vm_cases {
@@ -695,6 +772,56 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         snap.shutdown().await;
         destroy.shutdown().await;
         rollback.shutdown().await;
+
+        // ZFS: the rollback pool again, on clones of a real (zfs-fuse)
+        // dataset, in its own throw-away zpool.
+        let parent = zfs_test_pool("up").context("setting up the test zpool")?;
+        let mut zc = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
+        zc.scratch = ember_pool::vm::ScratchKind::RawCopy;
+        zc.storage = ember_pool::storage::StorageConfig::Zfs(ember_pool::storage::ZfsConfig {
+            parent: parent.clone(),
+            mode: ember_pool::storage::ZfsMode::Dataset,
+        });
+        report.run("zfs_orphans_are_reaped", Box::pin(zfs_orphans_are_reaped(zc.clone(), &parent))).await;
+        let zfs_host = VmHost::new(zc, false)?;
+        zfs_host.open_storage().await?;
+        let backend = VmBackend::new(Arc::clone(&zfs_host), ResetMode::Auto, ReplenishMode::Auto)
+            .map_err(anyhow::Error::msg)?;
+        ensure_eq!(backend.mode(), ResetMode::Rollback);
+        let zfs_cfg = PoolConfig {
+            min_size: 1,
+            max_size: 2,
+            target_free: 0,
+            claim_timeout: Duration::from_secs(60),
+            ..PoolConfig::default()
+        };
+        let zfs_pool = Pool::start(backend, zfs_cfg, 256);
+        report
+            .run("zfs_a_clone_per_vm_kept_through_claims", Box::pin(zfs_a_clone_per_vm(&zfs_pool, &parent)))
+            .await;
+        report
+            .run(
+                "pool_reset_leaves_nothing_behind [zfs rollback]",
+                Box::pin(pool_reset_leaves_nothing_behind(&zfs_pool)),
+            )
+            .await;
+        report
+            .run(
+                "pool_crashed_claimed_vm_is_replaced [zfs]",
+                Box::pin(pool_crashed_claimed_vm_is_replaced(&zfs_pool)),
+            )
+            .await;
+        zfs_pool.shutdown().await;
+        zfs_host.close().await;
+        let none_left = async {
+            let left = warm_clones(&parent)?;
+            ensure!(left.is_empty(), "clones left after shutdown: {left:?}");
+            Ok(())
+        };
+        report.run("zfs_shutdown_leaves_no_clone", Box::pin(none_left)).await;
+        drop(zfs_pool);
+        drop(zfs_host);
+        zfs_test_pool("down").context("destroying the test zpool")?;
     }
     // Every host and VM is gone: nothing may be left.
     let leak = async {

@@ -68,7 +68,7 @@ async fn a_fresh_parent_gets_a_base_and_golden_snapshot() {
         f.runner.calls(),
         [
             "zfs list -H -o type tank/ember".to_string(),
-            format!("zfs get -H -o value mountpoint tank/ember"),
+            "zfs get -H -o value mountpoint tank/ember".to_string(),
             "zfs list -H -o name,ember:owner -t filesystem,volume -r -d 1 tank/ember".into(),
             "zfs get -H -o value ember:image tank/ember/base".into(),
             "zfs create tank/ember/base".into(),
@@ -161,7 +161,7 @@ async fn create_recycle_and_destroy_a_clone() {
     );
     let leaf = name.rsplit('/').next().unwrap();
     assert_eq!(clone.disk_path(), f.tmp.path().join(leaf).join("disk.raw"));
-    assert_eq!(z.live_clones(), [name.clone()]);
+    assert_eq!(z.live_clones(), std::slice::from_ref(&name));
 
     // Claiming a VM does not touch its clone; recycling rolls it back.
     f.runner.clear();
