@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -52,7 +53,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let functions = load_functions(&cfg)?;
     let snapshots = matches!(cfg.pool.reset, ResetMode::Auto | ResetMode::Snapshot);
     let host = VmHost::new(cfg.vm.clone(), snapshots)?;
-    let backend = VmBackend::new(host, cfg.pool.reset, cfg.pool.replenish).map_err(anyhow::Error::msg)?;
+    // ZFS: check the parent, reap dead owners' clones, make the base, now.
+    let storage = host.open_storage().await?.name();
+    let backend =
+        VmBackend::new(Arc::clone(&host), cfg.pool.reset, cfg.pool.replenish).map_err(anyhow::Error::msg)?;
     let reset = backend.mode();
     let channel = backend.host().channel();
     // Bind before booting anything: a taken port fails fast.
@@ -63,13 +67,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let pool = Pool::start(backend, cfg.pool.clone(), cfg.vm.memory_mb);
     let state = AppState::new(pool.clone(), cfg.limits.clone(), functions);
     println!(
-        "ember: listening on http://{addr} (channel {channel}, reset {}, {} functions); warming {} VMs",
+        "ember: listening on http://{addr} (channel {channel}, reset {}, storage {storage}, {} functions); warming {} VMs",
         reset.name(),
         state.functions.len(),
         cfg.pool.min_size
     );
     tokio::spawn(announce_ready(pool, addr));
-    serve(listener, state, shutdown_signal()).await?;
+    let served = serve(listener, state, shutdown_signal()).await;
+    host.close().await;
+    served?;
     println!("ember: stopped; every VM is gone");
     Ok(ExitCode::SUCCESS)
 }

@@ -53,11 +53,16 @@ struct Samples {
 struct ModeReport {
     mode: ResetMode,
     channel: String,
+    storage: String,
     requests: usize,
     errors: usize,
     claim_hit: Option<Stats>,
     claim_miss: Option<Stats>,
     reset: Option<Stats>,
+    /// The storage step of a rollback (file rewrite or `zfs rollback`).
+    rollback: Option<Stats>,
+    /// Making a VM's writable disk (copy, clone or overlay), within create.
+    disk: Option<Stats>,
     replenish_cold_boot: Option<Stats>,
     replenish_restore: Option<Stats>,
     warm_hit_ratio: f64,
@@ -76,6 +81,7 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
             vm_cfg.scratch = ember_pool::vm::ScratchKind::RawCopy;
         }
         let host = VmHost::new(vm_cfg, mode == ResetMode::Snapshot)?;
+        let storage = host.open_storage().await?.name();
         let backend = VmBackend::new(Arc::clone(&host), mode, pool_cfg.replenish)
             .map_err(anyhow::Error::msg)?
             .keeping_timings();
@@ -123,17 +129,21 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
         let after = pool.status().counters;
         let timings = pool.backend().timings();
         pool.shutdown().await;
+        host.close().await;
 
         let s = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
         let (hits, misses) = (after.hits - before.hits, after.misses - before.misses);
         reports.push(ModeReport {
             mode,
             channel: host.channel().to_string(),
+            storage: storage.to_string(),
             requests: s.claim_hit.len() + s.claim_miss.len() + s.errors.len(),
             errors: s.errors.len(),
             claim_hit: stats(s.claim_hit),
             claim_miss: stats(s.claim_miss),
             reset: stats(timings.reset.iter().map(|d| ms(*d)).collect()),
+            rollback: stats(timings.rollback.iter().map(|d| ms(*d)).collect()),
+            disk: stats(timings.disk.iter().map(|d| ms(*d)).collect()),
             replenish_cold_boot: stats(timings.create.iter().map(|d| ms(*d)).collect()),
             replenish_restore: stats(timings.restore.iter().map(|d| ms(*d)).collect()),
             warm_hit_ratio: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
@@ -230,15 +240,18 @@ fn print(reports: &[ModeReport], json: bool) -> anyhow::Result<()> {
     };
     for r in reports {
         println!(
-            "\nreset = {} (channel {}): {} requests, {} errors",
+            "\nreset = {} (channel {}, storage {}): {} requests, {} errors",
             r.mode.name(),
             r.channel,
+            r.storage,
             r.requests,
             r.errors
         );
         println!("  {:<34} {}", "claim, hit (p50 / p95 ms)", f(&r.claim_hit));
         println!("  {:<34} {}", "claim, miss (p50 / p95 ms)", f(&r.claim_miss));
         println!("  {:<34} {}", "reset (p50 / p95 ms)", f(&r.reset));
+        println!("  {:<34} {}", "  of which storage rollback", f(&r.rollback));
+        println!("  {:<34} {}", "make a VM's disk (p50 / p95 ms)", f(&r.disk));
         println!("  {:<34} {}", "replenish by cold boot (p50 / p95)", f(&r.replenish_cold_boot));
         if let (Some(b), Some(r)) = (&r.replenish_cold_boot, &r.replenish_restore) {
             println!("  {:<34} {:.1}x", "restore speed-up (p50)", b.p50_ms / r.p50_ms);
