@@ -10,7 +10,7 @@ AGENT := target/$(AGENT_TARGET)/release/ember-agent
 export EMBER_CACHE ?= /var/cache/ember
 export EMBER_IMAGES ?= $(CURDIR)/target/images
 
-.PHONY: up test deps build agent images bench lint fmt clean-cache
+.PHONY: up test deps build agent images bench bench-load lint fmt clean-cache
 
 ## up: install what is missing, build, make images, serve on 127.0.0.1:8080
 ## (foreground; Ctrl-C drains). EMBER_CONFIG=file or EMBER_LISTEN=addr to change.
@@ -19,8 +19,10 @@ up: deps build images
 
 ## test: install what is missing, then run every test (unit, component, VM).
 test: deps images
-	$(CARGO) build --release -p ember-gateway
+	$(CARGO) build --release -p ember-gateway -p ember-loadtest
 	$(CARGO) test --workspace --all-targets --no-fail-fast
+	# The load-test suite at a few seconds a scenario, so it cannot rot.
+	./target/release/ember-loadtest --profile quick --out target/loadtest-quick
 
 deps:
 	./initrd/deps.sh
@@ -45,6 +47,11 @@ bench: deps build images
 	./initrd/zfs-test-pool.sh up
 	./target/release/ember pool bench --config pool/bench-zfs.toml --modes rollback --burst 2 --rate 1 --steady 20s; \
 	    rc=$$?; ./initrd/zfs-test-pool.sh down; exit $$rc
+
+## bench-load: the load tests with oha and their baselines; report in target/loadtest.
+bench-load: deps build images
+	$(CARGO) build --release -p ember-loadtest
+	./target/release/ember-loadtest --profile full --out target/loadtest
 
 lint:
 	$(CARGO) fmt --all --check

@@ -8,7 +8,8 @@ log() { printf '[deps] %s\n' "$*" >&2; }
 need_apt=()
 have() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 # curl (7.82+ for --json) is the client of the README examples and the e2e tests.
-for p in busybox-static cpio curl debootstrap e2fsprogs gzip tar; do
+# bubblewrap: the load tests' container-style baseline.
+for p in bubblewrap busybox-static cpio curl debootstrap e2fsprogs gzip tar; do
     have "$p" || need_apt+=("$p")
 done
 # The ZFS storage backend's tests need `zfs`: zfs-fuse where no ZFS tools

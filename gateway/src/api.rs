@@ -267,7 +267,9 @@ pub struct RunResult {
     pub stderr_base64: Option<String>,
     pub timed_out: bool,
     pub truncated: bool,
+    /// The command's run time inside the VM.
     pub duration_ms: u64,
+    pub duration_us: u64,
     /// Whether a ready VM was waiting (no boot in the request's path).
     pub warm: bool,
     pub vm_id: String,
@@ -279,11 +281,24 @@ pub struct RunResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StreamEvent {
-    Started { id: String, vm_id: String, warm: bool },
+    Started {
+        id: String,
+        vm_id: String,
+        warm: bool,
+    },
     Stdout(OutputText),
     Stderr(OutputText),
-    Exit { exit_code: Option<i32>, signal: Option<i32>, timed_out: bool, truncated: bool, duration_ms: u64 },
-    Error { error: ErrorBody },
+    Exit {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        truncated: bool,
+        duration_ms: u64,
+        duration_us: u64,
+    },
+    Error {
+        error: ErrorBody,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

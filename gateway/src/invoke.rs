@@ -185,6 +185,7 @@ where
                         timed_out: status.timed_out,
                         truncated: status.truncated,
                         duration_ms: status.duration_ms,
+                        duration_us: status.duration_us,
                         warm: running.warm,
                         vm_id: running.vm_id.clone(),
                         session: running.session.clone(),

@@ -215,7 +215,9 @@ async fn run_inner(
         Some(WaitStatus::Signaled(_, sig, _)) => status.signal = Some(sig as i32),
         _ => {}
     }
-    status.duration_ms = started.elapsed().as_millis() as u64;
+    let took = started.elapsed();
+    status.duration_ms = took.as_millis() as u64;
+    status.duration_us = took.as_micros() as u64;
     Ok(status)
 }
 

@@ -356,7 +356,7 @@ impl Vm {
             // outlive the template VM. A restored VM's disk is an overlay of
             // the template's.
             let (path, backing, backing_format) = match &plan {
-                BootPlan::Template(t) => return Ok((None, t.disk.clone(), disk_started.elapsed())),
+                BootPlan::Template(t) => (t.disk.clone(), cfg.images.scratch.clone(), "raw"),
                 BootPlan::Restore(t) => (dir.join("scratch.qcow2"), t.disk.clone(), "qcow2"),
                 BootPlan::Cold => (dir.join("scratch.qcow2"), cfg.images.scratch.clone(), "raw"),
             };

@@ -235,6 +235,7 @@ where
                         timed_out: st.timed_out,
                         truncated: st.truncated,
                         duration_ms: st.duration_ms,
+                        duration_us: st.duration_us,
                     });
                     break;
                 }

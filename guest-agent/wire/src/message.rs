@@ -184,6 +184,9 @@ pub struct ExitStatus {
     pub cancelled: bool,
     pub truncated: bool,
     pub duration_ms: u64,
+    /// The same in microseconds (0 from agents before it existed).
+    #[serde(default)]
+    pub duration_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

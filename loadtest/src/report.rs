@@ -1,0 +1,125 @@
+//! `report.md` and `report.json`, with the targets checked.
+
+use std::fmt::Write as _;
+
+use crate::run::Report;
+use crate::scenario::Kind;
+
+/// One target of the issue, checked against the figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+pub fn checks(r: &Report) -> Vec<Check> {
+    let mut out = Vec::new();
+    for s in &r.scenarios {
+        let bad = s.ember.non_2xx();
+        out.push(Check {
+            target: format!("{}: zero non-2xx responses", s.name),
+            measured: format!("{bad} of {}", s.ember.requests),
+            met: bad == 0,
+        });
+        if s.kind == Kind::Step {
+            let w = s.warm_hit_after_first_step.unwrap_or(0.0);
+            out.push(Check {
+                target: format!("{}: warm-hit ratio >= 99% after the first step", s.name),
+                measured: format!("{:.1}%", w * 100.0),
+                met: w >= 0.99,
+            });
+            let limit = r.idle_timeout_secs + r.sizer_interval_secs;
+            out.push(Check {
+                target: format!(
+                    "{}: back at min_size within idle_timeout + sizer_interval ({limit:.0} s)",
+                    s.name
+                ),
+                measured: s.back_to_min_secs.map_or("not within the wait".into(), |t| format!("{t:.1} s")),
+                met: s.back_to_min_secs.is_some_and(|t| t <= limit + 1.0),
+            });
+        }
+        if let Some(o) = &s.overhead {
+            out.push(Check {
+                target: format!("{}: gateway overhead p50 < 2 ms", s.name),
+                measured: format!("{:.2} ms (p95 {:.2} ms, {} probes)", o.p50_ms, o.p95_ms, o.samples),
+                met: o.p50_ms < 2.0,
+            });
+        }
+        if s.name == "true" {
+            if let Some(cold) = s.baselines.iter().find(|b| b.name == "cold-vm") {
+                out.push(Check {
+                    target: "true: Ember p50 at least 10x lower than a cold VM per request".into(),
+                    measured: format!(
+                        "{:.1}x ({:.0} vs {:.1} ms)",
+                        cold.ratio_p50, cold.run.p50_ms, s.ember.p50_ms
+                    ),
+                    met: cold.ratio_p50 >= 10.0,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn statuses(run: &crate::oha::Run) -> String {
+    let mut parts: Vec<String> = run.statuses.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    parts.extend(run.errors.iter().map(|(k, n)| format!("{k}: {n}")));
+    parts.join(", ")
+}
+
+pub fn markdown(r: &Report, checks: &[Check]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Ember load test ({:?} profile)\n", r.profile);
+    let _ = writeln!(
+        md,
+        "Run {} on {}. `ember serve` with `loadtest/ember.toml` (min_size {}, idle_timeout {} s), \
+         driven by oha over loopback. Baselines run the same command per request behind the same \
+         kind of HTTP call: `cold-vm` is Ember with the pool disabled, `bwrap` a fresh bubblewrap \
+         sandbox, `host` the command run directly (the floor). Ratios are baseline p50 / Ember p50.\n",
+        r.started, r.machine, r.min_size, r.idle_timeout_secs
+    );
+    let _ = writeln!(md, "## Targets\n\n| target | measured | |\n|---|---|---|");
+    for c in checks {
+        let _ =
+            writeln!(md, "| {} | {} | {} |", c.target, c.measured, if c.met { "met" } else { "**not met**" });
+    }
+    let _ = writeln!(
+        md,
+        "\n## Scenarios\n\n| scenario | requests | req/s | p50 | p95 | p99 | max (ms) | statuses | warm hits |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for s in &r.scenarios {
+        let e = &s.ember;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            s.name,
+            e.requests,
+            e.rps,
+            e.p50_ms,
+            e.p95_ms,
+            e.p99_ms,
+            e.max_ms,
+            statuses(e),
+            s.warm_hit_ratio.map_or("-".into(), |w| format!("{:.1}%", w * 100.0))
+        );
+    }
+    let _ = writeln!(md, "\n## Baselines\n\n| scenario | baseline | p50 (ms) | p95 (ms) | req/s | baseline / Ember (p50) |\n|---|---|---|---|---|---|");
+    for s in &r.scenarios {
+        for b in &s.baselines {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+                s.name, b.name, b.run.p50_ms, b.run.p95_ms, b.run.rps, b.ratio_p50
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nStep slices are measured by separate oha runs (2 s each); a scenario's percentiles over \
+         several runs are the request-weighted mean of theirs.\n\n## Plots\n\n\
+         ![latency over time](latency.svg)\n\n![pool size against request rate](pool.svg)\n\n\
+         ![Ember vs baselines](baselines.svg)"
+    );
+    md
+}
