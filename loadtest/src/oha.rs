@@ -80,7 +80,9 @@ pub async fn run(
         target.body.into(),
     ]);
     match (slice.or(phase.duration), phase.requests) {
-        (Some(d), _) => args.extend(["-z".into(), format!("{}ms", d.as_millis())]),
+        // -w: requests in flight at the deadline finish and count; without
+        // it oha aborts them and reports errors the server never made.
+        (Some(d), _) => args.extend(["-z".into(), format!("{}ms", d.as_millis()), "-w".into()]),
         (None, Some(n)) => args.extend(["-n".into(), n.to_string()]),
         (None, None) => anyhow::bail!("a phase needs a duration or a number of requests"),
     }

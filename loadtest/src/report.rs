@@ -39,7 +39,9 @@ pub fn checks(r: &Report) -> Vec<Check> {
                 met: s.back_to_min_secs.is_some_and(|t| t <= limit + 1.0),
             });
         }
-        if let Some(o) = &s.overhead {
+        // The target is about the gateway's own cost: a command that does
+        // nothing. Code scenarios also pay for writing the code file.
+        if let (Some(o), "true") = (&s.overhead, s.name.as_str()) {
             out.push(Check {
                 target: format!("{}: gateway overhead p50 < 2 ms", s.name),
                 measured: format!("{:.2} ms (p95 {:.2} ms, {} probes)", o.p50_ms, o.p95_ms, o.samples),
@@ -103,6 +105,18 @@ pub fn markdown(r: &Report, checks: &[Check]) -> String {
             statuses(e),
             s.warm_hit_ratio.map_or("-".into(), |w| format!("{:.1}%", w * 100.0))
         );
+    }
+    let _ = writeln!(
+        md,
+        "\n## Gateway overhead\n\nSequential probes, 0.5 s apart: client latency minus the command's \
+         run time inside the VM (`duration_us`). What is left is HTTP, JSON, the claim, the agent \
+         channel both ways and the agent's own work around the command (and, for `code`, writing \
+         the code file).\n\n| scenario | probes | p50 (ms) | p95 (ms) |\n|---|---|---|---|"
+    );
+    for s in &r.scenarios {
+        if let Some(o) = &s.overhead {
+            let _ = writeln!(md, "| {} | {} | {:.2} | {:.2} |", s.name, o.samples, o.p50_ms, o.p95_ms);
+        }
     }
     let _ = writeln!(md, "\n## Baselines\n\n| scenario | baseline | p50 (ms) | p95 (ms) | req/s | baseline / Ember (p50) |\n|---|---|---|---|---|---|");
     for s in &r.scenarios {

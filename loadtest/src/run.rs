@@ -322,6 +322,8 @@ pub async fn cold_vm_baselines(
     if let Some(toml::Value::Table(p)) = doc.get_mut("pool") {
         p.insert("enabled".into(), toml::Value::Boolean(false));
         p.insert("min_size".into(), toml::Value::Integer(0));
+        // Cold: a boot per request, not a restore from a template.
+        p.insert("replenish".into(), toml::Value::String("boot".into()));
     }
     std::fs::write(&cold_cfg, toml::to_string(&doc)?)?;
     eprintln!("[loadtest] cold-VM baseline (pool disabled)");

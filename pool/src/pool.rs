@@ -290,25 +290,30 @@ impl<B: Backend> Pool<B> {
         let deadline = started + self.inner.cfg.claim_timeout;
         self.inner.lock().rates.record(started);
         self.inner.wake_replenisher.notify_one();
-        let mut queued = false;
-        let result = loop {
+        // Counted as a waiter from the first wait until this claim ends,
+        // however it ends (a caller that goes away drops this future).
+        let mut queued: Option<WaiterGuard<'_, B>> = None;
+        loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.try_claim(queued, started) {
-                Ok(Step::Got(lease)) => break Ok(lease),
-                Ok(Step::Create) => break self.create_on_demand().await,
-                Ok(Step::Wait) => queued = true,
-                Err(e) => break Err(e),
+            match self.try_claim(queued.is_some(), started) {
+                Ok(Step::Got(lease)) => return Ok(lease),
+                Ok(Step::Create) => {
+                    drop(queued.take());
+                    return self.create_on_demand().await;
+                }
+                Ok(Step::Wait) => {
+                    if queued.is_none() {
+                        queued = Some(WaiterGuard(&self.inner));
+                    }
+                }
+                Err(e) => return Err(e),
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                break Err(self.inner.exhausted(&mut self.inner.lock(), started.elapsed()));
+                return Err(self.inner.exhausted(&mut self.inner.lock(), started.elapsed()));
             }
-        };
-        if queued {
-            self.inner.lock().waiters -= 1;
         }
-        result
     }
 
     fn try_claim(&self, queued: bool, started: Instant) -> Result<Step<B>, PoolError> {
@@ -430,6 +435,15 @@ impl<B: Backend> Pool<B> {
                 self.inner.lock().counters.destroyed += 1;
             }
         }
+    }
+}
+
+/// One waiting claim; `try_claim_locked` counted it in `waiters`.
+struct WaiterGuard<'a, B: Backend>(&'a Arc<Inner<B>>);
+
+impl<B: Backend> Drop for WaiterGuard<'_, B> {
+    fn drop(&mut self) {
+        self.0.lock().waiters -= 1;
     }
 }
 

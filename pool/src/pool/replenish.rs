@@ -106,7 +106,11 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
         st.booting += n;
         return (n, Vec::new());
     }
-    let surplus = (current - st.target).min(st.ready.len());
+    // Never below what is in use right now plus the headroom: the rate
+    // estimate lags a rise by its window, and VMs made on demand during the
+    // rise would otherwise be destroyed as they come back.
+    let keep = st.target.max(st.claimed + st.resetting + st.waiters + inner.cfg.target_free);
+    let surplus = current.saturating_sub(keep).min(st.ready.len());
     // Oldest first: they have served the most uses.
     let gone: Vec<B::Vm> = st.ready.drain(..surplus).map(|r: ReadyVm<B::Vm>| r.vm).collect();
     (0, gone)

@@ -120,6 +120,30 @@ async fn a_full_wait_queue_refuses_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_waiting_claim_that_is_dropped_leaves_the_queue() {
+    let mut c = cfg();
+    c.max_size = 1;
+    c.min_size = 1;
+    c.target_free = 0;
+    c.max_waiters = 1;
+    let pool = Pool::start(backend(), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let held = pool.claim().await.unwrap();
+    let p2 = pool.clone();
+    let waiter = tokio::spawn(async move { p2.claim().await.map(|l| l.id.clone()) });
+    until(&pool, "one waiter", |s| s.waiters == 1).await;
+    // The caller goes away (an HTTP client hung up): its place is freed.
+    waiter.abort();
+    until(&pool, "no waiter", |s| s.waiters == 0).await;
+    let p3 = pool.clone();
+    let next = tokio::spawn(async move { p3.claim().await.map(|l| l.id.clone()) });
+    until(&pool, "a new waiter fits", |s| s.waiters == 1).await;
+    drop(held);
+    assert!(next.await.unwrap().is_ok());
+    assert_eq!(pool.status().waiters, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_waiter_gets_the_next_released_vm() {
     let mut c = cfg();
     c.max_size = 1;
