@@ -63,7 +63,7 @@ impl EmberServer {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         let status = self.child.wait()?;
         anyhow::ensure!(status.success(), "ember serve exited with {status}");
-        let left = processes_mentioning(STATE_DIR);
+        let left = ember_pool::vm::processes_mentioning(STATE_DIR);
         anyhow::ensure!(left.is_empty(), "processes left behind: {left:?}");
         Ok(())
     }
@@ -79,18 +79,6 @@ impl Drop for EmberServer {
             let _ = self.child.wait();
         }
     }
-}
-
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) {
-            found.push(cmd);
-        }
-    }
-    found
 }
 
 /// How the baseline server runs each request's command.

@@ -24,7 +24,7 @@ pub use config::{
     default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, ScratchKind, VmConfig,
 };
 pub use host::VmHost;
-pub use process::{find_program, run_tool, wait_until, OwnedProcess};
+pub use process::{find_program, processes_mentioning, run_tool, wait_until, OwnedProcess};
 pub use qmp::{Qmp, QmpError};
 pub use state::{ReapReport, StateDir};
 pub use template::{BootPlan, Template};

@@ -99,28 +99,10 @@ async fn exhaustion_waits_then_fails_with_a_typed_error() {
     assert_eq!(pool.status().waiters, 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_full_wait_queue_refuses_at_once() {
-    let mut c = cfg();
-    c.max_size = 1;
-    c.min_size = 1;
-    c.target_free = 0;
-    c.max_waiters = 1;
-    let pool = Pool::start(backend(), c, 256);
-    until(&pool, "ready", |s| s.ready == 1).await;
-    let _held = pool.claim().await.unwrap();
-    let p2 = pool.clone();
-    let waiter = tokio::spawn(async move { p2.claim().await.map(|l| l.id.clone()) });
-    until(&pool, "one waiter", |s| s.waiters == 1).await;
-    let t = tokio::time::Instant::now();
-    let err = pool.claim().await.unwrap_err();
-    assert!(matches!(err, PoolError::Exhausted { .. }));
-    assert_eq!(t.elapsed(), Duration::ZERO);
-    drop(waiter);
-}
+type Waiter = tokio::task::JoinHandle<Result<String, PoolError>>;
 
-#[tokio::test(start_paused = true)]
-async fn a_waiting_claim_that_is_dropped_leaves_the_queue() {
+/// A one-VM pool whose VM is claimed, with one claim waiting (the queue's limit).
+async fn one_vm_held_and_one_waiting() -> (Pool<FakeBackend>, Lease<FakeBackend>, Waiter) {
     let mut c = cfg();
     c.max_size = 1;
     c.min_size = 1;
@@ -132,6 +114,22 @@ async fn a_waiting_claim_that_is_dropped_leaves_the_queue() {
     let p2 = pool.clone();
     let waiter = tokio::spawn(async move { p2.claim().await.map(|l| l.id.clone()) });
     until(&pool, "one waiter", |s| s.waiters == 1).await;
+    (pool, held, waiter)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_wait_queue_refuses_at_once() {
+    let (pool, _held, waiter) = one_vm_held_and_one_waiting().await;
+    let t = tokio::time::Instant::now();
+    let err = pool.claim().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted { .. }));
+    assert_eq!(t.elapsed(), Duration::ZERO);
+    drop(waiter);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_claim_that_is_dropped_leaves_the_queue() {
+    let (pool, held, waiter) = one_vm_held_and_one_waiting().await;
     // The caller goes away (an HTTP client hung up): its place is freed.
     waiter.abort();
     until(&pool, "no waiter", |s| s.waiters == 0).await;

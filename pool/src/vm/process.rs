@@ -126,6 +126,20 @@ pub async fn run_tool(program: &Path, args: &[OsString], timeout: Duration) -> R
     }
 }
 
+/// Processes whose command line mentions `needle` (a state directory, a
+/// VM id): what leak checks look for after a shutdown.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,15 +69,4 @@ macro_rules! ensure_eq {
     }};
 }
 
-/// Processes whose command line mentions `needle`.
-pub fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) {
-            found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
-        }
-    }
-    found
-}
+pub use ember_pool::vm::processes_mentioning;
