@@ -128,12 +128,14 @@ pub fn argv(sandbox: Sandbox, command: &str, cwd: &Path) -> Vec<String> {
                 "--unshare-all",
                 "--die-with-parent",
                 "--new-session",
-                "--chdir",
             ]
             .iter()
             .map(|s| s.to_string())
             .collect();
-            v.push(cwd.display().to_string());
+            // The working directory again on top of the fresh /tmp (a
+            // checkout under /tmp would be hidden by it).
+            let cwd = cwd.display().to_string();
+            v.extend(["--ro-bind".into(), cwd.clone(), cwd.clone(), "--chdir".into(), cwd]);
             v.extend(sh);
             v
         }
@@ -214,7 +216,8 @@ mod tests {
         let v = argv(Sandbox::Bwrap, "true", Path::new("/w"));
         let s = v.join(" ");
         assert!(s.starts_with("bwrap --ro-bind / / "), "{s}");
-        assert!(s.contains("--unshare-all") && s.contains("--chdir /w"), "{s}");
+        assert!(s.contains("--unshare-all") && s.contains("--tmpfs /tmp --"), "{s}");
+        assert!(s.contains("--ro-bind /w /w --chdir /w"), "the cwd survives the fresh /tmp: {s}");
         assert!(s.ends_with("sh -c true"), "{s}");
         assert_eq!(argv(Sandbox::Host, "true", Path::new("/w")), ["sh", "-c", "true"]);
     }
