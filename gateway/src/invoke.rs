@@ -245,6 +245,8 @@ where
             timed_out = status.timed_out,
             truncated = status.truncated,
             ms = status.duration_ms,
+            exec_rtt_us = self.started.elapsed().as_micros() as u64,
+            guest_us = status.duration_us,
             "command finished"
         );
     }
