@@ -10,7 +10,7 @@ AGENT := target/$(AGENT_TARGET)/release/ember-agent
 export EMBER_CACHE ?= /var/cache/ember
 export EMBER_IMAGES ?= $(CURDIR)/target/images
 
-.PHONY: up test deps build agent images bench bench-load lint fmt clean-cache
+.PHONY: up test deps test-deps build agent images bench bench-load lint fmt clean-cache
 
 ## up: install what is missing, build, make images, serve on 127.0.0.1:8080
 ## (foreground; Ctrl-C drains). EMBER_CONFIG=file or EMBER_LISTEN=addr to change.
@@ -18,7 +18,7 @@ up: deps build images
 	exec ./target/release/ember serve
 
 ## test: install what is missing, then run every test (unit, component, VM).
-test: deps images
+test: test-deps images
 	$(CARGO) build --release -p ember-gateway -p ember-loadtest
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 	# The load-test suite at a few seconds a scenario, so it cannot rot.
@@ -26,6 +26,10 @@ test: deps images
 
 deps:
 	./initrd/deps.sh
+
+# What only the tests and benchmarks need on top (bubblewrap, zfs-fuse).
+test-deps:
+	./initrd/deps.sh --test
 
 build:
 	$(CARGO) build --release -p ember-gateway
@@ -39,7 +43,7 @@ images: agent
 	./initrd/images.sh $(AGENT)
 
 ## bench: VM and pool figures (see docs/BENCHMARKS.md).
-bench: deps build images
+bench: test-deps build images
 	./target/release/ember vm bench --boots 10 --execs 100
 	./target/release/ember pool bench --config pool/bench.toml --modes snapshot --burst 6 --rate 3 --steady 30s
 	./loadtest/http-rtt.sh
@@ -49,7 +53,7 @@ bench: deps build images
 	    rc=$$?; ./initrd/zfs-test-pool.sh down; exit $$rc
 
 ## bench-load: the load tests with oha and their baselines; report in target/loadtest.
-bench-load: deps build images
+bench-load: test-deps build images
 	$(CARGO) build --release -p ember-loadtest
 	./target/release/ember-loadtest --profile full --out target/loadtest
 

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Install what Ember needs on a Debian host, skipping what is present.
-# Idempotent; run as root. Called by `make deps` (and so by up, test, bench).
-# Inputs:  none. Outputs: Debian packages, vhost-device-vsock in ~/.cargo/bin.
+# Idempotent; run as root. Called by `make deps` (up) and `make test-deps`
+# (test, bench, bench-load: `--test` adds what only the tests need).
+# Inputs:  [--test]. Outputs: Debian packages, vhost-device-vsock in /usr/local/bin.
 set -euo pipefail
+for_tests=false
+[[ ${1:-} == --test ]] && for_tests=true
 log() { printf '[deps] %s\n' "$*" >&2; }
 
 need_apt=()
 have() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 # curl (7.82+ for --json) is the client of the README examples and the e2e tests.
-# bubblewrap: the load tests' container-style baseline.
-for p in bubblewrap busybox-static cpio curl debootstrap e2fsprogs gzip tar; do
+for p in busybox-static cpio curl debootstrap e2fsprogs gzip tar; do
     have "$p" || need_apt+=("$p")
 done
-# The ZFS storage backend's tests need `zfs`: zfs-fuse where no ZFS tools
-# exist (a host with kernel ZFS keeps its own zfsutils).
-command -v zfs >/dev/null || have zfs-fuse || need_apt+=(zfs-fuse)
+if $for_tests; then
+    # bubblewrap: the load tests' container-style baseline.
+    have bubblewrap || need_apt+=(bubblewrap)
+    # The ZFS backend's VM tests need `zfs`: zfs-fuse where no ZFS tools
+    # exist (a host with kernel ZFS keeps its own zfsutils).
+    command -v zfs >/dev/null || have zfs-fuse || need_apt+=(zfs-fuse)
+fi
 # qemu-system-x86 and qemu-utils must come from the same release: the image
 # may carry a newer qemu-utils that conflicts with bookworm's qemu-system-x86.
 qemu_ok=false
