@@ -48,6 +48,10 @@ struct ExecRow {
     channel: String,
     true_round_trip: Stats,
     in_guest: Stats,
+    /// Round trip minus the in-guest run time: channel and agent around it.
+    around_exec: Stats,
+    /// A `hello` round trip: the channel and the agent's dispatch alone.
+    hello: Stats,
 }
 
 #[derive(Debug, Serialize)]
@@ -120,21 +124,28 @@ fn available_channels(cfg: &VmConfig) -> Vec<ChannelChoice> {
 }
 
 async fn exec_round_trips(vm: &ember_pool::Vm, n: usize) -> anyhow::Result<ExecRow> {
-    let (mut rtt, mut guest) = (Vec::new(), Vec::new());
+    let (mut rtt, mut guest, mut around, mut hello) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // One warm-up run: the first exec pays for cold page cache.
     let req = ExecRequest::new(Command::Argv(vec!["true".into()]));
     vm.agent().run(req.clone()).await?;
     for _ in 0..n {
         let t = Instant::now();
         let out = vm.agent().run(req.clone()).await?;
-        rtt.push(t.elapsed().as_secs_f64() * 1000.0);
-        guest.push(out.status.duration_ms as f64);
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        rtt.push(ms);
+        guest.push(out.status.duration_us as f64 / 1000.0);
+        around.push(ms - out.status.duration_us as f64 / 1000.0);
         anyhow::ensure!(out.status.code == Some(0), "`true` failed: {:?}", out.status);
+        let t = Instant::now();
+        vm.agent().hello(7).await?;
+        hello.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(ExecRow {
         channel: vm.channel().to_string(),
         true_round_trip: stats(rtt).ok_or_else(|| anyhow::anyhow!("no samples"))?,
         in_guest: stats(guest).ok_or_else(|| anyhow::anyhow!("no samples"))?,
+        around_exec: stats(around).ok_or_else(|| anyhow::anyhow!("no samples"))?,
+        hello: stats(hello).ok_or_else(|| anyhow::anyhow!("no samples"))?,
     })
 }
 
@@ -162,15 +173,20 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
         );
     }
     println!("\nexec round trip of `true` on a booted VM (ms)");
-    println!("{:<14} {:>4} {:>8} {:>8} {:>12}", "channel", "n", "p50", "p95", "in-guest p50");
+    println!(
+        "{:<14} {:>4} {:>8} {:>8} {:>12} {:>16} {:>10}",
+        "channel", "n", "p50", "p95", "in-guest p50", "around exec p50", "hello p50"
+    );
     for e in &r.execs {
         println!(
-            "{:<14} {:>4} {:>8.1} {:>8.1} {:>12.1}",
+            "{:<14} {:>4} {:>8.1} {:>8.1} {:>12.1} {:>16.2} {:>10.2}",
             e.channel,
             e.true_round_trip.n,
             e.true_round_trip.p50_ms,
             e.true_round_trip.p95_ms,
-            e.in_guest.p50_ms
+            e.in_guest.p50_ms,
+            e.around_exec.p50_ms,
+            e.hello.p50_ms
         );
     }
     Ok(())
