@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let oha = ember_loadtest::oha::ensure_installed()?;
+        let oha = ember_loadtest::oha::Oha::ensure_installed()?;
         let mut scenarios = Scenario::load_dir(&args.scenarios)?;
         if let Some(only) = &args.only {
             scenarios.retain(|s| s.name.contains(only.as_str()));

@@ -30,29 +30,42 @@ impl Run {
     }
 }
 
-/// `oha` on PATH or in ~/.cargo/bin; installed with `cargo install` if
-/// missing (about five minutes; `--locked`, or it fails to build).
-pub fn ensure_installed() -> anyhow::Result<PathBuf> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let candidates = [PathBuf::from("oha"), home.join(".cargo/bin/oha")];
-    for c in &candidates {
-        if std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()) {
-            return Ok(c.clone());
-        }
-    }
-    eprintln!("[loadtest] installing oha (cargo install oha --locked, ~5 min)");
-    let st = std::process::Command::new("cargo").args(["install", "--locked", "--quiet", "oha"]).status()?;
-    anyhow::ensure!(st.success(), "cargo install oha failed");
-    Ok(home.join(".cargo/bin/oha"))
+/// The oha binary and how it is asked for JSON, found once.
+#[derive(Debug, Clone)]
+pub struct Oha {
+    path: PathBuf,
+    /// Newer oha say `--output-format json`, older ones `--json`.
+    json_flag: Vec<String>,
 }
 
-/// The flag for JSON output: newer oha say `--output-format json`.
-fn json_flag(oha: &Path) -> Vec<String> {
-    let help = std::process::Command::new(oha).arg("--help").output().map(|o| o.stdout).unwrap_or_default();
-    if String::from_utf8_lossy(&help).contains("--output-format") {
-        vec!["--output-format".into(), "json".into()]
-    } else {
-        vec!["--json".into()]
+impl Oha {
+    /// `oha` on PATH or in ~/.cargo/bin; installed with `cargo install` if
+    /// missing (about five minutes; `--locked`, or it fails to build).
+    pub fn ensure_installed() -> anyhow::Result<Self> {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        let candidates = [PathBuf::from("oha"), home.join(".cargo/bin/oha")];
+        let works = |c: &Path| {
+            std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success())
+        };
+        let path = match candidates.iter().find(|c| works(c)) {
+            Some(c) => c.clone(),
+            None => {
+                eprintln!("[loadtest] installing oha (cargo install oha --locked, ~5 min)");
+                let st = std::process::Command::new("cargo")
+                    .args(["install", "--locked", "--quiet", "oha"])
+                    .status()?;
+                anyhow::ensure!(st.success(), "cargo install oha failed");
+                home.join(".cargo/bin/oha")
+            }
+        };
+        let help =
+            std::process::Command::new(&path).arg("--help").output().map(|o| o.stdout).unwrap_or_default();
+        let json_flag = if String::from_utf8_lossy(&help).contains("--output-format") {
+            vec!["--output-format".into(), "json".into()]
+        } else {
+            vec!["--json".into()]
+        };
+        Ok(Self { path, json_flag })
     }
 }
 
@@ -65,13 +78,13 @@ pub struct Target<'a> {
 
 /// Run oha for one phase (or `slice` of it) against `target`.
 pub async fn run(
-    oha: &Path,
+    oha: &Oha,
     target: &Target<'_>,
     phase: &Phase,
     slice: Option<Duration>,
 ) -> anyhow::Result<Run> {
     let mut args: Vec<String> = vec!["--no-tui".into(), "-m".into(), "POST".into()];
-    args.extend(json_flag(oha));
+    args.extend(oha.json_flag.iter().cloned());
     args.extend(["-c".into(), phase.concurrency.to_string()]);
     args.extend([
         "-H".into(),
@@ -90,7 +103,7 @@ pub async fn run(
         args.extend(["-q".into(), format!("{q}")]);
     }
     args.push(target.url.clone());
-    let out = tokio::process::Command::new(oha).args(&args).output().await.context("running oha")?;
+    let out = tokio::process::Command::new(&oha.path).args(&args).output().await.context("running oha")?;
     anyhow::ensure!(out.status.success(), "oha failed: {}", String::from_utf8_lossy(&out.stderr));
     parse(&out.stdout)
         .with_context(|| format!("reading oha's output: {}", String::from_utf8_lossy(&out.stdout)))

@@ -18,7 +18,7 @@ pub struct Options {
     pub repo: PathBuf,
     pub ember: PathBuf,
     pub images: PathBuf,
-    pub oha: PathBuf,
+    pub oha: oha::Oha,
     pub out: PathBuf,
     pub config: PathBuf,
     pub scenarios: Vec<Scenario>,
