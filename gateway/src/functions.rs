@@ -57,10 +57,8 @@ pub struct Function {
     pub input: Input,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_file: Option<String>,
-    /// Milliseconds; the server's default when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-    #[serde(skip)]
+    /// Listed as `timeout_ms`; the server's default when absent.
+    #[serde(rename = "timeout_ms", serialize_with = "as_millis", skip_serializing_if = "Option::is_none")]
     timeout: Option<Duration>,
     #[serde(skip)]
     files: Vec<FileSpec>,
@@ -137,6 +135,10 @@ impl Functions {
     }
 }
 
+fn as_millis<S: serde::Serializer>(t: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(t.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)))
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
@@ -176,7 +178,6 @@ fn load_one(name: &str, dir: &Path, max_timeout: Duration) -> Result<Function, S
         entry: m.entry,
         input: m.input,
         input_file,
-        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         timeout,
         files,
     })
