@@ -101,17 +101,25 @@ impl Disk {
     }
 }
 
+/// A blocking file operation, off the async threads; its error says `what`.
+async fn blocking<T: Send + 'static>(
+    what: String,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StorageError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|error| StorageError::Io { what, error }),
+        Err(e) => Err(StorageError::Setup(format!("{what}: the task failed: {e}"))),
+    }
+}
+
 impl Storage {
-    /// A fresh writable disk for VM `vm_id`, equal to `clean`.
+    /// A fresh writable disk equal to `clean` (a file lives in `vm_dir`).
     pub async fn provision(&self, clean: &Path, vm_dir: &Path) -> Result<Disk, StorageError> {
         match self {
             Storage::File => {
                 let path = vm_dir.join("scratch.raw");
                 let (src, dst) = (clean.to_path_buf(), path.clone());
-                tokio::task::spawn_blocking(move || file::sparse_copy(&src, &dst))
-                    .await
-                    .map_err(|e| StorageError::Setup(format!("copy task: {e}")))?
-                    .map_err(|error| StorageError::Io { what: "copying the scratch image".into(), error })?;
+                blocking("copying the scratch image".into(), move || file::sparse_copy(&src, &dst)).await?;
                 Ok(Disk { path, clone: None })
             }
             Storage::Zfs(z) => {
@@ -127,14 +135,8 @@ impl Storage {
             (Storage::Zfs(z), Some(c)) => z.rollback(c.name()).await,
             (Storage::File, None) => {
                 let (src, dst) = (clean.to_path_buf(), disk.path.clone());
-                tokio::task::spawn_blocking(move || file::rollback_in_place(&src, &dst))
-                    .await
-                    .map_err(|e| StorageError::Setup(format!("rollback task: {e}")))?
-                    .map(drop)
-                    .map_err(|error| StorageError::Io {
-                        what: format!("rolling back {}", disk.path.display()),
-                        error,
-                    })
+                let what = format!("rolling back {}", disk.path.display());
+                blocking(what, move || file::rollback_in_place(&src, &dst)).await.map(drop)
             }
             _ => Err(StorageError::Setup("the disk does not belong to this storage backend".into())),
         }

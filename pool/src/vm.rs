@@ -102,7 +102,7 @@ pub struct Vm {
     /// The raw writable disk from the storage backend, if any.
     disk: Option<Disk>,
     dir: DirGuard,
-    _host: Arc<VmHost>,
+    host: Arc<VmHost>,
 }
 
 /// A VM being built; whatever exists is cleaned up if boot fails.
@@ -189,12 +189,12 @@ impl Vm {
         let Some(disk) = &self.disk else {
             return Err(VmError::Tool(format!("VM {} has no raw scratch disk to roll back", self.id)));
         };
-        let storage = self._host.open_storage().await?;
+        let storage = self.host.open_storage().await?;
         let detach = Instant::now();
         self.agent.detach_scratch().await.map_err(agent_err(self))?;
         let started = Instant::now();
         storage
-            .rollback(&self._host.config().images.scratch, disk)
+            .rollback(&self.host.config().images.scratch, disk)
             .await
             .map_err(|e| VmError::Storage(format!("rolling back VM {}'s disk: {e}", self.id)))?;
         let took = started.elapsed();
@@ -378,10 +378,7 @@ impl Vm {
             tokio::join!(make_disk, Self::prepare_channel(&host, &dir, &mut parts, deadline));
         let (disk, scratch, disk_took) = disk?;
         parts.disk = disk;
-        let (device, addr, memory) = match channel {
-            Ok(c) => c,
-            Err(e) => return Err(e),
-        };
+        let (device, addr, memory) = channel?;
         // QEMU may (re)open the disk after dropping to its user: on an
         // incoming migration it opens images only when the VM starts.
         if let Some((uid, gid)) = host.qemu_ids() {
@@ -483,7 +480,7 @@ impl Vm {
             _cid: cid,
             disk,
             dir,
-            _host: host,
+            host,
         })
     }
 }

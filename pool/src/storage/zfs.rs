@@ -323,7 +323,8 @@ async fn wait_for_node(node: &Path) -> Result<PathBuf, StorageError> {
 /// Copy the clean image into a new file (sparse) or onto a zeroed volume.
 async fn copy_image(clean: &Path, dst: &Path, new_file: bool) -> Result<(), StorageError> {
     let (src, to) = (clean.to_path_buf(), dst.to_path_buf());
-    tokio::task::spawn_blocking(move || {
+    let what = format!("copying {} to {}", clean.display(), dst.display());
+    super::blocking(what, move || {
         if new_file {
             super::file::sparse_copy(&src, &to)
         } else {
@@ -331,11 +332,6 @@ async fn copy_image(clean: &Path, dst: &Path, new_file: bool) -> Result<(), Stor
         }
     })
     .await
-    .map_err(|e| StorageError::Setup(format!("copy task: {e}")))?
-    .map_err(|error| StorageError::Io {
-        what: format!("copying {} to {}", clean.display(), dst.display()),
-        error,
-    })
 }
 
 #[cfg(test)]
