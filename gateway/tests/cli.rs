@@ -132,3 +132,44 @@ fn a_crashed_run_is_reaped_by_the_next() {
     wait_for("the orphaned qemu to die", || (!alive(qemu)).then_some(()));
     assert!(!pids_file.exists(), "the dead owner's state was not removed");
 }
+
+/// `ember vm bench` on the serial channel, cold and template-restored, with
+/// idle gaps: JSON with every figure, and nothing left in its state dir.
+#[test]
+fn vm_bench_measures_cold_and_restored_vms() {
+    let state = std::env::temp_dir().join("ember-cli-bench");
+    let out = run(
+        "ember-cli-bench",
+        &[
+            "vm",
+            "bench",
+            "--boots",
+            "1",
+            "--execs",
+            "3",
+            "--init-modes",
+            "fast",
+            "--channels",
+            "serial",
+            "--restored",
+            "--gap",
+            "50ms",
+            "--json",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let execs = report["execs"].as_array().unwrap();
+    let starts: Vec<&str> = execs.iter().map(|e| e["start"].as_str().unwrap()).collect();
+    assert_eq!(starts, ["cold", "restored"]);
+    for e in execs {
+        let (rtt, guest) =
+            (e["true_round_trip"]["p50_ms"].as_f64().unwrap(), e["in_guest"]["p50_ms"].as_f64().unwrap());
+        assert!(guest > 0.0 && guest < rtt, "in-guest {guest} ms must be inside the round trip {rtt} ms");
+        assert_eq!(e["idle_hello"]["n"], 3, "{e}");
+        assert!(e["around_exec"]["p50_ms"].as_f64().unwrap() > 0.0);
+    }
+    let owners = std::fs::read_dir(state.join("owners")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(owners, 0, "vm bench left an owner directory behind");
+}

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
+use ember_pool::channel::ChannelKind;
 use ember_pool::vm::{InitMode, VmConfig};
 use ember_pool::{ChannelChoice, VmHost};
 use ember_wire::{Command, ExecRequest};
@@ -29,6 +30,13 @@ pub struct BenchArgs {
     /// Init modes to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_values = ["fast", "full"])]
     pub init_modes: Vec<InitMode>,
+    /// Also measure exec round trips on a VM restored from a template
+    /// (serial channel only), as the pool's VMs are.
+    #[arg(long)]
+    pub restored: bool,
+    /// Pause between round trips (the guest goes idle, as between calls).
+    #[arg(long, default_value = "0s")]
+    pub gap: humantime::Duration,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -46,12 +54,16 @@ struct BootRow {
 #[derive(Debug, Serialize)]
 struct ExecRow {
     channel: String,
+    /// `cold` (booted the kernel) or `restored` (from a template).
+    start: &'static str,
     true_round_trip: Stats,
     in_guest: Stats,
     /// Round trip minus the in-guest run time: channel and agent around it.
     around_exec: Stats,
     /// A `hello` round trip: the channel and the agent's dispatch alone.
     hello: Stats,
+    /// A `hello` after `--gap` with nothing running: waking an idle guest.
+    idle_hello: Option<Stats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -91,9 +103,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 }
                 let measure_exec = mode == InitMode::Fast && i + 1 == args.boots && args.execs > 0;
                 if measure_exec {
-                    report.execs.push(exec_round_trips(&vm, args.execs).await?);
+                    report.execs.push(exec_round_trips(&vm, "cold", &args).await?);
                 }
                 vm.shutdown().await;
+            }
+            if args.restored
+                && mode == InitMode::Fast
+                && host.channel() == ChannelKind::Serial
+                && args.execs > 0
+            {
+                let template = host.make_template().await?;
+                let vm = host.restore(&template).await?;
+                let row = exec_round_trips(&vm, "restored", &args).await;
+                vm.shutdown().await;
+                report.execs.push(row?);
             }
             if let (Some(b), Some(u)) = (stats(boot), stats(uptime)) {
                 report.boots.push(BootRow {
@@ -123,12 +146,24 @@ fn available_channels(cfg: &VmConfig) -> Vec<ChannelChoice> {
     v
 }
 
-async fn exec_round_trips(vm: &ember_pool::Vm, n: usize) -> anyhow::Result<ExecRow> {
+async fn exec_round_trips(
+    vm: &ember_pool::Vm,
+    start: &'static str,
+    args: &BenchArgs,
+) -> anyhow::Result<ExecRow> {
     let (mut rtt, mut guest, mut around, mut hello) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut idle_hello = Vec::new();
     // One warm-up run: the first exec pays for cold page cache.
     let req = ExecRequest::new(Command::Argv(vec!["true".into()]));
     vm.agent().run(req.clone()).await?;
-    for _ in 0..n {
+    for _ in 0..args.execs {
+        if !args.gap.is_zero() {
+            tokio::time::sleep(*args.gap).await;
+            let t = Instant::now();
+            vm.agent().hello(7).await?;
+            idle_hello.push(t.elapsed().as_secs_f64() * 1000.0);
+            tokio::time::sleep(*args.gap).await;
+        }
         let t = Instant::now();
         let out = vm.agent().run(req.clone()).await?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -142,10 +177,12 @@ async fn exec_round_trips(vm: &ember_pool::Vm, n: usize) -> anyhow::Result<ExecR
     }
     Ok(ExecRow {
         channel: vm.channel().to_string(),
+        start,
         true_round_trip: stats(rtt).ok_or_else(|| anyhow::anyhow!("no samples"))?,
         in_guest: stats(guest).ok_or_else(|| anyhow::anyhow!("no samples"))?,
         around_exec: stats(around).ok_or_else(|| anyhow::anyhow!("no samples"))?,
         hello: stats(hello).ok_or_else(|| anyhow::anyhow!("no samples"))?,
+        idle_hello: stats(idle_hello),
     })
 }
 
@@ -174,19 +211,29 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
     }
     println!("\nexec round trip of `true` on a booted VM (ms)");
     println!(
-        "{:<14} {:>4} {:>8} {:>8} {:>12} {:>16} {:>10}",
-        "channel", "n", "p50", "p95", "in-guest p50", "around exec p50", "hello p50"
+        "{:<14} {:<9} {:>4} {:>8} {:>8} {:>12} {:>16} {:>10} {:>15}",
+        "channel",
+        "start",
+        "n",
+        "p50",
+        "p95",
+        "in-guest p50",
+        "around exec p50",
+        "hello p50",
+        "idle hello p50"
     );
     for e in &r.execs {
         println!(
-            "{:<14} {:>4} {:>8.1} {:>8.1} {:>12.1} {:>16.2} {:>10.2}",
+            "{:<14} {:<9} {:>4} {:>8.1} {:>8.1} {:>12.1} {:>16.2} {:>10.2} {:>15}",
             e.channel,
+            e.start,
             e.true_round_trip.n,
             e.true_round_trip.p50_ms,
             e.true_round_trip.p95_ms,
             e.in_guest.p50_ms,
             e.around_exec.p50_ms,
-            e.hello.p50_ms
+            e.hello.p50_ms,
+            e.idle_hello.as_ref().map_or("-".into(), |s| format!("{:.2}", s.p50_ms)),
         );
     }
     Ok(())
