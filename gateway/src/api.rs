@@ -275,6 +275,37 @@ pub struct RunResult {
     pub vm_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Where the time went; sent as a `Server-Timing` header, not in the body.
+    #[serde(skip)]
+    pub timing: Timing,
+}
+
+/// The server's side of an invocation's latency. The client's own total
+/// minus `claim` and `vm` is HTTP and the gateway; `vm` minus `run` is the
+/// agent channel both ways and the agent's work around the command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// Waiting for a VM (pool claim or session lookup).
+    pub claim: std::time::Duration,
+    /// From the VM being claimed to the command's exit arriving (files
+    /// written, exec sent, output and exit received).
+    pub vm: std::time::Duration,
+    /// The command's run time measured by the agent inside the VM.
+    pub run: std::time::Duration,
+}
+
+impl Timing {
+    /// The value of a `Server-Timing` header (W3C Server Timing), in ms.
+    pub fn header_value(&self) -> String {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "claim;dur={:.3};desc=\"waiting for a VM\", vm;dur={:.3};desc=\"claimed VM to exit received\", \
+             run;dur={:.3};desc=\"command inside the VM\"",
+            ms(self.claim),
+            ms(self.vm),
+            ms(self.run)
+        )
+    }
 }
 
 /// One line of an NDJSON stream.

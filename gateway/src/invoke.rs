@@ -14,7 +14,7 @@ use ember_wire::{ErrorCode, ExitStatus};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::api::{text_and_base64, Invocation, RunResult};
+use crate::api::{text_and_base64, Invocation, RunResult, Timing};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -59,6 +59,9 @@ pub struct Running<B: Backend> {
     pub vm_id: String,
     pub warm: bool,
     pub session: Option<String>,
+    /// How long claiming the VM took.
+    pub claim: Duration,
+    /// When the VM was claimed.
     pub started: Instant,
     deadline: Instant,
     // Field order is drop order: cancel the command, then free the VM.
@@ -128,7 +131,8 @@ where
                 (Held::Pool(lease), warm)
             }
         };
-        self.metrics.claim_seconds.observe(claim_started.elapsed().as_secs_f64());
+        let claim = claim_started.elapsed();
+        self.metrics.claim_seconds.observe(claim.as_secs_f64());
         let vm_id = held.id().to_string();
         tracing::Span::current().record("vm", vm_id.as_str());
         let timeout = inv.timeout;
@@ -138,6 +142,7 @@ where
             vm_id,
             warm,
             session,
+            claim,
             started: Instant::now(),
             deadline: Instant::now() + timeout + EXIT_GRACE,
             handle: None,
@@ -189,6 +194,11 @@ where
                         warm: running.warm,
                         vm_id: running.vm_id.clone(),
                         session: running.session.clone(),
+                        timing: Timing {
+                            claim: running.claim,
+                            vm: running.started.elapsed(),
+                            run: Duration::from_micros(status.duration_us),
+                        },
                     });
                 }
             }

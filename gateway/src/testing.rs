@@ -169,6 +169,7 @@ async fn exec(id: u64, e: ExecRequest, tx: Out, mut cancel: mpsc::UnboundedRecei
         let _ = tx.send(Response { id, body });
     };
     let out = |stream, data: Vec<u8>| send(ResponseBody::Output { stream, data });
+    let started = tokio::time::Instant::now();
     let mut status = ExitStatus { code: Some(0), ..Default::default() };
     match &e.command {
         Command::Argv(argv) if argv.first().is_some_and(|a| a == "missing") => {
@@ -183,6 +184,7 @@ async fn exec(id: u64, e: ExecRequest, tx: Out, mut cancel: mpsc::UnboundedRecei
                 "stdin" => out(Stream::Stdout, e.stdin.clone()),
                 "binary" => out(Stream::Stdout, (0..=255).collect()),
                 "exit" => status.code = rest.parse().ok(),
+                "nap" => tokio::time::sleep(Duration::from_millis(rest.parse().unwrap_or(0))).await,
                 "flood" => {
                     let total: u64 = rest.parse().unwrap_or(0);
                     let kept = total.min(e.output_limit);
@@ -208,5 +210,7 @@ async fn exec(id: u64, e: ExecRequest, tx: Out, mut cancel: mpsc::UnboundedRecei
             }
         }
     }
+    status.duration_us = started.elapsed().as_micros() as u64;
+    status.duration_ms = status.duration_us / 1000;
     send(ResponseBody::Exit(status));
 }

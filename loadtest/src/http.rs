@@ -12,12 +12,23 @@ use hyper_util::rt::TokioIo;
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
 impl Answer {
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
         serde_json::from_slice(&self.body).context("answer is not JSON")
+    }
+
+    /// One metric's `dur` (ms) from the `Server-Timing` header.
+    pub fn server_timing(&self, name: &str) -> Option<f64> {
+        let value = self.headers.get("server-timing")?.to_str().ok()?;
+        value.split(',').find_map(|metric| {
+            let mut parts = metric.trim().split(';');
+            (parts.next()? == name).then_some(())?;
+            parts.find_map(|p| p.strip_prefix("dur="))?.parse().ok()
+        })
     }
 }
 
@@ -41,9 +52,10 @@ pub async fn request(
         let req = req.body(Full::new(Bytes::from(body.to_string())))?;
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
         driver.abort();
-        Ok::<_, anyhow::Error>(Answer { status, body })
+        Ok::<_, anyhow::Error>(Answer { status, headers, body })
     };
     tokio::time::timeout(timeout, call).await.with_context(|| format!("{method} {path} timed out"))?
 }
@@ -74,5 +86,20 @@ mod tests {
         assert_eq!(super::metric(text, "ember_warm_hits_total"), Some(12.0));
         assert_eq!(super::metric(text, "ember_pool_vms"), Some(2.0));
         assert_eq!(super::metric(text, "nope"), None);
+    }
+
+    #[test]
+    fn reads_server_timing_by_exact_name() {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(
+            "server-timing",
+            hyper::header::HeaderValue::from_static(
+                "claim;dur=0.012;desc=\"a, b\", vm;dur=48.5, vmx;dur=1, run;desc=\"x\";dur=47.25",
+            ),
+        );
+        let a = super::Answer { status: 200, headers, body: Default::default() };
+        assert_eq!(a.server_timing("vm"), Some(48.5));
+        assert_eq!(a.server_timing("run"), Some(47.25));
+        assert_eq!(a.server_timing("nope"), None);
     }
 }

@@ -109,13 +109,20 @@ pub fn markdown(r: &Report, checks: &[Check]) -> String {
     let _ = writeln!(
         md,
         "\n## Gateway overhead\n\nSequential probes, 0.5 s apart: client latency minus the command's \
-         run time inside the VM (`duration_us`). What is left is HTTP, JSON, the claim, the agent \
-         channel both ways and the agent's own work around the command (and, for `code`, writing \
-         the code file).\n\n| scenario | probes | p50 (ms) | p95 (ms) |\n|---|---|---|---|"
+         run time inside the VM (`duration_us`). Split by the server's `Server-Timing` header: \
+         *HTTP + gateway* is the client's latency minus the server's `vm` time (HTTP both ways, \
+         JSON, the claim); *VM channel* is `vm` minus the agent's `run` time (the agent channel \
+         both ways and the agent's own work around the command, and for `code` writing the code \
+         file).\n\n| scenario | probes | p50 (ms) | p95 (ms) | HTTP + gateway p50 | VM channel p50 |\n\
+         |---|---|---|---|---|---|"
     );
     for s in &r.scenarios {
         if let Some(o) = &s.overhead {
-            let _ = writeln!(md, "| {} | {} | {:.2} | {:.2} |", s.name, o.samples, o.p50_ms, o.p95_ms);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                s.name, o.samples, o.p50_ms, o.p95_ms, o.http_gateway_p50_ms, o.vm_channel_p50_ms
+            );
         }
     }
     let _ = writeln!(md, "\n## Baselines\n\n| scenario | baseline | p50 (ms) | p95 (ms) | req/s | baseline / Ember (p50) |\n|---|---|---|---|---|---|");

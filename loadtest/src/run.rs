@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::oha::{self, Run, Target};
@@ -33,12 +34,19 @@ pub struct Baseline {
 }
 
 /// Gateway overhead per request: client latency minus the command's run
-/// time inside the VM (`duration_us`).
+/// time inside the VM (`duration_us`), and its two parts from the server's
+/// `Server-Timing` header.
 #[derive(Debug, Clone, Serialize)]
 pub struct Overhead {
     pub samples: usize,
     pub p50_ms: f64,
     pub p95_ms: f64,
+    /// Client latency minus the server's `vm` time: HTTP both ways, JSON,
+    /// the claim, the gateway's own work.
+    pub http_gateway_p50_ms: f64,
+    /// The server's `vm` time minus the agent's `run` time: the agent
+    /// channel both ways and the agent's work around the command.
+    pub vm_channel_p50_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -287,7 +295,7 @@ impl Runner<'_> {
             Profile::Quick => 5,
             Profile::Full => 40,
         };
-        let mut v = Vec::new();
+        let (mut v, mut http_gateway, mut vm_channel) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..n {
             // Let the last VM's reset finish: measure a call, not a queue.
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -296,11 +304,24 @@ impl Runner<'_> {
             let a = crate::http::request(ember, "POST", &s.path, &headers, &s.body, Duration::from_secs(60))
                 .await?;
             let total = t.elapsed().as_secs_f64() * 1000.0;
+            anyhow::ensure!(a.status == 200, "overhead probe: HTTP {}: {:?}", a.status, a.body);
             let guest = a.json()?["duration_us"].as_f64().unwrap_or(0.0) / 1000.0;
             v.push(total - guest);
+            let (vm, run) = (a.server_timing("vm"), a.server_timing("run"));
+            let (vm, run) = vm.zip(run).context("overhead probe: no Server-Timing vm/run")?;
+            http_gateway.push(total - vm);
+            vm_channel.push(vm - run);
         }
-        v.sort_by(f64::total_cmp);
-        Ok(Overhead { samples: v.len(), p50_ms: percentile(&v, 50.0), p95_ms: percentile(&v, 95.0) })
+        for s in [&mut v, &mut http_gateway, &mut vm_channel] {
+            s.sort_by(f64::total_cmp);
+        }
+        Ok(Overhead {
+            samples: v.len(),
+            p50_ms: percentile(&v, 50.0),
+            p95_ms: percentile(&v, 95.0),
+            http_gateway_p50_ms: percentile(&http_gateway, 50.0),
+            vm_channel_p50_ms: percentile(&vm_channel, 50.0),
+        })
     }
 }
 

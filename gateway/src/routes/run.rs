@@ -153,6 +153,8 @@ where
     }
 }
 
+const SERVER_TIMING: header::HeaderName = header::HeaderName::from_static("server-timing");
+
 fn with_id(mut resp: Response, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(INVOCATION_HEADER, v);
@@ -179,7 +181,14 @@ where
         }
     } else {
         match state.run(id.clone(), session, inv).instrument(span).await {
-            Ok(result) => axum::Json(result).into_response(),
+            Ok(result) => {
+                let timing = HeaderValue::from_str(&result.timing.header_value());
+                let mut resp = axum::Json(result).into_response();
+                if let Ok(v) = timing {
+                    resp.headers_mut().insert(SERVER_TIMING, v);
+                }
+                resp
+            }
             Err(e) => e.into_response(),
         }
     };

@@ -131,6 +131,39 @@ async fn a_command_runs_and_answers_with_its_result() {
     assert_eq!((a.status.as_u16(), a.json()["exit_code"].as_i64()), (200, Some(3)));
 }
 
+/// `name -> ms` from a `Server-Timing` header.
+fn server_timing(headers: &HeaderMap) -> std::collections::BTreeMap<String, f64> {
+    let v = headers.get("server-timing").expect("a Server-Timing header").to_str().unwrap();
+    v.split(", ")
+        .map(|metric| {
+            let mut parts = metric.split(';');
+            let name = parts.next().unwrap().to_string();
+            let dur =
+                parts.find_map(|p| p.strip_prefix("dur=")).unwrap_or_else(|| panic!("no dur in {metric}"));
+            (name, dur.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn server_timing_splits_the_latency() {
+    let f = fixture();
+    let t = std::time::Instant::now();
+    let a = f.post_json("/v1/run", json!({"cmd": "nap 30"})).await;
+    let total = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(a.status, 200);
+    let st = server_timing(&a.headers);
+    assert_eq!(st.keys().collect::<Vec<_>>(), ["claim", "run", "vm"]);
+    assert!(st["run"] >= 30.0, "{st:?}");
+    // The agent's own figure, in the body too.
+    assert!((st["run"] - a.json()["duration_us"].as_f64().unwrap() / 1000.0).abs() < 0.002, "{st:?}");
+    assert!(st["vm"] >= st["run"] && st["claim"] >= 0.0, "{st:?}");
+    assert!(st["claim"] + st["vm"] <= total, "{st:?} within {total} ms");
+    // Errors and streams carry none: there is nothing to split.
+    let a = f.post_json("/v1/run", json!({"cmd": ""})).await;
+    assert!(a.status.is_client_error() && !a.headers.contains_key("server-timing"));
+}
+
 #[tokio::test]
 async fn request_fields_reach_the_agent() {
     let f = fixture();

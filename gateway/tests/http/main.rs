@@ -26,6 +26,16 @@ fn each_input_form(s: &Server) -> anyhow::Result<()> {
     ensure!(r["stdout"] == "hello\n" && r["stderr"] == "oops\n" && r["exit_code"] == 3, "{r}");
     ensure!(r["vm_id"].as_str().is_some_and(|v| !v.is_empty()) && r["id"].is_string(), "{r}");
 
+    // Where the time went: the agent's run time sits inside the VM's share.
+    let a = s.post_json("/v1/run", &json!({"cmd": "sleep 0.2"}))?;
+    let timing = a.server_timing()?;
+    let r = a.json()?;
+    ensure!(timing["run"] >= 200.0 && timing["vm"] > timing["run"], "{timing:?}");
+    ensure!(
+        (timing["run"] - r["duration_us"].as_f64().unwrap_or(0.0) / 1000.0).abs() < 0.002,
+        "{timing:?} {r}"
+    );
+
     let r = s.run(json!({"argv": ["printf", "%s|", "a b", "c"]}))?;
     ensure!(r["stdout"] == "a b|c|", "{r}");
 

@@ -44,6 +44,24 @@ impl Answer {
         })
     }
 
+    /// `name -> ms` from the `Server-Timing` header.
+    pub fn server_timing(&self) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+        let line = self
+            .headers
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("server-timing")))
+            .map(|(_, v)| v.trim().to_string())
+            .context("no Server-Timing header")?;
+        line.split(", ")
+            .map(|metric| {
+                let mut parts = metric.split(';');
+                let name = parts.next().unwrap_or_default().to_string();
+                let dur = parts.find_map(|p| p.strip_prefix("dur=")).context("no dur")?;
+                Ok((name, dur.parse()?))
+            })
+            .collect()
+    }
+
     /// Status and error code of a JSON error answer.
     pub fn error(&self) -> anyhow::Result<(u16, String)> {
         let j = self.json()?;
