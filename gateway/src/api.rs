@@ -105,8 +105,7 @@ pub struct Invocation {
     pub timeout: Duration,
 }
 
-/// Where `code` is written in the guest (scratch, gone after a reset).
-pub const CODE_DIR: &str = "/tmp/.ember";
+pub use ember_wire::CODE_DIR;
 
 impl Invocation {
     pub fn new(program: Program, timeout: Duration) -> Self {

@@ -2,6 +2,10 @@
 //! the guest. Everything but argument parsing lives in the library.
 
 use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long an idle blocking-pool thread stays (a VM rarely lives longer).
+const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 
 fn main() -> ExitCode {
     let args = match ember_guest_agent::Args::parse(std::env::args().skip(1)) {
@@ -13,7 +17,15 @@ fn main() -> ExitCode {
     };
     // One vCPU per guest, and the reaper must never race std's own waitpid
     // after a failed exec: a current-thread runtime gives both.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // Blocking work (file writes as the user) runs on a pool thread; keep it
+    // rather than start one per call: a thread start costs milliseconds
+    // under TCG, and a thread that exists when the pool snapshots the VM is
+    // there after every reset.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ember-agent: cannot start runtime: {e}");

@@ -22,6 +22,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent serves (`virtserialport,name=...`).
 pub const SERIAL_PORT_NAME: &str = "org.ember.agent";
+/// Where the host writes code files for `lang` + `code` calls (a scratch
+/// directory: gone after a reset).
+pub const CODE_DIR: &str = "/tmp/.ember";
 /// Written by the agent to the guest console once it listens on vsock, so
 /// the host knows when a hybrid-vsock CONNECT can be answered.
 pub const VSOCK_READY_MARKER: &str = "ember-agent: vsock ready";
