@@ -113,7 +113,8 @@ impl Invocation {
     }
 
     /// The files to write and the request for the agent.
-    pub fn into_exec(self, id: &str, limits: &Limits, keep_processes: bool) -> (Vec<FileSpec>, ExecRequest) {
+    /// The exec request, files included (the agent writes them first).
+    pub fn into_exec(self, id: &str, limits: &Limits, keep_processes: bool) -> ExecRequest {
         let mut files = self.files;
         let command = match self.program {
             Program::Shell(line) => Command::Shell(line),
@@ -132,7 +133,8 @@ impl Invocation {
         req.output_limit = limits.max_output_bytes;
         req.pids_limit = Some(limits.max_pids);
         req.kill_leftovers = !keep_processes;
-        (files, req)
+        req.files = files;
+        req
     }
 }
 

@@ -136,7 +136,7 @@ where
         let vm_id = held.id().to_string();
         tracing::Span::current().record("vm", vm_id.as_str());
         let timeout = inv.timeout;
-        let (files, req) = inv.into_exec(&id, &self.limits, session.is_some());
+        let req = inv.into_exec(&id, &self.limits, session.is_some());
         let mut running = Running {
             id,
             vm_id,
@@ -150,12 +150,6 @@ where
             state: self.clone(),
             _permit: permit,
         };
-        let agent = running.agent();
-        if !files.is_empty() {
-            if let Err(e) = agent.write_files(files).await {
-                return Err(running.fail(e));
-            }
-        }
         match running.agent().exec(req).await {
             Ok(h) => running.handle = Some(h),
             Err(e) => return Err(running.fail(e)),

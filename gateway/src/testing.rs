@@ -131,7 +131,12 @@ async fn serve(stream: tokio::io::DuplexStream, log: Arc<Mutex<Log>>) {
                 let _ = tx.send(Response { id: req.id, body });
             };
             match req.body {
-                RequestBody::Exec(e) => {
+                RequestBody::Exec(mut e) => {
+                    // Like the agent: the files first; one refused fails the request.
+                    if let Err(err) = write_files(&log, std::mem::take(&mut e.files)) {
+                        reply(ResponseBody::Error(err));
+                        continue;
+                    }
                     log.lock().unwrap_or_else(|p| p.into_inner()).execs.push(e.clone());
                     if e.command == Command::Shell("crash".into()) {
                         break 'conn;
@@ -146,22 +151,27 @@ async fn serve(stream: tokio::io::DuplexStream, log: Arc<Mutex<Log>>) {
                         let _ = c.send(());
                     }
                 }
-                RequestBody::WriteFiles { files } => {
-                    if files.iter().any(|f| f.path.contains("refused")) {
-                        reply(ResponseBody::Error(ErrorReply::new(ErrorCode::BadRequest, "path refused")));
-                        continue;
-                    }
-                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
-                    for f in files {
-                        l.files.insert(f.path, f.content);
-                    }
-                    reply(ResponseBody::Ok);
-                }
+                RequestBody::WriteFiles { files } => match write_files(&log, files) {
+                    Ok(()) => reply(ResponseBody::Ok),
+                    Err(err) => reply(ResponseBody::Error(err)),
+                },
                 _ => reply(ResponseBody::Ok),
             }
         }
     }
     writer.abort();
+}
+
+/// Record `files`, refusing any path that contains "refused".
+fn write_files(log: &Mutex<Log>, files: Vec<ember_wire::FileSpec>) -> Result<(), ErrorReply> {
+    if files.iter().any(|f| f.path.contains("refused")) {
+        return Err(ErrorReply::new(ErrorCode::BadRequest, "path refused"));
+    }
+    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+    for f in files {
+        l.files.insert(f.path, f.content);
+    }
+    Ok(())
 }
 
 async fn exec(id: u64, e: ExecRequest, tx: Out, mut cancel: mpsc::UnboundedReceiver<()>) {

@@ -38,6 +38,12 @@ pub async fn run(
     out: mpsc::Sender<Response>,
     cancel: CancellationToken,
 ) {
+    if !req.files.is_empty() {
+        if let Err(e) = crate::files::write_files(&agent.layout, req.files.clone()).await {
+            let _ = out.send(Response { id, body: ResponseBody::Error(e) }).await;
+            return;
+        }
+    }
     let body = match run_inner(agent, id, &req, &out, cancel).await {
         Ok(status) => ResponseBody::Exit(status),
         Err(e) => ResponseBody::Error(e),

@@ -240,6 +240,34 @@ async fn write_files_then_read_them_back() {
 }
 
 #[tokio::test]
+async fn exec_writes_its_files_first_and_a_refused_file_runs_nothing() {
+    let h = start();
+    let mut req = sh("cat in/data.txt; ./go.sh");
+    req.files = vec![
+        FileSpec { path: "in/data.txt".into(), content: b"data\n".to_vec(), mode: 0o644 },
+        FileSpec { path: "go.sh".into(), content: b"#!/bin/sh\necho went\n".to_vec(), mode: 0o755 },
+    ];
+    let out = h.client.run(req).await.unwrap();
+    assert_eq!(out.stdout, b"data\nwent\n", "{:?}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code, Some(0));
+
+    let mut req = sh("touch ran");
+    req.files = vec![
+        FileSpec { path: "ok.txt".into(), content: vec![], mode: 0o644 },
+        FileSpec { path: "../escape".into(), content: vec![], mode: 0o644 },
+    ];
+    let err = h.client.run(req).await.unwrap_err();
+    assert!(
+        matches!(&err, AgentError::Remote(e) if e.code == ErrorCode::BadRequest && e.message.contains("escape")),
+        "{err:?}"
+    );
+    assert!(!h.dir.path().join("ran").exists(), "the command ran although a file was refused");
+    assert!(!h.dir.path().join("ok.txt").exists(), "paths are checked before anything is written");
+    // The session goes on.
+    assert_eq!(h.client.run(sh("echo still")).await.unwrap().stdout, b"still\n");
+}
+
+#[tokio::test]
 async fn closing_the_connection_kills_running_commands() {
     let h = start();
     let mut handle = h.client.exec(sh("echo $$; exec sleep 30")).await.unwrap();

@@ -453,6 +453,16 @@ impl Vm {
             Ok(a) => a,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
         };
+        if hello.protocol != ember_wire::PROTOCOL_VERSION {
+            let e = AgentError::Protocol(format!(
+                "the guest agent speaks protocol {} (version {}), this host {}: the images are stale \
+                 (make images rebuilds them)",
+                hello.protocol,
+                hello.agent_version,
+                ember_wire::PROTOCOL_VERSION
+            ));
+            return Err(VmError::Agent { vm: parts.id.clone(), source: e });
+        }
         // A restored guest resumes with the template's clock, and a booted
         // one read a one-second RTC while booting slowly: set it precisely.
         if let Err(e) = agent.configure(template::clock_now()).await {

@@ -57,14 +57,15 @@ fn timeout_is_checked_at_the_limit() {
 fn code_is_written_to_a_file_and_run_by_its_interpreter() {
     let inv =
         parse(r#"{"lang":"python","code":"print(1)","files":[{"path":"d/in.txt","content":"x"}]}"#).unwrap();
-    let (files, req) = inv.into_exec("abc", &Limits::default(), false);
+    let req = inv.into_exec("abc", &Limits::default(), false);
+    let files = &req.files;
     assert_eq!(files.len(), 2);
     assert_eq!(files[1].path, "/tmp/.ember/abc.py");
     assert_eq!(files[1].content, b"print(1)");
     assert_eq!(req.command, Command::Argv(vec!["python3".into(), "/tmp/.ember/abc.py".into()]));
     assert_eq!(req.output_limit, Limits::default().max_output_bytes);
     assert!(req.kill_leftovers);
-    let (_, req) = parse(r#"{"cmd":"sleep 9 &"}"#).unwrap().into_exec("x", &Limits::default(), true);
+    let req = parse(r#"{"cmd":"sleep 9 &"}"#).unwrap().into_exec("x", &Limits::default(), true);
     assert!(!req.kill_leftovers, "sessions keep processes");
 }
 

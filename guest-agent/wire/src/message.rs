@@ -72,6 +72,11 @@ pub struct ExecRequest {
     /// session may keep them.
     #[serde(default = "yes")]
     pub kill_leftovers: bool,
+    /// Files written (as by `write_files`) before the command starts; a
+    /// file that cannot be written fails the request. Not part of the
+    /// command's `duration_us`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileSpec>,
 }
 
 fn yes() -> bool {
@@ -89,6 +94,7 @@ impl ExecRequest {
             output_limit: 1 << 20,
             pids_limit: None,
             kill_leftovers: true,
+            files: Vec::new(),
         }
     }
 }
