@@ -113,15 +113,23 @@ pub fn markdown(r: &Report, checks: &[Check]) -> String {
          *HTTP + gateway* is the client's latency minus the server's `vm` time (HTTP both ways, \
          JSON, the claim); *VM channel* is `vm` minus the agent's `run` time (the agent channel \
          both ways and the agent's own work around the command, and for `code` writing the code \
-         file).\n\n| scenario | probes | p50 (ms) | p95 (ms) | HTTP + gateway p50 | VM channel p50 |\n\
-         |---|---|---|---|---|---|"
+         file). *Bare HTTP* is a `GET /healthz` to the same server with the same spacing: the \
+         floor under HTTP + gateway.\n\n\
+         | scenario | probes | p50 (ms) | p95 (ms) | HTTP + gateway p50 | VM channel p50 | bare HTTP p50 |\n\
+         |---|---|---|---|---|---|---|"
     );
     for s in &r.scenarios {
         if let Some(o) = &s.overhead {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
-                s.name, o.samples, o.p50_ms, o.p95_ms, o.http_gateway_p50_ms, o.vm_channel_p50_ms
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                s.name,
+                o.samples,
+                o.p50_ms,
+                o.p95_ms,
+                o.http_gateway_p50_ms,
+                o.vm_channel_p50_ms,
+                o.http_floor_p50_ms
             );
         }
     }

@@ -47,6 +47,9 @@ pub struct Overhead {
     /// The server's `vm` time minus the agent's `run` time: the agent
     /// channel both ways and the agent's work around the command.
     pub vm_channel_p50_ms: f64,
+    /// A bare `GET /healthz` on the same server with the same spacing: what
+    /// HTTP alone costs, the floor under `http_gateway_p50_ms`.
+    pub http_floor_p50_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -289,7 +292,8 @@ impl Runner<'_> {
         Ok(run)
     }
 
-    /// Sequential probes: client latency minus in-VM run time.
+    /// Sequential probes: client latency minus in-VM run time, split by
+    /// `Server-Timing`; then as many bare `GET /healthz` for the HTTP floor.
     async fn overhead(&self, ember: SocketAddr, s: &Scenario) -> anyhow::Result<Overhead> {
         let n = match self.opts.profile {
             Profile::Quick => 5,
@@ -312,7 +316,15 @@ impl Runner<'_> {
             http_gateway.push(total - vm);
             vm_channel.push(vm - run);
         }
-        for s in [&mut v, &mut http_gateway, &mut vm_channel] {
+        let mut floor = Vec::new();
+        for _ in 0..n {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let t = Instant::now();
+            let a = crate::http::request(ember, "GET", "/healthz", &[], "", Duration::from_secs(10)).await?;
+            anyhow::ensure!(a.status == 200, "healthz probe: HTTP {}", a.status);
+            floor.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        for s in [&mut v, &mut http_gateway, &mut vm_channel, &mut floor] {
             s.sort_by(f64::total_cmp);
         }
         Ok(Overhead {
@@ -321,6 +333,7 @@ impl Runner<'_> {
             p95_ms: percentile(&v, 95.0),
             http_gateway_p50_ms: percentile(&http_gateway, 50.0),
             vm_channel_p50_ms: percentile(&vm_channel, 50.0),
+            http_floor_p50_ms: percentile(&floor, 50.0),
         })
     }
 }

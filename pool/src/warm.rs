@@ -151,34 +151,24 @@ impl VmBackend {
 /// its first command pays ~100 ms of warming that is better paid here, off
 /// the request's path, than by the caller.
 async fn warm_up(vm: &Vm) -> Result<(), String> {
-    // With a code file, as a `code` call sends one: writing files is its own
-    // path through the agent and the guest kernel (~15 ms to translate the
-    // first time). No extra process (each costs ~40 ms of TCG): the agent's
-    // own `reset` removes the file again.
+    // Only a command. Sending a code file with it (and having the agent
+    // remove it) would also translate the file-writing path, which saves a
+    // `code` call 12-16 ms, but costs every reset 35-60 ms here (measured,
+    // docs/BENCHMARKS.md): on a 2-core TCG host that capacity decides
+    // whether the pool keeps up at 4 req/s.
     let mut req = crate::vm::shell("true");
-    req.files = vec![ember_wire::FileSpec {
-        path: format!("{}/warm-up.sh", ember_wire::CODE_DIR),
-        content: b"true\n".to_vec(),
-        mode: 0o600,
-    }];
     // Generous: on slow storage (zfs-fuse) the first disk access after a
     // rollback can take seconds; this is off the request path.
     req.timeout_ms = 20_000;
     let started = tokio::time::Instant::now();
-    let warm = async {
-        let out = vm.agent().run(req).await.map_err(|e| format!("warm-up command: {e}"))?;
-        if out.status.code != Some(0) {
-            return Err(format!("warm-up command failed: {:?}", out.status));
-        }
-        vm.agent().reset().await.map_err(|e| format!("removing the warm-up file: {e}"))
-    };
-    match tokio::time::timeout(Duration::from_secs(25), warm).await {
-        Ok(Ok(())) => {
+    match tokio::time::timeout(Duration::from_secs(25), vm.agent().run(req)).await {
+        Ok(Ok(out)) if out.status.code == Some(0) => {
             tracing::debug!(vm = vm.id(), took = ?started.elapsed(), "warmed up");
             Ok(())
         }
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("warm-up did not finish within 25s".into()),
+        Ok(Ok(out)) => Err(format!("warm-up command failed: {:?}", out.status)),
+        Ok(Err(e)) => Err(format!("warm-up command: {e}")),
+        Err(_) => Err("warm-up command did not answer within 25s".into()),
     }
 }
 
