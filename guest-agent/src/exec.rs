@@ -29,17 +29,18 @@ const CHUNK: usize = 32 * 1024;
 const LEFTOVER_DRAIN: Duration = Duration::from_millis(100);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Run `req` and send its output and exit status (or an error) as replies
-/// to request `id`.
+/// Write `req`'s files, run it and send its output and exit status (or an
+/// error) as replies to request `id`.
 pub async fn run(
     agent: &Agent,
     id: u64,
-    req: ExecRequest,
+    mut req: ExecRequest,
     out: mpsc::Sender<Response>,
     cancel: CancellationToken,
 ) {
-    if !req.files.is_empty() {
-        if let Err(e) = crate::files::write_files(&agent.layout, req.files.clone()).await {
+    let files = std::mem::take(&mut req.files);
+    if !files.is_empty() {
+        if let Err(e) = crate::files::write_files(&agent.layout, files).await {
             let _ = out.send(Response { id, body: ResponseBody::Error(e) }).await;
             return;
         }
