@@ -453,14 +453,7 @@ impl Vm {
             Ok(a) => a,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
         };
-        if hello.protocol != ember_wire::PROTOCOL_VERSION {
-            let e = AgentError::Protocol(format!(
-                "the guest agent speaks protocol {} (version {}), this host {}: the images are stale \
-                 (make images rebuilds them)",
-                hello.protocol,
-                hello.agent_version,
-                ember_wire::PROTOCOL_VERSION
-            ));
+        if let Err(e) = same_protocol(&hello) {
             return Err(VmError::Agent { vm: parts.id.clone(), source: e });
         }
         // A restored guest resumes with the template's clock, and a booted
@@ -544,6 +537,21 @@ impl Parts {
             BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
         }
     }
+}
+
+/// Refuse an agent that speaks another protocol version than this host:
+/// images built from other sources.
+fn same_protocol(hello: &ember_wire::HelloReply) -> Result<(), AgentError> {
+    if hello.protocol == ember_wire::PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(AgentError::Protocol(format!(
+        "the guest agent speaks protocol {} (version {}), this host {}: the images are stale \
+         (make images rebuilds them)",
+        hello.protocol,
+        hello.agent_version,
+        ember_wire::PROTOCOL_VERSION
+    )))
 }
 
 /// uid and gid of a user name.
@@ -668,4 +676,22 @@ pub fn shell(cmd: &str) -> ember_wire::ExecRequest {
 /// The error an agent call returned, tagged with its VM.
 pub fn agent_err(vm: &Vm) -> impl FnOnce(AgentError) -> VmError + '_ {
     move |source| VmError::Agent { vm: vm.id.clone(), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_of_another_protocol_is_refused_with_a_hint() {
+        let hello = |protocol| ember_wire::HelloReply {
+            nonce: 1,
+            protocol,
+            agent_version: "0.0.9".into(),
+            uptime_ms: 5,
+        };
+        assert!(same_protocol(&hello(ember_wire::PROTOCOL_VERSION)).is_ok());
+        let err = same_protocol(&hello(ember_wire::PROTOCOL_VERSION - 1)).unwrap_err().to_string();
+        assert!(err.contains("stale") && err.contains("make images") && err.contains("0.0.9"), "{err}");
+    }
 }
