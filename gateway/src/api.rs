@@ -307,6 +307,20 @@ impl Timing {
             ms(self.run)
         )
     }
+
+    /// `name -> dur` (ms) from a `Server-Timing` value as
+    /// [`Timing::header_value`] writes it; metrics without `dur` are left out.
+    pub fn parse_header(value: &str) -> std::collections::BTreeMap<String, f64> {
+        value
+            .split(", ")
+            .filter_map(|metric| {
+                let mut parts = metric.split(';');
+                let name = parts.next()?.trim().to_string();
+                let dur = parts.find_map(|p| p.strip_prefix("dur="))?.parse().ok()?;
+                Some((name, dur))
+            })
+            .collect()
+    }
 }
 
 /// One line of an NDJSON stream.

@@ -86,3 +86,17 @@ fn session_keys() {
         assert!(check_session_key(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn server_timing_reads_back_what_it_writes() {
+    use std::time::Duration;
+    let t = crate::api::Timing {
+        claim: Duration::from_micros(12),
+        vm: Duration::from_micros(48_500),
+        run: Duration::from_micros(47_250),
+    };
+    let parsed = crate::api::Timing::parse_header(&t.header_value());
+    let want: std::collections::BTreeMap<String, f64> =
+        [("claim".to_string(), 0.012), ("run".to_string(), 47.25), ("vm".to_string(), 48.5)].into();
+    assert_eq!(parsed, want);
+}

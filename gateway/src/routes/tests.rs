@@ -134,15 +134,7 @@ async fn a_command_runs_and_answers_with_its_result() {
 /// `name -> ms` from a `Server-Timing` header.
 fn server_timing(headers: &HeaderMap) -> std::collections::BTreeMap<String, f64> {
     let v = headers.get("server-timing").expect("a Server-Timing header").to_str().unwrap();
-    v.split(", ")
-        .map(|metric| {
-            let mut parts = metric.split(';');
-            let name = parts.next().unwrap().to_string();
-            let dur =
-                parts.find_map(|p| p.strip_prefix("dur=")).unwrap_or_else(|| panic!("no dur in {metric}"));
-            (name, dur.parse().unwrap())
-        })
-        .collect()
+    crate::api::Timing::parse_header(v)
 }
 
 #[tokio::test]

@@ -52,14 +52,7 @@ impl Answer {
             .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("server-timing")))
             .map(|(_, v)| v.trim().to_string())
             .context("no Server-Timing header")?;
-        line.split(", ")
-            .map(|metric| {
-                let mut parts = metric.split(';');
-                let name = parts.next().unwrap_or_default().to_string();
-                let dur = parts.find_map(|p| p.strip_prefix("dur=")).context("no dur")?;
-                Ok((name, dur.parse()?))
-            })
-            .collect()
+        Ok(ember_gateway::api::Timing::parse_header(&line))
     }
 
     /// Status and error code of a JSON error answer.
