@@ -626,6 +626,19 @@ const VM_CASES: &[(&str, VmCase)] = vm_cases![
     reset_leaves_nothing_behind,
 ];
 
+/// A pool of 256 MiB VMs over `host`, reset by `mode`, replenished as the
+/// channel allows.
+fn start_pool(
+    host: &Arc<VmHost>,
+    mode: ember_pool::config::ResetMode,
+    cfg: ember_pool::config::PoolConfig,
+) -> anyhow::Result<VmPool> {
+    use ember_pool::config::ReplenishMode;
+    let backend = ember_pool::warm::VmBackend::new(Arc::clone(host), mode, ReplenishMode::Auto)
+        .map_err(anyhow::Error::msg)?;
+    Ok(ember_pool::pool::Pool::start(backend, cfg, 256))
+}
+
 async fn suite(report: &mut Report) -> anyhow::Result<()> {
     let images = ImageSet::from_dir(&images_dir()).map_err(anyhow::Error::msg)?;
     // A fixed path, so a run that was killed is reaped by the next one.
@@ -698,9 +711,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         let raw_host = VmHost::new(raw, false)?;
 
         // The warm pool over real VMs.
-        use ember_pool::config::{PoolConfig, ReplenishMode, ResetMode};
-        use ember_pool::pool::Pool;
-        use ember_pool::warm::VmBackend;
+        use ember_pool::config::{PoolConfig, ResetMode};
         let snap_cfg = PoolConfig {
             min_size: 1,
             max_size: 3,
@@ -709,9 +720,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             claim_timeout: Duration::from_secs(60),
             ..PoolConfig::default()
         };
-        let backend = VmBackend::new(Arc::clone(&serial), ResetMode::Auto, ReplenishMode::Auto)
-            .map_err(anyhow::Error::msg)?;
-        let snap = Pool::start(backend, snap_cfg, 256);
+        let snap = start_pool(&serial, ResetMode::Auto, snap_cfg)?;
         ensure_eq!(snap.backend().mode(), ResetMode::Snapshot);
         ensure!(snap.backend().restores(), "serial pools restore from a template");
         report
@@ -736,9 +745,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             claim_timeout: Duration::from_secs(1),
             ..PoolConfig::default()
         };
-        let backend = VmBackend::new(Arc::clone(&hybrid), ResetMode::Auto, ReplenishMode::Auto)
-            .map_err(anyhow::Error::msg)?;
-        let destroy = Pool::start(backend, destroy_cfg, 256);
+        let destroy = start_pool(&hybrid, ResetMode::Auto, destroy_cfg)?;
         ensure_eq!(destroy.backend().mode(), ResetMode::Destroy);
         ensure!(!destroy.backend().restores(), "hybrid-vsock cannot restore");
         report
@@ -760,9 +767,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             claim_timeout: Duration::from_secs(60),
             ..PoolConfig::default()
         };
-        let backend = VmBackend::new(Arc::clone(&raw_host), ResetMode::Rollback, ReplenishMode::Auto)
-            .map_err(anyhow::Error::msg)?;
-        let rollback = Pool::start(backend, rollback_cfg, 256);
+        let rollback = start_pool(&raw_host, ResetMode::Rollback, rollback_cfg)?;
         report
             .run(
                 "pool_reset_leaves_nothing_behind [rollback]",
@@ -785,9 +790,6 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         report.run("zfs_orphans_are_reaped", Box::pin(zfs_orphans_are_reaped(zc.clone(), &parent))).await;
         let zfs_host = VmHost::new(zc, false)?;
         zfs_host.open_storage().await?;
-        let backend = VmBackend::new(Arc::clone(&zfs_host), ResetMode::Auto, ReplenishMode::Auto)
-            .map_err(anyhow::Error::msg)?;
-        ensure_eq!(backend.mode(), ResetMode::Rollback);
         let zfs_cfg = PoolConfig {
             min_size: 1,
             max_size: 2,
@@ -795,7 +797,8 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             claim_timeout: Duration::from_secs(60),
             ..PoolConfig::default()
         };
-        let zfs_pool = Pool::start(backend, zfs_cfg, 256);
+        let zfs_pool = start_pool(&zfs_host, ResetMode::Auto, zfs_cfg)?;
+        ensure_eq!(zfs_pool.backend().mode(), ResetMode::Rollback);
         report
             .run("zfs_a_clone_per_vm_kept_through_claims", Box::pin(zfs_a_clone_per_vm(&zfs_pool, &parent)))
             .await;
