@@ -52,6 +52,15 @@ impl Fixture {
         .await
         .map(Arc::new)
     }
+
+    /// Storage opened on a parent with a current base, call log cleared.
+    async fn opened(&self) -> Arc<ZfsStorage> {
+        self.parent_ok(CHILDREN_NONE);
+        self.base_current();
+        let z = self.open(&[]).await.unwrap();
+        self.runner.clear();
+        z
+    }
 }
 
 const CHILDREN_NONE: &str = "tank/ember\t-\n";
@@ -144,10 +153,7 @@ async fn a_missing_or_wrong_parent_is_a_clear_error() {
 #[tokio::test]
 async fn create_recycle_and_destroy_a_clone() {
     let f = fixture();
-    f.parent_ok(CHILDREN_NONE);
-    f.base_current();
-    let z = f.open(&[]).await.unwrap();
-    f.runner.clear();
+    let z = f.opened().await;
 
     let clone = z.clone_for_vm().await.unwrap();
     let name = clone.name().to_string();
@@ -177,10 +183,7 @@ async fn create_recycle_and_destroy_a_clone() {
 #[tokio::test]
 async fn failures_half_way_leave_no_clone() {
     let f = fixture();
-    f.parent_ok(CHILDREN_NONE);
-    f.base_current();
-    let z = f.open(&[]).await.unwrap();
-    f.runner.clear();
+    let z = f.opened().await;
     f.runner.fail("zfs snapshot", "out of space");
     let e = z.clone_for_vm().await.unwrap_err();
     assert!(e.to_string().contains("out of space"), "{e}");
@@ -199,9 +202,7 @@ async fn failures_half_way_leave_no_clone() {
 #[tokio::test]
 async fn a_busy_destroy_is_retried_and_a_dropped_clone_is_destroyed() {
     let f = fixture();
-    f.parent_ok(CHILDREN_NONE);
-    f.base_current();
-    let z = f.open(&[]).await.unwrap();
+    let z = f.opened().await;
     let clone = z.clone_for_vm().await.unwrap();
     let name = clone.name().to_string();
     f.runner.clear();
