@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::run::{Report, ScenarioReport};
+use crate::run::Report;
 
 type Res = anyhow::Result<()>;
 
@@ -55,50 +55,68 @@ fn line_chart(
     Ok(())
 }
 
-/// Latency p50/p95 over time for scenarios measured in slices.
-pub fn latency(r: &Report, path: &Path) -> Res {
-    let with: Vec<&ScenarioReport> = r.scenarios.iter().filter(|s| !s.latency.is_empty()).collect();
-    let root = SVGBackend::new(path, (900, 320 * with.len().max(1) as u32)).into_drawing_area();
+/// One line chart: title, y axis, named series.
+type Panel<'a> = (String, &'a str, Vec<(&'a str, Vec<(f64, f64)>)>);
+
+/// Line charts stacked one per row in one SVG.
+fn stacked(path: &Path, panels: Vec<Panel>) -> Res {
+    let root = SVGBackend::new(path, (900, 320 * panels.len().max(1) as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let areas = root.split_evenly((with.len().max(1), 1));
-    for (s, area) in with.iter().zip(areas.iter()) {
-        let p50: Vec<(f64, f64)> = s.latency.iter().map(|l| (l.t, l.p50_ms)).collect();
-        let p95: Vec<(f64, f64)> = s.latency.iter().map(|l| (l.t, l.p95_ms)).collect();
-        let rate: Vec<(f64, f64)> = s.latency.iter().map(|l| (l.t, l.rate)).collect();
-        line_chart(
-            area,
-            &format!("{}: latency over time", s.name),
-            "ms (rate: req/s)",
-            &[("p50 ms", p50), ("p95 ms", p95), ("requests/s", rate)],
-        )?;
+    let areas = root.split_evenly((panels.len().max(1), 1));
+    for ((title, y_desc, series), area) in panels.iter().zip(areas.iter()) {
+        line_chart(area, title, y_desc, series)?;
     }
     root.present().map_err(err)
 }
 
+/// Latency p50/p95 over time for scenarios measured in slices.
+pub fn latency(r: &Report, path: &Path) -> Res {
+    let panels = r
+        .scenarios
+        .iter()
+        .filter(|s| !s.latency.is_empty())
+        .map(|s| {
+            let pick = |f: fn(&crate::run::Slice) -> f64| -> Vec<(f64, f64)> {
+                s.latency.iter().map(|l| (l.t, f(l))).collect()
+            };
+            (
+                format!("{}: latency over time", s.name),
+                "ms (rate: req/s)",
+                vec![
+                    ("p50 ms", pick(|l| l.p50_ms)),
+                    ("p95 ms", pick(|l| l.p95_ms)),
+                    ("requests/s", pick(|l| l.rate)),
+                ],
+            )
+        })
+        .collect();
+    stacked(path, panels)
+}
+
 /// VMs by state and the request rate over time (step and burst).
 pub fn pool(r: &Report, path: &Path) -> Res {
-    let with: Vec<&ScenarioReport> = r.scenarios.iter().filter(|s| !s.pool.is_empty()).collect();
-    let root = SVGBackend::new(path, (900, 320 * with.len().max(1) as u32)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let areas = root.split_evenly((with.len().max(1), 1));
-    for (s, area) in with.iter().zip(areas.iter()) {
-        let pick = |f: fn(&crate::sampler::Sample) -> f64| -> Vec<(f64, f64)> {
-            s.pool.iter().map(|p| (p.t, f(p))).collect()
-        };
-        line_chart(
-            area,
-            &format!("{}: pool size against request rate", s.name),
-            "VMs (rate: claims/s)",
-            &[
-                ("ready", pick(|p| p.ready as f64)),
-                ("claimed", pick(|p| p.claimed as f64)),
-                ("booting", pick(|p| p.booting as f64)),
-                ("sizer target", pick(|p| p.target as f64)),
-                ("claims/s (short window)", pick(|p| p.rate)),
-            ],
-        )?;
-    }
-    root.present().map_err(err)
+    let panels = r
+        .scenarios
+        .iter()
+        .filter(|s| !s.pool.is_empty())
+        .map(|s| {
+            let pick = |f: fn(&crate::sampler::Sample) -> f64| -> Vec<(f64, f64)> {
+                s.pool.iter().map(|p| (p.t, f(p))).collect()
+            };
+            (
+                format!("{}: pool size against request rate", s.name),
+                "VMs (rate: claims/s)",
+                vec![
+                    ("ready", pick(|p| p.ready as f64)),
+                    ("claimed", pick(|p| p.claimed as f64)),
+                    ("booting", pick(|p| p.booting as f64)),
+                    ("sizer target", pick(|p| p.target as f64)),
+                    ("claims/s (short window)", pick(|p| p.rate)),
+                ],
+            )
+        })
+        .collect();
+    stacked(path, panels)
 }
 
 /// p50 latency of Ember and each baseline, per scenario, on a log scale.
