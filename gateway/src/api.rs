@@ -93,6 +93,19 @@ pub enum Program {
     Shell(String),
     Argv(Vec<String>),
     Code { lang: Lang, code: String },
+    /// A script file (a function's entry) run by its language.
+    Script { lang: Lang, path: String },
+}
+
+impl Lang {
+    /// The agent command that runs the script at `path`: Python through
+    /// the guest's pre-warmed interpreter, the shells directly.
+    pub fn command(self, path: String) -> Command {
+        match self {
+            Lang::Python => Command::Python(ember_wire::PythonScript { path, args: Vec::new() }),
+            other => Command::Argv(vec![other.interpreter().into(), path]),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,8 +135,9 @@ impl Invocation {
             Program::Code { lang, code } => {
                 let path = format!("{CODE_DIR}/{id}.{}", lang.extension());
                 files.push(FileSpec { path: path.clone(), content: code.into_bytes(), mode: 0o644 });
-                Command::Argv(vec![lang.interpreter().into(), path])
+                lang.command(path)
             }
+            Program::Script { lang, path } => lang.command(path),
         };
         let mut req = ExecRequest::new(command);
         req.env = self.env;

@@ -68,7 +68,7 @@ impl Function {
     /// An invocation of this function with `input` (the request body).
     pub fn invocation(&self, input: Vec<u8>, timeout: Duration) -> Invocation {
         let mut inv =
-            Invocation::new(Program::Argv(vec![self.lang.interpreter().into(), self.entry.clone()]), timeout);
+            Invocation::new(Program::Script { lang: self.lang, path: self.entry.clone() }, timeout);
         inv.files = self.files.clone();
         match (self.input, &self.input_file) {
             (Input::File, Some(path)) => {
@@ -248,7 +248,7 @@ mod tests {
         let up = fns.get("upper").unwrap();
         let inv = up.invocation(b"abc".to_vec(), up.timeout().unwrap());
         assert_eq!(inv.stdin, b"abc");
-        assert_eq!(inv.program, Program::Argv(vec!["/bin/sh".into(), "main.sh".into()]));
+        assert_eq!(inv.program, Program::Script { lang: Lang::Sh, path: "main.sh".into() });
         let paths: Vec<&str> = inv.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["lib/x.txt", "main.sh"]);
         let capped = Functions::load(dir.path(), Duration::from_secs(2)).unwrap();

@@ -186,7 +186,7 @@ async fn exec(id: u64, e: ExecRequest, tx: Out, mut cancel: mpsc::UnboundedRecei
             send(ResponseBody::Error(ErrorReply::new(ErrorCode::SpawnFailed, "missing: not found")));
             return;
         }
-        Command::Argv(_) => {}
+        Command::Argv(_) | Command::Python(_) => {}
         Command::Shell(line) => {
             let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
             match word {

@@ -2,6 +2,7 @@
 //! chunks, enforce the timeout and output cap, and kill its whole process
 //! tree when it times out, is cancelled or (by default) once it exits.
 
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -21,13 +22,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroup::ExecCgroup;
+use crate::forkserver::{self, ForkServer};
 use crate::Agent;
 
 const CHUNK: usize = 32 * 1024;
 /// With `kill_leftovers = false`, how long to keep reading output that a
 /// background process still holds open after the command itself exited.
 const LEFTOVER_DRAIN: Duration = Duration::from_millis(100);
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Write `req`'s files, run it and send its output and exit status (or an
 /// error) as replies to request `id`.
@@ -52,8 +54,35 @@ pub async fn run(
     let _ = out.send(Response { id, body }).await;
 }
 
+/// The environment every command starts with, then the request's own.
+fn command_env(agent: &Agent, req: &ExecRequest) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+    env.insert("HOME".to_string(), agent.layout.workspace.display().to_string());
+    env.insert("USER".to_string(), "ember".to_string());
+    env.insert("LANG".to_string(), "C.UTF-8".to_string());
+    env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// Check the request's environment and working directory; the directory
+/// the command starts in.
+fn check_request(agent: &Agent, req: &ExecRequest) -> Result<PathBuf, ErrorReply> {
+    let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
+    if req.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+        return Err(bad("environment variable names must be non-empty and contain no '=' or NUL".into()));
+    }
+    let cwd = req.cwd.as_deref().map(PathBuf::from).unwrap_or_else(|| agent.layout.workspace.clone());
+    let cwd = if cwd.is_relative() { agent.layout.workspace.join(cwd) } else { cwd };
+    if !cwd.is_dir() {
+        return Err(bad(format!("working directory {} does not exist", cwd.display())));
+    }
+    Ok(cwd)
+}
+
 fn build_command(agent: &Agent, req: &ExecRequest) -> Result<Command, ErrorReply> {
     let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
+    let cwd = check_request(agent, req)?;
     let mut cmd = match &req.command {
         WireCommand::Argv(argv) => {
             let (prog, args) = argv.split_first().ok_or_else(|| bad("argv is empty".into()))?;
@@ -69,27 +98,34 @@ fn build_command(agent: &Agent, req: &ExecRequest) -> Result<Command, ErrorReply
             c.arg("-c").arg(script);
             c
         }
+        WireCommand::Python(py) => {
+            let mut c = Command::new(resolve_program("python3"));
+            c.arg(&py.path).args(&py.args);
+            c
+        }
     };
-    if req.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
-        return Err(bad("environment variable names must be non-empty and contain no '=' or NUL".into()));
-    }
-    let cwd = req.cwd.as_deref().map(PathBuf::from).unwrap_or_else(|| agent.layout.workspace.clone());
-    let cwd = if cwd.is_relative() { agent.layout.workspace.join(cwd) } else { cwd };
-    if !cwd.is_dir() {
-        return Err(bad(format!("working directory {} does not exist", cwd.display())));
-    }
     cmd.env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", &agent.layout.workspace)
-        .env("USER", "ember")
-        .env("LANG", "C.UTF-8")
-        .envs(&req.env)
+        .envs(command_env(agent, req))
         .current_dir(cwd)
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Ok(cmd)
+}
+
+/// Whether a Python command can be forked from the pre-warmed server: it
+/// must be up, and the request must not set what only an interpreter's
+/// start-up reads (`PYTHON*` variables, the locale).
+fn fork_server_for<'a>(agent: &'a Agent, req: &ExecRequest) -> Option<&'a ForkServer> {
+    if !matches!(req.command, WireCommand::Python(_)) {
+        return None;
+    }
+    let startup_env = |k: &String| k.starts_with("PYTHON") || k == "LANG" || k.starts_with("LC_");
+    if req.env.keys().any(startup_env) {
+        return None;
+    }
+    agent.forkserver.as_ref().filter(|s| s.alive())
 }
 
 /// `Command` searches the agent's PATH, not the child's: resolve names here
@@ -113,7 +149,12 @@ async fn run_inner(
     cancel: CancellationToken,
 ) -> Result<ExitStatus, ErrorReply> {
     let started = Instant::now();
-    let mut cmd = build_command(agent, req)?;
+    let server = fork_server_for(agent, req);
+    // Checked before a cgroup exists, so a bad request leaves nothing behind.
+    let cmd = match server {
+        Some(_) => None,
+        None => Some(build_command(agent, req)?),
+    };
     let cgroup: Option<ExecCgroup> = match &agent.cgroups {
         Some(cgs) => Some(
             cgs.create(&format!("exec-{id}-{}", std::process::id()), req.pids_limit.or(Some(1024)))
@@ -121,40 +162,28 @@ async fn run_inner(
         ),
         None => None,
     };
-    crate::sys::confine_child(&mut cmd, cgroup.as_ref().map(|c| c.procs_fd()), agent.layout.user);
-
-    let spawned = agent.reaper.spawn(&mut cmd);
-    let (mut child, mut exit_rx) = match spawned {
-        Ok(c) => c,
+    let spawned = match (server, cmd) {
+        (Some(server), _) => spawn_forked(agent, server, req, cgroup.as_ref()).await,
+        (None, Some(cmd)) => spawn_exec(agent, cmd, cgroup.as_ref()),
+        (None, None) => unreachable!("a command is built whenever no server is used"),
+    };
+    let Spawned { pid, stdin, stdout, stderr, exit: mut exit_rx, _child } = match spawned {
+        Ok(s) => s,
         Err(e) => {
             if let Some(cg) = cgroup {
                 let _ = cg.destroy().await;
             }
-            return Err(ErrorReply::new(ErrorCode::SpawnFailed, format!("cannot start command: {e}")));
+            return Err(e);
         }
     };
-    let pgid = Pid::from_raw(child.id() as i32);
+    let (mut stdout, mut stderr) = (stdout, stderr);
+    let pgid = Pid::from_raw(pid);
     let kill_tree = |cg: &Option<ExecCgroup>| {
         if let Some(cg) = cg {
             let _ = cg.kill();
         }
         let _ = killpg(pgid, Signal::SIGKILL);
-    };
-
-    let pipes = (|| -> std::io::Result<_> {
-        let stdin = child.stdin.take().map(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s))).transpose()?;
-        let stdout =
-            child.stdout.take().map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s))).transpose()?;
-        let stderr =
-            child.stderr.take().map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s))).transpose()?;
-        Ok((stdin, stdout, stderr))
-    })();
-    let (stdin, mut stdout, mut stderr) = match pipes {
-        Ok(p) => p,
-        Err(e) => {
-            kill_tree(&cgroup);
-            return Err(ErrorReply::new(ErrorCode::Internal, format!("cannot set up pipes: {e}")));
-        }
+        let _ = nix::sys::signal::kill(pgid, Signal::SIGKILL);
     };
     let stdin_task = stdin.map(|mut w| {
         let data = req.stdin.clone();
@@ -226,6 +255,96 @@ async fn run_inner(
     status.duration_ms = took.as_millis() as u64;
     status.duration_us = took.as_micros() as u64;
     Ok(status)
+}
+
+/// A started command: its pid (and process group), our ends of its pipes,
+/// and its exit status to come.
+struct Spawned {
+    pid: i32,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    exit: tokio::sync::oneshot::Receiver<WaitStatus>,
+    /// Keeps std's handle of an executed child (its pipes were taken).
+    _child: Option<std::process::Child>,
+}
+
+fn spawn_exec(agent: &Agent, mut cmd: Command, cgroup: Option<&ExecCgroup>) -> Result<Spawned, ErrorReply> {
+    crate::sys::confine_child(&mut cmd, cgroup.map(|c| c.procs_fd()), agent.layout.user);
+    let (mut child, exit) = agent
+        .reaper
+        .spawn(&mut cmd)
+        .map_err(|e| ErrorReply::new(ErrorCode::SpawnFailed, format!("cannot start command: {e}")))?;
+    let pid = child.id() as i32;
+    let pipes = (|| -> std::io::Result<_> {
+        let stdin = child.stdin.take().map(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s))).transpose()?;
+        let stdout =
+            child.stdout.take().map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s))).transpose()?;
+        let stderr =
+            child.stderr.take().map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s))).transpose()?;
+        Ok((stdin, stdout, stderr))
+    })();
+    match pipes {
+        Ok((stdin, stdout, stderr)) => Ok(Spawned { pid, stdin, stdout, stderr, exit, _child: Some(child) }),
+        Err(e) => {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            Err(ErrorReply::new(ErrorCode::Internal, format!("cannot set up pipes: {e}")))
+        }
+    }
+}
+
+/// Fork the command from the pre-warmed Python server.
+async fn spawn_forked(
+    agent: &Agent,
+    server: &ForkServer,
+    req: &ExecRequest,
+    cgroup: Option<&ExecCgroup>,
+) -> Result<Spawned, ErrorReply> {
+    let internal =
+        |what: &str, e: std::io::Error| ErrorReply::new(ErrorCode::Internal, format!("{what}: {e}"));
+    let WireCommand::Python(py) = &req.command else {
+        return Err(ErrorReply::new(ErrorCode::Internal, "not a python command"));
+    };
+    let cwd = check_request(agent, req)?;
+    let env = command_env(agent, req);
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+    let ((in_r, in_w), (out_r, out_w), (err_r, err_w)) =
+        (|| Ok::<_, std::io::Error>((pipe()?, pipe()?, pipe()?)))()
+            .map_err(|e| internal("cannot make pipes", e))?;
+    let spec = forkserver::Spec {
+        path: &py.path,
+        args: &py.args,
+        env: &env,
+        cwd: &cwd,
+        uid: agent.layout.user.map(|u| u.0),
+        gid: agent.layout.user.map(|u| u.1),
+        cgroup: cgroup.is_some(),
+    };
+    let forked = server
+        .fork(&spec, [in_r, out_w, err_w], cgroup.map(|c| c.procs_fd()))
+        .await
+        .map_err(|e| internal("the python fork server failed", e))?;
+    let ours = (|| -> std::io::Result<_> {
+        Ok((
+            pipe::Sender::from_owned_fd(in_w)?,
+            pipe::Receiver::from_owned_fd(out_r)?,
+            pipe::Receiver::from_owned_fd(err_r)?,
+        ))
+    })();
+    match ours {
+        Ok((stdin, stdout, stderr)) => Ok(Spawned {
+            pid: forked.pid,
+            stdin: Some(stdin),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            exit: forked.exit,
+            _child: None,
+        }),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(Pid::from_raw(forked.pid), Signal::SIGKILL);
+            Err(internal("cannot set up pipes", e))
+        }
+    }
 }
 
 async fn read_opt(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -9,8 +9,10 @@ mod cgroup;
 mod configure;
 mod exec;
 mod files;
+mod forkserver;
 mod reaper;
 mod reset;
+mod scrub;
 mod session;
 mod setup;
 mod sys;
@@ -20,7 +22,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use cgroup::Cgroups;
+pub use forkserver::ForkServer;
 pub use reaper::{ReapMode, Reaper};
+pub use scrub::Baseline;
 pub use session::serve;
 
 /// Where and as whom the agent runs user commands. The guest uses
@@ -65,6 +69,10 @@ pub struct Agent {
     pub cgroups: Option<Cgroups>,
     /// The guest powers off on `shutdown` only when this is set.
     pub power_off_on_shutdown: bool,
+    /// The pre-warmed Python, when the guest has one.
+    pub forkserver: Option<ForkServer>,
+    /// What `scrub` restores and checks against; `None` refuses scrubs.
+    pub baseline: Option<Baseline>,
 }
 
 /// Command-line arguments of `ember-agent`.
@@ -100,8 +108,24 @@ pub async fn run(args: Args) -> std::io::Result<()> {
     setup::init_logging();
     let reaper = Reaper::start(ReapMode::All)?;
     let cgroups = setup::prepare_guest()?;
+    let layout = GuestLayout::guest();
+    let baseline = match Baseline::capture(&layout.scratch_dirs) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the guest's baseline; scrub is refused");
+            None
+        }
+    };
+    // Before the host can connect, so it is in every snapshot of this VM.
+    let forkserver = ForkServer::start(
+        &reaper,
+        forkserver::PYTHON.as_ref(),
+        forkserver::SCRIPT.as_ref(),
+        forkserver::SOCKET_DIR.as_ref(),
+    )
+    .await;
     let agent =
-        Arc::new(Agent { layout: GuestLayout::guest(), reaper, cgroups, power_off_on_shutdown: true });
+        Arc::new(Agent { layout, reaper, cgroups, power_off_on_shutdown: true, forkserver, baseline });
     // Start the blocking-pool thread (file writes) before the host can
     // snapshot this VM: under TCG a thread start costs ~8 ms, and a thread
     // in the snapshot is there after every reset.

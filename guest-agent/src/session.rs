@@ -226,6 +226,9 @@ async fn run_request(
         RequestBody::AttachScratch {} => {
             let _ = resp.send(done(crate::reset::attach_scratch(agent).await)).await;
         }
+        RequestBody::Scrub {} => {
+            let _ = resp.send(done(crate::scrub::scrub(agent).await)).await;
+        }
         RequestBody::Hello { .. } | RequestBody::Cancel { .. } | RequestBody::Shutdown {} => {}
     }
 }

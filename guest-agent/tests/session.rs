@@ -27,6 +27,8 @@ fn start() -> Harness {
         reaper: Reaper::start(ReapMode::Registered).unwrap(),
         cgroups: None,
         power_off_on_shutdown: false,
+        forkserver: None,
+        baseline: None,
     });
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));

@@ -62,7 +62,10 @@ fn code_is_written_to_a_file_and_run_by_its_interpreter() {
     assert_eq!(files.len(), 2);
     assert_eq!(files[1].path, "/tmp/.ember/abc.py");
     assert_eq!(files[1].content, b"print(1)");
-    assert_eq!(req.command, Command::Argv(vec!["python3".into(), "/tmp/.ember/abc.py".into()]));
+    assert_eq!(
+        req.command,
+        Command::Python(ember_wire::PythonScript { path: "/tmp/.ember/abc.py".into(), args: vec![] })
+    );
     assert_eq!(req.output_limit, Limits::default().max_output_bytes);
     assert!(req.kill_leftovers);
     let req = parse(r#"{"cmd":"sleep 9 &"}"#).unwrap().into_exec("x", &Limits::default(), true);

@@ -39,6 +39,11 @@ pub enum RequestBody {
     DetachScratch {},
     /// Mount the (rolled back) scratch layer again.
     AttachScratch {},
+    /// The in-guest reset between calls of one function: kill every process
+    /// but the agent's own, empty the writable places, restore hostname and
+    /// DNS, then verify that nothing of the user is left. An error means the
+    /// host must fall back to a full reset. No VM-level state is touched.
+    Scrub {},
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +53,19 @@ pub enum Command {
     Argv(Vec<String>),
     /// Run by `/bin/sh -c`.
     Shell(String),
+    /// A Python script, as `python3 PATH ARGS...` would run it: forked from
+    /// the guest's pre-warmed Python when it is healthy, else executed.
+    Python(PythonScript),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonScript {
+    /// The script file (absolute, or relative to the working directory).
+    pub path: String,
+    /// `sys.argv[1:]`.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
