@@ -92,9 +92,15 @@ pub struct FileInput {
 pub enum Program {
     Shell(String),
     Argv(Vec<String>),
-    Code { lang: Lang, code: String },
+    Code {
+        lang: Lang,
+        code: String,
+    },
     /// A script file (a function's entry) run by its language.
-    Script { lang: Lang, path: String },
+    Script {
+        lang: Lang,
+        path: String,
+    },
 }
 
 impl Lang {
@@ -116,13 +122,24 @@ pub struct Invocation {
     pub cwd: Option<String>,
     pub files: Vec<FileSpec>,
     pub timeout: Duration,
+    /// The function this invocation calls: its VM is claimed from (and
+    /// scrubbed back into) that function's warm set.
+    pub function: Option<String>,
 }
 
 pub use ember_wire::CODE_DIR;
 
 impl Invocation {
     pub fn new(program: Program, timeout: Duration) -> Self {
-        Self { program, stdin: Vec::new(), env: BTreeMap::new(), cwd: None, files: Vec::new(), timeout }
+        Self {
+            program,
+            stdin: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            files: Vec::new(),
+            timeout,
+            function: None,
+        }
     }
 
     /// The files to write and the request for the agent.
@@ -263,7 +280,7 @@ impl RunRequest {
             files.push(FileSpec { path: f.path, content, mode });
         }
         let timeout = parse_timeout(self.timeout.as_deref(), limits)?;
-        Ok(Invocation { program, stdin, env: self.env, cwd: self.cwd, files, timeout })
+        Ok(Invocation { program, stdin, env: self.env, cwd: self.cwd, files, timeout, function: None })
     }
 }
 

@@ -67,9 +67,9 @@ pub struct Function {
 impl Function {
     /// An invocation of this function with `input` (the request body).
     pub fn invocation(&self, input: Vec<u8>, timeout: Duration) -> Invocation {
-        let mut inv =
-            Invocation::new(Program::Script { lang: self.lang, path: self.entry.clone() }, timeout);
+        let mut inv = Invocation::new(Program::Script { lang: self.lang, path: self.entry.clone() }, timeout);
         inv.files = self.files.clone();
+        inv.function = Some(self.name.clone());
         match (self.input, &self.input_file) {
             (Input::File, Some(path)) => {
                 inv.files.push(FileSpec { path: path.clone(), content: input, mode: 0o644 })

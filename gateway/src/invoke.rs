@@ -126,7 +126,10 @@ where
                 (Held::Session { lease, key: key.clone() }, true)
             }
             None => {
-                let lease = self.pool.claim().await?;
+                let lease = match &inv.function {
+                    Some(f) => self.pool.claim_for(f).await?,
+                    None => self.pool.claim().await?,
+                };
                 let warm = lease.warm();
                 (Held::Pool(lease), warm)
             }

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ember_pool::pool::{PoolEvent, PoolStatus};
+use ember_pool::pool::{PoolEvent, PoolStatus, ResetKind};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -35,6 +35,7 @@ pub struct Metrics {
     pub claim_seconds: Histogram,
     pub exec_seconds: Histogram,
     pub reset_seconds: Histogram,
+    pub scrub_seconds: Histogram,
     pub create_seconds: Histogram,
     pool_status: Arc<Mutex<Option<PoolStatus>>>,
 }
@@ -66,7 +67,11 @@ impl Metrics {
         };
         let claim_seconds = seconds("ember_claim_seconds", "Time to get a VM for an invocation");
         let exec_seconds = seconds("ember_exec_seconds", "Time from claim to the command's exit");
-        let reset_seconds = seconds("ember_reset_seconds", "Time to make a used VM clean");
+        let reset_seconds = seconds("ember_reset_seconds", "Time to make a used VM clean (full reset)");
+        let scrub_seconds = seconds(
+            "ember_scrub_seconds",
+            "Time to scrub a VM between calls of one function (in-guest reset)",
+        );
         let create_seconds = seconds("ember_vm_create_seconds", "Time to boot or restore a VM");
         let pool_status = Arc::new(Mutex::new(None));
         registry.register_collector(Box::new(PoolCollector { status: Arc::clone(&pool_status) }));
@@ -77,6 +82,7 @@ impl Metrics {
             claim_seconds,
             exec_seconds,
             reset_seconds,
+            scrub_seconds,
             create_seconds,
             pool_status,
         })
@@ -86,7 +92,12 @@ impl Metrics {
     pub fn observe_pool(self: &Arc<Self>) -> ember_pool::pool::Observer {
         let m = Arc::clone(self);
         Arc::new(move |event| match event {
-            PoolEvent::Reset { took, ok: true } => m.reset_seconds.observe(took.as_secs_f64()),
+            PoolEvent::Reset { took, ok: true, kind: ResetKind::Full } => {
+                m.reset_seconds.observe(took.as_secs_f64())
+            }
+            PoolEvent::Reset { took, ok: true, kind: ResetKind::Scrub } => {
+                m.scrub_seconds.observe(took.as_secs_f64())
+            }
             PoolEvent::Created { took, ok: true } => m.create_seconds.observe(took.as_secs_f64()),
             // Failures show in the pool's counters.
             PoolEvent::Reset { .. } | PoolEvent::Created { .. } => {}
@@ -152,6 +163,14 @@ impl Collector for PoolCollector {
             "Resets that failed (the VM was replaced)",
             c.reset_failures,
         )?;
+        counter(&mut enc, "ember_vm_scrubs", "Used VMs scrubbed for the same function", c.scrubs)?;
+        counter(
+            &mut enc,
+            "ember_vm_scrub_failures",
+            "Scrubs that failed or found a leftover (a full reset followed)",
+            c.scrub_failures,
+        )?;
+        counter(&mut enc, "ember_vm_steals", "VMs taken from another function's warm set", c.steals)?;
         let g = ConstGauge::new(0i64);
         let mut family = enc.encode_descriptor("ember_pool_vms", "VMs by state", None, g.metric_type())?;
         for (state, n) in [

@@ -50,6 +50,19 @@ impl std::str::FromStr for ResetMode {
     }
 }
 
+/// The reset a VM gets after a general call (`/v1/run`). Function calls
+/// always scrub between calls of the same function.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunReset {
+    /// The reset mode's full reset: every caller may be another party.
+    #[default]
+    Full,
+    /// The in-guest scrub, for single-tenant deployments: cheaper, but it
+    /// cannot undo what a guest-kernel exploit did.
+    Scrub,
+}
+
 /// How the pool makes new VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -99,6 +112,7 @@ pub struct RawPool {
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     pub reset: Option<ResetMode>,
+    pub run_reset: Option<RunReset>,
     pub replenish: Option<ReplenishMode>,
     pub max_uses: Option<u32>,
     /// How long a claim waits in the queue when the pool is at its limits.
@@ -148,6 +162,7 @@ pub struct PoolConfig {
     pub max_memory_mb: u64,
     pub idle_timeout: Duration,
     pub reset: ResetMode,
+    pub run_reset: RunReset,
     pub replenish: ReplenishMode,
     pub max_uses: u32,
     pub claim_timeout: Duration,
@@ -169,6 +184,7 @@ impl Default for PoolConfig {
             max_memory_mb: 8192,
             idle_timeout: Duration::from_secs(300),
             reset: ResetMode::Auto,
+            run_reset: RunReset::Full,
             replenish: ReplenishMode::Auto,
             max_uses: 100,
             claim_timeout: Duration::from_secs(10),
@@ -235,6 +251,7 @@ impl RawConfig {
             max_memory_mb: p.max_memory_mb.unwrap_or(d.max_memory_mb),
             idle_timeout: p.idle_timeout.unwrap_or(d.idle_timeout),
             reset: p.reset.unwrap_or(d.reset),
+            run_reset: p.run_reset.unwrap_or(d.run_reset),
             replenish: p.replenish.unwrap_or(d.replenish),
             max_uses: p.max_uses.unwrap_or(d.max_uses),
             claim_timeout: p.claim_timeout.unwrap_or(d.claim_timeout),

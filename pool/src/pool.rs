@@ -12,7 +12,7 @@ mod lease;
 mod replenish;
 mod session;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -51,7 +51,26 @@ pub enum PoolEvent {
     /// A VM was made (booted or restored), or making one failed.
     Created { took: Duration, ok: bool },
     /// A used VM was reset for reuse, or resetting it failed.
-    Reset { took: Duration, ok: bool },
+    Reset { took: Duration, ok: bool, kind: ResetKind },
+}
+
+/// Which reset a used VM got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResetKind {
+    /// The backend's reset mode (snapshot, rollback): clean for anyone.
+    Full,
+    /// The in-guest scrub: clean for the same function (or, with
+    /// `run_reset = "scrub"`, the same single tenant).
+    Scrub,
+}
+
+impl ResetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ResetKind::Full => "full",
+            ResetKind::Scrub => "scrub",
+        }
+    }
 }
 
 /// Receives [`PoolEvent`]s; must be quick (it runs on pool tasks).
@@ -68,6 +87,11 @@ pub struct PoolCounters {
     pub destroyed: u64,
     pub resets: u64,
     pub reset_failures: u64,
+    pub scrubs: u64,
+    /// Scrubs that failed (or found doubt) and escalated to a full reset.
+    pub scrub_failures: u64,
+    /// VMs taken from another function's warm set (full reset first).
+    pub steals: u64,
 }
 
 /// A point-in-time view of the pool.
@@ -83,12 +107,25 @@ pub struct PoolStatus {
     pub draining: bool,
     pub rate_short: f64,
     pub rate_long: f64,
+    /// Ready VMs per function warm set (VMs scrubbed after serving it).
+    pub warm_sets: BTreeMap<String, usize>,
     pub counters: PoolCounters,
 }
 
 struct ReadyVm<V> {
     vm: V,
     uses: u32,
+    /// The function whose warm set holds it (scrubbed after serving it);
+    /// `None`: fully reset (or fresh), fit for any caller.
+    warm_for: Option<Arc<str>>,
+}
+
+/// Where a claim should look first: the caller's function's warm set, else
+/// a VM fit for anyone; a general claim takes only those. `None` when no
+/// ready VM fits (one from another set needs a full reset first).
+fn pick_ready<V>(ready: &VecDeque<ReadyVm<V>>, want: Option<&str>) -> Option<usize> {
+    let own = want.and_then(|w| ready.iter().position(|r| r.warm_for.as_deref() == Some(w)));
+    own.or_else(|| ready.iter().position(|r| r.warm_for.is_none()))
 }
 
 struct State<V> {
@@ -278,14 +315,33 @@ impl<B: Backend> Pool<B> {
             draining: st.draining,
             rate_short: rates.short,
             rate_long: rates.long,
+            warm_sets: st.ready.iter().filter_map(|r| r.warm_for.as_deref()).fold(
+                BTreeMap::new(),
+                |mut m, f| {
+                    *m.entry(f.to_string()).or_insert(0) += 1;
+                    m
+                },
+            ),
             counters: st.counters,
         }
     }
 
-    /// Claim a VM: the oldest ready one at once (a hit), else a new one
-    /// created on demand within the limits (a miss), else wait in a bounded
-    /// queue until `claim_timeout`.
+    /// Claim a VM for a general call: the oldest ready one fit for anyone
+    /// at once (a hit), else a new one created on demand within the limits
+    /// (a miss), else one taken from a function's warm set and fully reset,
+    /// else wait in a bounded queue until `claim_timeout`.
     pub async fn claim(&self) -> Result<Lease<B>, PoolError> {
+        self.claim_as(None).await
+    }
+
+    /// Claim a VM for a call of `function`: one of its own warm set first
+    /// (scrubbed after serving it), else as [`Pool::claim`]. The lease
+    /// returns the VM to that warm set after a scrub.
+    pub async fn claim_for(&self, function: &str) -> Result<Lease<B>, PoolError> {
+        self.claim_as(Some(Arc::from(function))).await
+    }
+
+    async fn claim_as(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
         let deadline = started + self.inner.cfg.claim_timeout;
         self.inner.lock().rates.record(started);
@@ -297,11 +353,29 @@ impl<B: Backend> Pool<B> {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.try_claim(queued.is_some(), started) {
-                Ok(Step::Got(lease)) => return Ok(lease),
+            match self.try_claim(queued.is_some(), want.as_deref()) {
+                Ok(Step::Got(r, warm)) => {
+                    return Ok(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, warm, started, want))
+                }
+                Ok(Step::Convert(r)) => {
+                    drop(queued.take());
+                    match self.convert(r).await {
+                        Some(r) => {
+                            return Ok(Lease::new(
+                                Arc::clone(&self.inner),
+                                r.vm,
+                                r.uses,
+                                false,
+                                started,
+                                want,
+                            ))
+                        }
+                        None => continue,
+                    }
+                }
                 Ok(Step::Create) => {
                     drop(queued.take());
-                    return self.create_on_demand().await;
+                    return self.create_on_demand(want).await;
                 }
                 Ok(Step::Wait) => {
                     if queued.is_none() {
@@ -316,9 +390,34 @@ impl<B: Backend> Pool<B> {
         }
     }
 
-    fn try_claim(&self, queued: bool, started: Instant) -> Result<Step<B>, PoolError> {
+    /// Fully reset a VM taken from another function's warm set (counted as
+    /// claimed meanwhile); `None` if that failed and the VM is gone.
+    async fn convert(&self, mut r: ReadyVm<B::Vm>) -> Option<ReadyVm<B::Vm>> {
+        let started = Instant::now();
+        let ok = match self.inner.backend.reset(&mut r.vm).await {
+            Ok(()) => self.inner.backend.healthy(&mut r.vm),
+            Err(e) => {
+                tracing::warn!(vm = B::vm_id(&r.vm), error = %e, "reset of a stolen VM failed; destroying it");
+                false
+            }
+        };
+        self.inner.emit(PoolEvent::Reset { took: started.elapsed(), ok, kind: ResetKind::Full });
+        let mut st = self.inner.lock();
+        if ok {
+            st.counters.resets += 1;
+            r.warm_for = None;
+            return Some(r);
+        }
+        st.counters.reset_failures += 1;
+        st.claimed -= 1;
+        drop(st);
+        self.inner.destroy_later(r.vm);
+        None
+    }
+
+    fn try_claim(&self, queued: bool, want: Option<&str>) -> Result<Step<B>, PoolError> {
         let mut dead = Vec::new();
-        let step = self.try_claim_locked(&mut self.inner.lock(), queued, started, &mut dead);
+        let step = self.try_claim_locked(&mut self.inner.lock(), queued, &mut dead, want);
         // Destroyed outside the lock (destroy_later takes it).
         for vm in dead {
             tracing::warn!(vm = B::vm_id(&vm), "ready VM died; replacing it");
@@ -331,13 +430,14 @@ impl<B: Backend> Pool<B> {
         &self,
         st: &mut State<B::Vm>,
         queued: bool,
-        started: Instant,
         dead: &mut Vec<B::Vm>,
+        want: Option<&str>,
     ) -> Result<Step<B>, PoolError> {
         if st.draining {
             return Err(PoolError::Draining);
         }
-        while let Some(mut r) = st.ready.pop_front() {
+        while let Some(i) = pick_ready(&st.ready, want) {
+            let Some(mut r) = st.ready.remove(i) else { break };
             if !self.inner.backend.healthy(&mut r.vm) {
                 dead.push(r.vm);
                 self.inner.wake_replenisher.notify_one();
@@ -350,12 +450,24 @@ impl<B: Backend> Pool<B> {
                 st.counters.misses += 1;
             }
             self.inner.wake_replenisher.notify_one();
-            return Ok(Step::Got(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, !queued, started)));
+            return Ok(Step::Got(r, !queued));
         }
         if st.total() < self.inner.capacity() {
             st.booting += 1;
             st.counters.misses += 1;
             return Ok(Step::Create);
+        }
+        // Only VMs of other functions' warm sets are ready: take the oldest
+        // (FIFO across the sets) and give it a full reset.
+        if let Some(mut r) = st.ready.pop_front() {
+            if self.inner.backend.healthy(&mut r.vm) {
+                st.claimed += 1;
+                st.counters.misses += 1;
+                st.counters.steals += 1;
+                return Ok(Step::Convert(r));
+            }
+            dead.push(r.vm);
+            return Ok(Step::Wait);
         }
         if !queued {
             if st.waiters >= self.inner.cfg.max_waiters {
@@ -366,7 +478,7 @@ impl<B: Backend> Pool<B> {
         Ok(Step::Wait)
     }
 
-    async fn create_on_demand(&self) -> Result<Lease<B>, PoolError> {
+    async fn create_on_demand(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
         let created = self.inner.backend.create().await;
         self.inner.emit(PoolEvent::Created { took: started.elapsed(), ok: created.is_ok() });
@@ -381,7 +493,7 @@ impl<B: Backend> Pool<B> {
                     return Err(PoolError::Draining);
                 }
                 st.claimed += 1;
-                Ok(Lease::new(Arc::clone(&self.inner), vm, 0, false, started))
+                Ok(Lease::new(Arc::clone(&self.inner), vm, 0, false, started, want))
             }
             Err(e) => {
                 st.counters.create_failures += 1;
@@ -448,7 +560,10 @@ impl<B: Backend> Drop for WaiterGuard<'_, B> {
 }
 
 enum Step<B: Backend> {
-    Got(Lease<B>),
+    /// A ready VM that fits, and whether the claim waited for nothing.
+    Got(ReadyVm<B::Vm>, bool),
+    /// A VM of another function's warm set, to be fully reset first.
+    Convert(ReadyVm<B::Vm>),
     Create,
     Wait,
 }

@@ -9,6 +9,9 @@ use crate::config::{ReplenishMode, ResetMode};
 use crate::pool::{Backend, PoolError};
 use crate::vm::{Template, Vm, VmHost};
 
+/// A scrub that takes longer than this is given up (a full reset follows).
+const SCRUB_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The snapshot every pool VM returns to.
 pub const CLEAN_SNAPSHOT: &str = "ember-clean";
 
@@ -37,6 +40,8 @@ pub struct BackendTimings {
     pub rollback: Vec<Duration>,
     /// Making a VM's writable disk (copy or clone), part of create.
     pub disk: Vec<Duration>,
+    /// In-guest scrubs between calls of one function.
+    pub scrub: Vec<Duration>,
 }
 
 impl VmBackend {
@@ -245,6 +250,23 @@ impl Backend for VmBackend {
             }
             Ok(Err(e)) => Err(fail(e.to_string())),
             Err(_) => Err(fail(format!("no answer within {:?}", self.reset_timeout))),
+        }
+    }
+
+    fn scrubs(&self) -> bool {
+        self.recycles()
+    }
+
+    async fn scrub(&self, vm: &mut Vm) -> Result<(), PoolError> {
+        let fail = |reason: String| PoolError::Reset { vm: vm.id().to_string(), reason };
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(SCRUB_TIMEOUT, vm.agent().scrub()).await {
+            Ok(Ok(())) => {
+                self.record(|t| t.scrub.push(started.elapsed()));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(fail(format!("scrub: {e}"))),
+            Err(_) => Err(fail(format!("scrub: no answer within {SCRUB_TIMEOUT:?}"))),
         }
     }
 

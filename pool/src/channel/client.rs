@@ -196,6 +196,10 @@ impl AgentClient {
         self.call_ok(RequestBody::Reset {}).await
     }
 
+    pub async fn scrub(&self) -> Result<(), AgentError> {
+        self.call_ok(RequestBody::Scrub {}).await
+    }
+
     pub async fn detach_scratch(&self) -> Result<(), AgentError> {
         self.call_ok(RequestBody::DetachScratch {}).await
     }

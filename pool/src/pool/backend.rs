@@ -18,6 +18,15 @@ pub trait Backend: Send + Sync + 'static {
     /// the VM is destroyed and replaced.
     fn reset(&self, vm: &mut Self::Vm) -> impl Future<Output = Result<(), PoolError>> + Send;
 
+    /// Whether a used VM may be scrubbed (the in-guest reset) to serve the
+    /// same function again.
+    fn scrubs(&self) -> bool;
+
+    /// The cheap reset between calls of one function: kill the user's
+    /// processes and empty the writable places, leaving the VM's own state
+    /// (and its warm caches) alone. An error means a full reset is needed.
+    fn scrub(&self, vm: &mut Self::Vm) -> impl Future<Output = Result<(), PoolError>> + Send;
+
     /// Remove the VM and everything it owns.
     fn destroy(&self, vm: Self::Vm) -> impl Future<Output = ()> + Send;
 

@@ -14,6 +14,8 @@ pub struct FakeState {
     pub fail_creates: AtomicU32,
     pub fail_resets: AtomicU32,
     pub resets: AtomicU64,
+    pub fail_scrubs: AtomicU32,
+    pub scrubs: AtomicU64,
     alive: Mutex<HashSet<String>>,
 }
 
@@ -23,6 +25,7 @@ pub struct FakeBackend {
     pub create_delay: Duration,
     pub reset_delay: Duration,
     pub recycles: bool,
+    pub scrub_delay: Duration,
 }
 
 #[derive(Debug)]
@@ -30,12 +33,20 @@ pub struct FakeVm {
     pub id: String,
     /// Set by a user of the VM; a reset must clear it.
     pub dirty: bool,
+    /// Whom the VM served since its last full reset (a scrub keeps it).
+    pub served: Vec<String>,
     pub dead: Arc<AtomicBool>,
 }
 
 impl FakeBackend {
     pub fn new(create_delay: Duration, reset_delay: Duration) -> Self {
-        Self { state: Arc::default(), create_delay, reset_delay, recycles: true }
+        Self {
+            state: Arc::default(),
+            create_delay,
+            reset_delay,
+            recycles: true,
+            scrub_delay: reset_delay / 10,
+        }
     }
 
     /// VMs created and not yet destroyed.
@@ -60,7 +71,7 @@ impl Backend for FakeBackend {
         }
         let id = format!("fake-{}", self.state.next_id.fetch_add(1, Ordering::SeqCst));
         self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone());
-        Ok(FakeVm { id, dirty: false, dead: Arc::default() })
+        Ok(FakeVm { id, dirty: false, served: Vec::new(), dead: Arc::default() })
     }
 
     fn recycles(&self) -> bool {
@@ -74,6 +85,23 @@ impl Backend for FakeBackend {
         if fail > 0 {
             self.state.fail_resets.store(fail - 1, Ordering::SeqCst);
             return Err(PoolError::Reset { vm: vm.id.clone(), reason: "injected failure".into() });
+        }
+        vm.dirty = false;
+        vm.served.clear();
+        Ok(())
+    }
+
+    fn scrubs(&self) -> bool {
+        self.recycles
+    }
+
+    async fn scrub(&self, vm: &mut FakeVm) -> Result<(), PoolError> {
+        tokio::time::sleep(self.scrub_delay).await;
+        self.state.scrubs.fetch_add(1, Ordering::SeqCst);
+        let fail = self.state.fail_scrubs.load(Ordering::SeqCst);
+        if fail > 0 {
+            self.state.fail_scrubs.store(fail - 1, Ordering::SeqCst);
+            return Err(PoolError::Reset { vm: vm.id.clone(), reason: "injected scrub failure".into() });
         }
         vm.dirty = false;
         Ok(())

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Backend, Inner, ReadyVm};
+use super::{Backend, Inner, ReadyVm, ResetKind};
+use crate::config::RunReset;
 
 pub struct Lease<B: Backend> {
     inner: Arc<Inner<B>>,
@@ -17,6 +18,9 @@ pub struct Lease<B: Backend> {
     claimed_at: Instant,
     /// How long the claim took (the caller's wait).
     claim_wait: std::time::Duration,
+    /// The function this lease serves: its VM returns to that function's
+    /// warm set after a scrub.
+    function: Option<Arc<str>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Lease<B> {
@@ -27,9 +31,27 @@ impl<B: Backend> std::fmt::Debug for Lease<B> {
 }
 
 impl<B: Backend> Lease<B> {
-    pub(super) fn new(inner: Arc<Inner<B>>, vm: B::Vm, uses: u32, warm: bool, started: Instant) -> Self {
+    pub(super) fn new(
+        inner: Arc<Inner<B>>,
+        vm: B::Vm,
+        uses: u32,
+        warm: bool,
+        started: Instant,
+        function: Option<Arc<str>>,
+    ) -> Self {
         let now = Instant::now();
-        Self { inner, vm: Some(vm), uses, warm, claimed_at: now, claim_wait: now - started }
+        Self { inner, vm: Some(vm), uses, warm, claimed_at: now, claim_wait: now - started, function }
+    }
+
+    fn returned(&mut self, discard: bool) -> Option<Returned<B::Vm>> {
+        let vm = self.vm.take()?;
+        Some(Returned {
+            vm,
+            uses: self.uses + 1,
+            claimed_at: self.claimed_at,
+            discard,
+            function: self.function.take(),
+        })
     }
 
     /// Whether the VM was ready when claimed (no boot waited for).
@@ -43,15 +65,15 @@ impl<B: Backend> Lease<B> {
 
     /// Return the VM and wait until it is reset (or destroyed).
     pub async fn release(mut self) {
-        if let Some(vm) = self.vm.take() {
-            recycle(Arc::clone(&self.inner), vm, self.uses + 1, self.claimed_at, false).await;
+        if let Some(r) = self.returned(false) {
+            recycle(Arc::clone(&self.inner), r).await;
         }
     }
 
     /// The VM is not to be reused (it misbehaved): destroy it.
     pub async fn discard(mut self) {
-        if let Some(vm) = self.vm.take() {
-            recycle(Arc::clone(&self.inner), vm, self.uses + 1, self.claimed_at, true).await;
+        if let Some(r) = self.returned(true) {
+            recycle(Arc::clone(&self.inner), r).await;
         }
     }
 
@@ -87,32 +109,53 @@ impl<B: Backend> DerefMut for Lease<B> {
 
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {
-        let Some(vm) = self.vm.take() else { return };
+        let Some(r) = self.returned(false) else { return };
         let inner = Arc::clone(&self.inner);
-        let (uses, at) = (self.uses + 1, self.claimed_at);
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
-                h.spawn(recycle(inner, vm, uses, at, false));
+                h.spawn(recycle(inner, r));
             }
             Err(_) => {
                 // No runtime (process exit): the backend's own drop cleans up.
                 let mut st = inner.lock();
                 st.claimed -= 1;
                 drop(st);
-                drop(vm);
+                drop(r);
             }
         }
     }
 }
 
+/// A VM coming back from a lease.
+pub(super) struct Returned<V> {
+    pub(super) vm: V,
+    pub(super) uses: u32,
+    pub(super) claimed_at: Instant,
+    /// Not to be reused (it misbehaved).
+    pub(super) discard: bool,
+    /// The function it served, if any.
+    pub(super) function: Option<Arc<str>>,
+}
+
+/// Which reset a returned VM gets and which warm set it then joins: a VM
+/// that served a function is scrubbed back into that function's set; one
+/// that served a general call gets the full reset (or, where the operator
+/// chose `run_reset = "scrub"`, a scrub back into the general set).
+pub(super) fn reset_plan(
+    function: Option<&Arc<str>>,
+    run_reset: RunReset,
+    scrubs: bool,
+) -> (ResetKind, Option<Arc<str>>) {
+    match function {
+        Some(f) if scrubs => (ResetKind::Scrub, Some(Arc::clone(f))),
+        None if scrubs && run_reset == RunReset::Scrub => (ResetKind::Scrub, None),
+        _ => (ResetKind::Full, None),
+    }
+}
+
 /// Reset a used VM and put it back, or destroy it.
-pub(super) async fn recycle<B: Backend>(
-    inner: Arc<Inner<B>>,
-    mut vm: B::Vm,
-    uses: u32,
-    claimed_at: Instant,
-    discard: bool,
-) {
+pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>) {
+    let Returned { mut vm, uses, claimed_at, discard, function } = r;
     let draining = {
         let mut st = inner.lock();
         st.claimed -= 1;
@@ -121,16 +164,44 @@ pub(super) async fn recycle<B: Backend>(
     };
     let reuse =
         !discard && !draining && inner.cfg.enabled && inner.backend.recycles() && uses < inner.cfg.max_uses;
+    let (mut kind, mut warm_for) = reset_plan(function.as_ref(), inner.cfg.run_reset, inner.backend.scrubs());
     let clean = if reuse {
-        let started = Instant::now();
-        let ok = match inner.backend.reset(&mut vm).await {
-            Ok(()) => inner.backend.healthy(&mut vm),
-            Err(e) => {
-                tracing::warn!(vm = B::vm_id(&vm), error = %e, "reset failed; destroying the VM");
-                false
+        let mut ok = false;
+        if kind == ResetKind::Scrub {
+            let started = Instant::now();
+            ok = match inner.backend.scrub(&mut vm).await {
+                Ok(()) => inner.backend.healthy(&mut vm),
+                Err(e) => {
+                    tracing::info!(vm = B::vm_id(&vm), error = %e, "scrub failed; a full reset follows");
+                    false
+                }
+            };
+            inner.emit(super::PoolEvent::Reset { took: started.elapsed(), ok, kind });
+            let mut st = inner.lock();
+            if ok {
+                st.counters.scrubs += 1;
+            } else {
+                st.counters.scrub_failures += 1;
+                (kind, warm_for) = (ResetKind::Full, None);
             }
-        };
-        inner.emit(super::PoolEvent::Reset { took: started.elapsed(), ok });
+        }
+        if kind == ResetKind::Full {
+            let started = Instant::now();
+            ok = match inner.backend.reset(&mut vm).await {
+                Ok(()) => inner.backend.healthy(&mut vm),
+                Err(e) => {
+                    tracing::warn!(vm = B::vm_id(&vm), error = %e, "reset failed; destroying the VM");
+                    false
+                }
+            };
+            inner.emit(super::PoolEvent::Reset { took: started.elapsed(), ok, kind });
+            let mut st = inner.lock();
+            if ok {
+                st.counters.resets += 1;
+            } else {
+                st.counters.reset_failures += 1;
+            }
+        }
         ok
     } else {
         false
@@ -139,18 +210,14 @@ pub(super) async fn recycle<B: Backend>(
     // Back to the ready set, unless it must go (dirty, or the pool drains).
     let doomed = if clean {
         let mut st = inner.lock();
-        st.counters.resets += 1;
         if st.draining {
             Some(vm)
         } else {
             st.resetting -= 1;
-            st.ready.push_back(ReadyVm { vm, uses });
+            st.ready.push_back(ReadyVm { vm, uses, warm_for });
             None
         }
     } else {
-        if reuse {
-            inner.lock().counters.reset_failures += 1;
-        }
         Some(vm)
     };
     if let Some(vm) = doomed {
@@ -164,5 +231,28 @@ pub(super) async fn recycle<B: Backend>(
     let idle = inner.lock().is_idle();
     if idle {
         inner.idle.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_reset_a_returned_vm_gets() {
+        let f: Arc<str> = Arc::from("json-stats");
+        let table = [
+            // (function, run_reset, backend scrubs) -> (kind, warm set)
+            (Some(&f), RunReset::Full, true, ResetKind::Scrub, Some("json-stats")),
+            (Some(&f), RunReset::Scrub, true, ResetKind::Scrub, Some("json-stats")),
+            (Some(&f), RunReset::Full, false, ResetKind::Full, None),
+            (None, RunReset::Full, true, ResetKind::Full, None),
+            (None, RunReset::Scrub, true, ResetKind::Scrub, None),
+            (None, RunReset::Scrub, false, ResetKind::Full, None),
+        ];
+        for (func, run, scrubs, kind, set) in table {
+            let (k, s) = reset_plan(func, run, scrubs);
+            assert_eq!((k, s.as_deref()), (kind, set), "{func:?} {run:?} {scrubs}");
+        }
     }
 }

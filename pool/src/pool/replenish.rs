@@ -131,7 +131,7 @@ async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
                 if st.draining {
                     Some(vm)
                 } else {
-                    st.ready.push_back(ReadyVm { vm, uses: 0 });
+                    st.ready.push_back(ReadyVm { vm, uses: 0, warm_for: None });
                     None
                 }
             }

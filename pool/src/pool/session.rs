@@ -125,7 +125,7 @@ impl<B: Backend> Pool<B> {
             // hand our VM back for reset.
             st.claimed += 1;
             drop(st);
-            tokio::spawn(lease::recycle(Arc::clone(&self.inner), vm, 1, claimed_at, false));
+            tokio::spawn(lease::recycle(Arc::clone(&self.inner), returned(vm, claimed_at)));
             return Ok(other);
         }
         if st.sessions.len() >= self.inner.cfg.max_sessions || st.draining {
@@ -136,7 +136,7 @@ impl<B: Backend> Pool<B> {
             };
             st.claimed += 1;
             drop(st);
-            tokio::spawn(lease::recycle(Arc::clone(&self.inner), vm, 1, claimed_at, false));
+            tokio::spawn(lease::recycle(Arc::clone(&self.inner), returned(vm, claimed_at)));
             return Err(err);
         }
         let now = Instant::now();
@@ -193,6 +193,11 @@ impl<B: Backend> Pool<B> {
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
     }
+}
+
+/// A VM a session claimed but did not keep, on its way back.
+fn returned<V>(vm: V, claimed_at: Instant) -> lease::Returned<V> {
+    lease::Returned { vm, uses: 1, claimed_at, discard: false, function: None }
 }
 
 /// End sessions idle for longer than their TTL.

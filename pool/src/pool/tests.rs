@@ -364,6 +364,90 @@ async fn create_failures_back_off_and_recover() {
 
 #[test]
 fn fake_vm_is_debug() {
-    let vm = FakeVm { id: "x".into(), dirty: false, dead: Default::default() };
+    let vm = FakeVm { id: "x".into(), dirty: false, served: Vec::new(), dead: Default::default() };
     assert!(format!("{vm:?}").contains('x'));
+}
+
+/// Claim for `f` (or a general call), mark the VM as having served it,
+/// and check it served nobody else since its last full reset.
+async fn serve(pool: &Pool<FakeBackend>, f: Option<&str>) -> String {
+    let mut l = match f {
+        Some(f) => pool.claim_for(f).await.unwrap(),
+        None => pool.claim().await.unwrap(),
+    };
+    let me = f.unwrap_or("/v1/run").to_string();
+    assert!(l.served.iter().all(|s| *s == me && f.is_some()), "{} served {:?} before {me}", l.id, l.served);
+    assert!(!l.dirty, "{} is dirty", l.id);
+    l.served.push(me);
+    l.dirty = true;
+    let id = l.id.clone();
+    l.release().await;
+    id
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_function_reuses_its_scrubbed_vm_and_nobody_else_gets_it_unreset() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "2 ready", |s| s.ready == 2).await;
+    let first = serve(&pool, Some("f")).await;
+    assert_eq!(pool.status().warm_sets.get("f"), Some(&1));
+    // The same function gets the same VM back, scrubbed, not reset.
+    let resets = pool.backend().state.resets.load(Ordering::SeqCst);
+    assert_eq!(serve(&pool, Some("f")).await, first);
+    assert_eq!(serve(&pool, Some("f")).await, first);
+    assert_eq!(pool.backend().state.resets.load(Ordering::SeqCst), resets, "scrubs only");
+    assert_eq!(pool.status().counters.scrubs, 3);
+    // Another function and a general call take the VM fit for anyone.
+    let other = serve(&pool, Some("g")).await;
+    assert_ne!(other, first);
+    let general = serve(&pool, None).await;
+    assert_ne!(general, first, "a general call never gets f's scrubbed VM while another is ready");
+    // serve() asserted that no VM served two parties between full resets.
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_only_other_sets_are_ready_the_oldest_is_fully_reset_first() {
+    let cfg = PoolConfig { min_size: 2, max_size: 2, ..cfg() };
+    let pool = Pool::start(backend(), cfg, 256);
+    until(&pool, "2 ready", |s| s.ready == 2).await;
+    let (a, b) = (pool.claim_for("f").await.unwrap(), pool.claim_for("g").await.unwrap());
+    let (a_id, b_id) = (a.id.clone(), b.id.clone());
+    a.release().await;
+    b.release().await;
+    assert_eq!(pool.status().warm_sets.len(), 2);
+    let resets = pool.backend().state.resets.load(Ordering::SeqCst);
+    // At max_size with no general VM: the oldest set's VM (f's) is taken.
+    assert_eq!(serve(&pool, None).await, a_id);
+    assert_eq!(pool.status().counters.steals, 1);
+    // The steal reset it, and so did the general call's release.
+    assert_eq!(pool.backend().state.resets.load(Ordering::SeqCst), resets + 2);
+    assert_eq!(serve(&pool, Some("h")).await, a_id, "the general VM, not g's");
+    assert_eq!(serve(&pool, Some("g")).await, b_id, "g keeps its own");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_scrub_escalates_to_a_full_reset() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    until(&pool, "2 ready", |s| s.ready == 2).await;
+    pool.backend().state.fail_scrubs.store(1, Ordering::SeqCst);
+    let resets = pool.backend().state.resets.load(Ordering::SeqCst);
+    let id = serve(&pool, Some("f")).await;
+    let st = pool.status();
+    assert_eq!((st.counters.scrub_failures, st.counters.scrubs), (1, 0));
+    assert_eq!(pool.backend().state.resets.load(Ordering::SeqCst), resets + 1);
+    assert!(st.warm_sets.is_empty(), "after a full reset it is fit for anyone: {st:?}");
+    assert!(pool.backend().is_alive(&id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_reset_scrub_scrubs_general_calls_too() {
+    let cfg = PoolConfig { run_reset: crate::config::RunReset::Scrub, ..cfg() };
+    let pool = Pool::start(backend(), cfg, 256);
+    until(&pool, "2 ready", |s| s.ready == 2).await;
+    let resets = pool.backend().state.resets.load(Ordering::SeqCst);
+    let l = pool.claim().await.unwrap();
+    l.release().await;
+    assert_eq!(pool.backend().state.resets.load(Ordering::SeqCst), resets);
+    assert_eq!(pool.status().counters.scrubs, 1);
+    assert!(pool.status().warm_sets.is_empty());
 }
