@@ -31,6 +31,7 @@ pub struct Log {
     pub files: BTreeMap<String, Vec<u8>>,
     pub cancels: u64,
     pub resets: u64,
+    pub scrubs: u64,
     pub alive: u64,
 }
 
@@ -86,6 +87,15 @@ impl Backend for FakeAgents {
 
     async fn reset(&self, _vm: &mut FakeVm) -> Result<(), PoolError> {
         self.log().resets += 1;
+        Ok(())
+    }
+
+    fn scrubs(&self) -> bool {
+        true
+    }
+
+    async fn scrub(&self, _vm: &mut FakeVm) -> Result<(), PoolError> {
+        self.log().scrubs += 1;
         Ok(())
     }
 

@@ -503,10 +503,19 @@ async fn functions_are_listed_and_run_with_the_body_as_input() {
     assert_eq!(list["functions"][0]["timeout_ms"], 9000);
     let a = f.send(Request::post("/v1/functions/shout").body(Body::from("hey")).unwrap()).await;
     assert_eq!(a.status, 200);
-    let log = f.agents.log();
-    let e = log.execs.last().unwrap();
-    assert_eq!((e.stdin.as_slice(), e.timeout_ms), (&b"hey"[..], 9000));
-    assert_eq!(log.files["main.sh"], b"tr a-z A-Z");
+    {
+        let log = f.agents.log();
+        let e = log.execs.last().unwrap();
+        assert_eq!((e.stdin.as_slice(), e.timeout_ms), (&b"hey"[..], 9000));
+        assert_eq!(log.files["main.sh"], b"tr a-z A-Z");
+    }
+    // A function's VM is scrubbed back into its warm set, not fully reset;
+    // a general call's VM gets the full reset.
+    f.wait_for("scrub", |l| l.scrubs == 1 && l.resets == 0).await;
+    let pool = f.get("/v1/pool").await.json();
+    assert_eq!(pool["warm_sets"]["shout"], 1, "{pool}");
+    assert_eq!(f.post_json("/v1/run", json!({"cmd": "echo hi"})).await.status, 200);
+    f.wait_for("reset", |l| l.resets == 1).await;
 }
 
 /// Every route in `openapi.yaml` exists with its methods, and no route is
