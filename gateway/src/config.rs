@@ -44,6 +44,8 @@ pub struct RawLimits {
     pub max_timeout: Option<Duration>,
     pub max_concurrent_requests: Option<usize>,
     pub max_pids: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_queue_wait: Option<Duration>,
 }
 
 /// Where the gateway listens and what it serves.
@@ -71,6 +73,9 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Tasks one command may have in its cgroup (fork-bomb guard).
     pub max_pids: u32,
+    /// A call that would wait longer than this for a VM is answered 429
+    /// with `Retry-After` at once (admission by capacity).
+    pub max_queue_wait: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -92,6 +97,7 @@ impl Default for Limits {
             max_timeout: Duration::from_secs(300),
             max_concurrent_requests: 64,
             max_pids: 1024,
+            max_queue_wait: Duration::from_secs(2),
         }
     }
 }
@@ -141,6 +147,7 @@ impl RawConfig {
             max_timeout: l.max_timeout.unwrap_or(d.max_timeout),
             max_concurrent_requests: l.max_concurrent_requests.unwrap_or(d.max_concurrent_requests),
             max_pids: l.max_pids.unwrap_or(d.max_pids),
+            max_queue_wait: l.max_queue_wait.unwrap_or(d.max_queue_wait),
         };
         if limits.max_body_bytes == 0 {
             problems.push("limits.max_body_bytes must be at least 1".into());
@@ -173,7 +180,11 @@ impl RawConfig {
             problems.push("limits.max_pids must be at least 8".into());
         }
         match pool_vm {
-            Some(pv) if problems.is_empty() => Ok(Config { pool: pv.pool, vm: pv.vm, gateway, limits }),
+            Some(pv) if problems.is_empty() => {
+                let pool =
+                    ember_pool::config::PoolConfig { max_queue_wait: Some(limits.max_queue_wait), ..pv.pool };
+                Ok(Config { pool, vm: pv.vm, gateway, limits })
+            }
             _ => Err(problems),
         }
     }
@@ -224,6 +235,7 @@ mod tests {
             max_timeout = "1m"
             max_concurrent_requests = 3
             max_pids = 64
+            max_queue_wait = "750ms"
             [pool]
             max_size = 4
             [pool.sessions]
@@ -240,9 +252,11 @@ mod tests {
                 max_timeout: Duration::from_secs(60),
                 max_concurrent_requests: 3,
                 max_pids: 64,
+                max_queue_wait: Duration::from_millis(750),
             }
         );
         assert_eq!((c.pool.max_size, c.pool.max_sessions), (4, 2));
+        assert_eq!(c.pool.max_queue_wait, Some(Duration::from_millis(750)), "the pool admits by it");
     }
 
     #[test]

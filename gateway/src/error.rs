@@ -83,7 +83,11 @@ impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> Self {
         let msg = e.to_string();
         match e {
-            PoolError::Exhausted { .. } => Self::busy("pool_exhausted", msg, 1),
+            PoolError::Exhausted { retry_after, .. } => {
+                // Whole seconds, rounded up, at least one.
+                let secs = u32::try_from(retry_after.as_millis().div_ceil(1000)).unwrap_or(u32::MAX).max(1);
+                Self::busy("pool_exhausted", msg, secs)
+            }
             PoolError::SessionLimit { .. } => Self::busy("session_limit", msg, 5),
             PoolError::Draining => Self::draining(),
             PoolError::SessionLost { .. } => Self::new(StatusCode::GONE, "session_lost", msg),
@@ -102,7 +106,17 @@ mod tests {
     #[test]
     fn pool_errors_map_to_their_statuses() {
         let cases = [
-            (PoolError::Exhausted { in_use: 1, booting: 0, limit: 1, waited: Duration::ZERO }, 429, Some(1)),
+            (
+                PoolError::Exhausted {
+                    in_use: 1,
+                    booting: 0,
+                    limit: 1,
+                    waited: Duration::ZERO,
+                    retry_after: Duration::from_millis(2100),
+                },
+                429,
+                Some(3),
+            ),
             (PoolError::SessionLimit { limit: 2 }, 429, Some(5)),
             (PoolError::Draining, 503, Some(5)),
             (PoolError::SessionLost { key: "k".into(), reason: "r".into() }, 410, None),

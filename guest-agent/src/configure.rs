@@ -6,6 +6,17 @@ use ember_wire::{Configure, ErrorCode, ErrorReply};
 
 use crate::Agent;
 
+const MAX_ENTROPY: usize = 512;
+
+/// Mix `bytes` into the kernel's input pool (a write to /dev/urandom
+/// credits nothing but is mixed in) and reseed the generator from it.
+fn reseed(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    f.write_all(bytes)?;
+    crate::sys::reseed_crng(&f)
+}
+
 pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> {
     let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
     if let Some(name) = &cfg.hostname {
@@ -31,6 +42,12 @@ pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> 
         }
     }
 
+    if cfg.entropy.len() > MAX_ENTROPY {
+        return Err(bad(format!("at most {MAX_ENTROPY} bytes of entropy")));
+    }
+    if !cfg.entropy.is_empty() {
+        reseed(&cfg.entropy).map_err(|e| internal(format!("reseeding the random generator: {e}")))?;
+    }
     if let Some(ms) = cfg.clock_unix_ms {
         let ts = nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
         nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)

@@ -49,3 +49,16 @@ pub fn async_file(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {
     // returns that same descriptor.
     unsafe { tokio::io::unix::AsyncFd::register(file) }.map_err(io::Error::from)
 }
+
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`): reseed the kernel's generator from
+/// its input pool now. Needs CAP_SYS_ADMIN (the agent is root).
+pub fn reseed_crng(random_dev: &File) -> io::Result<()> {
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: an ioctl without an argument on a descriptor we own and keep
+    // open for the call; the kernel reads and writes no user memory for it.
+    let rc = unsafe { libc::ioctl(random_dev.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

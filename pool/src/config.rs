@@ -166,6 +166,11 @@ pub struct PoolConfig {
     pub replenish: ReplenishMode,
     pub max_uses: u32,
     pub claim_timeout: Duration,
+    /// Admission by capacity: a claim that would wait longer than this for
+    /// a VM (at the measured service rate) is refused at once, and queued
+    /// claims give up after it. `None`: wait up to `claim_timeout`. The
+    /// gateway sets it from `limits.max_queue_wait`.
+    pub max_queue_wait: Option<Duration>,
     pub max_waiters: usize,
     pub replenish_concurrency: usize,
     pub sizer_interval: Duration,
@@ -188,6 +193,7 @@ impl Default for PoolConfig {
             replenish: ReplenishMode::Auto,
             max_uses: 100,
             claim_timeout: Duration::from_secs(10),
+            max_queue_wait: None,
             max_waiters: 64,
             replenish_concurrency: 2,
             sizer_interval: Duration::from_secs(1),
@@ -255,6 +261,7 @@ impl RawConfig {
             replenish: p.replenish.unwrap_or(d.replenish),
             max_uses: p.max_uses.unwrap_or(d.max_uses),
             claim_timeout: p.claim_timeout.unwrap_or(d.claim_timeout),
+            max_queue_wait: d.max_queue_wait,
             max_waiters: p.max_waiters.unwrap_or(d.max_waiters),
             replenish_concurrency: p.replenish_concurrency.unwrap_or(d.replenish_concurrency),
             sizer_interval: p.sizer_interval.unwrap_or(d.sizer_interval),

@@ -30,8 +30,11 @@ use crate::sizer::{RateEstimator, SizerState};
 pub enum PoolError {
     /// Every VM is in use, the pool is at its limits and the wait queue is
     /// full or the claim waited too long. The gateway answers 429.
-    #[error("pool exhausted: {in_use} VMs in use, {booting} booting (limit {limit}), waited {waited:?}")]
-    Exhausted { in_use: usize, booting: usize, limit: usize, waited: Duration },
+    #[error(
+        "pool exhausted: {in_use} VMs in use, {booting} booting (limit {limit}), waited {waited:?}; \
+         a VM is expected to be free in {retry_after:?}"
+    )]
+    Exhausted { in_use: usize, booting: usize, limit: usize, waited: Duration, retry_after: Duration },
     /// The pool is shutting down. The gateway answers 503.
     #[error("pool is draining")]
     Draining,
@@ -92,6 +95,9 @@ pub struct PoolCounters {
     pub scrub_failures: u64,
     /// VMs taken from another function's warm set (full reset first).
     pub steals: u64,
+    /// Claims refused at once because they would have waited longer than
+    /// `max_queue_wait` (also counted in `exhausted`).
+    pub refused_by_capacity: u64,
 }
 
 /// A point-in-time view of the pool.
@@ -109,6 +115,11 @@ pub struct PoolStatus {
     pub rate_long: f64,
     /// Ready VMs per function warm set (VMs scrubbed after serving it).
     pub warm_sets: BTreeMap<String, usize>,
+    /// VMs per second coming back to the ready set now (Little's law over
+    /// the VMs in service and the time one spends away).
+    pub service_rate: f64,
+    /// Seconds the next queued claim can expect to wait.
+    pub queue_wait_secs: f64,
     pub counters: PoolCounters,
 }
 
@@ -118,6 +129,23 @@ struct ReadyVm<V> {
     /// The function whose warm set holds it (scrubbed after serving it);
     /// `None`: fully reset (or fresh), fit for any caller.
     warm_for: Option<Arc<str>>,
+}
+
+/// Assumed time a VM spends away from the ready set before one was measured.
+const INITIAL_CYCLE_SECS: f64 = 1.0;
+
+/// VMs per second that come back to the ready set now: the VMs in use,
+/// resetting or booting, over the time one spends away (Little's law).
+fn service_rate<V>(st: &State<V>) -> f64 {
+    let cycle = if st.out_of_pool_secs > 0.0 { st.out_of_pool_secs } else { INITIAL_CYCLE_SECS };
+    let in_service = (st.claimed + st.resetting + st.booting).max(1);
+    in_service as f64 / cycle
+}
+
+/// How long the claim at queue position `position` (1 = next) can expect to
+/// wait for a VM at the current service rate.
+fn expected_wait<V>(st: &State<V>, position: usize) -> Duration {
+    Duration::from_secs_f64((position as f64 / service_rate(st)).min(3600.0))
 }
 
 /// Where a claim should look first: the caller's function's warm set, else
@@ -196,7 +224,8 @@ impl<B: Backend> Inner<B> {
     fn exhausted(&self, st: &mut State<B::Vm>, waited: Duration) -> PoolError {
         st.counters.exhausted += 1;
         let in_use = st.claimed + st.resetting + st.sessions.len();
-        PoolError::Exhausted { in_use, booting: st.booting, limit: self.capacity(), waited }
+        let retry_after = expected_wait(st, st.waiters + 1);
+        PoolError::Exhausted { in_use, booting: st.booting, limit: self.capacity(), waited, retry_after }
     }
 
     fn emit(&self, event: PoolEvent) {
@@ -315,6 +344,12 @@ impl<B: Backend> Pool<B> {
             draining: st.draining,
             rate_short: rates.short,
             rate_long: rates.long,
+            service_rate: service_rate(&st),
+            queue_wait_secs: if st.ready.is_empty() && st.waiters > 0 {
+                expected_wait(&st, st.waiters + 1).as_secs_f64()
+            } else {
+                0.0
+            },
             warm_sets: st.ready.iter().filter_map(|r| r.warm_for.as_deref()).fold(
                 BTreeMap::new(),
                 |mut m, f| {
@@ -343,7 +378,8 @@ impl<B: Backend> Pool<B> {
 
     async fn claim_as(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
-        let deadline = started + self.inner.cfg.claim_timeout;
+        let cfg = &self.inner.cfg;
+        let deadline = started + cfg.max_queue_wait.map_or(cfg.claim_timeout, |q| q.min(cfg.claim_timeout));
         self.inner.lock().rates.record(started);
         self.inner.wake_replenisher.notify_one();
         // Counted as a waiter from the first wait until this claim ends,
@@ -472,6 +508,13 @@ impl<B: Backend> Pool<B> {
         if !queued {
             if st.waiters >= self.inner.cfg.max_waiters {
                 return Err(self.inner.exhausted(st, Duration::ZERO));
+            }
+            // Admission by capacity: refuse at once what would wait too long.
+            if let Some(max) = self.inner.cfg.max_queue_wait {
+                if expected_wait(st, st.waiters + 1) > max {
+                    st.counters.refused_by_capacity += 1;
+                    return Err(self.inner.exhausted(st, Duration::ZERO));
+                }
             }
             st.waiters += 1;
         }

@@ -179,7 +179,7 @@ impl Vm {
         self.hmp(&format!("loadvm {tag}")).await?;
         self.reconnect_agent(timeout).await?;
         // The snapshot's clock is stale by the time since it was saved.
-        self.agent.configure(template::clock_now()).await.map_err(agent_err(self))
+        self.agent.configure(template::after_restore()).await.map_err(agent_err(self))
     }
 
     /// Roll the writable layer back to the clean image under the running VM:
@@ -458,7 +458,7 @@ impl Vm {
         }
         // A restored guest resumes with the template's clock, and a booted
         // one read a one-second RTC while booting slowly: set it precisely.
-        if let Err(e) = agent.configure(template::clock_now()).await {
+        if let Err(e) = agent.configure(template::after_restore()).await {
             return Err(VmError::Agent { vm: parts.id.clone(), source: e });
         }
         let timings = BootTimings {

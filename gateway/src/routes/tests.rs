@@ -413,6 +413,36 @@ async fn a_full_pool_answers_429_with_retry_after() {
     busy.abort();
 }
 
+/// Admission by capacity: with one VM busy for ~1 s a cycle, a call that
+/// would queue past `max_queue_wait` is a 429 at once, with the expected
+/// wait as Retry-After.
+#[tokio::test]
+async fn a_call_that_would_wait_too_long_is_refused_at_once_with_the_expected_wait() {
+    let pool = PoolConfig {
+        min_size: 1,
+        max_size: 1,
+        claim_timeout: Duration::from_secs(30),
+        max_queue_wait: Some(Duration::from_millis(500)),
+        ..pool_config()
+    };
+    let f = fixture_with(Limits::default(), pool, Functions::default());
+    f.wait_until("the VM ready", |s| s.ready == 1).await;
+    let app = f.app.clone();
+    let busy = tokio::spawn(async move {
+        let req = Request::post("/v1/run").body(Body::from(json!({"cmd": "nap 60000"}).to_string())).unwrap();
+        app.oneshot(req).await
+    });
+    f.wait_for("the pool's one VM busy", |l| l.execs.len() == 1).await;
+    let asked = tokio::time::Instant::now();
+    let a = f.post_json("/v1/run", json!({"cmd": "echo x"})).await;
+    assert!(asked.elapsed() < Duration::from_millis(400), "answered before max_queue_wait");
+    assert_eq!(a.error(), (429, "pool_exhausted".into()));
+    assert_eq!(a.headers["retry-after"], "1");
+    let pool = f.get("/v1/pool").await.json();
+    assert_eq!(pool["counters"]["refused_by_capacity"], 1, "{pool}");
+    busy.abort();
+}
+
 #[tokio::test]
 async fn sessions_pin_one_vm_per_key_and_end_on_delete() {
     let pool = PoolConfig { max_sessions: 2, ..pool_config() };

@@ -146,6 +146,12 @@ pub struct Configure {
     /// restored snapshot otherwise resumes with the clock it was saved with.
     #[serde(default)]
     pub clock_unix_ms: Option<u64>,
+    /// Fresh randomness from the host, mixed into the guest's pool before
+    /// its generator is reseeded: a restored snapshot otherwise resumes
+    /// with the generator state it was saved with, so every VM restored
+    /// from it would draw the same "random" numbers.
+    #[serde(default, with = "crate::bytes", skip_serializing_if = "Vec::is_empty")]
+    pub entropy: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -451,3 +451,56 @@ async fn run_reset_scrub_scrubs_general_calls_too() {
     assert_eq!(pool.status().counters.scrubs, 1);
     assert!(pool.status().warm_sets.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn admission_refuses_at_once_what_would_wait_past_max_queue_wait() {
+    let cfg = PoolConfig {
+        min_size: 1,
+        max_size: 1,
+        target_free: 0,
+        max_queue_wait: Some(Duration::from_secs(2)),
+        claim_timeout: Duration::from_secs(10),
+        max_waiters: 16,
+        ..cfg()
+    };
+    let pool = Pool::start(backend(), cfg, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let held = pool.claim().await.unwrap();
+    // One VM in service, ~1 s a cycle (nothing measured yet): the 1st and
+    // 2nd waiters expect 1 s and 2 s and queue; the 3rd would wait 3 s.
+    let (p1, p2) = (pool.clone(), pool.clone());
+    let w1 = tokio::spawn(async move { p1.claim().await.map(|l| l.id.clone()) });
+    let w2 = tokio::spawn(async move { p2.claim().await.map(|l| l.id.clone()) });
+    until(&pool, "two waiters", |s| s.waiters == 2).await;
+    let asked = tokio::time::Instant::now();
+    let err = pool.claim().await.unwrap_err();
+    assert_eq!(asked.elapsed(), Duration::ZERO, "refused at once, not after waiting");
+    let PoolError::Exhausted { retry_after, .. } = err else { panic!("{err}") };
+    assert_eq!(retry_after, Duration::from_secs(3));
+    assert_eq!(pool.status().counters.refused_by_capacity, 1);
+    let st = pool.status();
+    assert!((st.service_rate - 1.0).abs() < 1e-9 && (st.queue_wait_secs - 3.0).abs() < 1e-9, "{st:?}");
+    // The queued ones are served in order once the VM comes back.
+    held.release().await;
+    assert!(w1.await.unwrap().is_ok());
+    drop(w2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_claim_gives_up_after_max_queue_wait_not_claim_timeout() {
+    let cfg = PoolConfig {
+        min_size: 1,
+        max_size: 1,
+        target_free: 0,
+        max_queue_wait: Some(Duration::from_secs(2)),
+        claim_timeout: Duration::from_secs(10),
+        ..cfg()
+    };
+    let pool = Pool::start(backend(), cfg, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let _held = pool.claim().await.unwrap();
+    let asked = tokio::time::Instant::now();
+    let err = pool.claim().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted { .. }), "{err}");
+    assert_eq!(asked.elapsed(), Duration::from_secs(2));
+}

@@ -138,11 +138,14 @@ pub(super) async fn incoming(
     }
 }
 
-/// A `configure` that sets the guest clock to now.
-pub(super) fn clock_now() -> ember_wire::Configure {
+/// The `configure` a restored VM needs: the clock set to now and the
+/// random generator reseeded (both resume as they were saved).
+pub(super) fn after_restore() -> ember_wire::Configure {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    ember_wire::Configure { clock_unix_ms: Some(ms), ..Default::default() }
+    // Two v4 UUIDs: 32 bytes from the host's own generator (getrandom).
+    let entropy = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()].iter().flat_map(|u| *u.as_bytes()).collect();
+    ember_wire::Configure { clock_unix_ms: Some(ms), entropy, ..Default::default() }
 }

@@ -247,6 +247,7 @@ async fn configure_in_one_round_trip(vm: &Vm) -> anyhow::Result<()> {
         }),
         dns: vec!["192.0.2.53".into()],
         clock_unix_ms: Some(1_893_456_000_000), // 2030-01-01T00:00:00Z
+        entropy: vec![7; 32],
     };
     vm.agent().configure(cfg).await?;
     let t: u64 = stdout(vm, "date +%s").await?.trim().parse()?;
@@ -299,16 +300,45 @@ async fn process_names(vm: &Vm) -> anyhow::Result<Vec<String>> {
 /// Everything a user can leave behind, attempted; then the VM is returned
 /// and claimed again, and must look exactly like it did fresh.
 async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
+    pool_leaves_nothing_behind(pool, None).await
+}
+
+/// The same, for calls of one function: the VM is scrubbed back into its
+/// warm set, and the function's next call gets it.
+async fn pool_scrub_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
+    let scrubs = pool.status().counters.scrubs;
+    pool_leaves_nothing_behind(pool, Some("adversary")).await?;
+    ensure_eq!(pool.status().counters.scrubs, scrubs + 1);
+    Ok(())
+}
+
+async fn claim(
+    pool: &VmPool,
+    function: Option<&str>,
+) -> anyhow::Result<ember_pool::pool::Lease<ember_pool::warm::VmBackend>> {
+    Ok(match function {
+        Some(f) => pool.claim_for(f).await?,
+        None => pool.claim().await?,
+    })
+}
+
+async fn pool_leaves_nothing_behind(pool: &VmPool, function: Option<&str>) -> anyhow::Result<()> {
     // Destroy mode replaces the VM; the other modes hand the same one back.
     let same_vm = pool.backend().mode() != ember_pool::config::ResetMode::Destroy;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready >= 1).then_some(()))
         .await
         .is_some());
-    let lease = pool.claim().await?;
+    let lease = claim(pool, function).await?;
     let id = lease.id().to_string();
     let fresh_procs = process_names(&lease).await?;
-    ensure_eq!(fresh_procs, vec!["/usr/sbin/ember-agent".to_string()]);
+    ensure_eq!(
+        fresh_procs,
+        vec![
+            "/usr/bin/python3 /usr/lib/ember/forkserver.py /run/ember-agent/python.sock".to_string(),
+            "/usr/sbin/ember-agent".to_string(),
+        ]
+    );
     let fresh_listing =
         stdout(&lease, "ls -la /tmp /var/tmp /dev/shm ~ | sed 's/ [A-Z][a-z][a-z] .*:.. / /'").await?;
     let mut dirty = sh("echo a > /tmp/a; echo b > ~/b; mkdir -p ~/.hidden && echo c > ~/.hidden/c; \
@@ -341,7 +371,7 @@ async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
             .await
             .is_some());
     }
-    let again = pool.claim().await?;
+    let again = claim(pool, function).await?;
     ensure_eq!(again.id() == id, same_vm);
     let guest: i64 = stdout(&again, "date +%s").await?.trim().parse()?;
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
@@ -358,6 +388,37 @@ async fn pool_reset_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
         "ember\nno-resolv\n"
     );
     again.release().await;
+    Ok(())
+}
+
+/// A VM scrubbed for one function goes back to it; a general call gets
+/// another VM, or the same one only after a full (snapshot) reset.
+async fn pool_a_scrubbed_vm_serves_only_its_function(pool: &VmPool) -> anyhow::Result<()> {
+    let f = pool.claim_for("marker").await?;
+    let id = f.id().to_string();
+    stdout(&f, "echo planted > ~/marker").await?;
+    f.release().await;
+    ensure_eq!(pool.status().warm_sets.get("marker"), Some(&1));
+    let resets = pool.status().counters.resets;
+    let g = pool.claim().await?;
+    let other = g.id() != id;
+    ensure!(other || pool.status().counters.resets > resets, "a general call got the scrubbed VM unreset");
+    ensure_eq!(stdout(&g, "ls ~").await?, "");
+    g.release().await;
+    Ok(())
+}
+
+/// Every snapshot reset resumes the guest's random generator where it was
+/// saved; the reset reseeds it from the host, so two callers in a row never
+/// draw the same bytes.
+async fn pool_snapshot_resets_reseed_the_guest_rng(pool: &VmPool) -> anyhow::Result<()> {
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let l = pool.claim().await?;
+        seen.push((l.id().to_string(), stdout(&l, "head -c 16 /dev/urandom | od -An -tx1").await?));
+        l.release().await;
+    }
+    ensure!(seen[0] != seen[1], "two callers drew the same random bytes: {seen:?}");
     Ok(())
 }
 
@@ -600,6 +661,136 @@ async fn zfs_a_clone_per_vm(pool: &VmPool, parent: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Python script call (the pre-warmed server's path), with its file.
+fn py(code: &str) -> ExecRequest {
+    let mut r = ExecRequest::new(Command::Python(ember_wire::PythonScript {
+        path: "/tmp/.ember/main.py".into(),
+        args: vec!["a1".into()],
+    }));
+    r.files =
+        vec![FileSpec { path: "/tmp/.ember/main.py".into(), content: code.as_bytes().to_vec(), mode: 0o644 }];
+    r.timeout_ms = 20_000;
+    r
+}
+
+async fn run_py(vm: &Vm, code: &str) -> anyhow::Result<ExecOutput> {
+    vm.agent().run(py(code)).await.with_context(|| format!("running python {code:?}"))
+}
+
+/// The pid of the guest's Python fork server.
+async fn fork_server_pid(vm: &Vm) -> anyhow::Result<String> {
+    let s = stdout(
+        vm,
+        "for p in /proc/[0-9]*; do grep -qs forkserver.py $p/cmdline && echo ${p#/proc/}; done; true",
+    )
+    .await?;
+    ensure!(s.lines().count() == 1, "expected one fork server, found {s:?}");
+    Ok(s.trim().to_string())
+}
+
+/// Python calls are forked from the pre-warmed server, confined like any
+/// command (user, cgroup and pids limit, own IPC namespace), with python3's
+/// semantics, and much faster than starting an interpreter.
+async fn python_is_forked_warm_and_confined(vm: &Vm) -> anyhow::Result<()> {
+    let server = fork_server_pid(vm).await?;
+    let who = "import os, sys\n\
+               print(os.getppid(), os.getuid(), os.getgid(), os.getgroups(), __name__, sys.argv[1:])\n\
+               cg = open('/proc/self/cgroup').read().strip().split(':')[-1]\n\
+               print(cg.startswith('/ember/exec-'), open('/sys/fs/cgroup' + cg + '/pids.max').read().strip())\n";
+    let out = run_py(vm, who).await?;
+    ensure!(out.status.code == Some(0), "{:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    ensure_eq!(String::from_utf8(out.stdout)?, format!("{server} 1000 1000 [] __main__ ['a1']\nTrue 1024\n"));
+    // SysV IPC objects live in the call's own namespace and die with it.
+    let ipc = "import ctypes; c = ctypes.CDLL(None); print(c.shmget(0x454d44, 4096, 0o1600) >= 0)";
+    ensure_eq!(run_py(vm, ipc).await?.stdout, b"True\n".to_vec());
+    ensure_eq!(stdout(vm, "cat /proc/sysvipc/shm | wc -l").await?, "1\n");
+    // Exit codes, exceptions, syntax errors, stdin, non-UTF-8 output.
+    ensure_eq!(run_py(vm, "import sys; sys.exit(3)").await?.status.code, Some(3));
+    let e = run_py(vm, "raise KeyError('k')").await?;
+    ensure!(e.status.code == Some(1) && String::from_utf8_lossy(&e.stderr).ends_with("KeyError: 'k'\n"));
+    let e = run_py(vm, "def (:").await?;
+    ensure!(e.status.code == Some(1) && String::from_utf8_lossy(&e.stderr).contains("SyntaxError"));
+    let mut r = py("import sys; print(sys.stdin.read().upper(), end='')");
+    r.stdin = b"shout".to_vec();
+    ensure_eq!(vm.agent().run(r).await?.stdout, b"SHOUT".to_vec());
+    ensure_eq!(
+        run_py(vm, "import sys; sys.stdout.buffer.write(bytes([0xff, 0, 0xfe]))").await?.stdout,
+        vec![0xff, 0, 0xfe]
+    );
+    // The output cap holds.
+    let mut r = py("import sys\nfor _ in range(100): sys.stdout.write('x' * 10000)");
+    r.output_limit = 5000;
+    let out = vm.agent().run(r).await?;
+    ensure!(out.status.truncated && out.stdout.len() == 5000, "{:?} {}", out.status, out.stdout.len());
+    // A timeout kills the forked child and what it started.
+    let mut r = py("import subprocess, time\nsubprocess.Popen(['sleep', '300'])\nsubprocess.Popen('setsid sleep 301 &', shell=True)\ntime.sleep(300)");
+    r.timeout_ms = 2000;
+    let out = vm.agent().run(r).await?;
+    ensure!(out.status.timed_out, "{:?}", out.status);
+    ensure_eq!(count_procs(vm, "sleep").await?, 0);
+    // Interpreter state does not carry over from call to call.
+    run_py(vm, "import json, builtins; json.dumps = None; builtins.LEAK = 1").await?;
+    ensure_eq!(
+        run_py(vm, "import json, builtins; print(json.dumps([1]), hasattr(builtins, 'LEAK'))").await?.stdout,
+        b"[1] False\n".to_vec()
+    );
+    // Faster than starting an interpreter (informational figures).
+    let mut forked = Vec::new();
+    let mut executed = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        run_py(vm, "import json; print(json.dumps([1]))").await?;
+        forked.push(t.elapsed());
+        let t = Instant::now();
+        stdout(vm, "python3 -c 'import json; print(json.dumps([1]))'").await?;
+        executed.push(t.elapsed());
+    }
+    forked.sort();
+    executed.sort();
+    println!("    python one-liner: forked p50 {:?}, fresh interpreter p50 {:?}", forked[2], executed[2]);
+    ensure!(
+        forked[2] < executed[2],
+        "forking ({:?}) should beat a fresh interpreter ({:?})",
+        forked[2],
+        executed[2]
+    );
+    ensure_eq!(fork_server_pid(vm).await?, server);
+    Ok(())
+}
+
+/// Scrub: everything a user can leave is removed, the fork server stays,
+/// and the VM is what it was, without a memory or disk reset.
+async fn scrub_leaves_nothing_behind(vm: &Vm) -> anyhow::Result<()> {
+    let before = process_names(vm).await?;
+    let listing = "ls -la /tmp /var/tmp /dev/shm ~ | sed 's/ [A-Z][a-z][a-z] .*:.. / /'";
+    let fresh = stdout(vm, listing).await?;
+    let mut dirty =
+        sh("echo a > /tmp/a; echo b > ~/b; mkdir -p ~/.hidden && echo c > ~/.hidden/c; chmod 700 ~; \
+         echo d > /var/tmp/d; echo e > /dev/shm/e; mkfifo /tmp/fifo; ln -s /etc/passwd ~/link; \
+         setsid sh -c 'sleep 1000 &' </dev/null >/dev/null 2>&1; \
+         (trap '' TERM HUP; exec sleep 999) >/dev/null 2>&1 &");
+    dirty.kill_leftovers = false;
+    vm.agent().run(dirty).await?;
+    vm.agent()
+        .configure(Configure {
+            hostname: Some("dirty".into()),
+            dns: vec!["192.0.2.53".into()],
+            ..Default::default()
+        })
+        .await?;
+    ensure!(count_procs(vm, "sleep").await? >= 2, "the test failed to leave processes behind");
+    let t = Instant::now();
+    vm.agent().scrub().await?;
+    println!("    scrub took {:?}", t.elapsed());
+    ensure_eq!(process_names(vm).await?, before);
+    ensure_eq!(stdout(vm, listing).await?, fresh);
+    ensure_eq!(
+        stdout(vm, "hostname; cat /etc/resolv.conf 2>/dev/null || echo no-resolv").await?,
+        "ember\nno-resolv\n"
+    );
+    Ok(())
+}
+
 type VmCase = for<'a> fn(&'a Vm) -> CaseFuture<'a>;
 
 macro_rules! vm_cases {
@@ -624,6 +815,8 @@ const VM_CASES: &[(&str, VmCase)] = vm_cases![
     cancel_kills_the_command,
     malformed_frames_are_survived,
     reset_leaves_nothing_behind,
+    python_is_forked_warm_and_confined,
+    scrub_leaves_nothing_behind,
 ];
 
 /// A pool of 256 MiB VMs over `host`, reset by `mode`, replenished as the
@@ -727,6 +920,24 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             .run(
                 "pool_reset_leaves_nothing_behind [snapshot]",
                 Box::pin(pool_reset_leaves_nothing_behind(&snap)),
+            )
+            .await;
+        report
+            .run(
+                "pool_reset_leaves_nothing_behind [scrub, function]",
+                Box::pin(pool_scrub_leaves_nothing_behind(&snap)),
+            )
+            .await;
+        report
+            .run(
+                "pool_snapshot_resets_reseed_the_guest_rng",
+                Box::pin(pool_snapshot_resets_reseed_the_guest_rng(&snap)),
+            )
+            .await;
+        report
+            .run(
+                "pool_a_scrubbed_vm_serves_only_its_function",
+                Box::pin(pool_a_scrubbed_vm_serves_only_its_function(&snap)),
             )
             .await;
         report
