@@ -184,6 +184,45 @@ impl Collector for PoolCollector {
             ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
         }
         gauge(&mut enc, "ember_pool_target", "VMs the sizer wants ready", s.target as f64)?;
+        counter(
+            &mut enc,
+            "ember_refused_by_capacity",
+            "Claims refused at once because they would have waited past limits.max_queue_wait",
+            c.refused_by_capacity,
+        )?;
+        gauge(&mut enc, "ember_service_rate", "VMs per second coming back to the ready set", s.service_rate)?;
+        gauge(
+            &mut enc,
+            "ember_queue_wait_seconds",
+            "Expected wait of the next queued claim",
+            s.queue_wait_secs,
+        )?;
+        if let Some(cap) = s.capacity_per_sec {
+            gauge(
+                &mut enc,
+                "ember_capacity_calls_per_second",
+                "Calls per second the host's CPUs can serve",
+                cap,
+            )?;
+        }
+        if let Some(b) = s.host_cpu_busy {
+            gauge(&mut enc, "ember_host_cpu_busy_ratio", "Share of the host's CPUs busy", b)?;
+        }
+        let g = ConstGauge::new(0.0f64);
+        let mut family = enc.encode_descriptor(
+            "ember_cpu_seconds_per_operation",
+            "CPU seconds of the VM's host processes per call, full reset, scrub and creation",
+            None,
+            g.metric_type(),
+        )?;
+        let cpu = s.cpu_seconds;
+        for (kind, v) in
+            [("exec", cpu.exec), ("reset", cpu.reset), ("scrub", cpu.scrub), ("create", cpu.create)]
+        {
+            if let Some(v) = v {
+                ConstGauge::new(v).encode(family.encode_family(&[("kind", kind)])?)?;
+            }
+        }
         gauge(&mut enc, "ember_pool_waiters", "Claims waiting for a VM", s.waiters as f64)?;
         gauge(&mut enc, "ember_request_rate_short", "Claims per second (short window)", s.rate_short)?;
         gauge(&mut enc, "ember_request_rate_long", "Claims per second (long window)", s.rate_long)?;

@@ -115,6 +115,9 @@ pub struct RawPool {
     pub run_reset: Option<RunReset>,
     pub replenish: Option<ReplenishMode>,
     pub max_uses: Option<u32>,
+    /// Share of the host's CPUs (0..1) above which no VM beyond min_size
+    /// is made; 1 turns the cap off.
+    pub max_host_cpu: Option<f64>,
     /// How long a claim waits in the queue when the pool is at its limits.
     #[serde(default, with = "humantime_serde")]
     pub claim_timeout: Option<Duration>,
@@ -153,7 +156,7 @@ pub struct RawVm {
 }
 
 /// The validated pool configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub enabled: bool,
     pub min_size: usize,
@@ -171,6 +174,10 @@ pub struct PoolConfig {
     /// claims give up after it. `None`: wait up to `claim_timeout`. The
     /// gateway sets it from `limits.max_queue_wait`.
     pub max_queue_wait: Option<Duration>,
+    /// While the host's CPUs are busier than this share (0..=1), the pool
+    /// makes no VM beyond `min_size`, on demand or ahead of it. `None`: no
+    /// such cap.
+    pub max_host_cpu: Option<f64>,
     pub max_waiters: usize,
     pub replenish_concurrency: usize,
     pub sizer_interval: Duration,
@@ -194,6 +201,7 @@ impl Default for PoolConfig {
             max_uses: 100,
             claim_timeout: Duration::from_secs(10),
             max_queue_wait: None,
+            max_host_cpu: Some(crate::pool::DEFAULT_MAX_HOST_CPU),
             max_waiters: 64,
             replenish_concurrency: 2,
             sizer_interval: Duration::from_secs(1),
@@ -262,6 +270,11 @@ impl RawConfig {
             max_uses: p.max_uses.unwrap_or(d.max_uses),
             claim_timeout: p.claim_timeout.unwrap_or(d.claim_timeout),
             max_queue_wait: d.max_queue_wait,
+            max_host_cpu: match p.max_host_cpu {
+                Some(v) if v >= 1.0 => None,
+                Some(v) => Some(v),
+                None => d.max_host_cpu,
+            },
             max_waiters: p.max_waiters.unwrap_or(d.max_waiters),
             replenish_concurrency: p.replenish_concurrency.unwrap_or(d.replenish_concurrency),
             sizer_interval: p.sizer_interval.unwrap_or(d.sizer_interval),
@@ -281,6 +294,11 @@ impl RawConfig {
                 "pool.target_free ({}) exceeds pool.max_size ({})",
                 pool.target_free, pool.max_size
             ));
+        }
+        if let Some(v) = p.max_host_cpu {
+            if !(v > 0.0 && v <= 1.0) {
+                problems.push(format!("pool.max_host_cpu ({v}) must be above 0 and at most 1"));
+            }
         }
         if pool.max_uses == 0 {
             problems.push("pool.max_uses must be at least 1".into());

@@ -120,8 +120,49 @@ pub struct PoolStatus {
     pub service_rate: f64,
     /// Seconds the next queued claim can expect to wait.
     pub queue_wait_secs: f64,
+    /// CPU seconds per call, per full reset, per scrub and per creation
+    /// (moving averages over VMs' host processes).
+    pub cpu_seconds: CpuSummary,
+    /// The host's CPUs busy at the last sizer decision (0..=1).
+    pub host_cpu_busy: Option<f64>,
+    /// Calls per second the host's CPUs can serve at the measured cost of
+    /// a call plus its reset (the mix of scrubs and full resets so far).
+    pub capacity_per_sec: Option<f64>,
     pub counters: PoolCounters,
 }
+
+/// CPU seconds by what they were spent on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct CpuSummary {
+    pub exec: Option<f64>,
+    pub reset: Option<f64>,
+    pub scrub: Option<f64>,
+    pub create: Option<f64>,
+}
+
+impl CpuSummary {
+    fn add(slot: &mut Option<f64>, v: f64) {
+        *slot = Some(match *slot {
+            None => v,
+            Some(avg) => 0.8 * avg + 0.2 * v,
+        });
+    }
+
+    /// Host calls per second at these costs, resets weighted by how often
+    /// each kind happened.
+    fn capacity(&self, cpus: usize, resets: u64, scrubs: u64) -> Option<f64> {
+        let exec = self.exec?;
+        let n = (resets + scrubs).max(1) as f64;
+        let reset =
+            self.reset.unwrap_or(0.0) * resets as f64 / n + self.scrub.unwrap_or(0.0) * scrubs as f64 / n;
+        let per_call = exec + reset;
+        (per_call > 0.0).then(|| cpus as f64 / per_call)
+    }
+}
+
+/// Above this share of the host's CPUs busy, the pool makes no VM beyond
+/// `min_size`: booting would take the CPU that running calls need.
+pub const DEFAULT_MAX_HOST_CPU: f64 = 0.9;
 
 struct ReadyVm<V> {
     vm: V,
@@ -174,9 +215,22 @@ struct State<V> {
     /// Creations that failed since the last one that worked (backoff).
     create_failures_since_success: u32,
     counters: PoolCounters,
+    cpu: CpuSummary,
+    /// The host's CPU use at the last sizer decision, and a value tests set.
+    host_cpu_busy: Option<f64>,
+    forced_host_cpu: Option<f64>,
 }
 
 impl<V> State<V> {
+    /// Whether the host's CPU is too busy to make a VM beyond `min_size`.
+    fn cpu_saturated(&self, cfg: &PoolConfig) -> bool {
+        let busy = self.forced_host_cpu.or(self.host_cpu_busy);
+        let in_service = self.claimed + self.resetting + self.booting;
+        matches!((cfg.max_host_cpu, busy), (Some(max), Some(b)) if b >= max)
+            && self.total() >= cfg.min_size
+            && in_service > 0
+    }
+
     /// Nothing is in flight: no VM claimed, being reset, booted or destroyed.
     fn is_idle(&self) -> bool {
         self.claimed == 0 && self.resetting == 0 && self.booting == 0 && self.destroying == 0
@@ -207,6 +261,7 @@ struct Inner<B: Backend> {
     /// Set once at shutdown; background tasks end on it.
     stop: tokio::sync::watch::Sender<bool>,
     observer: std::sync::OnceLock<Observer>,
+    host_cpu: Mutex<crate::procfs::HostCpu>,
 }
 
 impl<B: Backend> Inner<B> {
@@ -231,6 +286,13 @@ impl<B: Backend> Inner<B> {
     fn emit(&self, event: PoolEvent) {
         if let Some(f) = self.observer.get() {
             f(event);
+        }
+    }
+
+    /// Account the CPU a new VM used to come up.
+    fn note_created(&self, vm: &B::Vm) {
+        if let Some(cpu) = B::cpu_seconds(vm) {
+            CpuSummary::add(&mut self.lock().cpu.create, cpu);
         }
     }
 
@@ -297,6 +359,9 @@ impl<B: Backend> Pool<B> {
             out_of_pool_secs: 0.0,
             create_failures_since_success: 0,
             counters: PoolCounters::default(),
+            cpu: CpuSummary::default(),
+            host_cpu_busy: None,
+            forced_host_cpu: None,
         };
         let inner = Arc::new(Inner {
             backend,
@@ -308,12 +373,20 @@ impl<B: Backend> Pool<B> {
             idle: Notify::new(),
             stop: tokio::sync::watch::Sender::new(false),
             observer: std::sync::OnceLock::new(),
+            host_cpu: Mutex::new(crate::procfs::HostCpu::default()),
         });
         let tasks = vec![
             tokio::spawn(replenish::run(Arc::clone(&inner))),
             tokio::spawn(session::reap_idle(Arc::clone(&inner))),
         ];
         Self { inner, tasks: Arc::new(Mutex::new(tasks)) }
+    }
+
+    /// Take `busy` as the host's CPU use instead of measuring it (tests).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn force_host_cpu(&self, busy: Option<f64>) {
+        self.inner.lock().forced_host_cpu = busy;
+        self.inner.wake_replenisher.notify_one();
     }
 
     /// Report pool events to `f` from now on (the first observer set stays).
@@ -345,6 +418,13 @@ impl<B: Backend> Pool<B> {
             rate_short: rates.short,
             rate_long: rates.long,
             service_rate: service_rate(&st),
+            cpu_seconds: st.cpu,
+            host_cpu_busy: st.forced_host_cpu.or(st.host_cpu_busy),
+            capacity_per_sec: st.cpu.capacity(
+                crate::procfs::host_cpus(),
+                st.counters.resets,
+                st.counters.scrubs,
+            ),
             queue_wait_secs: if st.ready.is_empty() && st.waiters > 0 {
                 expected_wait(&st, st.waiters + 1).as_secs_f64()
             } else {
@@ -430,6 +510,7 @@ impl<B: Backend> Pool<B> {
     /// claimed meanwhile); `None` if that failed and the VM is gone.
     async fn convert(&self, mut r: ReadyVm<B::Vm>) -> Option<ReadyVm<B::Vm>> {
         let started = Instant::now();
+        let cpu_before = B::cpu_seconds(&r.vm);
         let ok = match self.inner.backend.reset(&mut r.vm).await {
             Ok(()) => self.inner.backend.healthy(&mut r.vm),
             Err(e) => {
@@ -441,6 +522,9 @@ impl<B: Backend> Pool<B> {
         let mut st = self.inner.lock();
         if ok {
             st.counters.resets += 1;
+            if let (Some(a), Some(b)) = (cpu_before, B::cpu_seconds(&r.vm)) {
+                CpuSummary::add(&mut st.cpu.reset, b - a);
+            }
             r.warm_for = None;
             return Some(r);
         }
@@ -488,7 +572,7 @@ impl<B: Backend> Pool<B> {
             self.inner.wake_replenisher.notify_one();
             return Ok(Step::Got(r, !queued));
         }
-        if st.total() < self.inner.capacity() {
+        if st.total() < self.inner.capacity() && !st.cpu_saturated(&self.inner.cfg) {
             st.booting += 1;
             st.counters.misses += 1;
             return Ok(Step::Create);
@@ -525,6 +609,9 @@ impl<B: Backend> Pool<B> {
         let started = Instant::now();
         let created = self.inner.backend.create().await;
         self.inner.emit(PoolEvent::Created { took: started.elapsed(), ok: created.is_ok() });
+        if let Ok(vm) = &created {
+            self.inner.note_created(vm);
+        }
         let mut st = self.inner.lock();
         st.booting -= 1;
         match created {

@@ -233,6 +233,13 @@ impl Vm {
         Ok(())
     }
 
+    /// CPU seconds this VM's host processes (QEMU and its channel helper)
+    /// have used since they started.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let helper = self.helper.as_ref().and_then(|h| crate::procfs::cpu_seconds(h.pid())).unwrap_or(0.0);
+        Some(crate::procfs::cpu_seconds(self.qemu.pid())? + helper)
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         self.qemu.try_exit().is_none()
@@ -522,8 +529,9 @@ impl Parts {
 
     /// A hung guest idles; a slow one burns CPU: say which.
     fn timeout_with_cpu(&self, qemu: &OwnedProcess, after: Duration, why: &str) -> VmError {
-        let cpu =
-            cpu_seconds(qemu.pid()).map(|s| format!(" (QEMU used {s:.1} s of CPU)")).unwrap_or_default();
+        let cpu = crate::procfs::cpu_seconds(qemu.pid())
+            .map(|s| format!(" (QEMU used {s:.1} s of CPU)"))
+            .unwrap_or_default();
         self.timeout(after, &format!("{why}{cpu}"))
     }
 
@@ -561,15 +569,6 @@ pub(crate) fn lookup_user(name: &str) -> Result<(u32, u32), String> {
         Ok(None) => Err(format!("user {name:?} (vm.qemu_user) does not exist")),
         Err(e) => Err(format!("looking up user {name:?}: {e}")),
     }
-}
-
-/// CPU time (user + system) of a process, from /proc.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
-    Some(ticks as f64 / hz as f64)
 }
 
 fn exited(qemu: &mut OwnedProcess) -> Option<BootFailure> {

@@ -281,4 +281,8 @@ impl Backend for VmBackend {
     fn vm_id(vm: &Vm) -> &str {
         vm.id()
     }
+
+    fn cpu_seconds(vm: &Vm) -> Option<f64> {
+        vm.cpu_seconds()
+    }
 }

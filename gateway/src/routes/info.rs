@@ -31,6 +31,13 @@ pub async fn pool<B: Backend>(State(state): State<AppState<B>>) -> Response {
             "sessions": s.sessions,
         },
         "warm_sets": s.warm_sets,
+        "capacity": {
+            "calls_per_sec": s.capacity_per_sec,
+            "service_rate_per_sec": s.service_rate,
+            "queue_wait_secs": s.queue_wait_secs,
+            "host_cpu_busy": s.host_cpu_busy,
+            "cpu_seconds_per": s.cpu_seconds,
+        },
         "waiters": s.waiters,
         "target": s.target,
         "draining": s.draining,

@@ -30,6 +30,7 @@ fn pool_config() -> PoolConfig {
         max_size: 4,
         target_free: 1,
         claim_timeout: Duration::from_millis(200),
+        max_host_cpu: None,
         ..PoolConfig::default()
     }
 }

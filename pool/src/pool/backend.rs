@@ -34,4 +34,10 @@ pub trait Backend: Send + Sync + 'static {
     fn healthy(&self, vm: &mut Self::Vm) -> bool;
 
     fn vm_id(vm: &Self::Vm) -> &str;
+
+    /// CPU seconds the VM's host processes used so far, for accounting what
+    /// a call, a reset and a creation cost; `None` where unknown.
+    fn cpu_seconds(_vm: &Self::Vm) -> Option<f64> {
+        None
+    }
 }

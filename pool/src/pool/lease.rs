@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Backend, Inner, ReadyVm, ResetKind};
+use super::{Backend, CpuSummary, Inner, ReadyVm, ResetKind};
 use crate::config::RunReset;
 
 pub struct Lease<B: Backend> {
@@ -21,6 +21,8 @@ pub struct Lease<B: Backend> {
     /// The function this lease serves: its VM returns to that function's
     /// warm set after a scrub.
     function: Option<Arc<str>>,
+    /// The VM's CPU seconds when claimed (what the call cost is the rest).
+    cpu_at_claim: Option<f64>,
 }
 
 impl<B: Backend> std::fmt::Debug for Lease<B> {
@@ -40,7 +42,17 @@ impl<B: Backend> Lease<B> {
         function: Option<Arc<str>>,
     ) -> Self {
         let now = Instant::now();
-        Self { inner, vm: Some(vm), uses, warm, claimed_at: now, claim_wait: now - started, function }
+        let cpu_at_claim = B::cpu_seconds(&vm);
+        Self {
+            inner,
+            vm: Some(vm),
+            uses,
+            warm,
+            claimed_at: now,
+            claim_wait: now - started,
+            function,
+            cpu_at_claim,
+        }
     }
 
     fn returned(&mut self, discard: bool) -> Option<Returned<B::Vm>> {
@@ -51,6 +63,7 @@ impl<B: Backend> Lease<B> {
             claimed_at: self.claimed_at,
             discard,
             function: self.function.take(),
+            cpu_at_claim: self.cpu_at_claim,
         })
     }
 
@@ -135,6 +148,7 @@ pub(super) struct Returned<V> {
     pub(super) discard: bool,
     /// The function it served, if any.
     pub(super) function: Option<Arc<str>>,
+    pub(super) cpu_at_claim: Option<f64>,
 }
 
 /// Which reset a returned VM gets and which warm set it then joins: a VM
@@ -155,9 +169,13 @@ pub(super) fn reset_plan(
 
 /// Reset a used VM and put it back, or destroy it.
 pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>) {
-    let Returned { mut vm, uses, claimed_at, discard, function } = r;
+    let Returned { mut vm, uses, claimed_at, discard, function, cpu_at_claim } = r;
+    let cpu_now = B::cpu_seconds(&vm);
     let draining = {
         let mut st = inner.lock();
+        if let (Some(a), Some(b)) = (cpu_at_claim, cpu_now) {
+            CpuSummary::add(&mut st.cpu.exec, b - a);
+        }
         st.claimed -= 1;
         st.resetting += 1;
         st.draining
@@ -169,6 +187,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
         let mut ok = false;
         if kind == ResetKind::Scrub {
             let started = Instant::now();
+            let before = B::cpu_seconds(&vm);
             ok = match inner.backend.scrub(&mut vm).await {
                 Ok(()) => inner.backend.healthy(&mut vm),
                 Err(e) => {
@@ -180,6 +199,9 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
             let mut st = inner.lock();
             if ok {
                 st.counters.scrubs += 1;
+                if let (Some(a), Some(b)) = (before, B::cpu_seconds(&vm)) {
+                    CpuSummary::add(&mut st.cpu.scrub, b - a);
+                }
             } else {
                 st.counters.scrub_failures += 1;
                 (kind, warm_for) = (ResetKind::Full, None);
@@ -187,6 +209,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
         }
         if kind == ResetKind::Full {
             let started = Instant::now();
+            let before = B::cpu_seconds(&vm);
             ok = match inner.backend.reset(&mut vm).await {
                 Ok(()) => inner.backend.healthy(&mut vm),
                 Err(e) => {
@@ -198,6 +221,9 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
             let mut st = inner.lock();
             if ok {
                 st.counters.resets += 1;
+                if let (Some(a), Some(b)) = (before, B::cpu_seconds(&vm)) {
+                    CpuSummary::add(&mut st.cpu.reset, b - a);
+                }
             } else {
                 st.counters.reset_failures += 1;
             }

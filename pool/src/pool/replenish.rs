@@ -65,7 +65,11 @@ pub(super) async fn run<B: Backend>(inner: Arc<Inner<B>>) {
 
 /// Run the sizer and store its target.
 fn decide<B: Backend>(inner: &Inner<B>, now: Instant) {
+    let busy = inner.host_cpu.lock().unwrap_or_else(|p| p.into_inner()).sample();
     let mut st = inner.lock();
+    if busy.is_some() {
+        st.host_cpu_busy = busy;
+    }
     if !inner.cfg.enabled {
         st.target = 0;
         return;
@@ -98,6 +102,8 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
     let current = st.ready.len() + st.booting + st.claimed + st.resetting;
     let room = inner.capacity().saturating_sub(st.total());
     if current < st.target {
+        // Booting more while the CPU is saturated slows the calls running now.
+        let may_create = may_create && !st.cpu_saturated(&inner.cfg);
         let n = if may_create {
             (st.target - current).min(inner.cfg.replenish_concurrency.saturating_sub(st.booting)).min(room)
         } else {
@@ -121,6 +127,9 @@ async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
     let started = tokio::time::Instant::now();
     let result = inner.backend.create().await;
     inner.emit(super::PoolEvent::Created { took: started.elapsed(), ok: result.is_ok() });
+    if let Ok(vm) = &result {
+        inner.note_created(vm);
+    }
     let doomed = {
         let mut st = inner.lock();
         st.booting -= 1;

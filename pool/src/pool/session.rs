@@ -197,7 +197,7 @@ impl<B: Backend> Pool<B> {
 
 /// A VM a session claimed but did not keep, on its way back.
 fn returned<V>(vm: V, claimed_at: Instant) -> lease::Returned<V> {
-    lease::Returned { vm, uses: 1, claimed_at, discard: false, function: None }
+    lease::Returned { vm, uses: 1, claimed_at, discard: false, function: None, cpu_at_claim: None }
 }
 
 /// End sessions idle for longer than their TTL.

@@ -18,6 +18,9 @@ fn cfg() -> PoolConfig {
         drain_timeout: Duration::from_secs(5),
         max_sessions: 2,
         session_idle_ttl: Duration::from_secs(60),
+        // The host's real CPU use would make these tests depend on the
+        // machine; the cap has its own test with a forced value.
+        max_host_cpu: None,
         ..PoolConfig::default()
     }
 }
@@ -503,4 +506,38 @@ async fn a_queued_claim_gives_up_after_max_queue_wait_not_claim_timeout() {
     let err = pool.claim().await.unwrap_err();
     assert!(matches!(err, PoolError::Exhausted { .. }), "{err}");
     assert_eq!(asked.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saturated_cpu_stops_growth_beyond_min_size() {
+    let cfg = PoolConfig { min_size: 1, max_size: 4, max_host_cpu: Some(0.9), max_queue_wait: None, ..cfg() };
+    let pool = Pool::start(backend(), cfg, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    pool.force_host_cpu(Some(0.95));
+    let held = pool.claim().await.unwrap();
+    // Room for three more VMs, but the CPU is saturated: the next claim
+    // waits for the busy VM instead of booting one.
+    let p = pool.clone();
+    let waiter = tokio::spawn(async move { p.claim().await.map(|l| l.id.clone()) });
+    until(&pool, "a waiter", |s| s.waiters == 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = pool.status();
+    assert_eq!((st.booting, st.counters.created), (0, 1), "{st:?}");
+    let id = held.id.clone();
+    held.release().await;
+    assert_eq!(waiter.await.unwrap().unwrap(), id);
+    // Once the CPU has room again, the pool grows on demand.
+    pool.force_host_cpu(Some(0.2));
+    let (_a, _b) = (pool.claim().await.unwrap(), pool.claim().await.unwrap());
+    assert!(pool.status().counters.created >= 2);
+}
+
+#[test]
+fn capacity_is_cpus_over_the_cost_of_a_call_and_its_reset() {
+    let c = CpuSummary { exec: Some(0.05), reset: Some(0.35), scrub: Some(0.05), create: Some(2.0) };
+    assert_eq!(c.capacity(2, 10, 0), Some(5.0));
+    assert_eq!(c.capacity(2, 0, 10), Some(20.0));
+    let mixed = c.capacity(2, 5, 5).unwrap();
+    assert!((mixed - 2.0 / 0.25).abs() < 1e-9);
+    assert_eq!(CpuSummary::default().capacity(2, 1, 1), None);
 }

@@ -70,13 +70,7 @@ pub fn record_pid(vm_dir: &Path, pid: u32) -> io::Result<()> {
     writeln!(f, "{pid}")
 }
 
-/// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+use crate::procfs::start_time;
 
 pub(crate) fn owner_alive(name: &str) -> bool {
     let mut fields = name.split('-');
