@@ -9,6 +9,7 @@ pub mod plot;
 pub mod report;
 pub mod run;
 pub mod sampler;
+pub mod saturation;
 pub mod scenario;
 pub mod servers;
 
@@ -39,6 +40,7 @@ pub async fn run_all(opts: Options) -> anyhow::Result<Vec<report::Check>> {
     let runner = Runner {
         opts: &opts,
         min_size,
+        ember_pid: ember.pid(),
         rest_within: std::time::Duration::from_secs_f64(idle + sizer + 30.0),
     };
     let mut scenarios = Vec::new();

@@ -16,12 +16,24 @@ pub struct Check {
 pub fn checks(r: &Report) -> Vec<Check> {
     let mut out = Vec::new();
     for s in &r.scenarios {
-        let bad = s.ember.non_2xx();
-        out.push(Check {
-            target: format!("{}: zero non-2xx responses", s.name),
-            measured: format!("{bad} of {}", s.ember.requests),
-            met: bad == 0,
-        });
+        if matches!(s.kind, Kind::Saturation | Kind::Overload) {
+            // Past capacity a 429 with Retry-After is the right answer.
+            let bad = s.ember.statuses.iter().filter(|(k, _)| !matches!(**k, 200 | 429)).map(|(_, n)| n).sum::<u64>()
+                + s.ember.errors.values().sum::<u64>();
+            out.push(Check {
+                target: format!("{}: every answer a 200 or a 429", s.name),
+                measured: format!("{bad} others of {}", s.ember.requests),
+                met: bad == 0,
+            });
+        } else {
+            let bad = s.ember.non_2xx();
+            out.push(Check {
+                target: format!("{}: zero non-2xx responses", s.name),
+                measured: format!("{bad} of {}", s.ember.requests),
+                met: bad == 0,
+            });
+        }
+        out.extend(saturation_checks(s));
         if s.kind == Kind::Step {
             let w = s.warm_hit_after_first_step.unwrap_or(0.0);
             out.push(Check {
@@ -60,6 +72,71 @@ pub fn checks(r: &Report) -> Vec<Check> {
                 });
             }
         }
+    }
+    out
+}
+
+/// The issue's throughput targets, by scenario name.
+fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
+    let mut out = Vec::new();
+    let level = |c: u32| s.levels.iter().find(|l| l.concurrency == c);
+    let rps = |c: u32, min: f64, what: &str, out: &mut Vec<Check>| {
+        if let Some(l) = level(c) {
+            out.push(Check {
+                target: format!("{}: at least {min} req/s at concurrency {c} ({what})", s.name),
+                measured: format!(
+                    "{:.1} req/s, p99 {:.0} ms, {:.0} ms CPU per call",
+                    l.ember.rps,
+                    l.ember.p99_ms,
+                    l.cpu_ms_per_call.unwrap_or(0.0)
+                ),
+                met: l.ember.rps >= min,
+            });
+        }
+    };
+    match s.name.as_str() {
+        "saturation-true" => rps(4, 8.0, "full reset", &mut out),
+        "saturation-python" => rps(4, 4.2, "twice 2.1", &mut out),
+        "saturation-json-stats" => {
+            rps(8, 20.0, "scrub + fork server", &mut out);
+            if let Some(l) = level(8) {
+                out.push(Check {
+                    target: format!("{}: p99 under 1 s at concurrency 8", s.name),
+                    measured: format!("{:.0} ms", l.ember.p99_ms),
+                    met: l.ember.p99_ms < 1000.0,
+                });
+            }
+        }
+        "python" => out.push(Check {
+            target: "python: one-liner p50 at most 120 ms with a ready VM".into(),
+            measured: format!("{:.0} ms", s.ember.p50_ms),
+            met: s.ember.p50_ms <= 120.0,
+        }),
+        _ => {}
+    }
+    if let Some(o) = &s.overload {
+        let refused = o.statuses.get(&429).copied().unwrap_or(0);
+        out.push(Check {
+            target: format!("{}: every 429 carries Retry-After", s.name),
+            measured: format!("{} of {refused} without", o.refused_without_retry_after),
+            met: o.refused_without_retry_after == 0,
+        });
+        out.push(Check {
+            target: format!("{}: the 200s keep p99 under 3 s", s.name),
+            measured: format!("p99 {:.0} ms (p50 {:.0} ms)", o.ok_p99_ms, o.ok_p50_ms),
+            met: o.ok_p99_ms < 3000.0,
+        });
+        out.push(Check {
+            target: format!("{}: /healthz answers throughout", s.name),
+            measured: format!("{} ok, {} failed, slowest {:.0} ms", o.healthz_ok, o.healthz_failed, o.healthz_max_ms),
+            met: o.healthz_failed == 0,
+        });
+        let w = o.warm_hit_ratio.unwrap_or(0.0);
+        out.push(Check {
+            target: format!("{}: warm hits at least 90%", s.name),
+            measured: format!("{:.1}%", w * 100.0),
+            met: w >= 0.9,
+        });
     }
     out
 }
@@ -130,6 +207,52 @@ pub fn markdown(r: &Report, checks: &[Check]) -> String {
                 o.http_gateway_p50_ms,
                 o.vm_channel_p50_ms,
                 o.http_floor_p50_ms
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n## Saturation\n\nClosed-loop oha at each concurrency; CPU is that of `ember serve` and \
+         every process under it (QEMU, helpers) over the level, per answered request; bwrap runs the \
+         same command in a fresh sandbox per request at the same concurrency.\n\n\
+         | scenario | concurrency | req/s | p50 | p95 | p99 (ms) | statuses | warm hits | CPU/call (ms) | bwrap req/s | bwrap p50 (ms) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for s in &r.scenarios {
+        for l in &s.levels {
+            let e = &l.ember;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                s.name,
+                l.concurrency,
+                e.rps,
+                e.p50_ms,
+                e.p95_ms,
+                e.p99_ms,
+                statuses(e),
+                l.warm_hit_ratio.map_or("-".into(), |w| format!("{:.1}%", w * 100.0)),
+                l.cpu_ms_per_call.map_or("-".into(), |c| format!("{c:.0}")),
+                l.bwrap.as_ref().map_or("-".into(), |b| format!("{:.1}", b.rps)),
+                l.bwrap.as_ref().map_or("-".into(), |b| format!("{:.0}", b.p50_ms)),
+            );
+        }
+        if let Some(o) = &s.overload {
+            let _ = writeln!(
+                md,
+                "\nOverload `{}`: {} clients for {:.0} s, {} requests, statuses {:?}; 200s p50 {:.0} ms, \
+                 p99 {:.0} ms; /healthz {} ok / {} failed (slowest {:.0} ms); warm hits {}.",
+                s.name,
+                o.concurrency,
+                o.secs,
+                o.requests,
+                o.statuses,
+                o.ok_p50_ms,
+                o.ok_p99_ms,
+                o.healthz_ok,
+                o.healthz_failed,
+                o.healthz_max_ms,
+                o.warm_hit_ratio.map_or("-".into(), |w| format!("{:.1}%", w * 100.0)),
             );
         }
     }

@@ -77,6 +77,11 @@ pub struct ScenarioReport {
     /// Step: seconds from the end of the load until the pool was back at
     /// min_size (none: not within the wait).
     pub back_to_min_secs: Option<f64>,
+    /// Saturation: one entry per concurrency level.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<crate::saturation::Level>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overload: Option<crate::saturation::Overload>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +141,8 @@ async fn wait_for_rest(addr: SocketAddr, min_size: u64, within: Duration) -> Opt
 pub struct Runner<'a> {
     pub opts: &'a Options,
     pub min_size: u64,
+    /// `ember serve`, whose process tree's CPU is what a call costs.
+    pub ember_pid: u32,
     pub rest_within: Duration,
 }
 
@@ -156,8 +163,37 @@ impl Runner<'_> {
         let mut latency = Vec::new();
         let mut after_first = None;
         let mut runs = Vec::new();
+        let mut levels = Vec::new();
+        let mut overload = None;
         let target = self.target(ember, s);
         match s.kind {
+            Kind::Saturation => {
+                for phase in &s.phases {
+                    let level = self.level(ember, s, &phase.scaled(profile)).await?;
+                    runs.push(level.ember.clone());
+                    levels.push(level);
+                    // Each level starts with the queue of the last one gone.
+                    wait_for_rest(ember, self.min_size, Duration::from_secs(30)).await;
+                }
+            }
+            Kind::Overload => {
+                let phase = s.phases[0].scaled(profile);
+                let secs = phase.duration.unwrap_or(Duration::from_secs(5));
+                let b = warm_counters(ember).await;
+                let mut o =
+                    crate::saturation::overload(ember, &s.path, &s.body, &s.content_type, phase.concurrency, secs)
+                        .await;
+                o.warm_hit_ratio = hit_ratio(b, warm_counters(ember).await);
+                runs.push(Run {
+                    requests: o.requests,
+                    rps: o.requests as f64 / o.secs,
+                    p50_ms: o.ok_p50_ms,
+                    p99_ms: o.ok_p99_ms,
+                    statuses: o.statuses.clone(),
+                    ..Run::default()
+                });
+                overload = Some(o);
+            }
             Kind::Sessions => runs.push(self.sessions(ember, s).await?),
             Kind::Step => {
                 let slice = match profile {
@@ -244,7 +280,41 @@ impl Runner<'_> {
             pool,
             latency,
             back_to_min_secs,
+            levels,
+            overload,
         })
+    }
+
+    /// One saturation level: oha closed-loop at the phase's concurrency,
+    /// the CPU the server's process tree used meanwhile, then bwrap.
+    async fn level(&self, ember: SocketAddr, s: &Scenario, phase: &Phase) -> anyhow::Result<crate::saturation::Level> {
+        let before = warm_counters(ember).await;
+        let cpu0 = crate::saturation::tree_cpu_seconds(self.ember_pid);
+        let run = oha::run(&self.opts.oha, &self.target(ember, s), phase, None).await?;
+        let cpu = crate::saturation::tree_cpu_seconds(self.ember_pid) - cpu0;
+        let warm_hit_ratio = hit_ratio(before, warm_counters(ember).await);
+        let answered = run.requests.saturating_sub(run.errors.values().sum::<u64>());
+        let cpu_ms_per_call = (answered > 0).then(|| cpu * 1000.0 / answered as f64);
+        let bwrap = match &s.host_command {
+            Some(cmd) => {
+                let cwd = self.opts.repo.join(s.host_cwd.as_deref().unwrap_or("."));
+                let server = BaselineServer::start(Sandbox::Bwrap, cmd, &cwd, &s.host_stdin).await?;
+                Some(oha::run(&self.opts.oha, &self.target(server.addr, s), phase, None).await?)
+            }
+            None => None,
+        };
+        eprintln!(
+            "[loadtest] {} c={}: {:.1} req/s, p50 {:.0} ms, p99 {:.0} ms, {:?}, cpu/call {:.0} ms{}",
+            s.name,
+            phase.concurrency,
+            run.rps,
+            run.p50_ms,
+            run.p99_ms,
+            run.statuses,
+            cpu_ms_per_call.unwrap_or(0.0),
+            bwrap.as_ref().map(|b| format!(", bwrap {:.1} req/s p50 {:.0} ms", b.rps, b.p50_ms)).unwrap_or_default()
+        );
+        Ok(crate::saturation::Level { concurrency: phase.concurrency, ember: run, warm_hit_ratio, cpu_ms_per_call, bwrap })
     }
 
     /// Closed-loop clients, one session key each.

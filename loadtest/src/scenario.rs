@@ -16,6 +16,12 @@ pub enum Kind {
     Burst,
     /// Each client has its own session key (oha cannot vary headers).
     Sessions,
+    /// Closed-loop levels of rising concurrency (one phase each), with CPU
+    /// per call and a bwrap baseline at every level.
+    Saturation,
+    /// Far more clients than the pool can serve: every answer must be a
+    /// 200 or a 429 with Retry-After, and /healthz must keep answering.
+    Overload,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -57,6 +57,11 @@ impl EmberServer {
         Ok(Self { addr: addr.context("no listening line")?, child })
     }
 
+    /// The server's pid (its VMs run below it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, wait, and check that no VM process is left.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

@@ -151,24 +151,43 @@ impl VmBackend {
     }
 }
 
+/// What a warm-up runs: the path the VM's next call most likely takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WarmUp {
+    /// `true`: the agent's exec path, fork and exec, the dynamic loader.
+    Command,
+    /// A no-op script forked from the pre-warmed Python (the fork server's
+    /// path and CPython's interpreter loop), for VMs whose last call was
+    /// Python: a reset leaves TCG's translations empty, and re-translating
+    /// the interpreter costs a call ~100 ms otherwise.
+    Python,
+}
+
 /// Run one trivial command so the next one is fast. A restored VM starts
 /// with an empty translation cache under TCG (and cold caches under KVM):
 /// its first command pays ~100 ms of warming that is better paid here, off
-/// the request's path, than by the caller.
-async fn warm_up(vm: &Vm) -> Result<(), String> {
+/// the request's path, than by the caller. Only what the next call will
+/// likely run is warmed: each warm-up costs CPU on every reset.
+async fn warm_up(vm: &Vm, what: WarmUp) -> Result<(), String> {
     // Only a command. Sending a code file with it (and having the agent
     // remove it) would also translate the file-writing path, which saves a
     // `code` call 12-16 ms, but costs every reset 35-60 ms here (measured,
     // docs/BENCHMARKS.md): on a 2-core TCG host that capacity decides
     // whether the pool keeps up at 4 req/s.
-    let mut req = crate::vm::shell("true");
+    let mut req = match what {
+        WarmUp::Command => crate::vm::shell("true"),
+        WarmUp::Python => ember_wire::ExecRequest::new(ember_wire::Command::Python(ember_wire::PythonScript {
+            path: WARM_UP_SCRIPT.into(),
+            args: Vec::new(),
+        })),
+    };
     // Generous: on slow storage (zfs-fuse) the first disk access after a
     // rollback can take seconds; this is off the request path.
     req.timeout_ms = 20_000;
     let started = tokio::time::Instant::now();
     match tokio::time::timeout(Duration::from_secs(25), vm.agent().run(req)).await {
         Ok(Ok(out)) if out.status.code == Some(0) => {
-            tracing::debug!(vm = vm.id(), took = ?started.elapsed(), "warmed up");
+            tracing::debug!(vm = vm.id(), ?what, took = ?started.elapsed(), "warmed up");
             Ok(())
         }
         Ok(Ok(out)) => Err(format!("warm-up command failed: {:?}", out.status)),
@@ -176,6 +195,9 @@ async fn warm_up(vm: &Vm) -> Result<(), String> {
         Err(_) => Err("warm-up command did not answer within 25s".into()),
     }
 }
+
+/// A no-op script in the guest image (read-only root).
+const WARM_UP_SCRIPT: &str = "/usr/lib/ember/warm-up.py";
 
 fn create_err(e: impl std::fmt::Display) -> PoolError {
     PoolError::Create(e.to_string())
@@ -203,7 +225,7 @@ impl Backend for VmBackend {
                 return Err(create_err(e));
             }
         }
-        if let Err(e) = warm_up(&vm).await {
+        if let Err(e) = warm_up(&vm, WarmUp::Command).await {
             vm.shutdown().await;
             return Err(create_err(e));
         }
@@ -228,6 +250,8 @@ impl Backend for VmBackend {
         let id = vm.id().to_string();
         let fail = |reason: String| PoolError::Reset { vm: id.clone(), reason };
         let started = tokio::time::Instant::now();
+        // Read before a snapshot restore replaces the agent connection.
+        let what = if vm.agent().last_exec_was_python() { WarmUp::Python } else { WarmUp::Command };
         let outcome = match self.mode {
             ResetMode::Snapshot => {
                 tokio::time::timeout(self.reset_timeout, vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout))
@@ -244,7 +268,7 @@ impl Backend for VmBackend {
         };
         match outcome {
             Ok(Ok(())) => {
-                warm_up(vm).await.map_err(fail)?;
+                warm_up(vm, what).await.map_err(fail)?;
                 self.record(|t| t.reset.push(started.elapsed()));
                 Ok(())
             }

@@ -39,6 +39,9 @@ pub struct AgentClient {
     /// Error replies the agent could not tie to a request (id 0).
     stray: tokio::sync::Mutex<mpsc::UnboundedReceiver<ErrorReply>>,
     next_id: AtomicU64,
+    /// Whether the last command sent was a Python script: the reset's
+    /// warm-up then warms the Python path (see `warm::warm_up`).
+    last_exec_python: std::sync::atomic::AtomicBool,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -120,6 +123,7 @@ impl AgentClient {
             pending,
             stray: tokio::sync::Mutex::new(stray_rx),
             next_id: AtomicU64::new(1),
+            last_exec_python: std::sync::atomic::AtomicBool::new(false),
             tasks: [reader, writer],
         }
     }
@@ -163,7 +167,13 @@ impl AgentClient {
         }
     }
 
+    /// Whether the last command sent was a Python script.
+    pub fn last_exec_was_python(&self) -> bool {
+        self.last_exec_python.load(Ordering::Relaxed)
+    }
+
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
+        self.last_exec_python.store(matches!(req.command, ember_wire::Command::Python(_)), Ordering::Relaxed);
         let (id, rx) = self.start(RequestBody::Exec(req)).await?;
         Ok(ExecHandle { id, rx, out: self.out.clone(), finished: false })
     }

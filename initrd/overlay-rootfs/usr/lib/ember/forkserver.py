@@ -30,7 +30,7 @@ CLONE_NEWIPC = 0x08000000
 # What most code imports first; importing them here is what makes a call
 # cheap. Kept to the standard library (an image adds its own, issue 14).
 PRELOAD = [
-    "abc", "argparse", "base64", "bisect", "collections", "contextlib", "copy", "csv",
+    "abc", "argparse", "atexit", "base64", "bisect", "collections", "contextlib", "copy", "csv", "ctypes",
     "dataclasses", "datetime", "decimal", "enum", "fractions", "functools", "hashlib",
     "heapq", "itertools", "json", "math", "operator", "pathlib", "pprint", "random", "re",
     "shutil", "statistics", "string", "struct", "subprocess", "tempfile", "textwrap",
@@ -69,6 +69,30 @@ def user_site(home):
     return path if os.path.isdir(path) else None
 
 
+_libc = None
+
+
+def libc():
+    """The C library, loaded once in the server (each child would pay for it)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def close_other_fds():
+    """Close every descriptor above stderr (listing them is far cheaper
+    than closing all possible numbers one by one, under TCG)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def setup_child(hdr, fds):
     """Everything between fork and running the script, as the agent does
     for a command it executes."""
@@ -80,9 +104,8 @@ def setup_child(hdr, fds):
         os.write(fds[3], b"0")
     uid, gid = hdr.get("uid"), hdr.get("gid")
     if uid is not None:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(CLONE_NEWIPC) != 0:
+        if libc().unshare(CLONE_NEWIPC) != 0:
+            import ctypes
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWIPC)")
         os.setgroups([])
         os.setgid(gid)
@@ -90,7 +113,7 @@ def setup_child(hdr, fds):
     os.dup2(stdin_fd, 0)
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") < 65536 else 65536)
+    close_other_fds()
     os.chdir(hdr["cwd"])
     os.environ.clear()
     os.environ.update(hdr["env"])
@@ -292,6 +315,7 @@ def main():
             __import__(name)
         except Exception as e:
             print("forkserver: cannot preload %s: %s" % (name, e), file=sys.stderr, flush=True)
+    libc()
     os.chdir("/")
     serve(sys.argv[1])
     return 0
