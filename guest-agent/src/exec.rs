@@ -125,7 +125,7 @@ fn fork_server_for<'a>(agent: &'a Agent, req: &ExecRequest) -> Option<&'a ForkSe
     if req.env.keys().any(startup_env) {
         return None;
     }
-    agent.forkserver.as_ref().filter(|s| s.alive())
+    agent.forkserver.as_ref().filter(|s| s.ready() && s.alive())
 }
 
 /// `Command` searches the agent's PATH, not the child's: resolve names here

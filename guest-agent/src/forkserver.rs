@@ -37,6 +37,8 @@ const MAX_LINE: usize = 64;
 pub struct ForkServer {
     socket: PathBuf,
     pid: i32,
+    /// Set once the server has said "ready" (its modules are imported).
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Fires when the server process exits.
     exited: std::sync::Mutex<oneshot::Receiver<WaitStatus>>,
     _child: std::process::Child,
@@ -62,18 +64,16 @@ pub struct Forked {
 }
 
 impl ForkServer {
-    /// Start the server with `python3` and wait for its "ready" line. `None`
-    /// (with a log line) when there is no Python or it does not come up:
-    /// Python calls then start an interpreter each.
+    /// Start the server with `python3`; it becomes usable once it says
+    /// "ready" (importing takes seconds under TCG, which a boot should not
+    /// wait for). `None` when there is no Python. Until it is ready, or if
+    /// it never is, Python calls start an interpreter each.
     pub async fn start(reaper: &Reaper, python: &Path, script: &Path, socket_dir: &Path) -> Option<Self> {
         if !python.is_file() || !script.is_file() {
             return None;
         }
         match Self::try_start(reaper, python, script, socket_dir).await {
-            Ok(s) => {
-                tracing::info!(pid = s.pid, "python fork server ready");
-                Some(s)
-            }
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "no python fork server; python calls start an interpreter");
                 None
@@ -85,8 +85,12 @@ impl ForkServer {
         std::fs::create_dir_all(socket_dir)?;
         std::fs::set_permissions(socket_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let socket = socket_dir.join("python.sock");
-        let mut cmd = Command::new(python);
-        cmd.arg(script)
+        // At the lowest priority while it imports (it raises itself to the
+        // normal one when ready): a boot and the first commands go first.
+        let mut cmd = Command::new("/usr/bin/nice");
+        cmd.args(["-n", "19"])
+            .arg(python)
+            .arg(script)
             .arg(&socket)
             .env_clear()
             .env("PATH", crate::exec::DEFAULT_PATH)
@@ -100,17 +104,37 @@ impl ForkServer {
         let pid = child.id() as i32;
         let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout pipe"))?;
         let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
-        let mut line = String::new();
-        let ready = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
-        match ready {
-            Ok(Ok(_)) if line.trim() == "ready" => {
-                Ok(Self { socket, pid, exited: std::sync::Mutex::new(exited), _child: child })
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&ready);
+        tokio::spawn(async move {
+            let mut line = String::new();
+            let said = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
+            match said {
+                Ok(Ok(_)) if line.trim() == "ready" => {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    tracing::info!(pid, "python fork server ready");
+                }
+                other => {
+                    tracing::warn!(?other, line, "the python fork server did not say ready; killing it");
+                    let _ = kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
             }
-            other => {
-                let _ = kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                Err(io::Error::other(format!("the server did not say ready: {other:?} {line:?}")))
-            }
+        });
+        Ok(Self { socket, pid, ready, exited: std::sync::Mutex::new(exited), _child: child })
+    }
+
+    /// Whether the server has imported its modules and listens.
+    pub fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait (bounded) until the server is ready or gone (tests).
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.ready() && self.alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.ready()
     }
 
     pub fn pid(&self) -> i32 {

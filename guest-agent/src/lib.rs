@@ -116,7 +116,8 @@ pub async fn run(args: Args) -> std::io::Result<()> {
             None
         }
     };
-    // Before the host can connect, so it is in every snapshot of this VM.
+    // Started before the host can connect; the host waits for it to be
+    // ready before it snapshots the VM, so every restore has it warm.
     let forkserver = ForkServer::start(
         &reaper,
         forkserver::PYTHON.as_ref(),

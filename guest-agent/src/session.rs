@@ -148,6 +148,7 @@ async fn dispatch(
                 protocol: PROTOCOL_VERSION,
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 uptime_ms: crate::setup::uptime_ms(),
+                python_ready: agent.forkserver.as_ref().map(|s| s.ready() && s.alive()),
             };
             let _ = resp.send(reply_now(ResponseBody::Hello(hello))).await;
         }

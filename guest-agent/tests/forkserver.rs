@@ -35,7 +35,9 @@ async fn start(with_server: bool) -> Harness {
     let reaper = Reaper::start(ReapMode::Registered).unwrap();
     let forkserver = if with_server {
         let s = ForkServer::start(&reaper, Path::new("/usr/bin/python3"), &script(), &sockets).await;
-        Some(s.expect("the fork server starts with the host's python3"))
+        let s = s.expect("the fork server starts with the host's python3");
+        assert!(s.wait_ready(std::time::Duration::from_secs(30)).await, "the fork server got ready");
+        Some(s)
     } else {
         None
     };

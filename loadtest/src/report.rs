@@ -18,7 +18,13 @@ pub fn checks(r: &Report) -> Vec<Check> {
     for s in &r.scenarios {
         if matches!(s.kind, Kind::Saturation | Kind::Overload) {
             // Past capacity a 429 with Retry-After is the right answer.
-            let bad = s.ember.statuses.iter().filter(|(k, _)| !matches!(**k, 200 | 429)).map(|(_, n)| n).sum::<u64>()
+            let bad = s
+                .ember
+                .statuses
+                .iter()
+                .filter(|(k, _)| !matches!(**k, 200 | 429))
+                .map(|(_, n)| n)
+                .sum::<u64>()
                 + s.ember.errors.values().sum::<u64>();
             out.push(Check {
                 target: format!("{}: every answer a 200 or a 429", s.name),
@@ -128,7 +134,10 @@ fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
         });
         out.push(Check {
             target: format!("{}: /healthz answers throughout", s.name),
-            measured: format!("{} ok, {} failed, slowest {:.0} ms", o.healthz_ok, o.healthz_failed, o.healthz_max_ms),
+            measured: format!(
+                "{} ok, {} failed, slowest {:.0} ms",
+                o.healthz_ok, o.healthz_failed, o.healthz_max_ms
+            ),
             met: o.healthz_failed == 0,
         });
         let w = o.warm_hit_ratio.unwrap_or(0.0);

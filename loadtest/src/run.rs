@@ -180,9 +180,15 @@ impl Runner<'_> {
                 let phase = s.phases[0].scaled(profile);
                 let secs = phase.duration.unwrap_or(Duration::from_secs(5));
                 let b = warm_counters(ember).await;
-                let mut o =
-                    crate::saturation::overload(ember, &s.path, &s.body, &s.content_type, phase.concurrency, secs)
-                        .await;
+                let mut o = crate::saturation::overload(
+                    ember,
+                    &s.path,
+                    &s.body,
+                    &s.content_type,
+                    phase.concurrency,
+                    secs,
+                )
+                .await;
                 o.warm_hit_ratio = hit_ratio(b, warm_counters(ember).await);
                 runs.push(Run {
                     requests: o.requests,
@@ -287,7 +293,12 @@ impl Runner<'_> {
 
     /// One saturation level: oha closed-loop at the phase's concurrency,
     /// the CPU the server's process tree used meanwhile, then bwrap.
-    async fn level(&self, ember: SocketAddr, s: &Scenario, phase: &Phase) -> anyhow::Result<crate::saturation::Level> {
+    async fn level(
+        &self,
+        ember: SocketAddr,
+        s: &Scenario,
+        phase: &Phase,
+    ) -> anyhow::Result<crate::saturation::Level> {
         let before = warm_counters(ember).await;
         let cpu0 = crate::saturation::tree_cpu_seconds(self.ember_pid);
         let run = oha::run(&self.opts.oha, &self.target(ember, s), phase, None).await?;
@@ -312,9 +323,18 @@ impl Runner<'_> {
             run.p99_ms,
             run.statuses,
             cpu_ms_per_call.unwrap_or(0.0),
-            bwrap.as_ref().map(|b| format!(", bwrap {:.1} req/s p50 {:.0} ms", b.rps, b.p50_ms)).unwrap_or_default()
+            bwrap
+                .as_ref()
+                .map(|b| format!(", bwrap {:.1} req/s p50 {:.0} ms", b.rps, b.p50_ms))
+                .unwrap_or_default()
         );
-        Ok(crate::saturation::Level { concurrency: phase.concurrency, ember: run, warm_hit_ratio, cpu_ms_per_call, bwrap })
+        Ok(crate::saturation::Level {
+            concurrency: phase.concurrency,
+            ember: run,
+            warm_hit_ratio,
+            cpu_ms_per_call,
+            bwrap,
+        })
     }
 
     /// Closed-loop clients, one session key each.

@@ -97,8 +97,15 @@ pub async fn overload(
             let mut out = Vec::new();
             while Instant::now() < until {
                 let t = Instant::now();
-                let r = crate::http::request(addr, "POST", &path, &[("content-type", &ct)], &body, Duration::from_secs(30))
-                    .await;
+                let r = crate::http::request(
+                    addr,
+                    "POST",
+                    &path,
+                    &[("content-type", &ct)],
+                    &body,
+                    Duration::from_secs(30),
+                )
+                .await;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 match r {
                     Ok(a) => {
@@ -111,8 +118,11 @@ pub async fn overload(
                                 .get("retry-after")
                                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                                 .unwrap_or(1);
-                            tokio::time::sleep(Duration::from_secs(wait).min(until.saturating_duration_since(Instant::now())))
-                                .await;
+                            tokio::time::sleep(
+                                Duration::from_secs(wait)
+                                    .min(until.saturating_duration_since(Instant::now())),
+                            )
+                            .await;
                         }
                         out.push((ms, Some(a.status), retry));
                     }

@@ -240,6 +240,25 @@ impl Vm {
         Some(crate::procfs::cpu_seconds(self.qemu.pid())? + helper)
     }
 
+    /// Wait until the guest's pre-warmed Python is ready (or the image has
+    /// none), so that a snapshot or template taken next has it warm. Past
+    /// `within` the VM is still used: its Python calls then start an
+    /// interpreter each (logged).
+    pub async fn wait_python_ready(&self, within: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let hello = self.agent.hello(u64::from(std::process::id())).await.map_err(agent_err(self))?;
+            match hello.python_ready {
+                None | Some(true) => return Ok(()),
+                Some(false) if Instant::now() >= deadline => {
+                    tracing::warn!(vm = %self.id, "the guest's python fork server is not ready after {within:?}");
+                    return Ok(());
+                }
+                Some(false) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         self.qemu.try_exit().is_none()
@@ -688,6 +707,7 @@ mod tests {
             protocol,
             agent_version: "0.0.9".into(),
             uptime_ms: 5,
+            python_ready: None,
         };
         assert!(same_protocol(&hello(ember_wire::PROTOCOL_VERSION)).is_ok());
         let err = same_protocol(&hello(ember_wire::PROTOCOL_VERSION - 1)).unwrap_err().to_string();

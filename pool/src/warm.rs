@@ -176,10 +176,12 @@ async fn warm_up(vm: &Vm, what: WarmUp) -> Result<(), String> {
     // whether the pool keeps up at 4 req/s.
     let mut req = match what {
         WarmUp::Command => crate::vm::shell("true"),
-        WarmUp::Python => ember_wire::ExecRequest::new(ember_wire::Command::Python(ember_wire::PythonScript {
-            path: WARM_UP_SCRIPT.into(),
-            args: Vec::new(),
-        })),
+        WarmUp::Python => {
+            ember_wire::ExecRequest::new(ember_wire::Command::Python(ember_wire::PythonScript {
+                path: WARM_UP_SCRIPT.into(),
+                args: Vec::new(),
+            }))
+        }
     };
     // Generous: on slow storage (zfs-fuse) the first disk access after a
     // rollback can take seconds; this is off the request path.
@@ -218,6 +220,11 @@ impl Backend for VmBackend {
             },
             None => (self.host.boot().await.map_err(create_err)?, false),
         };
+        // Every reset returns to the state the VM has now: its Python warm.
+        if let Err(e) = vm.wait_python_ready(self.host.config().boot_timeout).await {
+            vm.shutdown().await;
+            return Err(create_err(e));
+        }
         if self.mode == ResetMode::Snapshot {
             // Taken while the agent is idle, right after its first hello.
             if let Err(e) = vm.save_snapshot(CLEAN_SNAPSHOT).await {

@@ -201,6 +201,11 @@ pub struct HelloReply {
     pub protocol: u32,
     pub agent_version: String,
     pub uptime_ms: u64,
+    /// The pre-warmed Python: `None` when the image has none, `false` while
+    /// it is still importing its modules. A host about to snapshot the VM
+    /// waits for `true`, so every restore has it warm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_ready: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,7 +64,10 @@ impl VmHost {
         let accel = self.accel().await;
         let vm =
             Vm::boot(Arc::clone(self), accel, self.config().boot_timeout, BootPlan::Template(&t)).await?;
-        let saved = save(&vm, &t).await;
+        let saved = match vm.wait_python_ready(self.config().boot_timeout).await {
+            Ok(()) => save(&vm, &t).await,
+            Err(e) => Err(e),
+        };
         vm.shutdown().await;
         saved?;
         Ok(t)

@@ -694,6 +694,8 @@ async fn fork_server_pid(vm: &Vm) -> anyhow::Result<String> {
 /// command (user, cgroup and pids limit, own IPC namespace), with python3's
 /// semantics, and much faster than starting an interpreter.
 async fn python_is_forked_warm_and_confined(vm: &Vm) -> anyhow::Result<()> {
+    // A boot does not wait for the server's imports; a pool does.
+    vm.wait_python_ready(Duration::from_secs(60)).await?;
     let server = fork_server_pid(vm).await?;
     let who = "import os, sys\n\
                print(os.getppid(), os.getuid(), os.getgid(), os.getgroups(), __name__, sys.argv[1:])\n\

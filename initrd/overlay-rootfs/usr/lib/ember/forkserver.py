@@ -247,6 +247,9 @@ def serve(path):
     # collection does not touch (and copy) every page of the preloaded heap.
     gc.collect()
     gc.freeze()
+    # The agent starts us at the lowest priority, so that importing does not
+    # slow the boot or the first commands; serving runs at the normal one.
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
