@@ -20,7 +20,7 @@ struct Args {
     images: PathBuf,
     #[arg(long, default_value = "loadtest/scenarios")]
     scenarios: PathBuf,
-    /// Only the scenarios whose name contains this.
+    /// Only the scenarios whose name contains one of these (comma-separated).
     #[arg(long)]
     only: Option<String>,
     #[arg(long, default_value = "loadtest/ember.toml")]
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         let oha = ember_loadtest::oha::Oha::ensure_installed()?;
         let mut scenarios = Scenario::load_dir(&args.scenarios)?;
         if let Some(only) = &args.only {
-            scenarios.retain(|s| s.name.contains(only.as_str()));
+            scenarios.retain(|s| only.split(',').any(|o| s.name.contains(o.trim())));
         }
         let opts = Options {
             profile: args.profile,

@@ -116,6 +116,21 @@ fn hit_ratio(before: (f64, f64), after: (f64, f64)) -> Option<f64> {
     (h + m > 0.0).then(|| h / (h + m))
 }
 
+/// Wait until the last load's calls are gone: nothing claimed, resetting
+/// or waiting (the pool may still be larger than at rest).
+async fn wait_for_drain(addr: SocketAddr, within: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if let Ok(p) = crate::http::get_json(addr, "/v1/pool").await {
+            let n = |k: &str| p["vms"][k].as_u64().unwrap_or(0);
+            if n("claimed") == 0 && n("resetting") == 0 && p["waiters"].as_u64() == Some(0) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Wait until the pool is back at rest: `min_size` ready, nothing claimed
 /// or booting, the sizer's target at `min_size`.
 async fn wait_for_rest(addr: SocketAddr, min_size: u64, within: Duration) -> Option<f64> {
@@ -173,7 +188,7 @@ impl Runner<'_> {
                     runs.push(level.ember.clone());
                     levels.push(level);
                     // Each level starts with the queue of the last one gone.
-                    wait_for_rest(ember, self.min_size, Duration::from_secs(30)).await;
+                    wait_for_drain(ember, Duration::from_secs(30)).await;
                 }
             }
             Kind::Overload => {

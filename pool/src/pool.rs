@@ -289,6 +289,48 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// Reset (or scrub) a VM: time it, count it, account its CPU. Whether
+    /// the VM came out clean and alive.
+    async fn reset_vm(&self, vm: &mut B::Vm, kind: ResetKind) -> bool {
+        let started = Instant::now();
+        let before = B::cpu_seconds(vm);
+        let done = match kind {
+            ResetKind::Scrub => self.backend.scrub(vm).await,
+            ResetKind::Full => self.backend.reset(vm).await,
+        };
+        let ok = match done {
+            Ok(()) => self.backend.healthy(vm),
+            Err(e) => {
+                match kind {
+                    ResetKind::Scrub => {
+                        tracing::info!(vm = B::vm_id(vm), error = %e, "scrub failed; a full reset follows")
+                    }
+                    ResetKind::Full => {
+                        tracing::warn!(vm = B::vm_id(vm), error = %e, "reset failed; destroying the VM")
+                    }
+                }
+                false
+            }
+        };
+        self.emit(PoolEvent::Reset { took: started.elapsed(), ok, kind });
+        let cpu = before.zip(B::cpu_seconds(vm)).map(|(a, b)| b - a);
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let (done, failed, slot) = match kind {
+            ResetKind::Scrub => (&mut st.counters.scrubs, &mut st.counters.scrub_failures, &mut st.cpu.scrub),
+            ResetKind::Full => (&mut st.counters.resets, &mut st.counters.reset_failures, &mut st.cpu.reset),
+        };
+        if ok {
+            *done += 1;
+            if let Some(c) = cpu {
+                CpuSummary::add(slot, c);
+            }
+        } else {
+            *failed += 1;
+        }
+        ok
+    }
+
     /// Account the CPU a new VM used to come up.
     fn note_created(&self, vm: &B::Vm) {
         if let Some(cpu) = B::cpu_seconds(vm) {
@@ -509,28 +551,11 @@ impl<B: Backend> Pool<B> {
     /// Fully reset a VM taken from another function's warm set (counted as
     /// claimed meanwhile); `None` if that failed and the VM is gone.
     async fn convert(&self, mut r: ReadyVm<B::Vm>) -> Option<ReadyVm<B::Vm>> {
-        let started = Instant::now();
-        let cpu_before = B::cpu_seconds(&r.vm);
-        let ok = match self.inner.backend.reset(&mut r.vm).await {
-            Ok(()) => self.inner.backend.healthy(&mut r.vm),
-            Err(e) => {
-                tracing::warn!(vm = B::vm_id(&r.vm), error = %e, "reset of a stolen VM failed; destroying it");
-                false
-            }
-        };
-        self.inner.emit(PoolEvent::Reset { took: started.elapsed(), ok, kind: ResetKind::Full });
-        let mut st = self.inner.lock();
-        if ok {
-            st.counters.resets += 1;
-            if let (Some(a), Some(b)) = (cpu_before, B::cpu_seconds(&r.vm)) {
-                CpuSummary::add(&mut st.cpu.reset, b - a);
-            }
+        if self.inner.reset_vm(&mut r.vm, ResetKind::Full).await {
             r.warm_for = None;
             return Some(r);
         }
-        st.counters.reset_failures += 1;
-        st.claimed -= 1;
-        drop(st);
+        self.inner.lock().claimed -= 1;
         self.inner.destroy_later(r.vm);
         None
     }

@@ -186,47 +186,13 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
     let clean = if reuse {
         let mut ok = false;
         if kind == ResetKind::Scrub {
-            let started = Instant::now();
-            let before = B::cpu_seconds(&vm);
-            ok = match inner.backend.scrub(&mut vm).await {
-                Ok(()) => inner.backend.healthy(&mut vm),
-                Err(e) => {
-                    tracing::info!(vm = B::vm_id(&vm), error = %e, "scrub failed; a full reset follows");
-                    false
-                }
-            };
-            inner.emit(super::PoolEvent::Reset { took: started.elapsed(), ok, kind });
-            let mut st = inner.lock();
-            if ok {
-                st.counters.scrubs += 1;
-                if let (Some(a), Some(b)) = (before, B::cpu_seconds(&vm)) {
-                    CpuSummary::add(&mut st.cpu.scrub, b - a);
-                }
-            } else {
-                st.counters.scrub_failures += 1;
+            ok = inner.reset_vm(&mut vm, ResetKind::Scrub).await;
+            if !ok {
                 (kind, warm_for) = (ResetKind::Full, None);
             }
         }
         if kind == ResetKind::Full {
-            let started = Instant::now();
-            let before = B::cpu_seconds(&vm);
-            ok = match inner.backend.reset(&mut vm).await {
-                Ok(()) => inner.backend.healthy(&mut vm),
-                Err(e) => {
-                    tracing::warn!(vm = B::vm_id(&vm), error = %e, "reset failed; destroying the VM");
-                    false
-                }
-            };
-            inner.emit(super::PoolEvent::Reset { took: started.elapsed(), ok, kind });
-            let mut st = inner.lock();
-            if ok {
-                st.counters.resets += 1;
-                if let (Some(a), Some(b)) = (before, B::cpu_seconds(&vm)) {
-                    CpuSummary::add(&mut st.cpu.reset, b - a);
-                }
-            } else {
-                st.counters.reset_failures += 1;
-            }
+            ok = inner.reset_vm(&mut vm, ResetKind::Full).await;
         }
         ok
     } else {
