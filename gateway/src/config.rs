@@ -46,6 +46,8 @@ pub struct RawLimits {
     pub max_pids: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub max_queue_wait: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub busy_delay: Option<Duration>,
 }
 
 /// Where the gateway listens and what it serves.
@@ -76,6 +78,10 @@ pub struct Limits {
     /// A call that would wait longer than this for a VM is answered 429
     /// with `Retry-After` at once (admission by capacity).
     pub max_queue_wait: Duration,
+    /// A 429 is answered after this long (at most its Retry-After): a
+    /// client that retries at once (oha, a naive loop) then cannot turn
+    /// refusals into a storm that takes the CPU the running calls need.
+    pub busy_delay: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -98,6 +104,7 @@ impl Default for Limits {
             max_concurrent_requests: 64,
             max_pids: 1024,
             max_queue_wait: Duration::from_secs(2),
+            busy_delay: Duration::from_millis(250),
         }
     }
 }
@@ -148,7 +155,11 @@ impl RawConfig {
             max_concurrent_requests: l.max_concurrent_requests.unwrap_or(d.max_concurrent_requests),
             max_pids: l.max_pids.unwrap_or(d.max_pids),
             max_queue_wait: l.max_queue_wait.unwrap_or(d.max_queue_wait),
+            busy_delay: l.busy_delay.unwrap_or(d.busy_delay),
         };
+        if limits.busy_delay > Duration::from_secs(5) {
+            problems.push("limits.busy_delay must be at most 5s".into());
+        }
         if limits.max_body_bytes == 0 {
             problems.push("limits.max_body_bytes must be at least 1".into());
         }
@@ -253,6 +264,7 @@ mod tests {
                 max_concurrent_requests: 3,
                 max_pids: 64,
                 max_queue_wait: Duration::from_millis(750),
+                busy_delay: Duration::from_millis(250),
             }
         );
         assert_eq!((c.pool.max_size, c.pool.max_sessions), (4, 2));

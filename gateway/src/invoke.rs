@@ -102,8 +102,25 @@ impl<B: Backend> AppState<B>
 where
     B::Vm: Sandbox,
 {
-    /// Claim a VM and start `inv` in it.
+    /// Claim a VM and start `inv` in it. A refusal (429) is answered after
+    /// `limits.busy_delay` (at most its Retry-After).
     pub async fn start(
+        &self,
+        id: String,
+        session: Option<String>,
+        inv: Invocation,
+    ) -> Result<Running<B>, ApiError> {
+        let started = self.claim_and_start(id, session, inv).await;
+        if let Err(e) = &started {
+            if e.status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+                let cap = Duration::from_secs(u64::from(e.retry_after.unwrap_or(1)));
+                tokio::time::sleep(self.limits.busy_delay.min(cap)).await;
+            }
+        }
+        started
+    }
+
+    async fn claim_and_start(
         &self,
         id: String,
         session: Option<String>,

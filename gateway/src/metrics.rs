@@ -152,6 +152,12 @@ impl Collector for PoolCollector {
         let c = s.counters;
         counter(&mut enc, "ember_warm_hits", "Claims served by a ready VM", c.hits)?;
         counter(&mut enc, "ember_warm_misses", "Claims that waited for a VM to boot", c.misses)?;
+        counter(
+            &mut enc,
+            "ember_claims_queued",
+            "Warm hits that queued for a VM to come back from its reset",
+            c.queued,
+        )?;
         counter(&mut enc, "ember_pool_exhausted", "Claims refused for lack of capacity", c.exhausted)?;
         counter(&mut enc, "ember_vms_created", "VMs created", c.created)?;
         counter(&mut enc, "ember_vm_create_failures", "VM creations that failed", c.create_failures)?;

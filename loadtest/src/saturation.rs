@@ -44,7 +44,9 @@ pub struct Overload {
     pub warm_hit_ratio: Option<f64>,
 }
 
-/// CPU seconds used so far by `pid` and every live process below it.
+/// CPU seconds used so far by `pid`, every live process below it, and the
+/// children it has reaped (VMs destroyed meanwhile: their CPU moved to
+/// their parent's `cutime`). Grandchildren reaped by others are missed.
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
     let mut parent: BTreeMap<u32, u32> = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -67,7 +69,9 @@ pub fn tree_cpu_seconds(pid: u32) -> f64 {
             _ => return false,
         }
     };
-    parent.keys().filter(|p| below(**p)).filter_map(|p| ember_pool::procfs::cpu_seconds(*p)).sum()
+    let live: f64 =
+        parent.keys().filter(|p| below(**p)).filter_map(|p| ember_pool::procfs::cpu_seconds(*p)).sum();
+    live + ember_pool::procfs::reaped_children_cpu_seconds(pid).unwrap_or(0.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -95,6 +95,8 @@ pub struct PoolCounters {
     pub scrub_failures: u64,
     /// VMs taken from another function's warm set (full reset first).
     pub steals: u64,
+    /// Hits that waited in the queue for a VM to come back from its reset.
+    pub queued: u64,
     /// Claims refused at once because they would have waited longer than
     /// `max_queue_wait` (also counted in `exhausted`).
     pub refused_by_capacity: u64,
@@ -589,13 +591,14 @@ impl<B: Backend> Pool<B> {
                 continue;
             }
             st.claimed += 1;
-            if !queued {
-                st.counters.hits += 1;
-            } else {
-                st.counters.misses += 1;
+            // A ready VM is a warm hit, whether the claim found it at once or
+            // after queueing for a reset: no boot or full reset was on its path.
+            st.counters.hits += 1;
+            if queued {
+                st.counters.queued += 1;
             }
             self.inner.wake_replenisher.notify_one();
-            return Ok(Step::Got(r, !queued));
+            return Ok(Step::Got(r, true));
         }
         if st.total() < self.inner.capacity() && !st.cpu_saturated(&self.inner.cfg) {
             st.booting += 1;
@@ -715,7 +718,7 @@ impl<B: Backend> Drop for WaiterGuard<'_, B> {
 }
 
 enum Step<B: Backend> {
-    /// A ready VM that fits, and whether the claim waited for nothing.
+    /// A ready VM that fits, and whether it counts as warm.
     Got(ReadyVm<B::Vm>, bool),
     /// A VM of another function's warm set, to be fully reset first.
     Convert(ReadyVm<B::Vm>),

@@ -14,6 +14,13 @@ pub fn cpu_ticks_of(stat: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// cutime + cstime (fields 16 and 17): the CPU of the process's children
+/// that it has reaped, in clock ticks.
+pub fn reaped_children_ticks_of(stat: &str) -> Option<u64> {
+    let f = fields_after_comm(stat)?;
+    Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
+}
+
 /// Start time (field 22), in clock ticks since boot.
 pub fn start_ticks_of(stat: &str) -> Option<u64> {
     fields_after_comm(stat)?.get(19)?.parse().ok()
@@ -30,6 +37,12 @@ fn read_stat(pid: u32) -> Option<String> {
 /// CPU time (user + system) a process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(cpu_ticks_of(&read_stat(pid)?)? as f64 / clock_ticks_per_sec() as f64)
+}
+
+/// CPU seconds of the children a process has reaped (they are gone from
+/// /proc; their time stays with their parent).
+pub fn reaped_children_cpu_seconds(pid: u32) -> Option<f64> {
+    Some(reaped_children_ticks_of(&read_stat(pid)?)? as f64 / clock_ticks_per_sec() as f64)
 }
 
 /// A process's start time in clock ticks since boot (with its pid, an
@@ -80,6 +93,7 @@ mod tests {
     fn parses_process_and_host_stat() {
         let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 98765 1 2";
         assert_eq!(cpu_ticks_of(stat), Some(300));
+        assert_eq!(reaped_children_ticks_of(stat), Some(0));
         assert_eq!(start_ticks_of(stat), Some(98765));
         assert_eq!(cpu_ticks_of("garbage"), None);
         let host = "cpu  100 5 45 800 50 0 0 0 0 0\ncpu0 50 2 20 400 25 0 0 0 0 0\n";

@@ -67,7 +67,8 @@ impl<B: Backend> Lease<B> {
         })
     }
 
-    /// Whether the VM was ready when claimed (no boot waited for).
+    /// Whether the VM was a ready one (no boot or full reset on the claim's
+    /// path; the claim may still have queued for it, see `claim_wait`).
     pub fn warm(&self) -> bool {
         self.warm
     }
