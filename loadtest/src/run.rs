@@ -319,7 +319,8 @@ impl Runner<'_> {
         let run = oha::run(&self.opts.oha, &self.target(ember, s), phase, None).await?;
         let cpu = crate::saturation::tree_cpu_seconds(self.ember_pid) - cpu0;
         let warm_hit_ratio = hit_ratio(before, warm_counters(ember).await);
-        let answered = run.requests.saturating_sub(run.errors.values().sum::<u64>());
+        // Per call served: refusals cost little, and are not calls.
+        let answered = run.statuses.get(&200).copied().unwrap_or(0);
         let cpu_ms_per_call = (answered > 0).then(|| cpu * 1000.0 / answered as f64);
         let bwrap = match &s.host_command {
             Some(cmd) => {

@@ -18,7 +18,7 @@ pub struct Level {
     pub ember: Run,
     pub warm_hit_ratio: Option<f64>,
     /// CPU of `ember serve` and every process under it (QEMU, helpers)
-    /// over the level, per request answered.
+    /// over the level, per request answered with 200.
     pub cpu_ms_per_call: Option<f64>,
     /// The same command in a bwrap sandbox per request, same level.
     pub bwrap: Option<Run>,
