@@ -765,6 +765,8 @@ async fn python_is_forked_warm_and_confined(vm: &Vm) -> anyhow::Result<()> {
 /// Scrub: everything a user can leave is removed, the fork server stays,
 /// and the VM is what it was, without a memory or disk reset.
 async fn scrub_leaves_nothing_behind(vm: &Vm) -> anyhow::Result<()> {
+    // Earlier cases left files (e.g. /tmp/.ember): start from a scrubbed VM.
+    vm.agent().scrub().await?;
     let before = process_names(vm).await?;
     let listing = "ls -la /tmp /var/tmp /dev/shm ~ | sed 's/ [A-Z][a-z][a-z] .*:.. / /'";
     let fresh = stdout(vm, listing).await?;
