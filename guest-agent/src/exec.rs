@@ -149,11 +149,10 @@ async fn run_inner(
     cancel: CancellationToken,
 ) -> Result<ExitStatus, ErrorReply> {
     let started = Instant::now();
-    let server = fork_server_for(agent, req);
     // Checked before a cgroup exists, so a bad request leaves nothing behind.
-    let cmd = match server {
-        Some(_) => None,
-        None => Some(build_command(agent, req)?),
+    let how = match fork_server_for(agent, req) {
+        Some(server) => How::Fork(server, check_request(agent, req)?),
+        None => How::Exec(build_command(agent, req)?),
     };
     let cgroup: Option<ExecCgroup> = match &agent.cgroups {
         Some(cgs) => Some(
@@ -162,12 +161,11 @@ async fn run_inner(
         ),
         None => None,
     };
-    let spawned = match (server, cmd) {
-        (Some(server), _) => spawn_forked(agent, server, req, cgroup.as_ref()).await,
-        (None, Some(cmd)) => spawn_exec(agent, cmd, cgroup.as_ref()),
-        (None, None) => unreachable!("a command is built whenever no server is used"),
+    let spawned = match how {
+        How::Fork(server, cwd) => spawn_forked(agent, server, req, cwd, cgroup.as_ref()).await,
+        How::Exec(cmd) => spawn_exec(agent, cmd, cgroup.as_ref()),
     };
-    let Spawned { pid, stdin, stdout, stderr, exit: mut exit_rx, _child } = match spawned {
+    let Spawned { pid, stdin, mut stdout, mut stderr, exit: mut exit_rx, _child } = match spawned {
         Ok(s) => s,
         Err(e) => {
             if let Some(cg) = cgroup {
@@ -176,7 +174,6 @@ async fn run_inner(
             return Err(e);
         }
     };
-    let (mut stdout, mut stderr) = (stdout, stderr);
     let pgid = Pid::from_raw(pid);
     let kill_tree = |cg: &Option<ExecCgroup>| {
         if let Some(cg) = cg {
@@ -257,6 +254,13 @@ async fn run_inner(
     Ok(status)
 }
 
+/// How a command starts: forked from the pre-warmed Python (in this
+/// working directory), or executed.
+enum How<'a> {
+    Fork(&'a ForkServer, PathBuf),
+    Exec(Command),
+}
+
 /// A started command: its pid (and process group), our ends of its pipes,
 /// and its exit status to come.
 struct Spawned {
@@ -298,6 +302,7 @@ async fn spawn_forked(
     agent: &Agent,
     server: &ForkServer,
     req: &ExecRequest,
+    cwd: PathBuf,
     cgroup: Option<&ExecCgroup>,
 ) -> Result<Spawned, ErrorReply> {
     let internal =
@@ -305,7 +310,6 @@ async fn spawn_forked(
     let WireCommand::Python(py) = &req.command else {
         return Err(ErrorReply::new(ErrorCode::Internal, "not a python command"));
     };
-    let cwd = check_request(agent, req)?;
     let env = command_env(agent, req);
     let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
     let ((in_r, in_w), (out_r, out_w), (err_r, err_w)) =

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::oha::Run;
+use crate::run::percentile;
 
 /// One concurrency level of a saturation sweep.
 #[derive(Debug, Clone, Serialize)]
@@ -48,18 +49,7 @@ pub struct Overload {
 /// children it has reaped (VMs destroyed meanwhile: their CPU moved to
 /// their parent's `cutime`). Grandchildren reaped by others are missed.
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
-    let mut parent: BTreeMap<u32, u32> = BTreeMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-            if let Some(pp) =
-                stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok())
-            {
-                parent.insert(p, pp);
-            }
-        }
-    }
+    let parent = ember_pool::procfs::parents();
     let below = |mut p: u32| loop {
         if p == pid {
             return true;
@@ -72,14 +62,6 @@ pub fn tree_cpu_seconds(pid: u32) -> f64 {
     let live: f64 =
         parent.keys().filter(|p| below(**p)).filter_map(|p| ember_pool::procfs::cpu_seconds(*p)).sum();
     live + ember_pool::procfs::reaped_children_cpu_seconds(pid).unwrap_or(0.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
 }
 
 /// `concurrency` closed-loop clients for `secs`, with `/healthz` probed

@@ -225,8 +225,13 @@ struct State<V> {
 
 impl<V> State<V> {
     /// Whether the host's CPU is too busy to make a VM beyond `min_size`.
+    /// The host's CPU use: what tests forced, else the last measurement.
+    fn host_cpu(&self) -> Option<f64> {
+        self.forced_host_cpu.or(self.host_cpu_busy)
+    }
+
     fn cpu_saturated(&self, cfg: &PoolConfig) -> bool {
-        let busy = self.forced_host_cpu.or(self.host_cpu_busy);
+        let busy = self.host_cpu();
         let in_service = self.claimed + self.resetting + self.booting;
         matches!((cfg.max_host_cpu, busy), (Some(max), Some(b)) if b >= max)
             && self.total() >= cfg.min_size
@@ -463,7 +468,7 @@ impl<B: Backend> Pool<B> {
             rate_long: rates.long,
             service_rate: service_rate(&st),
             cpu_seconds: st.cpu,
-            host_cpu_busy: st.forced_host_cpu.or(st.host_cpu_busy),
+            host_cpu_busy: st.host_cpu(),
             capacity_per_sec: st.cpu.capacity(
                 crate::procfs::host_cpus(),
                 st.counters.resets,

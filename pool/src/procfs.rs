@@ -21,6 +21,11 @@ pub fn reaped_children_ticks_of(stat: &str) -> Option<u64> {
     Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
 }
 
+/// The parent's pid (field 4).
+pub fn parent_pid_of(stat: &str) -> Option<u32> {
+    fields_after_comm(stat)?.get(1)?.parse().ok()
+}
+
 /// Start time (field 22), in clock ticks since boot.
 pub fn start_ticks_of(stat: &str) -> Option<u64> {
     fields_after_comm(stat)?.get(19)?.parse().ok()
@@ -37,6 +42,18 @@ fn read_stat(pid: u32) -> Option<String> {
 /// CPU time (user + system) a process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(cpu_ticks_of(&read_stat(pid)?)? as f64 / clock_ticks_per_sec() as f64)
+}
+
+/// Every process's parent, from /proc.
+pub fn parents() -> std::collections::BTreeMap<u32, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if let Some(ppid) = read_stat(pid).as_deref().and_then(parent_pid_of) {
+            out.insert(pid, ppid);
+        }
+    }
+    out
 }
 
 /// CPU seconds of the children a process has reaped (they are gone from
@@ -94,6 +111,7 @@ mod tests {
         let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 98765 1 2";
         assert_eq!(cpu_ticks_of(stat), Some(300));
         assert_eq!(reaped_children_ticks_of(stat), Some(0));
+        assert_eq!(parent_pid_of(stat), Some(1));
         assert_eq!(start_ticks_of(stat), Some(98765));
         assert_eq!(cpu_ticks_of("garbage"), None);
         let host = "cpu  100 5 45 800 50 0 0 0 0 0\ncpu0 50 2 20 400 25 0 0 0 0 0\n";
@@ -108,5 +126,6 @@ mod tests {
         assert!(cpu_seconds(std::process::id()).is_some());
         assert!(start_time(std::process::id()).is_some());
         assert!(host_cpus() >= 1);
+        assert_eq!(parents().get(&std::process::id()), Some(&(nix::unistd::getppid().as_raw() as u32)));
     }
 }
