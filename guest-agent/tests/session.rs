@@ -128,8 +128,10 @@ async fn output_cap_truncates_exactly_and_counts_both_streams() {
     req.output_limit = 1000;
     let out = h.client.run(req).await.unwrap();
     assert!(out.status.truncated);
-    assert_eq!(out.stderr, b"12345\n");
-    assert_eq!(out.stdout.len(), 1000 - 6);
+    // Which stream the agent reads first depends on scheduling: the cap
+    // counts both, so their sum is exact and stderr is a prefix of its text.
+    assert_eq!(out.stdout.len() + out.stderr.len(), 1000);
+    assert!(b"12345\n".starts_with(&out.stderr), "{:?}", out.stderr);
     assert_eq!(out.status.code, Some(0), "the command is not killed by the cap");
 }
 
