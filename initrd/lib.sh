@@ -12,9 +12,14 @@ input_hash() {
         if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
         paths+=("$1"); shift
     done
+    # Paths are hashed relative to the repository, so every clone of it
+    # (CI's among them) finds the images another clone built.
+    local root
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
     {
         find "${paths[@]}" -type f -print0 | LC_ALL=C sort -z | while IFS= read -r -d '' f; do
-            printf '%s\n' "$f"
+            f=$(realpath -m "$f")
+            printf '%s\n' "${f#"$root"/}"
             sha256sum <"$f"
             # Mode matters for scripts that end up in an image.
             stat -c '%a' "$f"
