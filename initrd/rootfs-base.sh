@@ -8,7 +8,7 @@ out=$1
 root=$(mktemp -d)
 # Killed half-way, debootstrap leaves /proc mounted in the root: never
 # descend into a mount, and unmount first.
-trap 'umount -R "$root/proc" 2>/dev/null; rm -rf --one-file-system "$root"' EXIT
+trap 'umount -R "$root/proc" 2>/dev/null || true; rm -rf --one-file-system "$root"' EXIT
 trap 'exit 143' INT TERM
 debootstrap --variant=minbase --include=python3,busybox-static,systemd-sysv \
     bookworm "$root" >"$out/debootstrap.log" 2>&1 || { tail -20 "$out/debootstrap.log" >&2; exit 1; }
