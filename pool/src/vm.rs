@@ -9,6 +9,7 @@ mod host;
 mod process;
 mod qmp;
 mod state;
+mod steps;
 mod template;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ pub use host::VmHost;
 pub use process::{find_program, processes_mentioning, run_tool, wait_until, OwnedProcess};
 pub use qmp::{Qmp, QmpError};
 pub use state::{ReapReport, StateDir};
+pub use steps::{describe as describe_steps, Step, Steps};
 pub use template::{BootPlan, Template};
 
 use crate::channel::{self, AgentClient, AgentError, ChannelAddr, ChannelKind, CidLease};
@@ -175,32 +177,49 @@ impl Vm {
     /// Return to snapshot `tag`, then reconnect to the agent: bytes in flight
     /// at the restore may be lost, and a fresh connection (plus a hello with
     /// a new nonce) leaves no doubt about where frames begin.
-    pub async fn load_snapshot(&mut self, tag: &str, timeout: Duration) -> Result<(), VmError> {
+    pub async fn load_snapshot(
+        &mut self,
+        tag: &str,
+        timeout: Duration,
+        steps: &mut Steps,
+    ) -> Result<(), VmError> {
         self.hmp(&format!("loadvm {tag}")).await?;
+        steps.mark("loadvm");
         self.reconnect_agent(timeout).await?;
+        steps.mark("reconnect");
         // The snapshot's clock is stale by the time since it was saved.
-        self.agent.configure(template::after_restore()).await.map_err(agent_err(self))
+        self.agent.configure(template::after_restore()).await.map_err(agent_err(self))?;
+        steps.mark("configure");
+        Ok(())
+    }
+
+    /// Start timing an operation on this VM, step by step (see [`Steps`]).
+    pub fn steps(&self) -> Steps {
+        Steps::start(std::iter::once(self.qemu.pid()).chain(self.helper_pid()).collect())
     }
 
     /// Roll the writable layer back to the clean image under the running VM:
     /// the agent kills user processes and unmounts, the file is rolled back
     /// in place, the agent remounts and must answer hello.
-    pub async fn rollback_scratch(&self) -> Result<Duration, VmError> {
+    pub async fn rollback_scratch(&self, steps: &mut Steps) -> Result<Duration, VmError> {
         let Some(disk) = &self.disk else {
             return Err(VmError::Tool(format!("VM {} has no raw scratch disk to roll back", self.id)));
         };
         let storage = self.host.open_storage().await?;
         let detach = Instant::now();
         self.agent.detach_scratch().await.map_err(agent_err(self))?;
+        steps.mark("detach");
         let started = Instant::now();
         storage
             .rollback(&self.host.config().images.scratch, disk)
             .await
             .map_err(|e| VmError::Storage(format!("rolling back VM {}'s disk: {e}", self.id)))?;
         let took = started.elapsed();
+        steps.mark("rollback");
         let attach = Instant::now();
         self.agent.attach_scratch().await.map_err(agent_err(self))?;
         self.agent.hello(u64::from(std::process::id())).await.map_err(agent_err(self))?;
+        steps.mark("attach");
         tracing::debug!(
             vm = %self.id,
             detach = ?(started - detach),

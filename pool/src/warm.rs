@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::channel::ChannelKind;
 use crate::config::{ReplenishMode, ResetMode};
 use crate::pool::{Backend, PoolError};
-use crate::vm::{Template, Vm, VmHost};
+use crate::vm::{Step, Template, Vm, VmHost};
 
 /// A scrub that takes longer than this is given up (a full reset follows).
 const SCRUB_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,6 +42,8 @@ pub struct BackendTimings {
     pub disk: Vec<Duration>,
     /// In-guest scrubs between calls of one function.
     pub scrub: Vec<Duration>,
+    /// Each successful reset, step by step (wall time and CPU).
+    pub reset_steps: Vec<Vec<Step>>,
 }
 
 impl VmBackend {
@@ -257,15 +259,19 @@ impl Backend for VmBackend {
         let id = vm.id().to_string();
         let fail = |reason: String| PoolError::Reset { vm: id.clone(), reason };
         let started = tokio::time::Instant::now();
+        let mut steps = vm.steps();
         // Read before a snapshot restore replaces the agent connection.
         let what = if vm.agent().last_exec_was_python() { WarmUp::Python } else { WarmUp::Command };
         let outcome = match self.mode {
             ResetMode::Snapshot => {
-                tokio::time::timeout(self.reset_timeout, vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout))
-                    .await
+                tokio::time::timeout(
+                    self.reset_timeout,
+                    vm.load_snapshot(CLEAN_SNAPSHOT, self.reset_timeout, &mut steps),
+                )
+                .await
             }
             ResetMode::Rollback => {
-                let rolled = tokio::time::timeout(self.reset_timeout, vm.rollback_scratch()).await;
+                let rolled = tokio::time::timeout(self.reset_timeout, vm.rollback_scratch(&mut steps)).await;
                 if let Ok(Ok(took)) = &rolled {
                     self.record(|t| t.rollback.push(*took));
                 }
@@ -276,7 +282,13 @@ impl Backend for VmBackend {
         match outcome {
             Ok(Ok(())) => {
                 warm_up(vm, what).await.map_err(fail)?;
-                self.record(|t| t.reset.push(started.elapsed()));
+                steps.mark("warm-up");
+                let steps = steps.finish();
+                tracing::debug!(vm = %id, mode = self.mode.name(), steps = %crate::vm::describe_steps(&steps), "reset");
+                self.record(|t| {
+                    t.reset.push(started.elapsed());
+                    t.reset_steps.push(steps);
+                });
                 Ok(())
             }
             Ok(Err(e)) => Err(fail(e.to_string())),

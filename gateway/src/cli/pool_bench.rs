@@ -65,9 +65,40 @@ struct ModeReport {
     disk: Option<Stats>,
     replenish_cold_boot: Option<Stats>,
     replenish_restore: Option<Stats>,
+    /// Where a reset's time and CPU went, step by step.
+    reset_steps: Vec<StepReport>,
     warm_hit_ratio: f64,
     peak_vms: usize,
     peak_memory_mb: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct StepReport {
+    step: &'static str,
+    wall: Option<Stats>,
+    /// Mean CPU milliseconds of the VM's QEMU (and helper) in this step.
+    cpu_ms_mean: f64,
+}
+
+/// One report per step name, in the order the steps run.
+fn step_reports(resets: &[Vec<ember_pool::vm::Step>]) -> Vec<StepReport> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for s in resets.iter().flatten() {
+        if !names.contains(&s.name) {
+            names.push(s.name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let of: Vec<_> = resets.iter().flatten().filter(|s| s.name == name).collect();
+            StepReport {
+                step: name,
+                wall: stats(of.iter().map(|s| ms(s.wall)).collect()),
+                cpu_ms_mean: of.iter().map(|s| s.cpu * 1000.0).sum::<f64>() / of.len().max(1) as f64,
+            }
+        })
+        .collect()
 }
 
 pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
@@ -146,6 +177,7 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
             disk: stats(timings.disk.iter().map(|d| ms(*d)).collect()),
             replenish_cold_boot: stats(timings.create.iter().map(|d| ms(*d)).collect()),
             replenish_restore: stats(timings.restore.iter().map(|d| ms(*d)).collect()),
+            reset_steps: step_reports(&timings.reset_steps),
             warm_hit_ratio: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
             peak_vms,
             peak_memory_mb: peak_mb,
@@ -251,6 +283,10 @@ fn print(reports: &[ModeReport], json: bool) -> anyhow::Result<()> {
         println!("  {:<34} {}", "claim, miss (p50 / p95 ms)", f(&r.claim_miss));
         println!("  {:<34} {}", "reset (p50 / p95 ms)", f(&r.reset));
         println!("  {:<34} {}", "  of which storage rollback", f(&r.rollback));
+        for step in &r.reset_steps {
+            let label = format!("  step {} (p50 / p95 ms)", step.step);
+            println!("  {:<34} {}, CPU {:.0} ms mean", label, f(&step.wall), step.cpu_ms_mean);
+        }
         println!("  {:<34} {}", "make a VM's disk (p50 / p95 ms)", f(&r.disk));
         println!("  {:<34} {}", "replenish by cold boot (p50 / p95)", f(&r.replenish_cold_boot));
         if let (Some(b), Some(r)) = (&r.replenish_cold_boot, &r.replenish_restore) {

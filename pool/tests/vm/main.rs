@@ -541,7 +541,9 @@ async fn template_restore(host: &Arc<VmHost>) -> anyhow::Result<()> {
     let mut vm = restored.pop().context("no VM")?;
     vm.save_snapshot("s").await?;
     run(&vm, "echo x > ~/later").await?;
-    vm.load_snapshot("s", Duration::from_secs(20)).await?;
+    let mut steps = vm.steps();
+    vm.load_snapshot("s", Duration::from_secs(20), &mut steps).await?;
+    assert_eq!(steps.finish().len(), 3);
     ensure_eq!(stdout(&vm, "ls -A ~ | wc -l").await?.trim(), "0");
     vm.shutdown().await;
     for vm in restored {
