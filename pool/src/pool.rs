@@ -214,6 +214,8 @@ struct State<V> {
     sizer: SizerState,
     /// Moving average of seconds a VM spends away from the ready set.
     out_of_pool_secs: f64,
+    /// Moving average of seconds a successful creation takes (wall time).
+    create_secs: Option<f64>,
     /// Creations that failed since the last one that worked (backoff).
     create_failures_since_success: u32,
     counters: PoolCounters,
@@ -236,6 +238,22 @@ impl<V> State<V> {
         matches!((cfg.max_host_cpu, busy), (Some(max), Some(b)) if b >= max)
             && self.total() >= cfg.min_size
             && in_service > 0
+    }
+
+    /// How long the next claim should wait for a VM coming back from a call
+    /// before it creates one: `Some` when one is expected back sooner than a
+    /// creation would take (a recycled VM is warm and costs a reset, a new
+    /// one costs a boot's CPU while the host is busiest). `None`: create.
+    /// At most half of the time the claim has `left`, so that it can still
+    /// create after its patience.
+    fn recycle_patience(&self, recycles: bool, left: Duration) -> Option<Duration> {
+        let create = self.create_secs?;
+        let returning = self.claimed + self.resetting;
+        if !recycles || returning == 0 {
+            return None;
+        }
+        let limit = create.min(left.as_secs_f64() / 2.0);
+        (expected_wait(self, self.waiters + 1).as_secs_f64() < limit).then(|| Duration::from_secs_f64(limit))
     }
 
     /// Nothing is in flight: no VM claimed, being reset, booted or destroyed.
@@ -339,10 +357,12 @@ impl<B: Backend> Inner<B> {
     }
 
     /// Account the CPU a new VM used to come up.
-    fn note_created(&self, vm: &B::Vm) {
+    fn note_created(&self, vm: &B::Vm, took: Duration) {
+        let mut st = self.lock();
         if let Some(cpu) = B::cpu_seconds(vm) {
-            CpuSummary::add(&mut self.lock().cpu.create, cpu);
+            CpuSummary::add(&mut st.cpu.create, cpu);
         }
+        CpuSummary::add(&mut st.create_secs, took.as_secs_f64());
     }
 
     fn note_out_of_pool(&self, secs: f64) {
@@ -406,6 +426,7 @@ impl<B: Backend> Pool<B> {
             rates: RateEstimator::new(now),
             sizer: SizerState::default(),
             out_of_pool_secs: 0.0,
+            create_secs: None,
             create_failures_since_success: 0,
             counters: PoolCounters::default(),
             cpu: CpuSummary::default(),
@@ -514,11 +535,16 @@ impl<B: Backend> Pool<B> {
         // Counted as a waiter from the first wait until this claim ends,
         // however it ends (a caller that goes away drops this future).
         let mut queued: Option<WaiterGuard<'_, B>> = None;
+        // Until when this claim waits for a returning VM rather than create
+        // one (set once: after it, the claim creates if it still may).
+        let mut patience: Option<Instant> = None;
         loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.try_claim(queued.is_some(), want.as_deref()) {
+            let patient = patience.is_none_or(|until| Instant::now() < until);
+            let left = patient.then(|| deadline.saturating_duration_since(Instant::now()));
+            match self.try_claim(queued.is_some(), want.as_deref(), left) {
                 Ok(Step::Got(r, warm)) => {
                     return Ok(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, warm, started, want))
                 }
@@ -542,14 +568,18 @@ impl<B: Backend> Pool<B> {
                     drop(queued.take());
                     return self.create_on_demand(want).await;
                 }
-                Ok(Step::Wait) => {
+                Ok(Step::Wait { patience: p }) => {
                     if queued.is_none() {
                         queued = Some(WaiterGuard(&self.inner));
+                    }
+                    if patience.is_none() {
+                        patience = p.map(|p| Instant::now() + p);
                     }
                 }
                 Err(e) => return Err(e),
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let wake = patience.filter(|&p| p > Instant::now()).map_or(deadline, |p| p.min(deadline));
+            if tokio::time::timeout_at(wake, changed).await.is_err() && Instant::now() >= deadline {
                 return Err(self.inner.exhausted(&mut self.inner.lock(), started.elapsed()));
             }
         }
@@ -567,9 +597,16 @@ impl<B: Backend> Pool<B> {
         None
     }
 
-    fn try_claim(&self, queued: bool, want: Option<&str>) -> Result<Step<B>, PoolError> {
+    /// `patient`: the time the claim has left if it may still wait for a
+    /// returning VM instead of creating one.
+    fn try_claim(
+        &self,
+        queued: bool,
+        want: Option<&str>,
+        patient: Option<Duration>,
+    ) -> Result<Step<B>, PoolError> {
         let mut dead = Vec::new();
-        let step = self.try_claim_locked(&mut self.inner.lock(), queued, &mut dead, want);
+        let step = self.try_claim_locked(&mut self.inner.lock(), queued, &mut dead, want, patient);
         // Destroyed outside the lock (destroy_later takes it).
         for vm in dead {
             tracing::warn!(vm = B::vm_id(&vm), "ready VM died; replacing it");
@@ -584,6 +621,7 @@ impl<B: Backend> Pool<B> {
         queued: bool,
         dead: &mut Vec<B::Vm>,
         want: Option<&str>,
+        patient: Option<Duration>,
     ) -> Result<Step<B>, PoolError> {
         if st.draining {
             return Err(PoolError::Draining);
@@ -605,7 +643,8 @@ impl<B: Backend> Pool<B> {
             self.inner.wake_replenisher.notify_one();
             return Ok(Step::Got(r, true));
         }
-        if st.total() < self.inner.capacity() && !st.cpu_saturated(&self.inner.cfg) {
+        let patience = patient.and_then(|left| st.recycle_patience(self.inner.backend.recycles(), left));
+        if st.total() < self.inner.capacity() && !st.cpu_saturated(&self.inner.cfg) && patience.is_none() {
             st.booting += 1;
             st.counters.misses += 1;
             return Ok(Step::Create);
@@ -620,7 +659,7 @@ impl<B: Backend> Pool<B> {
                 return Ok(Step::Convert(r));
             }
             dead.push(r.vm);
-            return Ok(Step::Wait);
+            return Ok(Step::Wait { patience });
         }
         if !queued {
             if st.waiters >= self.inner.cfg.max_waiters {
@@ -635,7 +674,7 @@ impl<B: Backend> Pool<B> {
             }
             st.waiters += 1;
         }
-        Ok(Step::Wait)
+        Ok(Step::Wait { patience })
     }
 
     async fn create_on_demand(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
@@ -643,7 +682,7 @@ impl<B: Backend> Pool<B> {
         let created = self.inner.backend.create().await;
         self.inner.emit(PoolEvent::Created { took: started.elapsed(), ok: created.is_ok() });
         if let Ok(vm) = &created {
-            self.inner.note_created(vm);
+            self.inner.note_created(vm, started.elapsed());
         }
         let mut st = self.inner.lock();
         st.booting -= 1;
@@ -728,7 +767,11 @@ enum Step<B: Backend> {
     /// A VM of another function's warm set, to be fully reset first.
     Convert(ReadyVm<B::Vm>),
     Create,
-    Wait,
+    /// Wait for a VM; with `patience`, a creation was possible but a VM is
+    /// expected back sooner: wait that long before creating instead.
+    Wait {
+        patience: Option<Duration>,
+    },
 }
 
 #[cfg(test)]

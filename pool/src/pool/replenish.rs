@@ -128,7 +128,7 @@ async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
     let result = inner.backend.create().await;
     inner.emit(super::PoolEvent::Created { took: started.elapsed(), ok: result.is_ok() });
     if let Ok(vm) = &result {
-        inner.note_created(vm);
+        inner.note_created(vm, started.elapsed());
     }
     let doomed = {
         let mut st = inner.lock();

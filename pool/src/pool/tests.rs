@@ -544,3 +544,42 @@ fn capacity_is_cpus_over_the_cost_of_a_call_and_its_reset() {
     assert!((mixed - 2.0 / 0.25).abs() < 1e-9);
     assert_eq!(CpuSummary::default().capacity(2, 1, 1), None);
 }
+
+/// One VM that takes 2 s to create, claimed; nothing else ready.
+async fn slow_creating_pool_with_its_vm_claimed() -> (Pool<FakeBackend>, Lease<FakeBackend>) {
+    let c = PoolConfig { min_size: 1, max_size: 4, target_free: 0, ..cfg() };
+    let pool = Pool::start(FakeBackend::new(Duration::from_secs(2), Duration::from_millis(50)), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let held = pool.claim().await.unwrap();
+    (pool, held)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_waits_for_a_returning_vm_when_that_is_sooner_than_creating_one() {
+    let (pool, held) = slow_creating_pool_with_its_vm_claimed().await;
+    let id = held.id.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.release().await;
+    });
+    let t = tokio::time::Instant::now();
+    let next = pool.claim().await.unwrap();
+    assert_eq!(next.id, id, "the recycled VM, not a new one");
+    assert!(next.warm());
+    assert!(t.elapsed() < Duration::from_millis(500), "waited {:?}, not a 2 s creation", t.elapsed());
+    let c = pool.status().counters;
+    assert_eq!((c.created, c.misses), (1, 0), "{c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_patient_claim_creates_once_no_vm_came_back_in_time() {
+    let (pool, _held) = slow_creating_pool_with_its_vm_claimed().await;
+    let t = tokio::time::Instant::now();
+    let next = pool.claim().await.unwrap();
+    assert!(!next.warm(), "a new VM");
+    // Patience: the 2 s a creation takes (under half the 5 s claim
+    // timeout), then the creation itself.
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_secs(4) && waited < Duration::from_secs(5), "waited {waited:?}");
+    assert_eq!(pool.status().counters.misses, 1);
+}
