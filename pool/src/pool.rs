@@ -240,20 +240,28 @@ impl<V> State<V> {
             && in_service > 0
     }
 
-    /// How long the next claim should wait for a VM coming back from a call
-    /// before it creates one: `Some` when one is expected back sooner than a
-    /// creation would take (a recycled VM is warm and costs a reset, a new
-    /// one costs a boot's CPU while the host is busiest). `None`: create.
-    /// At most half of the time the claim has `left`, so that it can still
-    /// create after its patience.
-    fn recycle_patience(&self, recycles: bool, left: Duration) -> Option<Duration> {
-        let create = self.create_secs?;
+    /// What a claim that found no ready VM should do, if it may create one
+    /// and has `left` before it gives up. A VM coming back from a call is
+    /// warm and costs a reset; a new one costs a boot's CPU while the host
+    /// is busiest, so the claim waits for one that is due sooner than a
+    /// creation would take (for at most half of its time, so that it can
+    /// still create after). A creation that cannot finish within the
+    /// claim's time is a queue of its own: the claim then queues (and
+    /// admission may refuse it) instead.
+    fn on_no_ready(&self, recycles: bool, left: Duration) -> NoReady {
         let returning = self.claimed + self.resetting;
-        if !recycles || returning == 0 {
-            return None;
+        let Some(create) = self.create_secs.filter(|_| recycles && returning > 0) else {
+            return NoReady::Create;
+        };
+        let (expected, left) = (expected_wait(self, self.waiters + 1).as_secs_f64(), left.as_secs_f64());
+        let limit = if create < left { create.min(left / 2.0) } else { left };
+        if expected < limit {
+            NoReady::Patient(Duration::from_secs_f64(limit))
+        } else if create < left {
+            NoReady::Create
+        } else {
+            NoReady::Queue
         }
-        let limit = create.min(left.as_secs_f64() / 2.0);
-        (expected_wait(self, self.waiters + 1).as_secs_f64() < limit).then(|| Duration::from_secs_f64(limit))
     }
 
     /// Nothing is in flight: no VM claimed, being reset, booted or destroyed.
@@ -643,8 +651,14 @@ impl<B: Backend> Pool<B> {
             self.inner.wake_replenisher.notify_one();
             return Ok(Step::Got(r, true));
         }
-        let patience = patient.and_then(|left| st.recycle_patience(self.inner.backend.recycles(), left));
-        if st.total() < self.inner.capacity() && !st.cpu_saturated(&self.inner.cfg) && patience.is_none() {
+        let plan =
+            patient.map_or(NoReady::Create, |left| st.on_no_ready(self.inner.backend.recycles(), left));
+        let patience = match plan {
+            NoReady::Patient(p) => Some(p),
+            NoReady::Create | NoReady::Queue => None,
+        };
+        if st.total() < self.inner.capacity() && !st.cpu_saturated(&self.inner.cfg) && plan == NoReady::Create
+        {
             st.booting += 1;
             st.counters.misses += 1;
             return Ok(Step::Create);
@@ -759,6 +773,16 @@ impl<B: Backend> Drop for WaiterGuard<'_, B> {
     fn drop(&mut self) {
         self.0.lock().waiters -= 1;
     }
+}
+
+/// See [`State::on_no_ready`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NoReady {
+    Create,
+    /// Wait this long for a returning VM, then create.
+    Patient(Duration),
+    /// Wait for a returning VM (or be refused by admission), never create.
+    Queue,
 }
 
 enum Step<B: Backend> {

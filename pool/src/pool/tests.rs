@@ -583,3 +583,48 @@ async fn a_patient_claim_creates_once_no_vm_came_back_in_time() {
     assert!(waited >= Duration::from_secs(4) && waited < Duration::from_secs(5), "waited {waited:?}");
     assert_eq!(pool.status().counters.misses, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn under_a_queue_wait_limit_a_claim_never_creates_what_would_take_longer() {
+    let c = PoolConfig {
+        min_size: 1,
+        max_size: 4,
+        target_free: 0,
+        max_queue_wait: Some(Duration::from_millis(1500)),
+        ..cfg()
+    };
+    let pool = Pool::start(FakeBackend::new(Duration::from_secs(2), Duration::from_millis(50)), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let held = pool.claim().await.unwrap();
+    let id = held.id.clone();
+    tokio::spawn(async move {
+        // Later than half the claim's 1.5 s, sooner than a 2 s creation.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        held.release().await;
+    });
+    let next = pool.claim().await.unwrap();
+    assert_eq!(next.id, id);
+    assert_eq!(pool.status().counters.created, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_capacity_a_claim_is_refused_rather_than_create_a_vm_slower_than_its_queue_limit() {
+    let c = PoolConfig {
+        min_size: 1,
+        max_size: 4,
+        target_free: 0,
+        max_queue_wait: Some(Duration::from_millis(800)),
+        ..cfg()
+    };
+    let pool = Pool::start(FakeBackend::new(Duration::from_secs(2), Duration::from_millis(50)), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let _held = pool.claim().await.unwrap();
+    // One VM returns about every second: the next claim would wait ~1 s,
+    // a creation takes 2 s; both are past the 0.8 s limit.
+    let t = tokio::time::Instant::now();
+    let err = pool.claim().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted { .. }), "{err}");
+    assert!(t.elapsed() < Duration::from_millis(100), "refused at once, not after {:?}", t.elapsed());
+    let c = pool.status().counters;
+    assert_eq!((c.created, c.refused_by_capacity), (1, 1), "{c:?}");
+}
