@@ -94,6 +94,8 @@ fn agent_error(vm: &str, e: AgentError) -> (ApiError, bool) {
             let broken = !matches!(r.code, ErrorCode::BadRequest | ErrorCode::SpawnFailed);
             (api, broken)
         }
+        // Our own bound, not the guest's fault: the VM stays.
+        AgentError::TooManyInFlight { .. } => (ApiError::busy("too_many_requests", e.to_string(), 1), false),
         other => (ApiError::vm_failed(format!("VM {vm}: {other}")), true),
     }
 }

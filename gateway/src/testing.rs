@@ -4,6 +4,7 @@
 //!
 //! Shell commands the fake understands: `echo TEXT`, `sleep` (until
 //! cancelled or timed out), `flood N` (N bytes, limited like the agent),
+//! `hostile-flood N` (N bytes ignoring the limit, as a guest root could),
 //! `binary` (bytes 0..=255), `stdin` (echoes stdin), `crash` (the agent
 //! dies), `exit N`. Anything else exits 0 silently. An argv whose program
 //! is `missing` fails to spawn.
@@ -212,8 +213,17 @@ async fn exec(id: u64, e: ExecRequest, tx: Out, mut cancel: mpsc::UnboundedRecei
                         let n = (kept - chunk * 1000).min(1000) as usize;
                         out(Stream::Stdout, vec![b'x'; n]);
                     }
-                    out(Stream::Stderr, b"done\n".to_vec());
-                    status.truncated = total > e.output_limit;
+                    // One budget for both streams, as the agent's.
+                    let room = (e.output_limit - kept).min(5) as usize;
+                    out(Stream::Stderr, b"done\n"[..room].to_vec());
+                    status.truncated = total + 5 > e.output_limit;
+                }
+                "hostile-flood" => {
+                    let total: u64 = rest.parse().unwrap_or(0);
+                    for chunk in 0..total.div_ceil(64_000) {
+                        let n = (total - chunk * 64_000).min(64_000) as usize;
+                        out(Stream::Stdout, vec![b'x'; n]);
+                    }
                 }
                 "sleep" => {
                     let limit = Duration::from_millis(e.timeout_ms);

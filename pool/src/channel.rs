@@ -18,7 +18,10 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _}
 use tokio::net::UnixStream;
 
 pub use cid::{CidAllocator, CidLease};
-pub use client::{AgentClient, AgentError, ExecEvent, ExecHandle, ExecOutput};
+pub use client::{
+    AgentClient, AgentError, CallTimeouts, ExecEvent, ExecHandle, ExecOutput, MAX_BUFFERED_PER_REQUEST,
+    MAX_IN_FLIGHT,
+};
 
 /// A channel kind as configured: `auto` picks from what the host has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -279,15 +279,43 @@ async fn body_limit_is_exact() {
 async fn output_limit_is_exact_and_non_utf8_output_survives() {
     let limits = Limits { max_output_bytes: 5000, ..Limits::default() };
     let f = fixture_with(limits, pool_config(), Functions::default());
-    let j = f.post_json("/v1/run", json!({"cmd": "flood 5000"})).await.json();
-    assert_eq!((j["stdout"].as_str().unwrap().len(), &j["truncated"]), (5000, &json!(false)));
-    let j = f.post_json("/v1/run", json!({"cmd": "flood 5001"})).await.json();
-    assert_eq!((j["stdout"].as_str().unwrap().len(), &j["truncated"]), (5000, &json!(true)));
+    // `flood N` prints N bytes and "done\n" on stderr: one budget for both.
+    let j = f.post_json("/v1/run", json!({"cmd": "flood 4995"})).await.json();
+    assert_eq!((j["stdout"].as_str().unwrap().len(), &j["truncated"]), (4995, &json!(false)));
+    assert_eq!(j["stderr"], "done\n");
+    let j = f.post_json("/v1/run", json!({"cmd": "flood 4996"})).await.json();
+    assert_eq!((j["stdout"].as_str().unwrap().len(), &j["truncated"]), (4996, &json!(true)));
+    assert_eq!(j["stderr"], "done");
 
     let j = f.post_json("/v1/run", json!({"cmd": "binary"})).await.json();
     let raw = base64::engine::general_purpose::STANDARD.decode(j["stdout_base64"].as_str().unwrap()).unwrap();
     assert_eq!(raw, (0..=255).collect::<Vec<u8>>());
     assert!(j["stdout"].as_str().unwrap().contains('\u{fffd}'));
+}
+
+#[tokio::test]
+async fn the_host_enforces_the_output_limit_when_the_guest_does_not() {
+    let limits = Limits { max_output_bytes: 5000, ..Limits::default() };
+    let f = fixture_with(limits, pool_config(), Functions::default());
+    // A little past the limit: cut to it on the host, marked truncated.
+    let j = f.post_json("/v1/run", json!({"cmd": "hostile-flood 6000"})).await.json();
+    assert_eq!((j["stdout"].as_str().unwrap().len(), &j["truncated"]), (5000, &json!(true)));
+    // Far past it: the call fails and the VM that sent it is destroyed.
+    let alive = f.agents.log().alive;
+    let r = f.post_json("/v1/run", json!({"cmd": "hostile-flood 50000000"})).await;
+    assert_eq!(r.error().0, 502, "{:?}", r.json());
+    assert!(
+        r.json()["error"]["message"].as_str().unwrap().contains("past the request's limit"),
+        "{:?}",
+        r.json()
+    );
+    for _ in 0..100 {
+        if f.agents.log().alive < alive || f.state.pool.status().counters.destroyed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(f.state.pool.status().counters.destroyed >= 1, "the VM was destroyed");
 }
 
 #[tokio::test]

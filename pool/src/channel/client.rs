@@ -15,7 +15,56 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<ResponseBody>>>>;
+/// What the reader passes to a request's waiter.
+#[derive(Debug)]
+enum Delivery {
+    Body(ResponseBody),
+    /// The agent sent more than the host buffers for one request while its
+    /// caller was not reading: the request is over, the VM suspect.
+    Overflow {
+        buffered: usize,
+    },
+}
+
+/// One request in flight: where its replies go, and the output bytes
+/// delivered but not yet taken by its caller.
+#[derive(Debug, Clone)]
+struct PendingCall {
+    tx: mpsc::UnboundedSender<Delivery>,
+    buffered: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, PendingCall>>>;
+
+/// Output bytes the host holds for one request whose caller has not read
+/// them yet (a slow HTTP client, say). Past it the request fails and the
+/// VM is treated as broken: the host trusts no guest to pace itself.
+pub const MAX_BUFFERED_PER_REQUEST: usize = 8 << 20;
+
+/// Requests in flight on one connection (a session's concurrent calls and
+/// their control requests); more are refused, not queued.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Stray error replies (no request id) kept for [`AgentClient::next_stray_error`];
+/// more are dropped.
+const MAX_STRAY: usize = 16;
+
+/// Deadlines of the agent's control requests: a hung or hostile agent costs
+/// one VM, never a stuck claim.
+#[derive(Debug, Clone, Copy)]
+pub struct CallTimeouts {
+    /// hello, configure, shutdown.
+    pub quick: Duration,
+    /// reset, scrub, write_files, detach/attach of the scratch disk (slow
+    /// storage such as zfs-fuse needs seconds).
+    pub slow: Duration,
+}
+
+impl Default for CallTimeouts {
+    fn default() -> Self {
+        Self { quick: Duration::from_secs(15), slow: Duration::from_secs(60) }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -27,6 +76,12 @@ pub enum AgentError {
     Remote(ErrorReply),
     #[error("agent did not answer {what} within {after:?}")]
     Timeout { what: &'static str, after: Duration },
+    #[error("agent sent {buffered} bytes for one request faster than they were read (limit {limit})")]
+    Overflow { buffered: usize, limit: usize },
+    #[error("{limit} requests are in flight on this VM's channel, the limit")]
+    TooManyInFlight { limit: usize },
+    #[error("agent sent {sent} bytes of output, past the request's limit of {limit}")]
+    OutputPastLimit { sent: u64, limit: u64 },
     #[error("agent channel I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -37,7 +92,10 @@ pub struct AgentClient {
     out: mpsc::Sender<Vec<u8>>,
     pending: Pending,
     /// Error replies the agent could not tie to a request (id 0).
-    stray: tokio::sync::Mutex<mpsc::UnboundedReceiver<ErrorReply>>,
+    stray: tokio::sync::Mutex<mpsc::Receiver<ErrorReply>>,
+    timeouts: CallTimeouts,
+    /// Set when the reader ends (hang-up, garbage): calls fail at once.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     next_id: AtomicU64,
     /// Whether the last command sent was a Python script: the reset's
     /// warm-up then warms the Python path (see `warm::warm_up`).
@@ -73,20 +131,37 @@ pub enum ExecEvent {
 #[derive(Debug)]
 pub struct ExecHandle {
     id: u64,
-    rx: mpsc::UnboundedReceiver<ResponseBody>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    buffered: Arc<std::sync::atomic::AtomicUsize>,
     out: mpsc::Sender<Vec<u8>>,
     finished: bool,
+    /// The request's output limit, enforced here too: bytes past it are
+    /// dropped (and the exit marked truncated); many past it end the call.
+    limit: u64,
+    received: u64,
+    truncated: bool,
 }
+
+/// Output past the limit that is dropped quietly before the call is ended
+/// as a protocol violation (the agent's own cap is exact; this is slack).
+const OUTPUT_SLACK: u64 = 64 << 10;
 
 impl AgentClient {
     pub fn new<S>(stream: S) -> Self
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::with_timeouts(stream, CallTimeouts::default())
+    }
+
+    pub fn with_timeouts<S>(stream: S, timeouts: CallTimeouts) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
         let pending: Pending = Arc::default();
-        let (stray_tx, stray_rx) = mpsc::unbounded_channel();
+        let (stray_tx, stray_rx) = mpsc::channel(MAX_STRAY);
         let writer = tokio::spawn(async move {
             while let Some(frame) = out_rx.recv().await {
                 if wr.write_all(&frame).await.is_err() {
@@ -95,6 +170,8 @@ impl AgentClient {
             }
         });
         let pend = Arc::clone(&pending);
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader_closed = Arc::clone(&closed);
         let reader = tokio::spawn(async move {
             let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
             let mut buf = vec![0u8; 64 * 1024];
@@ -104,24 +181,34 @@ impl AgentClient {
                     Ok(n) => n,
                 };
                 decoder.push(&buf[..n]);
+                let mut broken = false;
                 while let Some(frame) = decoder.next_frame() {
-                    let resp = match frame.and_then(|b| decode::<Response>(&b)) {
-                        Ok(r) => r,
+                    match frame.and_then(|b| decode::<Response>(&b)) {
+                        Ok(resp) => route(&pend, &stray_tx, resp),
                         Err(e) => {
-                            tracing::warn!(error = %e, "undecodable frame from agent");
-                            continue;
+                            // Our agent never sends one: the guest is not to
+                            // be trusted. Hang up; every waiter learns it.
+                            tracing::warn!(error = %e, "undecodable frame from the agent; closing its channel");
+                            broken = true;
+                            break;
                         }
-                    };
-                    route(&pend, &stray_tx, resp);
+                    }
+                }
+                if broken {
+                    break;
                 }
             }
             // Dropping every sender wakes every waiter with Disconnected.
-            pend.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            let mut map = pend.lock().unwrap_or_else(|p| p.into_inner());
+            reader_closed.store(true, Ordering::SeqCst);
+            map.clear();
         });
         Self {
             out,
             pending,
             stray: tokio::sync::Mutex::new(stray_rx),
+            timeouts,
+            closed,
             next_id: AtomicU64::new(1),
             last_exec_python: std::sync::atomic::AtomicBool::new(false),
             tasks: [reader, writer],
@@ -131,37 +218,64 @@ impl AgentClient {
     async fn start(
         &self,
         body: RequestBody,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<ResponseBody>), AgentError> {
+    ) -> Result<(u64, PendingCall, mpsc::UnboundedReceiver<Delivery>), AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode(&Request { id, body }).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let call = PendingCall { tx, buffered: Arc::default() };
+        {
+            let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(AgentError::Disconnected);
+            }
+            if map.len() >= MAX_IN_FLIGHT {
+                return Err(AgentError::TooManyInFlight { limit: MAX_IN_FLIGHT });
+            }
+            map.insert(id, call.clone());
+        }
         if self.out.send(frame).await.is_err() {
             self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             return Err(AgentError::Disconnected);
         }
-        Ok((id, rx))
+        Ok((id, call, rx))
     }
 
-    /// Send a request and wait for its single reply.
-    async fn call(&self, body: RequestBody) -> Result<ResponseBody, AgentError> {
-        let (_, mut rx) = self.start(body).await?;
-        match rx.recv().await {
-            Some(ResponseBody::Error(e)) => Err(AgentError::Remote(e)),
-            Some(r) => Ok(r),
+    /// Send a request and wait, at most `within`, for its single reply.
+    async fn call(
+        &self,
+        what: &'static str,
+        within: Duration,
+        body: RequestBody,
+    ) -> Result<ResponseBody, AgentError> {
+        let (id, _, mut rx) = self.start(body).await?;
+        let reply = tokio::time::timeout(within, rx.recv()).await;
+        if reply.is_err() {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+        match reply.map_err(|_| AgentError::Timeout { what, after: within })? {
+            Some(Delivery::Body(ResponseBody::Error(e))) => Err(AgentError::Remote(e)),
+            Some(Delivery::Body(r)) => Ok(r),
+            Some(Delivery::Overflow { buffered }) => {
+                Err(AgentError::Overflow { buffered, limit: MAX_BUFFERED_PER_REQUEST })
+            }
             None => Err(AgentError::Disconnected),
         }
     }
 
-    async fn call_ok(&self, body: RequestBody) -> Result<(), AgentError> {
-        match self.call(body).await? {
+    async fn call_ok(
+        &self,
+        what: &'static str,
+        within: Duration,
+        body: RequestBody,
+    ) -> Result<(), AgentError> {
+        match self.call(what, within, body).await? {
             ResponseBody::Ok => Ok(()),
-            other => Err(AgentError::Protocol(format!("expected ok, got {other:?}"))),
+            other => Err(AgentError::Protocol(format!("expected ok to {what}, got {other:?}"))),
         }
     }
 
     pub async fn hello(&self, nonce: u64) -> Result<HelloReply, AgentError> {
-        match self.call(RequestBody::Hello { nonce }).await? {
+        match self.call("hello", self.timeouts.quick, RequestBody::Hello { nonce }).await? {
             ResponseBody::Hello(h) if h.nonce == nonce => Ok(h),
             other => Err(AgentError::Protocol(format!("bad hello reply {other:?}"))),
         }
@@ -174,8 +288,18 @@ impl AgentClient {
 
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
         self.last_exec_python.store(matches!(req.command, ember_wire::Command::Python(_)), Ordering::Relaxed);
-        let (id, rx) = self.start(RequestBody::Exec(req)).await?;
-        Ok(ExecHandle { id, rx, out: self.out.clone(), finished: false })
+        let limit = req.output_limit;
+        let (id, call, rx) = self.start(RequestBody::Exec(req)).await?;
+        Ok(ExecHandle {
+            id,
+            rx,
+            buffered: call.buffered,
+            out: self.out.clone(),
+            finished: false,
+            limit,
+            received: 0,
+            truncated: false,
+        })
     }
 
     /// Run a command to completion and collect its output.
@@ -195,31 +319,31 @@ impl AgentClient {
     }
 
     pub async fn write_files(&self, files: Vec<FileSpec>) -> Result<(), AgentError> {
-        self.call_ok(RequestBody::WriteFiles { files }).await
+        self.call_ok("write_files", self.timeouts.slow, RequestBody::WriteFiles { files }).await
     }
 
     pub async fn configure(&self, cfg: Configure) -> Result<(), AgentError> {
-        self.call_ok(RequestBody::Configure(cfg)).await
+        self.call_ok("configure", self.timeouts.quick, RequestBody::Configure(cfg)).await
     }
 
     pub async fn reset(&self) -> Result<(), AgentError> {
-        self.call_ok(RequestBody::Reset {}).await
+        self.call_ok("reset", self.timeouts.slow, RequestBody::Reset {}).await
     }
 
     pub async fn scrub(&self) -> Result<(), AgentError> {
-        self.call_ok(RequestBody::Scrub {}).await
+        self.call_ok("scrub", self.timeouts.slow, RequestBody::Scrub {}).await
     }
 
     pub async fn detach_scratch(&self) -> Result<(), AgentError> {
-        self.call_ok(RequestBody::DetachScratch {}).await
+        self.call_ok("detach_scratch", self.timeouts.slow, RequestBody::DetachScratch {}).await
     }
 
     pub async fn attach_scratch(&self) -> Result<(), AgentError> {
-        self.call_ok(RequestBody::AttachScratch {}).await
+        self.call_ok("attach_scratch", self.timeouts.slow, RequestBody::AttachScratch {}).await
     }
 
     pub async fn shutdown(&self) -> Result<(), AgentError> {
-        self.call_ok(RequestBody::Shutdown {}).await
+        self.call_ok("shutdown", self.timeouts.quick, RequestBody::Shutdown {}).await
     }
 
     /// Close the connection now (its socket is dropped with the I/O tasks).
@@ -246,19 +370,31 @@ impl AgentClient {
     }
 }
 
-fn route(pending: &Pending, stray: &mpsc::UnboundedSender<ErrorReply>, resp: Response) {
+fn route(pending: &Pending, stray: &mpsc::Sender<ErrorReply>, resp: Response) {
     let terminal = !matches!(resp.body, ResponseBody::Output { .. });
     let mut map = pending.lock().unwrap_or_else(|p| p.into_inner());
-    let tx = if terminal { map.remove(&resp.id) } else { map.get(&resp.id).cloned() };
-    drop(map);
-    match (tx, resp.body) {
-        (Some(tx), body) => {
-            let _ = tx.send(body);
+    let call = if terminal { map.remove(&resp.id) } else { map.get(&resp.id).cloned() };
+    match (call, resp.body) {
+        (Some(call), ResponseBody::Output { stream, data }) => {
+            let buffered = call.buffered.fetch_add(data.len(), Ordering::Relaxed) + data.len();
+            if buffered > MAX_BUFFERED_PER_REQUEST {
+                // Ends the request: nothing more is delivered for it.
+                call.buffered.fetch_sub(data.len(), Ordering::Relaxed);
+                map.remove(&resp.id);
+                let _ = call.tx.send(Delivery::Overflow { buffered });
+            } else {
+                let _ = call.tx.send(Delivery::Body(ResponseBody::Output { stream, data }));
+            }
+        }
+        (Some(call), body) => {
+            let _ = call.tx.send(Delivery::Body(body));
         }
         (None, ResponseBody::Error(e)) => {
-            let _ = stray.send(e);
+            // Kept for tests of the agent's frame handling; a flood of them
+            // is dropped past a few.
+            let _ = stray.try_send(e);
         }
-        (None, body) => tracing::debug!(id = resp.id, ?body, "reply for no pending request"),
+        (None, _) => tracing::debug!(id = resp.id, "reply for no pending request dropped"),
     }
 }
 
@@ -268,23 +404,54 @@ impl ExecHandle {
     }
 
     pub async fn next(&mut self) -> Result<ExecEvent, AgentError> {
-        if self.finished {
-            return Err(AgentError::Protocol("exec already finished".into()));
-        }
-        match self.rx.recv().await {
-            Some(ResponseBody::Output { stream, data }) => Ok(ExecEvent::Output { stream, data }),
-            Some(ResponseBody::Exit(st)) => {
-                self.finished = true;
-                Ok(ExecEvent::Exit(st))
+        loop {
+            if self.finished {
+                return Err(AgentError::Protocol("exec already finished".into()));
             }
-            Some(ResponseBody::Error(e)) => {
-                self.finished = true;
-                Err(AgentError::Remote(e))
+            let delivery = self.rx.recv().await;
+            if let Some(Delivery::Body(ResponseBody::Output { data, .. })) = &delivery {
+                self.buffered.fetch_sub(data.len(), Ordering::Relaxed);
             }
-            Some(other) => Err(AgentError::Protocol(format!("unexpected reply to exec: {other:?}"))),
-            None => {
-                self.finished = true;
-                Err(AgentError::Disconnected)
+            match delivery {
+                Some(Delivery::Body(ResponseBody::Output { stream, mut data })) => {
+                    let before = self.received;
+                    self.received += data.len() as u64;
+                    if self.received <= self.limit {
+                        return Ok(ExecEvent::Output { stream, data });
+                    }
+                    self.truncated = true;
+                    if self.received > self.limit.saturating_add(OUTPUT_SLACK) {
+                        self.finished = true;
+                        let _ = self.cancel().await;
+                        return Err(AgentError::OutputPastLimit { sent: self.received, limit: self.limit });
+                    }
+                    data.truncate(self.limit.saturating_sub(before) as usize);
+                    if !data.is_empty() {
+                        return Ok(ExecEvent::Output { stream, data });
+                    }
+                }
+                Some(Delivery::Body(ResponseBody::Exit(mut st))) => {
+                    self.finished = true;
+                    st.truncated |= self.truncated;
+                    return Ok(ExecEvent::Exit(st));
+                }
+                Some(Delivery::Body(ResponseBody::Error(e))) => {
+                    self.finished = true;
+                    return Err(AgentError::Remote(e));
+                }
+                Some(Delivery::Body(other)) => {
+                    self.finished = true;
+                    return Err(AgentError::Protocol(format!("unexpected reply to exec: {other:?}")));
+                }
+                Some(Delivery::Overflow { buffered }) => {
+                    self.finished = true;
+                    let _ = self.cancel().await;
+                    return Err(AgentError::Overflow { buffered, limit: MAX_BUFFERED_PER_REQUEST });
+                }
+                None => {
+                    self.finished = true;
+                    return Err(AgentError::Disconnected);
+                }
             }
         }
     }
@@ -311,3 +478,6 @@ impl Drop for ExecHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod hostile;
