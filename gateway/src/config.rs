@@ -31,6 +31,9 @@ pub struct RawGateway {
     pub listen: Option<SocketAddr>,
     /// Directory of function directories (each with a `function.toml`).
     pub functions_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +60,9 @@ pub struct GatewayConfig {
     pub functions_dir: PathBuf,
     /// Whether `functions_dir` was named in the file (then it must exist).
     pub functions_dir_explicit: bool,
+    /// Deadline of a request head (and of an idle connection), and the cap
+    /// on open connections.
+    pub conn_limits: crate::http_server::ConnLimits,
 }
 
 /// Every per-request limit.
@@ -90,6 +96,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             functions_dir: PathBuf::from("functions-examples"),
             functions_dir_explicit: false,
+            conn_limits: crate::http_server::ConnLimits::default(),
         }
     }
 }
@@ -137,7 +144,20 @@ impl RawConfig {
             listen: self.gateway.listen.unwrap_or(dg.listen),
             functions_dir_explicit: self.gateway.functions_dir.is_some(),
             functions_dir: self.gateway.functions_dir.unwrap_or(dg.functions_dir),
+            conn_limits: crate::http_server::ConnLimits {
+                header_read_timeout: self
+                    .gateway
+                    .header_read_timeout
+                    .unwrap_or(dg.conn_limits.header_read_timeout),
+                max_connections: self.gateway.max_connections.unwrap_or(dg.conn_limits.max_connections),
+            },
         };
+        if gateway.conn_limits.header_read_timeout.is_zero() {
+            problems.push("gateway.header_read_timeout must be more than 0".into());
+        }
+        if gateway.conn_limits.max_connections == 0 {
+            problems.push("gateway.max_connections must be at least 1".into());
+        }
         if gateway.functions_dir_explicit && !gateway.functions_dir.is_dir() {
             problems.push(format!(
                 "gateway.functions_dir {} is not a directory",

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod functions;
+pub mod http_server;
 pub mod invoke;
 pub mod metrics;
 pub mod routes;

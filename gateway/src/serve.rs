@@ -73,7 +73,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cfg.pool.min_size
     );
     tokio::spawn(announce_ready(pool, addr));
-    let served = serve(listener, state, shutdown_signal()).await;
+    let served = serve(listener, state, cfg.gateway.conn_limits, shutdown_signal()).await;
     host.close().await;
     served?;
     println!("ember: stopped; every VM is gone");
@@ -126,6 +126,7 @@ async fn shutdown_signal() {
 pub async fn serve<B: Backend>(
     listener: TcpListener,
     state: AppState<B>,
+    limits: crate::http_server::ConnLimits,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
@@ -139,14 +140,16 @@ where
         drain_state.start_draining();
         let _ = stopping_tx.send(true);
     };
-    let mut server =
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(graceful).await });
+    let mut server = tokio::spawn(async move {
+        crate::http_server::serve_http(listener, app, limits, graceful).await;
+        Ok::<(), std::io::Error>(())
+    });
     let drain_timeout = state.pool.config().drain_timeout;
     tokio::select! {
         r = &mut server => {
             r.context("the server task failed")?.context("serving HTTP")?;
         }
-        _ = stopping.wait_for(|s| *s) => {
+        () = async { let _ = stopping.wait_for(|s| *s).await; } => {
             match tokio::time::timeout(drain_timeout, &mut server).await {
                 Ok(r) => r.context("the server task failed")?.context("serving HTTP")?,
                 Err(_) => {
