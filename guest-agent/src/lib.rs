@@ -108,6 +108,7 @@ pub async fn run(args: Args) -> std::io::Result<()> {
     setup::init_logging();
     let reaper = Reaper::start(ReapMode::All)?;
     let cgroups = setup::prepare_guest()?;
+    setup::limit_user_namespaces();
     let layout = GuestLayout::guest();
     let baseline = match Baseline::capture(&layout.scratch_dirs) {
         Ok(b) => Some(b),

@@ -153,6 +153,8 @@ pub struct RawVm {
     pub boot_timeout: Option<Duration>,
     pub images: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    /// Unprivileged user namespaces in the guest (off by default).
+    pub user_namespaces: Option<bool>,
 }
 
 /// The validated pool configuration.
@@ -326,6 +328,7 @@ impl RawConfig {
         vm.vcpus = v.vcpus.unwrap_or(vm.vcpus);
         vm.channel = v.channel.unwrap_or(vm.channel);
         vm.init_mode = v.init_mode.unwrap_or(vm.init_mode);
+        vm.user_namespaces = v.user_namespaces.unwrap_or(vm.user_namespaces);
         vm.accel = v.accel.unwrap_or(vm.accel);
         vm.boot_timeout = v.boot_timeout.unwrap_or(vm.boot_timeout);
         vm.state_dir = v.state_dir.unwrap_or(vm.state_dir);

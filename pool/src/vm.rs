@@ -447,6 +447,7 @@ impl Vm {
             cmdline: kernel_cmdline(
                 cfg.init_mode == InitMode::Full,
                 if accel == Accel::Tcg { accel::host_tsc_khz() } else { None },
+                cfg.user_namespaces,
             ),
             rootfs: cfg.images.rootfs.clone(),
             scratch_format: if raw_copy { "raw" } else { "qcow2" },

@@ -70,10 +70,14 @@ fn push(v: &mut Vec<OsString>, items: &[&str]) {
 /// calibrate it against the emulated PIT when the host is busy (several VMs
 /// booting at once); it then marks the TSC unstable and can hang for good.
 /// Giving it the frequency skips that calibration.
-pub fn kernel_cmdline(init_full: bool, tsc_khz: Option<u64>) -> String {
+pub fn kernel_cmdline(init_full: bool, tsc_khz: Option<u64>, user_namespaces: bool) -> String {
     let init = if init_full { "full" } else { "fast" };
     // panic=-1 + QEMU's -no-reboot: a guest that panics makes QEMU exit.
     let mut c = format!("console=ttyS0 quiet loglevel=3 panic=-1 reboot=t ember.init={init}");
+    // The agent turns unprivileged user namespaces off unless this is set.
+    if user_namespaces {
+        c.push_str(" ember.userns=on");
+    }
     if let Some(khz) = tsc_khz {
         c.push_str(&format!(" tsc_early_khz={khz}"));
     }
@@ -221,7 +225,7 @@ mod tests {
             vcpus: 1,
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
-            cmdline: kernel_cmdline(false, None),
+            cmdline: kernel_cmdline(false, None, false),
             rootfs: "/img/rootfs.ext4".into(),
             scratch: "/run/vm1/scratch.qcow2".into(),
             scratch_format: "qcow2",
@@ -291,8 +295,11 @@ mod tests {
         assert!(v.contains("-accel kvm -cpu host"));
         assert!(v.contains("-device vhost-vsock-device,guest-cid=7"));
         assert!(v.contains("-netdev hubport,id=n0,hubid=0 -device virtio-net-device,netdev=n0"));
-        assert!(kernel_cmdline(true, None).ends_with("ember.init=full"));
-        assert!(kernel_cmdline(false, Some(2596100)).ends_with("ember.init=fast tsc_early_khz=2596100"));
+        assert!(kernel_cmdline(true, None, false).ends_with("ember.init=full"));
+        assert!(
+            kernel_cmdline(false, Some(2596100), false).ends_with("ember.init=fast tsc_early_khz=2596100")
+        );
+        assert!(kernel_cmdline(false, None, true).ends_with("ember.init=fast ember.userns=on"));
     }
 
     #[test]

@@ -112,6 +112,10 @@ pub struct VmConfig {
     pub vhost_device_vsock: PathBuf,
     /// Give the guest a NIC on an isolated hub (for `configure` tests).
     pub isolated_nic: bool,
+    /// Let unprivileged guest users create user namespaces. Off by default:
+    /// they are where most guest-kernel privilege escalations start, and a
+    /// guest root is one step closer to the host's QEMU.
+    pub user_namespaces: bool,
     /// QEMU drops to this user after start-up (only when ember runs as root).
     pub qemu_user: Option<String>,
     pub scratch: ScratchKind,
@@ -140,6 +144,7 @@ impl VmConfig {
             qemu_img: "qemu-img".into(),
             vhost_device_vsock: "vhost-device-vsock".into(),
             isolated_nic: false,
+            user_namespaces: false,
             qemu_user: nix::unistd::geteuid().is_root().then(|| "nobody".to_string()),
             scratch: ScratchKind::Overlay,
             storage: crate::storage::StorageConfig::File,

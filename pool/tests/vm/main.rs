@@ -179,6 +179,31 @@ async fn user_is_unprivileged_and_root_is_read_only(vm: &Vm) -> anyhow::Result<(
     Ok(())
 }
 
+/// The guest user may not make user namespaces unless the host allows it
+/// (`[vm] user_namespaces`): `unshare --user` fails, the sysctl says 0.
+async fn user_namespaces_are_off(vm: &Vm) -> anyhow::Result<()> {
+    user_namespaces_are(vm, false).await
+}
+
+async fn user_namespaces_are(vm: &Vm, on: bool) -> anyhow::Result<()> {
+    let out =
+        run(vm, "cat /proc/sys/user/max_user_namespaces; id -u; unshare --user --map-root-user id -u 2>&1")
+            .await?;
+    let s = String::from_utf8(out.stdout)?;
+    let mut lines = s.lines();
+    let max = lines.next().unwrap_or_default();
+    ensure!(lines.next() == Some("1000"), "{s}");
+    if on {
+        ensure!(max != "0", "{s}");
+        ensure!(lines.next() == Some("0"), "root inside its own user namespace: {s}");
+        ensure!(out.status.code == Some(0), "{s}");
+    } else {
+        ensure!(max == "0", "{s}");
+        ensure!(out.status.code != Some(0), "unshare --user worked: {s}");
+    }
+    Ok(())
+}
+
 async fn pids_limit_contains_a_fork_bomb(vm: &Vm) -> anyhow::Result<()> {
     let mut req = sh("b() { b | b & }; b; sleep 2; echo survived");
     req.pids_limit = Some(64);
@@ -818,6 +843,7 @@ const VM_CASES: &[(&str, VmCase)] = vm_cases![
     output_cap,
     write_files_and_read_back,
     user_is_unprivileged_and_root_is_read_only,
+    user_namespaces_are_off,
     pids_limit_contains_a_fork_bomb,
     requests_run_concurrently,
     cancel_kills_the_command,
@@ -882,6 +908,18 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         for vm in vms {
             vm.shutdown().await;
         }
+        let userns = {
+            let mut c = config(ChannelChoice::Serial, InitMode::Fast, false);
+            c.user_namespaces = true;
+            VmHost::new(c, false)?
+        };
+        let allowed = async {
+            let vm = userns.boot().await.context("booting a VM with user namespaces on")?;
+            let checked = user_namespaces_are(&vm, true).await;
+            vm.shutdown().await;
+            checked
+        };
+        report.run("user_namespaces_when_allowed [serial]", Box::pin(allowed)).await;
         report.run("crash_is_detected [serial]", Box::pin(crash_is_detected(&serial))).await;
         report.run("crash_is_detected [hybrid-vsock]", Box::pin(crash_is_detected(&hybrid))).await;
         report
