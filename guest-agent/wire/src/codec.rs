@@ -59,12 +59,6 @@ impl FrameDecoder {
         self.buf.extend_from_slice(data);
     }
 
-    /// Forget any partial frame (after the transport reconnects).
-    pub fn reset(&mut self) {
-        self.buf.clear();
-        self.skip = 0;
-    }
-
     /// Bytes buffered but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len()

@@ -67,6 +67,13 @@ impl VmHost {
         });
         let storage = OnceCell::new();
         let runner: Arc<dyn Runner> = Arc::new(ProcessRunner { timeout: std::time::Duration::from_secs(60) });
+        if reaped.vm_dirs > 0 || reaped.processes > 0 {
+            tracing::info!(
+                vm_dirs = reaped.vm_dirs,
+                processes = reaped.processes,
+                "reaped what a crashed run left behind"
+            );
+        }
         Ok(Arc::new(Self { config, state, cids, channel, accel, reaped, qemu_ids, storage, runner }))
     }
 

@@ -21,13 +21,16 @@ pub enum QmpError {
 pub struct Qmp<S> {
     stream: BufReader<S>,
     next_id: u64,
-    events: Vec<Value>,
+    events: std::collections::VecDeque<Value>,
 }
+
+/// Asynchronous events kept between commands; older ones are dropped.
+pub const MAX_EVENTS: usize = 64;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
     /// Read the greeting and negotiate capabilities.
     pub async fn handshake(stream: S) -> Result<Self, QmpError> {
-        let mut q = Self { stream: BufReader::new(stream), next_id: 1, events: Vec::new() };
+        let mut q = Self { stream: BufReader::new(stream), next_id: 1, events: Default::default() };
         let greeting = q.read_message().await?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
@@ -67,7 +70,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
-                self.events.push(reply);
+                // Kept for a reader that may never come: the newest only.
+                if self.events.len() >= MAX_EVENTS {
+                    self.events.pop_front();
+                }
+                self.events.push_back(reply);
                 continue;
             }
             if reply.get("id").and_then(Value::as_u64) != Some(id) {
@@ -104,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
     }
 
     pub fn take_events(&mut self) -> Vec<Value> {
-        std::mem::take(&mut self.events)
+        std::mem::take(&mut self.events).into()
     }
 }
 
@@ -187,5 +194,41 @@ mod tests {
         server.await.unwrap();
         // The server hung up: quit treats that as success, others as Closed.
         assert!(matches!(q.status().await, Err(QmpError::Closed) | Err(QmpError::Io(_))));
+    }
+}
+
+#[cfg(test)]
+mod bounded {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_nobody_takes_are_bounded() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+            b.write_all(b"{\"QMP\": {}}\n").await.unwrap();
+            let mut r = BufReader::new(b);
+            for _ in 0..2 {
+                let mut line = String::new();
+                r.read_line(&mut line).await.unwrap();
+                let req: Value = serde_json::from_str(&line).unwrap();
+                let mut out = String::new();
+                if req["execute"] == "query-status" {
+                    // A hostile or chatty guest: a thousand events first.
+                    for _ in 0..1000 {
+                        out.push_str("{\"event\": \"X\", \"timestamp\": {}}\n");
+                    }
+                }
+                out.push_str(&format!(
+                    "{{\"return\": {{\"status\": \"running\"}}, \"id\": {}}}\n",
+                    req["id"]
+                ));
+                r.get_mut().write_all(out.as_bytes()).await.unwrap();
+            }
+        });
+        let mut q = Qmp::handshake(a).await.unwrap();
+        q.status().await.unwrap();
+        assert_eq!(q.take_events().len(), MAX_EVENTS);
+        server.await.unwrap();
     }
 }
