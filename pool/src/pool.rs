@@ -218,6 +218,8 @@ struct State<V> {
     create_secs: Option<f64>,
     /// Creations that failed since the last one that worked (backoff).
     create_failures_since_success: u32,
+    /// After failures, no creation starts before this.
+    create_retry_at: Option<Instant>,
     counters: PoolCounters,
     cpu: CpuSummary,
     /// The host's CPU use at the last sizer decision, and a value tests set.
@@ -262,6 +264,11 @@ impl<V> State<V> {
         } else {
             NoReady::Queue
         }
+    }
+
+    /// Whether a creation may start now (not within a failure backoff).
+    fn may_create(&self, now: Instant) -> bool {
+        self.create_retry_at.is_none_or(|t| now >= t)
     }
 
     /// Nothing is in flight: no VM claimed, being reset, booted or destroyed.
@@ -373,6 +380,59 @@ impl<B: Backend> Inner<B> {
         CpuSummary::add(&mut st.create_secs, took.as_secs_f64());
     }
 
+    /// Make one VM, counted as booting by the caller: the one create path,
+    /// with the same bookkeeping for replenishment and on-demand claims
+    /// (counters, creation time and CPU, the failure backoff). `place`
+    /// puts the new VM where it goes, under the same lock that ends its
+    /// boot, so the counts never see it twice or nowhere.
+    async fn create_vm<T>(
+        self: &Arc<Self>,
+        place: impl FnOnce(&mut State<B::Vm>, B::Vm) -> T,
+    ) -> Result<T, PoolError> {
+        let started = Instant::now();
+        let result = self.backend.create().await;
+        let took = started.elapsed();
+        self.emit(PoolEvent::Created { took, ok: result.is_ok() });
+        if let Ok(vm) = &result {
+            self.note_created(vm, took);
+        }
+        let (outcome, doomed) = {
+            let mut st = self.lock();
+            st.booting -= 1;
+            match result {
+                Ok(vm) => {
+                    st.counters.created += 1;
+                    st.create_failures_since_success = 0;
+                    st.create_retry_at = None;
+                    if st.draining {
+                        (Err(PoolError::Draining), Some(vm))
+                    } else {
+                        (Ok(place(&mut st, vm)), None)
+                    }
+                }
+                Err(e) => {
+                    st.counters.create_failures += 1;
+                    st.create_failures_since_success += 1;
+                    let backoff = create_backoff(st.create_failures_since_success);
+                    st.create_retry_at = Some(Instant::now() + backoff);
+                    tracing::warn!(error = %e, ?backoff, "creating a VM failed");
+                    (Err(e), None)
+                }
+            }
+        };
+        if let Some(vm) = doomed {
+            self.backend.destroy(vm).await;
+            self.lock().counters.destroyed += 1;
+        }
+        let idle = self.lock().is_idle();
+        self.changed.notify_waiters();
+        self.wake_replenisher.notify_one();
+        if idle {
+            self.idle.notify_waiters();
+        }
+        outcome
+    }
+
     fn note_out_of_pool(&self, secs: f64) {
         let mut st = self.lock();
         st.out_of_pool_secs =
@@ -435,6 +495,7 @@ impl<B: Backend> Pool<B> {
             sizer: SizerState::default(),
             out_of_pool_secs: 0.0,
             create_secs: None,
+            create_retry_at: None,
             create_failures_since_success: 0,
             counters: PoolCounters::default(),
             cpu: CpuSummary::default(),
@@ -586,7 +647,13 @@ impl<B: Backend> Pool<B> {
                 }
                 Err(e) => return Err(e),
             }
-            let wake = patience.filter(|&p| p > Instant::now()).map_or(deadline, |p| p.min(deadline));
+            // Look again when patience or a creation backoff ends.
+            let retry = self.inner.lock().create_retry_at;
+            let wake = [patience, retry]
+                .into_iter()
+                .flatten()
+                .filter(|&t| t > Instant::now())
+                .fold(deadline, Instant::min);
             if tokio::time::timeout_at(wake, changed).await.is_err() && Instant::now() >= deadline {
                 return Err(self.inner.exhausted(&mut self.inner.lock(), started.elapsed()));
             }
@@ -657,7 +724,10 @@ impl<B: Backend> Pool<B> {
             NoReady::Patient(p) => Some(p),
             NoReady::Create | NoReady::Queue => None,
         };
-        if st.total() < self.inner.capacity() && !st.cpu_saturated(&self.inner.cfg) && plan == NoReady::Create
+        if st.total() < self.inner.capacity()
+            && !st.cpu_saturated(&self.inner.cfg)
+            && plan == NoReady::Create
+            && st.may_create(Instant::now())
         {
             st.booting += 1;
             st.counters.misses += 1;
@@ -693,31 +763,14 @@ impl<B: Backend> Pool<B> {
 
     async fn create_on_demand(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
-        let created = self.inner.backend.create().await;
-        self.inner.emit(PoolEvent::Created { took: started.elapsed(), ok: created.is_ok() });
-        if let Ok(vm) = &created {
-            self.inner.note_created(vm, started.elapsed());
-        }
-        let mut st = self.inner.lock();
-        st.booting -= 1;
-        match created {
-            Ok(vm) => {
-                st.counters.created += 1;
-                if st.draining {
-                    drop(st);
-                    self.inner.destroy_later(vm);
-                    return Err(PoolError::Draining);
-                }
+        let vm = self
+            .inner
+            .create_vm(|st, vm| {
                 st.claimed += 1;
-                Ok(Lease::new(Arc::clone(&self.inner), vm, 0, false, started, want))
-            }
-            Err(e) => {
-                st.counters.create_failures += 1;
-                drop(st);
-                self.inner.changed.notify_waiters();
-                Err(e)
-            }
-        }
+                vm
+            })
+            .await?;
+        Ok(Lease::new(Arc::clone(&self.inner), vm, 0, false, started, want))
     }
 
     /// Stop: refuse new claims, let claimed VMs come back (and VMs being
@@ -774,6 +827,14 @@ impl<B: Backend> Drop for WaiterGuard<'_, B> {
         self.0.lock().waiters -= 1;
     }
 }
+
+/// The pause after `failures` creations failed in a row: 200 ms doubling,
+/// at most [`MAX_CREATE_BACKOFF`].
+fn create_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64 << failures.min(7)).min(MAX_CREATE_BACKOFF)
+}
+
+const MAX_CREATE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// See [`State::on_no_ready`].
 #[derive(Debug, Clone, Copy, PartialEq)]

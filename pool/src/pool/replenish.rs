@@ -3,7 +3,6 @@
 //! target, a bounded number at a time, or destroys surplus ready ones.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -12,12 +11,10 @@ use crate::sizer::{self, Observed, SizerLimits};
 
 /// Assumed time out of the pool before any use was measured.
 const INITIAL_OUT_OF_POOL_SECS: f64 = 1.0;
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub(super) async fn run<B: Backend>(inner: Arc<Inner<B>>) {
     let mut next_decision = Instant::now();
     let mut stop = inner.stop.subscribe();
-    let mut retry_at: Option<Instant> = None;
     loop {
         let wake = inner.wake_replenisher.notified();
         tokio::pin!(wake);
@@ -30,19 +27,12 @@ pub(super) async fn run<B: Backend>(inner: Arc<Inner<B>>) {
         if inner.lock().draining {
             return;
         }
-        // After failures, creation pauses (exponential backoff); when a
-        // pause ends, one round of attempts is allowed.
-        let failures = inner.lock().create_failures_since_success;
-        if failures == 0 {
-            retry_at = None;
-        } else if retry_at.is_none() {
-            let backoff = Duration::from_millis(100u64 << failures.min(7)).min(MAX_BACKOFF);
-            retry_at = Some(now + backoff);
-        }
-        let may_create = retry_at.is_none_or(|t| now >= t);
-        if may_create && failures > 0 {
-            retry_at = None;
-        }
+        // After failures, creation pauses (exponential backoff, kept in
+        // the pool's state so claims respect it too).
+        let (may_create, retry_at) = {
+            let st = inner.lock();
+            (st.may_create(now), st.create_retry_at.filter(|&t| t > now))
+        };
         let (create, surplus) = plan(&inner, may_create);
         for vm in surplus {
             inner.destroy_later(vm);
@@ -124,42 +114,6 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
 
 /// Create one VM into the ready set.
 async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
-    let started = tokio::time::Instant::now();
-    let result = inner.backend.create().await;
-    inner.emit(super::PoolEvent::Created { took: started.elapsed(), ok: result.is_ok() });
-    if let Ok(vm) = &result {
-        inner.note_created(vm, started.elapsed());
-    }
-    let doomed = {
-        let mut st = inner.lock();
-        st.booting -= 1;
-        match result {
-            Ok(vm) => {
-                st.counters.created += 1;
-                st.create_failures_since_success = 0;
-                if st.draining {
-                    Some(vm)
-                } else {
-                    st.ready.push_back(ReadyVm { vm, uses: 0, warm_for: None });
-                    None
-                }
-            }
-            Err(e) => {
-                st.counters.create_failures += 1;
-                st.create_failures_since_success += 1;
-                tracing::warn!(error = %e, "creating a VM for the pool failed");
-                None
-            }
-        }
-    };
-    if let Some(vm) = doomed {
-        inner.backend.destroy(vm).await;
-        inner.lock().counters.destroyed += 1;
-    }
-    let idle = inner.lock().is_idle();
-    inner.changed.notify_one();
-    inner.wake_replenisher.notify_one();
-    if idle {
-        inner.idle.notify_waiters();
-    }
+    // Failures are counted, logged and backed off by `create_vm`.
+    let _ = inner.create_vm(|st, vm| st.ready.push_back(ReadyVm { vm, uses: 0, warm_for: None })).await;
 }

@@ -628,3 +628,51 @@ async fn past_capacity_a_claim_is_refused_rather_than_create_a_vm_slower_than_it
     let c = pool.status().counters;
     assert_eq!((c.created, c.refused_by_capacity), (1, 1), "{c:?}");
 }
+
+/// When each creation attempt ended, and whether it worked.
+fn record_creations(pool: &Pool<FakeBackend>) -> Arc<std::sync::Mutex<Vec<(tokio::time::Instant, bool)>>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    pool.observe(Arc::new(move |e| {
+        if let PoolEvent::Created { ok, .. } = e {
+            s.lock().unwrap().push((tokio::time::Instant::now(), ok));
+        }
+    }));
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_creations_back_off_exponentially_in_time() {
+    let b = backend(); // creating takes 500 ms
+    b.state.fail_creates.store(3, Ordering::SeqCst);
+    let pool = Pool::start(b, PoolConfig { min_size: 1, max_size: 1, target_free: 0, ..cfg() }, 256);
+    let seen = record_creations(&pool);
+    until(&pool, "recovered", |s| s.ready == 1).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|e| e.1).collect::<Vec<_>>(), [false, false, false, true]);
+    // Between attempts: the 500 ms creation plus a pause of 200, 400, 800 ms.
+    for (i, w) in seen.windows(2).enumerate() {
+        let gap = w[1].0 - w[0].0;
+        let least = Duration::from_millis(500 + (200 << i));
+        assert!(gap >= least, "attempt {}: {gap:?} after the previous, expected at least {least:?}", i + 2);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_demand_creations_share_the_backoff() {
+    let b = backend();
+    b.state.fail_creates.store(2, Ordering::SeqCst);
+    let pool = Pool::start(b, PoolConfig { min_size: 0, target_free: 0, ..cfg() }, 256);
+    let t = tokio::time::Instant::now();
+    assert!(matches!(pool.claim().await, Err(PoolError::Create(_))));
+    assert_eq!(pool.status().counters.create_failures, 1);
+    let first = t.elapsed();
+    // The next claim waits out the 200 ms pause before it tries again.
+    assert!(matches!(pool.claim().await, Err(PoolError::Create(_))));
+    assert!(t.elapsed() >= first + Duration::from_millis(700), "{:?}", t.elapsed());
+    // A success clears the backoff for everyone.
+    let l = pool.claim().await.unwrap();
+    assert!(!l.warm());
+    let c = pool.status().counters;
+    assert_eq!((c.create_failures, c.created), (2, 1));
+}

@@ -139,7 +139,9 @@ mod tests {
         // A process whose command line names the VM dir, in its own group.
         let mut victim = std::process::Command::new("/bin/sh");
         std::os::unix::process::CommandExt::process_group(&mut victim, 0);
-        let mut victim = victim.args(["-c", "sleep 60", vm.to_str().unwrap()]).spawn().unwrap();
+        // Two commands, so the shell stays (a lone `sleep 60` may be exec'd
+        // in its place, and then no command line names the VM dir).
+        let mut victim = victim.args(["-c", "sleep 60; true", vm.to_str().unwrap()]).spawn().unwrap();
         // And one that does not: a recycled pid must be left alone.
         let mut bystander = std::process::Command::new("/bin/sleep").arg("60").spawn().unwrap();
         record_pid(&vm, victim.id()).unwrap();
