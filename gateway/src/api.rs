@@ -378,11 +378,7 @@ pub enum StreamEvent {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-}
+pub use crate::error::ErrorBody;
 
 /// Session keys: what a header may carry, and short enough to log.
 pub fn check_session_key(key: &str) -> Result<(), ApiError> {

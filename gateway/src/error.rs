@@ -4,7 +4,9 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_pool::pool::PoolError;
-use serde::Serialize;
+use ember_pool::AgentError;
+use ember_wire::ErrorCode;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -16,15 +18,17 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
+/// What `{"error": ...}` holds, in a JSON answer and as an NDJSON stream's
+/// last line: the one definition of the error shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
 }
 
 #[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
+struct Body {
+    error: ErrorBody,
 }
 
 impl ApiError {
@@ -55,9 +59,35 @@ impl ApiError {
         Self::new(StatusCode::BAD_GATEWAY, "vm_failed", message)
     }
 
-    /// The JSON body alone (NDJSON streams end with it after a 200).
+    /// What goes under `"error"`.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { code: self.code.into(), message: self.message.clone() }
+    }
+
+    /// The whole JSON body, `{"error": {...}}`.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+        serde_json::to_value(Body { error: self.body() }).unwrap_or_default()
+    }
+
+    /// An error from VM `vm`'s agent, as the caller sees it, and whether
+    /// the VM can no longer be trusted (then it is destroyed).
+    pub fn from_agent(vm: &str, e: AgentError) -> (Self, bool) {
+        match e {
+            AgentError::Remote(r) => {
+                let api = match r.code {
+                    ErrorCode::BadRequest => Self::new(StatusCode::BAD_REQUEST, "invalid_request", r.message),
+                    ErrorCode::SpawnFailed => {
+                        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed", r.message)
+                    }
+                    _ => Self::vm_failed(format!("VM {vm}: {}", r.message)),
+                };
+                let broken = !matches!(r.code, ErrorCode::BadRequest | ErrorCode::SpawnFailed);
+                (api, broken)
+            }
+            // Our own bound, not the guest's fault: the VM stays.
+            AgentError::TooManyInFlight { .. } => (Self::busy("too_many_requests", e.to_string(), 1), false),
+            other => (Self::vm_failed(format!("VM {vm}: {other}")), true),
+        }
     }
 }
 
@@ -69,8 +99,7 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { error: Inner { code: self.code, message: &self.message } };
-        let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        let bytes = serde_json::to_vec(&Body { error: self.body() }).unwrap_or_else(|_| b"{}".to_vec());
         let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -126,5 +155,26 @@ mod tests {
             let a = ApiError::from(e);
             assert_eq!((a.status.as_u16(), a.retry_after), (status, retry), "{a}");
         }
+    }
+
+    #[test]
+    fn agent_errors_map_to_statuses_and_say_whether_the_vm_broke() {
+        let remote = |code| AgentError::Remote(ember_wire::ErrorReply { code, message: "m".into() });
+        let cases = [
+            (remote(ErrorCode::BadRequest), 400, false),
+            (remote(ErrorCode::SpawnFailed), 422, false),
+            (remote(ErrorCode::Internal), 502, true),
+            (AgentError::TooManyInFlight { limit: 64 }, 429, false),
+            (AgentError::OutputPastLimit { sent: 9, limit: 1 }, 502, true),
+            (AgentError::Overflow { buffered: 9, limit: 1 }, 502, true),
+            (AgentError::Disconnected, 502, true),
+            (AgentError::Timeout { what: "hello", after: Duration::from_secs(1) }, 502, true),
+        ];
+        for (e, status, broken) in cases {
+            let (a, b) = ApiError::from_agent("vm-1", e);
+            assert_eq!((a.status.as_u16(), b), (status, broken), "{a}");
+        }
+        let j = ApiError::bad_request("x").to_json();
+        assert_eq!(j, serde_json::json!({"error": {"code": "bad_request", "message": "x"}}));
     }
 }

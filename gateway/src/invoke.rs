@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ember_pool::pool::{Backend, Lease, SessionLease};
 use ember_pool::{AgentClient, AgentError, ExecEvent};
-use ember_wire::{ErrorCode, ExitStatus};
+use ember_wire::ExitStatus;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -74,29 +74,6 @@ pub struct Running<B: Backend> {
 impl<B: Backend> std::fmt::Debug for Running<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Running").field("id", &self.id).field("vm", &self.vm_id).finish()
-    }
-}
-
-/// An error from the agent, as the caller sees it; `broken` says whether
-/// the VM can no longer be trusted.
-fn agent_error(vm: &str, e: AgentError) -> (ApiError, bool) {
-    match e {
-        AgentError::Remote(r) => {
-            let api = match r.code {
-                ErrorCode::BadRequest => {
-                    ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_request", r.message)
-                }
-                ErrorCode::SpawnFailed => {
-                    ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed", r.message)
-                }
-                _ => ApiError::vm_failed(format!("VM {vm}: {}", r.message)),
-            };
-            let broken = !matches!(r.code, ErrorCode::BadRequest | ErrorCode::SpawnFailed);
-            (api, broken)
-        }
-        // Our own bound, not the guest's fault: the VM stays.
-        AgentError::TooManyInFlight { .. } => (ApiError::busy("too_many_requests", e.to_string(), 1), false),
-        other => (ApiError::vm_failed(format!("VM {vm}: {other}")), true),
     }
 }
 
@@ -279,7 +256,7 @@ where
 
     /// Turn an agent error into the caller's; destroy the VM if it broke.
     fn fail(&mut self, e: AgentError) -> ApiError {
-        let (api, broken) = agent_error(&self.vm_id, e);
+        let (api, broken) = ApiError::from_agent(&self.vm_id, e);
         self.state.metrics.invocation("error", None);
         tracing::warn!(error = %api, broken, "invocation failed");
         if broken {

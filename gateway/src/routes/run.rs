@@ -249,9 +249,7 @@ where
                     break;
                 }
                 Err(e) => {
-                    pending.push(StreamEvent::Error {
-                        error: crate::api::ErrorBody { code: e.code.into(), message: e.message },
-                    });
+                    pending.push(StreamEvent::Error { error: e.body() });
                     break;
                 }
             }
