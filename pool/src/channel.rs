@@ -86,7 +86,7 @@ impl HostChannels {
     pub fn probe(vhost_device_vsock: &Path) -> Self {
         Self {
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
-            vhost_device_vsock: crate::vm::find_program(vhost_device_vsock).is_some(),
+            vhost_device_vsock: crate::os::find_program(vhost_device_vsock).is_some(),
         }
     }
 }

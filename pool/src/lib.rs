@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod config;
+pub mod os;
 pub mod pool;
 pub mod procfs;
 pub mod sizer;

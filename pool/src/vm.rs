@@ -19,13 +19,14 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
+pub use crate::os::{find_program, processes_mentioning, wait_until};
 pub use accel::Accel;
 pub use argv::{kernel_cmdline, qemu_argv, vhost_vsock_argv, ChannelDevice, MemoryBacking, QemuArgs};
 pub use config::{
     default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, ScratchKind, VmConfig,
 };
 pub use host::VmHost;
-pub use process::{find_program, processes_mentioning, run_tool, wait_until, OwnedProcess};
+pub use process::OwnedProcess;
 pub use qmp::{Qmp, QmpError};
 pub use state::{ReapReport, StateDir};
 pub use steps::{describe as describe_steps, Step, Steps};
@@ -405,18 +406,11 @@ impl Vm {
                 BootPlan::Restore(t) => (dir.join("scratch.qcow2"), t.disk.clone(), "qcow2"),
                 BootPlan::Cold => (dir.join("scratch.qcow2"), cfg.images.scratch.clone(), "raw"),
             };
-            let overlay_args: Vec<std::ffi::OsString> = vec![
-                "create".into(),
-                "-q".into(),
-                "-f".into(),
-                "qcow2".into(),
-                "-F".into(),
-                backing_format.into(),
-                "-b".into(),
-                backing.into(),
-                path.clone().into(),
-            ];
-            run_tool(&cfg.qemu_img, &overlay_args, Duration::from_secs(10)).await.map_err(VmError::Tool)?;
+            let qemu_img = cfg.qemu_img.to_string_lossy();
+            host.runner()
+                .run(&qemu_img, &argv::qemu_img_overlay_args(&backing, backing_format, &path))
+                .await
+                .map_err(|e| VmError::Tool(e.to_string()))?;
             Ok::<_, VmError>((None, path, disk_started.elapsed()))
         };
         let (disk, channel) =

@@ -2,7 +2,7 @@
 //! so tests can assert the exact argv.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::Accel;
 
@@ -82,6 +82,23 @@ pub fn kernel_cmdline(init_full: bool, tsc_khz: Option<u64>, user_namespaces: bo
         c.push_str(&format!(" tsc_early_khz={khz}"));
     }
     c
+}
+
+/// `qemu-img create` of a VM's writable qcow2 layer over `backing`.
+pub fn qemu_img_overlay_args(backing: &Path, backing_format: &str, overlay: &Path) -> Vec<String> {
+    [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        backing_format,
+        "-b",
+        &backing.to_string_lossy(),
+        &overlay.to_string_lossy(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
@@ -300,6 +317,11 @@ mod tests {
             kernel_cmdline(false, Some(2596100), false).ends_with("ember.init=fast tsc_early_khz=2596100")
         );
         assert!(kernel_cmdline(false, None, true).ends_with("ember.init=fast ember.userns=on"));
+        assert_eq!(
+            qemu_img_overlay_args(Path::new("/c/t.qcow2"), "qcow2", Path::new("/r/vm/scratch.qcow2"))
+                .join(" "),
+            "create -q -f qcow2 -F qcow2 -b /c/t.qcow2 /r/vm/scratch.qcow2"
+        );
     }
 
     #[test]

@@ -8,8 +8,9 @@ use tokio::sync::OnceCell;
 use super::accel::{self, Accel};
 use super::config::{AccelChoice, VmConfig};
 use super::state::{ReapReport, StateDir};
-use super::{find_program, Vm, VmError};
+use super::{Vm, VmError};
 use crate::channel::{self, ChannelKind, CidAllocator, HostChannels};
+use crate::os::find_program;
 use crate::storage::{ProcessRunner, Runner, Storage, StorageConfig, ZfsStorage};
 
 #[derive(Debug)]
@@ -131,6 +132,12 @@ impl VmHost {
         if let Some(s) = self.storage.get() {
             s.close().await;
         }
+    }
+
+    /// How short host tools (`zfs`, `qemu-img`) are run: a timeout, stderr
+    /// kept in the error.
+    pub fn runner(&self) -> &dyn Runner {
+        self.runner.as_ref()
     }
 
     /// The acceleration VMs use, probing KVM on first use under `auto`.

@@ -2,7 +2,7 @@
 //! own process group, killed as a group, never outliving their owner.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -79,70 +79,10 @@ impl Drop for OwnedProcess {
     }
 }
 
-/// Resolve a program name against PATH (or check an explicit path).
-pub fn find_program(program: &Path) -> Option<PathBuf> {
-    if program.components().count() > 1 {
-        return program.is_file().then(|| program.to_path_buf());
-    }
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .find(|p| p.is_file())
-}
-
-/// Poll `probe` until it returns `Some` or `deadline` passes.
-pub async fn wait_until<T>(
-    deadline: tokio::time::Instant,
-    every: Duration,
-    mut probe: impl FnMut() -> Option<T>,
-) -> Option<T> {
-    loop {
-        if let Some(v) = probe() {
-            return Some(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-/// Run a short helper (qemu-img) with a timeout; stderr goes into the error.
-pub async fn run_tool(program: &Path, args: &[OsString], timeout: Duration) -> Result<(), String> {
-    let what = format!(
-        "{} {}",
-        program.display(),
-        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
-    );
-    let out = Command::new(program).args(args).stdin(Stdio::null()).kill_on_drop(true).output();
-    match tokio::time::timeout(timeout, out).await {
-        Err(_) => Err(format!("`{what}` timed out after {timeout:?}")),
-        Ok(Err(e)) => Err(format!("`{what}` could not start: {e}")),
-        Ok(Ok(o)) if o.status.success() => Ok(()),
-        Ok(Ok(o)) => {
-            Err(format!("`{what}` failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim()))
-        }
-    }
-}
-
-/// Processes whose command line mentions `needle` (a state directory, a
-/// VM id): what leak checks look for after a shutdown.
-pub fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) {
-            found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
-        }
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::os::wait_until;
 
     #[tokio::test]
     async fn dropping_kills_the_whole_process_group() {
@@ -170,20 +110,5 @@ mod tests {
         })
         .await;
         assert!(gone.is_some(), "grandchild {child} survived its owner");
-    }
-
-    #[tokio::test]
-    async fn run_tool_reports_stderr() {
-        let err = run_tool(
-            Path::new("/bin/sh"),
-            &["-c".into(), "echo boom >&2; exit 3".into()],
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_err();
-        assert!(err.contains("boom") && err.contains("exit status: 3"), "{err}");
-        let err =
-            run_tool(Path::new("/bin/sleep"), &["5".into()], Duration::from_millis(50)).await.unwrap_err();
-        assert!(err.contains("timed out"), "{err}");
     }
 }
