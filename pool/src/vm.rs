@@ -197,6 +197,34 @@ impl Vm {
         Ok(())
     }
 
+    /// Pause the VM and migrate its device state into `path`, RAM left out
+    /// (`x-ignore-shared`: it stays in the shared memory file); for templates.
+    pub(super) async fn migrate_to_file(&self, path: &Path, within: Duration) -> Result<(), VmError> {
+        use template::{FD_NAME, POLL};
+        let id = self.id.as_str();
+        let qmp_err = |source| VmError::Qmp { vm: id.to_string(), source };
+        let mut qmp = self.qmp.lock().await;
+        qmp.execute("stop", None).await.map_err(qmp_err)?;
+        template::set_ignore_shared(&mut qmp).await.map_err(qmp_err)?;
+        let file = std::fs::File::create(path).map_err(io_err("creating the template state file"))?;
+        qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(qmp_err)?;
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": format!("fd:{FD_NAME}") })))
+            .await
+            .map_err(qmp_err)?;
+        let deadline = Instant::now() + within;
+        loop {
+            let st = qmp.execute("query-migrate", None).await.map_err(qmp_err)?;
+            match st.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => return Err(VmError::Tool(format!("saving VM {id} failed: {st}"))),
+                _ if Instant::now() >= deadline => {
+                    return Err(VmError::Tool(format!("saving VM {id} did not finish: {st}")))
+                }
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
     /// Start timing an operation on this VM, step by step (see [`Steps`]).
     pub fn steps(&self) -> Steps {
         Steps::start(std::iter::once(self.qemu.pid()).chain(self.helper_pid()).collect())

@@ -36,12 +36,8 @@ pub struct Template {
     _dir: DirGuard,
 }
 
-const FD_NAME: &str = "ember-template";
-const POLL: Duration = Duration::from_millis(5);
-
-fn qmp_err(vm: &str) -> impl Fn(super::QmpError) -> VmError + '_ {
-    move |source| VmError::Qmp { vm: vm.to_string(), source }
-}
+pub(super) const FD_NAME: &str = "ember-template";
+pub(super) const POLL: Duration = Duration::from_millis(5);
 
 impl VmHost {
     /// Boot a template VM and save it. Needs the (migratable) serial channel.
@@ -82,30 +78,10 @@ impl VmHost {
 
 /// Pause the template and write its device state (RAM stays in the file).
 async fn save(vm: &Vm, t: &Template) -> Result<(), VmError> {
-    let id = vm.id();
-    let mut qmp = vm.qmp.lock().await;
-    qmp.execute("stop", None).await.map_err(qmp_err(id))?;
-    set_ignore_shared(&mut qmp).await.map_err(qmp_err(id))?;
-    let file = std::fs::File::create(&t.state).map_err(super::io_err("creating the template state file"))?;
-    qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(qmp_err(id))?;
-    qmp.execute("migrate", Some(json!({ "uri": format!("fd:{FD_NAME}") }))).await.map_err(qmp_err(id))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = qmp.execute("query-migrate", None).await.map_err(qmp_err(id))?;
-        match st.get("status").and_then(|s| s.as_str()).unwrap_or("") {
-            "completed" => return Ok(()),
-            "failed" | "cancelled" => {
-                return Err(VmError::Tool(format!("saving template {id} failed: {st}")));
-            }
-            _ if Instant::now() >= deadline => {
-                return Err(VmError::Tool(format!("saving template {id} did not finish: {st}")));
-            }
-            _ => tokio::time::sleep(POLL).await,
-        }
-    }
+    vm.migrate_to_file(&t.state, Duration::from_secs(60)).await
 }
 
-async fn set_ignore_shared(qmp: &mut Qmp<UnixStream>) -> Result<(), super::QmpError> {
+pub(super) async fn set_ignore_shared(qmp: &mut Qmp<UnixStream>) -> Result<(), super::QmpError> {
     let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
     qmp.execute("migrate-set-capabilities", Some(caps)).await.map(|_| ())
 }
