@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use ember_pool::config::ResetMode;
+use ember_pool::pool::VmBackend;
 use ember_pool::pool::{Backend, Pool};
-use ember_pool::warm::VmBackend;
 use ember_pool::VmHost;
 use tokio::net::TcpListener;
 

@@ -11,7 +11,6 @@ pub mod procfs;
 pub mod sizer;
 pub mod storage;
 pub mod vm;
-pub mod warm;
 
 pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput};
 pub use vm::{Vm, VmConfig, VmError, VmHost};

@@ -11,6 +11,7 @@ pub mod fake;
 mod lease;
 mod replenish;
 mod session;
+pub mod vm_backend;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +23,7 @@ use tokio::time::Instant;
 pub use backend::Backend;
 pub use lease::Lease;
 pub use session::SessionLease;
+pub use vm_backend::VmBackend;
 
 use crate::config::PoolConfig;
 use crate::sizer::{RateEstimator, SizerState};

@@ -98,7 +98,7 @@ pub struct AgentClient {
     closed: Arc<std::sync::atomic::AtomicBool>,
     next_id: AtomicU64,
     /// Whether the last command sent was a Python script: the reset's
-    /// warm-up then warms the Python path (see `warm::warm_up`).
+    /// warm-up then warms the Python path (see `pool::vm_backend::warm_up`).
     last_exec_python: std::sync::atomic::AtomicBool,
     tasks: [JoinHandle<()>; 2],
 }

@@ -1,5 +1,5 @@
 //! What the pool needs from VMs. The real backend boots QEMU microVMs
-//! (`crate::warm`); `fake` is for unit tests.
+//! (`vm_backend`); `fake` is for unit tests.
 
 use std::future::Future;
 

@@ -305,7 +305,7 @@ async fn reset_leaves_nothing_behind(vm: &Vm) -> anyhow::Result<()> {
 
 // ----------------------------------------------------------- pool cases
 
-type VmPool = ember_pool::pool::Pool<ember_pool::warm::VmBackend>;
+type VmPool = ember_pool::pool::Pool<ember_pool::pool::VmBackend>;
 
 /// The guest's userspace processes (kernel threads have no command line
 /// and rename themselves after their current work), without this query's.
@@ -341,7 +341,7 @@ async fn pool_scrub_leaves_nothing_behind(pool: &VmPool) -> anyhow::Result<()> {
 async fn claim(
     pool: &VmPool,
     function: Option<&str>,
-) -> anyhow::Result<ember_pool::pool::Lease<ember_pool::warm::VmBackend>> {
+) -> anyhow::Result<ember_pool::pool::Lease<ember_pool::pool::VmBackend>> {
     Ok(match function {
         Some(f) => pool.claim_for(f).await?,
         None => pool.claim().await?,
@@ -861,7 +861,7 @@ fn start_pool(
     cfg: ember_pool::config::PoolConfig,
 ) -> anyhow::Result<VmPool> {
     use ember_pool::config::ReplenishMode;
-    let backend = ember_pool::warm::VmBackend::new(Arc::clone(host), mode, ReplenishMode::Auto)
+    let backend = ember_pool::pool::VmBackend::new(Arc::clone(host), mode, ReplenishMode::Auto)
         .map_err(anyhow::Error::msg)?;
     Ok(ember_pool::pool::Pool::start(backend, cfg, 256))
 }

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Backend, PoolError};
 use crate::channel::ChannelKind;
 use crate::config::{ReplenishMode, ResetMode};
-use crate::pool::{Backend, PoolError};
 use crate::vm::{Step, Template, Vm, VmHost};
 
 /// A scrub that takes longer than this is given up (a full reset follows).
