@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use ember_pool::config::ResetMode;
 use ember_pool::pool::VmBackend;
 use ember_pool::pool::{Backend, Pool};
 use ember_pool::VmHost;
@@ -51,8 +50,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cfg.gateway.listen = listen;
     }
     let functions = load_functions(&cfg)?;
-    let snapshots = matches!(cfg.pool.reset, ResetMode::Auto | ResetMode::Snapshot);
-    let host = VmHost::new(cfg.vm.clone(), snapshots)?;
+    let before =
+        ember_pool::plan::before_channel(cfg.pool.reset, cfg.pool.replenish, (&cfg.vm.storage).into())
+            .map_err(anyhow::Error::msg)?;
+    let host = VmHost::new(cfg.vm.clone(), before.need_migratable)?;
     // ZFS: check the parent, reap dead owners' clones, make the base, now.
     let storage = host.open_storage().await?.name();
     let backend =

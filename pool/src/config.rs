@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::channel::ChannelChoice;
+use crate::plan::Disks;
 use crate::storage::{BackendKind, StorageConfig, ZfsConfig, ZfsMode};
 use crate::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
 
@@ -352,19 +353,10 @@ impl RawConfig {
                 }
             },
         };
-        let zfs = st.backend == Some(BackendKind::Zfs);
-        if pool.reset == ResetMode::Rollback || zfs {
-            // Rollback needs a raw writable disk; ZFS only makes raw disks.
-            vm.scratch = crate::vm::ScratchKind::RawCopy;
-        }
-        if zfs && pool.reset == ResetMode::Snapshot {
-            problems.push(
-                "pool.reset = \"snapshot\" needs storage.backend = \"file\"; ZFS disks reset by rollback"
-                    .into(),
-            );
-        }
-        if zfs && pool.replenish == ReplenishMode::Restore {
-            problems.push("pool.replenish = \"restore\" needs storage.backend = \"file\"".into());
+        let disks = if st.backend == Some(BackendKind::Zfs) { Disks::Zfs } else { Disks::File };
+        match crate::plan::before_channel(pool.reset, pool.replenish, disks) {
+            Ok(before) => vm.scratch = before.scratch,
+            Err(e) => problems.push(e),
         }
         if let Err(p) = vm.validate() {
             problems.extend(p);

@@ -6,6 +6,7 @@
 pub mod channel;
 pub mod config;
 pub mod os;
+pub mod plan;
 pub mod pool;
 pub mod procfs;
 pub mod sizer;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Backend, PoolError};
-use crate::channel::ChannelKind;
 use crate::config::{ReplenishMode, ResetMode};
 use crate::vm::{Step, Template, Vm, VmHost};
 
@@ -49,42 +48,17 @@ pub struct BackendTimings {
 impl VmBackend {
     /// Resolve `auto` for this host's channel and refuse what cannot work.
     pub fn new(host: Arc<VmHost>, requested: ResetMode, replenish: ReplenishMode) -> Result<Self, String> {
-        let migratable = host.channel().migratable();
-        let zfs = matches!(host.config().storage, crate::storage::StorageConfig::Zfs(_));
-        let mode = match requested {
-            // ZFS disks are raw clones: recycled by rolling the clone back.
-            ResetMode::Auto if zfs => ResetMode::Rollback,
-            ResetMode::Snapshot if zfs => {
-                return Err("pool.reset = \"snapshot\" needs the file storage backend (qcow2 overlays); \
-                            with storage.backend = \"zfs\" use rollback or destroy"
-                    .into())
-            }
-            ResetMode::Auto if migratable => ResetMode::Snapshot,
-            ResetMode::Auto => ResetMode::Destroy,
-            ResetMode::Snapshot if !migratable => {
-                return Err(format!(
-                    "pool.reset = \"snapshot\" needs a migratable channel; {} is not (use serial)",
-                    host.channel()
-                ))
-            }
-            ResetMode::Rollback if host.config().scratch != crate::vm::ScratchKind::RawCopy => {
-                return Err("pool.reset = \"rollback\" needs VMs with a raw scratch copy".into());
-            }
-            m => m,
-        };
-        let restore = match replenish {
-            // A rolled-back layer is a raw copy, not an overlay of a template.
-            _ if mode == ResetMode::Rollback || zfs => false,
-            ReplenishMode::Boot => false,
-            ReplenishMode::Auto => host.channel() == ChannelKind::Serial,
-            ReplenishMode::Restore if host.channel() == ChannelKind::Serial => true,
-            ReplenishMode::Restore => {
-                return Err(format!(
-                    "pool.replenish = \"restore\" needs the serial channel, not {}",
-                    host.channel()
-                ))
-            }
-        };
+        let disks = (&host.config().storage).into();
+        let plan = crate::plan::with_channel(requested, replenish, disks, host.channel())?;
+        // Destroy works over either disk; the recycling modes need theirs.
+        if plan.reset != ResetMode::Destroy && plan.scratch != host.config().scratch {
+            return Err(format!(
+                "pool.reset = \"{}\" needs VMs with a {} writable disk",
+                plan.reset.name(),
+                if plan.scratch == crate::vm::ScratchKind::RawCopy { "raw" } else { "qcow2 overlay" }
+            ));
+        }
+        let (mode, restore) = (plan.reset, plan.restore);
         Ok(Self {
             host,
             mode,
