@@ -102,6 +102,9 @@ pub struct PoolCounters {
     /// Claims refused at once because they would have waited longer than
     /// `max_queue_wait` (also counted in `exhausted`).
     pub refused_by_capacity: u64,
+    /// Changes of the VM counts that broke an invariant (always 0; logged,
+    /// and a panic in debug builds).
+    pub invariant_violations: u64,
 }
 
 /// A point-in-time view of the pool.
@@ -222,6 +225,8 @@ struct State<V> {
     create_failures_since_success: u32,
     /// After failures, no creation starts before this.
     create_retry_at: Option<Instant>,
+    /// The most VMs that may exist at once (see `Inner::capacity`).
+    capacity: usize,
     counters: PoolCounters,
     cpu: CpuSummary,
     /// The host's CPU use at the last sizer decision, and a value tests set.
@@ -266,6 +271,56 @@ impl<V> State<V> {
         } else {
             NoReady::Queue
         }
+    }
+
+    fn count(&mut self, p: Phase) -> &mut usize {
+        match p {
+            Phase::Booting => &mut self.booting,
+            Phase::Claimed => &mut self.claimed,
+            Phase::Resetting => &mut self.resetting,
+            Phase::Destroying => &mut self.destroying,
+        }
+    }
+
+    /// A VM enters phase `p` (from outside the counts, the ready set or a
+    /// session). Every change of the counts goes through here or
+    /// [`Self::leave`], and each checks the invariants after it.
+    fn enter(&mut self, p: Phase) {
+        *self.count(p) += 1;
+        self.check(p);
+    }
+
+    /// A VM leaves phase `p`.
+    fn leave(&mut self, p: Phase) {
+        let c = self.count(p);
+        match c.checked_sub(1) {
+            Some(n) => *c = n,
+            None => self.violated(format!("a VM left {p:?}, which counted none")),
+        }
+        self.check(p);
+    }
+
+    /// `leave(from)` then `enter(to)`, as one step.
+    fn shift(&mut self, from: Phase, to: Phase) {
+        self.leave(from);
+        self.enter(to);
+    }
+
+    /// No more VMs exist than the pool may have.
+    fn check(&mut self, after: Phase) {
+        if self.total() > self.capacity {
+            self.violated(format!(
+                "after a change of {after:?}: {} VMs, capacity {}",
+                self.total(),
+                self.capacity
+            ));
+        }
+    }
+
+    fn violated(&mut self, what: String) {
+        self.counters.invariant_violations += 1;
+        tracing::error!("pool bookkeeping broken: {what}");
+        debug_assert!(false, "pool bookkeeping broken: {what}");
     }
 
     /// Whether a creation may start now (not within a failure backoff).
@@ -400,13 +455,14 @@ impl<B: Backend> Inner<B> {
         }
         let (outcome, doomed) = {
             let mut st = self.lock();
-            st.booting -= 1;
+            st.leave(Phase::Booting);
             match result {
                 Ok(vm) => {
                     st.counters.created += 1;
                     st.create_failures_since_success = 0;
                     st.create_retry_at = None;
                     if st.draining {
+                        st.enter(Phase::Destroying);
                         (Err(PoolError::Draining), Some(vm))
                     } else {
                         (Ok(place(&mut st, vm)), None)
@@ -424,7 +480,9 @@ impl<B: Backend> Inner<B> {
         };
         if let Some(vm) = doomed {
             self.backend.destroy(vm).await;
-            self.lock().counters.destroyed += 1;
+            let mut st = self.lock();
+            st.leave(Phase::Destroying);
+            st.counters.destroyed += 1;
         }
         let idle = self.lock().is_idle();
         self.changed.notify_waiters();
@@ -443,12 +501,12 @@ impl<B: Backend> Inner<B> {
 
     /// Destroy a VM in the background and account for it.
     fn destroy_later(self: &Arc<Self>, vm: B::Vm) {
-        self.lock().destroying += 1;
+        self.lock().enter(Phase::Destroying);
         let inner = Arc::clone(self);
         tokio::spawn(async move {
             inner.backend.destroy(vm).await;
             let mut st = inner.lock();
-            st.destroying -= 1;
+            st.leave(Phase::Destroying);
             st.counters.destroyed += 1;
             let idle = st.is_idle();
             drop(st);
@@ -498,6 +556,7 @@ impl<B: Backend> Pool<B> {
             out_of_pool_secs: 0.0,
             create_secs: None,
             create_retry_at: None,
+            capacity: (cfg.max_size).min((cfg.max_memory_mb / u64::from(vm_memory_mb).max(1)) as usize),
             create_failures_since_success: 0,
             counters: PoolCounters::default(),
             cpu: CpuSummary::default(),
@@ -669,7 +728,7 @@ impl<B: Backend> Pool<B> {
             r.warm_for = None;
             return Some(r);
         }
-        self.inner.lock().claimed -= 1;
+        self.inner.lock().leave(Phase::Claimed);
         self.inner.destroy_later(r.vm);
         None
     }
@@ -710,7 +769,7 @@ impl<B: Backend> Pool<B> {
                 self.inner.wake_replenisher.notify_one();
                 continue;
             }
-            st.claimed += 1;
+            st.enter(Phase::Claimed);
             // A ready VM is a warm hit, whether the claim found it at once or
             // after queueing for a reset: no boot or full reset was on its path.
             st.counters.hits += 1;
@@ -731,7 +790,7 @@ impl<B: Backend> Pool<B> {
             && plan == NoReady::Create
             && st.may_create(Instant::now())
         {
-            st.booting += 1;
+            st.enter(Phase::Booting);
             st.counters.misses += 1;
             return Ok(Step::Create);
         }
@@ -739,7 +798,7 @@ impl<B: Backend> Pool<B> {
         // (FIFO across the sets) and give it a full reset.
         if let Some(mut r) = st.ready.pop_front() {
             if self.inner.backend.healthy(&mut r.vm) {
-                st.claimed += 1;
+                st.enter(Phase::Claimed);
                 st.counters.misses += 1;
                 st.counters.steals += 1;
                 return Ok(Step::Convert(r));
@@ -768,7 +827,7 @@ impl<B: Backend> Pool<B> {
         let vm = self
             .inner
             .create_vm(|st, vm| {
-                st.claimed += 1;
+                st.enter(Phase::Claimed);
                 vm
             })
             .await?;
@@ -837,6 +896,16 @@ fn create_backoff(failures: u32) -> Duration {
 }
 
 const MAX_CREATE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Where a VM the pool counts is, when neither the ready set nor a
+/// session (which hold their VMs themselves) has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Booting,
+    Claimed,
+    Resetting,
+    Destroying,
+}
 
 /// See [`State::on_no_ready`].
 #[derive(Debug, Clone, Copy, PartialEq)]

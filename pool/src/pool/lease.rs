@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Backend, CpuSummary, Inner, ReadyVm, ResetKind};
+use super::{Backend, CpuSummary, Inner, Phase, ReadyVm, ResetKind};
 use crate::config::RunReset;
 
 pub struct Lease<B: Backend> {
@@ -94,7 +94,7 @@ impl<B: Backend> Lease<B> {
     /// Take the VM out of the pool for good (it becomes a session's).
     pub(super) fn into_vm(mut self) -> B::Vm {
         let vm = self.vm.take();
-        self.inner.lock().claimed -= 1;
+        self.inner.lock().leave(Phase::Claimed);
         match vm {
             Some(vm) => vm,
             None => unreachable!("a lease always holds its VM until it ends"),
@@ -131,9 +131,7 @@ impl<B: Backend> Drop for Lease<B> {
             }
             Err(_) => {
                 // No runtime (process exit): the backend's own drop cleans up.
-                let mut st = inner.lock();
-                st.claimed -= 1;
-                drop(st);
+                inner.lock().leave(Phase::Claimed);
                 drop(r);
             }
         }
@@ -177,8 +175,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
         if let (Some(a), Some(b)) = (cpu_at_claim, cpu_now) {
             CpuSummary::add(&mut st.cpu.exec, b - a);
         }
-        st.claimed -= 1;
-        st.resetting += 1;
+        st.shift(Phase::Claimed, Phase::Resetting);
         st.draining
     };
     let reuse =
@@ -206,7 +203,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
         if st.draining {
             Some(vm)
         } else {
-            st.resetting -= 1;
+            st.leave(Phase::Resetting);
             st.ready.push_back(ReadyVm { vm, uses, warm_for });
             None
         }
@@ -215,7 +212,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
     };
     if let Some(vm) = doomed {
         // Replacement may start while this one is still being torn down.
-        inner.lock().resetting -= 1;
+        inner.lock().leave(Phase::Resetting);
         inner.wake_replenisher.notify_one();
         inner.destroy_later(vm);
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Backend, Inner, ReadyVm};
+use super::{Backend, Inner, Phase, ReadyVm};
 use crate::sizer::{self, Observed, SizerLimits};
 
 /// Assumed time out of the pool before any use was measured.
@@ -99,7 +99,9 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
         } else {
             0
         };
-        st.booting += n;
+        for _ in 0..n {
+            st.enter(Phase::Booting);
+        }
         return (n, Vec::new());
     }
     // Never below what is in use right now plus the headroom: the rate

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
-use super::{lease, Backend, Inner, Pool, PoolError};
+use super::{lease, Backend, Inner, Phase, Pool, PoolError};
 
 pub(super) struct Slot<V> {
     pub(super) vm: Arc<tokio::sync::Mutex<Option<V>>>,
@@ -123,7 +123,7 @@ impl<B: Backend> Pool<B> {
         if let Some(other) = st.sessions.get(key).cloned() {
             // Another call opened this session meanwhile: use that one and
             // hand our VM back for reset.
-            st.claimed += 1;
+            st.enter(Phase::Claimed);
             drop(st);
             tokio::spawn(lease::recycle(Arc::clone(&self.inner), returned(vm, claimed_at)));
             return Ok(other);
@@ -134,7 +134,7 @@ impl<B: Backend> Pool<B> {
             } else {
                 PoolError::SessionLimit { limit: self.inner.cfg.max_sessions }
             };
-            st.claimed += 1;
+            st.enter(Phase::Claimed);
             drop(st);
             tokio::spawn(lease::recycle(Arc::clone(&self.inner), returned(vm, claimed_at)));
             return Err(err);

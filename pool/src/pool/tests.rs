@@ -676,3 +676,41 @@ async fn on_demand_creations_share_the_backoff() {
     let c = pool.status().counters;
     assert_eq!((c.create_failures, c.created), (2, 1));
 }
+
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "pool bookkeeping broken")]
+async fn a_count_that_would_go_below_zero_is_an_invariant_violation() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    pool.inner.lock().leave(Phase::Resetting);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_mixed_workload_the_counts_match_the_vms_that_exist() {
+    let b = backend();
+    b.state.fail_creates.store(2, Ordering::SeqCst);
+    b.state.fail_resets.store(2, Ordering::SeqCst);
+    let pool = Pool::start(b, PoolConfig { min_size: 1, max_size: 3, target_free: 1, ..cfg() }, 256);
+    let mut tasks = Vec::new();
+    for i in 0..12u64 {
+        let p = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(37 * i)).await;
+            let Ok(mut l) = p.claim().await else { return };
+            l.dirty = true;
+            tokio::time::sleep(Duration::from_millis(20 * (i % 4))).await;
+            match i % 3 {
+                0 => drop(l),
+                1 => l.discard().await,
+                _ => l.release().await,
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    until(&pool, "at rest", |s| s.claimed == 0 && s.resetting == 0 && s.booting == 0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = pool.status();
+    assert_eq!(s.ready, pool.backend().alive(), "{s:?}");
+    assert_eq!(s.counters.invariant_violations, 0);
+}
