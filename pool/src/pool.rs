@@ -227,6 +227,8 @@ struct State<V> {
     create_retry_at: Option<Instant>,
     /// The most VMs that may exist at once (see `Inner::capacity`).
     capacity: usize,
+    /// When admission last refused a claim: the pool is past capacity.
+    last_refusal: Option<Instant>,
     counters: PoolCounters,
     cpu: CpuSummary,
     /// The host's CPU use at the last sizer decision, and a value tests set.
@@ -254,23 +256,35 @@ impl<V> State<V> {
     /// warm and costs a reset; a new one costs a boot's CPU while the host
     /// is busiest, so the claim waits for one that is due sooner than a
     /// creation would take (for at most half of its time, so that it can
-    /// still create after). A creation that cannot finish within the
-    /// claim's time is a queue of its own: the claim then queues (and
-    /// admission may refuse it) instead.
-    fn on_no_ready(&self, recycles: bool, left: Duration) -> NoReady {
+    /// still create after). Past capacity (admission will refuse the
+    /// claim), a boot that could not be ready within the claim's time is
+    /// not started.
+    fn on_no_ready(&self, recycles: bool, left: Duration, refused_beyond: Option<Duration>) -> NoReady {
         let returning = self.claimed + self.resetting;
         let Some(create) = self.create_secs.filter(|_| recycles && returning > 0) else {
             return NoReady::Create;
         };
-        let (expected, left) = (expected_wait(self, self.waiters + 1).as_secs_f64(), left.as_secs_f64());
+        let expected = expected_wait(self, self.waiters + 1).as_secs_f64();
+        let left = left.as_secs_f64();
         let limit = if create < left { create.min(left / 2.0) } else { left };
         if expected < limit {
             NoReady::Patient(Duration::from_secs_f64(limit))
-        } else if create < left {
-            NoReady::Create
-        } else {
+        } else if self.past_capacity()
+            || (create >= left && refused_beyond.is_some_and(|m| expected > m.as_secs_f64()))
+        {
+            // Past capacity: admission refuses this claim at once, and a
+            // boot that could not be ready in time would only take the CPU
+            // the running calls need.
             NoReady::Queue
+        } else {
+            NoReady::Create
         }
+    }
+
+    /// Whether admission refused a claim lately: boots then only take the
+    /// CPU the running calls need.
+    fn past_capacity(&self) -> bool {
+        self.last_refusal.is_some_and(|t| t.elapsed() < OVERLOAD_MEMORY)
     }
 
     fn count(&mut self, p: Phase) -> &mut usize {
@@ -556,6 +570,7 @@ impl<B: Backend> Pool<B> {
             out_of_pool_secs: 0.0,
             create_secs: None,
             create_retry_at: None,
+            last_refusal: None,
             capacity: (cfg.max_size).min((cfg.max_memory_mb / u64::from(vm_memory_mb).max(1)) as usize),
             create_failures_since_success: 0,
             counters: PoolCounters::default(),
@@ -668,6 +683,7 @@ impl<B: Backend> Pool<B> {
         // Until when this claim waits for a returning VM rather than create
         // one (set once: after it, the claim creates if it still may).
         let mut patience: Option<Instant> = None;
+        let mut last_try = false;
         loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
@@ -716,6 +732,16 @@ impl<B: Backend> Pool<B> {
                 .filter(|&t| t > Instant::now())
                 .fold(deadline, Instant::min);
             if tokio::time::timeout_at(wake, changed).await.is_err() && Instant::now() >= deadline {
+                // A claim that waited for a returning VM rather than boot
+                // one gets that boot now, if it may, instead of a refusal;
+                // not while admission is refusing claims (past capacity,
+                // boots take the CPU the running calls need).
+                let overloaded = self.inner.lock().past_capacity();
+                if patience.is_some() && !last_try && !overloaded {
+                    last_try = true;
+                    patience = Some(Instant::now());
+                    continue;
+                }
                 return Err(self.inner.exhausted(&mut self.inner.lock(), started.elapsed()));
             }
         }
@@ -779,8 +805,9 @@ impl<B: Backend> Pool<B> {
             self.inner.wake_replenisher.notify_one();
             return Ok(Step::Got(r, true));
         }
-        let plan =
-            patient.map_or(NoReady::Create, |left| st.on_no_ready(self.inner.backend.recycles(), left));
+        let plan = patient.map_or(NoReady::Create, |left| {
+            st.on_no_ready(self.inner.backend.recycles(), left, self.inner.cfg.max_queue_wait)
+        });
         let patience = match plan {
             NoReady::Patient(p) => Some(p),
             NoReady::Create | NoReady::Queue => None,
@@ -814,6 +841,7 @@ impl<B: Backend> Pool<B> {
             if let Some(max) = self.inner.cfg.max_queue_wait {
                 if expected_wait(st, st.waiters + 1) > max {
                     st.counters.refused_by_capacity += 1;
+                    st.last_refusal = Some(Instant::now());
                     return Err(self.inner.exhausted(st, Duration::ZERO));
                 }
             }
@@ -897,6 +925,10 @@ fn create_backoff(failures: u32) -> Duration {
 
 const MAX_CREATE_BACKOFF: Duration = Duration::from_secs(10);
 
+/// How long after admission refused a claim the pool counts as past
+/// capacity (no fallback boots for claims that waited in vain).
+const OVERLOAD_MEMORY: Duration = Duration::from_secs(5);
+
 /// Where a VM the pool counts is, when neither the ready set nor a
 /// session (which hold their VMs themselves) has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -913,7 +945,7 @@ enum NoReady {
     Create,
     /// Wait this long for a returning VM, then create.
     Patient(Duration),
-    /// Wait for a returning VM (or be refused by admission), never create.
+    /// Be refused by admission (past capacity), never create.
     Queue,
 }
 

@@ -714,3 +714,26 @@ async fn after_a_mixed_workload_the_counts_match_the_vms_that_exist() {
     assert_eq!(s.ready, pool.backend().alive(), "{s:?}");
     assert_eq!(s.counters.invariant_violations, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_patient_claim_whose_vm_never_came_back_boots_one_instead_of_a_refusal() {
+    let c = PoolConfig {
+        min_size: 1,
+        max_size: 4,
+        target_free: 0,
+        max_queue_wait: Some(Duration::from_millis(1500)),
+        ..cfg()
+    };
+    let pool = Pool::start(FakeBackend::new(Duration::from_secs(2), Duration::from_millis(50)), c, 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let _held = pool.claim().await.unwrap();
+    let t = tokio::time::Instant::now();
+    let l = pool.claim().await.unwrap();
+    assert!(!l.warm());
+    // Waited its 1.5 s for a returning VM, then the 2 s boot.
+    assert!(
+        t.elapsed() >= Duration::from_millis(3500) && t.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
+}
