@@ -382,8 +382,7 @@ impl<B: Backend> Inner<B> {
 
     /// The most VMs that may exist at once.
     fn capacity(&self) -> usize {
-        let by_memory = (self.cfg.max_memory_mb / self.vm_memory_mb.max(1)) as usize;
-        self.cfg.max_size.min(by_memory)
+        capacity_of(&self.cfg, self.vm_memory_mb)
     }
 
     /// Count and describe a claim refused for lack of capacity.
@@ -571,7 +570,7 @@ impl<B: Backend> Pool<B> {
             create_secs: None,
             create_retry_at: None,
             last_refusal: None,
-            capacity: (cfg.max_size).min((cfg.max_memory_mb / u64::from(vm_memory_mb).max(1)) as usize),
+            capacity: capacity_of(&cfg, u64::from(vm_memory_mb)),
             create_failures_since_success: 0,
             counters: PoolCounters::default(),
             cpu: CpuSummary::default(),
@@ -924,6 +923,12 @@ fn create_backoff(failures: u32) -> Duration {
 }
 
 const MAX_CREATE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The most VMs that may exist at once: `max_size`, or fewer if the memory
+/// budget holds fewer.
+fn capacity_of(cfg: &PoolConfig, vm_memory_mb: u64) -> usize {
+    cfg.max_size.min((cfg.max_memory_mb / vm_memory_mb.max(1)) as usize)
+}
 
 /// How long after admission refused a claim the pool counts as past
 /// capacity (no fallback boots for claims that waited in vain).
