@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ember_pool::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
-use ember_pool::ChannelChoice;
+use ember_vm::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
+use ember_vm::ChannelChoice;
 
 #[derive(Debug, Parser)]
 #[command(name = "ember", version, about = "Run code in throw-away microVMs")]

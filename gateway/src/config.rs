@@ -120,7 +120,7 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub pool: ember_pool::config::PoolConfig,
-    pub vm: ember_pool::VmConfig,
+    pub vm: ember_vm::VmConfig,
     pub gateway: GatewayConfig,
     pub limits: Limits,
 }

@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_pool::pool::PoolError;
-use ember_pool::AgentError;
+use ember_vm::AgentError;
 use ember_wire::ErrorCode;
 use serde::{Deserialize, Serialize};
 

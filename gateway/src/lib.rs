@@ -8,7 +8,7 @@ pub mod config;
 pub mod error;
 pub mod functions;
 pub mod http_server;
-pub mod invoke;
+pub mod invocation;
 pub mod metrics;
 pub mod routes;
 pub mod serve;

@@ -15,7 +15,7 @@ use ember_pool::pool::Backend;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ApiError;
-use crate::invoke::Sandbox;
+use crate::invocation::Sandbox;
 use crate::state::AppState;
 
 /// Header that pins calls to a session's workspace VM.

@@ -13,12 +13,12 @@ use anyhow::Context as _;
 use clap::Args;
 use ember_pool::pool::VmBackend;
 use ember_pool::pool::{Backend, Pool};
-use ember_pool::VmHost;
+use ember_vm::VmHost;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::functions::Functions;
-use crate::invoke::Sandbox;
+use crate::invocation::Sandbox;
 use crate::state::AppState;
 
 #[derive(Debug, Args)]

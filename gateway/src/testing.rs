@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_pool::pool::{Backend, PoolError};
-use ember_pool::AgentClient;
+use ember_vm::AgentClient;
 use ember_wire::{
     decode, encode, Command, ErrorCode, ErrorReply, ExecRequest, ExitStatus, FrameDecoder, Request,
     RequestBody, Response, ResponseBody, Stream, MAX_FRAME_LEN,
@@ -23,7 +23,7 @@ use ember_wire::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
-use crate::invoke::Sandbox;
+use crate::invocation::Sandbox;
 
 /// What the fake agents saw, across all VMs.
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_guest_agent::{Agent, GuestLayout, ReapMode, Reaper};
-use ember_pool::{AgentClient, AgentError, ExecEvent};
+use ember_vm::{AgentClient, AgentError, ExecEvent};
 use ember_wire::{Command, ErrorCode, ExecRequest, FileSpec, Stream, MAX_FRAME_LEN};
 
 struct Harness {
@@ -102,7 +102,7 @@ async fn leftover_processes_are_killed_when_the_command_exits() {
 }
 
 /// The command's first output chunk, parsed as a pid.
-async fn first_line_as_pid(handle: &mut ember_pool::channel::ExecHandle) -> i32 {
+async fn first_line_as_pid(handle: &mut ember_vm::channel::ExecHandle) -> i32 {
     match handle.next().await.unwrap() {
         ExecEvent::Output { data, .. } => String::from_utf8(data).unwrap().trim().parse().unwrap(),
         other => panic!("expected output, got {other:?}"),

@@ -3,86 +3,39 @@
 //! request directly on the host or inside `bwrap`, behind the same kind of
 //! HTTP call, so oha measures both the same way.
 
-use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use ember_testkit::{EmberServe, ServeOptions};
 
 /// Fixed, so a killed run's VMs are reaped by the next.
 pub const STATE_DIR: &str = "/tmp/ember-loadtest-state";
 
+/// `ember serve` with the load test's state directory and a quiet log.
 #[derive(Debug)]
-pub struct EmberServer {
-    pub addr: SocketAddr,
-    child: Child,
+pub struct EmberServer(EmberServe);
+
+impl std::ops::Deref for EmberServer {
+    type Target = EmberServe;
+    fn deref(&self) -> &EmberServe {
+        &self.0
+    }
 }
 
 impl EmberServer {
     /// Start `ember serve` and wait for its ready line.
     pub fn start(ember: &Path, config: &Path, images: &Path, log: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(ember)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .env("EMBER_IMAGES", images)
-            .env("EMBER_STATE_DIR", STATE_DIR)
-            .env("EMBER_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", ember.display()))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut addr = None;
-        loop {
-            let line = rx.recv_timeout(Duration::from_secs(300)).map_err(|_| {
-                let _ = child.kill();
-                anyhow::anyhow!("ember serve did not get ready; see {}", log.display())
-            })?;
-            if let Some(rest) = line.strip_prefix("ember: listening on http://") {
-                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-            }
-            if line.starts_with("ember: ready on") {
-                break;
-            }
-        }
-        Ok(Self { addr: addr.context("no listening line")?, child })
-    }
-
-    /// The server's pid (its VMs run below it).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+        let mut opts = ServeOptions::new(ember, config, images, Path::new(STATE_DIR), log);
+        opts.log_level = "warn".into();
+        Ok(Self(EmberServe::start(&opts)?))
     }
 
     /// SIGTERM, wait, and check that no VM process is left.
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let status = self.child.wait()?;
-        anyhow::ensure!(status.success(), "ember serve exited with {status}");
-        let left = ember_pool::vm::processes_mentioning(STATE_DIR);
-        anyhow::ensure!(left.is_empty(), "processes left behind: {left:?}");
-        Ok(())
-    }
-}
-
-impl Drop for EmberServer {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = self.child.wait();
-        }
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.0.stop(Duration::from_secs(120))
     }
 }
 

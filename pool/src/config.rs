@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::channel::ChannelChoice;
 use crate::plan::Disks;
-use crate::storage::{BackendKind, StorageConfig, ZfsConfig, ZfsMode};
-use crate::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
+use ember_vm::channel::ChannelChoice;
+use ember_vm::storage::{BackendKind, StorageConfig, ZfsConfig, ZfsMode};
+use ember_vm::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
 
 /// How a used VM is made clean for the next caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
@@ -486,7 +486,7 @@ mod tests {
             c.vm.storage,
             StorageConfig::Zfs(ZfsConfig { parent: "tank/ember".into(), mode: ZfsMode::Zvol })
         );
-        assert_eq!(c.vm.scratch, crate::vm::ScratchKind::RawCopy, "ZFS disks are raw");
+        assert_eq!(c.vm.scratch, ember_vm::vm::ScratchKind::RawCopy, "ZFS disks are raw");
         let c = RawConfig::parse("[storage]\nbackend = \"zfs\"\n[storage.zfs]\nparent = \"t/e\"")
             .unwrap()
             .validate(img.path())

@@ -1,17 +1,9 @@
-//! Ember's host side below the HTTP gateway: the VM layer (QEMU microVMs,
-//! QMP, process and file ownership) and the agent channels. The warm pool
-//! builds on these.
+//! Ember's warm pool, on top of the VM layer (`ember-vm`): claims and
+//! leases, recycling (reset or scrub), replenishment, sessions, the sizer,
+//! the pool's configuration and the one planner of reset, channel and disk.
 #![forbid(unsafe_code)]
 
-pub mod channel;
 pub mod config;
-pub mod os;
 pub mod plan;
 pub mod pool;
-pub mod procfs;
 pub mod sizer;
-pub mod storage;
-pub mod vm;
-
-pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput};
-pub use vm::{Vm, VmConfig, VmError, VmHost};

@@ -4,9 +4,9 @@
 //! restored from a template. Config validation, `ember serve` and the real
 //! backend all ask it; its table test covers every combination.
 
-use crate::channel::ChannelKind;
 use crate::config::{ReplenishMode, ResetMode};
-use crate::vm::ScratchKind;
+use ember_vm::channel::ChannelKind;
+use ember_vm::vm::ScratchKind;
 
 /// The storage backend, as far as the plan cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,11 +17,11 @@ pub enum Disks {
     Zfs,
 }
 
-impl From<&crate::storage::StorageConfig> for Disks {
-    fn from(s: &crate::storage::StorageConfig) -> Self {
+impl From<&ember_vm::storage::StorageConfig> for Disks {
+    fn from(s: &ember_vm::storage::StorageConfig) -> Self {
         match s {
-            crate::storage::StorageConfig::File => Disks::File,
-            crate::storage::StorageConfig::Zfs(_) => Disks::Zfs,
+            ember_vm::storage::StorageConfig::File => Disks::File,
+            ember_vm::storage::StorageConfig::Zfs(_) => Disks::Zfs,
         }
     }
 }
@@ -69,7 +69,7 @@ pub fn before_channel(reset: ResetMode, replenish: ReplenishMode, disks: Disks) 
     Ok(Before { scratch, need_migratable })
 }
 
-/// The whole plan for `channel` (chosen by [`crate::channel::choose`] with
+/// The whole plan for `channel` (chosen by [`ember_vm::channel::choose`] with
 /// [`Before::need_migratable`]).
 pub fn with_channel(
     reset: ResetMode,

@@ -372,7 +372,7 @@ struct Inner<B: Backend> {
     /// Set once at shutdown; background tasks end on it.
     stop: tokio::sync::watch::Sender<bool>,
     observer: std::sync::OnceLock<Observer>,
-    host_cpu: Mutex<crate::procfs::HostCpu>,
+    host_cpu: Mutex<ember_vm::procfs::HostCpu>,
 }
 
 impl<B: Backend> Inner<B> {
@@ -587,7 +587,7 @@ impl<B: Backend> Pool<B> {
             idle: Notify::new(),
             stop: tokio::sync::watch::Sender::new(false),
             observer: std::sync::OnceLock::new(),
-            host_cpu: Mutex::new(crate::procfs::HostCpu::default()),
+            host_cpu: Mutex::new(ember_vm::procfs::HostCpu::default()),
         });
         let tasks = vec![
             tokio::spawn(replenish::run(Arc::clone(&inner))),
@@ -635,7 +635,7 @@ impl<B: Backend> Pool<B> {
             cpu_seconds: st.cpu,
             host_cpu_busy: st.host_cpu(),
             capacity_per_sec: st.cpu.capacity(
-                crate::procfs::host_cpus(),
+                ember_vm::procfs::host_cpus(),
                 st.counters.resets,
                 st.counters.scrubs,
             ),

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use ember_pool::channel::ChannelKind;
-use ember_pool::vm::{InitMode, VmConfig};
-use ember_pool::{ChannelChoice, VmHost};
+use ember_vm::channel::ChannelKind;
+use ember_vm::vm::{InitMode, VmConfig};
+use ember_vm::{ChannelChoice, VmHost};
 use ember_wire::{Command, ExecRequest};
 use serde::Serialize;
 
@@ -134,7 +134,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn available_channels(cfg: &VmConfig) -> Vec<ChannelChoice> {
-    let host = ember_pool::channel::HostChannels::probe(&cfg.vhost_device_vsock);
+    let host = ember_vm::channel::HostChannels::probe(&cfg.vhost_device_vsock);
     let mut v = Vec::new();
     if host.vhost_vsock {
         v.push(ChannelChoice::Vsock);
@@ -147,7 +147,7 @@ fn available_channels(cfg: &VmConfig) -> Vec<ChannelChoice> {
 }
 
 async fn exec_round_trips(
-    vm: &ember_pool::Vm,
+    vm: &ember_vm::Vm,
     start: &'static str,
     args: &BenchArgs,
 ) -> anyhow::Result<ExecRow> {

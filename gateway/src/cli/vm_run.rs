@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use ember_pool::{ExecEvent, VmHost};
+use ember_vm::{ExecEvent, VmHost};
 use ember_wire::{Command, ExecRequest, Stream};
 
 use super::VmOpts;
@@ -84,7 +84,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn stream_exec(vm: &ember_pool::Vm, req: ExecRequest) -> anyhow::Result<ember_wire::ExitStatus> {
+async fn stream_exec(vm: &ember_vm::Vm, req: ExecRequest) -> anyhow::Result<ember_wire::ExitStatus> {
     let mut h = vm.agent().exec(req).await?;
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();

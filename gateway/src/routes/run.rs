@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_pool::pool::Backend;
-use ember_pool::ExecEvent;
+use ember_vm::ExecEvent;
 use ember_wire::Stream;
 use http_body_util::BodyExt as _;
 use serde::Deserialize;
@@ -15,7 +15,7 @@ use tracing::Instrument as _;
 use super::{session_key, wants_stream, INVOCATION_HEADER, NDJSON};
 use crate::api::{parse_timeout, Invocation, Lang, Program, RunRequest, StreamEvent, Utf8Chunker};
 use crate::error::ApiError;
-use crate::invoke::{Running, Sandbox};
+use crate::invocation::{self, Running, Sandbox};
 use crate::state::AppState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,12 +175,12 @@ where
     let span =
         tracing::info_span!("invocation", id = %id, vm = tracing::field::Empty, session = session.as_deref());
     let resp = if wants_stream(headers) {
-        match state.start(id.clone(), session, inv).instrument(span.clone()).await {
+        match invocation::start(&state, id.clone(), session, inv).instrument(span.clone()).await {
             Ok(running) => stream(running, span),
             Err(e) => e.into_response(),
         }
     } else {
-        match state.run(id.clone(), session, inv).instrument(span).await {
+        match invocation::run(&state, id.clone(), session, inv).instrument(span).await {
             Ok(result) => {
                 let timing = HeaderValue::from_str(&result.timing.header_value());
                 let mut resp = axum::Json(result).into_response();

@@ -5,9 +5,6 @@
 //! `cargo test --test http -- NAME` runs the cases whose name holds NAME.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test fixtures
 
-#[path = "../../../pool/tests/vm/harness.rs"]
-#[allow(dead_code)]
-mod harness;
 mod readme;
 mod server;
 
@@ -15,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use base64::Engine as _;
-use harness::Report;
+use ember_testkit::Report;
 use serde_json::{json, Value};
 use server::Server;
 

@@ -6,7 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{ensure, Context as _};
+use ember_testkit::{EmberServe, ServeOptions};
 use serde_json::Value;
 
 /// Fixed, so a killed run's VMs are reaped by the next run.
@@ -14,8 +15,7 @@ const STATE_DIR: &str = "ember-http-state";
 
 pub struct Server {
     pub url: String,
-    child: Mutex<Child>,
-    state: PathBuf,
+    serve: Mutex<EmberServe>,
     dir: tempfile::TempDir,
 }
 
@@ -102,46 +102,16 @@ impl Server {
         let functions = repo().join("functions-examples").canonicalize()?;
         std::fs::write(&config, CONFIG.replace("FUNCTIONS", &functions.to_string_lossy()))?;
         let state = std::env::temp_dir().join(STATE_DIR);
-        let log = std::fs::File::create(dir.path().join("server.log"))?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .env("EMBER_IMAGES", images())
-            .env("EMBER_STATE_DIR", &state)
-            .env("EMBER_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .context("starting ember serve")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("    [ember] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut url = None;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(l) => l,
-                Err(_) => {
-                    let _ = child.kill();
-                    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
-                    bail!("ember serve did not get ready; its log:\n{log}");
-                }
-            };
-            if let Some(rest) = line.strip_prefix("ember: listening on ") {
-                url = rest.split_whitespace().next().map(str::to_string);
-            }
-            if line.starts_with("ember: ready on") {
-                break;
-            }
-        }
-        let url = url.context("no listening line")?;
-        Ok(Self { url, child: Mutex::new(child), state, dir })
+        let mut opts = ServeOptions::new(
+            Path::new(env!("CARGO_BIN_EXE_ember")),
+            &config,
+            &images(),
+            &state,
+            &dir.path().join("server.log"),
+        );
+        opts.echo = Some("    [ember] ".into());
+        let serve = EmberServe::start(&opts)?;
+        Ok(Self { url: serve.url(), serve: Mutex::new(serve), dir })
     }
 
     /// Run curl with `args` against `path`; the status and body come back
@@ -276,14 +246,11 @@ impl Server {
     /// SIGTERM while a command runs: it finishes, new work is refused, the
     /// server exits, and no VM process or state is left.
     pub fn drain(&self) -> anyhow::Result<()> {
-        let pid = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.id();
+        let mut serve = self.serve.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         std::thread::scope(|sc| {
             let running = sc.spawn(|| self.run(serde_json::json!({"cmd": "sleep 3; echo finished"})));
             self.wait_until("the command to run", |p| p["invocations_running"] == 1)?;
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )?;
+            serve.terminate()?;
             std::thread::sleep(Duration::from_millis(300));
             let late = self.post_json("/v1/run", &serde_json::json!({"cmd": "true"}))?;
             ensure!(
@@ -294,36 +261,10 @@ impl Server {
             ensure!(r["stdout"] == "finished\n", "the running command was cut off: {r}");
             Ok::<_, anyhow::Error>(())
         })?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.try_wait()? {
-                break s;
-            }
-            ensure!(Instant::now() < deadline, "ember serve did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = serve.wait_exit(Duration::from_secs(60))?;
         ensure!(status.success(), "ember serve exited with {status}");
-        let needle = self.state.to_string_lossy().into_owned();
-        let procs = crate::harness::processes_mentioning(&needle);
-        ensure!(procs.is_empty(), "processes left behind: {procs:#?}");
-        let owners: Vec<_> = std::fs::read_dir(self.state.join("owners"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        ensure!(owners.is_empty(), "state left behind: {owners:?}");
+        let left = serve.leftovers();
+        ensure!(left.is_empty(), "left behind: {left:#?}");
         Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(mut c) = self.child.lock() {
-            if c.try_wait().ok().flatten().is_none() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(c.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let _ = c.wait();
-            }
-        }
     }
 }

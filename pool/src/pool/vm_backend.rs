@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{Backend, PoolError};
 use crate::config::{ReplenishMode, ResetMode};
-use crate::vm::{Step, Template, Vm, VmHost};
+use ember_vm::vm::{Step, Template, Vm, VmHost};
 
 /// A scrub that takes longer than this is given up (a full reset follows).
 const SCRUB_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,7 +55,7 @@ impl VmBackend {
             return Err(format!(
                 "pool.reset = \"{}\" needs VMs with a {} writable disk",
                 plan.reset.name(),
-                if plan.scratch == crate::vm::ScratchKind::RawCopy { "raw" } else { "qcow2 overlay" }
+                if plan.scratch == ember_vm::vm::ScratchKind::RawCopy { "raw" } else { "qcow2 overlay" }
             ));
         }
         let (mode, restore) = (plan.reset, plan.restore);
@@ -151,7 +151,7 @@ async fn warm_up(vm: &Vm, what: WarmUp) -> Result<(), String> {
     // docs/BENCHMARKS.md): on a 2-core TCG host that capacity decides
     // whether the pool keeps up at 4 req/s.
     let mut req = match what {
-        WarmUp::Command => crate::vm::shell("true"),
+        WarmUp::Command => ember_vm::vm::shell("true"),
         WarmUp::Python => {
             ember_wire::ExecRequest::new(ember_wire::Command::Python(ember_wire::PythonScript {
                 path: WARM_UP_SCRIPT.into(),
@@ -258,7 +258,7 @@ impl Backend for VmBackend {
                 warm_up(vm, what).await.map_err(fail)?;
                 steps.mark("warm-up");
                 let steps = steps.finish();
-                tracing::debug!(vm = %id, mode = self.mode.name(), steps = %crate::vm::describe_steps(&steps), "reset");
+                tracing::debug!(vm = %id, mode = self.mode.name(), steps = %ember_vm::vm::describe_steps(&steps), "reset");
                 self.record(|t| {
                     t.reset.push(started.elapsed());
                     t.reset_steps.push(steps);

@@ -4,18 +4,16 @@
 
 #![allow(clippy::unwrap_used)] // test fixtures
 
-mod harness;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
-use ember_pool::channel::ExecOutput;
-use ember_pool::vm::{wait_until, ImageSet, InitMode, VmConfig};
-use ember_pool::{AgentError, ChannelChoice, ExecEvent, Vm, VmHost};
+use ember_testkit::{ensure_eq, processes_mentioning, CaseFuture, Report};
+use ember_vm::channel::ExecOutput;
+use ember_vm::vm::{wait_until, ImageSet, InitMode, VmConfig};
+use ember_vm::{AgentError, ChannelChoice, ExecEvent, Vm, VmHost};
 use ember_wire::{Command, Configure, ErrorCode, ExecRequest, FileSpec, NetworkConfig, MAX_FRAME_LEN};
-use harness::{processes_mentioning, CaseFuture, Report};
 
 fn images_dir() -> PathBuf {
     std::env::var_os("EMBER_IMAGES")
@@ -975,7 +973,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         // Rollback: the same adversarial test, with the writable layer
         // rolled back under a running VM instead of a memory snapshot.
         let mut raw = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
-        raw.scratch = ember_pool::vm::ScratchKind::RawCopy;
+        raw.scratch = ember_vm::vm::ScratchKind::RawCopy;
         let raw_host = VmHost::new(raw, false)?;
 
         // The warm pool over real VMs.
@@ -1068,10 +1066,10 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         // dataset, in its own throw-away zpool.
         let parent = zfs_test_pool("up").context("setting up the test zpool")?;
         let mut zc = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
-        zc.scratch = ember_pool::vm::ScratchKind::RawCopy;
-        zc.storage = ember_pool::storage::StorageConfig::Zfs(ember_pool::storage::ZfsConfig {
+        zc.scratch = ember_vm::vm::ScratchKind::RawCopy;
+        zc.storage = ember_vm::storage::StorageConfig::Zfs(ember_vm::storage::ZfsConfig {
             parent: parent.clone(),
-            mode: ember_pool::storage::ZfsMode::Dataset,
+            mode: ember_vm::storage::ZfsMode::Dataset,
         });
         report.run("zfs_orphans_are_reaped", Box::pin(zfs_orphans_are_reaped(zc.clone(), &parent))).await;
         let zfs_host = VmHost::new(zc, false)?;

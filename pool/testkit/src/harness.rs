@@ -1,4 +1,4 @@
-//! A minimal test harness for the VM suite: named async cases run one
+//! A minimal test harness for the suites that share booted VMs: named async cases run one
 //! after another on one runtime against shared VMs; prints libtest-style
 //! lines and an `N passed, M failed` summary.
 
@@ -8,6 +8,7 @@ use std::time::Instant;
 
 pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
 
+#[derive(Debug, Default)]
 pub struct Report {
     passed: usize,
     failed: Vec<String>,
@@ -68,5 +69,3 @@ macro_rules! ensure_eq {
         }
     }};
 }
-
-pub use ember_pool::vm::processes_mentioning;

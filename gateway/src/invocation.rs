@@ -1,0 +1,168 @@
+//! The path of one invocation, after the route has validated it:
+//! [`start`] takes a concurrency permit, claims a VM (from the pool, a
+//! function's warm set, or the caller's session) and starts the command with
+//! its files in one agent round trip; [`run`] follows it to its exit and
+//! collects one JSON result (the NDJSON route follows [`Running`] itself).
+//! Whatever way a [`Running`] ends (finished, client gone, error), dropping
+//! it cancels the command and hands the VM back to be reset; a VM whose
+//! agent broke is destroyed instead (`running.rs`).
+
+mod running;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_pool::pool::Backend;
+use ember_vm::{AgentClient, ExecEvent};
+use tokio::time::Instant;
+
+use crate::api::{text_and_base64, Invocation, RunResult, Timing};
+use crate::error::ApiError;
+use crate::state::AppState;
+use running::Held;
+pub use running::Running;
+
+/// How long past its own timeout a command may take to report its exit
+/// before the VM is given up on.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// What the gateway needs of a VM: its agent.
+pub trait Sandbox: Send + Sync + 'static {
+    fn agent(&self) -> &AgentClient;
+    fn id(&self) -> &str;
+}
+
+impl Sandbox for ember_vm::Vm {
+    fn agent(&self) -> &AgentClient {
+        ember_vm::Vm::agent(self)
+    }
+    fn id(&self) -> &str {
+        ember_vm::Vm::id(self)
+    }
+}
+
+/// Claim a VM and start `inv` in it. A refusal (429) is answered after
+/// `limits.busy_delay` (at most its Retry-After).
+pub async fn start<B: Backend>(
+    state: &AppState<B>,
+    id: String,
+    session: Option<String>,
+    inv: Invocation,
+) -> Result<Running<B>, ApiError>
+where
+    B::Vm: Sandbox,
+{
+    let started = claim_and_start(state, id, session, inv).await;
+    if let Err(e) = &started {
+        if e.status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+            let cap = Duration::from_secs(u64::from(e.retry_after.unwrap_or(1)));
+            tokio::time::sleep(state.limits.busy_delay.min(cap)).await;
+        }
+    }
+    started
+}
+
+async fn claim_and_start<B: Backend>(
+    state: &AppState<B>,
+    id: String,
+    session: Option<String>,
+    inv: Invocation,
+) -> Result<Running<B>, ApiError>
+where
+    B::Vm: Sandbox,
+{
+    if state.is_draining() {
+        return Err(ApiError::draining());
+    }
+    let permit = Arc::clone(&state.permits).try_acquire_owned().map_err(|_| {
+        ApiError::busy(
+            "too_many_requests",
+            format!("{} invocations are running, the limit", state.limits.max_concurrent_requests),
+            1,
+        )
+    })?;
+    let claim_started = Instant::now();
+    let (held, warm) = match &session {
+        Some(key) => {
+            let lease = state.pool.session(key).await?;
+            (Held::Session { lease, key: key.clone() }, true)
+        }
+        None => {
+            let lease = match &inv.function {
+                Some(f) => state.pool.claim_for(f).await?,
+                None => state.pool.claim().await?,
+            };
+            let warm = lease.warm();
+            (Held::Pool(lease), warm)
+        }
+    };
+    let claim = claim_started.elapsed();
+    state.metrics.claim_seconds.observe(claim.as_secs_f64());
+    let vm_id = held.id().to_string();
+    tracing::Span::current().record("vm", vm_id.as_str());
+    let timeout = inv.timeout;
+    let req = inv.into_exec(&id, &state.limits, session.is_some());
+    let mut running = Running {
+        id,
+        vm_id,
+        warm,
+        session,
+        claim,
+        started: Instant::now(),
+        deadline: Instant::now() + timeout + EXIT_GRACE,
+        handle: None,
+        held: Some(held),
+        state: state.clone(),
+        _permit: permit,
+    };
+    match running.agent().exec(req).await {
+        Ok(h) => running.handle = Some(h),
+        Err(e) => return Err(running.fail(e)),
+    }
+    Ok(running)
+}
+
+/// Run `inv` to its end and collect the result.
+pub async fn run<B: Backend>(
+    state: &AppState<B>,
+    id: String,
+    session: Option<String>,
+    inv: Invocation,
+) -> Result<RunResult, ApiError>
+where
+    B::Vm: Sandbox,
+{
+    let mut running = start(state, id, session, inv).await?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    loop {
+        match running.next().await? {
+            ExecEvent::Output { stream: ember_wire::Stream::Stdout, data } => stdout.extend(data),
+            ExecEvent::Output { stream: ember_wire::Stream::Stderr, data } => stderr.extend(data),
+            ExecEvent::Exit(status) => {
+                let (stdout, stdout_base64) = text_and_base64(stdout);
+                let (stderr, stderr_base64) = text_and_base64(stderr);
+                return Ok(RunResult {
+                    id: running.id.clone(),
+                    exit_code: status.code,
+                    signal: status.signal,
+                    stdout,
+                    stdout_base64,
+                    stderr,
+                    stderr_base64,
+                    timed_out: status.timed_out,
+                    truncated: status.truncated,
+                    duration_ms: status.duration_ms,
+                    duration_us: status.duration_us,
+                    warm: running.warm,
+                    vm_id: running.vm_id.clone(),
+                    session: running.session.clone(),
+                    timing: Timing {
+                        claim: running.claim,
+                        vm: running.started.elapsed(),
+                        run: Duration::from_micros(status.duration_us),
+                    },
+                });
+            }
+        }
+    }
+}

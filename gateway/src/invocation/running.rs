@@ -1,0 +1,138 @@
+//! A started command and the VM it holds, until it ends.
+
+use std::ops::Deref;
+use std::time::Duration;
+
+use ember_pool::pool::{Backend, Lease, SessionLease};
+use ember_vm::{AgentClient, AgentError, ExecEvent};
+use ember_wire::ExitStatus;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::{Sandbox, EXIT_GRACE};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The VM an invocation holds.
+pub(super) enum Held<B: Backend> {
+    Pool(Lease<B>),
+    Session { lease: SessionLease<B>, key: String },
+}
+
+impl<B: Backend> Deref for Held<B> {
+    type Target = B::Vm;
+    fn deref(&self) -> &B::Vm {
+        match self {
+            Held::Pool(l) => l,
+            Held::Session { lease, .. } => lease,
+        }
+    }
+}
+
+/// A started command and everything it holds.
+pub struct Running<B: Backend> {
+    pub id: String,
+    pub vm_id: String,
+    pub warm: bool,
+    pub session: Option<String>,
+    /// How long claiming the VM took.
+    pub claim: Duration,
+    /// When the VM was claimed.
+    pub started: Instant,
+    pub(super) deadline: Instant,
+    // Field order is drop order: cancel the command, then free the VM.
+    pub(super) handle: Option<ember_vm::channel::ExecHandle>,
+    pub(super) held: Option<Held<B>>,
+    pub(super) state: AppState<B>,
+    pub(super) _permit: OwnedSemaphorePermit,
+}
+
+impl<B: Backend> std::fmt::Debug for Running<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("id", &self.id).field("vm", &self.vm_id).finish()
+    }
+}
+
+impl<B: Backend> Running<B>
+where
+    B::Vm: Sandbox,
+{
+    pub(super) fn agent(&self) -> &AgentClient {
+        match &self.held {
+            Some(h) => h.agent(),
+            None => unreachable!("a running invocation holds its VM until dropped"),
+        }
+    }
+
+    /// The next output chunk or the exit. After an error the invocation is
+    /// over (and a broken VM is on its way out).
+    pub async fn next(&mut self) -> Result<ExecEvent, ApiError> {
+        let Some(handle) = self.handle.as_mut() else {
+            return Err(ApiError::vm_failed("the command already ended"));
+        };
+        match tokio::time::timeout_at(self.deadline, handle.next()).await {
+            Ok(Ok(ExecEvent::Exit(status))) => {
+                self.handle = None;
+                self.finished(&status);
+                Ok(ExecEvent::Exit(status))
+            }
+            Ok(Ok(ev)) => Ok(ev),
+            Ok(Err(e)) => {
+                self.handle = None;
+                Err(self.fail(e))
+            }
+            Err(_) => {
+                self.handle = None;
+                let e = ApiError::vm_failed(format!(
+                    "VM {} did not report the command's exit within its timeout + {EXIT_GRACE:?}",
+                    self.vm_id
+                ));
+                self.discard();
+                Err(e)
+            }
+        }
+    }
+
+    fn finished(&self, status: &ExitStatus) {
+        let outcome = if status.timed_out { "timed_out" } else { "exited" };
+        self.state.metrics.invocation(outcome, Some(self.started.elapsed()));
+        tracing::info!(
+            code = ?status.code,
+            signal = ?status.signal,
+            timed_out = status.timed_out,
+            truncated = status.truncated,
+            ms = status.duration_ms,
+            exec_rtt_us = self.started.elapsed().as_micros() as u64,
+            guest_us = status.duration_us,
+            "command finished"
+        );
+    }
+
+    /// Turn an agent error into the caller's; destroy the VM if it broke.
+    pub(super) fn fail(&mut self, e: AgentError) -> ApiError {
+        let (api, broken) = ApiError::from_agent(&self.vm_id, e);
+        self.state.metrics.invocation("error", None);
+        tracing::warn!(error = %api, broken, "invocation failed");
+        if broken {
+            self.discard();
+        }
+        api
+    }
+
+    /// The VM is not to be trusted again: destroy it (or end its session).
+    fn discard(&mut self) {
+        match self.held.take() {
+            Some(Held::Pool(lease)) => {
+                tokio::spawn(lease.discard());
+            }
+            Some(Held::Session { lease, key }) => {
+                drop(lease);
+                let pool = self.state.pool.clone();
+                tokio::spawn(async move {
+                    pool.end_session(&key).await;
+                });
+            }
+            None => {}
+        }
+    }
+}

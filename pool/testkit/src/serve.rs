@@ -1,0 +1,168 @@
+//! `ember serve` as a child process: the one way the HTTP suite and the load
+//! test start it, wait for it, stop it and check what it left.
+
+use std::io::BufRead as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How to start `ember serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The `ember` binary.
+    pub ember: PathBuf,
+    pub config: PathBuf,
+    /// `EMBER_IMAGES`: where the built images are.
+    pub images: PathBuf,
+    /// `EMBER_STATE_DIR`. Fixed per suite, so a killed run's VMs are reaped
+    /// by the next run.
+    pub state_dir: PathBuf,
+    /// `EMBER_LOG`.
+    pub log_level: String,
+    /// Where the server's stderr (its log) goes.
+    pub log_file: PathBuf,
+    /// Print the server's stdout lines with this prefix (None: quiet).
+    pub echo: Option<String>,
+    /// How long the pool may take to get warm.
+    pub ready_within: Duration,
+}
+
+impl ServeOptions {
+    pub fn new(ember: &Path, config: &Path, images: &Path, state_dir: &Path, log_file: &Path) -> Self {
+        Self {
+            ember: ember.to_path_buf(),
+            config: config.to_path_buf(),
+            images: images.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            log_level: "info".into(),
+            log_file: log_file.to_path_buf(),
+            echo: None,
+            ready_within: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A running `ember serve`; dropping it sends SIGTERM and waits.
+#[derive(Debug)]
+pub struct EmberServe {
+    pub addr: SocketAddr,
+    pub state_dir: PathBuf,
+    child: Child,
+}
+
+impl EmberServe {
+    /// Start `ember serve` on a free loopback port and wait for its ready
+    /// line (the pool is warm then).
+    pub fn start(opts: &ServeOptions) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(&opts.log_file)
+            .with_context(|| format!("creating {}", opts.log_file.display()))?;
+        let mut child = Command::new(&opts.ember)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&opts.config)
+            .env("EMBER_IMAGES", &opts.images)
+            .env("EMBER_STATE_DIR", &opts.state_dir)
+            .env("EMBER_LOG", &opts.log_level)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} serve", opts.ember.display()))?;
+        let stdout = child.stdout.take().context("ember serve's stdout")?;
+        let (tx, rx) = mpsc::channel();
+        let echo = opts.echo.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(prefix) = &echo {
+                    println!("{prefix}{line}");
+                }
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + opts.ready_within;
+        let mut addr = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&opts.log_file).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                bail!(
+                    "ember serve did not get ready within {:?}; the end of its log ({}):\n{}",
+                    opts.ready_within,
+                    opts.log_file.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            };
+            if let Some(rest) = line.strip_prefix("ember: listening on http://") {
+                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+            if line.starts_with("ember: ready on") {
+                break;
+            }
+        }
+        let addr = addr.context("ember serve printed no listening line")?;
+        Ok(Self { addr, state_dir: opts.state_dir.clone(), child })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The server's pid (its VMs run below it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Ask it to drain and exit.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).context("SIGTERM to ember serve")?;
+        Ok(())
+    }
+
+    /// Wait for the exit, at most `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            ensure!(Instant::now() < deadline, "ember serve did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What a stopped server left: processes naming its state directory,
+    /// and owner directories in it.
+    pub fn leftovers(&self) -> Vec<String> {
+        let needle = self.state_dir.to_string_lossy().into_owned();
+        let mut left = crate::processes_mentioning(&needle);
+        let owners = std::fs::read_dir(self.state_dir.join("owners")).into_iter().flatten().flatten();
+        left.extend(owners.map(|e| format!("state left behind: {}", e.path().display())));
+        left
+    }
+
+    /// SIGTERM, wait for a clean exit, and check nothing is left.
+    pub fn stop(mut self, within: Duration) -> anyhow::Result<()> {
+        self.terminate()?;
+        let status = self.wait_exit(within)?;
+        ensure!(status.success(), "ember serve exited with {status}");
+        let left = self.leftovers();
+        ensure!(left.is_empty(), "left behind: {left:#?}");
+        Ok(())
+    }
+}
+
+impl Drop for EmberServe {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}

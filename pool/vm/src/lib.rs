@@ -1,0 +1,14 @@
+//! Ember's VM layer: one QEMU `-M microvm` guest and everything it owns (its
+//! processes, files, disk, QMP connection and agent channel), the templates
+//! clones are restored from, and the helpers below them. It knows nothing of
+//! pools, leases or HTTP; `ember-pool` builds the warm pool on top of it.
+#![forbid(unsafe_code)]
+
+pub mod channel;
+pub mod os;
+pub mod procfs;
+pub mod storage;
+pub mod vm;
+
+pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput};
+pub use vm::{Vm, VmConfig, VmError, VmHost};
