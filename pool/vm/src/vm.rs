@@ -143,7 +143,7 @@ impl Vm {
     pub fn qemu_pid(&self) -> u32 {
         self.qemu.pid()
     }
-    pub fn helper_pid(&self) -> Option<u32> {
+    fn helper_pid(&self) -> Option<u32> {
         self.helper.as_ref().map(OwnedProcess::pid)
     }
 

@@ -7,7 +7,7 @@ use tokio::sync::OnceCell;
 
 use super::accel::{self, Accel};
 use super::config::{AccelChoice, VmConfig};
-use super::state::{ReapReport, StateDir};
+use super::state::StateDir;
 use super::{Vm, VmError};
 use crate::channel::{self, ChannelKind, CidAllocator, HostChannels};
 use crate::os::find_program;
@@ -20,7 +20,6 @@ pub struct VmHost {
     cids: CidAllocator,
     channel: ChannelKind,
     accel: OnceCell<Accel>,
-    reaped: ReapReport,
     /// uid/gid of `config.qemu_user`, resolved once.
     qemu_ids: Option<(u32, u32)>,
     /// Opened on first use (or by `open_storage` at start-up).
@@ -75,7 +74,7 @@ impl VmHost {
                 "reaped what a crashed run left behind"
             );
         }
-        Ok(Arc::new(Self { config, state, cids, channel, accel, reaped, qemu_ids, storage, runner }))
+        Ok(Arc::new(Self { config, state, cids, channel, accel, qemu_ids, storage, runner }))
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -87,9 +86,6 @@ impl VmHost {
     /// The user QEMU and its helpers drop to, if any.
     pub fn qemu_ids(&self) -> Option<(u32, u32)> {
         self.qemu_ids
-    }
-    pub fn reaped(&self) -> &ReapReport {
-        &self.reaped
     }
     pub(crate) fn state(&self) -> &StateDir {
         &self.state
