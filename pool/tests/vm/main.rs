@@ -669,8 +669,6 @@ fn proc_start_time() -> anyhow::Result<u64> {
     after.split_whitespace().nth(19).context("starttime")?.parse().context("starttime")
 }
 
-/// Each VM has its own clone, tagged with its owner, under the parent;
-/// claiming it neither renames nor replaces the clone.
 /// A call that plants daemons and files, then three calls of ~120 short
 /// processes each: every rollback reset after them ends within a bound
 /// (issue 13 saw one re-attach take 14.1 s on zfs-fuse, so that a claim
@@ -700,6 +698,8 @@ async fn zfs_resets_stay_bounded_after_plant_and_probes(pool: &VmPool) -> anyhow
     Ok(())
 }
 
+/// Each VM has its own clone, tagged with its owner, under the parent;
+/// claiming it neither renames nor replaces the clone.
 async fn zfs_a_clone_per_vm(pool: &VmPool, parent: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready >= 1).then_some(()))

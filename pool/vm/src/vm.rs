@@ -250,13 +250,16 @@ impl Vm {
         steps.mark("rollback");
         let attach = Instant::now();
         self.agent.attach_scratch().await.map_err(agent_err(self))?;
-        self.agent.hello(u64::from(std::process::id())).await.map_err(agent_err(self))?;
+        let mounted = attach.elapsed();
         steps.mark("attach");
+        self.agent.hello(u64::from(std::process::id())).await.map_err(agent_err(self))?;
+        steps.mark("hello");
         tracing::debug!(
             vm = %self.id,
             detach = ?(started - detach),
             rollback = ?took,
-            attach = ?attach.elapsed(),
+            attach = ?mounted,
+            hello = ?(attach.elapsed() - mounted),
             backend = storage.name(),
             "scratch rolled back"
         );
