@@ -492,10 +492,7 @@ impl<B: Backend> Inner<B> {
             }
         };
         if let Some(vm) = doomed {
-            self.backend.destroy(vm).await;
-            let mut st = self.lock();
-            st.leave(Phase::Destroying);
-            st.counters.destroyed += 1;
+            self.destroy_now(Some(vm)).await;
         }
         let idle = self.lock().is_idle();
         self.changed.notify_waiters();
@@ -512,23 +509,38 @@ impl<B: Backend> Inner<B> {
             if st.out_of_pool_secs == 0.0 { secs } else { 0.8 * st.out_of_pool_secs + 0.2 * secs };
     }
 
-    /// Destroy a VM in the background and account for it.
-    fn destroy_later(self: &Arc<Self>, vm: B::Vm) {
-        self.lock().enter(Phase::Destroying);
+    /// Destroy, in the background, a VM that is counted in phase `from`:
+    /// it moves to `Destroying` in one step under one lock, so no other
+    /// task ever sees room for a new VM while this one still exists.
+    fn destroy_later(self: &Arc<Self>, vm: B::Vm, from: Phase) {
+        self.lock().shift(from, Phase::Destroying);
+        self.destroy_counted(vm);
+    }
+
+    /// Destroy, in the background, a VM the caller has already counted as
+    /// `Destroying` (under the same lock that took it out of the ready set
+    /// or a session).
+    fn destroy_counted(self: &Arc<Self>, vm: B::Vm) {
         let inner = Arc::clone(self);
-        tokio::spawn(async move {
-            inner.backend.destroy(vm).await;
-            let mut st = inner.lock();
-            st.leave(Phase::Destroying);
-            st.counters.destroyed += 1;
-            let idle = st.is_idle();
-            drop(st);
-            inner.changed.notify_one();
-            inner.wake_replenisher.notify_one();
-            if idle {
-                inner.idle.notify_waiters();
-            }
-        });
+        tokio::spawn(async move { inner.destroy_now(Some(vm)).await });
+    }
+
+    /// Destroy a VM counted as `Destroying` (`None`: someone else holds
+    /// it and destroys it), then account for it and wake whoever waits.
+    async fn destroy_now(&self, vm: Option<B::Vm>) {
+        if let Some(vm) = vm {
+            self.backend.destroy(vm).await;
+            self.lock().counters.destroyed += 1;
+        }
+        let mut st = self.lock();
+        st.leave(Phase::Destroying);
+        let idle = st.is_idle();
+        drop(st);
+        self.changed.notify_one();
+        self.wake_replenisher.notify_one();
+        if idle {
+            self.idle.notify_waiters();
+        }
     }
 }
 
@@ -753,8 +765,7 @@ impl<B: Backend> Pool<B> {
             r.warm_for = None;
             return Some(r);
         }
-        self.inner.lock().leave(Phase::Claimed);
-        self.inner.destroy_later(r.vm);
+        self.inner.destroy_later(r.vm, Phase::Claimed);
         None
     }
 
@@ -768,10 +779,11 @@ impl<B: Backend> Pool<B> {
     ) -> Result<Step<B>, PoolError> {
         let mut dead = Vec::new();
         let step = self.try_claim_locked(&mut self.inner.lock(), queued, &mut dead, want, patient);
-        // Destroyed outside the lock (destroy_later takes it).
+        // Counted as destroying under the lock that took them out of the
+        // ready set; destroyed outside it.
         for vm in dead {
             tracing::warn!(vm = B::vm_id(&vm), "ready VM died; replacing it");
-            self.inner.destroy_later(vm);
+            self.inner.destroy_counted(vm);
         }
         step
     }
@@ -790,6 +802,7 @@ impl<B: Backend> Pool<B> {
         while let Some(i) = pick_ready(&st.ready, want) {
             let Some(mut r) = st.ready.remove(i) else { break };
             if !self.inner.backend.healthy(&mut r.vm) {
+                st.enter(Phase::Destroying);
                 dead.push(r.vm);
                 self.inner.wake_replenisher.notify_one();
                 continue;
@@ -829,6 +842,7 @@ impl<B: Backend> Pool<B> {
                 st.counters.steals += 1;
                 return Ok(Step::Convert(r));
             }
+            st.enter(Phase::Destroying);
             dead.push(r.vm);
             return Ok(Step::Wait { patience });
         }
@@ -892,17 +906,19 @@ impl<B: Backend> Pool<B> {
         }
         let (ready, sessions): (Vec<_>, Vec<_>) = {
             let mut st = self.inner.lock();
-            (st.ready.drain(..).collect(), st.sessions.drain().collect())
+            let ready: Vec<_> = st.ready.drain(..).collect();
+            let sessions: Vec<_> = st.sessions.drain().collect();
+            for _ in 0..ready.len() + sessions.len() {
+                st.enter(Phase::Destroying);
+            }
+            (ready, sessions)
         };
         for r in ready {
-            self.inner.backend.destroy(r.vm).await;
-            self.inner.lock().counters.destroyed += 1;
+            self.inner.destroy_now(Some(r.vm)).await;
         }
         for (_, slot) in sessions {
-            if let Some(vm) = slot.vm.lock().await.take() {
-                self.inner.backend.destroy(vm).await;
-                self.inner.lock().counters.destroyed += 1;
-            }
+            let vm = slot.vm.lock().await.take();
+            self.inner.destroy_now(vm).await;
         }
     }
 }

@@ -211,10 +211,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
         Some(vm)
     };
     if let Some(vm) = doomed {
-        // Replacement may start while this one is still being torn down.
-        inner.lock().leave(Phase::Resetting);
-        inner.wake_replenisher.notify_one();
-        inner.destroy_later(vm);
+        inner.destroy_later(vm, Phase::Resetting);
     }
     inner.changed.notify_one();
     inner.wake_replenisher.notify_one();

@@ -35,7 +35,7 @@ pub(super) async fn run<B: Backend>(inner: Arc<Inner<B>>) {
         };
         let (create, surplus) = plan(&inner, may_create);
         for vm in surplus {
-            inner.destroy_later(vm);
+            inner.destroy_counted(vm);
         }
         for _ in 0..create {
             let inner = Arc::clone(&inner);
@@ -111,6 +111,9 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
     let surplus = current.saturating_sub(keep).min(st.ready.len());
     // Oldest first: they have served the most uses.
     let gone: Vec<B::Vm> = st.ready.drain(..surplus).map(|r: ReadyVm<B::Vm>| r.vm).collect();
+    for _ in &gone {
+        st.enter(Phase::Destroying);
+    }
     (0, gone)
 }
 

@@ -97,12 +97,8 @@ impl<B: Backend> Pool<B> {
             }
         };
         if !healthy {
-            let vm = guard.take();
             drop(guard);
-            self.remove_slot(key, &slot);
-            if let Some(vm) = vm {
-                self.inner.destroy_later(vm);
-            }
+            self.end_slot(key, &slot).await;
             return Err(PoolError::SessionLost { key: key.into(), reason: "its VM stopped".into() });
         }
         slot.touch();
@@ -152,29 +148,31 @@ impl<B: Backend> Pool<B> {
         Ok(slot)
     }
 
-    fn remove_slot(&self, key: &str, slot: &Arc<Slot<B::Vm>>) {
-        let mut st = self.inner.lock();
-        if st.sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+    /// End the session `key` if `slot` is still its slot: out of the
+    /// sessions and into `Destroying` in one step, then (once a running
+    /// call lets go of it) the VM is destroyed. Whether it ended it.
+    async fn end_slot(&self, key: &str, slot: &Arc<Slot<B::Vm>>) -> bool {
+        {
+            let mut st = self.inner.lock();
+            if !st.sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                return false;
+            }
             st.sessions.remove(key);
+            st.enter(Phase::Destroying);
         }
-        drop(st);
-        self.inner.wake_replenisher.notify_one();
-        self.inner.changed.notify_one();
+        let vm = slot.vm.lock().await.take();
+        self.inner.destroy_now(vm).await;
+        true
     }
 
     /// End a session and destroy its VM (after a running call finishes).
     /// Returns whether the session existed.
     pub async fn end_session(&self, key: &str) -> bool {
-        let slot = self.inner.lock().sessions.remove(key);
-        let Some(slot) = slot else { return false };
-        self.inner.wake_replenisher.notify_one();
-        self.inner.changed.notify_one();
-        let vm = slot.vm.lock().await.take();
-        if let Some(vm) = vm {
-            self.inner.backend.destroy(vm).await;
-            self.inner.lock().counters.destroyed += 1;
+        let slot = self.inner.lock().sessions.get(key).cloned();
+        match slot {
+            Some(slot) => self.end_slot(key, &slot).await,
+            None => false,
         }
-        true
     }
 
     pub fn sessions(&self) -> Vec<SessionInfo> {
@@ -223,16 +221,17 @@ pub(super) async fn reap_idle<B: Backend>(inner: Arc<Inner<B>>) {
                 .filter(|(_, s)| s.idle_for(now) >= ttl && s.vm.try_lock().is_ok())
                 .map(|(k, _)| k.clone())
                 .collect();
-            keys.into_iter().filter_map(|k| st.sessions.remove(&k).map(|s| (k, s))).collect()
+            let gone: Vec<_> =
+                keys.into_iter().filter_map(|k| st.sessions.remove(&k).map(|s| (k, s))).collect();
+            for _ in &gone {
+                st.enter(Phase::Destroying);
+            }
+            gone
         };
         for (key, slot) in expired {
             tracing::info!(session = %key, "session idle for {ttl:?}; ending it");
-            if let Some(vm) = slot.vm.lock().await.take() {
-                inner.backend.destroy(vm).await;
-                inner.lock().counters.destroyed += 1;
-            }
-            inner.wake_replenisher.notify_one();
-            inner.changed.notify_one();
+            let vm = slot.vm.lock().await.take();
+            inner.destroy_now(vm).await;
         }
     }
 }

@@ -737,3 +737,30 @@ async fn a_patient_claim_whose_vm_never_came_back_boots_one_instead_of_a_refusal
         t.elapsed()
     );
 }
+
+/// A VM on its way out is counted until it is gone: with `max_size = 1` in
+/// destroy mode, the replenisher (on another worker thread) must never see
+/// room for a new VM while the old one is between "resetting" and
+/// "destroying" (a clean-clone `make test` caught the bookkeeping check
+/// firing there: 2 VMs, capacity 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vm_leaving_service_is_never_uncounted() {
+    let mut backend = FakeBackend::new(Duration::from_micros(200), Duration::ZERO);
+    backend.recycles = false;
+    let c = PoolConfig {
+        min_size: 1,
+        max_size: 1,
+        target_free: 1,
+        claim_timeout: Duration::from_secs(10),
+        ..cfg()
+    };
+    let pool = Pool::start(backend, c, 256);
+    for _ in 0..300 {
+        let lease = pool.claim().await.unwrap();
+        lease.release().await;
+        assert!(pool.backend().alive() <= 1, "{} VMs alive with max_size 1", pool.backend().alive());
+    }
+    assert_eq!(pool.status().counters.invariant_violations, 0);
+    pool.shutdown().await;
+    assert_eq!(pool.backend().alive(), 0);
+}
