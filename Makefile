@@ -39,8 +39,11 @@ build:
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p ember-guest-agent --target $(AGENT_TARGET)
 
-images: agent
+## images: the shared kernel, initrd, base and agent, then every image the
+## shipped recipes (initrd/images/) and EMBER_CONFIG's [images] dirs name.
+images: agent build
 	./initrd/images.sh $(AGENT)
+	./target/release/ember images build
 
 ## bench: VM and pool figures (see docs/BENCHMARKS.md).
 bench: test-deps build images

@@ -10,8 +10,8 @@ log() { printf '[deps] %s\n' "$*" >&2; }
 
 need_apt=()
 have() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-# curl (7.82+ for --json) is the client of the README examples and the e2e tests.
-for p in busybox-static cpio curl debootstrap e2fsprogs gzip tar; do
+# curl (7.82+ for --json), jq and file: the README examples and the e2e tests.
+for p in busybox-static cpio curl debootstrap e2fsprogs file gzip jq tar; do
     have "$p" || need_apt+=("$p")
 done
 if $for_tests; then

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Build (or reuse from the cache) every guest image and link them into
-# OUT_DIR for ember to find. Each artefact is cached outside the clone in a
-# directory named after a hash of its inputs, so it is rebuilt only when an
-# input changes.
+# Build (or reuse from the cache) what every guest image shares, and link it
+# into EMBER_IMAGES for ember to find: the kernel, the initrd, the
+# debootstrap base every recipe adds to, and the agent. Each is cached
+# outside the clone in a directory named after a hash of its inputs, so it
+# is rebuilt only when an input changes. The images themselves (one per
+# recipe) are built by `ember images build` (initrd/image.sh).
 # Inputs:  $1 = the static ember-agent binary
 #          EMBER_CACHE (default /var/cache/ember), EMBER_IMAGES (default target/images)
-# Outputs: $EMBER_IMAGES/{vmlinuz,initrd.img,rootfs.ext4,scratch.ext4,manifest}
+# Outputs: $EMBER_IMAGES/{vmlinuz,initrd.img,base.tar,ember-agent,manifest}
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=initrd/lib.sh
@@ -38,19 +40,27 @@ bdir=$cache/images/base-$(input_hash "$here/rootfs-base.sh")
 [[ -e $bdir/.complete ]] || log "root filesystem base (debootstrap, about a minute)"
 cache_build "$bdir" "$here/rootfs-base.sh"
 
-rdir=$cache/images/rootfs-$(input_hash "$here/rootfs.sh" "$here/overlay-rootfs" "$agent" -- "$(basename "$bdir")")
-[[ -e $rdir/.complete ]] || log "root filesystem image"
-cache_build "$rdir" "$here/rootfs.sh" "$bdir" "$agent"
+# The agent, copied into the cache so that the images dir never points
+# into a build tree that `cargo clean` may empty.
+adir=$cache/images/agent-$(input_hash "$agent")
+if [[ ! -e $adir/.complete ]]; then
+    tmp=$(mktemp -d "$adir.tmp.XXXXXX")
+    install -m 0755 "$agent" "$tmp/ember-agent"
+    touch "$tmp/.complete"
+    rm -rf "$adir"
+    mv "$tmp" "$adir"
+fi
 
 ln -sfn "$kdir/vmlinuz" "$out/vmlinuz"
 ln -sfn "$idir/initrd.img" "$out/initrd.img"
-ln -sfn "$rdir/rootfs.ext4" "$out/rootfs.ext4"
-ln -sfn "$rdir/scratch.ext4" "$out/scratch.ext4"
+ln -sfn "$bdir/base.tar" "$out/base.tar"
+ln -sfn "$adir/ember-agent" "$out/ember-agent"
 {
     echo "kernel_package=$kpkg"
     echo "kernel=$kdir"
     echo "initrd=$idir"
-    echo "rootfs=$rdir"
+    echo "base=$bdir"
+    echo "agent=$adir"
     echo "initrd_bytes=$(stat -c %s "$idir/initrd.img")"
 } >"$out/manifest"
-log "images ready in $out (initrd $(stat -c %s "$idir/initrd.img") bytes)"
+log "kernel, initrd, base and agent ready in $out; \`ember images build\` makes the images"

@@ -74,6 +74,8 @@ pub struct RunRequest {
     pub files: Vec<FileInput>,
     /// humantime, e.g. `"10s"`; at most `limits.max_timeout`.
     pub timeout: Option<String>,
+    /// The image to run in (`GET /v1/images`); the default image if absent.
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +127,8 @@ pub struct Invocation {
     /// The function this invocation calls: its VM is claimed from (and
     /// scrubbed back into) that function's warm set.
     pub function: Option<String>,
+    /// The image it runs in; `None`: the default (or the session's).
+    pub image: Option<String>,
 }
 
 pub use ember_wire::CODE_DIR;
@@ -139,6 +143,7 @@ impl Invocation {
             files: Vec::new(),
             timeout,
             function: None,
+            image: None,
         }
     }
 
@@ -204,6 +209,17 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// An image name as a request gives it (whether one exists is the pools'
+/// to say).
+pub fn check_image(image: Option<String>) -> Result<Option<String>, ApiError> {
+    match image {
+        Some(i) if i.is_empty() || i.len() > 63 || i.contains('\0') => {
+            Err(invalid(format!("image {i:?} is not an image name (see GET /v1/images)")))
+        }
+        other => Ok(other),
+    }
 }
 
 /// A path the caller may write: relative, inside the workspace.
@@ -280,7 +296,8 @@ impl RunRequest {
             files.push(FileSpec { path: f.path, content, mode });
         }
         let timeout = parse_timeout(self.timeout.as_deref(), limits)?;
-        Ok(Invocation { program, stdin, env: self.env, cwd: self.cwd, files, timeout, function: None })
+        let image = check_image(self.image)?;
+        Ok(Invocation { program, stdin, env: self.env, cwd: self.cwd, files, timeout, function: None, image })
     }
 }
 
@@ -305,6 +322,8 @@ pub struct RunResult {
     /// Whether a ready VM was waiting (no boot in the request's path).
     pub warm: bool,
     pub vm_id: String,
+    /// The image the command ran in.
+    pub image: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
     /// Where the time went; sent as a `Server-Timing` header, not in the body.
@@ -362,6 +381,7 @@ pub enum StreamEvent {
         id: String,
         vm_id: String,
         warm: bool,
+        image: String,
     },
     Stdout(OutputText),
     Stderr(OutputText),

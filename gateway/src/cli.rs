@@ -1,5 +1,7 @@
-//! Command-line interface: `ember serve`, `ember vm run|bench`, `ember pool bench`.
+//! Command-line interface: `ember serve`, `ember images list|build|import`,
+//! `ember vm run|bench`, `ember pool bench`.
 
+pub mod images;
 mod pool_bench;
 mod stats;
 mod vm_bench;
@@ -27,7 +29,7 @@ impl Cli {
     pub fn log_level(&self) -> &'static str {
         match self.verbose {
             // A server logs each invocation; one-shot tools stay quiet.
-            0 if matches!(self.command, Command::Serve(_)) => "info",
+            0 if matches!(self.command, Command::Serve(_) | Command::Images(_)) => "info",
             0 => "warn",
             1 => "info",
             _ => "debug",
@@ -45,6 +47,9 @@ pub enum Command {
     /// Work with the warm pool.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// List, build and import guest images.
+    #[command(subcommand)]
+    Images(images::ImagesCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,9 +81,12 @@ pub struct VmOpts {
     /// Acceleration: auto (probe KVM once), kvm, tcg.
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
-    /// Directory with vmlinuz, initrd.img, rootfs.ext4, scratch.ext4.
+    /// The images directory (vmlinuz, initrd.img and a directory per image).
     #[arg(long, env = "EMBER_IMAGES", default_value = "target/images")]
     pub images: PathBuf,
+    /// The image to boot.
+    #[arg(long, default_value = ember_vm::image::DEFAULT_IMAGE)]
+    pub image: String,
     /// Give up on a boot after this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub boot_timeout: Duration,
@@ -86,7 +94,7 @@ pub struct VmOpts {
 
 impl VmOpts {
     pub fn config(&self) -> anyhow::Result<VmConfig> {
-        let images = ImageSet::from_dir(&self.images).map_err(anyhow::Error::msg)?;
+        let images = ImageSet::for_image(&self.images, &self.image).map_err(anyhow::Error::msg)?;
         let mut c = VmConfig::with_images(images);
         c.memory_mb = self.memory;
         c.channel = self.channel;
@@ -103,6 +111,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Vm(VmCommand::Run(args)) => vm_run::run(args).await,
         Command::Vm(VmCommand::Bench(args)) => vm_bench::run(args).await,
         Command::Pool(PoolCommand::Bench(args)) => pool_bench::run(args).await,
+        Command::Images(cmd) => images::run(cmd).await,
     };
     match result {
         Ok(code) => code,

@@ -23,6 +23,26 @@ pub struct RawConfig {
     pub gateway: RawGateway,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub images: RawImages,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImages {
+    /// More recipe directories (each holds `<name>/image.toml`), after the
+    /// shipped `initrd/images`.
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+    /// Largest root tarball `ember images import` takes (and the most its
+    /// members may unpack to).
+    pub max_import_bytes: Option<u64>,
+    /// A build that takes longer is killed.
+    #[serde(default, with = "humantime_serde")]
+    pub build_timeout: Option<Duration>,
+    /// `ember serve` builds images it knows a recipe of but finds unbuilt
+    /// or stale (else it names the command and serves the others).
+    pub build_on_start: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,8 +141,30 @@ impl Default for Limits {
 pub struct Config {
     pub pool: ember_pool::config::PoolConfig,
     pub vm: ember_vm::VmConfig,
+    /// `[pool.images.NAME]`: each image's pool beside the defaults.
+    pub image_pools: std::collections::BTreeMap<String, ember_pool::config::ImagePool>,
     pub gateway: GatewayConfig,
     pub limits: Limits,
+    pub images: ember_vm::image::ImagesConfig,
+    pub build_on_start: bool,
+}
+
+impl Config {
+    /// Image `name`'s pool and VM configuration (see
+    /// [`ember_pool::config::Config::for_image`]).
+    pub fn for_image(
+        &self,
+        name: &str,
+        recipe_memory_mb: Option<u32>,
+    ) -> Result<(ember_pool::config::PoolConfig, ember_vm::VmConfig), String> {
+        let pool_level = ember_pool::config::Config {
+            pool: self.pool.clone(),
+            vm: self.vm.clone(),
+            images_dir: self.images.out.clone(),
+            image_pools: self.image_pools.clone(),
+        };
+        pool_level.for_image(name, recipe_memory_mb)
+    }
 }
 
 impl RawConfig {
@@ -138,6 +180,28 @@ impl RawConfig {
         let mut problems = Vec::new();
         let pool_file = RawPoolFile { pool: self.pool, vm: self.vm, storage: self.storage };
         let pool_vm = pool_file.validate(images_default).map_err(|p| problems.extend(p)).ok();
+        let images_dir =
+            pool_vm.as_ref().map_or_else(|| images_default.to_path_buf(), |pv| pv.images_dir.clone());
+        let mut images = ember_vm::image::ImagesConfig::new(&images_dir);
+        images.recipe_dirs.extend(self.images.dirs.iter().cloned());
+        for d in &self.images.dirs {
+            if !d.is_dir() {
+                problems.push(format!("images.dirs: {} is not a directory", d.display()));
+            }
+        }
+        if let Some(b) = self.images.max_import_bytes {
+            if b == 0 {
+                problems.push("images.max_import_bytes must be at least 1".into());
+            }
+            images.import_limits.max_bytes = b;
+        }
+        if let Some(t) = self.images.build_timeout {
+            if t < Duration::from_secs(10) {
+                problems.push("images.build_timeout must be at least 10s".into());
+            }
+            images.build_timeout = t;
+        }
+        let build_on_start = self.images.build_on_start.unwrap_or(true);
 
         let dg = GatewayConfig::default();
         let gateway = GatewayConfig {
@@ -214,7 +278,15 @@ impl RawConfig {
             Some(pv) if problems.is_empty() => {
                 let pool =
                     ember_pool::config::PoolConfig { max_queue_wait: Some(limits.max_queue_wait), ..pv.pool };
-                Ok(Config { pool, vm: pv.vm, gateway, limits })
+                Ok(Config {
+                    pool,
+                    vm: pv.vm,
+                    image_pools: pv.image_pools,
+                    gateway,
+                    limits,
+                    images,
+                    build_on_start,
+                })
             }
             _ => Err(problems),
         }

@@ -10,6 +10,7 @@
 //! input = "stdin"        # the request body goes to stdin, or
 //! # input = "file"       # is written to `input_file` in the workspace
 //! # input_file = "input.bin"
+//! image = "python-data"  # optional; the default image when absent
 //! ```
 
 use std::collections::BTreeMap;
@@ -37,6 +38,7 @@ struct Manifest {
     #[serde(default)]
     input: Input,
     input_file: Option<String>,
+    image: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -60,6 +62,9 @@ pub struct Function {
     /// Listed as `timeout_ms`; the server's default when absent.
     #[serde(rename = "timeout_ms", serialize_with = "as_millis", skip_serializing_if = "Option::is_none")]
     timeout: Option<Duration>,
+    /// The image it runs in (the default one when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     #[serde(skip)]
     files: Vec<FileSpec>,
 }
@@ -70,6 +75,7 @@ impl Function {
         let mut inv = Invocation::new(Program::Script { lang: self.lang, path: self.entry.clone() }, timeout);
         inv.files = self.files.clone();
         inv.function = Some(self.name.clone());
+        inv.image = self.image.clone();
         match (self.input, &self.input_file) {
             (Input::File, Some(path)) => {
                 inv.files.push(FileSpec { path: path.clone(), content: input, mode: 0o644 })
@@ -153,6 +159,9 @@ fn load_one(name: &str, dir: &Path, max_timeout: Duration) -> Result<Function, S
     if m.timeout.is_some_and(|t| t.is_zero()) {
         return Err("timeout must be above zero".into());
     }
+    if m.image.as_deref().is_some_and(|i| !ember_vm::image::valid_name(i)) {
+        return Err(format!("image {:?} is not an image name", m.image.unwrap_or_default()));
+    }
     let timeout = m.timeout.map(|t| {
         if t > max_timeout {
             tracing::warn!(function = name, "timeout {t:?} capped at limits.max_timeout ({max_timeout:?})");
@@ -179,6 +188,7 @@ fn load_one(name: &str, dir: &Path, max_timeout: Duration) -> Result<Function, S
         input: m.input,
         input_file,
         timeout,
+        image: m.image,
         files,
     })
 }

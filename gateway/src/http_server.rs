@@ -123,7 +123,7 @@ mod tests {
             ..PoolConfig::default()
         };
         let pool = Pool::start(FakeAgents::default(), cfg, 256);
-        let state = AppState::new(pool, Limits::default(), Functions::default());
+        let state = AppState::new(crate::pools::Pools::single(pool), Limits::default(), Functions::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -82,29 +82,47 @@ where
         )
     })?;
     let claim_started = Instant::now();
-    let (held, warm) = match &session {
+    let (image, held, warm) = match &session {
         Some(key) => {
-            let lease = state.pool.session(key).await?;
-            (Held::Session { lease, key: key.clone() }, true)
+            // A session stays on the image its first call chose.
+            let (image, pool) = match state.pools.with_session(key) {
+                Some((image, pool)) => {
+                    if let Some(want) = inv.image.as_deref().filter(|w| *w != image) {
+                        return Err(ApiError::conflict(
+                            "session_image",
+                            format!(
+                                "session {key:?} runs image {image:?}, not {want:?}; end it to change images"
+                            ),
+                        ));
+                    }
+                    (image, pool)
+                }
+                None => state.pools.get(inv.image.as_deref())?,
+            };
+            let lease = pool.session(key).await?;
+            (image, Held::Session { lease, key: key.clone(), pool: pool.clone() }, true)
         }
         None => {
+            let (image, pool) = state.pools.get(inv.image.as_deref())?;
             let lease = match &inv.function {
-                Some(f) => state.pool.claim_for(f).await?,
-                None => state.pool.claim().await?,
+                Some(f) => pool.claim_for(f).await?,
+                None => pool.claim().await?,
             };
             let warm = lease.warm();
-            (Held::Pool(lease), warm)
+            (image, Held::Pool(lease), warm)
         }
     };
+    let image = image.to_string();
     let claim = claim_started.elapsed();
-    state.metrics.claim_seconds.observe(claim.as_secs_f64());
+    state.metrics.claim(&image, claim);
     let vm_id = held.id().to_string();
-    tracing::Span::current().record("vm", vm_id.as_str());
+    tracing::Span::current().record("vm", vm_id.as_str()).record("image", image.as_str());
     let timeout = inv.timeout;
     let req = inv.into_exec(&id, &state.limits, session.is_some());
     let mut running = Running {
         id,
         vm_id,
+        image,
         warm,
         session,
         claim,
@@ -155,6 +173,7 @@ where
                     duration_us: status.duration_us,
                     warm: running.warm,
                     vm_id: running.vm_id.clone(),
+                    image: running.image.clone(),
                     session: running.session.clone(),
                     timing: Timing {
                         claim: running.claim,

@@ -10,6 +10,7 @@ pub mod functions;
 pub mod http_server;
 pub mod invocation;
 pub mod metrics;
+pub mod pools;
 pub mod routes;
 pub mod serve;
 pub mod state;

@@ -30,6 +30,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("POST", "/v1/run"),
     ("GET", "/v1/pool"),
+    ("GET", "/v1/images"),
     ("GET", "/v1/sessions"),
     ("DELETE", "/v1/sessions/{key}"),
     ("GET", "/v1/functions"),
@@ -45,6 +46,7 @@ where
         .route("/metrics", get(info::metrics::<B>))
         .route("/v1/run", post(run::run::<B>))
         .route("/v1/pool", get(info::pool::<B>))
+        .route("/v1/images", get(info::images::<B>))
         .route("/v1/sessions", get(sessions::list::<B>))
         .route("/v1/sessions/{key}", delete(sessions::end::<B>))
         .route("/v1/functions", get(info::functions::<B>))

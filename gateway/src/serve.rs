@@ -2,6 +2,7 @@
 //! or SIGINT drains: new invocations get 503, running ones may finish for
 //! up to `pool.drain_timeout`, then every VM is destroyed.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,14 +12,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use ember_pool::pool::VmBackend;
-use ember_pool::pool::{Backend, Pool};
+use ember_pool::pool::{Backend, MemoryBudget, Pool, VmBackend};
+use ember_vm::image::{Catalog, ImageInfo, ImageState, DEFAULT_IMAGE};
 use ember_vm::VmHost;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::functions::Functions;
 use crate::invocation::Sandbox;
+use crate::pools::Pools;
 use crate::state::AppState;
 
 #[derive(Debug, Args)]
@@ -29,7 +31,7 @@ pub struct ServeArgs {
     /// Address to listen on (overrides gateway.listen; default 127.0.0.1:8080).
     #[arg(long, env = "EMBER_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Directory with vmlinuz, initrd.img, rootfs.ext4, scratch.ext4.
+    /// The images directory (vmlinuz, initrd.img and a directory per image).
     #[arg(long, env = "EMBER_IMAGES", default_value = "target/images")]
     pub images: PathBuf,
 }
@@ -50,35 +52,130 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cfg.gateway.listen = listen;
     }
     let functions = load_functions(&cfg)?;
+    let catalog =
+        Catalog::load(cfg.images.clone()).map_err(|p| anyhow::anyhow!("images: {}", p.join("; ")))?;
+    // A build at start-up stops (and cleans up) on SIGTERM/SIGINT too.
+    let images = tokio::select! {
+        i = servable_images(&catalog, cfg.build_on_start) => i?,
+        () = shutdown_signal() => anyhow::bail!("interrupted while building images"),
+    };
+    check_image_names(&cfg, &functions, &images)?;
     let before =
         ember_pool::plan::before_channel(cfg.pool.reset, cfg.pool.replenish, (&cfg.vm.storage).into())
             .map_err(anyhow::Error::msg)?;
-    let host = VmHost::new(cfg.vm.clone(), before.need_migratable)?;
-    // ZFS: check the parent, reap dead owners' clones, make the base, now.
-    let storage = host.open_storage().await?.name();
-    let backend =
-        VmBackend::new(Arc::clone(&host), cfg.pool.reset, cfg.pool.replenish).map_err(anyhow::Error::msg)?;
-    let reset = backend.mode();
-    let channel = backend.host().channel();
     // Bind before booting anything: a taken port fails fast.
     let listener = TcpListener::bind(cfg.gateway.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.gateway.listen))?;
     let addr = listener.local_addr()?;
-    let pool = Pool::start(backend, cfg.pool.clone(), cfg.vm.memory_mb);
-    let state = AppState::new(pool.clone(), cfg.limits.clone(), functions);
-    println!(
-        "ember: listening on http://{addr} (channel {channel}, reset {}, storage {storage}, {} functions); warming {} VMs",
-        reset.name(),
-        state.functions.len(),
-        cfg.pool.min_size
-    );
-    tokio::spawn(announce_ready(pool, addr));
+    let budget = Arc::new(MemoryBudget::new(cfg.pool.max_memory_mb));
+    let (mut pools, mut hosts) = (BTreeMap::new(), Vec::new());
+    let mut summary = None;
+    for info in images.values() {
+        let (pool_cfg, mut vm_cfg) = cfg.for_image(&info.name, info.memory_mb).map_err(anyhow::Error::msg)?;
+        vm_cfg.warm = info.warm.clone();
+        let memory_mb = vm_cfg.memory_mb;
+        let host = VmHost::new(vm_cfg, before.need_migratable)?;
+        // ZFS: check the parent, reap dead owners' clones, make the base, now.
+        let storage = host.open_storage().await?.name();
+        let backend = VmBackend::new(Arc::clone(&host), cfg.pool.reset, cfg.pool.replenish)
+            .map_err(anyhow::Error::msg)?;
+        summary.get_or_insert((backend.host().channel(), backend.mode(), storage));
+        pools.insert(
+            info.name.clone(),
+            Pool::start_sharing(backend, pool_cfg, memory_mb, Arc::clone(&budget)),
+        );
+        hosts.push(host);
+    }
+    let pools = Pools::new(pools, DEFAULT_IMAGE).map_err(anyhow::Error::msg)?;
+    let state = AppState::new(pools.clone(), cfg.limits.clone(), functions).with_image_info(images);
+    if let Some((channel, reset, storage)) = summary {
+        println!(
+            "ember: listening on http://{addr} (channel {channel}, reset {}, storage {storage}, {} functions, \
+             images {}); warming {} VMs",
+            reset.name(),
+            state.functions.len(),
+            pools.names().join(", "),
+            pools.default_pool().config().min_size
+        );
+    }
+    tokio::spawn(announce_ready(pools.default_pool().clone(), addr));
     let served = serve(listener, state, cfg.gateway.conn_limits, shutdown_signal()).await;
-    host.close().await;
+    for host in hosts {
+        host.close().await;
+    }
     served?;
     println!("ember: stopped; every VM is gone");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every image the configuration knows that can be served now: built ones,
+/// and those `build_on_start` builds here. A missing default image stops
+/// the server with the command that makes it; another one is left out
+/// (logged).
+async fn servable_images(
+    catalog: &Catalog,
+    build_on_start: bool,
+) -> anyhow::Result<BTreeMap<String, ImageInfo>> {
+    let mut out = BTreeMap::new();
+    for name in catalog.names() {
+        let is_default = name == DEFAULT_IMAGE;
+        let info = match catalog.state(&name)? {
+            ImageState::Built(info) => Some(*info),
+            ImageState::Stale(_) | ImageState::Unbuilt if build_on_start => {
+                println!("ember: building image {name} (its recipe or Ember's parts changed, or it was never built)");
+                match catalog.build(&name).await {
+                    Ok(info) => Some(info),
+                    Err(e) if is_default => return Err(e.into()),
+                    Err(e) => {
+                        tracing::error!(image = %name, error = %e, "image not served");
+                        None
+                    }
+                }
+            }
+            ImageState::Stale(info) => {
+                tracing::warn!(image = %name, "serving a stale image; `ember images build {name}` rebuilds it");
+                Some(*info)
+            }
+            ImageState::Unbuilt if is_default => {
+                anyhow::bail!(
+                    "the default image is not built: run `ember images build {name}` (or `make images`)"
+                )
+            }
+            ImageState::Unbuilt => {
+                tracing::warn!(image = %name, "not built, not served: run `ember images build {name}`");
+                None
+            }
+        };
+        if let Some(info) = info {
+            out.insert(name, info);
+        }
+    }
+    anyhow::ensure!(
+        out.contains_key(DEFAULT_IMAGE),
+        "no image named {DEFAULT_IMAGE:?} (initrd/images/default)"
+    );
+    Ok(out)
+}
+
+/// `[pool.images.NAME]` and function manifests may name only served images.
+fn check_image_names(
+    cfg: &Config,
+    functions: &Functions,
+    images: &BTreeMap<String, ImageInfo>,
+) -> anyhow::Result<()> {
+    let known = images.keys().cloned().collect::<Vec<_>>().join(", ");
+    let mut problems = Vec::new();
+    for name in cfg.image_pools.keys().filter(|n| !images.contains_key(*n)) {
+        problems.push(format!("[pool.images.{name}]: no such image is served (images: {known})"));
+    }
+    for f in functions.list() {
+        if let Some(i) = f.image.as_deref().filter(|i| !images.contains_key(*i)) {
+            problems.push(format!("function {}: image {i:?} is not served (images: {known})", f.name));
+        }
+    }
+    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+    Ok(())
 }
 
 /// Print the ready line once the pool holds its minimum of warm VMs.
@@ -110,7 +207,7 @@ async fn announce_ready<B: Backend>(pool: Pool<B>, addr: SocketAddr) {
 }
 
 /// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
@@ -145,7 +242,7 @@ where
         crate::http_server::serve_http(listener, app, limits, graceful).await;
         Ok::<(), std::io::Error>(())
     });
-    let drain_timeout = state.pool.config().drain_timeout;
+    let drain_timeout = state.pools.drain_timeout();
     tokio::select! {
         r = &mut server => {
             r.context("the server task failed")?.context("serving HTTP")?;
@@ -160,6 +257,6 @@ where
             }
         }
     }
-    state.pool.shutdown().await;
+    state.pools.shutdown().await;
     Ok(())
 }

@@ -1,33 +1,40 @@
-//! What every route shares: the pool, the limits, the functions, metrics,
-//! the concurrency permits and the draining flag. Cheap to clone.
+//! What every route shares: the pools (one per image), the limits, the
+//! functions, metrics, the concurrency permits and the draining flag.
+//! Cheap to clone.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ember_pool::pool::{Backend, Pool};
+use ember_pool::pool::Backend;
+use ember_vm::image::ImageInfo;
 use tokio::sync::Semaphore;
 
 use crate::config::Limits;
 use crate::functions::Functions;
 use crate::metrics::Metrics;
+use crate::pools::Pools;
 
 pub struct AppState<B: Backend> {
-    pub pool: Pool<B>,
+    pub pools: Pools<B>,
     pub limits: Arc<Limits>,
     pub functions: Arc<Functions>,
     pub metrics: Arc<Metrics>,
     pub permits: Arc<Semaphore>,
+    /// What each image is (from its build), for `GET /v1/images`.
+    pub image_info: Arc<BTreeMap<String, ImageInfo>>,
     draining: Arc<AtomicBool>,
 }
 
 impl<B: Backend> Clone for AppState<B> {
     fn clone(&self) -> Self {
         Self {
-            pool: self.pool.clone(),
+            pools: self.pools.clone(),
             limits: Arc::clone(&self.limits),
             functions: Arc::clone(&self.functions),
             metrics: Arc::clone(&self.metrics),
             permits: Arc::clone(&self.permits),
+            image_info: Arc::clone(&self.image_info),
             draining: Arc::clone(&self.draining),
         }
     }
@@ -43,18 +50,27 @@ impl<B: Backend> std::fmt::Debug for AppState<B> {
 }
 
 impl<B: Backend> AppState<B> {
-    /// Shared state over a started pool; pool events feed the metrics.
-    pub fn new(pool: Pool<B>, limits: Limits, functions: Functions) -> Self {
+    /// Shared state over started pools; pool events feed the metrics.
+    pub fn new(pools: Pools<B>, limits: Limits, functions: Functions) -> Self {
         let metrics = Metrics::new();
-        pool.observe(metrics.observe_pool());
+        for (image, pool) in pools.iter() {
+            pool.observe(metrics.observe_pool(image));
+        }
         Self {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
-            pool,
+            pools,
             limits: Arc::new(limits),
             functions: Arc::new(functions),
             metrics,
+            image_info: Arc::default(),
             draining: Arc::default(),
         }
+    }
+
+    /// With what each image is (from its build).
+    pub fn with_image_info(mut self, info: BTreeMap<String, ImageInfo>) -> Self {
+        self.image_info = Arc::new(info);
+        self
     }
 
     /// From now on new invocations are refused with 503.

@@ -39,8 +39,10 @@ pub struct Log {
 #[derive(Debug, Clone, Default)]
 pub struct FakeAgents {
     pub log: Arc<Mutex<Log>>,
-    next: Arc<AtomicU64>,
+    pub next: Arc<AtomicU64>,
     pub create_delay: Duration,
+    /// Put before VM ids (one image's pool: `data-fake-0`).
+    pub prefix: &'static str,
 }
 
 pub struct FakeVm {
@@ -78,7 +80,7 @@ impl Backend for FakeAgents {
         let (host, guest) = tokio::io::duplex(1 << 16);
         let task = tokio::spawn(serve(guest, Arc::clone(&self.log)));
         self.log().alive += 1;
-        let id = format!("fake-{}", self.next.fetch_add(1, Ordering::SeqCst));
+        let id = format!("{}fake-{}", self.prefix, self.next.fetch_add(1, Ordering::SeqCst));
         Ok(FakeVm { id, agent: AgentClient::new(host), task })
     }
 

@@ -54,13 +54,15 @@ pub async fn run(
     let _ = out.send(Response { id, body }).await;
 }
 
-/// The environment every command starts with, then the request's own.
+/// The environment every command starts with, then the image's, then the
+/// request's own.
 fn command_env(agent: &Agent, req: &ExecRequest) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
     env.insert("HOME".to_string(), agent.layout.workspace.display().to_string());
     env.insert("USER".to_string(), "ember".to_string());
     env.insert("LANG".to_string(), "C.UTF-8".to_string());
+    env.extend(agent.layout.image_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
 }

@@ -26,8 +26,9 @@ use crate::Reaper;
 pub const SCRIPT: &str = "/usr/lib/ember/forkserver.py";
 pub const PYTHON: &str = "/usr/bin/python3";
 pub const SOCKET_DIR: &str = "/run/ember-agent";
-/// Under TCG importing the preloaded modules takes a second or two.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Under TCG importing the standard modules takes a second or two, and an
+/// image's own preloads (numpy, pandas, matplotlib) tens of seconds.
+const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// The server answers a request with the child's pid at once.
 const PID_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest status line the agent reads from the server.
@@ -68,11 +69,17 @@ impl ForkServer {
     /// "ready" (importing takes seconds under TCG, which a boot should not
     /// wait for). `None` when there is no Python. Until it is ready, or if
     /// it never is, Python calls start an interpreter each.
-    pub async fn start(reaper: &Reaper, python: &Path, script: &Path, socket_dir: &Path) -> Option<Self> {
+    pub async fn start(
+        reaper: &Reaper,
+        python: &Path,
+        script: &Path,
+        socket_dir: &Path,
+        layout: &crate::GuestLayout,
+    ) -> Option<Self> {
         if !python.is_file() || !script.is_file() {
             return None;
         }
-        match Self::try_start(reaper, python, script, socket_dir).await {
+        match Self::try_start(reaper, python, script, socket_dir, layout).await {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "no python fork server; python calls start an interpreter");
@@ -81,21 +88,32 @@ impl ForkServer {
         }
     }
 
-    async fn try_start(reaper: &Reaper, python: &Path, script: &Path, socket_dir: &Path) -> io::Result<Self> {
+    async fn try_start(
+        reaper: &Reaper,
+        python: &Path,
+        script: &Path,
+        socket_dir: &Path,
+        layout: &crate::GuestLayout,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(socket_dir)?;
         std::fs::set_permissions(socket_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let socket = socket_dir.join("python.sock");
         // At the lowest priority while it imports (it raises itself to the
         // normal one when ready): a boot and the first commands go first.
+        // The image's environment too (matplotlib's backend is chosen at
+        // import), and the user's HOME, where the image build left the
+        // caches its preloaded modules read (the server only reads them).
         let mut cmd = Command::new("/usr/bin/nice");
         cmd.args(["-n", "19"])
             .arg(python)
             .arg(script)
             .arg(&socket)
+            .args(&layout.preload)
             .env_clear()
             .env("PATH", crate::exec::DEFAULT_PATH)
             .env("LANG", "C.UTF-8")
-            .env("HOME", "/root")
+            .envs(&layout.image_env)
+            .env("HOME", &layout.workspace)
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -18,7 +18,8 @@ mod setup;
 mod sys;
 mod transport;
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use cgroup::Cgroups;
@@ -42,8 +43,14 @@ pub struct GuestLayout {
     pub hostname: String,
     /// resolv.conf written by `configure`.
     pub resolv_conf: PathBuf,
-    /// busybox, for `ip` in `configure`.
+    /// Ember's own static busybox in every image (for `ip` in `configure`).
     pub busybox: PathBuf,
+    /// The image's environment (`/etc/ember/env`): every command starts
+    /// with it, under the request's own.
+    pub image_env: BTreeMap<String, String>,
+    /// Modules the image's recipe asks the fork server to preload
+    /// (`/etc/ember/preload`).
+    pub preload: Vec<String>,
 }
 
 impl GuestLayout {
@@ -56,9 +63,30 @@ impl GuestLayout {
             user: Some((Self::USER_UID, Self::USER_UID)),
             hostname: "ember".into(),
             resolv_conf: "/etc/resolv.conf".into(),
-            busybox: "/bin/busybox".into(),
+            busybox: "/usr/lib/ember/busybox".into(),
+            image_env: BTreeMap::new(),
+            preload: Vec::new(),
         }
     }
+
+    /// [`Self::guest`] with what the image's build left in `/etc/ember`.
+    pub fn of_image(dir: &Path) -> Self {
+        let mut l = Self::guest();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        l.image_env = parse_env(&read("env"));
+        l.preload =
+            read("preload").lines().map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect();
+        l
+    }
+}
+
+/// `KEY=VALUE` lines; anything else is skipped (the build checked them).
+pub fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Shared state of one agent process.
@@ -109,7 +137,7 @@ pub async fn run(args: Args) -> std::io::Result<()> {
     let reaper = Reaper::start(ReapMode::All)?;
     let cgroups = setup::prepare_guest()?;
     setup::limit_user_namespaces();
-    let layout = GuestLayout::guest();
+    let layout = GuestLayout::of_image(Path::new("/etc/ember"));
     let baseline = match Baseline::capture(&layout.scratch_dirs) {
         Ok(b) => Some(b),
         Err(e) => {
@@ -124,6 +152,7 @@ pub async fn run(args: Args) -> std::io::Result<()> {
         forkserver::PYTHON.as_ref(),
         forkserver::SCRIPT.as_ref(),
         forkserver::SOCKET_DIR.as_ref(),
+        &layout,
     )
     .await;
     let agent =
@@ -139,6 +168,19 @@ pub async fn run(args: Args) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_image_env_and_preload_are_read_from_its_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("env"), "MPLBACKEND=Agg\nA=b=c\nbad line\n=x\n").unwrap();
+        std::fs::write(d.path().join("preload"), "numpy\n\n pandas \n").unwrap();
+        let l = GuestLayout::of_image(d.path());
+        assert_eq!(l.image_env.len(), 2);
+        assert_eq!(l.image_env["A"], "b=c");
+        assert_eq!(l.preload, ["numpy", "pandas"]);
+        let none = GuestLayout::of_image(&d.path().join("missing"));
+        assert!(none.image_env.is_empty() && none.preload.is_empty());
+    }
 
     #[test]
     fn parses_arguments() {

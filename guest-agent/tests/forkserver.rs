@@ -32,9 +32,12 @@ async fn start(with_server: bool) -> Harness {
     layout.workspace = work.clone();
     layout.scratch_dirs = vec![work];
     layout.user = None;
+    // As an image's recipe would set them (/etc/ember/env, /etc/ember/preload).
+    layout.image_env.insert("EMBER_IMAGE_VAR".into(), "from the image".into());
+    layout.preload = vec!["wave".into()];
     let reaper = Reaper::start(ReapMode::Registered).unwrap();
     let forkserver = if with_server {
-        let s = ForkServer::start(&reaper, Path::new("/usr/bin/python3"), &script(), &sockets).await;
+        let s = ForkServer::start(&reaper, Path::new("/usr/bin/python3"), &script(), &sockets, &layout).await;
         let s = s.expect("the fork server starts with the host's python3");
         assert!(s.wait_ready(std::time::Duration::from_secs(30)).await, "the fork server got ready");
         Some(s)
@@ -99,6 +102,22 @@ async fn main_argv_path_stdin_env_and_cwd_are_as_python3_gives_them() {
         String::from_utf8(out.stdout).unwrap(),
         "__main__ ['main.py', 'x', 'y z'] main.py\nTrue hi True\n'line one\\nline two\\n'\n{\"a\": 1}\n"
     );
+}
+
+#[tokio::test]
+async fn the_image_env_reaches_every_call_and_its_modules_are_preloaded() {
+    let h = start(true).await;
+    let code = "import os, sys; print(os.environ['EMBER_IMAGE_VAR'], 'wave' in sys.modules)";
+    let out = h.client.run(py(code, &[])).await.unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "from the image True\n");
+    // The request's own environment wins over the image's.
+    let mut req = py(code, &[]);
+    req.env.insert("EMBER_IMAGE_VAR".into(), "from the call".into());
+    let out = h.client.run(req).await.unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "from the call True\n");
+    // A command sees the image's environment too.
+    let out = h.client.run(ExecRequest::new(Command::Shell("echo $EMBER_IMAGE_VAR".into()))).await.unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "from the image\n");
 }
 
 #[tokio::test]

@@ -172,6 +172,12 @@ impl Runner<'_> {
         eprintln!("[loadtest] {}: {}", s.name, s.description);
         // Every scenario starts from a pool at rest (a burst needs it).
         wait_for_rest(ember, self.min_size, self.rest_within).await;
+        for i in 0..s.warm_up {
+            let headers = [("content-type", s.content_type.as_str())];
+            let a = crate::http::request(ember, "POST", &s.path, &headers, &s.body, Duration::from_secs(600))
+                .await?;
+            anyhow::ensure!(a.status == 200, "{}: warm-up request {i} answered {}", s.name, a.status);
+        }
         let before = warm_counters(ember).await;
         let started = Instant::now();
         let sampler = matches!(s.kind, Kind::Step | Kind::Burst)

@@ -55,6 +55,10 @@ pub struct Scenario {
     /// Also measure a pool-disabled server (a cold VM per request).
     #[serde(default)]
     pub cold_vm: bool,
+    /// Requests sent one after another before the phases, not measured (an
+    /// image's first call makes its template).
+    #[serde(default)]
+    pub warm_up: u32,
     pub phases: Vec<Phase>,
 }
 

@@ -3,6 +3,7 @@
 //! [`Config`] is the validated result. Defaults live here and nowhere else;
 //! validation reports every problem at once.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -132,6 +133,29 @@ pub struct RawPool {
     pub drain_timeout: Option<Duration>,
     #[serde(default)]
     pub sessions: RawSessions,
+    /// `[pool.images.NAME]`: one image's pool.
+    #[serde(default)]
+    pub images: BTreeMap<String, RawImagePool>,
+}
+
+/// What `[pool.images.NAME]` may override of `[pool]` for one image.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImagePool {
+    pub min_size: Option<usize>,
+    pub max_size: Option<usize>,
+    pub target_free: Option<usize>,
+    pub memory_mb: Option<u32>,
+}
+
+/// One image's pool settings beside `[pool]`'s (unset: the rules of
+/// [`Config::for_image`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImagePool {
+    pub min_size: Option<usize>,
+    pub max_size: Option<usize>,
+    pub target_free: Option<usize>,
+    pub memory_mb: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,8 +242,46 @@ impl Default for PoolConfig {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The defaults of every image's pool (and the default image's own).
     pub pool: PoolConfig,
+    /// How VMs are built; `images` names the default image's files.
     pub vm: VmConfig,
+    /// The images directory (`vm.images`, else `EMBER_IMAGES`).
+    pub images_dir: PathBuf,
+    pub image_pools: BTreeMap<String, ImagePool>,
+}
+
+impl Config {
+    /// The pool and VM configuration of image `name`: `[pool.images.NAME]`
+    /// first; else the default image keeps `[pool]`'s `min_size` and any
+    /// other image starts at 0 (its sizer follows its own requests); the
+    /// memory is the override's, else the recipe's (`recipe_memory_mb`),
+    /// else `vm.memory_mb`. The image files are checked to exist.
+    pub fn for_image(
+        &self,
+        name: &str,
+        recipe_memory_mb: Option<u32>,
+    ) -> Result<(PoolConfig, VmConfig), String> {
+        let o = self.image_pools.get(name).copied().unwrap_or_default();
+        let default = name == ember_vm::image::DEFAULT_IMAGE;
+        let mut pool = self.pool.clone();
+        pool.min_size = o.min_size.unwrap_or(if default { self.pool.min_size } else { 0 });
+        pool.max_size = o.max_size.unwrap_or(self.pool.max_size);
+        pool.target_free = o.target_free.unwrap_or(self.pool.target_free).min(pool.max_size);
+        let mut vm = self.vm.clone();
+        vm.memory_mb = o.memory_mb.or(recipe_memory_mb).unwrap_or(self.vm.memory_mb);
+        vm.images = ImageSet::for_image(&self.images_dir, name)?;
+        vm.image = name.to_string();
+        let min_memory = pool.min_size as u64 * u64::from(vm.memory_mb);
+        if min_memory > pool.max_memory_mb {
+            return Err(format!(
+                "image {name}: min_size ({}) x memory_mb ({}) = {min_memory} MiB exceeds pool.max_memory_mb ({})",
+                pool.min_size, vm.memory_mb, pool.max_memory_mb
+            ));
+        }
+        vm.validate().map_err(|p| format!("image {name}: {}", p.join("; ")))?;
+        Ok((pool, vm))
+    }
 }
 
 /// Parse TOML text into a raw config type; the error names the key and line.
@@ -239,7 +301,13 @@ pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Vec<S
 #[allow(clippy::unwrap_used)]
 pub fn empty_image_dir() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    for f in ["vmlinuz", "initrd.img", "rootfs.ext4", "scratch.ext4"] {
+    for image in ["default", "python-data"] {
+        std::fs::create_dir(d.path().join(image)).unwrap();
+        for f in ["rootfs.ext4", "scratch.ext4"] {
+            std::fs::write(d.path().join(image).join(f), "").unwrap();
+        }
+    }
+    for f in ["vmlinuz", "initrd.img"] {
         std::fs::write(d.path().join(f), "").unwrap();
     }
     d
@@ -315,15 +383,8 @@ impl RawConfig {
 
         let v = self.vm;
         let images_dir = v.images.unwrap_or_else(|| images_default.to_path_buf());
-        let images = ImageSet::from_dir(&images_dir).unwrap_or_else(|e| {
-            problems.push(e);
-            ImageSet {
-                kernel: PathBuf::new(),
-                initrd: PathBuf::new(),
-                rootfs: PathBuf::new(),
-                scratch: PathBuf::new(),
-            }
-        });
+        // Named, not checked: `ember serve` builds a missing image first.
+        let images = ImageSet::paths(&images_dir, ember_vm::image::DEFAULT_IMAGE);
         let mut vm = VmConfig::with_images(images);
         vm.memory_mb = v.memory_mb.unwrap_or(vm.memory_mb);
         vm.vcpus = v.vcpus.unwrap_or(vm.vcpus);
@@ -377,8 +438,34 @@ impl RawConfig {
                     .into(),
             );
         }
+        let mut image_pools = BTreeMap::new();
+        for (name, o) in p.images {
+            let ip = ImagePool {
+                min_size: o.min_size,
+                max_size: o.max_size,
+                target_free: o.target_free,
+                memory_mb: o.memory_mb,
+            };
+            if !ember_vm::image::valid_name(&name) {
+                problems.push(format!("pool.images.{name}: not an image name"));
+            }
+            let (min, max) = (ip.min_size.unwrap_or(0), ip.max_size.unwrap_or(pool.max_size));
+            if max == 0 {
+                problems.push(format!("pool.images.{name}.max_size must be at least 1"));
+            }
+            if min > max {
+                problems.push(format!("pool.images.{name}: min_size ({min}) exceeds max_size ({max})"));
+            }
+            if let Some(m) = ip.memory_mb.filter(|m| *m < VmConfig::MIN_MEMORY_MB) {
+                problems.push(format!(
+                    "pool.images.{name}.memory_mb = {m} is below the minimum of {}",
+                    VmConfig::MIN_MEMORY_MB
+                ));
+            }
+            image_pools.insert(name, ip);
+        }
         if problems.is_empty() {
-            Ok(Config { pool, vm })
+            Ok(Config { pool, vm, images_dir, image_pools })
         } else {
             Err(problems)
         }
@@ -450,6 +537,32 @@ mod tests {
     }
 
     #[test]
+    fn each_image_gets_its_pool_from_its_override_recipe_and_the_defaults() {
+        let img = images();
+        let text = r#"
+            [pool]
+            min_size = 2
+            max_size = 6
+            target_free = 3
+            [pool.images.python-data]
+            max_size = 2
+            [vm]
+            memory_mb = 256
+        "#;
+        let c = RawConfig::parse(text).unwrap().validate(img.path()).unwrap();
+        let (p, v) = c.for_image("default", None).unwrap();
+        assert_eq!((p.min_size, p.max_size, p.target_free, v.memory_mb), (2, 6, 3, 256));
+        assert_eq!((v.image.as_str(), v.images.rootfs.ends_with("default/rootfs.ext4")), ("default", true));
+        // Not the default image: starts at 0; the recipe's memory; target_free within max_size.
+        let (p, v) = c.for_image("python-data", Some(512)).unwrap();
+        assert_eq!((p.min_size, p.max_size, p.target_free, v.memory_mb), (0, 2, 2, 512));
+        assert!(v.images.rootfs.ends_with("python-data/rootfs.ext4"));
+        // An image whose files are missing is named.
+        let e = c.for_image("nope", None).unwrap_err();
+        assert!(e.contains("nope/rootfs.ext4"), "{e}");
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let text = r#"
             [pool]
@@ -458,6 +571,11 @@ mod tests {
             max_uses = 0
             max_memory_mb = 1024
             reset = "snapshot"
+            [pool.images.python-data]
+            min_size = 3
+            max_size = 2
+            memory_mb = 100
+            [pool.images."Bad/Name"]
             [vm]
             memory_mb = 64
             channel = "hybrid-vsock"
@@ -471,7 +589,9 @@ mod tests {
             "memory_mb = 64",
             "exceeds pool.max_memory_mb",
             "migratable",
-            "make images",
+            "pool.images.python-data: min_size (3) exceeds max_size (2)",
+            "pool.images.python-data.memory_mb = 100",
+            "pool.images.Bad/Name: not an image name",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

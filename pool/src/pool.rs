@@ -6,6 +6,7 @@
 //! boots QEMU microVMs, a fake one lets unit tests drive every transition.
 
 mod backend;
+mod budget;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 mod lease;
@@ -21,6 +22,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use backend::Backend;
+pub use budget::MemoryBudget;
 pub use lease::Lease;
 pub use session::SessionLease;
 pub use vm_backend::VmBackend;
@@ -234,6 +236,11 @@ struct State<V> {
     /// The host's CPU use at the last sizer decision, and a value tests set.
     host_cpu_busy: Option<f64>,
     forced_host_cpu: Option<f64>,
+    /// The memory budget this pool shares with the other images' pools,
+    /// its member id there, and the memory of one of its VMs.
+    budget: Arc<MemoryBudget>,
+    budget_id: usize,
+    vm_memory_mb: u64,
 }
 
 impl<V> State<V> {
@@ -296,32 +303,71 @@ impl<V> State<V> {
         }
     }
 
-    /// A VM enters phase `p` (from outside the counts, the ready set or a
-    /// session). Every change of the counts goes through here or
-    /// [`Self::leave`], and each checks the invariants after it.
-    fn enter(&mut self, p: Phase) {
-        *self.count(p) += 1;
-        self.check(p);
-    }
-
-    /// A VM leaves phase `p`.
-    fn leave(&mut self, p: Phase) {
+    fn decrement(&mut self, p: Phase) {
         let c = self.count(p);
         match c.checked_sub(1) {
             Some(n) => *c = n,
             None => self.violated(format!("a VM left {p:?}, which counted none")),
         }
+    }
+
+    /// A VM enters phase `p` (from outside the counts, the ready set or a
+    /// session). Every change of the counts goes through one of these
+    /// methods, each one step that checks the invariants after it (never in
+    /// between, where a VM would look gone or counted twice).
+    fn enter(&mut self, p: Phase) {
+        *self.count(p) += 1;
         self.check(p);
     }
 
-    /// `leave(from)` then `enter(to)`, as one step.
-    fn shift(&mut self, from: Phase, to: Phase) {
-        self.leave(from);
-        self.enter(to);
+    /// A VM leaves phase `p` (and the pool).
+    fn leave(&mut self, p: Phase) {
+        self.decrement(p);
+        self.check(p);
     }
 
-    /// No more VMs exist than the pool may have.
+    /// A VM moves from phase `from` to phase `to`.
+    fn shift(&mut self, from: Phase, to: Phase) {
+        self.decrement(from);
+        *self.count(to) += 1;
+        self.check(to);
+    }
+
+    /// A VM moves from phase `from` into the ready set.
+    fn shift_to_ready(&mut self, from: Phase, r: ReadyVm<V>) {
+        self.decrement(from);
+        self.ready.push_back(r);
+        self.check(from);
+    }
+
+    /// A claimed VM becomes session `key`'s.
+    fn shift_to_session(&mut self, key: String, slot: Arc<session::Slot<V>>) {
+        self.decrement(Phase::Claimed);
+        self.sessions.insert(key, slot);
+        self.check(Phase::Claimed);
+    }
+
+    /// How many more VMs may be made now: this pool's capacity, and the
+    /// memory budget every image's pool shares.
+    fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.total()).min(self.budget.room(self.vm_memory_mb))
+    }
+
+    /// Count a creation as booting if the shared memory budget has room for
+    /// it (reserved first, so that two pools cannot both take the last).
+    fn start_creation(&mut self) -> bool {
+        let after = (self.total() as u64 + 1) * self.vm_memory_mb;
+        if self.total() >= self.capacity || !self.budget.reserve(self.budget_id, after) {
+            return false;
+        }
+        self.enter(Phase::Booting);
+        true
+    }
+
+    /// No more VMs exist than the pool may have; the budget learns what
+    /// they take.
     fn check(&mut self, after: Phase) {
+        self.budget.set(self.budget_id, self.total() as u64 * self.vm_memory_mb);
         if self.total() > self.capacity {
             self.violated(format!(
                 "after a change of {after:?}: {} VMs, capacity {}",
@@ -373,6 +419,13 @@ struct Inner<B: Backend> {
     stop: tokio::sync::watch::Sender<bool>,
     observer: std::sync::OnceLock<Observer>,
     host_cpu: Mutex<ember_vm::procfs::HostCpu>,
+}
+
+impl<B: Backend> Drop for Inner<B> {
+    fn drop(&mut self) {
+        let st = self.lock();
+        st.budget.leave(st.budget_id);
+    }
 }
 
 impl<B: Backend> Inner<B> {
@@ -453,8 +506,8 @@ impl<B: Backend> Inner<B> {
     /// Make one VM, counted as booting by the caller: the one create path,
     /// with the same bookkeeping for replenishment and on-demand claims
     /// (counters, creation time and CPU, the failure backoff). `place`
-    /// puts the new VM where it goes, under the same lock that ends its
-    /// boot, so the counts never see it twice or nowhere.
+    /// moves the new VM out of `Booting` to where it goes, in one step
+    /// under the lock, so the counts never see it twice or nowhere.
     async fn create_vm<T>(
         self: &Arc<Self>,
         place: impl FnOnce(&mut State<B::Vm>, B::Vm) -> T,
@@ -468,20 +521,20 @@ impl<B: Backend> Inner<B> {
         }
         let (outcome, doomed) = {
             let mut st = self.lock();
-            st.leave(Phase::Booting);
             match result {
                 Ok(vm) => {
                     st.counters.created += 1;
                     st.create_failures_since_success = 0;
                     st.create_retry_at = None;
                     if st.draining {
-                        st.enter(Phase::Destroying);
+                        st.shift(Phase::Booting, Phase::Destroying);
                         (Err(PoolError::Draining), Some(vm))
                     } else {
                         (Ok(place(&mut st, vm)), None)
                     }
                 }
                 Err(e) => {
+                    st.leave(Phase::Booting);
                     st.counters.create_failures += 1;
                     st.create_failures_since_success += 1;
                     let backoff = create_backoff(st.create_failures_since_success);
@@ -563,9 +616,18 @@ impl<B: Backend> std::fmt::Debug for Pool<B> {
 }
 
 impl<B: Backend> Pool<B> {
-    /// Start the pool and its background tasks (replenisher, session reaper).
+    /// Start the pool and its background tasks (replenisher, session
+    /// reaper), with a memory budget of its own (`cfg.max_memory_mb`).
     pub fn start(backend: B, cfg: PoolConfig, vm_memory_mb: u32) -> Self {
+        let budget = Arc::new(MemoryBudget::new(cfg.max_memory_mb));
+        Self::start_sharing(backend, cfg, vm_memory_mb, budget)
+    }
+
+    /// Start the pool within `budget`, which other pools (one per image)
+    /// share.
+    pub fn start_sharing(backend: B, cfg: PoolConfig, vm_memory_mb: u32, budget: Arc<MemoryBudget>) -> Self {
         let now = Instant::now();
+        let budget_id = budget.join();
         let state = State {
             ready: VecDeque::new(),
             booting: 0,
@@ -588,6 +650,9 @@ impl<B: Backend> Pool<B> {
             cpu: CpuSummary::default(),
             host_cpu_busy: None,
             forced_host_cpu: None,
+            budget,
+            budget_id,
+            vm_memory_mb: u64::from(vm_memory_mb),
         };
         let inner = Arc::new(Inner {
             backend,
@@ -622,6 +687,16 @@ impl<B: Backend> Pool<B> {
 
     pub fn config(&self) -> &PoolConfig {
         &self.inner.cfg
+    }
+
+    /// The memory budget this pool shares with the other images' pools.
+    pub fn budget(&self) -> Arc<MemoryBudget> {
+        Arc::clone(&self.inner.lock().budget)
+    }
+
+    /// The memory of one of this pool's VMs.
+    pub fn vm_memory_mb(&self) -> u64 {
+        self.inner.vm_memory_mb
     }
 
     pub fn backend(&self) -> &B {
@@ -824,12 +899,11 @@ impl<B: Backend> Pool<B> {
             NoReady::Patient(p) => Some(p),
             NoReady::Create | NoReady::Queue => None,
         };
-        if st.total() < self.inner.capacity()
-            && !st.cpu_saturated(&self.inner.cfg)
+        if !st.cpu_saturated(&self.inner.cfg)
             && plan == NoReady::Create
             && st.may_create(Instant::now())
+            && st.start_creation()
         {
-            st.enter(Phase::Booting);
             st.counters.misses += 1;
             return Ok(Step::Create);
         }
@@ -868,7 +942,7 @@ impl<B: Backend> Pool<B> {
         let vm = self
             .inner
             .create_vm(|st, vm| {
-                st.enter(Phase::Claimed);
+                st.shift(Phase::Booting, Phase::Claimed);
                 vm
             })
             .await?;

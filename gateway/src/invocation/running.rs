@@ -3,7 +3,7 @@
 use std::ops::Deref;
 use std::time::Duration;
 
-use ember_pool::pool::{Backend, Lease, SessionLease};
+use ember_pool::pool::{Backend, Lease, Pool, SessionLease};
 use ember_vm::{AgentClient, AgentError, ExecEvent};
 use ember_wire::ExitStatus;
 use tokio::sync::OwnedSemaphorePermit;
@@ -16,7 +16,7 @@ use crate::state::AppState;
 /// The VM an invocation holds.
 pub(super) enum Held<B: Backend> {
     Pool(Lease<B>),
-    Session { lease: SessionLease<B>, key: String },
+    Session { lease: SessionLease<B>, key: String, pool: Pool<B> },
 }
 
 impl<B: Backend> Deref for Held<B> {
@@ -33,6 +33,7 @@ impl<B: Backend> Deref for Held<B> {
 pub struct Running<B: Backend> {
     pub id: String,
     pub vm_id: String,
+    pub image: String,
     pub warm: bool,
     pub session: Option<String>,
     /// How long claiming the VM took.
@@ -95,7 +96,7 @@ where
 
     fn finished(&self, status: &ExitStatus) {
         let outcome = if status.timed_out { "timed_out" } else { "exited" };
-        self.state.metrics.invocation(outcome, Some(self.started.elapsed()));
+        self.state.metrics.invocation(&self.image, outcome, Some(self.started.elapsed()));
         tracing::info!(
             code = ?status.code,
             signal = ?status.signal,
@@ -111,7 +112,7 @@ where
     /// Turn an agent error into the caller's; destroy the VM if it broke.
     pub(super) fn fail(&mut self, e: AgentError) -> ApiError {
         let (api, broken) = ApiError::from_agent(&self.vm_id, e);
-        self.state.metrics.invocation("error", None);
+        self.state.metrics.invocation(&self.image, "error", None);
         tracing::warn!(error = %api, broken, "invocation failed");
         if broken {
             self.discard();
@@ -125,9 +126,8 @@ where
             Some(Held::Pool(lease)) => {
                 tokio::spawn(lease.discard());
             }
-            Some(Held::Session { lease, key }) => {
+            Some(Held::Session { lease, key, pool }) => {
                 drop(lease);
-                let pool = self.state.pool.clone();
                 tokio::spawn(async move {
                     pool.end_session(&key).await;
                 });

@@ -1,28 +1,29 @@
-//! Read-only routes: health, pool status, functions, metrics.
+//! Read-only routes: health, pool status, images, functions, metrics.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ember_pool::pool::Backend;
+use ember_pool::pool::{Backend, Pool};
 use serde_json::json;
 
 use crate::state::AppState;
 
 /// `GET /healthz`: 200 while serving, 503 while draining.
 pub async fn healthz<B: Backend>(State(state): State<AppState<B>>) -> Response {
-    let s = state.pool.status();
-    if state.is_draining() || s.draining {
+    let draining = state.pools.iter().any(|(_, p)| p.status().draining);
+    if state.is_draining() || draining {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response();
     }
-    Json(json!({"status": "ok", "ready_vms": s.ready})).into_response()
+    let ready: usize = state.pools.iter().map(|(_, p)| p.status().ready).sum();
+    Json(json!({"status": "ok", "ready_vms": ready})).into_response()
 }
 
-/// `GET /v1/pool`: sizes by state, request rates, the sizer's target.
-pub async fn pool<B: Backend>(State(state): State<AppState<B>>) -> Response {
-    let s = state.pool.status();
-    let c = state.pool.config();
-    Json(json!({
+/// One image's pool, as `/v1/pool` and `/v1/images` show it.
+fn pool_json<B: Backend>(pool: &Pool<B>) -> serde_json::Value {
+    let s = pool.status();
+    let c = pool.config();
+    json!({
         "vms": {
             "ready": s.ready,
             "booting": s.booting,
@@ -50,9 +51,64 @@ pub async fn pool<B: Backend>(State(state): State<AppState<B>>) -> Response {
             "run_reset": c.run_reset,
         },
         "counters": s.counters,
-        "invocations_running": state.limits.max_concurrent_requests - state.permits.available_permits(),
-    }))
-    .into_response()
+    })
+}
+
+/// `GET /v1/pool`: the default image's pool at the top (sizes by state,
+/// request rates, the sizer's target), every image's under `images`, and
+/// the memory budget they share.
+pub async fn pool<B: Backend>(State(state): State<AppState<B>>) -> Response {
+    let mut top = pool_json(state.pools.default_pool());
+    let images: serde_json::Map<String, serde_json::Value> =
+        state.pools.iter().map(|(name, p)| (name.to_string(), pool_json(p))).collect();
+    let budget = state.pools.default_pool().budget();
+    if let Some(o) = top.as_object_mut() {
+        o.insert("image".into(), json!(state.pools.default_name()));
+        o.insert("images".into(), json!(images));
+        o.insert("memory".into(), json!({"used_mb": budget.used_mb(), "max_mb": budget.limit_mb()}));
+        o.insert(
+            "invocations_running".into(),
+            json!(state.limits.max_concurrent_requests - state.permits.available_permits()),
+        );
+    }
+    Json(top).into_response()
+}
+
+/// `GET /v1/images`: every image served, what it holds, and its pool.
+pub async fn images<B: Backend>(State(state): State<AppState<B>>) -> Response {
+    let list: Vec<serde_json::Value> = state
+        .pools
+        .iter()
+        .map(|(name, pool)| {
+            let info = state.image_info.get(name);
+            let s = pool.status();
+            let c = pool.config();
+            json!({
+                "name": name,
+                "default": name == state.pools.default_name(),
+                "description": info.map(|i| i.description.as_str()),
+                "source": info.map(|i| i.source),
+                "packages": info.map(|i| &i.packages),
+                "pip": info.map(|i| &i.pip),
+                "preload": info.map(|i| &i.preload),
+                "size_bytes": info.map(|i| i.rootfs_bytes),
+                "built_at": info.map(|i| i.built_at),
+                "build_secs": info.map(|i| i.build_secs),
+                "memory_mb": pool.vm_memory_mb(),
+                "pool": {
+                    "ready": s.ready,
+                    "booting": s.booting,
+                    "claimed": s.claimed,
+                    "resetting": s.resetting,
+                    "sessions": s.sessions,
+                    "target": s.target,
+                    "min_size": c.min_size,
+                    "max_size": c.max_size,
+                },
+            })
+        })
+        .collect();
+    Json(json!({"images": list, "default": state.pools.default_name()})).into_response()
 }
 
 /// `GET /v1/functions`.
@@ -64,7 +120,7 @@ pub async fn functions<B: Backend>(State(state): State<AppState<B>>) -> Response
 pub async fn metrics<B: Backend>(State(state): State<AppState<B>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(state.pool.status()),
+        state.metrics.encode(state.pools.iter().map(|(n, p)| (n.to_string(), p.status())).collect()),
     )
         .into_response()
 }

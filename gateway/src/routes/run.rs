@@ -13,7 +13,9 @@ use serde::Deserialize;
 use tracing::Instrument as _;
 
 use super::{session_key, wants_stream, INVOCATION_HEADER, NDJSON};
-use crate::api::{parse_timeout, Invocation, Lang, Program, RunRequest, StreamEvent, Utf8Chunker};
+use crate::api::{
+    check_image, parse_timeout, Invocation, Lang, Program, RunRequest, StreamEvent, Utf8Chunker,
+};
 use crate::error::ApiError;
 use crate::invocation::{self, Running, Sandbox};
 use crate::state::AppState;
@@ -24,6 +26,7 @@ struct RunQuery {
     /// The body is code in this language (instead of a JSON request).
     lang: Option<String>,
     timeout: Option<String>,
+    image: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,11 +107,15 @@ where
                 let body = read_body(req, state.limits.max_body_bytes).await?;
                 let code = String::from_utf8(body.to_vec())
                     .map_err(|_| ApiError::bad_request("the code in the body is not UTF-8"))?;
-                Invocation::new(Program::Code { lang, code }, timeout)
+                let mut inv = Invocation::new(Program::Code { lang, code }, timeout);
+                inv.image = check_image(q.image)?;
+                inv
             }
             None => {
-                if q.timeout.is_some() {
-                    return Err(ApiError::bad_request("?timeout goes with ?lang; put it in the JSON body"));
+                if q.timeout.is_some() || q.image.is_some() {
+                    return Err(ApiError::bad_request(
+                        "?timeout and ?image go with ?lang; put them in the JSON body",
+                    ));
                 }
                 is_json(&headers)?;
                 let body = read_body(req, state.limits.max_body_bytes).await?;
@@ -172,8 +179,13 @@ async fn invoke<B: Backend>(
 where
     B::Vm: Sandbox,
 {
-    let span =
-        tracing::info_span!("invocation", id = %id, vm = tracing::field::Empty, session = session.as_deref());
+    let span = tracing::info_span!(
+        "invocation",
+        id = %id,
+        vm = tracing::field::Empty,
+        image = tracing::field::Empty,
+        session = session.as_deref()
+    );
     let resp = if wants_stream(headers) {
         match invocation::start(&state, id.clone(), session, inv).instrument(span.clone()).await {
             Ok(running) => stream(running, span),
@@ -209,8 +221,12 @@ where
     B::Vm: Sandbox,
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-    let started =
-        StreamEvent::Started { id: running.id.clone(), vm_id: running.vm_id.clone(), warm: running.warm };
+    let started = StreamEvent::Started {
+        id: running.id.clone(),
+        vm_id: running.vm_id.clone(),
+        warm: running.warm,
+        image: running.image.clone(),
+    };
     let task = async move {
         let (mut out, mut err) = (Utf8Chunker::default(), Utf8Chunker::default());
         let mut pending = vec![started];

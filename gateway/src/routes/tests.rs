@@ -38,7 +38,7 @@ fn pool_config() -> PoolConfig {
 fn fixture_with(limits: Limits, pool: PoolConfig, functions: Functions) -> Fixture {
     let agents = FakeAgents::default();
     let pool = Pool::start(agents.clone(), pool, 256);
-    let state = AppState::new(pool, limits, functions);
+    let state = AppState::new(crate::pools::Pools::single(pool), limits, functions);
     Fixture { app: router(state.clone()), agents, state }
 }
 
@@ -90,11 +90,11 @@ impl Fixture {
 
     async fn wait_until(&self, what: &str, probe: impl Fn(&ember_pool::pool::PoolStatus) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !probe(&self.state.pool.status()) {
+        while !probe(&self.state.pools.default_pool().status()) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "timed out waiting for {what}: {:?}",
-                self.state.pool
+                self.state.pools.default_pool()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -310,12 +310,12 @@ async fn the_host_enforces_the_output_limit_when_the_guest_does_not() {
         r.json()
     );
     for _ in 0..100 {
-        if f.agents.log().alive < alive || f.state.pool.status().counters.destroyed > 0 {
+        if f.agents.log().alive < alive || f.state.pools.default_pool().status().counters.destroyed > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(f.state.pool.status().counters.destroyed >= 1, "the VM was destroyed");
+    assert!(f.state.pools.default_pool().status().counters.destroyed >= 1, "the VM was destroyed");
 }
 
 #[tokio::test]
@@ -531,11 +531,11 @@ async fn metrics_count_requests_and_show_the_pool() {
         r#"ember_http_requests_total{route="/v1/run",method="POST",status="400"} 1"#,
         r#"ember_http_requests_total{route="unmatched",method="GET",status="404"} 1"#,
         r#"ember_invocations_total{outcome="exited"} 1"#,
-        "ember_claim_seconds_count 1",
-        "ember_exec_seconds_bucket{le=",
-        r#"ember_pool_vms{state="ready"}"#,
-        "ember_warm_hits_total",
-        "ember_warm_misses_total",
+        r#"ember_claim_seconds_count{image="default"} 1"#,
+        r#"ember_exec_seconds_bucket{le="#,
+        r#"ember_pool_vms{image="default",state="ready"}"#,
+        r#"ember_warm_hits_total{image="default"}"#,
+        r#"ember_warm_misses_total{image="default"}"#,
         "# EOF",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
@@ -544,6 +544,121 @@ async fn metrics_count_requests_and_show_the_pool() {
     assert!(
         pool["vms"]["ready"].is_u64() && pool["target"].is_u64() && pool["rates"]["short_per_sec"].is_f64()
     );
+}
+
+/// Two images, as `ember serve` runs them: one pool each under one budget.
+fn two_images() -> (Fixture, FakeAgents) {
+    let agents = FakeAgents::default();
+    let data = FakeAgents { prefix: "data-", ..FakeAgents::default() };
+    let budget = std::sync::Arc::new(ember_pool::pool::MemoryBudget::new(4096));
+    let a = Pool::start_sharing(agents.clone(), pool_config(), 256, std::sync::Arc::clone(&budget));
+    let b = Pool::start_sharing(data.clone(), PoolConfig { min_size: 0, ..pool_config() }, 512, budget);
+    let by_name =
+        std::collections::BTreeMap::from([("default".to_string(), a), ("python-data".to_string(), b)]);
+    let pools = crate::pools::Pools::new(by_name, "default").unwrap();
+    let state = AppState::new(pools, Limits::default(), Functions::default());
+    (Fixture { app: router(state.clone()), agents, state }, data)
+}
+
+#[tokio::test]
+async fn each_call_runs_in_the_image_it_names_and_an_unknown_one_is_a_400_naming_the_known() {
+    let (f, data) = two_images();
+    let r = f.post_json("/v1/run", json!({"cmd": "echo hi", "image": "python-data"})).await.json();
+    assert_eq!((r["image"].as_str(), r["stdout"].as_str()), (Some("python-data"), Some("hi\n")));
+    assert!(r["vm_id"].as_str().unwrap().starts_with("data-fake-"), "{r}");
+    assert_eq!(data.log().execs.len(), 1);
+    let r = f.post_json("/v1/run", json!({"cmd": "echo hi"})).await.json();
+    assert_eq!(r["image"], "default");
+    assert!(r["vm_id"].as_str().unwrap().starts_with("fake-"), "{r}");
+
+    let a = f.post_json("/v1/run", json!({"cmd": "echo hi", "image": "nope"})).await;
+    assert_eq!(a.error(), (400, "unknown_image".into()));
+    let msg = a.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("\"nope\"") && msg.contains("default, python-data"), "{msg}");
+    let a = f.post_json("/v1/run", json!({"cmd": "echo hi", "image": ""})).await;
+    assert_eq!(a.error(), (400, "invalid_request".into()));
+
+    // The raw-body form takes ?image= beside ?lang=, and only there.
+    let raw = |q: &str| Request::post(format!("/v1/run?{q}")).body(Body::from("echo raw")).unwrap();
+    let r = f.send(raw("lang=sh&image=python-data")).await.json();
+    assert_eq!(r["image"], "python-data");
+    assert_eq!(f.send(raw("lang=sh&image=nope")).await.error(), (400, "unknown_image".into()));
+    let a = f
+        .send(
+            Request::post("/v1/run?image=python-data")
+                .header("content-type", "application/json")
+                .body(Body::from(json!({"cmd": "echo x"}).to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.error(), (400, "bad_request".into()));
+
+    // NDJSON says the image in its first line.
+    let lines = f
+        .send(
+            Request::post("/v1/run")
+                .header("accept", "application/x-ndjson")
+                .header("content-type", "application/json")
+                .body(Body::from(json!({"cmd": "echo s", "image": "python-data"}).to_string()))
+                .unwrap(),
+        )
+        .await;
+    let first: Value = serde_json::from_slice(lines.body.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!((first["type"].as_str(), first["image"].as_str()), (Some("started"), Some("python-data")));
+}
+
+#[tokio::test]
+async fn a_session_stays_on_the_image_of_its_first_call() {
+    let (f, _data) = two_images();
+    let call = |body: Value| {
+        Request::post("/v1/run")
+            .header("content-type", "application/json")
+            .header("x-ember-session", "s1")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let first = f.send(call(json!({"cmd": "echo a", "image": "python-data"}))).await.json();
+    assert_eq!(first["image"], "python-data");
+    let again = f.send(call(json!({"cmd": "echo b"}))).await.json();
+    assert_eq!(
+        (again["image"].clone(), again["vm_id"].clone()),
+        (first["image"].clone(), first["vm_id"].clone())
+    );
+    let other = f.send(call(json!({"cmd": "echo c", "image": "default"}))).await;
+    assert_eq!(other.error(), (409, "session_image".into()));
+    let list = f.get("/v1/sessions").await.json();
+    assert_eq!(list["sessions"][0]["image"], "python-data", "{list}");
+    let gone = f.send(Request::delete("/v1/sessions/s1").body(Body::empty()).unwrap()).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    let now_default = f.send(call(json!({"cmd": "echo d"}))).await.json();
+    assert_eq!(now_default["image"], "default");
+}
+
+#[tokio::test]
+async fn images_and_metrics_show_every_image_and_its_pool() {
+    let (f, _data) = two_images();
+    f.post_json("/v1/run", json!({"cmd": "echo x", "image": "python-data"})).await;
+    let list = f.get("/v1/images").await.json();
+    assert_eq!(list["default"], "default");
+    let names: Vec<&str> =
+        list["images"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default", "python-data"]);
+    let data = &list["images"][1];
+    assert_eq!((data["memory_mb"].as_u64(), data["pool"]["min_size"].as_u64()), (Some(512), Some(0)));
+    assert_eq!(list["images"][0]["default"], true);
+    let pool = f.get("/v1/pool").await.json();
+    assert_eq!(pool["image"], "default");
+    assert!(pool["images"]["python-data"]["vms"]["ready"].is_u64(), "{pool}");
+    assert_eq!(pool["memory"]["max_mb"], 4096);
+    let text = String::from_utf8(f.get("/metrics").await.body.to_vec()).unwrap();
+    for needle in [
+        r#"ember_claim_seconds_count{image="python-data"} 1"#,
+        r#"ember_pool_vms{image="python-data",state="ready"}"#,
+        r#"ember_pool_vms{image="default",state="ready"}"#,
+        r#"ember_warm_hits_total{image="python-data"}"#,
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
 }
 
 #[tokio::test]

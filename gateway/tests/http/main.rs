@@ -195,7 +195,7 @@ fn functions_run_with_real_input(s: &Server) -> anyhow::Result<()> {
         .iter()
         .filter_map(|f| f["name"].as_str())
         .collect();
-    ensure!(names == ["json-stats", "primes", "tar-inspect", "wordfreq"], "{names:?}");
+    ensure!(names == ["json-stats", "plot", "primes", "tar-inspect", "wordfreq"], "{names:?}");
 
     let r = s.post("/v1/functions/wordfreq", &[], b"the cat saw the other cat. The end")?.json()?;
     ensure!(r["stdout"].as_str().is_some_and(|o| o.starts_with("      3 the\n      2 cat\n")), "{r}");
@@ -252,18 +252,20 @@ fn metrics_and_pool_status(s: &Server) -> anyhow::Result<()> {
         r#"ember_http_requests_total{route="/v1/run",method="POST",status="200"}"#,
         r#"ember_http_requests_total{route="/v1/run",method="POST",status="413"}"#,
         r#"ember_invocations_total{outcome="timed_out"}"#,
-        "ember_claim_seconds_bucket",
-        "ember_exec_seconds_count",
-        "ember_reset_seconds_count",
-        r#"ember_pool_vms{state="ready"}"#,
-        "ember_warm_hits_total",
-        "ember_warm_misses_total",
+        r#"ember_claim_seconds_bucket{image="default""#,
+        r#"ember_claim_seconds_bucket{image="python-data""#,
+        r#"ember_exec_seconds_count{image="default"}"#,
+        r#"ember_reset_seconds_count{image="default"}"#,
+        r#"ember_pool_vms{image="default",state="ready"}"#,
+        r#"ember_pool_vms{image="python-data",state="ready"}"#,
+        r#"ember_warm_hits_total{image="default"}"#,
+        r#"ember_warm_misses_total{image="python-data"}"#,
     ] {
         ensure!(text.contains(needle), "metrics lack {needle:?}");
     }
     let resets = text
         .lines()
-        .find_map(|l| l.strip_prefix("ember_reset_seconds_count "))
+        .find_map(|l| l.strip_prefix(r#"ember_reset_seconds_count{image="default"} "#))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     ensure!(resets > 0.0, "no reset was timed");
@@ -276,6 +278,63 @@ fn metrics_and_pool_status(s: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The images the server serves, a call, a session and a function on the
+/// second one, and the error for one it does not serve.
+fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
+    let list = s.get("/v1/images")?.json()?;
+    let names: Vec<&str> =
+        list["images"].as_array().context("images")?.iter().filter_map(|i| i["name"].as_str()).collect();
+    ensure!(names == ["default", "python-data"], "{list}");
+    let data = &list["images"][1];
+    ensure!(
+        data["pip"].as_array().is_some_and(|p| p.iter().any(|r| r == "numpy==1.26.4"))
+            && data["size_bytes"].as_u64() > Some(100_000_000)
+            && data["memory_mb"] == 512
+            && data["pool"]["min_size"] == 0,
+        "{data}"
+    );
+    ensure!(list["images"][0]["packages"].as_array().is_some_and(|p| p.iter().any(|x| x == "git")), "{list}");
+
+    // The first call to python-data boots its pool (and its template).
+    let code = "import numpy, pandas; print(numpy.__version__, pandas.__version__)";
+    let first = s.run(json!({"lang": "python", "code": code, "image": "python-data"}))?;
+    ensure!(first["stdout"] == "1.26.4 2.2.3\n" && first["image"] == "python-data", "{first}");
+    // Warm now: the pandas import is in the pre-warmed interpreter.
+    let t = Instant::now();
+    let warm = s.run(json!({"lang": "python", "code": code, "image": "python-data"}))?;
+    ensure!(warm["stdout"] == "1.26.4 2.2.3\n", "{warm}");
+    println!("    python-data numpy+pandas call, warm: {:?} (warm VM: {})", t.elapsed(), warm["warm"]);
+    let r = s.run(json!({"cmd": "cat /etc/ember/image"}))?;
+    ensure!(r["stdout"] == "default\n" && r["image"] == "default", "{r}");
+
+    let a = s.post_json("/v1/run", &json!({"cmd": "true", "image": "no-such-image"}))?;
+    let (status, code) = a.error()?;
+    let message = a.json()?["error"]["message"].as_str().unwrap_or_default().to_string();
+    ensure!(status == 400 && code == "unknown_image" && message.contains("default, python-data"), "{a:?}");
+
+    // A session on python-data keeps its image and its files.
+    let one = s.run_in("data-s", json!({"cmd": "echo kept > note", "image": "python-data"}))?;
+    let two = s.run_in("data-s", json!({"lang": "python", "code": "print(open('note').read().strip())"}))?;
+    ensure!(
+        two["stdout"] == "kept\n" && two["image"] == "python-data" && two["vm_id"] == one["vm_id"],
+        "{two}"
+    );
+    let h = "x-ember-session: data-s";
+    let body = json!({"cmd": "true", "image": "default"}).to_string();
+    let clash = s.post("/v1/run", &["content-type: application/json", h], body.as_bytes())?;
+    ensure!(clash.error()? == (409, "session_image".to_string()), "{clash:?}");
+    ensure!(s.request("DELETE", "/v1/sessions/data-s", &[], None)?.status == 204);
+
+    // A function that names the image: a PNG plot.
+    let plot = s.post_json("/v1/functions/plot", &json!({"series": {"a": [1, 4, 9], "b": [2, 3, 5]}}))?;
+    let r = plot.json()?;
+    ensure!(plot.status == 200 && r["exit_code"] == 0 && r["image"] == "python-data", "{r}");
+    let png =
+        base64::engine::general_purpose::STANDARD.decode(r["stdout_base64"].as_str().context("no PNG")?)?;
+    ensure!(png.starts_with(b"\x89PNG\r\n") && png.len() > 2000, "not a PNG: {} bytes", png.len());
+    Ok(())
+}
+
 const CASES: &[(&str, Case)] = &[
     ("each_input_form", each_input_form),
     ("timeouts_and_output_limits", timeouts_and_output_limits),
@@ -284,6 +343,7 @@ const CASES: &[(&str, Case)] = &[
     ("a_client_that_goes_away_frees_its_vm", a_client_that_goes_away_frees_its_vm),
     ("sessions_keep_state_and_stay_apart", sessions_keep_state_and_stay_apart),
     ("functions_run_with_real_input", functions_run_with_real_input),
+    ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),
     ("concurrent_requests_all_succeed", concurrent_requests_all_succeed),
     ("readme_curl_examples_work", readme::examples_work),
     ("metrics_and_pool_status", metrics_and_pool_status),

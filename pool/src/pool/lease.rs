@@ -91,10 +91,10 @@ impl<B: Backend> Lease<B> {
         }
     }
 
-    /// Take the VM out of the pool for good (it becomes a session's).
+    /// Take the VM out of the lease, still counted as claimed: the caller
+    /// makes it a session's ([`State::shift_to_session`]) or recycles it.
     pub(super) fn into_vm(mut self) -> B::Vm {
         let vm = self.vm.take();
-        self.inner.lock().leave(Phase::Claimed);
         match vm {
             Some(vm) => vm,
             None => unreachable!("a lease always holds its VM until it ends"),
@@ -203,8 +203,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
         if st.draining {
             Some(vm)
         } else {
-            st.leave(Phase::Resetting);
-            st.ready.push_back(ReadyVm { vm, uses, warm_for });
+            st.shift_to_ready(Phase::Resetting, ReadyVm { vm, uses, warm_for });
             None
         }
     } else {

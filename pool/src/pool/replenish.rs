@@ -90,18 +90,16 @@ fn decide<B: Backend>(inner: &Inner<B>, now: Instant) {
 fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
     let mut st = inner.lock();
     let current = st.ready.len() + st.booting + st.claimed + st.resetting;
-    let room = inner.capacity().saturating_sub(st.total());
+    let room = st.room();
     if current < st.target {
         // Booting more while the CPU is saturated slows the calls running now.
         let may_create = may_create && !st.cpu_saturated(&inner.cfg);
-        let n = if may_create {
+        let want = if may_create {
             (st.target - current).min(inner.cfg.replenish_concurrency.saturating_sub(st.booting)).min(room)
         } else {
             0
         };
-        for _ in 0..n {
-            st.enter(Phase::Booting);
-        }
+        let n = (0..want).take_while(|_| st.start_creation()).count();
         return (n, Vec::new());
     }
     // Never below what is in use right now plus the headroom: the rate
@@ -120,5 +118,7 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
 /// Create one VM into the ready set.
 async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
     // Failures are counted, logged and backed off by `create_vm`.
-    let _ = inner.create_vm(|st, vm| st.ready.push_back(ReadyVm { vm, uses: 0, warm_for: None })).await;
+    let _ = inner
+        .create_vm(|st, vm| st.shift_to_ready(Phase::Booting, ReadyVm { vm, uses: 0, warm_for: None }))
+        .await;
 }

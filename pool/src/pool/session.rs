@@ -118,8 +118,7 @@ impl<B: Backend> Pool<B> {
         let mut st = self.inner.lock();
         if let Some(other) = st.sessions.get(key).cloned() {
             // Another call opened this session meanwhile: use that one and
-            // hand our VM back for reset.
-            st.enter(Phase::Claimed);
+            // hand our VM (still counted as claimed) back for reset.
             drop(st);
             tokio::spawn(lease::recycle(Arc::clone(&self.inner), returned(vm, claimed_at)));
             return Ok(other);
@@ -130,7 +129,6 @@ impl<B: Backend> Pool<B> {
             } else {
                 PoolError::SessionLimit { limit: self.inner.cfg.max_sessions }
             };
-            st.enter(Phase::Claimed);
             drop(st);
             tokio::spawn(lease::recycle(Arc::clone(&self.inner), returned(vm, claimed_at)));
             return Err(err);
@@ -142,7 +140,7 @@ impl<B: Backend> Pool<B> {
             created: now,
             last_used: Mutex::new(now),
         });
-        st.sessions.insert(key.to_string(), Arc::clone(&slot));
+        st.shift_to_session(key.to_string(), Arc::clone(&slot));
         drop(st);
         tracing::info!(session = key, vm = %slot.vm_id, "session opened");
         Ok(slot)
@@ -173,6 +171,11 @@ impl<B: Backend> Pool<B> {
             Some(slot) => self.end_slot(key, &slot).await,
             None => false,
         }
+    }
+
+    /// Whether session `key` exists in this pool.
+    pub fn has_session(&self, key: &str) -> bool {
+        self.inner.lock().sessions.contains_key(key)
     }
 
     pub fn sessions(&self) -> Vec<SessionInfo> {

@@ -764,3 +764,29 @@ async fn a_vm_leaving_service_is_never_uncounted() {
     pool.shutdown().await;
     assert_eq!(pool.backend().alive(), 0);
 }
+
+/// Pools of different images share one memory budget: what one holds,
+/// the other cannot make; when the first shrinks, the second can grow.
+#[tokio::test(start_paused = true)]
+async fn image_pools_share_one_memory_budget() {
+    let budget = Arc::new(MemoryBudget::new(1024));
+    let a = Pool::start_sharing(backend(), PoolConfig { min_size: 3, ..cfg() }, 256, Arc::clone(&budget));
+    until(&a, "a holds 3", |s| s.ready == 3).await;
+    let b = Pool::start_sharing(backend(), PoolConfig { min_size: 2, ..cfg() }, 256, Arc::clone(&budget));
+    until(&b, "b made what fits", |s| s.ready == 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(b.status().ready, 1, "b stays within what a left");
+    assert_eq!(budget.used_mb(), 1024);
+    // A claim on b beyond the budget is refused rather than overcommitted.
+    let held = b.claim().await.unwrap();
+    let refused = b.claim().await;
+    assert!(matches!(refused, Err(PoolError::Exhausted { .. })), "{refused:?}");
+    drop(held);
+    // a goes away: its memory is free for b.
+    a.shutdown().await;
+    drop(a);
+    until(&b, "b grows to its minimum", |s| s.ready >= 2).await;
+    let s = b.status();
+    let b_mb = 256 * (s.ready + s.booting + s.claimed + s.resetting) as u64;
+    assert_eq!(budget.used_mb(), b_mb, "a holds nothing any more");
+}

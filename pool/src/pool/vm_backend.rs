@@ -196,8 +196,15 @@ impl Backend for VmBackend {
             },
             None => (self.host.boot().await.map_err(create_err)?, false),
         };
-        // Every reset returns to the state the VM has now: its Python warm.
-        if let Err(e) = vm.wait_python_ready(self.host.config().boot_timeout).await {
+        // Every reset returns to the state the VM has now: its Python warm,
+        // the image's warm command run (a restored VM has both from its
+        // template).
+        let settled = if restored {
+            vm.wait_python_ready(self.host.config().boot_timeout).await
+        } else {
+            vm.settle(self.host.config().boot_timeout).await
+        };
+        if let Err(e) = settled {
             vm.shutdown().await;
             return Err(create_err(e));
         }

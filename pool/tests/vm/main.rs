@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use ember_testkit::{ensure_eq, processes_mentioning, CaseFuture, Report};
+
+mod images;
 use ember_vm::channel::ExecOutput;
 use ember_vm::vm::{wait_until, ImageSet, InitMode, VmConfig};
 use ember_vm::{AgentError, ChannelChoice, ExecEvent, Vm, VmHost};
@@ -894,7 +896,7 @@ fn start_pool(
 }
 
 async fn suite(report: &mut Report) -> anyhow::Result<()> {
-    let images = ImageSet::from_dir(&images_dir()).map_err(anyhow::Error::msg)?;
+    let images = ImageSet::for_image(&images_dir(), "default").map_err(anyhow::Error::msg)?;
     // A fixed path, so a run that was killed is reaped by the next one.
     let state_dir = std::env::temp_dir().join("ember-vmtest-state");
     let state_path = state_dir.to_string_lossy().into_owned();
@@ -931,6 +933,9 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         }
         report
             .run("configure_in_one_round_trip [serial]", Box::pin(configure_in_one_round_trip(&vms[0])))
+            .await;
+        report
+            .run("image_default_has_its_tools", Box::pin(images::default_image_has_its_tools(&vms[0])))
             .await;
         for vm in vms {
             vm.shutdown().await;
@@ -969,6 +974,59 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             .await;
 
         report.run("template_restore [serial]", Box::pin(template_restore(&serial))).await;
+
+        // A second image: its tools, the adversarial reset test on its
+        // pool, and two images' pools side by side under one budget (one
+        // template each, shared by these cases).
+        let data_host = VmHost::new(images::config_for("python-data", &state_dir)?, false)?;
+        let budget = Arc::new(ember_pool::pool::MemoryBudget::new(2048));
+        let image_pool = |host: &Arc<VmHost>| -> anyhow::Result<VmPool> {
+            use ember_pool::config::{PoolConfig, ReplenishMode, ResetMode};
+            let cfg = PoolConfig {
+                min_size: 1,
+                max_size: 2,
+                target_free: 0,
+                claim_timeout: Duration::from_secs(120),
+                drain_timeout: Duration::from_secs(5),
+                max_host_cpu: None,
+                ..PoolConfig::default()
+            };
+            let backend =
+                ember_pool::pool::VmBackend::new(Arc::clone(host), ResetMode::Auto, ReplenishMode::Auto)
+                    .map_err(anyhow::Error::msg)?;
+            let mem = host.config().memory_mb;
+            Ok(ember_pool::pool::Pool::start_sharing(backend, cfg, mem, Arc::clone(&budget)))
+        };
+        let (default_pool, data_pool) = (image_pool(&serial)?, image_pool(&data_host)?);
+        let data_vm = async {
+            let lease = data_pool.claim().await?;
+            let checked = images::python_data_has_numpy_pandas_and_plots(&lease).await;
+            lease.release().await;
+            checked
+        };
+        report.run("image_python_data_has_numpy_pandas_and_plots", Box::pin(data_vm)).await;
+        report
+            .run(
+                "pool_reset_leaves_nothing_behind [python-data]",
+                Box::pin(pool_reset_leaves_nothing_behind(&data_pool)),
+            )
+            .await;
+        report
+            .run(
+                "images_two_pools_keep_apart_under_one_budget",
+                Box::pin(images::two_images_keep_their_pools_apart(&default_pool, &data_pool, &budget)),
+            )
+            .await;
+        report
+            .run(
+                "image_build_with_a_missing_package_names_it",
+                Box::pin(images::a_recipe_with_a_missing_package_fails_naming_it()),
+            )
+            .await;
+        report
+            .run("image_import_of_a_real_root_boots", Box::pin(images::an_imported_root_boots(&state_dir)))
+            .await;
+        data_host.close().await;
 
         // Rollback: the same adversarial test, with the writable layer
         // rolled back under a running VM instead of a memory snapshot.

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod image;
 pub mod os;
 pub mod procfs;
 pub mod storage;

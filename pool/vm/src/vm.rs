@@ -77,6 +77,9 @@ impl Drop for DirGuard {
     }
 }
 
+/// How long [`Vm::settle`] waits for the guest's pre-warmed Python at least.
+const PRELOAD_PATIENCE: Duration = Duration::from_secs(240);
+
 /// Where the time of one boot went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BootTimings {
@@ -311,6 +314,38 @@ impl Vm {
                 Some(false) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Make a freshly booted VM what its clean state should hold: the
+    /// guest's pre-warmed Python ready, and the image's `warm` command run
+    /// (it fills caches the way a first call would), before a snapshot or
+    /// template is taken of it.
+    pub async fn settle(&self, within: Duration) -> Result<(), VmError> {
+        // An image's preloads (pandas, matplotlib) take tens of seconds to
+        // import under TCG; a snapshot taken before they are in would make
+        // every call of the image pay them.
+        self.wait_python_ready(within.max(PRELOAD_PATIENCE)).await?;
+        let Some(cmd) = self.host.config().warm.clone() else { return Ok(()) };
+        let limit = within.max(Duration::from_secs(120));
+        let mut req = shell(&cmd);
+        req.timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        let started = Instant::now();
+        let out = tokio::time::timeout(limit + Duration::from_secs(5), self.agent.run(req))
+            .await
+            .map_err(|_| {
+                VmError::Tool(format!("VM {}: the image's warm command did not end in {limit:?}", self.id))
+            })?
+            .map_err(agent_err(self))?;
+        if out.status.code != Some(0) {
+            let tail = String::from_utf8_lossy(&out.stderr);
+            let tail: String = tail.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+            return Err(VmError::Tool(format!(
+                "VM {}: the image's warm command {cmd:?} failed ({:?}): {tail}",
+                self.id, out.status
+            )));
+        }
+        tracing::info!(vm = %self.id, took = ?started.elapsed(), "image warm command done");
+        Ok(())
     }
 
     /// Whether QEMU is still running.

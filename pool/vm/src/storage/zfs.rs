@@ -1,8 +1,9 @@
 //! The ZFS backend. Under `parent`:
 //!
-//! - `base` holds the clean writable image (`disk.raw` in dataset mode, the
-//!   volume itself in zvol mode), tagged `ember:image=<id of the image>`, and
-//!   `base@golden` is what VMs are cloned from. A stale base is rebuilt.
+//! - `base` (`base-<image>` for an image other than the default one) holds
+//!   the clean writable image (`disk.raw` in dataset mode, the volume itself
+//!   in zvol mode), tagged `ember:image=<id of the image>`, and `@golden` of
+//!   it is what that image's VMs are cloned from. A stale base is rebuilt.
 //! - Each VM gets `warm-<uuid>`, a clone tagged `ember:owner=<owner>` (the
 //!   owning process, as in the state directory), plus `warm-<uuid>@clean`,
 //!   what `zfs rollback` returns it to. It is never renamed.
@@ -31,6 +32,8 @@ pub struct ZfsStorage {
     owner: String,
     /// Where `parent` is mounted (dataset mode).
     parent_mount: PathBuf,
+    /// The base dataset's name under `parent`.
+    base_name: String,
     /// Clones made and not yet destroyed.
     live: Mutex<BTreeSet<String>>,
 }
@@ -63,6 +66,16 @@ fn check_parent(parent: &str) -> Result<(), String> {
     }
 }
 
+/// The base dataset of `image` under the parent: each image's VMs are
+/// cloned from its own (the default image's keeps the name it always had).
+pub fn base_dataset(image: &str) -> String {
+    if image == crate::image::DEFAULT_IMAGE {
+        "base".into()
+    } else {
+        format!("base-{image}")
+    }
+}
+
 /// What identifies the clean image a base was made from.
 pub fn image_id(clean: &Path) -> Result<String, StorageError> {
     let io = |error| StorageError::Io { what: format!("reading {}", clean.display()), error };
@@ -78,6 +91,7 @@ impl ZfsStorage {
     pub async fn open(
         runner: Arc<dyn Runner>,
         cfg: &ZfsConfig,
+        image: &str,
         clean: &Path,
         owner: String,
         file_owner: Option<(u32, u32)>,
@@ -98,8 +112,16 @@ impl ZfsStorage {
         let parent_mount = PathBuf::from(
             runner.run(ZFS, &args(&["get", "-H", "-o", "value", "mountpoint", &parent])).await?.trim(),
         );
-        let me =
-            Self { runner, parent, mode: cfg.mode, owner, parent_mount, live: Mutex::new(BTreeSet::new()) };
+        let base_name = base_dataset(image);
+        let me = Self {
+            runner,
+            parent,
+            mode: cfg.mode,
+            owner,
+            parent_mount,
+            base_name,
+            live: Mutex::new(BTreeSet::new()),
+        };
         me.reap_orphans(&owner_alive).await?;
         me.ensure_base(clean, file_owner).await?;
         Ok(me)
@@ -110,11 +132,11 @@ impl ZfsStorage {
     }
 
     fn base(&self) -> String {
-        format!("{}/base", self.parent)
+        format!("{}/{}", self.parent, self.base_name)
     }
 
     fn golden(&self) -> String {
-        format!("{}/base@golden", self.parent)
+        format!("{}@golden", self.base())
     }
 
     /// Destroy `warm-*` children of `parent` whose owner is not alive.

@@ -67,20 +67,32 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
-    /// Resolve the images in `dir` (symlinks into the image cache).
-    pub fn from_dir(dir: &Path) -> Result<Self, String> {
-        let get = |name: &str| {
-            let p = dir.join(name);
+    /// Where image `name`'s files are in `dir`, unchecked.
+    pub fn paths(dir: &Path, name: &str) -> Self {
+        Self {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            rootfs: dir.join(name).join("rootfs.ext4"),
+            scratch: dir.join(name).join("scratch.ext4"),
+        }
+    }
+
+    /// The files of image `name` in the images directory `dir`: the shared
+    /// kernel and initrd, and the image's own root and scratch template
+    /// (symlinks into the image cache, resolved).
+    pub fn for_image(dir: &Path, name: &str) -> Result<Self, String> {
+        let get = |file: &str| {
+            let p = dir.join(file);
             p.canonicalize()
-                .map_err(|e| format!("guest image {} is missing ({e}); run `make images`", p.display()))
+                .map_err(|e| format!("guest image file {} is missing ({e}); run `make images`", p.display()))
         };
         let mut problems = Vec::new();
         let mut take = |name| get(name).map_err(|e| problems.push(e)).unwrap_or_default();
         let set = Self {
             kernel: take("vmlinuz"),
             initrd: take("initrd.img"),
-            rootfs: take("rootfs.ext4"),
-            scratch: take("scratch.ext4"),
+            rootfs: take(&format!("{name}/rootfs.ext4")),
+            scratch: take(&format!("{name}/scratch.ext4")),
         };
         if problems.is_empty() {
             Ok(set)
@@ -103,6 +115,11 @@ pub struct VmConfig {
     /// Boot timeout of the one-off KVM probe behind `accel = auto`.
     pub kvm_probe_timeout: Duration,
     pub images: ImageSet,
+    /// The image's name (labels, per-image storage such as a ZFS base).
+    pub image: String,
+    /// The image's `warm` command, run once in a booted VM before its clean
+    /// snapshot or template ([`crate::Vm::settle`]).
+    pub warm: Option<String>,
     /// Runtime state (sockets, overlays, pid files); tmpfs is best.
     pub state_dir: PathBuf,
     /// Where the KVM verdict is cached across runs.
@@ -138,6 +155,8 @@ impl VmConfig {
             boot_timeout: Duration::from_secs(30),
             kvm_probe_timeout: Duration::from_secs(8),
             images,
+            image: crate::image::DEFAULT_IMAGE.to_string(),
+            warm: None,
             state_dir: default_state_dir(),
             cache_dir: default_cache_dir(),
             qemu: "qemu-system-x86_64".into(),
@@ -205,8 +224,8 @@ mod tests {
     #[test]
     fn missing_images_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ImageSet::from_dir(dir.path()).unwrap_err();
-        for name in ["vmlinuz", "initrd.img", "rootfs.ext4", "scratch.ext4"] {
+        let err = ImageSet::for_image(dir.path(), "default").unwrap_err();
+        for name in ["vmlinuz", "initrd.img", "default/rootfs.ext4", "default/scratch.ext4"] {
             assert!(err.contains(name), "{err}");
         }
         assert!(err.contains("make images"));

@@ -107,6 +107,7 @@ impl VmHost {
                         let zfs = ZfsStorage::open(
                             Arc::clone(&self.runner),
                             z,
+                            &self.config.image,
                             &self.config.images.scratch,
                             owner,
                             self.qemu_ids,

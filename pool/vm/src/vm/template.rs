@@ -60,7 +60,7 @@ impl VmHost {
         let accel = self.accel().await;
         let vm =
             Vm::boot(Arc::clone(self), accel, self.config().boot_timeout, BootPlan::Template(&t)).await?;
-        let saved = match vm.wait_python_ready(self.config().boot_timeout).await {
+        let saved = match vm.settle(self.config().boot_timeout).await {
             Ok(()) => save(&vm, &t).await,
             Err(e) => Err(e),
         };

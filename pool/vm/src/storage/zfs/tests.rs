@@ -46,7 +46,7 @@ impl Fixture {
 
     async fn open(&self, alive: &'static [&'static str]) -> Result<Arc<ZfsStorage>, StorageError> {
         let runner: Arc<dyn Runner> = self.runner.clone();
-        ZfsStorage::open(runner, &cfg(ZfsMode::Dataset), &self.clean, "me".into(), None, |o| {
+        ZfsStorage::open(runner, &cfg(ZfsMode::Dataset), "default", &self.clean, "me".into(), None, |o| {
             alive.contains(&o)
         })
         .await
@@ -144,7 +144,9 @@ async fn a_missing_or_wrong_parent_is_a_clear_error() {
         let f = fixture();
         let runner: Arc<dyn Runner> = f.runner.clone();
         let cfg = ZfsConfig { parent: bad.into(), mode: ZfsMode::Dataset };
-        let e = ZfsStorage::open(runner, &cfg, &f.clean, "me".into(), None, |_| false).await.unwrap_err();
+        let e = ZfsStorage::open(runner, &cfg, "default", &f.clean, "me".into(), None, |_| false)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("not a dataset name"), "{bad:?}: {e}");
         assert!(f.runner.calls().is_empty(), "{bad:?} reached zfs");
     }

@@ -1,0 +1,198 @@
+//! Images on real VMs: every shipped image boots and has its tools; the
+//! adversarial reset test on a second image; two images' pools under load
+//! stay apart; a real build with a package that does not exist fails naming
+//! it; a real root tarball imports and boots.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use ember_pool::pool::MemoryBudget;
+use ember_testkit::ensure_eq;
+use ember_vm::image::{Catalog, ImageError, ImagesConfig};
+use ember_vm::vm::{ImageSet, VmConfig};
+use ember_vm::{Vm, VmHost};
+
+use super::{images_dir, py, stdout, VmPool};
+
+/// A VM config for shipped image `name`, as `ember serve` makes it: the
+/// recipe's memory and warm command.
+pub fn config_for(name: &str, state_dir: &Path) -> anyhow::Result<VmConfig> {
+    let dir = images_dir();
+    let info =
+        ember_vm::image::read_info(&dir.join(name)).with_context(|| format!("image {name} is not built"))?;
+    let mut c = VmConfig::with_images(ImageSet::for_image(&dir, name).map_err(anyhow::Error::msg)?);
+    c.image = name.to_string();
+    c.memory_mb = info.memory_mb.unwrap_or(c.memory_mb);
+    c.warm = info.warm;
+    c.state_dir = state_dir.to_path_buf();
+    Ok(c)
+}
+
+pub async fn default_image_has_its_tools(vm: &Vm) -> anyhow::Result<()> {
+    ensure_eq!(stdout(vm, "cat /etc/ember/image").await?, "default\n");
+    for (cmd, expect) in [
+        ("ps -o pid= -p 1", "1"),
+        ("free -m | head -1", "total"),
+        ("ip -V", "iproute2"),
+        ("curl --version | head -1", "curl "),
+        ("git --version", "git version"),
+        ("jq --version", "jq-"),
+        ("file --version | head -1", "file-"),
+        ("sqlite3 --version", "3."),
+        ("xz --version | head -1", "xz (XZ Utils)"),
+        ("unzip -v | head -1", "UnZip"),
+        ("less --version | head -1", "less "),
+        ("python3 -m pip --version", "pip "),
+        // Without pip: ensurepip alone takes longer than a test's 20 s under TCG.
+        (
+            "python3 -m venv --without-pip /tmp/v && /tmp/v/bin/python -c 'import sys; print(sys.prefix)'",
+            "/tmp/v",
+        ),
+    ] {
+        let out = stdout(vm, cmd).await?;
+        ensure!(out.contains(expect), "{cmd:?} printed {out:?}, expected {expect:?}");
+    }
+    Ok(())
+}
+
+pub async fn python_data_has_numpy_pandas_and_plots(vm: &Vm) -> anyhow::Result<()> {
+    ensure_eq!(stdout(vm, "cat /etc/ember/image").await?, "python-data\n");
+    // Forked from the pre-warmed Python: the modules are already imported.
+    let code = "import sys\nwarm = 'pandas' in sys.modules\nimport numpy, pandas\n\
+                print(numpy.__version__, pandas.__version__, warm)";
+    let t = Instant::now();
+    let out = vm.agent().run(py(code)).await?;
+    let took = t.elapsed();
+    ensure!(out.status.code == Some(0), "{:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    ensure_eq!(String::from_utf8(out.stdout)?, "1.26.4 2.2.3 True\n");
+    println!("    numpy + pandas import, forked from the warm interpreter: {took:?}");
+    // A plot to PNG, headless, without a warning on stderr.
+    let plot = "import io, matplotlib.pyplot as p\np.plot([1, 3, 2])\nb = io.BytesIO()\n\
+                p.savefig(b, format='png')\nprint(b.getvalue()[:4] == b'\\x89PNG', len(b.getvalue()) > 1000)";
+    let out = vm.agent().run(py(plot)).await?;
+    ensure_eq!(String::from_utf8(out.stdout)?, "True True\n");
+    ensure!(out.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    // A fresh interpreter finds the image's environment and caches too.
+    let out = stdout(vm, "python3 -c 'import matplotlib; print(matplotlib.get_backend())' 2>&1").await?;
+    ensure_eq!(out.trim().to_ascii_lowercase(), "agg");
+    Ok(())
+}
+
+/// Two images' pools sharing one budget, claimed at once from both: each
+/// VM runs its own image, no VM changes pools, and the budget holds; shut
+/// down, they give every MiB back.
+pub async fn two_images_keep_their_pools_apart(
+    default: &VmPool,
+    data: &VmPool,
+    budget: &MemoryBudget,
+) -> anyhow::Result<()> {
+    let mut seen: [Vec<String>; 2] = Default::default();
+    for round in 0..3 {
+        let (la, lb) = tokio::join!(default.claim(), data.claim());
+        let (la, lb) = (la?, lb?);
+        let (ia, ib) = tokio::join!(stdout(&la, "cat /etc/ember/image"), stdout(&lb, "cat /etc/ember/image"));
+        ensure_eq!(
+            (ia?.trim().to_string(), ib?.trim().to_string()),
+            ("default".to_string(), "python-data".to_string())
+        );
+        ensure!(
+            budget.used_mb() <= budget.limit_mb(),
+            "round {round}: the budget is overdrawn: {} MiB",
+            budget.used_mb()
+        );
+        seen[0].push(la.id().to_string());
+        seen[1].push(lb.id().to_string());
+        tokio::join!(la.release(), lb.release());
+    }
+    ensure!(seen[0].iter().all(|id| !seen[1].contains(id)), "a VM served both images: {seen:?}");
+    tokio::join!(default.shutdown(), data.shutdown());
+    // A creation still running at shutdown is destroyed when it ends, and
+    // gives its memory back then.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let freed = ember_vm::vm::wait_until(deadline, Duration::from_millis(50), || {
+        (budget.used_mb() == 0).then_some(())
+    })
+    .await;
+    ensure!(freed.is_some(), "{} MiB still held after shutdown", budget.used_mb());
+    Ok(())
+}
+
+/// A catalog over a throw-away cache and images dir that share the real
+/// kernel, initrd, base and agent.
+fn scratch_catalog(recipes: &Path, work: &Path) -> anyhow::Result<Catalog> {
+    let out = work.join("images");
+    std::fs::create_dir_all(&out)?;
+    for shared in ["vmlinuz", "initrd.img", "base.tar", "ember-agent"] {
+        let real =
+            images_dir().join(shared).canonicalize().with_context(|| format!("{shared} (make images)"))?;
+        std::os::unix::fs::symlink(real, out.join(shared))?;
+    }
+    let mut cfg = ImagesConfig::new(&out);
+    cfg.cache = work.join("cache");
+    cfg.recipe_dirs = vec![recipes.to_path_buf()];
+    Catalog::load(cfg).map_err(|p| anyhow::anyhow!("{}", p.join("; ")))
+}
+
+pub async fn a_recipe_with_a_missing_package_fails_naming_it() -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let recipes = work.path().join("recipes");
+    std::fs::create_dir_all(recipes.join("broken"))?;
+    std::fs::write(recipes.join("broken/image.toml"), "packages = [\"jq\", \"ember-no-such-package\"]\n")?;
+    let catalog = scratch_catalog(&recipes, work.path())?;
+    let err = catalog.build("broken").await.err().context("a build with a missing package succeeded")?;
+    let text = err.to_string();
+    ensure!(matches!(err, ImageError::Build { .. }), "{text}");
+    ensure!(text.contains("image broken") && text.contains("install packages"), "{text}");
+    ensure!(text.contains("Unable to locate package ember-no-such-package"), "{text}");
+    // Nothing half-made is left: no cache entry, no work dir, no mount.
+    let cache: Vec<String> = std::fs::read_dir(work.path().join("cache/images"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock") && !n.ends_with(".failed.log"))
+        .collect();
+    ensure!(cache.is_empty(), "left in the cache: {cache:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    ensure!(!mounts.contains(&*work.path().to_string_lossy()), "a build mount was left");
+    Ok(())
+}
+
+/// `ember images import` of a real root (the debootstrap base every recipe
+/// starts from, as a user's `docker export` would be): Ember adds its init,
+/// agent and user, and the image boots.
+pub async fn an_imported_root_boots(state_dir: &Path) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let recipes = work.path().join("recipes");
+    std::fs::create_dir_all(&recipes)?;
+    let catalog = scratch_catalog(&recipes, work.path())?;
+    let tarball: PathBuf = images_dir().join("base.tar").canonicalize()?;
+    let info = catalog.import("mine", &tarball).await?;
+    ensure_eq!(catalog.names(), vec!["mine".to_string()]);
+    ensure!(info.rootfs_bytes > 0);
+    let again = catalog.import("mine", &tarball).await?;
+    ensure_eq!(again.hash, info.hash);
+    let mut c = VmConfig::with_images(catalog.image_set("mine").map_err(anyhow::Error::msg)?);
+    c.state_dir = state_dir.to_path_buf();
+    c.image = "mine".into();
+    let host = VmHost::new(c, false)?;
+    let vm = host.boot().await.context("booting the imported image")?;
+    let checked = async {
+        ensure_eq!(
+            stdout(&vm, "cat /etc/ember/image; id -u; . /etc/os-release; echo $ID").await?,
+            "mine\n1000\ndebian\n"
+        );
+        Ok(())
+    }
+    .await;
+    vm.shutdown().await;
+    host.close().await;
+    checked?;
+    // A name a recipe has, a bad name, a tarball that is not one.
+    let e = catalog.import("Bad/Name", &tarball).await.err().context("a bad name was taken")?;
+    ensure!(e.to_string().contains("cannot name an image"), "{e}");
+    let junk = work.path().join("junk.tar");
+    std::fs::write(&junk, b"not a tarball at all")?;
+    let e = catalog.import("junk", &junk).await.err().context("junk was imported")?;
+    ensure!(e.to_string().contains("importing image junk"), "{e}");
+    Ok(())
+}
