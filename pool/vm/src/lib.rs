@@ -6,6 +6,7 @@
 
 pub mod channel;
 pub mod image;
+pub mod net;
 pub mod os;
 pub mod procfs;
 pub mod storage;

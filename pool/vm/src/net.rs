@@ -1,0 +1,8 @@
+//! VM networking: the policy a request gives a VM's network. Everything a
+//! VM's network needs lives in a network namespace Ember owns (see the
+//! README's *Networking*).
+
+pub mod nft;
+pub mod policy;
+
+pub use policy::{Policy, RawPolicy, Rule};
