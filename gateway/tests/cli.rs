@@ -173,3 +173,58 @@ fn vm_bench_measures_cold_and_restored_vms() {
     let owners = std::fs::read_dir(state.join("owners")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(owners, 0, "vm bench left an owner directory behind");
 }
+
+/// `ember images list` knows both shipped images (built by `make images`),
+/// `build` of a current image reuses the cache, and errors name the problem.
+#[test]
+fn images_list_build_and_their_errors() {
+    let out = ember("ember-cli-img").args(["images", "list", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"default") && names.contains(&"python-data"), "{names:?}");
+    for l in &lines {
+        assert_eq!(l["state"], "built", "{l}");
+        assert!(l["image"]["rootfs_bytes"].as_u64().unwrap() > 100_000_000, "{l}");
+    }
+    // Current in the cache: a rebuild is a no-op that says so.
+    let t = Instant::now();
+    let out = ember("ember-cli-img").args(["images", "build", "default"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("default: up to date"));
+    assert!(t.elapsed() < Duration::from_secs(30), "an up-to-date build took {:?}", t.elapsed());
+    let out = ember("ember-cli-img").args(["images", "build", "no-such"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown image \"no-such\"") && err.contains("default, python-data"), "{err}");
+}
+
+/// `ember images import` refuses a tarball that would write outside its
+/// root, naming the member, and leaves nothing behind.
+#[test]
+fn images_import_refuses_an_escaping_tarball() {
+    let dir = tempfile::tempdir().unwrap();
+    let tarball = dir.path().join("evil.tar");
+    let status = Command::new("sh")
+        .current_dir(dir.path())
+        .args(["-c", "mkdir -p r/bin && cp /bin/busybox r/bin/sh && ln -s /etc r/escape && tar -C r -cf evil.tar bin escape && mkdir -p x/escape && echo owned > x/escape/ember-test-owned && tar -C x -rf evil.tar escape/ember-test-owned"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = ember("ember-cli-img")
+        .env("EMBER_CACHE", dir.path().join("cache"))
+        .args(["images", "import", "evil", tarball.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("escape/ember-test-owned") && err.contains("through the symlink escape"), "{err}");
+    assert!(!Path::new("/etc/ember-test-owned").exists(), "the import wrote into the host's /etc");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("cache/images"))
+        .map(|d| {
+            d.flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains(".tmp.")).collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -65,12 +65,16 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json
 }
 
 /// A counter or gauge from a Prometheus text page (first sample).
+/// A metric's value summed over its label sets (every image's pool), or
+/// `None` if the text has no sample of it.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
-        .find(|l| l.split([' ', '{']).next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 pub async fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
@@ -82,8 +86,8 @@ pub async fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
 mod tests {
     #[test]
     fn reads_a_metric_by_exact_name() {
-        let text = "# HELP x\nember_warm_hits_total 12\nember_warm_hits_total_other 3\nember_pool_vms{state=\"ready\"} 2\n";
-        assert_eq!(super::metric(text, "ember_warm_hits_total"), Some(12.0));
+        let text = "# HELP x\nember_warm_hits_total{image=\"a\"} 12\nember_warm_hits_total{image=\"b\"} 1\nember_warm_hits_total_other 3\nember_pool_vms{state=\"ready\"} 2\n";
+        assert_eq!(super::metric(text, "ember_warm_hits_total"), Some(13.0), "summed over images");
         assert_eq!(super::metric(text, "ember_pool_vms"), Some(2.0));
         assert_eq!(super::metric(text, "nope"), None);
     }

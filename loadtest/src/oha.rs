@@ -24,6 +24,18 @@ pub struct Run {
 }
 
 impl Run {
+    /// Counts, rate and percentiles of latencies (ms) measured by our own
+    /// client over `took`.
+    pub fn set_latencies(&mut self, mut lat: Vec<f64>, took: std::time::Duration) {
+        lat.sort_by(f64::total_cmp);
+        self.requests = lat.len() as u64;
+        self.rps = lat.len() as f64 / took.as_secs_f64().max(1e-9);
+        self.p50_ms = crate::run::percentile(&lat, 50.0);
+        self.p95_ms = crate::run::percentile(&lat, 95.0);
+        self.p99_ms = crate::run::percentile(&lat, 99.0);
+        self.max_ms = lat.last().copied().unwrap_or(0.0);
+    }
+
     pub fn non_2xx(&self) -> u64 {
         self.statuses.iter().filter(|(s, _)| !(200..300).contains(*s)).map(|(_, n)| n).sum::<u64>()
             + self.errors.values().sum::<u64>()

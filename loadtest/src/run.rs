@@ -223,6 +223,7 @@ impl Runner<'_> {
                 overload = Some(o);
             }
             Kind::Sessions => runs.push(self.sessions(ember, s).await?),
+            Kind::FirstCall => runs.push(self.first_calls(ember, s).await?),
             Kind::Step => {
                 let slice = match profile {
                     Profile::Quick => Duration::from_secs(1),
@@ -360,6 +361,50 @@ impl Runner<'_> {
         })
     }
 
+    /// Calls one at a time, each after the image's pool has shrunk to no
+    /// VM at all (its `idle_timeout` passed): each claim restores a VM from
+    /// the image's template while the caller waits.
+    async fn first_calls(&self, ember: SocketAddr, s: &Scenario) -> anyhow::Result<Run> {
+        let image = s.image.as_deref().context("a first-call scenario names its image")?;
+        let rounds = match self.opts.profile {
+            Profile::Quick => 1,
+            Profile::Full => s.phases[0].requests.unwrap_or(5),
+        };
+        let started = Instant::now();
+        let (mut lat, mut run) = (Vec::new(), Run::default());
+        for round in 0..rounds {
+            let empty = async {
+                loop {
+                    if let Ok(p) = crate::http::get_json(ember, "/v1/pool").await {
+                        let vms = &p["images"][image]["vms"];
+                        let total: u64 = ["ready", "booting", "claimed", "resetting", "sessions"]
+                            .iter()
+                            .map(|k| vms[*k].as_u64().unwrap_or(1))
+                            .sum();
+                        if total == 0 && p["images"][image]["target"] == 0 {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            };
+            tokio::time::timeout(self.rest_within.max(Duration::from_secs(120)), empty).await.map_err(
+                |_| anyhow::anyhow!("{}: the pool of {image} never emptied (round {round})", s.name),
+            )?;
+            let t = Instant::now();
+            let headers = [("content-type", s.content_type.as_str())];
+            let a = crate::http::request(ember, "POST", &s.path, &headers, &s.body, Duration::from_secs(120))
+                .await;
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            match a {
+                Ok(a) => *run.statuses.entry(a.status).or_default() += 1,
+                Err(_) => *run.errors.entry("transport".into()).or_default() += 1,
+            }
+        }
+        run.set_latencies(lat, started.elapsed());
+        Ok(run)
+    }
+
     /// Closed-loop clients, one session key each.
     async fn sessions(&self, ember: SocketAddr, s: &Scenario) -> anyhow::Result<Run> {
         let phase = s.phases[0].scaled(self.opts.profile);
@@ -395,13 +440,7 @@ impl Runner<'_> {
                 }
             }
         }
-        lat.sort_by(f64::total_cmp);
-        run.requests = lat.len() as u64;
-        run.rps = lat.len() as f64 / started.elapsed().as_secs_f64();
-        run.p50_ms = percentile(&lat, 50.0);
-        run.p95_ms = percentile(&lat, 95.0);
-        run.p99_ms = percentile(&lat, 99.0);
-        run.max_ms = lat.last().copied().unwrap_or(0.0);
+        run.set_latencies(lat, started.elapsed());
         Ok(run)
     }
 

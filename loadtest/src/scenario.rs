@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// One rate for a while; baselines measured alongside.
     Steady,
@@ -22,6 +22,10 @@ pub enum Kind {
     /// Far more clients than the pool can serve: every answer must be a
     /// 200 or a 429 with Retry-After, and /healthz must keep answering.
     Overload,
+    /// One call at a time to an image whose pool has shrunk to nothing but
+    /// whose template is made (the scenario's `warm_up` made it): the time
+    /// of a VM restored on demand.
+    FirstCall,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +63,8 @@ pub struct Scenario {
     /// image's first call makes its template).
     #[serde(default)]
     pub warm_up: u32,
+    /// The image whose pool a `first-call` scenario watches.
+    pub image: Option<String>,
     pub phases: Vec<Phase>,
 }
 

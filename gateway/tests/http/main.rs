@@ -252,8 +252,8 @@ fn metrics_and_pool_status(s: &Server) -> anyhow::Result<()> {
         r#"ember_http_requests_total{route="/v1/run",method="POST",status="200"}"#,
         r#"ember_http_requests_total{route="/v1/run",method="POST",status="413"}"#,
         r#"ember_invocations_total{outcome="timed_out"}"#,
-        r#"ember_claim_seconds_bucket{image="default""#,
-        r#"ember_claim_seconds_bucket{image="python-data""#,
+        r#"ember_claim_seconds_count{image="default"}"#,
+        r#"ember_claim_seconds_count{image="python-data"}"#,
         r#"ember_exec_seconds_count{image="default"}"#,
         r#"ember_reset_seconds_count{image="default"}"#,
         r#"ember_pool_vms{image="default",state="ready"}"#,
@@ -284,7 +284,7 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
     let list = s.get("/v1/images")?.json()?;
     let names: Vec<&str> =
         list["images"].as_array().context("images")?.iter().filter_map(|i| i["name"].as_str()).collect();
-    ensure!(names == ["default", "python-data"], "{list}");
+    ensure!(names == ["default", "python-data", "tiny"], "{list}");
     let data = &list["images"][1];
     ensure!(
         data["pip"].as_array().is_some_and(|p| p.iter().any(|r| r == "numpy==1.26.4"))
@@ -310,7 +310,14 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
     let a = s.post_json("/v1/run", &json!({"cmd": "true", "image": "no-such-image"}))?;
     let (status, code) = a.error()?;
     let message = a.json()?["error"]["message"].as_str().unwrap_or_default().to_string();
-    ensure!(status == 400 && code == "unknown_image" && message.contains("default, python-data"), "{a:?}");
+    ensure!(
+        status == 400 && code == "unknown_image" && message.contains("default, python-data, tiny"),
+        "{a:?}"
+    );
+
+    // The recipe of the test's own configuration was built at start-up.
+    let r = s.run(json!({"cmd": "cat /etc/tiny-motd; echo $EMBER_TINY", "image": "tiny"}))?;
+    ensure!(r["stdout"] == "tiny overlay\nyes\n" && r["image"] == "tiny", "{r}");
 
     // A session on python-data keeps its image and its files.
     let one = s.run_in("data-s", json!({"cmd": "echo kept > note", "image": "python-data"}))?;

@@ -92,7 +92,25 @@ claim_timeout = "60s"
 drain_timeout = "20s"
 [pool.sessions]
 max = 2
+[pool.images.python-data]
+max_size = 2
+[images]
+# A recipe of the test's own: `ember serve` builds it at start (cached by
+# its hash after the first run).
+dirs = ["RECIPES"]
 "#;
+
+/// The test's own recipe: an overlay file and an environment variable.
+fn write_recipe(dir: &Path) -> anyhow::Result<()> {
+    let tiny = dir.join("tiny");
+    std::fs::create_dir_all(tiny.join("overlay/etc"))?;
+    std::fs::write(
+        tiny.join("image.toml"),
+        "description = \"test image: an overlay file and an env\"\n[env]\nEMBER_TINY = \"yes\"\n",
+    )?;
+    std::fs::write(tiny.join("overlay/etc/tiny-motd"), "tiny overlay\n")?;
+    Ok(())
+}
 
 impl Server {
     /// Start `ember serve` on a free port and wait until its pool is warm.
@@ -100,7 +118,12 @@ impl Server {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("ember.toml");
         let functions = repo().join("functions-examples").canonicalize()?;
-        std::fs::write(&config, CONFIG.replace("FUNCTIONS", &functions.to_string_lossy()))?;
+        let recipes = dir.path().join("recipes");
+        write_recipe(&recipes)?;
+        let text = CONFIG
+            .replace("FUNCTIONS", &functions.to_string_lossy())
+            .replace("RECIPES", &recipes.to_string_lossy());
+        std::fs::write(&config, text)?;
         let state = std::env::temp_dir().join(STATE_DIR);
         let mut opts = ServeOptions::new(
             Path::new(env!("CARGO_BIN_EXE_ember")),

@@ -1007,7 +1007,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         report.run("image_python_data_has_numpy_pandas_and_plots", Box::pin(data_vm)).await;
         report
             .run(
-                "pool_reset_leaves_nothing_behind [python-data]",
+                "pool_reset_leaves_nothing_behind [image python-data]",
                 Box::pin(pool_reset_leaves_nothing_behind(&data_pool)),
             )
             .await;
