@@ -104,8 +104,12 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
     }
     // Never below what is in use right now plus the headroom: the rate
     // estimate lags a rise by its window, and VMs made on demand during the
-    // rise would otherwise be destroyed as they come back.
-    let keep = st.target.max(st.claimed + st.resetting + st.waiters + inner.cfg.target_free);
+    // rise would otherwise be destroyed as they come back. An idle pool (no
+    // claim for `idle_timeout`) keeps no headroom: it goes back to its
+    // `min_size`, 0 for an image nobody calls.
+    let idle = st.rates.last_arrival().is_none_or(|t| t.elapsed() >= inner.cfg.idle_timeout);
+    let headroom = if idle { 0 } else { inner.cfg.target_free };
+    let keep = st.target.max(st.claimed + st.resetting + st.waiters + headroom);
     let surplus = current.saturating_sub(keep).min(st.ready.len());
     // Oldest first: they have served the most uses.
     let gone: Vec<B::Vm> = st.ready.drain(..surplus).map(|r: ReadyVm<B::Vm>| r.vm).collect();

@@ -790,3 +790,21 @@ async fn image_pools_share_one_memory_budget() {
     let b_mb = 256 * (s.ready + s.booting + s.claimed + s.resetting) as u64;
     assert_eq!(budget.used_mb(), b_mb, "a holds nothing any more");
 }
+
+/// A pool with `min_size = 0` (an image other than the default) grows for
+/// its calls and, once nobody calls it for `idle_timeout`, goes back to no
+/// VM at all: the headroom of `target_free` is for traffic, not for idling.
+#[tokio::test(start_paused = true)]
+async fn an_idle_pool_with_no_minimum_goes_back_to_nothing() {
+    let c = PoolConfig { min_size: 0, target_free: 2, idle_timeout: Duration::from_secs(10), ..cfg() };
+    let pool = Pool::start(backend(), c, 256);
+    let lease = pool.claim().await.unwrap();
+    lease.release().await;
+    until(&pool, "headroom while called", |s| s.ready >= 2).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    until(&pool, "nothing left after idle_timeout", |s| {
+        s.ready + s.booting + s.claimed + s.resetting == 0 && s.target == 0
+    })
+    .await;
+    assert_eq!(pool.backend().alive(), 0);
+}
