@@ -20,6 +20,11 @@ if $for_tests; then
     # The ZFS backend's VM tests need `zfs`: zfs-fuse where no ZFS tools
     # exist (a host with kernel ZFS keeps its own zfsutils).
     command -v zfs >/dev/null || have zfs-fuse || need_apt+=(zfs-fuse)
+    # Networking ([network] enabled): namespaces and TAPs, the VMs' rules,
+    # their resolvers; sysctl for forwarding.
+    for p in iproute2 nftables dnsmasq-base procps; do
+        have "$p" || need_apt+=("$p")
+    done
 fi
 # qemu-system-x86 and qemu-utils must come from the same release: the image
 # may carry a newer qemu-utils that conflicts with bookworm's qemu-system-x86.

@@ -76,6 +76,8 @@ pub struct RunRequest {
     pub timeout: Option<String>,
     /// The image to run in (`GET /v1/images`); the default image if absent.
     pub image: Option<String>,
+    /// `"none"` (default), `"open"` or `{"egress": {"allow": [...], "deny": [...]}}`.
+    pub network: Option<ember_vm::net::RawPolicy>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +131,8 @@ pub struct Invocation {
     pub function: Option<String>,
     /// The image it runs in; `None`: the default (or the session's).
     pub image: Option<String>,
+    /// The network it gets; `None`: none (or, in a session, what it has).
+    pub network: Option<ember_vm::net::Policy>,
 }
 
 pub use ember_wire::CODE_DIR;
@@ -144,6 +148,7 @@ impl Invocation {
             timeout,
             function: None,
             image: None,
+            network: None,
         }
     }
 
@@ -209,6 +214,14 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// A network policy as a request gives it; the message names the entry.
+pub fn check_network(
+    raw: &ember_vm::net::RawPolicy,
+    limits: &Limits,
+) -> Result<ember_vm::net::Policy, ApiError> {
+    raw.check(limits.max_network_rules).map_err(invalid)
 }
 
 /// An image name as a request gives it (whether one exists is the pools'
@@ -297,7 +310,18 @@ impl RunRequest {
         }
         let timeout = parse_timeout(self.timeout.as_deref(), limits)?;
         let image = check_image(self.image)?;
-        Ok(Invocation { program, stdin, env: self.env, cwd: self.cwd, files, timeout, function: None, image })
+        let network = self.network.map(|n| check_network(&n, limits)).transpose()?;
+        Ok(Invocation {
+            program,
+            stdin,
+            env: self.env,
+            cwd: self.cwd,
+            files,
+            timeout,
+            function: None,
+            image,
+            network,
+        })
     }
 }
 
@@ -343,19 +367,48 @@ pub struct Timing {
     pub vm: std::time::Duration,
     /// The command's run time measured by the agent inside the VM.
     pub run: std::time::Duration,
+    /// Giving the VM its network, when the call asked for one.
+    pub net: Option<NetTiming>,
+}
+
+/// Where the time of a VM's network went: the host's rules and resolver,
+/// joined with the guest's one `configure`; `total` is the three at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetTiming {
+    pub total: std::time::Duration,
+    pub rules: std::time::Duration,
+    pub resolver: std::time::Duration,
+    pub configure: std::time::Duration,
+}
+
+impl From<ember_pool::pool::NetTimings> for NetTiming {
+    fn from(t: ember_pool::pool::NetTimings) -> Self {
+        Self { total: t.total, rules: t.host.rules, resolver: t.host.resolver, configure: t.configure }
+    }
 }
 
 impl Timing {
     /// The value of a `Server-Timing` header (W3C Server Timing), in ms.
     pub fn header_value(&self) -> String {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-        format!(
+        let mut v = format!(
             "claim;dur={:.3};desc=\"waiting for a VM\", vm;dur={:.3};desc=\"claimed VM to exit received\", \
              run;dur={:.3};desc=\"command inside the VM\"",
             ms(self.claim),
             ms(self.vm),
             ms(self.run)
-        )
+        );
+        if let Some(n) = &self.net {
+            v.push_str(&format!(
+                ", net;dur={:.3};desc=\"the VM's network (inside vm)\", net-rules;dur={:.3}, net-dns;dur={:.3}, \
+                 net-guest;dur={:.3}",
+                ms(n.total),
+                ms(n.rules),
+                ms(n.resolver),
+                ms(n.configure)
+            ));
+        }
+        v
     }
 
     /// `name -> dur` (ms) from a `Server-Timing` value as

@@ -25,6 +25,25 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub images: RawImages,
+    #[serde(default)]
+    pub network: RawNetwork,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNetwork {
+    /// Give every VM a NIC in Ember's own network namespace (default false).
+    pub enabled: Option<bool>,
+    /// The namespace Ember creates and owns.
+    pub namespace: Option<String>,
+    /// The VMs' addresses (a /30 each).
+    pub subnet: Option<String>,
+    /// An interface of this namespace that VMs reach the world through
+    /// (NAT); unset: they reach nothing outside.
+    pub uplink: Option<String>,
+    /// Resolvers the VMs' lookups go to (through the uplink).
+    #[serde(default)]
+    pub dns_upstream: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +90,7 @@ pub struct RawLimits {
     pub max_queue_wait: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub busy_delay: Option<Duration>,
+    pub max_network_rules: Option<usize>,
 }
 
 /// Where the gateway listens and what it serves.
@@ -108,6 +128,8 @@ pub struct Limits {
     /// client that retries at once (oha, a naive loop) then cannot turn
     /// refusals into a storm that takes the CPU the running calls need.
     pub busy_delay: Duration,
+    /// Entries (allow + deny) a network policy may have.
+    pub max_network_rules: usize,
 }
 
 impl Default for GatewayConfig {
@@ -132,6 +154,7 @@ impl Default for Limits {
             max_pids: 1024,
             max_queue_wait: Duration::from_secs(2),
             busy_delay: Duration::from_millis(250),
+            max_network_rules: 64,
         }
     }
 }
@@ -147,6 +170,8 @@ pub struct Config {
     pub limits: Limits,
     pub images: ember_vm::image::ImagesConfig,
     pub build_on_start: bool,
+    /// `[network]`, when enabled.
+    pub network: Option<ember_vm::net::NetConfig>,
 }
 
 impl Config {
@@ -202,6 +227,9 @@ impl RawConfig {
             images.build_timeout = t;
         }
         let build_on_start = self.images.build_on_start.unwrap_or(true);
+        let state_dir = pool_vm.as_ref().map(|pv| pv.vm.state_dir.clone()).unwrap_or_default();
+        let network =
+            validate_network(self.network, &state_dir).map_err(|p| problems.extend(p)).ok().flatten();
 
         let dg = GatewayConfig::default();
         let gateway = GatewayConfig {
@@ -240,7 +268,11 @@ impl RawConfig {
             max_pids: l.max_pids.unwrap_or(d.max_pids),
             max_queue_wait: l.max_queue_wait.unwrap_or(d.max_queue_wait),
             busy_delay: l.busy_delay.unwrap_or(d.busy_delay),
+            max_network_rules: l.max_network_rules.unwrap_or(d.max_network_rules),
         };
+        if limits.max_network_rules == 0 || limits.max_network_rules > 4096 {
+            problems.push("limits.max_network_rules must be between 1 and 4096".into());
+        }
         if limits.busy_delay > Duration::from_secs(5) {
             problems.push("limits.busy_delay must be at most 5s".into());
         }
@@ -286,11 +318,52 @@ impl RawConfig {
                     limits,
                     images,
                     build_on_start,
+                    network,
                 })
             }
             _ => Err(problems),
         }
     }
+}
+
+/// `[network]`: `None` when off; every problem at once.
+fn validate_network(
+    raw: RawNetwork,
+    state_dir: &Path,
+) -> Result<Option<ember_vm::net::NetConfig>, Vec<String>> {
+    let mut problems = Vec::new();
+    let enabled = raw.enabled.unwrap_or(false);
+    let subnet = match raw.subnet.as_deref().unwrap_or("198.18.0.0/16").parse::<ipnet::Ipv4Net>() {
+        Ok(s) => Some(s),
+        Err(_) => {
+            problems.push(format!("network.subnet {:?} is not an IPv4 CIDR", raw.subnet.unwrap_or_default()));
+            None
+        }
+    };
+    let mut upstream = Vec::new();
+    for u in &raw.dns_upstream {
+        match u.parse::<std::net::Ipv4Addr>() {
+            Ok(a) => upstream.push(a),
+            Err(_) => problems.push(format!("network.dns_upstream: {u:?} is not an IPv4 address")),
+        }
+    }
+    let namespace = raw.namespace.unwrap_or_else(|| "ember".into());
+    let cfg = subnet.map(|subnet| ember_vm::net::NetConfig {
+        state_dir: state_dir.join(format!("net-{namespace}")),
+        namespace,
+        subnet,
+        uplink: raw.uplink,
+        dns_upstream: upstream,
+    });
+    if let Some(c) = &cfg {
+        if let Err(p) = c.validate() {
+            problems.extend(p);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(cfg.filter(|_| enabled))
 }
 
 /// Load `path` (or the defaults), then validate. Every problem is listed.
@@ -357,10 +430,28 @@ mod tests {
                 max_pids: 64,
                 max_queue_wait: Duration::from_millis(750),
                 busy_delay: Duration::from_millis(250),
+                max_network_rules: 64,
             }
         );
         assert_eq!((c.pool.max_size, c.pool.max_sessions), (4, 2));
         assert_eq!(c.pool.max_queue_wait, Some(Duration::from_millis(750)), "the pool admits by it");
+    }
+
+    #[test]
+    fn network_is_off_by_default_and_checked_when_on() {
+        let img = images();
+        let c = RawConfig::parse("").unwrap().validate(img.path()).unwrap();
+        assert!(c.network.is_none());
+        let text = "[network]\nenabled = true\nuplink = \"eth0\"\ndns_upstream = [\"203.0.113.53\"]\n";
+        let c = RawConfig::parse(text).unwrap().validate(img.path()).unwrap();
+        let n = c.network.unwrap();
+        assert_eq!((n.namespace.as_str(), n.subnet.to_string().as_str()), ("ember", "198.18.0.0/16"));
+        assert_eq!(n.dns_upstream, ["203.0.113.53".parse::<std::net::Ipv4Addr>().unwrap()]);
+        let bad = "[network]\nenabled = true\nsubnet = \"10.0.0.0/30\"\ndns_upstream = [\"x\"]\nnamespace = \"A B\"\n[limits]\nmax_network_rules = 0";
+        let all = RawConfig::parse(bad).unwrap().validate(img.path()).unwrap_err().join("\n");
+        for needle in ["too small", "dns_upstream: \"x\"", "network.namespace", "max_network_rules"] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
     }
 
     #[test]

@@ -132,6 +132,8 @@ impl From<PoolError> for ApiError {
             PoolError::Create(_) | PoolError::Reset { .. } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "vm_unavailable", msg)
             }
+            // The host could not set the VM's network up: the call never ran.
+            PoolError::Network(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "network_unavailable", msg),
         }
     }
 }
@@ -159,6 +161,7 @@ mod tests {
             (PoolError::Draining, 503, Some(5)),
             (PoolError::SessionLost { key: "k".into(), reason: "r".into() }, 410, None),
             (PoolError::Create("x".into()), 503, None),
+            (PoolError::Network("x".into()), 503, None),
         ];
         for (e, status, retry) in cases {
             let a = ApiError::from(e);

@@ -12,7 +12,8 @@ mod running;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ember_pool::pool::Backend;
+use ember_pool::pool::{Backend, NetTimings};
+use ember_vm::net::Policy;
 use ember_vm::{AgentClient, ExecEvent};
 use tokio::time::Instant;
 
@@ -74,6 +75,9 @@ where
     if state.is_draining() {
         return Err(ApiError::draining());
     }
+    if let Some(p) = inv.network.as_ref().filter(|p| p.connected()) {
+        check_network_enabled(state, p)?;
+    }
     let permit = Arc::clone(&state.permits).try_acquire_owned().map_err(|_| {
         ApiError::busy(
             "too_many_requests",
@@ -117,6 +121,13 @@ where
     state.metrics.claim(&image, claim);
     let vm_id = held.id().to_string();
     tracing::Span::current().record("vm", vm_id.as_str()).record("image", image.as_str());
+    // The network, after the claim (a warm VM has none) and before the
+    // command: host rules and resolver joined with the guest's configure.
+    let mut held = held;
+    let net = match &inv.network {
+        Some(policy) => connect(&mut held, policy, session.is_some()).await?,
+        None => None,
+    };
     let timeout = inv.timeout;
     let req = inv.into_exec(&id, &state.limits, session.is_some());
     let mut running = Running {
@@ -128,6 +139,7 @@ where
         claim,
         started: Instant::now(),
         deadline: Instant::now() + timeout + EXIT_GRACE,
+        net,
         handle: None,
         held: Some(held),
         state: state.clone(),
@@ -179,9 +191,47 @@ where
                         claim: running.claim,
                         vm: running.started.elapsed(),
                         run: Duration::from_micros(status.duration_us),
+                        net: running.net.map(Into::into),
                     },
                 });
             }
         }
     }
+}
+
+/// A 400 for a network asked of a server whose networking is off.
+pub fn check_network_enabled<B: Backend>(state: &AppState<B>, policy: &Policy) -> Result<(), ApiError> {
+    if state.network_enabled || !policy.connected() {
+        return Ok(());
+    }
+    Err(ApiError::bad_request_code(
+        "network_disabled",
+        "this server's networking is off ([network] enabled = false): only \"network\": \"none\" is possible",
+    ))
+}
+
+/// Give the held VM the network `policy` says. A pool VM has none yet, so
+/// `none` costs nothing there; a session keeps its network between calls
+/// and gets `none` as asked.
+async fn connect<B: Backend>(
+    held: &mut Held<B>,
+    policy: &Policy,
+    in_session: bool,
+) -> Result<Option<NetTimings>, ApiError> {
+    if !policy.connected() && !in_session {
+        return Ok(None);
+    }
+    let connected = match held {
+        Held::Pool(lease) => lease.connect(policy).await,
+        Held::Session { lease, pool, .. } => pool.backend().connect(lease, policy).await,
+    };
+    let t = connected?;
+    tracing::info!(
+        rules_us = t.host.rules.as_micros() as u64,
+        resolver_us = t.host.resolver.as_micros() as u64,
+        configure_us = t.configure.as_micros() as u64,
+        total_us = t.total.as_micros() as u64,
+        "network connected"
+    );
+    Ok(Some(t))
 }

@@ -9,7 +9,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use ember_pool::pool::Backend;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/images"),
     ("GET", "/v1/sessions"),
     ("DELETE", "/v1/sessions/{key}"),
+    ("PUT", "/v1/sessions/{key}/network"),
     ("GET", "/v1/functions"),
     ("POST", "/v1/functions/{name}"),
 ];
@@ -49,6 +50,7 @@ where
         .route("/v1/images", get(info::images::<B>))
         .route("/v1/sessions", get(sessions::list::<B>))
         .route("/v1/sessions/{key}", delete(sessions::end::<B>))
+        .route("/v1/sessions/{key}/network", put(sessions::network::<B>))
         .route("/v1/functions", get(info::functions::<B>))
         .route("/v1/functions/{name}", post(run::function::<B>))
         .fallback(not_found)

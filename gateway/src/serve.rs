@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use clap::Args;
 use ember_pool::pool::{Backend, MemoryBudget, Pool, VmBackend};
 use ember_vm::image::{Catalog, ImageInfo, ImageState, DEFAULT_IMAGE};
+use ember_vm::net::Network;
 use ember_vm::VmHost;
 use tokio::net::TcpListener;
 
@@ -67,6 +68,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(cfg.gateway.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.gateway.listen))?;
+    // Ember's network namespace (reaping what a crashed run left) before any
+    // VM boots: every VM then gets its TAP there.
+    let network = match &cfg.network {
+        Some(nc) => {
+            let runner = Arc::new(ember_vm::storage::ProcessRunner { timeout: Duration::from_secs(30) });
+            Some(Network::open(nc.clone(), runner).await?)
+        }
+        None => None,
+    };
+    let served = serve_images(&cfg, images, functions, before, listener, network.clone()).await;
+    if let Some(n) = network {
+        n.close().await;
+    }
+    served?;
+    println!("ember: stopped; every VM is gone");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One pool per image over `listener` until SIGTERM/SIGINT, then drain.
+async fn serve_images(
+    cfg: &Config,
+    images: BTreeMap<String, ImageInfo>,
+    functions: Functions,
+    before: ember_pool::plan::Before,
+    listener: TcpListener,
+    network: Option<Arc<Network>>,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let budget = Arc::new(MemoryBudget::new(cfg.pool.max_memory_mb));
     let (mut pools, mut hosts) = (BTreeMap::new(), Vec::new());
@@ -76,6 +104,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         vm_cfg.warm = info.warm.clone();
         let memory_mb = vm_cfg.memory_mb;
         let host = VmHost::new(vm_cfg, before.need_migratable)?;
+        if let Some(n) = &network {
+            host.attach_network(Arc::clone(n));
+        }
         // ZFS: check the parent, reap dead owners' clones, make the base, now.
         let storage = host.open_storage().await?.name();
         let backend = VmBackend::new(Arc::clone(&host), cfg.pool.reset, cfg.pool.replenish)
@@ -88,14 +119,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         hosts.push(host);
     }
     let pools = Pools::new(pools, DEFAULT_IMAGE).map_err(anyhow::Error::msg)?;
-    let state = AppState::new(pools.clone(), cfg.limits.clone(), functions).with_image_info(images);
+    let state = AppState::new(pools.clone(), cfg.limits.clone(), functions)
+        .with_image_info(images)
+        .with_network(network.is_some());
     if let Some((channel, reset, storage)) = summary {
         println!(
             "ember: listening on http://{addr} (channel {channel}, reset {}, storage {storage}, {} functions, \
-             images {}); warming {} VMs",
+             images {}, network {}); warming {} VMs",
             reset.name(),
             state.functions.len(),
             pools.names().join(", "),
+            network.as_ref().map_or("off".to_string(), |n| format!("in namespace {}", n.namespace())),
             pools.default_pool().config().min_size
         );
     }
@@ -104,9 +138,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for host in hosts {
         host.close().await;
     }
-    served?;
-    println!("ember: stopped; every VM is gone");
-    Ok(ExitCode::SUCCESS)
+    served
 }
 
 /// Every image the configuration knows that can be served now: built ones,

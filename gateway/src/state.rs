@@ -23,6 +23,8 @@ pub struct AppState<B: Backend> {
     pub permits: Arc<Semaphore>,
     /// What each image is (from its build), for `GET /v1/images`.
     pub image_info: Arc<BTreeMap<String, ImageInfo>>,
+    /// Whether VMs have NICs (`[network] enabled`).
+    pub network_enabled: bool,
     draining: Arc<AtomicBool>,
 }
 
@@ -35,6 +37,7 @@ impl<B: Backend> Clone for AppState<B> {
             metrics: Arc::clone(&self.metrics),
             permits: Arc::clone(&self.permits),
             image_info: Arc::clone(&self.image_info),
+            network_enabled: self.network_enabled,
             draining: Arc::clone(&self.draining),
         }
     }
@@ -63,8 +66,15 @@ impl<B: Backend> AppState<B> {
             functions: Arc::new(functions),
             metrics,
             image_info: Arc::default(),
+            network_enabled: false,
             draining: Arc::default(),
         }
+    }
+
+    /// With networking on (VMs have NICs).
+    pub fn with_network(mut self, enabled: bool) -> Self {
+        self.network_enabled = enabled;
+        self
     }
 
     /// With what each image is (from its build).

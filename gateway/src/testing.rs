@@ -34,6 +34,9 @@ pub struct Log {
     pub resets: u64,
     pub scrubs: u64,
     pub alive: u64,
+    /// (VM, policy) of every connect, and VMs disconnected, in order.
+    pub connects: Vec<(String, ember_vm::net::Policy)>,
+    pub disconnects: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -100,6 +103,19 @@ impl Backend for FakeAgents {
     async fn scrub(&self, _vm: &mut FakeVm) -> Result<(), PoolError> {
         self.log().scrubs += 1;
         Ok(())
+    }
+
+    async fn connect(
+        &self,
+        vm: &FakeVm,
+        policy: &ember_vm::net::Policy,
+    ) -> Result<ember_pool::pool::NetTimings, PoolError> {
+        self.log().connects.push((vm.id.clone(), policy.clone()));
+        Ok(ember_pool::pool::NetTimings::default())
+    }
+
+    async fn disconnect(&self, vm: &FakeVm) {
+        self.log().disconnects.push(vm.id.clone());
     }
 
     async fn destroy(&self, vm: FakeVm) {

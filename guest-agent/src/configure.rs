@@ -56,6 +56,10 @@ pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> 
     if let Some(name) = &cfg.hostname {
         nix::unistd::sethostname(name).map_err(|e| internal(format!("sethostname: {e}")))?;
     }
+    if cfg.network_off {
+        clear_network(agent).await?;
+        let _ = std::fs::remove_file(&agent.layout.resolv_conf);
+    }
     if let Some(net) = &cfg.network {
         let bb = agent.layout.busybox.to_string_lossy().into_owned();
         let i = net.interface.as_str();
@@ -70,6 +74,53 @@ pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> 
         let text: String = cfg.dns.iter().map(|ns| format!("nameserver {ns}\n")).collect();
         std::fs::write(&agent.layout.resolv_conf, text)
             .map_err(|e| internal(format!("writing {}: {e}", agent.layout.resolv_conf.display())))?;
+    }
+    Ok(())
+}
+
+/// Interfaces but `lo`.
+fn nics() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect()
+}
+
+/// Take every address and route off the guest's NICs and bring them down:
+/// a VM goes back to its next caller with no network (a snapshot reset does
+/// this by itself; a scrub and a rollback call this). Callers make sure they
+/// run in a guest (PID 1): on a host this would take its network down.
+pub async fn clear_network(agent: &Agent) -> Result<(), ErrorReply> {
+    if std::process::id() != 1 {
+        return Ok(());
+    }
+    let bb = agent.layout.busybox.to_string_lossy().into_owned();
+    for nic in nics() {
+        run(agent, &[&bb, "ip", "addr", "flush", "dev", &nic]).await?;
+        run(agent, &[&bb, "ip", "route", "flush", "dev", &nic]).await?;
+        run(agent, &[&bb, "ip", "link", "set", &nic, "down"]).await?;
+    }
+    Ok(())
+}
+
+/// Whether no NIC has an IPv4 address or a route (what [`clear_network`]
+/// leaves), or what is left.
+pub fn network_is_clear() -> Result<(), String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing addresses: {e}"))?;
+    for a in addrs.filter(|a| a.interface_name != "lo") {
+        if let Some(sin) = a.address.as_ref().and_then(|x| x.as_sockaddr_in()) {
+            return Err(format!("{} still has {}", a.interface_name, sin.ip()));
+        }
+    }
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    if let Some(r) = routes.lines().skip(1).find(|l| !l.trim().is_empty() && !l.starts_with("lo")) {
+        return Err(format!(
+            "a route is left: {}",
+            r.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        ));
     }
     Ok(())
 }

@@ -38,6 +38,11 @@ pub async fn detach_scratch(agent: &Agent) -> Result<(), ErrorReply> {
     let _ = std::fs::remove_file("/run/resolv.conf");
     nix::unistd::sethostname(&agent.layout.hostname)
         .map_err(|e| internal("restoring hostname", io::Error::from(e)))?;
+    // The next caller gets no network unless its claim gives one.
+    if std::process::id() == 1 {
+        crate::configure::clear_network(agent).await?;
+        crate::configure::network_is_clear().map_err(|e| ErrorReply::new(ErrorCode::Internal, e))?;
+    }
     for m in SCRATCH_MOUNTS {
         // SIGKILLed processes may hold files for a moment: retry, bounded.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -1,6 +1,7 @@
 //! `scrub`: the in-guest reset between calls of one function. Kills every
 //! process that is not the agent's own, empties the writable places and
-//! restores their owner and mode, undoes mounts, hostname and DNS, then
+//! restores their owner and mode, undoes mounts, hostname, DNS and the
+//! network (no address, no route), then
 //! checks that nothing of the user is left. Any check that fails is an
 //! error, and the host falls back to a full reset: a scrub never hands on
 //! a VM it has doubts about. It cannot undo what a guest-kernel exploit
@@ -73,6 +74,12 @@ pub async fn scrub(agent: &Agent) -> Result<(), ErrorReply> {
     }
     let _ = fs::remove_file("/run/resolv.conf");
     nix::unistd::sethostname(&agent.layout.hostname).map_err(|e| failed(format!("hostname: {e}")))?;
+    // Only in a guest (the agent is PID 1): host tests share the host's NICs.
+    if std::process::id() == 1 {
+        crate::configure::clear_network(agent)
+            .await
+            .map_err(|e| failed(format!("network: {}", e.message)))?;
+    }
     verify(agent, base)
 }
 
@@ -180,6 +187,10 @@ fn verify(agent: &Agent, base: &Baseline) -> Result<(), ErrorReply> {
         != Some(agent.layout.hostname.as_str())
     {
         return Err(failed("hostname not restored"));
+    }
+    // The guest's own network state only: host tests share the host's.
+    if std::process::id() == 1 {
+        crate::configure::network_is_clear().map_err(failed)?;
     }
     Ok(())
 }

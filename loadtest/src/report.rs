@@ -131,6 +131,18 @@ fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
             measured: format!("{:.0} ms", s.ember.p50_ms),
             met: s.ember.p50_ms <= 120.0,
         }),
+        "network-open" => {
+            if let Some(n) = s.overhead.as_ref().and_then(|o| o.net.as_ref()) {
+                out.push(Check {
+                    target: "network-open: a network adds at most 20 ms to a call at p50".into(),
+                    measured: format!(
+                        "p50 {:.1} ms, p95 {:.1} ms (rules {:.1}, resolver {:.1}, guest configure {:.1}; joined)",
+                        n.p50_ms, n.p95_ms, n.rules_p50_ms, n.resolver_p50_ms, n.configure_p50_ms
+                    ),
+                    met: n.p50_ms <= 20.0,
+                });
+            }
+        }
         "image-first-call" => out.push(Check {
             target: "image-first-call: the first call to an image with no warm VM but a template within 1 s"
                 .into(),

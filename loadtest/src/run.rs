@@ -50,6 +50,18 @@ pub struct Overhead {
     /// A bare `GET /healthz` on the same server with the same spacing: what
     /// HTTP alone costs, the floor under `http_gateway_p50_ms`.
     pub http_floor_p50_ms: f64,
+    /// Giving the VM its network (calls that ask for one), from
+    /// `Server-Timing`: total p50/p95 and its steps' p50.
+    pub net: Option<NetOverhead>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NetOverhead {
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub rules_p50_ms: f64,
+    pub resolver_p50_ms: f64,
+    pub configure_p50_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -452,6 +464,7 @@ impl Runner<'_> {
             Profile::Full => 40,
         };
         let (mut v, mut http_gateway, mut vm_channel) = (Vec::new(), Vec::new(), Vec::new());
+        let mut net: Vec<[f64; 4]> = Vec::new();
         for _ in 0..n {
             // Let the last VM's reset finish: measure a call, not a queue.
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -467,6 +480,10 @@ impl Runner<'_> {
             let (vm, run) = vm.zip(run).context("overhead probe: no Server-Timing vm/run")?;
             http_gateway.push(total - vm);
             vm_channel.push(vm - run);
+            if let Some(n) = a.server_timing("net") {
+                let part = |k: &str| a.server_timing(k).unwrap_or(0.0);
+                net.push([n, part("net-rules"), part("net-dns"), part("net-guest")]);
+            }
         }
         let mut floor = Vec::new();
         for _ in 0..n {
@@ -486,6 +503,20 @@ impl Runner<'_> {
             http_gateway_p50_ms: percentile(&http_gateway, 50.0),
             vm_channel_p50_ms: percentile(&vm_channel, 50.0),
             http_floor_p50_ms: percentile(&floor, 50.0),
+            net: (!net.is_empty()).then(|| {
+                let col = |i: usize| {
+                    let mut c: Vec<f64> = net.iter().map(|r| r[i]).collect();
+                    c.sort_by(f64::total_cmp);
+                    c
+                };
+                NetOverhead {
+                    p50_ms: percentile(&col(0), 50.0),
+                    p95_ms: percentile(&col(0), 95.0),
+                    rules_p50_ms: percentile(&col(1), 50.0),
+                    resolver_p50_ms: percentile(&col(2), 50.0),
+                    configure_p50_ms: percentile(&col(3), 50.0),
+                }
+            }),
         })
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub use backend::Backend;
+pub use backend::{Backend, NetTimings};
 pub use budget::MemoryBudget;
 pub use lease::Lease;
 pub use session::SessionLease;
@@ -50,6 +50,8 @@ pub enum PoolError {
     Create(String),
     #[error("resetting VM {vm} failed: {reason}")]
     Reset { vm: String, reason: String },
+    #[error("network: {0}")]
+    Network(String),
 }
 
 /// Something the pool did that metrics may want to see.

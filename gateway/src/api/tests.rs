@@ -97,9 +97,22 @@ fn server_timing_reads_back_what_it_writes() {
         claim: Duration::from_micros(12),
         vm: Duration::from_micros(48_500),
         run: Duration::from_micros(47_250),
+        net: None,
     };
     let parsed = crate::api::Timing::parse_header(&t.header_value());
     let want: std::collections::BTreeMap<String, f64> =
         [("claim".to_string(), 0.012), ("run".to_string(), 47.25), ("vm".to_string(), 48.5)].into();
     assert_eq!(parsed, want);
+    let net = crate::api::NetTiming {
+        total: Duration::from_micros(9_000),
+        rules: Duration::from_micros(4_000),
+        resolver: Duration::from_micros(3_000),
+        configure: Duration::from_micros(8_000),
+    };
+    let with_net = crate::api::Timing { net: Some(net), ..t };
+    let parsed = crate::api::Timing::parse_header(&with_net.header_value());
+    assert_eq!(
+        (parsed["net"], parsed["net-rules"], parsed["net-dns"], parsed["net-guest"]),
+        (9.0, 4.0, 3.0, 8.0)
+    );
 }

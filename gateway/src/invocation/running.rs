@@ -40,6 +40,8 @@ pub struct Running<B: Backend> {
     pub claim: Duration,
     /// When the VM was claimed.
     pub started: Instant,
+    /// Giving the VM its network, when the call asked for one.
+    pub net: Option<ember_pool::pool::NetTimings>,
     pub(super) deadline: Instant,
     // Field order is drop order: cancel the command, then free the VM.
     pub(super) handle: Option<ember_vm::channel::ExecHandle>,

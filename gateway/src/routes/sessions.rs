@@ -1,4 +1,5 @@
-//! `GET /v1/sessions` and `DELETE /v1/sessions/{key}`.
+//! `GET /v1/sessions`, `DELETE /v1/sessions/{key}` and
+//! `PUT /v1/sessions/{key}/network`.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -37,5 +38,34 @@ pub async fn end<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<S
         StatusCode::NO_CONTENT.into_response()
     } else {
         ApiError::not_found(format!("no session {key:?}")).into_response()
+    }
+}
+
+/// Change a live session's network: the new rules hold from the next packet
+/// of every connection, open ones included (waits for a call in progress).
+pub async fn network<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let changed = async {
+        crate::api::check_session_key(&key)?;
+        let raw: ember_vm::net::RawPolicy = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "body: {e}: send \"none\", \"open\" or {{\"egress\": {{\"allow\": [...], \"deny\": [...]}}}}"
+            ))
+        })?;
+        let policy = crate::api::check_network(&raw, &state.limits)?;
+        crate::invocation::check_network_enabled(&state, &policy)?;
+        let Some((_, pool)) = state.pools.with_session(&key) else {
+            return Err(ApiError::not_found(format!("no session {key:?}")));
+        };
+        let lease = pool.session(&key).await?;
+        pool.backend().connect(&lease, &policy).await?;
+        Ok::<_, ApiError>(raw)
+    };
+    match changed.await {
+        Ok(raw) => Json(json!({"session": key, "network": raw})).into_response(),
+        Err(e) => e.into_response(),
     }
 }

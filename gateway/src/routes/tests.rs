@@ -729,3 +729,87 @@ async fn openapi_describes_exactly_the_routes() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_network_is_refused_while_networking_is_off_and_bad_policies_name_their_entry() {
+    let f = fixture();
+    let a = f.post_json("/v1/run", json!({"cmd": "echo x", "network": "open"})).await;
+    assert_eq!(a.error(), (400, "network_disabled".into()));
+    assert!(a.json()["error"]["message"].as_str().unwrap().contains("[network] enabled = false"));
+    // "none" asks for nothing: fine whatever the server.
+    let r = f.post_json("/v1/run", json!({"cmd": "echo x", "network": "none"})).await;
+    assert_eq!(r.status, 200);
+    for (policy, needle) in [
+        (json!({"egress": {"allow": ["203.0.113.0/33"]}}), "203.0.113.0/33"),
+        (json!({"egress": {"allow": ["203.0.113.10:0"]}}), "port 0"),
+        (json!({"egress": {"deny": [""]}}), "empty"),
+        (json!("sometimes"), "\"sometimes\""),
+    ] {
+        let a = f.post_json("/v1/run", json!({"cmd": "true", "network": policy})).await;
+        assert_eq!(a.error().0, 400);
+        let m = a.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(m.contains(needle), "{policy}: {m}");
+    }
+    let many: Vec<String> = (0..65).map(|i| format!("203.0.113.{i}")).collect();
+    let a = f.post_json("/v1/run", json!({"cmd": "true", "network": {"egress": {"allow": many}}})).await;
+    assert!(a.json()["error"]["message"].as_str().unwrap().contains("max_network_rules (64)"));
+}
+
+/// With networking on, a call's VM is connected after its claim, and
+/// disconnected before it is reset; a session keeps its network and can
+/// change it.
+#[tokio::test]
+async fn a_call_gets_its_network_after_the_claim_and_loses_it_before_the_reset() {
+    let agents = FakeAgents::default();
+    let pool = Pool::start(agents.clone(), pool_config(), 256);
+    let state = AppState::new(crate::pools::Pools::single(pool), Limits::default(), Functions::default())
+        .with_network(true);
+    let f = Fixture { app: router(state.clone()), agents, state };
+    let a = f
+        .post_json(
+            "/v1/run",
+            json!({"cmd": "echo x", "network": {"egress": {"allow": ["203.0.113.10:8080"]}}}),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert!(server_timing(&a.headers).contains_key("net"), "{:?}", a.headers);
+    let vm = a.json()["vm_id"].as_str().unwrap().to_string();
+    f.wait_until("the VM is back", |s| s.claimed == 0 && s.resetting == 0).await;
+    {
+        let log = f.agents.log();
+        assert_eq!(log.connects.len(), 1);
+        assert_eq!(log.connects[0].0, vm);
+        assert_eq!(log.disconnects, std::slice::from_ref(&vm), "disconnected before its reset");
+    }
+    // No network asked: nothing connected, nothing to take away.
+    f.post_json("/v1/run", json!({"cmd": "echo x"})).await;
+    assert_eq!(f.agents.log().connects.len(), 1);
+
+    // A session: open, then changed live, then `none`.
+    let call = |body: Value| {
+        Request::post("/v1/run")
+            .header("content-type", "application/json")
+            .header("x-ember-session", "net-s")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    assert_eq!(f.send(call(json!({"cmd": "echo a", "network": "open"}))).await.status, 200);
+    let put = |body: &str| {
+        Request::put("/v1/sessions/net-s/network")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let r = f.send(put(r#"{"egress": {"allow": ["allowed.test"]}}"#)).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(f.send(put(r#""none""#)).await.status, 200);
+    let policies: Vec<ember_vm::net::Policy> =
+        f.agents.log().connects.iter().skip(1).map(|c| c.1.clone()).collect();
+    assert_eq!(policies.len(), 3);
+    assert_eq!(policies[0], ember_vm::net::Policy::Open);
+    assert!(matches!(policies[1], ember_vm::net::Policy::Egress { .. }));
+    assert_eq!(policies[2], ember_vm::net::Policy::None);
+    assert_eq!(f.send(put(r#"{"egress": {"allow": ["x"]}}"#)).await.error(), (400, "invalid_request".into()));
+    let missing = Request::put("/v1/sessions/nobody/network").body(Body::from("\"open\"")).unwrap();
+    assert_eq!(f.send(missing).await.error().0, 404);
+}

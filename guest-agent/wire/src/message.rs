@@ -139,6 +139,10 @@ pub struct Configure {
     pub hostname: Option<String>,
     #[serde(default)]
     pub network: Option<NetworkConfig>,
+    /// Take every address and route off the guest's NICs (a session whose
+    /// policy became `none`); applied before `network`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network_off: bool,
     /// Nameservers written to the guest's resolv.conf.
     #[serde(default)]
     pub dns: Vec<String>,

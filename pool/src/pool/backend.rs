@@ -3,7 +3,18 @@
 
 use std::future::Future;
 
+use ember_vm::net::{ConnectTimings, Policy};
+
 use super::PoolError;
+
+/// Where the time of giving a VM its network went: the host's rules and
+/// resolver, and the guest's one `configure`, joined.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NetTimings {
+    pub host: ConnectTimings,
+    pub configure: std::time::Duration,
+    pub total: std::time::Duration,
+}
 
 pub trait Backend: Send + Sync + 'static {
     type Vm: Send + Sync + 'static;
@@ -29,6 +40,22 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Remove the VM and everything it owns.
     fn destroy(&self, vm: Self::Vm) -> impl Future<Output = ()> + Send;
+
+    /// Give the VM the network `policy` allows, replacing what it had: the
+    /// host's rules and resolver and the guest's address, in parallel.
+    fn connect(
+        &self,
+        _vm: &Self::Vm,
+        _policy: &Policy,
+    ) -> impl Future<Output = Result<NetTimings, PoolError>> + Send {
+        async { Err(PoolError::Network("this pool's VMs have no network".into())) }
+    }
+
+    /// Take the VM's network away (its rules and resolver): done before a
+    /// used VM is reset, so it never reaches its next caller connected.
+    fn disconnect(&self, _vm: &Self::Vm) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 
     /// A cheap liveness check (is the VM process still there?).
     fn healthy(&self, vm: &mut Self::Vm) -> bool;

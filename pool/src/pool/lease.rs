@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Backend, CpuSummary, Inner, Phase, ReadyVm, ResetKind};
+use super::{Backend, CpuSummary, Inner, Phase, PoolError, ReadyVm, ResetKind};
 use crate::config::RunReset;
 
 pub struct Lease<B: Backend> {
@@ -23,6 +23,8 @@ pub struct Lease<B: Backend> {
     function: Option<Arc<str>>,
     /// The VM's CPU seconds when claimed (what the call cost is the rest).
     cpu_at_claim: Option<f64>,
+    /// Whether the VM was given a network (taken away before its reset).
+    connected: bool,
 }
 
 impl<B: Backend> std::fmt::Debug for Lease<B> {
@@ -52,6 +54,17 @@ impl<B: Backend> Lease<B> {
             claim_wait: now - started,
             function,
             cpu_at_claim,
+            connected: false,
+        }
+    }
+
+    /// Give the VM the network `policy` allows for this lease; it is taken
+    /// away when the lease ends, before the VM's reset.
+    pub async fn connect(&mut self, policy: &ember_vm::net::Policy) -> Result<super::NetTimings, PoolError> {
+        self.connected = true;
+        match &self.vm {
+            Some(vm) => self.inner.backend.connect(vm, policy).await,
+            None => Err(PoolError::Network("the lease holds no VM".into())),
         }
     }
 
@@ -64,6 +77,7 @@ impl<B: Backend> Lease<B> {
             discard,
             function: self.function.take(),
             cpu_at_claim: self.cpu_at_claim,
+            connected: self.connected,
         })
     }
 
@@ -148,6 +162,8 @@ pub(super) struct Returned<V> {
     /// The function it served, if any.
     pub(super) function: Option<Arc<str>>,
     pub(super) cpu_at_claim: Option<f64>,
+    /// It had a network: take it away first.
+    pub(super) connected: bool,
 }
 
 /// Which reset a returned VM gets and which warm set it then joins: a VM
@@ -168,8 +184,13 @@ pub(super) fn reset_plan(
 
 /// Reset a used VM and put it back, or destroy it.
 pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>) {
-    let Returned { mut vm, uses, claimed_at, discard, function, cpu_at_claim } = r;
+    let Returned { mut vm, uses, claimed_at, discard, function, cpu_at_claim, connected } = r;
     let cpu_now = B::cpu_seconds(&vm);
+    if connected {
+        // Before anything else: the VM must reach nothing while it is reset
+        // (a scrub or rollback then clears the guest's side too).
+        inner.backend.disconnect(&vm).await;
+    }
     let draining = {
         let mut st = inner.lock();
         if let (Some(a), Some(b)) = (cpu_at_claim, cpu_now) {

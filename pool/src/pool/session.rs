@@ -198,7 +198,15 @@ impl<B: Backend> Pool<B> {
 
 /// A VM a session claimed but did not keep, on its way back.
 fn returned<V>(vm: V, claimed_at: Instant) -> lease::Returned<V> {
-    lease::Returned { vm, uses: 1, claimed_at, discard: false, function: None, cpu_at_claim: None }
+    lease::Returned {
+        vm,
+        uses: 1,
+        claimed_at,
+        discard: false,
+        function: None,
+        cpu_at_claim: None,
+        connected: false,
+    }
 }
 
 /// End sessions idle for longer than their TTL.

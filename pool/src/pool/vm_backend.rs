@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Backend, PoolError};
+use super::{Backend, NetTimings, PoolError};
 use crate::config::{ReplenishMode, ResetMode};
+use ember_vm::net::Policy;
 use ember_vm::vm::{Step, Template, Vm, VmHost};
 
 /// A scrub that takes longer than this is given up (a full reset follows).
@@ -234,6 +235,44 @@ impl Backend for VmBackend {
 
     fn recycles(&self) -> bool {
         matches!(self.mode, ResetMode::Snapshot | ResetMode::Rollback)
+    }
+
+    async fn connect(&self, vm: &Vm, policy: &Policy) -> Result<NetTimings, PoolError> {
+        let started = tokio::time::Instant::now();
+        let Some(tap) = vm.tap() else {
+            return Err(PoolError::Network(format!("VM {} has no NIC: networking is off", vm.id())));
+        };
+        let t = tap.tap();
+        // The guest's side is known before the host's is made: both at once.
+        let guest = ember_wire::Configure {
+            hostname: Some(vm.id().to_string()),
+            network: policy.connected().then(|| ember_wire::NetworkConfig {
+                interface: "eth0".into(),
+                address: format!("{}/30", t.net.addr),
+                gateway: Some(t.net.gateway.to_string()),
+            }),
+            network_off: !policy.connected(),
+            dns: if policy.connected() { vec![t.net.gateway.to_string()] } else { Vec::new() },
+            ..Default::default()
+        };
+        let configure = async {
+            let t = tokio::time::Instant::now();
+            let r = vm.agent().configure(guest).await;
+            (r, t.elapsed())
+        };
+        let (host, (configured, configure_took)) = tokio::join!(tap.network().connect(t, policy), configure);
+        let (_, host) = host.map_err(|e| PoolError::Network(format!("VM {}: {e}", vm.id())))?;
+        configured
+            .map_err(|e| PoolError::Network(format!("VM {}: configuring its network: {e}", vm.id())))?;
+        let timings = NetTimings { host, configure: configure_took, total: started.elapsed() };
+        tracing::debug!(vm = vm.id(), ?timings, "network connected");
+        Ok(timings)
+    }
+
+    async fn disconnect(&self, vm: &Vm) {
+        if let Some(tap) = vm.tap() {
+            tap.network().disconnect(tap.tap()).await;
+        }
     }
 
     async fn reset(&self, vm: &mut Vm) -> Result<(), PoolError> {

@@ -31,6 +31,9 @@ pub struct ServeOptions {
     pub echo: Option<String>,
     /// How long the pool may take to get warm.
     pub ready_within: Duration,
+    /// Run it inside this network namespace (`ip netns exec`); its address
+    /// is then reachable from that namespace only.
+    pub netns: Option<String>,
 }
 
 impl ServeOptions {
@@ -44,6 +47,7 @@ impl ServeOptions {
             log_file: log_file.to_path_buf(),
             echo: None,
             ready_within: Duration::from_secs(300),
+            netns: None,
         }
     }
 }
@@ -62,7 +66,15 @@ impl EmberServe {
     pub fn start(opts: &ServeOptions) -> anyhow::Result<Self> {
         let log = std::fs::File::create(&opts.log_file)
             .with_context(|| format!("creating {}", opts.log_file.display()))?;
-        let mut child = Command::new(&opts.ember)
+        let mut command = match &opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&opts.ember);
+                c
+            }
+            None => Command::new(&opts.ember),
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&opts.config)
             .env("EMBER_IMAGES", &opts.images)

@@ -12,6 +12,7 @@ use anyhow::{ensure, Context as _};
 use ember_testkit::{ensure_eq, processes_mentioning, CaseFuture, Report};
 
 mod images;
+mod network;
 use ember_vm::channel::ExecOutput;
 use ember_vm::vm::{wait_until, ImageSet, InitMode, VmConfig};
 use ember_vm::{AgentError, ChannelChoice, ExecEvent, Vm, VmHost};
@@ -179,6 +180,14 @@ async fn user_is_unprivileged_and_root_is_read_only(vm: &Vm) -> anyhow::Result<(
     Ok(())
 }
 
+/// A server a command starts is reachable on localhost inside the VM.
+async fn localhost_reaches_a_server_in_the_vm(vm: &Vm) -> anyhow::Result<()> {
+    let cmd = "mkdir -p /tmp/www && echo local > /tmp/www/index.html; busybox httpd -f -p 127.0.0.1:8123 -h /tmp/www & \
+               p=$!; sleep 0.5; curl -s -m 5 http://127.0.0.1:8123/; kill $p";
+    ensure_eq!(stdout(vm, cmd).await?, "local\n");
+    Ok(())
+}
+
 /// The guest user may not make user namespaces unless the host allows it
 /// (`[vm] user_namespaces`): `unshare --user` fails, the sysctl says 0.
 async fn user_namespaces_are_off(vm: &Vm) -> anyhow::Result<()> {
@@ -270,6 +279,7 @@ async fn configure_in_one_round_trip(vm: &Vm) -> anyhow::Result<()> {
             address: "192.0.2.10/24".into(),
             gateway: Some("192.0.2.1".into()),
         }),
+        network_off: false,
         dns: vec!["192.0.2.53".into()],
         clock_unix_ms: Some(1_893_456_000_000), // 2030-01-01T00:00:00Z
         entropy: vec![7; 32],
@@ -283,6 +293,15 @@ async fn configure_in_one_round_trip(vm: &Vm) -> anyhow::Result<()> {
     ensure!(
         matches!(vm.agent().configure(bad).await, Err(AgentError::Remote(e)) if e.code == ErrorCode::BadRequest)
     );
+    // `network_off` (a session whose policy became "none"): no address, no
+    // route, no resolver left.
+    vm.agent().configure(Configure { network_off: true, ..Default::default() }).await?;
+    let s = stdout(
+        vm,
+        "ip -4 -o addr show dev eth0 | wc -l; ip route | wc -l; cat /etc/resolv.conf 2>/dev/null | wc -l",
+    )
+    .await?;
+    ensure_eq!(s, "0\n0\n0\n");
     Ok(())
 }
 
@@ -873,6 +892,7 @@ const VM_CASES: &[(&str, VmCase)] = vm_cases![
     write_files_and_read_back,
     user_is_unprivileged_and_root_is_read_only,
     user_namespaces_are_off,
+    localhost_reaches_a_server_in_the_vm,
     pids_limit_contains_a_fork_bomb,
     requests_run_concurrently,
     cancel_kills_the_command,
@@ -974,6 +994,16 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             .await;
 
         report.run("template_restore [serial]", Box::pin(template_restore(&serial))).await;
+        report
+            .run(
+                "network_a_guest_that_changes_its_address_gets_nothing_through",
+                Box::pin(network::a_spoofing_guest_gets_nothing_through(config(
+                    ChannelChoice::Serial,
+                    InitMode::Fast,
+                    false,
+                ))),
+            )
+            .await;
 
         // A second image: its tools, the adversarial reset test on its
         // pool, and two images' pools side by side under one budget (one

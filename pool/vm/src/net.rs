@@ -2,7 +2,9 @@
 //! VM's network needs lives in a network namespace Ember owns (see the
 //! README's *Networking*).
 
+pub mod host;
 pub mod nft;
 pub mod policy;
 
+pub use host::{ConnectTimings, GuestNet, NetConfig, NetError, Network, OwnedTap, Tap};
 pub use policy::{Policy, RawPolicy, Rule};

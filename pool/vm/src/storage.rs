@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 #[cfg(any(test, feature = "test-util"))]
 pub use runner::FakeRunner;
-pub use runner::{ProcessRunner, Runner};
+pub use runner::{command_line, ProcessRunner, Runner};
 pub use zfs::ZfsStorage;
 
 #[derive(Debug, thiserror::Error)]

@@ -110,6 +110,8 @@ pub struct Vm {
     _cid: Option<CidLease>,
     /// The raw writable disk from the storage backend, if any.
     disk: Option<Disk>,
+    /// Its NIC's TAP (with networking on), removed after QEMU.
+    tap: Option<crate::net::OwnedTap>,
     dir: DirGuard,
     host: Arc<VmHost>,
 }
@@ -142,6 +144,10 @@ impl Vm {
     }
     pub fn agent(&self) -> &AgentClient {
         &self.agent
+    }
+    /// Its NIC's TAP in Ember's namespace, with networking on.
+    pub fn tap(&self) -> Option<&crate::net::OwnedTap> {
+        self.tap.as_ref()
     }
     pub fn qemu_pid(&self) -> u32 {
         self.qemu.pid()
@@ -355,7 +361,7 @@ impl Vm {
 
     /// Stop the VM: QMP `quit`, then kill whatever is left; remove files.
     pub async fn shutdown(self) {
-        let Vm { qmp, qemu, helper, dir, _cid, agent, disk, .. } = self;
+        let Vm { qmp, qemu, helper, dir, _cid, agent, disk, tap, .. } = self;
         drop(agent);
         let quit = async { qmp.lock().await.quit().await };
         let _ = tokio::time::timeout(Duration::from_secs(2), quit).await;
@@ -366,6 +372,9 @@ impl Vm {
         // QEMU is gone: nothing holds the disk any more.
         if let Some(d) = disk {
             d.release().await;
+        }
+        if let Some(t) = tap {
+            t.remove().await;
         }
         drop(dir);
     }

@@ -54,6 +54,8 @@ pub struct QemuArgs {
     /// Attach a NIC on an empty hub: lets `configure` be tested without any
     /// path for traffic to leave the VM.
     pub isolated_nic: bool,
+    /// Attach a NIC on this TAP (in the namespace QEMU runs in).
+    pub tap: Option<String>,
     /// Drop QEMU to this user once it has opened its files (`-runas`).
     pub run_as: Option<String>,
     /// Start paused, waiting for `migrate-incoming` (restore from a template).
@@ -62,6 +64,19 @@ pub struct QemuArgs {
 
 fn push(v: &mut Vec<OsString>, items: &[&str]) {
     v.extend(items.iter().map(OsString::from));
+}
+
+/// The program and arguments that run `program argv` inside network
+/// namespace `ns` (`ip netns exec`), or as they are without one.
+pub fn in_namespace(ns: Option<&str>, program: &Path, argv: Vec<OsString>) -> (PathBuf, Vec<OsString>) {
+    match ns {
+        None => (program.to_path_buf(), argv),
+        Some(ns) => {
+            let mut v: Vec<OsString> = vec!["netns".into(), "exec".into(), ns.into(), program.into()];
+            v.extend(argv);
+            (PathBuf::from("ip"), v)
+        }
+    }
 }
 
 /// The guest kernel command line.
@@ -203,7 +218,17 @@ pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
             push(&mut v, &["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
         }
     }
-    if a.isolated_nic {
+    if let Some(tap) = &a.tap {
+        push(
+            &mut v,
+            &[
+                "-netdev",
+                &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+                "-device",
+                "virtio-net-device,netdev=n0",
+            ],
+        );
+    } else if a.isolated_nic {
         push(&mut v, &["-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-device,netdev=n0"]);
     }
     push(&mut v, &["-qmp", &format!("unix:{},server=on,wait=off", a.qmp_socket.display())]);
@@ -251,6 +276,7 @@ mod tests {
             channel,
             memory,
             isolated_nic: false,
+            tap: None,
             run_as: None,
             incoming: false,
         }
@@ -299,6 +325,23 @@ mod tests {
             "-chardev socket,id=vhost,path=/run/vm1/vhost.sock -device vhost-user-vsock-device,chardev=vhost"
         ));
         assert!(!v.contains("netdev") && !v.contains("virtio-net"), "no NIC unless asked for");
+    }
+
+    #[test]
+    fn a_tap_nic_and_the_namespace_prefix() {
+        let mut a =
+            args(ChannelDevice::Serial { socket: "/run/vm1/agent.sock".into() }, MemoryBacking::Private);
+        a.tap = Some("tap7".into());
+        let v = joined(&qemu_argv(&a));
+        assert!(v.contains(
+            "-netdev tap,id=n0,ifname=tap7,script=no,downscript=no -device virtio-net-device,netdev=n0"
+        ));
+        let (program, argv) =
+            in_namespace(Some("ember"), Path::new("/usr/bin/qemu-system-x86_64"), qemu_argv(&a));
+        assert_eq!(program, Path::new("ip"));
+        assert_eq!(joined(&argv[..4]), "netns exec ember /usr/bin/qemu-system-x86_64");
+        let (program, argv) = in_namespace(None, Path::new("/q"), vec!["-x".into()]);
+        assert_eq!((program, argv.len()), (PathBuf::from("/q"), 1));
     }
 
     #[test]

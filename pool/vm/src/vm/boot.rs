@@ -117,8 +117,18 @@ impl Vm {
                 .map_err(|e| VmError::Tool(e.to_string()))?;
             Ok::<_, VmError>((None, path, disk_started.elapsed()))
         };
-        let (disk, channel) =
-            tokio::join!(make_disk, Self::prepare_channel(&host, &dir, &mut parts, deadline));
+        // With networking, a TAP of its own in Ember's namespace.
+        let make_tap = async {
+            match host.network() {
+                Some(net) => {
+                    net.add_owned_tap().await.map(Some).map_err(|e| VmError::Tool(format!("VM {id}: {e}")))
+                }
+                None => Ok(None),
+            }
+        };
+        let (disk, channel, tap) =
+            tokio::join!(make_disk, Self::prepare_channel(&host, &dir, &mut parts, deadline), make_tap);
+        let tap = tap?;
         let (disk, scratch, disk_took) = disk?;
         parts.disk = disk;
         let (device, addr, memory) = channel?;
@@ -155,10 +165,14 @@ impl Vm {
             channel: device,
             memory,
             isolated_nic: cfg.isolated_nic,
+            tap: tap.as_ref().map(|t| t.tap().name().to_string()),
             run_as: cfg.qemu_user.clone(),
             incoming: matches!(plan, BootPlan::Restore(_)),
         };
-        let mut qemu = OwnedProcess::spawn("qemu", &cfg.qemu, &qemu_argv(&args), &dir.join("qemu.log"))
+        // With a TAP, QEMU runs in Ember's namespace, where the TAP is.
+        let ns = tap.as_ref().map(|t| t.network().namespace().to_string());
+        let (program, argv) = argv::in_namespace(ns.as_deref(), &cfg.qemu, qemu_argv(&args));
+        let mut qemu = OwnedProcess::spawn("qemu", &program, &argv, &dir.join("qemu.log"))
             .map_err(io_err(format!("starting {}", cfg.qemu.display())))?;
         state::record_pid(&dir, qemu.pid()).map_err(io_err("recording a pid"))?;
         let prepare_ms = started.elapsed().as_millis() as u64;
@@ -216,6 +230,7 @@ impl Vm {
         let Parts { id, dir, helper, cid, disk } = parts;
         Ok(Vm {
             id,
+            tap,
             channel: host.channel(),
             accel,
             timings,

@@ -25,6 +25,9 @@ pub struct VmHost {
     /// Opened on first use (or by `open_storage` at start-up).
     storage: OnceCell<Storage>,
     runner: Arc<dyn Runner>,
+    /// Ember's network namespace, when networking is on: every VM then
+    /// boots with a NIC on a TAP of its own there.
+    network: std::sync::OnceLock<Arc<crate::net::Network>>,
 }
 
 impl VmHost {
@@ -74,7 +77,17 @@ impl VmHost {
                 "reaped what a crashed run left behind"
             );
         }
-        Ok(Arc::new(Self { config, state, cids, channel, accel, qemu_ids, storage, runner }))
+        Ok(Arc::new(Self {
+            config,
+            state,
+            cids,
+            channel,
+            accel,
+            qemu_ids,
+            storage,
+            runner,
+            network: std::sync::OnceLock::new(),
+        }))
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -87,6 +100,15 @@ impl VmHost {
     pub fn qemu_ids(&self) -> Option<(u32, u32)> {
         self.qemu_ids
     }
+    /// Give this host's VMs a NIC in `net` (from the next boot on).
+    pub fn attach_network(&self, net: Arc<crate::net::Network>) {
+        let _ = self.network.set(net);
+    }
+
+    pub fn network(&self) -> Option<&Arc<crate::net::Network>> {
+        self.network.get()
+    }
+
     pub(crate) fn state(&self) -> &StateDir {
         &self.state
     }
