@@ -58,7 +58,10 @@ pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> 
     }
     if cfg.network_off {
         clear_network(agent).await?;
-        let _ = std::fs::remove_file(&agent.layout.resolv_conf);
+        // /etc/resolv.conf is a link into /run (the root is read-only):
+        // empty what it points to.
+        std::fs::write(&agent.layout.resolv_conf, "")
+            .map_err(|e| internal(format!("emptying {}: {e}", agent.layout.resolv_conf.display())))?;
     }
     if let Some(net) = &cfg.network {
         let bb = agent.layout.busybox.to_string_lossy().into_owned();

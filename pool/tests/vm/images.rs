@@ -88,8 +88,10 @@ pub async fn two_images_keep_their_pools_apart(
     budget: &MemoryBudget,
 ) -> anyhow::Result<()> {
     let mut seen: [Vec<String>; 2] = Default::default();
+    let started = Instant::now();
     for round in 0..3 {
         let (la, lb) = tokio::join!(default.claim(), data.claim());
+        println!("    round {round}: both claimed at {:?}", started.elapsed());
         let (la, lb) = (la?, lb?);
         let (ia, ib) = tokio::join!(stdout(&la, "cat /etc/ember/image"), stdout(&lb, "cat /etc/ember/image"));
         ensure_eq!(
@@ -106,7 +108,9 @@ pub async fn two_images_keep_their_pools_apart(
         tokio::join!(la.release(), lb.release());
     }
     ensure!(seen[0].iter().all(|id| !seen[1].contains(id)), "a VM served both images: {seen:?}");
+    println!("    rounds done at {:?}", started.elapsed());
     tokio::join!(default.shutdown(), data.shutdown());
+    println!("    shut down at {:?}", started.elapsed());
     // A creation still running at shutdown is destroyed when it ends, and
     // gives its memory back then.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

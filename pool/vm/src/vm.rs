@@ -11,7 +11,7 @@ mod config;
 mod host;
 mod process;
 mod qmp;
-mod state;
+pub(crate) mod state;
 mod steps;
 mod template;
 

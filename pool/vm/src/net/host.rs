@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -202,6 +202,8 @@ struct Live {
 #[derive(Debug)]
 pub struct Network {
     cfg: NetConfig,
+    /// Says this process owns the namespace; `close` removes only what it owns.
+    owner_file: PathBuf,
     runner: Arc<dyn Runner>,
     blocks: Mutex<Blocks>,
     live: Mutex<HashMap<String, Live>>,
@@ -216,14 +218,48 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// Where the owner of each namespace Ember makes is recorded (`pid-start`),
+/// whatever state directory that Ember uses.
+const OWNERS: &str = "/run/ember-net";
+
+/// This process, as `owner_alive` reads it.
+fn me() -> String {
+    let pid = std::process::id();
+    format!("{pid}-{}", crate::procfs::start_time(pid).unwrap_or(0))
+}
+
 impl Network {
     /// Reap what a crashed run left under this namespace's name, then make
-    /// the namespace, its base rules and the link to the uplink.
+    /// the namespace, its base rules and the link to the uplink. A namespace
+    /// a live Ember owns is never taken: that is an error.
     pub async fn open(cfg: NetConfig, runner: Arc<dyn Runner>) -> Result<Arc<Self>, NetError> {
+        Self::open_owned(cfg, runner, Path::new(OWNERS)).await
+    }
+
+    async fn open_owned(
+        cfg: NetConfig,
+        runner: Arc<dyn Runner>,
+        owners: &Path,
+    ) -> Result<Arc<Self>, NetError> {
         cfg.validate().map_err(|p| NetError::Setup(p.join("; ")))?;
+        std::fs::create_dir_all(owners)
+            .map_err(|e| NetError::Setup(format!("creating {}: {e}", owners.display())))?;
+        let owner_file = owners.join(format!("{}.owner", cfg.namespace));
+        let owner = std::fs::read_to_string(&owner_file).unwrap_or_default();
+        let owner = owner.trim();
+        if !owner.is_empty() && owner != me() && crate::vm::state::owner_alive(owner) {
+            return Err(NetError::Setup(format!(
+                "namespace {:?} belongs to a running ember (pid {}); give this one another [network] namespace",
+                cfg.namespace,
+                owner.split('-').next().unwrap_or("?")
+            )));
+        }
+        std::fs::write(&owner_file, me())
+            .map_err(|e| NetError::Setup(format!("writing {}: {e}", owner_file.display())))?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| NetError::Setup(format!("creating {}: {e}", cfg.state_dir.display())))?;
         let mut me = Self {
+            owner_file,
             blocks: Mutex::new(Blocks::new(cfg.subnet)),
             cfg,
             runner,
@@ -324,7 +360,13 @@ impl Network {
         let live: Vec<Live> =
             self.live.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, l)| l).collect();
         drop(live);
+        let owner = std::fs::read_to_string(&self.owner_file).unwrap_or_default();
+        if owner.trim() != me() {
+            tracing::error!(namespace = %self.cfg.namespace, "another ember owns the namespace now; leaving it");
+            return;
+        }
         self.reap().await;
+        let _ = std::fs::remove_file(&self.owner_file);
         if let Some(was) = self.forward_was.as_deref().map(str::trim).filter(|w| *w == "0") {
             let _ = self.run("sysctl", &args(&["-qw", &format!("net.ipv4.ip_forward={was}")])).await;
         }
@@ -630,9 +672,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_namespace_a_live_ember_owns_is_never_taken() {
+        let owners = tempfile::tempdir().unwrap();
+        // pid 1 is alive: an owner with its start time is a live Ember.
+        let init = format!("1-{}", crate::procfs::start_time(1).unwrap());
+        std::fs::write(owners.path().join("embt.owner"), &init).unwrap();
+        let runner = Arc::new(FakeRunner::default());
+        let e = Network::open_owned(cfg(), runner.clone(), owners.path()).await.unwrap_err().to_string();
+        assert!(e.contains("belongs to a running ember (pid 1)"), "{e}");
+        assert!(runner.calls().is_empty(), "nothing was touched: {:?}", runner.calls());
+        // A dead owner's namespace is reaped and taken.
+        std::fs::write(owners.path().join("embt.owner"), "999999-1").unwrap();
+        let net = Network::open_owned(cfg(), runner.clone(), owners.path()).await.unwrap();
+        assert_eq!(std::fs::read_to_string(owners.path().join("embt.owner")).unwrap(), me());
+        net.close().await;
+        assert!(!owners.path().join("embt.owner").exists());
+    }
+
+    #[tokio::test]
     async fn open_builds_the_namespace_the_link_and_the_tables() {
         let runner = Arc::new(FakeRunner::default());
-        let net = Network::open(cfg(), runner.clone()).await.unwrap();
+        let owners = tempfile::tempdir().unwrap();
+        let net = Network::open_owned(cfg(), runner.clone(), owners.path()).await.unwrap();
         let calls = runner.calls();
         let has =
             |needle: &str| assert!(calls.iter().any(|c| c.contains(needle)), "no {needle:?} in {calls:#?}");
