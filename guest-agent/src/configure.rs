@@ -1,7 +1,5 @@
 //! `configure`: hostname, network and DNS in one round trip.
 
-use std::process::{Command, Stdio};
-
 use ember_wire::{Configure, ErrorCode, ErrorReply};
 
 use crate::Agent;
@@ -64,14 +62,13 @@ pub async fn configure(agent: &Agent, cfg: Configure) -> Result<(), ErrorReply> 
             .map_err(|e| internal(format!("emptying {}: {e}", agent.layout.resolv_conf.display())))?;
     }
     if let Some(net) = &cfg.network {
-        let bb = agent.layout.busybox.to_string_lossy().into_owned();
-        let i = net.interface.as_str();
-        run(agent, &[&bb, "ip", "link", "set", i, "up"]).await?;
-        run(agent, &[&bb, "ip", "addr", "flush", "dev", i]).await?;
-        run(agent, &[&bb, "ip", "addr", "add", &net.address, "dev", i]).await?;
-        if let Some(gw) = &net.gateway {
-            run(agent, &[&bb, "ip", "route", "replace", "default", "via", gw, "dev", i]).await?;
-        }
+        // Checked above: an address with a prefix, a gateway that parses.
+        let (addr, prefix) = net.address.split_once('/').unwrap_or((&net.address, "32"));
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad(format!("invalid address {addr:?}")))?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad(format!("invalid prefix {prefix:?}")))?;
+        let gw =
+            net.gateway.as_deref().map(str::parse).transpose().map_err(|_| bad("invalid gateway".into()))?;
+        crate::nic::configure(&net.interface, addr, prefix, gw).await.map_err(internal)?;
     }
     if !cfg.dns.is_empty() {
         let text: String = cfg.dns.iter().map(|ns| format!("nameserver {ns}\n")).collect();
@@ -100,13 +97,8 @@ pub async fn clear_network(agent: &Agent) -> Result<(), ErrorReply> {
     if std::process::id() != 1 {
         return Ok(());
     }
-    let bb = agent.layout.busybox.to_string_lossy().into_owned();
-    for nic in nics() {
-        run(agent, &[&bb, "ip", "addr", "flush", "dev", &nic]).await?;
-        run(agent, &[&bb, "ip", "route", "flush", "dev", &nic]).await?;
-        run(agent, &[&bb, "ip", "link", "set", &nic, "down"]).await?;
-    }
-    Ok(())
+    let _ = agent;
+    crate::nic::clear(&nics()).await.map_err(internal)
 }
 
 /// Whether no NIC has an IPv4 address or a route (what [`clear_network`]
@@ -154,25 +146,6 @@ fn validate_interface(name: &str) -> Result<(), String> {
     } else {
         Err(format!("invalid interface name {name:?}"))
     }
-}
-
-/// Run a root helper to completion through the reaper.
-async fn run(agent: &Agent, argv: &[&str]) -> Result<(), ErrorReply> {
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let (mut child, rx) =
-        agent.reaper.spawn(&mut cmd).map_err(|e| internal(format!("{}: {e}", argv.join(" "))))?;
-    let stderr = child.stderr.take();
-    let status = rx.await.map_err(|_| internal("reaper went away".into()))?;
-    if matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)) {
-        return Ok(());
-    }
-    let mut msg = String::new();
-    if let Some(mut e) = stderr {
-        use std::io::Read as _;
-        let _ = e.read_to_string(&mut msg);
-    }
-    Err(internal(format!("`{}` failed ({status:?}): {}", argv[1..].join(" "), msg.trim())))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod configure;
 mod exec;
 mod files;
 mod forkserver;
+mod nic;
 mod reaper;
 mod reset;
 mod scrub;
@@ -43,8 +44,6 @@ pub struct GuestLayout {
     pub hostname: String,
     /// resolv.conf written by `configure`.
     pub resolv_conf: PathBuf,
-    /// Ember's own static busybox in every image (for `ip` in `configure`).
-    pub busybox: PathBuf,
     /// The image's environment (`/etc/ember/env`): every command starts
     /// with it, under the request's own.
     pub image_env: BTreeMap<String, String>,
@@ -63,7 +62,6 @@ impl GuestLayout {
             user: Some((Self::USER_UID, Self::USER_UID)),
             hostname: "ember".into(),
             resolv_conf: "/etc/resolv.conf".into(),
-            busybox: "/usr/lib/ember/busybox".into(),
             image_env: BTreeMap::new(),
             preload: Vec::new(),
         }

@@ -512,10 +512,12 @@ impl<B: Backend> Inner<B> {
     /// under the lock, so the counts never see it twice or nowhere.
     async fn create_vm<T>(
         self: &Arc<Self>,
+        for_claim: bool,
         place: impl FnOnce(&mut State<B::Vm>, B::Vm) -> T,
     ) -> Result<T, PoolError> {
         let started = Instant::now();
-        let result = self.backend.create().await;
+        let result =
+            if for_claim { self.backend.create_for_claim().await } else { self.backend.create().await };
         let took = started.elapsed();
         self.emit(PoolEvent::Created { took, ok: result.is_ok() });
         if let Ok(vm) = &result {
@@ -943,7 +945,7 @@ impl<B: Backend> Pool<B> {
         let started = Instant::now();
         let vm = self
             .inner
-            .create_vm(|st, vm| {
+            .create_vm(true, |st, vm| {
                 st.shift(Phase::Booting, Phase::Claimed);
                 vm
             })

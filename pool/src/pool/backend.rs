@@ -22,6 +22,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Make a new VM, ready to run commands.
     fn create(&self) -> impl Future<Output = Result<Self::Vm, PoolError>> + Send;
 
+    /// Make a VM for a claim that is waiting for it: as fast as the backend
+    /// can, even if the VM then serves only this one call ([`Self::keeps`]).
+    fn create_for_claim(&self) -> impl Future<Output = Result<Self::Vm, PoolError>> + Send {
+        self.create()
+    }
+
+    /// Whether a VM that served a call can be made clean for the next one
+    /// (else it is destroyed after the call, which is not a failure).
+    fn keeps(&self, _vm: &Self::Vm) -> bool {
+        true
+    }
+
     /// Whether used VMs are made clean and reused (else they are destroyed).
     fn recycles(&self) -> bool;
 

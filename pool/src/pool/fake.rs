@@ -26,6 +26,9 @@ pub struct FakeBackend {
     pub reset_delay: Duration,
     pub recycles: bool,
     pub scrub_delay: Duration,
+    /// VMs made for a waiting claim serve only it (like a restore without a
+    /// clean snapshot).
+    pub single_use_claims: bool,
 }
 
 #[derive(Debug)]
@@ -36,6 +39,8 @@ pub struct FakeVm {
     /// Whom the VM served since its last full reset (a scrub keeps it).
     pub served: Vec<String>,
     pub dead: Arc<AtomicBool>,
+    /// Made for one claim only.
+    pub single_use: bool,
 }
 
 impl FakeBackend {
@@ -46,6 +51,7 @@ impl FakeBackend {
             reset_delay,
             recycles: true,
             scrub_delay: reset_delay / 10,
+            single_use_claims: false,
         }
     }
 
@@ -71,7 +77,17 @@ impl Backend for FakeBackend {
         }
         let id = format!("fake-{}", self.state.next_id.fetch_add(1, Ordering::SeqCst));
         self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone());
-        Ok(FakeVm { id, dirty: false, served: Vec::new(), dead: Arc::default() })
+        Ok(FakeVm { id, dirty: false, served: Vec::new(), dead: Arc::default(), single_use: false })
+    }
+
+    async fn create_for_claim(&self) -> Result<FakeVm, PoolError> {
+        let mut vm = self.create().await?;
+        vm.single_use = self.single_use_claims;
+        Ok(vm)
+    }
+
+    fn keeps(&self, vm: &FakeVm) -> bool {
+        !vm.single_use
     }
 
     fn recycles(&self) -> bool {

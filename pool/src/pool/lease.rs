@@ -199,8 +199,12 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
         st.shift(Phase::Claimed, Phase::Resetting);
         st.draining
     };
-    let reuse =
-        !discard && !draining && inner.cfg.enabled && inner.backend.recycles() && uses < inner.cfg.max_uses;
+    let reuse = !discard
+        && !draining
+        && inner.cfg.enabled
+        && inner.backend.recycles()
+        && inner.backend.keeps(&vm)
+        && uses < inner.cfg.max_uses;
     let (mut kind, mut warm_for) = reset_plan(function.as_ref(), inner.cfg.run_reset, inner.backend.scrubs());
     let clean = if reuse {
         let mut ok = false;

@@ -123,6 +123,6 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
 async fn create_one<B: Backend>(inner: &Arc<Inner<B>>) {
     // Failures are counted, logged and backed off by `create_vm`.
     let _ = inner
-        .create_vm(|st, vm| st.shift_to_ready(Phase::Booting, ReadyVm { vm, uses: 0, warm_for: None }))
+        .create_vm(false, |st, vm| st.shift_to_ready(Phase::Booting, ReadyVm { vm, uses: 0, warm_for: None }))
         .await;
 }

@@ -370,7 +370,13 @@ async fn create_failures_back_off_and_recover() {
 
 #[test]
 fn fake_vm_is_debug() {
-    let vm = FakeVm { id: "x".into(), dirty: false, served: Vec::new(), dead: Default::default() };
+    let vm = FakeVm {
+        id: "x".into(),
+        dirty: false,
+        served: Vec::new(),
+        dead: Default::default(),
+        single_use: false,
+    };
     assert!(format!("{vm:?}").contains('x'));
 }
 
@@ -807,4 +813,22 @@ async fn an_idle_pool_with_no_minimum_goes_back_to_nothing() {
     })
     .await;
     assert_eq!(pool.backend().alive(), 0);
+}
+
+/// A VM made for a waiting claim that cannot be made clean (restored with no
+/// clean snapshot) serves that call and is destroyed, not reset, and that is
+/// not a failure.
+#[tokio::test(start_paused = true)]
+async fn a_single_use_vm_is_destroyed_after_its_call() {
+    let mut b = backend();
+    b.single_use_claims = true;
+    let pool = Pool::start(b, PoolConfig { min_size: 0, target_free: 0, ..cfg() }, 256);
+    let lease = pool.claim().await.unwrap();
+    assert!(lease.single_use && !lease.warm());
+    let id = lease.id.clone();
+    lease.release().await;
+    until(&pool, "destroyed", |s| s.counters.destroyed == 1).await;
+    assert!(!pool.backend().is_alive(&id));
+    let s = pool.status();
+    assert_eq!((s.counters.resets, s.counters.reset_failures), (0, 0));
 }

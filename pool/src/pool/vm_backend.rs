@@ -25,6 +25,9 @@ pub struct VmBackend {
     reset_timeout: Duration,
     /// Kept only when asked for (benchmarks): a server would grow it forever.
     keep_timings: bool,
+    /// VMs restored for a waiting claim without a clean snapshot: they
+    /// serve that one call and are destroyed after it.
+    single_use: std::sync::Mutex<std::collections::HashSet<String>>,
     timings: std::sync::Mutex<BackendTimings>,
 }
 
@@ -67,6 +70,7 @@ impl VmBackend {
             template: tokio::sync::OnceCell::new(),
             reset_timeout: Duration::from_secs(20),
             keep_timings: false,
+            single_use: Default::default(),
             timings: Default::default(),
         })
     }
@@ -233,6 +237,34 @@ impl Backend for VmBackend {
         Ok(vm)
     }
 
+    /// With a template, a claim that waits gets a VM straight from the
+    /// restore: no clean snapshot saved first (the whole RAM written out,
+    /// seconds for a large guest) and no warm-up. It serves this one call
+    /// and is destroyed after it; the replenisher makes reusable ones.
+    async fn create_for_claim(&self) -> Result<Vm, PoolError> {
+        if self.mode != ResetMode::Snapshot {
+            return self.create().await;
+        }
+        let Some(t) = self.template().await else { return self.create().await };
+        let vm = match self.host.restore(t).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                tracing::warn!(error = %e, "restore from the template failed; booting cold");
+                return self.create().await;
+            }
+        };
+        if let Err(e) = vm.wait_python_ready(self.host.config().boot_timeout).await {
+            vm.shutdown().await;
+            return Err(create_err(e));
+        }
+        self.single_use.lock().unwrap_or_else(|p| p.into_inner()).insert(vm.id().to_string());
+        Ok(vm)
+    }
+
+    fn keeps(&self, vm: &Vm) -> bool {
+        !self.single_use.lock().unwrap_or_else(|p| p.into_inner()).contains(vm.id())
+    }
+
     fn recycles(&self) -> bool {
         matches!(self.mode, ResetMode::Snapshot | ResetMode::Rollback)
     }
@@ -334,6 +366,7 @@ impl Backend for VmBackend {
     }
 
     async fn destroy(&self, vm: Vm) {
+        self.single_use.lock().unwrap_or_else(|p| p.into_inner()).remove(vm.id());
         vm.shutdown().await;
     }
 
