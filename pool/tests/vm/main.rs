@@ -494,8 +494,15 @@ async fn pool_sessions_keep_state_and_are_isolated(pool: &VmPool) -> anyhow::Res
 }
 
 async fn pool_crashed_claimed_vm_is_replaced(pool: &VmPool) -> anyhow::Result<()> {
+    // Claim a ready VM: one made for a waiting claim is single-use and is
+    // destroyed after its call without a reset, which is not the path tested.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let ready =
+        wait_until(deadline, Duration::from_millis(50), || (pool.status().ready >= 1).then_some(())).await;
+    ensure!(ready.is_some(), "no ready VM to claim: {:?}", pool.status());
     let before = pool.status().counters;
     let lease = pool.claim().await?;
+    ensure!(lease.warm(), "the claim was not served from the ready VMs");
     let id = lease.id().to_string();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(lease.qemu_pid() as i32),
