@@ -4,6 +4,7 @@
 //! carry it as base64 next to the (lossy) text.
 
 mod output;
+mod session;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::config::Limits;
 use crate::error::ApiError;
 
 pub use output::{text_and_base64, OutputText, Utf8Chunker};
+pub use session::{SessionRequest, SessionSettings, TimeoutRequest};
 
 /// Languages `code` may be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -179,7 +181,7 @@ impl Invocation {
     }
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
@@ -207,7 +209,7 @@ pub fn parse_timeout(raw: Option<&str>, limits: &Limits) -> Result<Duration, Api
     Ok(t)
 }
 
-fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(invalid(format!("env: invalid variable {k:?} (no '=', no NUL, not empty)")));

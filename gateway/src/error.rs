@@ -129,6 +129,7 @@ impl From<PoolError> for ApiError {
             PoolError::SessionLimit { .. } => Self::busy("session_limit", msg, 5),
             PoolError::Draining => Self::draining(),
             PoolError::SessionLost { .. } => Self::new(StatusCode::GONE, "session_lost", msg),
+            PoolError::SessionExists { .. } => Self::conflict("session_exists", msg),
             PoolError::Create(_) | PoolError::Reset { .. } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "vm_unavailable", msg)
             }
@@ -160,6 +161,7 @@ mod tests {
             (PoolError::SessionLimit { limit: 2 }, 429, Some(5)),
             (PoolError::Draining, 503, Some(5)),
             (PoolError::SessionLost { key: "k".into(), reason: "r".into() }, 410, None),
+            (PoolError::SessionExists { key: "k".into() }, 409, None),
             (PoolError::Create("x".into()), 503, None),
             (PoolError::Network("x".into()), 503, None),
         ];

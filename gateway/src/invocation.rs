@@ -67,7 +67,7 @@ async fn claim_and_start<B: Backend>(
     state: &AppState<B>,
     id: String,
     session: Option<String>,
-    inv: Invocation,
+    mut inv: Invocation,
 ) -> Result<Running<B>, ApiError>
 where
     B::Vm: Sandbox,
@@ -104,6 +104,9 @@ where
                 None => state.pools.get(inv.image.as_deref())?,
             };
             let lease = pool.session(key).await?;
+            for (k, v) in lease.env() {
+                inv.env.entry(k.clone()).or_insert_with(|| v.clone());
+            }
             (image, Held::Session { lease, key: key.clone(), pool: pool.clone() }, true)
         }
         None => {

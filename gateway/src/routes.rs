@@ -9,7 +9,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 use ember_pool::pool::Backend;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -32,7 +32,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/pool"),
     ("GET", "/v1/images"),
     ("GET", "/v1/sessions"),
+    ("POST", "/v1/sessions"),
+    ("GET", "/v1/sessions/{key}"),
     ("DELETE", "/v1/sessions/{key}"),
+    ("POST", "/v1/sessions/{key}/timeout"),
     ("PUT", "/v1/sessions/{key}/network"),
     ("GET", "/v1/functions"),
     ("POST", "/v1/functions/{name}"),
@@ -48,8 +51,9 @@ where
         .route("/v1/run", post(run::run::<B>))
         .route("/v1/pool", get(info::pool::<B>))
         .route("/v1/images", get(info::images::<B>))
-        .route("/v1/sessions", get(sessions::list::<B>))
-        .route("/v1/sessions/{key}", delete(sessions::end::<B>))
+        .route("/v1/sessions", get(sessions::list::<B>).post(sessions::open::<B>))
+        .route("/v1/sessions/{key}", get(sessions::show::<B>).delete(sessions::end::<B>))
+        .route("/v1/sessions/{key}/timeout", post(sessions::timeout::<B>))
         .route("/v1/sessions/{key}/network", put(sessions::network::<B>))
         .route("/v1/functions", get(info::functions::<B>))
         .route("/v1/functions/{name}", post(run::function::<B>))
@@ -82,6 +86,15 @@ async fn count_requests<B: Backend>(State(state): State<AppState<B>>, req: Reque
     let route = route.as_deref().unwrap_or("unmatched");
     state.metrics.request(route, &method, resp.status().as_u16());
     resp
+}
+
+/// A JSON request body: `invalid_json` if it is not JSON, `invalid_request`
+/// if it is not the expected shape (the field named).
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_request" };
+        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {e}"))
+    })
 }
 
 /// Whether the caller asked for an NDJSON stream.

@@ -164,6 +164,9 @@ pub struct RawSessions {
     pub max: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub idle_ttl: Option<Duration>,
+    /// The longest lifetime (and idle timeout) a session may ask for.
+    #[serde(default, with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +214,9 @@ pub struct PoolConfig {
     pub drain_timeout: Duration,
     pub max_sessions: usize,
     pub session_idle_ttl: Duration,
+    /// The longest lifetime or idle timeout a session may be opened with
+    /// (or extended to).
+    pub session_max_lifetime: Duration,
 }
 
 impl Default for PoolConfig {
@@ -235,6 +241,7 @@ impl Default for PoolConfig {
             drain_timeout: Duration::from_secs(30),
             max_sessions: 8,
             session_idle_ttl: Duration::from_secs(600),
+            session_max_lifetime: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -352,9 +359,13 @@ impl RawConfig {
             drain_timeout: p.drain_timeout.unwrap_or(d.drain_timeout),
             max_sessions: p.sessions.max.unwrap_or(d.max_sessions),
             session_idle_ttl: p.sessions.idle_ttl.unwrap_or(d.session_idle_ttl),
+            session_max_lifetime: p.sessions.max_lifetime.unwrap_or(d.session_max_lifetime),
         };
         if pool.max_size == 0 {
             problems.push("pool.max_size must be at least 1".into());
+        }
+        if pool.session_max_lifetime < crate::pool::MIN_SESSION_TIMEOUT {
+            problems.push("pool.sessions.max_lifetime must be at least 1s".into());
         }
         if pool.min_size > pool.max_size {
             problems

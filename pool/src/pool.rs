@@ -24,7 +24,7 @@ use tokio::time::Instant;
 pub use backend::{Backend, NetTimings};
 pub use budget::MemoryBudget;
 pub use lease::Lease;
-pub use session::SessionLease;
+pub use session::{SessionInfo, SessionLease, SessionSpec, MIN_SESSION_TIMEOUT};
 pub use vm_backend::VmBackend;
 
 use crate::config::PoolConfig;
@@ -46,6 +46,8 @@ pub enum PoolError {
     SessionLimit { limit: usize },
     #[error("session {key:?} lost its VM: {reason}")]
     SessionLost { key: String, reason: String },
+    #[error("session {key:?} already exists")]
+    SessionExists { key: String },
     #[error("creating a VM failed: {0}")]
     Create(String),
     #[error("resetting VM {vm} failed: {reason}")]

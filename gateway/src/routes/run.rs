@@ -84,10 +84,7 @@ fn is_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn parse_run_request(body: &[u8]) -> Result<RunRequest, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_request" };
-        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {e}"))
-    })
+    super::parse_json(body)
 }
 
 /// `POST /v1/run`.

@@ -813,3 +813,83 @@ async fn a_call_gets_its_network_after_the_claim_and_loses_it_before_the_reset()
     let missing = Request::put("/v1/sessions/nobody/network").body(Body::from("\"open\"")).unwrap();
     assert_eq!(f.send(missing).await.error().0, 404);
 }
+
+/// `POST /v1/sessions` opens a session at once with its settings; `GET`
+/// shows it; its env reaches every call; `timeout` moves its end; every
+/// bad field is a 400 and a second open of one key a 409.
+#[tokio::test]
+async fn a_session_is_opened_shown_extended_and_its_env_reaches_its_calls() {
+    let (f, data) = two_images();
+    let opened = f
+        .post_json(
+            "/v1/sessions",
+            json!({"key": "ws", "image": "python-data", "env": {"TOKEN": "t", "A": "session"},
+                   "idle_timeout": "5m", "timeout": "1h", "metadata": {"owner": "me"}}),
+        )
+        .await;
+    assert_eq!(opened.status, 201, "{:?}", String::from_utf8_lossy(&opened.body));
+    let s = opened.json();
+    assert_eq!(
+        (s["key"].as_str(), s["image"].as_str(), s["state"].as_str()),
+        (Some("ws"), Some("python-data"), Some("running"))
+    );
+    assert!(s["vm_id"].as_str().is_some_and(|v| v.starts_with("data-")), "{s}");
+    assert_eq!(s["idle_timeout_secs"], 300.0);
+    assert!(s["expires"].as_str().is_some_and(|e| e.ends_with('Z')), "{s}");
+    assert_eq!(s["metadata"]["owner"], "me");
+    assert_eq!(s["env"], json!(["A", "TOKEN"]), "names, not values");
+    assert!(s["usage"].is_object(), "{s}");
+
+    // The session's env reaches a call; the call's own wins.
+    let call = Request::post("/v1/run")
+        .header("x-ember-session", "ws")
+        .body(Body::from(json!({"cmd": "env", "env": {"A": "call"}}).to_string()))
+        .unwrap();
+    let r = f.send(call).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["vm_id"], s["vm_id"]);
+    let env = &data.log().execs.last().unwrap().env.clone();
+    assert_eq!(env.get("TOKEN").map(String::as_str), Some("t"));
+    assert_eq!(env.get("A").map(String::as_str), Some("call"));
+
+    let shown = f.get("/v1/sessions/ws").await;
+    assert_eq!(shown.status, 200);
+    assert_eq!(shown.json()["vm_id"], s["vm_id"]);
+    assert_eq!(f.get("/v1/sessions/nobody").await.error(), (404, "not_found".into()));
+
+    let ext = f.post_json("/v1/sessions/ws/timeout", json!({"timeout": "2h"})).await;
+    assert_eq!(ext.status, 200);
+    assert!(ext.json()["expires"].as_str().unwrap() > s["expires"].as_str().unwrap());
+    let too_long = f.post_json("/v1/sessions/ws/timeout", json!({"timeout": "100d"})).await;
+    assert_eq!(too_long.error(), (400, "invalid_request".into()));
+    let nobody = f.post_json("/v1/sessions/nobody/timeout", json!({"timeout": "1m"})).await;
+    assert_eq!(nobody.error(), (404, "not_found".into()));
+
+    // A key is one session, whichever image.
+    let again = f.post_json("/v1/sessions", json!({"key": "ws"})).await;
+    assert_eq!(again.error(), (409, "session_exists".into()));
+    // No key: a UUID.
+    let anon = f.post_json("/v1/sessions", json!({})).await;
+    assert_eq!(anon.status, 201);
+    assert!(uuid::Uuid::parse_str(anon.json()["key"].as_str().unwrap()).is_ok());
+
+    for (body, status, code) in [
+        (json!({"image": "nope"}), 400, "unknown_image"),
+        (json!({"memory_mb": 100000}), 400, "invalid_request"),
+        (json!({"timeout": "0s"}), 400, "invalid_request"),
+        (json!({"network": "open"}), 400, "network_disabled"),
+        (json!({"surprise": 1}), 400, "invalid_request"),
+    ] {
+        let a = f.post_json("/v1/sessions", body.clone()).await;
+        assert_eq!(a.error(), (status, code.to_string()), "{body}");
+    }
+    // memory_mb at its edge: what the image's VMs have (512 MiB).
+    let fits = f.post_json("/v1/sessions", json!({"image": "python-data", "memory_mb": 512})).await;
+    assert_eq!(fits.status, 201);
+    let over = f.post_json("/v1/sessions", json!({"image": "python-data", "memory_mb": 513})).await;
+    assert_eq!(over.error(), (400, "invalid_request".into()));
+    assert!(over.json()["error"]["message"].as_str().unwrap().contains("512 MiB"));
+    let del = Request::delete("/v1/sessions/ws").body(Body::empty()).unwrap();
+    assert_eq!(f.send(del).await.status, 204);
+    assert_eq!(f.get("/v1/sessions/ws").await.status, 404);
+}

@@ -187,6 +187,43 @@ fn sessions_keep_state_and_stay_apart(s: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A session opened with settings: its env reaches its calls, GET shows
+/// its VM's real figures, and its lifetime ends it (and its VM) on time.
+fn an_opened_session_shows_its_figures_and_ends_with_its_lifetime(s: &Server) -> anyhow::Result<()> {
+    let body = json!({"key": "timed", "env": {"STAGE": "e2e"}, "timeout": "6s", "metadata": {"by": "test"}});
+    let opened = s.post_json("/v1/sessions", &body)?;
+    ensure!(opened.status == 201, "{opened:?}");
+    let o = opened.json()?;
+    let vm = o["vm_id"].as_str().context("vm_id")?.to_string();
+    let disk = |v: &Value| v["usage"]["disk_bytes"].as_u64();
+    let before = disk(&o).context("no disk figure")?;
+    let r = s.run_in("timed", json!({"cmd": "echo $STAGE; head -c 20000000 /dev/urandom > big; sync"}))?;
+    ensure!(r["stdout"] == "e2e\n" && r["vm_id"] == vm.as_str(), "{r}");
+    let shown = s.get("/v1/sessions/timed")?.json()?;
+    let usage = &shown["usage"];
+    ensure!(usage["cpu_seconds"].as_f64().is_some_and(|c| c > 0.0), "{shown}");
+    ensure!(usage["memory_bytes"].as_u64().is_some_and(|m| m > 10_000_000), "{shown}");
+    ensure!(
+        disk(&shown).is_some_and(|d| d >= before + 19_000_000),
+        "the 20 MB file (before: {before}): {shown}"
+    );
+    ensure!(shown["metadata"]["by"] == "test" && shown["busy"] == false, "{shown}");
+    let again = s.post_json("/v1/sessions", &json!({"key": "timed"}))?;
+    ensure!(again.error()? == (409, "session_exists".into()), "{again:?}");
+    // Its 6 s lifetime ends it, and its VM goes with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.get("/v1/sessions/timed")?.status != 404 {
+        ensure!(Instant::now() < deadline, "the session outlived its lifetime");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gone = Instant::now() + Duration::from_secs(10);
+    while !ember_vm::os::processes_mentioning(&vm).is_empty() {
+        ensure!(Instant::now() < gone, "the ended session's VM still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 fn functions_run_with_real_input(s: &Server) -> anyhow::Result<()> {
     let list = s.get("/v1/functions")?.json()?;
     let names: Vec<&str> = list["functions"]
@@ -349,6 +386,10 @@ const CASES: &[(&str, Case)] = &[
     ("ndjson_streams_output_as_it_comes", ndjson_streams_output_as_it_comes),
     ("a_client_that_goes_away_frees_its_vm", a_client_that_goes_away_frees_its_vm),
     ("sessions_keep_state_and_stay_apart", sessions_keep_state_and_stay_apart),
+    (
+        "an_opened_session_shows_its_figures_and_ends_with_its_lifetime",
+        an_opened_session_shows_its_figures_and_ends_with_its_lifetime,
+    ),
     ("functions_run_with_real_input", functions_run_with_real_input),
     ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),
     ("concurrent_requests_all_succeed", concurrent_requests_all_succeed),

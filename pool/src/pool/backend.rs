@@ -79,4 +79,10 @@ pub trait Backend: Send + Sync + 'static {
     fn cpu_seconds(_vm: &Self::Vm) -> Option<f64> {
         None
     }
+
+    /// What reads the VM's live figures (CPU, memory, disk) without holding
+    /// it, for a session's status while a call runs in it.
+    fn usage_probe(_vm: &Self::Vm) -> ember_vm::vm::UsageProbe {
+        ember_vm::vm::UsageProbe::default()
+    }
 }

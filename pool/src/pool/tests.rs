@@ -317,6 +317,56 @@ async fn idle_sessions_expire() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_opened_session_has_its_own_timeouts_env_and_metadata() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    let spec = SessionSpec {
+        idle_timeout: Some(Duration::from_secs(10)),
+        lifetime: Some(Duration::from_secs(100)),
+        env: [("TOKEN".to_string(), "x".to_string())].into(),
+        metadata: [("owner".to_string(), "me".to_string())].into(),
+    };
+    let info = pool.open("ws", spec.clone()).await.unwrap();
+    assert_eq!((info.key.as_str(), info.idle_timeout_secs), ("ws", 10.0));
+    assert_eq!(info.env, vec!["TOKEN".to_string()], "names only");
+    assert_eq!(info.metadata.get("owner").map(String::as_str), Some("me"));
+    assert!(info.expires.is_some() && !info.busy);
+    assert!(matches!(pool.open("ws", spec.clone()).await, Err(PoolError::SessionExists { .. })));
+    let lease = pool.session("ws").await.unwrap();
+    assert_eq!(lease.env().get("TOKEN").map(String::as_str), Some("x"));
+    assert!(pool.session_info("ws").unwrap().busy);
+    drop(lease);
+    // Its own idle timeout (10 s), not the pool's (60 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(pool.session_info("ws").is_some(), "ended early");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(pool.session_info("ws").is_none(), "not ended after its idle timeout");
+    assert!(pool.session_info("nobody").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lifetime_ends_a_busy_session_and_can_be_extended() {
+    let pool = Pool::start(backend(), cfg(), 256);
+    let spec = SessionSpec { lifetime: Some(Duration::from_secs(20)), ..SessionSpec::default() };
+    pool.open("ws", spec).await.unwrap();
+    // Busy all along, so idleness never ends it; its lifetime does.
+    let lease = pool.session("ws").await.unwrap();
+    let id = lease.id.clone();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let longer = pool.set_session_lifetime("ws", Duration::from_secs(30)).unwrap();
+    assert!(longer.expires.is_some());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(pool.session_info("ws").is_some(), "the extension did not hold");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(pool.session_info("ws").is_none(), "not ended at the end of its lifetime");
+    // The running call keeps its VM until it lets go; then it is destroyed.
+    assert!(pool.backend().is_alive(&id));
+    drop(lease);
+    until(&pool, "the VM destroyed", |_| !pool.backend().is_alive(&id)).await;
+    assert_eq!(pool.status().counters.invariant_violations, 0);
+    assert!(pool.set_session_lifetime("ws", Duration::from_secs(5)).is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_session_whose_vm_died_reports_it() {
     let pool = Pool::start(backend(), cfg(), 256);
     let dead = std::sync::Arc::clone(&pool.session("s").await.unwrap().dead);

@@ -419,4 +419,8 @@ impl Backend for VmBackend {
     fn cpu_seconds(vm: &Vm) -> Option<f64> {
         vm.cpu_seconds()
     }
+
+    fn usage_probe(vm: &Vm) -> ember_vm::vm::UsageProbe {
+        vm.usage_probe()
+    }
 }

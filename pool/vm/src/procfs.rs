@@ -1,6 +1,7 @@
 //! What Ember reads from `/proc`: a process's CPU time and start time
-//! (`/proc/<pid>/stat`) and the host's CPU use (`/proc/stat`). Parsers are
-//! pure functions of the text, tested on samples.
+//! (`/proc/<pid>/stat`), its resident memory (`/proc/<pid>/status`) and the
+//! host's CPU use (`/proc/stat`). Parsers are pure functions of the text,
+//! tested on samples.
 
 /// The fields of a `/proc/<pid>/stat` line after the command name, which
 /// may itself contain spaces and parentheses (field 3, the state, first).
@@ -42,6 +43,22 @@ fn read_stat(pid: u32) -> Option<String> {
 /// CPU time (user + system) a process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(cpu_ticks_of(&read_stat(pid)?)? as f64 / clock_ticks_per_sec() as f64)
+}
+
+/// Resident memory (`VmRSS`) of a `/proc/<pid>/status` text, in bytes.
+pub fn rss_bytes_of(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut f = line.split_whitespace().skip(1);
+    let n: u64 = f.next()?.parse().ok()?;
+    match f.next() {
+        Some("kB") => n.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// A process's resident memory, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    rss_bytes_of(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
 /// Every process's parent, from /proc.
@@ -105,6 +122,15 @@ pub fn host_cpus() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_resident_memory() {
+        let status = "Name:\tqemu\nVmPeak:\t  900 kB\nVmRSS:\t  265432 kB\nThreads:\t5\n";
+        assert_eq!(rss_bytes_of(status), Some(265_432 * 1024));
+        assert_eq!(rss_bytes_of("Name:\tkthreadd\n"), None);
+        assert_eq!(rss_bytes_of("VmRSS:\t12 MB\n"), None);
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
+    }
 
     #[test]
     fn parses_process_and_host_stat() {

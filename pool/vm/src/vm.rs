@@ -303,6 +303,17 @@ impl Vm {
         Some(crate::procfs::cpu_seconds(self.qemu.pid())? + helper)
     }
 
+    /// What reads this VM's live figures without holding the VM (its host
+    /// processes and its disk file stay the same for the VM's life).
+    pub fn usage_probe(&self) -> UsageProbe {
+        UsageProbe {
+            pids: std::iter::once(self.qemu.pid())
+                .chain(self.helper.as_ref().map(OwnedProcess::pid))
+                .collect(),
+            disk: self.disk.as_ref().map(|d| d.path().to_path_buf()),
+        }
+    }
+
     /// Wait until the guest's pre-warmed Python is ready (or the image has
     /// none), so that a snapshot or template taken next has it warm. Past
     /// `within` the VM is still used: its Python calls then start an
@@ -388,4 +399,38 @@ pub fn shell(cmd: &str) -> ember_wire::ExecRequest {
 /// The error an agent call returned, tagged with its VM.
 pub fn agent_err(vm: &Vm) -> impl FnOnce(AgentError) -> VmError + '_ {
     move |source| VmError::Agent { vm: vm.id.clone(), source }
+}
+
+/// A VM's live figures as the host sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Usage {
+    /// CPU time its host processes used since they started.
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory of its host processes (the guest's RAM it touched).
+    pub memory_bytes: Option<u64>,
+    /// Bytes its writable disk holds on the host (a sparse file's
+    /// allocated blocks); `None` for a block device (a ZFS volume).
+    pub disk_bytes: Option<u64>,
+}
+
+/// Reads a VM's [`Usage`] from `/proc` and its disk file.
+#[derive(Debug, Clone, Default)]
+pub struct UsageProbe {
+    pids: Vec<u32>,
+    disk: Option<std::path::PathBuf>,
+}
+
+impl UsageProbe {
+    pub fn read(&self) -> Usage {
+        use std::os::unix::fs::MetadataExt;
+        let sum_f = |f: fn(u32) -> Option<f64>| self.pids.iter().map(|p| f(*p)).sum::<Option<f64>>();
+        let rss = self.pids.iter().map(|p| crate::procfs::rss_bytes(*p)).sum::<Option<u64>>();
+        let disk = self
+            .disk
+            .as_ref()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .filter(|m| m.file_type().is_file())
+            .map(|m| m.blocks() * 512);
+        Usage { cpu_seconds: sum_f(crate::procfs::cpu_seconds), memory_bytes: rss, disk_bytes: disk }
+    }
 }

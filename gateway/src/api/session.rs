@@ -1,0 +1,193 @@
+//! `POST /v1/sessions` and `POST /v1/sessions/{key}/timeout` bodies, and
+//! their checks (which need no pool: whether the image exists and what its
+//! VMs hold is the route's to say).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ember_pool::pool::{SessionSpec, MIN_SESSION_TIMEOUT};
+use serde::Deserialize;
+
+use super::{check_env, check_image, check_network, check_session_key, invalid};
+use crate::config::Limits;
+use crate::error::ApiError;
+
+/// Metadata a session may carry: entries, and bytes of a key and a value.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+pub const MAX_METADATA_KEY: usize = 64;
+pub const MAX_METADATA_VALUE: usize = 1024;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    /// The session's key (what `X-Ember-Session` names); a new UUID if absent.
+    pub key: Option<String>,
+    pub image: Option<String>,
+    /// The memory the session needs; at most what the image's VMs have.
+    pub memory_mb: Option<u64>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub network: Option<ember_vm::net::RawPolicy>,
+    /// humantime: ended after this long without calls.
+    pub idle_timeout: Option<String>,
+    /// humantime: ended this long after it opens (its maximum lifetime).
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A checked [`SessionRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSettings {
+    pub key: String,
+    pub image: Option<String>,
+    pub memory_mb: Option<u64>,
+    pub network: Option<(ember_vm::net::RawPolicy, ember_vm::net::Policy)>,
+    pub spec: SessionSpec,
+}
+
+impl SessionRequest {
+    pub fn check(self, limits: &Limits, max_lifetime: Duration) -> Result<SessionSettings, ApiError> {
+        let key = match self.key {
+            Some(k) => {
+                check_session_key(&k)?;
+                k
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        check_env(&self.env)?;
+        check_metadata(&self.metadata)?;
+        if self.memory_mb == Some(0) {
+            return Err(invalid("memory_mb must be above zero"));
+        }
+        let network = match self.network {
+            Some(raw) => {
+                let policy = check_network(&raw, limits)?;
+                Some((raw, policy))
+            }
+            None => None,
+        };
+        let idle_timeout = session_duration("idle_timeout", self.idle_timeout.as_deref(), max_lifetime)?;
+        let lifetime = session_duration("timeout", self.timeout.as_deref(), max_lifetime)?;
+        Ok(SessionSettings {
+            key,
+            image: check_image(self.image)?,
+            memory_mb: self.memory_mb,
+            network,
+            spec: SessionSpec { idle_timeout, lifetime, env: self.env, metadata: self.metadata },
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutRequest {
+    /// humantime: the session now ends this long from now.
+    pub timeout: String,
+}
+
+impl TimeoutRequest {
+    pub fn check(&self, max_lifetime: Duration) -> Result<Duration, ApiError> {
+        match session_duration("timeout", Some(&self.timeout), max_lifetime)? {
+            Some(d) => Ok(d),
+            None => Err(invalid("timeout is required")),
+        }
+    }
+}
+
+/// A session's idle timeout or lifetime: humantime, from 1 s to
+/// `pool.sessions.max_lifetime`.
+fn session_duration(field: &str, raw: Option<&str>, max: Duration) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let d = humantime::parse_duration(raw)
+        .map_err(|e| invalid(format!("{field} {raw:?}: {e} (write it like \"10m\" or \"1h 30m\")")))?;
+    if d < MIN_SESSION_TIMEOUT || d > max {
+        return Err(invalid(format!(
+            "{field} {raw:?} must be between {} and {} (pool.sessions.max_lifetime)",
+            humantime::format_duration(MIN_SESSION_TIMEOUT),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(Some(d))
+}
+
+fn check_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if m.len() > MAX_METADATA_ENTRIES {
+        return Err(invalid(format!("metadata has {} entries; at most {MAX_METADATA_ENTRIES}", m.len())));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY {
+            return Err(invalid(format!("metadata key {k:?} must be 1-{MAX_METADATA_KEY} bytes")));
+        }
+        if v.len() > MAX_METADATA_VALUE {
+            return Err(invalid(format!("metadata {k:?}: the value is over {MAX_METADATA_VALUE} bytes")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<SessionSettings, ApiError> {
+        let req: SessionRequest = serde_json::from_str(body).map_err(|e| invalid(e.to_string()))?;
+        req.check(&Limits::default(), Duration::from_secs(3600))
+    }
+
+    fn message(body: &str) -> String {
+        match parse(body) {
+            Ok(s) => panic!("{body} was accepted: {s:?}"),
+            Err(e) => {
+                assert_eq!(e.status, 400, "{body}");
+                e.message
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_request_and_an_empty_one() {
+        let s = parse(
+            r#"{"key":"ws-1","image":"python-data","memory_mb":256,"env":{"A":"1"},"network":"open",
+                "idle_timeout":"5m","timeout":"1h","metadata":{"owner":"me"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(s.key, "ws-1");
+        assert_eq!(s.image.as_deref(), Some("python-data"));
+        assert_eq!(s.memory_mb, Some(256));
+        assert!(s.network.is_some_and(|(_, p)| p.connected()));
+        assert_eq!(s.spec.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(s.spec.lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(s.spec.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(s.spec.metadata.get("owner").map(String::as_str), Some("me"));
+
+        let s = parse("{}").expect("valid");
+        assert!(uuid::Uuid::parse_str(&s.key).is_ok(), "{}", s.key);
+        assert_eq!(s.spec, SessionSpec::default());
+        assert!(s.network.is_none());
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        assert!(message(r#"{"key":"a b"}"#).contains("session key"));
+        assert!(message(r#"{"timeout":"soon"}"#).contains("timeout \"soon\""));
+        assert!(message(r#"{"timeout":"2h"}"#).contains("between 1s and 1h"));
+        assert!(message(r#"{"idle_timeout":"500ms"}"#).contains("idle_timeout"));
+        assert!(message(r#"{"memory_mb":0}"#).contains("memory_mb"));
+        assert!(message(r#"{"env":{"A=B":"1"}}"#).contains("env"));
+        assert!(message(r#"{"network":{"egress":{"allow":["not an address!"]}}}"#).contains("not an address"));
+        let long_value = format!(r#"{{"metadata":{{"k":"{}"}}}}"#, "x".repeat(MAX_METADATA_VALUE + 1));
+        assert!(message(&long_value).contains("metadata \"k\""));
+        let many: Vec<String> = (0..=MAX_METADATA_ENTRIES).map(|i| format!(r#""k{i}":"v""#)).collect();
+        assert!(message(&format!(r#"{{"metadata":{{{}}}}}"#, many.join(","))).contains("entries"));
+        assert!(message(r#"{"image":""}"#).contains("image"));
+    }
+
+    #[test]
+    fn a_timeout_extension_is_bounded() {
+        let max = Duration::from_secs(600);
+        assert_eq!(TimeoutRequest { timeout: "5m".into() }.check(max).ok(), Some(Duration::from_secs(300)));
+        assert!(TimeoutRequest { timeout: "11m".into() }.check(max).is_err());
+        assert!(TimeoutRequest { timeout: "0s".into() }.check(max).is_err());
+    }
+}
