@@ -17,7 +17,7 @@ use crate::config::Limits;
 use crate::error::ApiError;
 
 pub use output::{text_and_base64, OutputText, Utf8Chunker};
-pub use session::{SessionRequest, SessionSettings, TimeoutRequest};
+pub use session::{ProcessRequest, SessionRequest, SessionSettings, SignalRequest, TimeoutRequest};
 
 /// Languages `code` may be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -440,6 +440,11 @@ pub enum StreamEvent {
     },
     Stdout(OutputText),
     Stderr(OutputText),
+    /// Output of a background process this reader missed (its buffer
+    /// keeps the newest `limits.process_output_buffer` bytes).
+    Dropped {
+        bytes: u64,
+    },
     Exit {
         exit_code: Option<i32>,
         signal: Option<i32>,

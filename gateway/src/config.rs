@@ -91,6 +91,8 @@ pub struct RawLimits {
     #[serde(default, with = "humantime_serde")]
     pub busy_delay: Option<Duration>,
     pub max_network_rules: Option<usize>,
+    pub process_output_buffer: Option<u64>,
+    pub max_processes: Option<u32>,
 }
 
 /// Where the gateway listens and what it serves.
@@ -130,6 +132,11 @@ pub struct Limits {
     pub busy_delay: Duration,
     /// Entries (allow + deny) a network policy may have.
     pub max_network_rules: usize,
+    /// Output a session's background process keeps for readers who attach
+    /// later (its newest bytes; older ones are dropped and counted).
+    pub process_output_buffer: u64,
+    /// Background processes running at once in one session.
+    pub max_processes: u32,
 }
 
 impl Default for GatewayConfig {
@@ -155,6 +162,8 @@ impl Default for Limits {
             max_queue_wait: Duration::from_secs(2),
             busy_delay: Duration::from_millis(250),
             max_network_rules: 64,
+            process_output_buffer: 1 << 20,
+            max_processes: 16,
         }
     }
 }
@@ -269,7 +278,15 @@ impl RawConfig {
             max_queue_wait: l.max_queue_wait.unwrap_or(d.max_queue_wait),
             busy_delay: l.busy_delay.unwrap_or(d.busy_delay),
             max_network_rules: l.max_network_rules.unwrap_or(d.max_network_rules),
+            process_output_buffer: l.process_output_buffer.unwrap_or(d.process_output_buffer),
+            max_processes: l.max_processes.unwrap_or(d.max_processes),
         };
+        if limits.process_output_buffer == 0 || limits.process_output_buffer > 64 << 20 {
+            problems.push("limits.process_output_buffer must be between 1 and 67108864 bytes".into());
+        }
+        if limits.max_processes == 0 {
+            problems.push("limits.max_processes must be at least 1".into());
+        }
         if limits.max_network_rules == 0 || limits.max_network_rules > 4096 {
             problems.push("limits.max_network_rules must be between 1 and 4096".into());
         }
@@ -431,6 +448,8 @@ mod tests {
                 max_queue_wait: Duration::from_millis(750),
                 busy_delay: Duration::from_millis(250),
                 max_network_rules: 64,
+                process_output_buffer: 1 << 20,
+                max_processes: 16,
             }
         );
         assert_eq!((c.pool.max_size, c.pool.max_sessions), (4, 2));

@@ -88,9 +88,17 @@ impl ApiError {
                     ErrorCode::SpawnFailed => {
                         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed", r.message)
                     }
+                    ErrorCode::NotFound => Self::not_found(r.message),
+                    ErrorCode::Conflict => Self::conflict("process_state", r.message),
                     _ => Self::vm_failed(format!("VM {vm}: {}", r.message)),
                 };
-                let broken = !matches!(r.code, ErrorCode::BadRequest | ErrorCode::SpawnFailed);
+                let broken = !matches!(
+                    r.code,
+                    ErrorCode::BadRequest
+                        | ErrorCode::SpawnFailed
+                        | ErrorCode::NotFound
+                        | ErrorCode::Conflict
+                );
                 (api, broken)
             }
             // Our own bound, not the guest's fault: the VM stays.

@@ -171,6 +171,7 @@ where
         match running.next().await? {
             ExecEvent::Output { stream: ember_wire::Stream::Stdout, data } => stdout.extend(data),
             ExecEvent::Output { stream: ember_wire::Stream::Stderr, data } => stderr.extend(data),
+            ExecEvent::Dropped { .. } => {}
             ExecEvent::Exit(status) => {
                 let (stdout, stdout_base64) = text_and_base64(stdout);
                 let (stderr, stderr_base64) = text_and_base64(stderr);

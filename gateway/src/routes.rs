@@ -2,6 +2,7 @@
 //! through [`ApiError`]; unknown paths and methods too.
 
 mod info;
+mod processes;
 mod run;
 mod sessions;
 
@@ -36,6 +37,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/sessions/{key}"),
     ("DELETE", "/v1/sessions/{key}"),
     ("POST", "/v1/sessions/{key}/timeout"),
+    ("GET", "/v1/sessions/{key}/processes"),
+    ("POST", "/v1/sessions/{key}/processes"),
+    ("GET", "/v1/sessions/{key}/processes/{pid}"),
+    ("GET", "/v1/sessions/{key}/processes/{pid}/output"),
+    ("POST", "/v1/sessions/{key}/processes/{pid}/stdin"),
+    ("DELETE", "/v1/sessions/{key}/processes/{pid}/stdin"),
+    ("POST", "/v1/sessions/{key}/processes/{pid}/signal"),
     ("PUT", "/v1/sessions/{key}/network"),
     ("GET", "/v1/functions"),
     ("POST", "/v1/functions/{name}"),
@@ -54,6 +62,14 @@ where
         .route("/v1/sessions", get(sessions::list::<B>).post(sessions::open::<B>))
         .route("/v1/sessions/{key}", get(sessions::show::<B>).delete(sessions::end::<B>))
         .route("/v1/sessions/{key}/timeout", post(sessions::timeout::<B>))
+        .route("/v1/sessions/{key}/processes", get(processes::list::<B>).post(processes::start::<B>))
+        .route("/v1/sessions/{key}/processes/{pid}", get(processes::show::<B>))
+        .route("/v1/sessions/{key}/processes/{pid}/output", get(processes::output::<B>))
+        .route(
+            "/v1/sessions/{key}/processes/{pid}/stdin",
+            post(processes::stdin::<B>).delete(processes::close_stdin::<B>),
+        )
+        .route("/v1/sessions/{key}/processes/{pid}/signal", post(processes::signal::<B>))
         .route("/v1/sessions/{key}/network", put(sessions::network::<B>))
         .route("/v1/functions", get(info::functions::<B>))
         .route("/v1/functions/{name}", post(run::function::<B>))

@@ -50,7 +50,7 @@ pub struct FakeAgents {
 
 pub struct FakeVm {
     id: String,
-    agent: AgentClient,
+    agent: Arc<AgentClient>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -84,7 +84,7 @@ impl Backend for FakeAgents {
         let task = tokio::spawn(serve(guest, Arc::clone(&self.log)));
         self.log().alive += 1;
         let id = format!("{}fake-{}", self.prefix, self.next.fetch_add(1, Ordering::SeqCst));
-        Ok(FakeVm { id, agent: AgentClient::new(host), task })
+        Ok(FakeVm { id, agent: Arc::new(AgentClient::new(host)), task })
     }
 
     fn recycles(&self) -> bool {
@@ -129,6 +129,10 @@ impl Backend for FakeAgents {
 
     fn vm_id(vm: &FakeVm) -> &str {
         &vm.id
+    }
+
+    fn handle(vm: &FakeVm) -> ember_pool::pool::VmHandle {
+        ember_pool::pool::VmHandle { agent: Some(Arc::clone(&vm.agent)), ..Default::default() }
     }
 }
 

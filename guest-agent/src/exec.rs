@@ -25,7 +25,7 @@ use crate::cgroup::ExecCgroup;
 use crate::forkserver::{self, ForkServer};
 use crate::Agent;
 
-const CHUNK: usize = 32 * 1024;
+pub(crate) const CHUNK: usize = 32 * 1024;
 /// With `kill_leftovers = false`, how long to keep reading output that a
 /// background process still holds open after the command itself exited.
 const LEFTOVER_DRAIN: Duration = Duration::from_millis(100);
@@ -82,7 +82,7 @@ fn check_request(agent: &Agent, req: &ExecRequest) -> Result<PathBuf, ErrorReply
     Ok(cwd)
 }
 
-fn build_command(agent: &Agent, req: &ExecRequest) -> Result<Command, ErrorReply> {
+pub(crate) fn build_command(agent: &Agent, req: &ExecRequest) -> Result<Command, ErrorReply> {
     let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
     let cwd = check_request(agent, req)?;
     let mut cmd = match &req.command {
@@ -265,17 +265,21 @@ enum How<'a> {
 
 /// A started command: its pid (and process group), our ends of its pipes,
 /// and its exit status to come.
-struct Spawned {
-    pid: i32,
-    stdin: Option<pipe::Sender>,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
-    exit: tokio::sync::oneshot::Receiver<WaitStatus>,
+pub(crate) struct Spawned {
+    pub(crate) pid: i32,
+    pub(crate) stdin: Option<pipe::Sender>,
+    pub(crate) stdout: Option<pipe::Receiver>,
+    pub(crate) stderr: Option<pipe::Receiver>,
+    pub(crate) exit: tokio::sync::oneshot::Receiver<WaitStatus>,
     /// Keeps std's handle of an executed child (its pipes were taken).
-    _child: Option<std::process::Child>,
+    pub(crate) _child: Option<std::process::Child>,
 }
 
-fn spawn_exec(agent: &Agent, mut cmd: Command, cgroup: Option<&ExecCgroup>) -> Result<Spawned, ErrorReply> {
+pub(crate) fn spawn_exec(
+    agent: &Agent,
+    mut cmd: Command,
+    cgroup: Option<&ExecCgroup>,
+) -> Result<Spawned, ErrorReply> {
     crate::sys::confine_child(&mut cmd, cgroup.map(|c| c.procs_fd()), agent.layout.user);
     let (mut child, exit) = agent
         .reaper
@@ -353,7 +357,7 @@ async fn spawn_forked(
     }
 }
 
-async fn read_opt(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) async fn read_opt(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {
     match pipe {
         Some(p) => p.read(buf).await,
         None => std::future::pending().await,

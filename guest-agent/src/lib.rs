@@ -11,6 +11,7 @@ mod exec;
 mod files;
 mod forkserver;
 mod nic;
+mod process;
 mod reaper;
 mod reset;
 mod scrub;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 
 pub use cgroup::Cgroups;
 pub use forkserver::ForkServer;
+pub use process::Processes;
 pub use reaper::{ReapMode, Reaper};
 pub use scrub::Baseline;
 pub use session::serve;
@@ -99,6 +101,8 @@ pub struct Agent {
     pub forkserver: Option<ForkServer>,
     /// What `scrub` restores and checks against; `None` refuses scrubs.
     pub baseline: Option<Baseline>,
+    /// Background processes (sessions).
+    pub processes: Processes,
 }
 
 /// Command-line arguments of `ember-agent`.
@@ -153,8 +157,15 @@ pub async fn run(args: Args) -> std::io::Result<()> {
         &layout,
     )
     .await;
-    let agent =
-        Arc::new(Agent { layout, reaper, cgroups, power_off_on_shutdown: true, forkserver, baseline });
+    let agent = Arc::new(Agent {
+        layout,
+        reaper,
+        cgroups,
+        power_off_on_shutdown: true,
+        forkserver,
+        baseline,
+        processes: Processes::default(),
+    });
     // Start the blocking-pool thread (file writes) before the host can
     // snapshot this VM: under TCG a thread start costs ~8 ms, and a thread
     // in the snapshot is there after every reset.

@@ -219,6 +219,7 @@ async fn run_request(
             let _ = resp.send(done(crate::configure::configure(agent, cfg).await)).await;
         }
         RequestBody::Reset {} => {
+            agent.processes.clear();
             let _ = resp.send(done(crate::reset::reset(agent).await)).await;
         }
         RequestBody::DetachScratch {} => {
@@ -228,7 +229,26 @@ async fn run_request(
             let _ = resp.send(done(crate::reset::attach_scratch(agent).await)).await;
         }
         RequestBody::Scrub {} => {
+            agent.processes.clear();
             let _ = resp.send(done(crate::scrub::scrub(agent).await)).await;
+        }
+        RequestBody::Spawn(req) => {
+            let body = match crate::process::spawn(agent, id, req).await {
+                Ok(pid) => ResponseBody::Spawned { pid },
+                Err(e) => ResponseBody::Error(e),
+            };
+            let _ = resp.send(Response { id, body }).await;
+        }
+        RequestBody::Processes {} => {
+            let body = ResponseBody::Processes { processes: agent.processes.list() };
+            let _ = resp.send(Response { id, body }).await;
+        }
+        RequestBody::Attach { pid } => crate::process::attach(agent, id, pid, resp.clone(), token).await,
+        RequestBody::Stdin { pid, data, eof } => {
+            let _ = resp.send(done(crate::process::stdin(agent, pid, data, eof).await)).await;
+        }
+        RequestBody::Signal { pid, signal } => {
+            let _ = resp.send(done(crate::process::signal(agent, pid, signal))).await;
         }
         RequestBody::Hello { .. } | RequestBody::Cancel { .. } | RequestBody::Shutdown {} => {}
     }

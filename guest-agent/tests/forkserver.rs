@@ -52,6 +52,7 @@ async fn start(with_server: bool) -> Harness {
         power_off_on_shutdown: false,
         forkserver,
         baseline: None,
+        processes: Default::default(),
     });
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));

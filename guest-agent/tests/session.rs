@@ -29,6 +29,7 @@ fn start() -> Harness {
         power_off_on_shutdown: false,
         forkserver: None,
         baseline: None,
+        processes: Default::default(),
     });
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));
@@ -279,4 +280,100 @@ async fn closing_the_connection_kills_running_commands() {
     std::mem::forget(handle);
     drop(h.client);
     assert!(gone(pid).await, "command {pid} outlived its connection");
+}
+
+fn spawn_req(cmd: &str, stdin: bool, buffer: u64) -> ember_wire::SpawnRequest {
+    ember_wire::SpawnRequest {
+        command: Command::Shell(cmd.into()),
+        env: Default::default(),
+        cwd: None,
+        stdin,
+        tag: Some("t".into()),
+        buffer_bytes: buffer,
+        pids_limit: None,
+        max_processes: 4,
+    }
+}
+
+/// Everything an attach delivers until the exit: (dropped, stdout, exit).
+async fn follow(client: &AgentClient, pid: u32) -> (u64, String, ember_wire::ExitStatus) {
+    let mut h = client.attach(pid).await.unwrap();
+    let (mut dropped, mut out) = (0, Vec::new());
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), h.next()).await.unwrap().unwrap() {
+            ExecEvent::Output { data, .. } => out.extend(data),
+            ExecEvent::Dropped { bytes } => dropped += bytes,
+            ExecEvent::Exit(st) => return (dropped, String::from_utf8(out).unwrap(), st),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_background_process_outlives_its_call_takes_stdin_and_replays_its_output() {
+    let h = start();
+    let pid = h
+        .client
+        .spawn(spawn_req("echo start; while read l; do echo \"got $l\"; done; echo end", true, 1 << 20))
+        .await
+        .unwrap();
+    // Two readers at once, attached before any input.
+    let (a, b) = (follow(&h.client, pid), follow(&h.client, pid));
+    let feed = async {
+        h.client.stdin(pid, b"one\n".to_vec(), false).await.unwrap();
+        h.client.stdin(pid, b"two\n".to_vec(), true).await.unwrap();
+    };
+    let ((da, oa, sa), (db, ob, _), ()) = tokio::join!(a, b, feed);
+    assert_eq!((da, oa.as_str(), sa.code), (0, "start\ngot one\ngot two\nend\n", Some(0)));
+    assert_eq!((db, ob.as_str()), (0, oa.as_str()), "the second reader saw the same");
+    // A reader after the exit gets the whole buffer and the exit.
+    let (d, o, st) = follow(&h.client, pid).await;
+    assert_eq!((d, o.as_str(), st.code), (0, "start\ngot one\ngot two\nend\n", Some(0)));
+    let listed = h.client.processes().await.unwrap();
+    let p = listed.iter().find(|p| p.pid == pid).unwrap();
+    assert_eq!((p.tag.as_deref(), p.output_bytes, p.stdin_open), (Some("t"), 26, false));
+    assert_eq!(p.exit.as_ref().and_then(|e| e.code), Some(0));
+    // stdin of an exited process, a signal to it, an unknown pid.
+    let code = |e: AgentError| match e {
+        AgentError::Remote(r) => r.code,
+        other => panic!("{other}"),
+    };
+    assert_eq!(code(h.client.stdin(pid, b"x".to_vec(), false).await.unwrap_err()), ErrorCode::Conflict);
+    assert_eq!(code(h.client.signal(pid, 15).await.unwrap_err()), ErrorCode::Conflict);
+    assert_eq!(code(h.client.signal(999_999, 15).await.unwrap_err()), ErrorCode::NotFound);
+    assert!(matches!(h.client.attach(999_999).await.unwrap().next().await, Err(AgentError::Remote(_))));
+}
+
+#[tokio::test]
+async fn older_output_past_the_buffer_is_dropped_and_counted() {
+    let h = start();
+    let pid = h
+        .client
+        .spawn(spawn_req("head -c 5000 /dev/zero | tr '\\0' x; sleep 0.3", false, 1000))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (dropped, out, st) = follow(&h.client, pid).await;
+    assert_eq!((dropped, out.len(), st.code), (4000, 1000, Some(0)));
+    assert!(out.bytes().all(|b| b == b'x'));
+}
+
+#[tokio::test]
+async fn signals_end_a_process_and_the_running_count_is_capped() {
+    let h = start();
+    let mut req = spawn_req("sleep 30", false, 1000);
+    req.max_processes = 1;
+    let pid = h.client.spawn(req.clone()).await.unwrap();
+    match h.client.spawn(req.clone()).await {
+        Err(AgentError::Remote(e)) => assert!(e.message.contains("the limit"), "{}", e.message),
+        other => panic!("a second process past the limit: {other:?}"),
+    }
+    let t = Instant::now();
+    h.client.signal(pid, 15).await.unwrap();
+    let (_, _, st) = follow(&h.client, pid).await;
+    assert_eq!(st.signal, Some(15));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // Its slot is free again.
+    let again = h.client.spawn(req).await.unwrap();
+    h.client.signal(again, 9).await.unwrap();
+    assert_eq!(follow(&h.client, again).await.2.signal, Some(9));
 }

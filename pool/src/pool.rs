@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub use backend::{Backend, NetTimings};
+pub use backend::{Backend, NetTimings, VmHandle};
 pub use budget::MemoryBudget;
 pub use lease::Lease;
 pub use session::{SessionInfo, SessionLease, SessionSpec, MIN_SESSION_TIMEOUT};

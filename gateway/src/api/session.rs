@@ -126,6 +126,84 @@ fn check_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `POST /v1/sessions/{key}/processes`: a background process.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessRequest {
+    /// A shell command line, run by `/bin/sh -c`.
+    pub cmd: Option<String>,
+    /// A program and its arguments.
+    pub argv: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Keep stdin open for `POST .../stdin`; else it reads EOF at once.
+    #[serde(default)]
+    pub stdin: bool,
+    /// A label, listed with it (at most 64 bytes).
+    pub tag: Option<String>,
+    /// A pseudo-terminal: not supported yet (refused, never ignored).
+    pub pty: Option<serde_json::Value>,
+}
+
+impl ProcessRequest {
+    pub fn check(self, limits: &Limits) -> Result<ember_wire::SpawnRequest, ApiError> {
+        if self.pty.is_some() {
+            return Err(invalid("pty: pseudo-terminals are not supported yet; run without \"pty\""));
+        }
+        let command = match (self.cmd, self.argv) {
+            (Some(c), None) if !c.is_empty() => ember_wire::Command::Shell(c),
+            (None, Some(a)) if a.first().is_some_and(|p| !p.is_empty()) => ember_wire::Command::Argv(a),
+            _ => return Err(invalid("give exactly one of cmd (a non-empty string) or argv (non-empty)")),
+        };
+        check_env(&self.env)?;
+        if let Some(t) = &self.tag {
+            if t.len() > MAX_METADATA_KEY {
+                return Err(invalid(format!("tag is over {MAX_METADATA_KEY} bytes")));
+            }
+        }
+        Ok(ember_wire::SpawnRequest {
+            command,
+            env: self.env,
+            cwd: self.cwd,
+            stdin: self.stdin,
+            tag: self.tag,
+            buffer_bytes: limits.process_output_buffer,
+            pids_limit: Some(limits.max_pids),
+            max_processes: limits.max_processes,
+        })
+    }
+}
+
+/// `POST .../processes/{pid}/signal`: `{"signal": "TERM"}` (a name, with
+/// or without `SIG`, or a number).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    pub signal: serde_json::Value,
+}
+
+impl SignalRequest {
+    pub fn check(&self) -> Result<i32, ApiError> {
+        let bad = || {
+            invalid(format!("signal {}: give a name such as \"TERM\" or \"KILL\", or a number", self.signal))
+        };
+        let sig = match &self.signal {
+            serde_json::Value::Number(n) => {
+                let n = n.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or_else(bad)?;
+                nix::sys::signal::Signal::try_from(n).map_err(|_| bad())?
+            }
+            serde_json::Value::String(s) => {
+                let name = s.trim().to_ascii_uppercase();
+                let name = if name.starts_with("SIG") { name } else { format!("SIG{name}") };
+                name.parse::<nix::sys::signal::Signal>().map_err(|_| bad())?
+            }
+            _ => return Err(bad()),
+        };
+        Ok(sig as i32)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +259,33 @@ mod tests {
         let many: Vec<String> = (0..=MAX_METADATA_ENTRIES).map(|i| format!(r#""k{i}":"v""#)).collect();
         assert!(message(&format!(r#"{{"metadata":{{{}}}}}"#, many.join(","))).contains("entries"));
         assert!(message(r#"{"image":""}"#).contains("image"));
+    }
+
+    #[test]
+    fn processes_and_signals_are_checked() {
+        let p = |body: &str| serde_json::from_str::<ProcessRequest>(body).unwrap().check(&Limits::default());
+        let spawn = p(r#"{"cmd":"sleep 1","stdin":true,"tag":"w"}"#).unwrap();
+        assert_eq!(spawn.command, ember_wire::Command::Shell("sleep 1".into()));
+        assert!(spawn.stdin && spawn.buffer_bytes == Limits::default().process_output_buffer);
+        assert!(p(r#"{"argv":["ls","-l"]}"#).is_ok());
+        for bad in [
+            r#"{}"#,
+            r#"{"cmd":""}"#,
+            r#"{"argv":[]}"#,
+            r#"{"cmd":"a","argv":["b"]}"#,
+            r#"{"cmd":"a","pty":{}}"#,
+        ] {
+            assert_eq!(p(bad).unwrap_err().status, 400, "{bad}");
+        }
+        let s = |v: serde_json::Value| SignalRequest { signal: v }.check();
+        assert_eq!(s(serde_json::json!("TERM")).ok(), Some(15));
+        assert_eq!(s(serde_json::json!("sigkill")).ok(), Some(9));
+        assert_eq!(s(serde_json::json!(2)).ok(), Some(2));
+        for bad in
+            [serde_json::json!("NOPE"), serde_json::json!(0), serde_json::json!(999), serde_json::json!([])]
+        {
+            assert!(s(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]

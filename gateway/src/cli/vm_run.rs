@@ -97,6 +97,7 @@ async fn stream_exec(vm: &ember_vm::Vm, req: ExecRequest) -> anyhow::Result<embe
             ExecEvent::Output { stream: Stream::Stderr, data } => {
                 err.write_all(&data)?;
             }
+            ExecEvent::Dropped { .. } => {}
             ExecEvent::Exit(st) => return Ok(st),
         }
     }

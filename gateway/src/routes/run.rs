@@ -204,7 +204,44 @@ where
     with_id(resp, &id)
 }
 
-fn line(ev: &StreamEvent) -> Bytes {
+/// Turns agent events into NDJSON events, keeping each stream's UTF-8
+/// characters whole across chunks.
+#[derive(Default)]
+pub(super) struct EventLines {
+    out: Utf8Chunker,
+    err: Utf8Chunker,
+}
+
+impl EventLines {
+    /// Add `ev`'s lines to `to`; whether it was the last (the exit).
+    pub(super) fn push(&mut self, ev: ExecEvent, to: &mut Vec<StreamEvent>) -> bool {
+        match ev {
+            ExecEvent::Output { stream: Stream::Stdout, data } => {
+                to.extend(self.out.push(data).map(StreamEvent::Stdout))
+            }
+            ExecEvent::Output { stream: Stream::Stderr, data } => {
+                to.extend(self.err.push(data).map(StreamEvent::Stderr))
+            }
+            ExecEvent::Dropped { bytes } => to.push(StreamEvent::Dropped { bytes }),
+            ExecEvent::Exit(st) => {
+                to.extend(self.out.finish().map(StreamEvent::Stdout));
+                to.extend(self.err.finish().map(StreamEvent::Stderr));
+                to.push(StreamEvent::Exit {
+                    exit_code: st.code,
+                    signal: st.signal,
+                    timed_out: st.timed_out,
+                    truncated: st.truncated,
+                    duration_ms: st.duration_ms,
+                    duration_us: st.duration_us,
+                });
+                return true;
+            }
+        }
+        false
+    }
+}
+
+pub(super) fn line(ev: &StreamEvent) -> Bytes {
     let mut v = serde_json::to_vec(ev).unwrap_or_else(|_| b"{}".to_vec());
     v.push(b'\n');
     Bytes::from(v)
@@ -225,7 +262,7 @@ where
         image: running.image.clone(),
     };
     let task = async move {
-        let (mut out, mut err) = (Utf8Chunker::default(), Utf8Chunker::default());
+        let mut lines = EventLines::default();
         let mut pending = vec![started];
         loop {
             for ev in pending.drain(..) {
@@ -241,30 +278,15 @@ where
                     return;
                 }
             };
-            match next {
-                Ok(ExecEvent::Output { stream: Stream::Stdout, data }) => {
-                    pending.extend(out.push(data).map(StreamEvent::Stdout))
-                }
-                Ok(ExecEvent::Output { stream: Stream::Stderr, data }) => {
-                    pending.extend(err.push(data).map(StreamEvent::Stderr))
-                }
-                Ok(ExecEvent::Exit(st)) => {
-                    pending.extend(out.finish().map(StreamEvent::Stdout));
-                    pending.extend(err.finish().map(StreamEvent::Stderr));
-                    pending.push(StreamEvent::Exit {
-                        exit_code: st.code,
-                        signal: st.signal,
-                        timed_out: st.timed_out,
-                        truncated: st.truncated,
-                        duration_ms: st.duration_ms,
-                        duration_us: st.duration_us,
-                    });
-                    break;
-                }
+            let ended = match next {
+                Ok(ev) => lines.push(ev, &mut pending),
                 Err(e) => {
                     pending.push(StreamEvent::Error { error: e.body() });
-                    break;
+                    true
                 }
+            };
+            if ended {
+                break;
             }
         }
         for ev in pending {

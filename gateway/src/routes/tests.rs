@@ -893,3 +893,24 @@ async fn a_session_is_opened_shown_extended_and_its_env_reaches_its_calls() {
     assert_eq!(f.send(del).await.status, 204);
     assert_eq!(f.get("/v1/sessions/ws").await.status, 404);
 }
+
+/// The process routes answer their errors in the one shape: no session,
+/// a bad pid, a bad body, a pty (not supported yet).
+#[tokio::test]
+async fn process_routes_name_their_errors() {
+    let f = fixture();
+    let nobody = f.post_json("/v1/sessions/nobody/processes", json!({"cmd": "sleep 1"})).await;
+    assert_eq!(nobody.error(), (404, "not_found".into()));
+    assert_eq!(f.get("/v1/sessions/nobody/processes").await.error(), (404, "not_found".into()));
+    assert_eq!(f.post_json("/v1/sessions", json!({"key": "p"})).await.status, 201);
+    for (path, body, want) in [
+        ("/v1/sessions/p/processes", json!({"cmd": "top", "pty": {"cols": 80}}), "invalid_request"),
+        ("/v1/sessions/p/processes", json!({}), "invalid_request"),
+        ("/v1/sessions/p/processes", json!({"cmd": "x", "surprise": 1}), "invalid_request"),
+        ("/v1/sessions/p/processes/abc/signal", json!({"signal": "TERM"}), "invalid_request"),
+        ("/v1/sessions/p/processes/1/signal", json!({"signal": "NOPE"}), "invalid_request"),
+    ] {
+        assert_eq!(f.post_json(path, body.clone()).await.error(), (400, want.to_string()), "{path} {body}");
+    }
+    assert_eq!(f.get("/v1/sessions/p/processes/abc/output").await.error(), (400, "invalid_request".into()));
+}

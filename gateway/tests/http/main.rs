@@ -224,6 +224,93 @@ fn an_opened_session_shows_its_figures_and_ends_with_its_lifetime(s: &Server) ->
     Ok(())
 }
 
+/// NDJSON lines of a process's output; with `max_time`, curl hangs up
+/// after that long (a reader that leaves while the process runs).
+fn process_output(s: &Server, key: &str, pid: u64, max_time: Option<&str>) -> anyhow::Result<Vec<Value>> {
+    let mut args = vec!["-N"];
+    if let Some(t) = max_time {
+        args.extend(["--max-time", t]);
+    }
+    let a = s.curl(&args, &format!("/v1/sessions/{key}/processes/{pid}/output"))?;
+    ensure!(a.status == 200, "{a:?}");
+    String::from_utf8_lossy(&a.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("line {l:?}")))
+        .collect()
+}
+
+fn stdout_of(lines: &[Value]) -> String {
+    lines.iter().filter(|l| l["type"] == "stdout").filter_map(|l| l["data"].as_str()).collect()
+}
+
+/// Background processes in a real VM: they outlive the call that started
+/// them, their output is replayed to late and concurrent readers, stdin
+/// and EOF reach them, signals end them, and they go with the session.
+fn a_sessions_background_processes_keep_running_and_replay_their_output(s: &Server) -> anyhow::Result<()> {
+    ensure!(s.post_json("/v1/sessions", &json!({"key": "procs"}))?.status == 201);
+    let counter = s.post_json(
+        "/v1/sessions/procs/processes",
+        &json!({"cmd": "i=0; while true; do echo $i; i=$((i+1)); sleep 0.2; done", "tag": "counter"}),
+    )?;
+    ensure!(counter.status == 201, "{counter:?}");
+    let c = counter.json()?;
+    let pid = c["pid"].as_u64().context("pid")?;
+    ensure!(c["state"] == "running" && c["tag"] == "counter", "{c}");
+    // A reader that leaves after 2 s, then two at once: each starts from
+    // the beginning of the buffer and sees the count go on.
+    let first = stdout_of(&process_output(s, "procs", pid, Some("2"))?);
+    ensure!(first.starts_with("0\n1\n2\n"), "{first:?}");
+    let (a, b) = std::thread::scope(|sc| {
+        let a = sc.spawn(|| process_output(s, "procs", pid, Some("2")));
+        let b = sc.spawn(|| process_output(s, "procs", pid, Some("2")));
+        (a.join().expect("thread"), b.join().expect("thread"))
+    });
+    let (a, b) = (stdout_of(&a?), stdout_of(&b?));
+    ensure!(a.len() > first.len() && b.len() > first.len() && a.starts_with("0\n1\n"), "{a:?} {b:?}");
+    // A call in the session runs while the process goes on, and sees it.
+    let seen = s.run_in(
+        "procs",
+        json!({"cmd": "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c 'while true'"}),
+    )?;
+    ensure!(seen["stdout"].as_str().is_some_and(|o| o.trim() != "0"), "{seen}");
+
+    // stdin, then EOF, reach a process that reads them.
+    let cat =
+        s.post_json("/v1/sessions/procs/processes", &json!({"argv": ["cat"], "stdin": true}))?.json()?;
+    let cat_pid = cat["pid"].as_u64().context("pid")?;
+    let path = format!("/v1/sessions/procs/processes/{cat_pid}/stdin");
+    ensure!(s.post(&path, &[], b"hello\n")?.status == 204);
+    ensure!(s.request("DELETE", &path, &[], None)?.status == 204);
+    let lines = process_output(s, "procs", cat_pid, None)?;
+    ensure!(stdout_of(&lines) == "hello\n", "{lines:?}");
+    ensure!(lines.last().is_some_and(|l| l["type"] == "exit" && l["exit_code"] == 0), "{lines:?}");
+    ensure!(s.post(&path, &[], b"more")?.error()? == (409, "process_state".into()));
+
+    // SIGTERM ends the counter; a second signal is a 409; its exit is kept.
+    let sig = format!("/v1/sessions/procs/processes/{pid}/signal");
+    ensure!(s.post_json(&sig, &json!({"signal": "TERM"}))?.status == 204);
+    let ended = process_output(s, "procs", pid, None)?;
+    ensure!(ended.last().is_some_and(|l| l["type"] == "exit" && l["signal"] == 15), "{:?}", ended.last());
+    ensure!(s.post_json(&sig, &json!({"signal": "KILL"}))?.error()? == (409, "process_state".into()));
+    let listed = s.get("/v1/sessions/procs/processes")?.json()?;
+    let states: Vec<&str> =
+        listed["processes"].as_array().context("list")?.iter().filter_map(|p| p["state"].as_str()).collect();
+    ensure!(states == ["exited", "exited"], "{listed}");
+    ensure!(s.get("/v1/sessions/procs/processes/999999")?.error()? == (404, "not_found".into()));
+
+    // A process still running when the session ends goes with its VM.
+    let vm = s.get("/v1/sessions/procs")?.json()?["vm_id"].as_str().context("vm")?.to_string();
+    ensure!(s.post_json("/v1/sessions/procs/processes", &json!({"cmd": "sleep 600"}))?.status == 201);
+    ensure!(s.request("DELETE", "/v1/sessions/procs", &[], None)?.status == 204);
+    let gone = Instant::now() + Duration::from_secs(10);
+    while !ember_vm::os::processes_mentioning(&vm).is_empty() {
+        ensure!(Instant::now() < gone, "the ended session's VM still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(s.get("/v1/sessions/procs/processes")?.error()? == (404, "not_found".into()));
+    Ok(())
+}
+
 fn functions_run_with_real_input(s: &Server) -> anyhow::Result<()> {
     let list = s.get("/v1/functions")?.json()?;
     let names: Vec<&str> = list["functions"]
@@ -389,6 +476,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "an_opened_session_shows_its_figures_and_ends_with_its_lifetime",
         an_opened_session_shows_its_figures_and_ends_with_its_lifetime,
+    ),
+    (
+        "a_sessions_background_processes_keep_running_and_replay_their_output",
+        a_sessions_background_processes_keep_running_and_replay_their_output,
     ),
     ("functions_run_with_real_input", functions_run_with_real_input),
     ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),

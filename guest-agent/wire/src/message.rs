@@ -44,6 +44,69 @@ pub enum RequestBody {
     /// DNS, then verify that nothing of the user is left. An error means the
     /// host must fall back to a full reset. No VM-level state is touched.
     Scrub {},
+    /// Start a background process that outlives this request and the
+    /// connection: answered by `spawned`.
+    Spawn(SpawnRequest),
+    /// The background processes, running and exited: answered by `processes`.
+    Processes {},
+    /// A background process's output: a `dropped` count if older output
+    /// was lost, what its buffer holds, then live output until it exits,
+    /// then its `exit`. Cancelling detaches; the process goes on.
+    Attach {
+        pid: u32,
+    },
+    /// Write to a background process's stdin; `eof` closes it after `data`.
+    Stdin {
+        pid: u32,
+        #[serde(default, with = "crate::bytes")]
+        data: Vec<u8>,
+        #[serde(default)]
+        eof: bool,
+    },
+    /// Send `signal` to a background process's process group.
+    Signal {
+        pid: u32,
+        signal: i32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub command: Command,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Keep stdin open for `stdin` requests; else it reads EOF at once.
+    #[serde(default)]
+    pub stdin: bool,
+    /// The caller's label, listed with it.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Output kept for later readers; older output is dropped (counted).
+    pub buffer_bytes: u64,
+    #[serde(default)]
+    pub pids_limit: Option<u32>,
+    /// Running background processes allowed at once; a spawn past it fails.
+    pub max_processes: u32,
+}
+
+/// A background process as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    #[serde(default)]
+    pub tag: Option<String>,
+    pub command: Command,
+    pub started_unix_ms: u64,
+    /// `None` while it runs.
+    #[serde(default)]
+    pub exit: Option<ExitStatus>,
+    /// Bytes of output it has written so far.
+    pub output_bytes: u64,
+    pub stdin_open: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +252,17 @@ pub enum ResponseBody {
     /// Success of a request that has no other result.
     Ok,
     Error(ErrorReply),
+    Spawned {
+        pid: u32,
+    },
+    Processes {
+        processes: Vec<ProcessInfo>,
+    },
+    /// Output of an attached process that was lost before this reader got
+    /// it (the buffer keeps the newest `buffer_bytes`).
+    Dropped {
+        bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -248,6 +322,10 @@ pub enum ErrorCode {
     SpawnFailed,
     /// The guest failed to carry out the request.
     Internal,
+    /// No such background process.
+    NotFound,
+    /// The process's state does not allow it (it exited, its stdin is closed).
+    Conflict,
 }
 
 impl ErrorReply {

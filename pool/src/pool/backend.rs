@@ -16,6 +16,13 @@ pub struct NetTimings {
     pub total: std::time::Duration,
 }
 
+/// See [`Backend::handle`].
+#[derive(Debug, Clone, Default)]
+pub struct VmHandle {
+    pub usage: ember_vm::vm::UsageProbe,
+    pub agent: Option<std::sync::Arc<ember_vm::AgentClient>>,
+}
+
 pub trait Backend: Send + Sync + 'static {
     type Vm: Send + Sync + 'static;
 
@@ -80,9 +87,9 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// What reads the VM's live figures (CPU, memory, disk) without holding
-    /// it, for a session's status while a call runs in it.
-    fn usage_probe(_vm: &Self::Vm) -> ember_vm::vm::UsageProbe {
-        ember_vm::vm::UsageProbe::default()
+    /// What a session uses of its VM without holding it (a call may be
+    /// running): its live figures and its agent connection.
+    fn handle(_vm: &Self::Vm) -> VmHandle {
+        VmHandle::default()
     }
 }

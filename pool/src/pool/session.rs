@@ -10,12 +10,12 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use ember_vm::vm::{Usage, UsageProbe};
+use ember_vm::vm::Usage;
 
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
-use super::{lease, Backend, Inner, Phase, Pool, PoolError};
+use super::{lease, Backend, Inner, Phase, Pool, PoolError, VmHandle};
 
 /// What a session is opened with; the session header's implicit open uses
 /// the defaults.
@@ -42,7 +42,7 @@ pub(super) struct Slot<V> {
     idle_timeout: Duration,
     expires: Mutex<Option<Instant>>,
     spec: SessionSpec,
-    probe: UsageProbe,
+    handle: VmHandle,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -92,7 +92,7 @@ impl<V> Slot<V> {
             env: self.spec.env.keys().cloned().collect(),
             metadata: self.spec.metadata.clone(),
             busy: self.vm.try_lock().is_err(),
-            usage: self.probe.read(),
+            usage: self.handle.usage.read(),
         }
     }
 }
@@ -243,7 +243,7 @@ impl<B: Backend> Pool<B> {
         let now = Instant::now();
         let slot = Arc::new(Slot {
             vm_id: B::vm_id(&vm).to_string(),
-            probe: B::usage_probe(&vm),
+            handle: B::handle(&vm),
             vm: Arc::new(tokio::sync::Mutex::new(Some(vm))),
             created: now,
             created_wall: SystemTime::now(),
@@ -297,6 +297,20 @@ impl<B: Backend> Pool<B> {
         let mut v: Vec<SessionInfo> = slots.iter().map(|(k, s)| s.info(k, now)).collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
+    }
+
+    /// Session `key`'s agent connection, to use without waiting for a call
+    /// running in it (background processes); `None` if there is no such
+    /// session or its backend has no shared connection.
+    pub fn session_agent(&self, key: &str) -> Option<std::sync::Arc<ember_vm::AgentClient>> {
+        self.inner.lock().sessions.get(key)?.handle.agent.clone()
+    }
+
+    /// Count a use of session `key` that is not a call (its processes).
+    pub fn touch_session(&self, key: &str) {
+        if let Some(slot) = self.inner.lock().sessions.get(key) {
+            slot.touch();
+        }
     }
 
     /// Session `key` as it is now, if this pool has it.

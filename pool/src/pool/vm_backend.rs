@@ -420,7 +420,7 @@ impl Backend for VmBackend {
         vm.cpu_seconds()
     }
 
-    fn usage_probe(vm: &Vm) -> ember_vm::vm::UsageProbe {
-        vm.usage_probe()
+    fn handle(vm: &Vm) -> super::VmHandle {
+        super::VmHandle { usage: vm.usage_probe(), agent: Some(vm.shared_agent()) }
     }
 }

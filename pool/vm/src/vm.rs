@@ -101,7 +101,9 @@ pub struct Vm {
     channel: ChannelKind,
     accel: Accel,
     timings: BootTimings,
-    agent: AgentClient,
+    /// Shared so that long reads (a session's process output) need not hold
+    /// the VM.
+    agent: std::sync::Arc<AgentClient>,
     agent_addr: ChannelAddr,
     qmp: tokio::sync::Mutex<Qmp<UnixStream>>,
     // Field order is drop order: processes die before their files go.
@@ -144,6 +146,12 @@ impl Vm {
     }
     pub fn agent(&self) -> &AgentClient {
         &self.agent
+    }
+
+    /// The agent connection, to use without holding the VM. A rollback
+    /// reset replaces it; the old one then fails every call.
+    pub fn shared_agent(&self) -> std::sync::Arc<AgentClient> {
+        std::sync::Arc::clone(&self.agent)
     }
     /// Its NIC's TAP in Ember's namespace, with networking on.
     pub fn tap(&self) -> Option<&crate::net::OwnedTap> {
@@ -292,7 +300,7 @@ impl Vm {
                 }
                 BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
             })?;
-        self.agent = agent;
+        self.agent = std::sync::Arc::new(agent);
         Ok(())
     }
 

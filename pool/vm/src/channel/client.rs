@@ -122,7 +122,14 @@ pub struct ExecOutput {
 /// One event of a running command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
-    Output { stream: Stream, data: Vec<u8> },
+    Output {
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    /// An attached background process's output this reader missed.
+    Dropped {
+        bytes: u64,
+    },
     Exit(ExitStatus),
 }
 
@@ -302,6 +309,49 @@ impl AgentClient {
         })
     }
 
+    /// Start a background process (it outlives this call); its pid.
+    pub async fn spawn(&self, req: ember_wire::SpawnRequest) -> Result<u32, AgentError> {
+        match self.call("spawn", self.timeouts.quick, RequestBody::Spawn(req)).await? {
+            ResponseBody::Spawned { pid } => Ok(pid),
+            other => Err(AgentError::Protocol(format!("expected spawned, got {other:?}"))),
+        }
+    }
+
+    /// The background processes, running and exited (bounded: the reply is
+    /// one frame).
+    pub async fn processes(&self) -> Result<Vec<ember_wire::ProcessInfo>, AgentError> {
+        match self.call("processes", self.timeouts.quick, RequestBody::Processes {}).await? {
+            ResponseBody::Processes { processes } => Ok(processes),
+            other => Err(AgentError::Protocol(format!("expected processes, got {other:?}"))),
+        }
+    }
+
+    /// Follow a background process's output: what its buffer holds, then
+    /// live output, then its exit. Dropping the handle detaches.
+    pub async fn attach(&self, pid: u32) -> Result<ExecHandle, AgentError> {
+        let (id, call, rx) = self.start(RequestBody::Attach { pid }).await?;
+        Ok(ExecHandle {
+            id,
+            rx,
+            buffered: call.buffered,
+            out: self.out.clone(),
+            finished: false,
+            // Streamed through, never collected: bounded per read by the
+            // channel's buffer, not in total.
+            limit: u64::MAX,
+            received: 0,
+            truncated: false,
+        })
+    }
+
+    pub async fn stdin(&self, pid: u32, data: Vec<u8>, eof: bool) -> Result<(), AgentError> {
+        self.call_ok("stdin", self.timeouts.quick, RequestBody::Stdin { pid, data, eof }).await
+    }
+
+    pub async fn signal(&self, pid: u32, signal: i32) -> Result<(), AgentError> {
+        self.call_ok("signal", self.timeouts.quick, RequestBody::Signal { pid, signal }).await
+    }
+
     /// Run a command to completion and collect its output.
     pub async fn run(&self, req: ExecRequest) -> Result<ExecOutput, AgentError> {
         let mut h = self.exec(req).await?;
@@ -310,6 +360,7 @@ impl AgentClient {
             match h.next().await? {
                 ExecEvent::Output { stream: Stream::Stdout, data } => out.stdout.extend(data),
                 ExecEvent::Output { stream: Stream::Stderr, data } => out.stderr.extend(data),
+                ExecEvent::Dropped { .. } => {}
                 ExecEvent::Exit(st) => {
                     out.status = st;
                     return Ok(out);
@@ -371,7 +422,7 @@ impl AgentClient {
 }
 
 fn route(pending: &Pending, stray: &mpsc::Sender<ErrorReply>, resp: Response) {
-    let terminal = !matches!(resp.body, ResponseBody::Output { .. });
+    let terminal = !matches!(resp.body, ResponseBody::Output { .. } | ResponseBody::Dropped { .. });
     let mut map = pending.lock().unwrap_or_else(|p| p.into_inner());
     let call = if terminal { map.remove(&resp.id) } else { map.get(&resp.id).cloned() };
     match (call, resp.body) {
@@ -429,6 +480,9 @@ impl ExecHandle {
                     if !data.is_empty() {
                         return Ok(ExecEvent::Output { stream, data });
                     }
+                }
+                Some(Delivery::Body(ResponseBody::Dropped { bytes })) => {
+                    return Ok(ExecEvent::Dropped { bytes });
                 }
                 Some(Delivery::Body(ResponseBody::Exit(mut st))) => {
                     self.finished = true;

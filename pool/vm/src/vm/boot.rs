@@ -234,7 +234,7 @@ impl Vm {
             channel: host.channel(),
             accel,
             timings,
-            agent,
+            agent: std::sync::Arc::new(agent),
             agent_addr: addr,
             qmp: tokio::sync::Mutex::new(qmp),
             qemu,

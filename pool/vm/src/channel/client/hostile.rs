@@ -89,6 +89,7 @@ async fn output_past_the_limit_is_cut_on_the_host_and_a_flood_ends_the_call() {
         match h.next().await {
             Ok(ExecEvent::Output { data, .. }) => kept += data.len(),
             Ok(ExecEvent::Exit(st)) => panic!("no exit was sent: {st:?}"),
+            Ok(ExecEvent::Dropped { .. }) => panic!("an exec has no dropped output"),
             Err(e) => break e,
         }
     };

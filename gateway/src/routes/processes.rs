@@ -1,0 +1,226 @@
+//! A session's background processes: start, list, show, follow the output
+//! (NDJSON, replayed from the process's buffer, any number of readers at
+//! once), stdin, EOF and signals. They use the session's agent connection
+//! without holding its VM, so a call running in the session does not block
+//! them, nor they it; each use counts as activity of the session.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ember_pool::pool::Backend;
+use ember_vm::AgentClient;
+use serde_json::json;
+
+use super::run::{line, EventLines};
+use super::NDJSON;
+use crate::api::{ProcessRequest, SignalRequest, StreamEvent};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Session `key`'s agent, or the 404 that names it.
+fn agent_of<B: Backend>(state: &AppState<B>, key: &str) -> Result<(String, Arc<AgentClient>), ApiError> {
+    crate::api::check_session_key(key)?;
+    let missing = || ApiError::not_found(format!("no session {key:?}"));
+    let (_, pool) = state.pools.with_session(key).ok_or_else(missing)?;
+    let agent = pool.session_agent(key).ok_or_else(missing)?;
+    pool.touch_session(key);
+    let vm = pool.session_info(key).map(|s| s.vm_id).unwrap_or_default();
+    Ok((vm, agent))
+}
+
+fn parse_pid(raw: &str) -> Result<u32, ApiError> {
+    raw.parse().map_err(|_| crate::api::invalid(format!("pid {raw:?} is not a process id")))
+}
+
+fn agent_error(vm: &str, e: ember_vm::AgentError) -> ApiError {
+    ApiError::from_agent(vm, e).0
+}
+
+fn answer(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn start<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Response {
+    answer(
+        async {
+            let req: ProcessRequest = super::parse_json(&body)?;
+            let spawn = req.check(&state.limits)?;
+            let (vm, agent) = agent_of(&state, &key)?;
+            let pid = agent.spawn(spawn).await.map_err(|e| agent_error(&vm, e))?;
+            let info = find(&agent, &vm, pid).await?;
+            Ok((StatusCode::CREATED, Json(info)).into_response())
+        }
+        .await,
+    )
+}
+
+pub async fn list<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<String>) -> Response {
+    answer(
+        async {
+            let (vm, agent) = agent_of(&state, &key)?;
+            let all = agent.processes().await.map_err(|e| agent_error(&vm, e))?;
+            let shown: Vec<_> = all.iter().map(shown).collect();
+            Ok(Json(json!({ "processes": shown })).into_response())
+        }
+        .await,
+    )
+}
+
+pub async fn show<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path((key, pid)): Path<(String, String)>,
+) -> Response {
+    answer(
+        async {
+            let (vm, agent) = agent_of(&state, &key)?;
+            Ok(Json(find(&agent, &vm, parse_pid(&pid)?).await?).into_response())
+        }
+        .await,
+    )
+}
+
+async fn find(agent: &AgentClient, vm: &str, pid: u32) -> Result<serde_json::Value, ApiError> {
+    let all = agent.processes().await.map_err(|e| agent_error(vm, e))?;
+    all.iter()
+        .find(|p| p.pid == pid)
+        .map(shown)
+        .ok_or_else(|| ApiError::not_found(format!("no process {pid}")))
+}
+
+/// A process as the API shows it.
+fn shown(p: &ember_wire::ProcessInfo) -> serde_json::Value {
+    let (cmd, argv) = match &p.command {
+        ember_wire::Command::Shell(c) => (Some(c.clone()), None),
+        ember_wire::Command::Argv(a) => (None, Some(a.clone())),
+        ember_wire::Command::Python(py) => (None, Some(vec!["python3".to_string(), py.path.clone()])),
+    };
+    let started = std::time::UNIX_EPOCH + std::time::Duration::from_millis(p.started_unix_ms);
+    json!({
+        "pid": p.pid,
+        "tag": p.tag,
+        "cmd": cmd,
+        "argv": argv,
+        "started": humantime::format_rfc3339_millis(started).to_string(),
+        "state": if p.exit.is_some() { "exited" } else { "running" },
+        "exit_code": p.exit.as_ref().and_then(|e| e.code),
+        "signal": p.exit.as_ref().and_then(|e| e.signal),
+        "output_bytes": p.output_bytes,
+        "stdin_open": p.stdin_open,
+    })
+}
+
+/// NDJSON: a `dropped` line if older output was lost, the buffered output,
+/// live output, then the `exit` line. A client that goes away detaches;
+/// the process goes on.
+pub async fn output<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path((key, pid)): Path<(String, String)>,
+) -> Response {
+    answer(
+        async {
+            let (vm, agent) = agent_of(&state, &key)?;
+            let pid = parse_pid(&pid)?;
+            // An unknown pid is a 404, not a 200 with an error line.
+            find(&agent, &vm, pid).await?;
+            let mut handle = agent.attach(pid).await.map_err(|e| agent_error(&vm, e))?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+            tokio::spawn(async move {
+                let mut lines = EventLines::default();
+                let mut pending = Vec::new();
+                let mut next = tokio::select! {
+                    ev = handle.next() => ev,
+                    _ = tx.closed() => return,
+                };
+                loop {
+                    let ended = match next {
+                        Ok(ev) => lines.push(ev, &mut pending),
+                        Err(e) => {
+                            pending.push(StreamEvent::Error { error: agent_error(&vm, e).body() });
+                            true
+                        }
+                    };
+                    for ev in pending.drain(..) {
+                        if tx.send(line(&ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if ended {
+                        return;
+                    }
+                    next = tokio::select! {
+                        ev = handle.next() => ev,
+                        _ = tx.closed() => return,
+                    };
+                }
+            });
+            let body = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+            });
+            let mut resp = Response::new(Body::from_stream(body));
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+            Ok(resp)
+        }
+        .await,
+    )
+}
+
+/// The body's bytes go to the process's stdin as they are.
+pub async fn stdin<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path((key, pid)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    feed(state, key, pid, body.to_vec(), false).await
+}
+
+/// Close the process's stdin (EOF).
+pub async fn close_stdin<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path((key, pid)): Path<(String, String)>,
+) -> Response {
+    feed(state, key, pid, Vec::new(), true).await
+}
+
+async fn feed<B: Backend>(
+    state: AppState<B>,
+    key: String,
+    pid: String,
+    data: Vec<u8>,
+    eof: bool,
+) -> Response {
+    answer(
+        async {
+            let pid = parse_pid(&pid)?;
+            let (vm, agent) = agent_of(&state, &key)?;
+            agent.stdin(pid, data, eof).await.map_err(|e| agent_error(&vm, e))?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
+}
+
+pub async fn signal<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path((key, pid)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    answer(
+        async {
+            let req: SignalRequest = super::parse_json(&body)?;
+            let sig = req.check()?;
+            let pid = parse_pid(&pid)?;
+            let (vm, agent) = agent_of(&state, &key)?;
+            agent.signal(pid, sig).await.map_err(|e| agent_error(&vm, e))?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
+}
