@@ -93,6 +93,7 @@ pub struct RawLimits {
     pub max_network_rules: Option<usize>,
     pub process_output_buffer: Option<u64>,
     pub max_processes: Option<u32>,
+    pub max_upload_bytes: Option<u64>,
 }
 
 /// Where the gateway listens and what it serves.
@@ -137,6 +138,8 @@ pub struct Limits {
     pub process_output_buffer: u64,
     /// Background processes running at once in one session.
     pub max_processes: u32,
+    /// Largest file a `PUT .../files/{path}` may write; more is a 413.
+    pub max_upload_bytes: u64,
 }
 
 impl Default for GatewayConfig {
@@ -164,6 +167,7 @@ impl Default for Limits {
             max_network_rules: 64,
             process_output_buffer: 1 << 20,
             max_processes: 16,
+            max_upload_bytes: 1 << 30,
         }
     }
 }
@@ -280,6 +284,7 @@ impl RawConfig {
             max_network_rules: l.max_network_rules.unwrap_or(d.max_network_rules),
             process_output_buffer: l.process_output_buffer.unwrap_or(d.process_output_buffer),
             max_processes: l.max_processes.unwrap_or(d.max_processes),
+            max_upload_bytes: l.max_upload_bytes.unwrap_or(d.max_upload_bytes),
         };
         if limits.process_output_buffer == 0 || limits.process_output_buffer > 64 << 20 {
             problems.push("limits.process_output_buffer must be between 1 and 67108864 bytes".into());
@@ -450,6 +455,7 @@ mod tests {
                 max_network_rules: 64,
                 process_output_buffer: 1 << 20,
                 max_processes: 16,
+                max_upload_bytes: 1 << 30,
             }
         );
         assert_eq!((c.pool.max_size, c.pool.max_sessions), (4, 2));

@@ -1,6 +1,7 @@
 //! The HTTP API (described in `openapi.yaml`). Every route answers errors
 //! through [`ApiError`]; unknown paths and methods too.
 
+mod files;
 mod info;
 mod processes;
 mod run;
@@ -44,6 +45,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/sessions/{key}/processes/{pid}/stdin"),
     ("DELETE", "/v1/sessions/{key}/processes/{pid}/stdin"),
     ("POST", "/v1/sessions/{key}/processes/{pid}/signal"),
+    ("GET", "/v1/sessions/{key}/files/{path}"),
+    ("PUT", "/v1/sessions/{key}/files/{path}"),
+    ("POST", "/v1/sessions/{key}/files/{path}"),
+    ("DELETE", "/v1/sessions/{key}/files/{path}"),
     ("PUT", "/v1/sessions/{key}/network"),
     ("GET", "/v1/functions"),
     ("POST", "/v1/functions/{name}"),
@@ -70,6 +75,10 @@ where
             post(processes::stdin::<B>).delete(processes::close_stdin::<B>),
         )
         .route("/v1/sessions/{key}/processes/{pid}/signal", post(processes::signal::<B>))
+        .route(
+            "/v1/sessions/{key}/files/{*path}",
+            get(files::get::<B>).put(files::put::<B>).post(files::post::<B>).delete(files::delete::<B>),
+        )
         .route("/v1/sessions/{key}/network", put(sessions::network::<B>))
         .route("/v1/functions", get(info::functions::<B>))
         .route("/v1/functions/{name}", post(run::function::<B>))
@@ -102,6 +111,18 @@ async fn count_requests<B: Backend>(State(state): State<AppState<B>>, req: Reque
     let route = route.as_deref().unwrap_or("unmatched");
     state.metrics.request(route, &method, resp.status().as_u16());
     resp
+}
+
+/// A request body of at most `limits.max_body_bytes` (a JSON 413 past it,
+/// like every error).
+pub(crate) struct LimitedBody(pub axum::body::Bytes);
+
+impl<B: Backend> axum::extract::FromRequest<AppState<B>> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState<B>) -> Result<Self, ApiError> {
+        run::read_body(req, state.limits.max_body_bytes).await.map(LimitedBody)
+    }
 }
 
 /// A JSON request body: `invalid_json` if it is not JSON, `invalid_request`

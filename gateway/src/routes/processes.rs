@@ -22,7 +22,10 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Session `key`'s agent, or the 404 that names it.
-fn agent_of<B: Backend>(state: &AppState<B>, key: &str) -> Result<(String, Arc<AgentClient>), ApiError> {
+pub(super) fn agent_of<B: Backend>(
+    state: &AppState<B>,
+    key: &str,
+) -> Result<(String, Arc<AgentClient>), ApiError> {
     crate::api::check_session_key(key)?;
     let missing = || ApiError::not_found(format!("no session {key:?}"));
     let (_, pool) = state.pools.with_session(key).ok_or_else(missing)?;
@@ -47,7 +50,7 @@ fn answer(r: Result<Response, ApiError>) -> Response {
 pub async fn start<B: Backend>(
     State(state): State<AppState<B>>,
     Path(key): Path<String>,
-    body: Bytes,
+    super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
     answer(
         async {
@@ -67,7 +70,12 @@ pub async fn list<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<
         async {
             let (vm, agent) = agent_of(&state, &key)?;
             let all = agent.processes().await.map_err(|e| agent_error(&vm, e))?;
-            let shown: Vec<_> = all.iter().map(shown).collect();
+            // Uploads run as processes of their own; they are not the user's.
+            let shown: Vec<_> = all
+                .iter()
+                .filter(|p| p.tag.as_deref() != Some(super::files::UPLOAD_TAG))
+                .map(shown)
+                .collect();
             Ok(Json(json!({ "processes": shown })).into_response())
         }
         .await,
@@ -176,7 +184,7 @@ pub async fn output<B: Backend>(
 pub async fn stdin<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
-    body: Bytes,
+    super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
     feed(state, key, pid, body.to_vec(), false).await
 }
@@ -210,7 +218,7 @@ async fn feed<B: Backend>(
 pub async fn signal<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
-    body: Bytes,
+    super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
     answer(
         async {

@@ -45,7 +45,7 @@ fn query<T: serde::de::DeserializeOwned + Default>(req: &Request) -> Result<T, A
 }
 
 /// The whole body, refused with 413 past `limit` bytes.
-async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -34,7 +34,10 @@ pub async fn list<B: Backend>(State(state): State<AppState<B>>) -> Response {
 
 /// Open a session now: its VM is claimed (and given its network) before
 /// the answer, so the first call finds it running.
-pub async fn open<B: Backend>(State(state): State<AppState<B>>, body: axum::body::Bytes) -> Response {
+pub async fn open<B: Backend>(
+    State(state): State<AppState<B>>,
+    super::LimitedBody(body): super::LimitedBody,
+) -> Response {
     let opened = async {
         if state.is_draining() {
             return Err(ApiError::draining());
@@ -100,12 +103,11 @@ pub async fn show<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<
 pub async fn timeout<B: Backend>(
     State(state): State<AppState<B>>,
     Path(key): Path<String>,
-    body: axum::body::Bytes,
+    super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
     let extended = async {
         crate::api::check_session_key(&key)?;
-        let req: TimeoutRequest = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("body: {e}: send {{\"timeout\": \"30m\"}}")))?;
+        let req: TimeoutRequest = super::parse_json(&body)?;
         let Some((image, pool)) = state.pools.with_session(&key) else {
             return Err(ApiError::not_found(format!("no session {key:?}")));
         };
@@ -141,7 +143,7 @@ pub async fn end<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<S
 pub async fn network<B: Backend>(
     State(state): State<AppState<B>>,
     Path(key): Path<String>,
-    body: axum::body::Bytes,
+    super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
     let changed = async {
         crate::api::check_session_key(&key)?;

@@ -704,7 +704,7 @@ async fn openapi_describes_exactly_the_routes() {
     for (path, item) in doc["paths"].as_mapping().unwrap() {
         for (method, _) in item.as_mapping().unwrap() {
             let method = method.as_str().unwrap().to_uppercase();
-            if method != "PARAMETERS" {
+            if !matches!(method.as_str(), "PARAMETERS" | "DESCRIPTION" | "SUMMARY") {
                 documented.push((method, path.as_str().unwrap().to_string()));
             }
         }
@@ -716,7 +716,8 @@ async fn openapi_describes_exactly_the_routes() {
     assert_eq!(documented, routes);
     let f = fixture();
     for (method, path) in routes {
-        let concrete = path.replace("{key}", "k").replace("{name}", "n");
+        let concrete =
+            path.replace("{key}", "k").replace("{name}", "n").replace("{path}", "p").replace("{pid}", "1");
         let req = Request::builder().method(method.as_str()).uri(&concrete).body(Body::from("{}")).unwrap();
         let a = f.send(req).await;
         assert_ne!(a.status, 405, "{method} {path}");
@@ -913,4 +914,20 @@ async fn process_routes_name_their_errors() {
         assert_eq!(f.post_json(path, body.clone()).await.error(), (400, want.to_string()), "{path} {body}");
     }
     assert_eq!(f.get("/v1/sessions/p/processes/abc/output").await.error(), (400, "invalid_request".into()));
+}
+
+#[tokio::test]
+async fn file_routes_name_their_errors() {
+    let f = fixture();
+    let put = Request::put("/v1/sessions/nobody/files/a.txt").body(Body::from("x")).unwrap();
+    assert_eq!(f.send(put).await.error(), (404, "not_found".into()));
+    assert_eq!(f.get("/v1/sessions/nobody/files/a.txt?stat").await.error(), (404, "not_found".into()));
+    assert_eq!(f.post_json("/v1/sessions", json!({"key": "fs"})).await.status, 201);
+    let post = Request::post("/v1/sessions/fs/files/a.txt").body(Body::empty()).unwrap();
+    assert_eq!(f.send(post).await.error(), (400, "invalid_request".into()));
+    // A body over limits.max_body_bytes on a JSON route: a JSON 413.
+    let limits = Limits { max_body_bytes: 64, ..Limits::default() };
+    let small = fixture_with(limits, pool_config(), Functions::default());
+    let big = json!({"key": "x".repeat(100)});
+    assert_eq!(small.post_json("/v1/sessions", big).await.error(), (413, "body_too_large".into()));
 }

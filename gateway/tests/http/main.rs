@@ -8,6 +8,7 @@
 mod readme;
 mod server;
 
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
@@ -311,6 +312,86 @@ fn a_sessions_background_processes_keep_running_and_replay_their_output(s: &Serv
     Ok(())
 }
 
+fn sha256_of(path: &std::path::Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new("sha256sum").arg(path).output()?;
+    ensure!(out.status.success(), "sha256sum failed");
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// A session's files through the gateway: 100 MiB up and down with the
+/// same sha256 (the rate printed), the upload limit at its edge, stat,
+/// list, mkdir, move, remove, and the guest's own permission errors for
+/// what its user cannot reach (a symlink out of reach is never followed
+/// on the host).
+fn a_sessions_files_are_written_read_and_managed_as_its_user(s: &Server) -> anyhow::Result<()> {
+    ensure!(s.post_json("/v1/sessions", &json!({"key": "files"}))?.status == 201);
+    let dir = tempfile::tempdir()?;
+    let big = dir.path().join("big");
+    let limit = 104_857_600u64;
+    {
+        let mut f = std::fs::File::create(&big)?;
+        let mut rng = std::fs::File::open("/dev/urandom")?;
+        std::io::copy(&mut std::io::Read::take(&mut rng, limit), &mut f)?;
+    }
+    let want = sha256_of(&big)?;
+    let big_arg = format!("@{}", big.display());
+    let t = Instant::now();
+    let up = s.curl(&["-X", "PUT", "--data-binary", &big_arg], "/v1/sessions/files/files/data/big.bin")?;
+    let up_secs = t.elapsed().as_secs_f64();
+    ensure!(up.status == 201, "{up:?}");
+    ensure!(up.json()?["size"] == limit, "{up:?}");
+    let back = dir.path().join("back");
+    let back_arg = back.display().to_string();
+    let t = Instant::now();
+    let down = s.curl(&["-o", &back_arg], "/v1/sessions/files/files/data/big.bin")?;
+    let down_secs = t.elapsed().as_secs_f64();
+    ensure!(down.status == 200 && sha256_of(&back)? == want, "the download differs: {down:?}");
+    let mb = limit as f64 / 1e6;
+    println!("    100 MiB upload {:.1} MB/s, download {:.1} MB/s", mb / up_secs, mb / down_secs);
+    // One byte over the limit: a 413 before anything is written.
+    std::fs::OpenOptions::new().append(true).open(&big)?.write_all(b"x")?;
+    let over = s.curl(&["-X", "PUT", "--data-binary", &big_arg], "/v1/sessions/files/files/over.bin")?;
+    ensure!(over.error()? == (413, "upload_too_large".into()), "{over:?}");
+
+    let stat = s.get("/v1/sessions/files/files/data/big.bin?stat")?.json()?;
+    ensure!(stat["type"] == "file" && stat["size"] == limit && stat["owner"] == "ember", "{stat}");
+    ensure!(s.post("/v1/sessions/files/files/data/a/b?mkdir", &[], b"")?.status == 201);
+    let moved = s.post("/v1/sessions/files/files/data/big.bin?move_to=data/a/moved.bin", &[], b"")?;
+    ensure!(moved.status == 200 && moved.json()?["size"] == limit, "{moved:?}");
+    let list = s.get("/v1/sessions/files/files/data/a?list")?.json()?;
+    let names: Vec<(&str, &str)> = list["entries"]
+        .as_array()
+        .context("entries")?
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["type"].as_str()?)))
+        .collect();
+    ensure!(names == [("b", "directory"), ("moved.bin", "file")], "{list}");
+    ensure!(s.get("/v1/sessions/files/files/data/big.bin")?.error()? == (404, "not_found".into()));
+    ensure!(
+        s.request("DELETE", "/v1/sessions/files/files/data", &[], None)?.error()?
+            == (409, "file_exists".into())
+    );
+    ensure!(s.request("DELETE", "/v1/sessions/files/files/data?recursive=true", &[], None)?.status == 204);
+    ensure!(s.get("/v1/sessions/files/files/data?stat")?.error()? == (404, "not_found".into()));
+
+    // What the user cannot reach stays out of reach, with the guest's own error.
+    s.run_in("files", json!({"cmd": "ln -s /root/secret out-of-reach; ln -s /etc/shadow shadow"}))?;
+    for link in ["out-of-reach", "shadow"] {
+        let a = s.get(&format!("/v1/sessions/files/files/{link}"))?;
+        ensure!(a.error()? == (403, "permission_denied".into()), "{link}: {a:?}");
+        ensure!(
+            a.json()?["error"]["message"].as_str().is_some_and(|m| m.contains("Permission denied")),
+            "{a:?}"
+        );
+    }
+    let put_root = s.curl(&["-X", "PUT", "--data-binary", "x"], "/v1/sessions/files/files/%2Fetc%2Fx")?;
+    ensure!(put_root.status == 403, "{put_root:?}");
+    let os = s.get("/v1/sessions/files/files/%2Fetc%2Fos-release")?;
+    ensure!(os.status == 200 && String::from_utf8_lossy(&os.body).contains("Debian"), "{os:?}");
+    ensure!(s.request("DELETE", "/v1/sessions/files", &[], None)?.status == 204);
+    Ok(())
+}
+
 fn functions_run_with_real_input(s: &Server) -> anyhow::Result<()> {
     let list = s.get("/v1/functions")?.json()?;
     let names: Vec<&str> = list["functions"]
@@ -480,6 +561,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "a_sessions_background_processes_keep_running_and_replay_their_output",
         a_sessions_background_processes_keep_running_and_replay_their_output,
+    ),
+    (
+        "a_sessions_files_are_written_read_and_managed_as_its_user",
+        a_sessions_files_are_written_read_and_managed_as_its_user,
     ),
     ("functions_run_with_real_input", functions_run_with_real_input),
     ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),

@@ -84,6 +84,8 @@ max_concurrent_requests = 8
 # More calls than VMs on purpose (concurrent_requests_all_succeed): they
 # queue rather than meet admission by capacity (router tests cover that).
 max_queue_wait = "60s"
+# The upload test writes exactly this much, then one byte more.
+max_upload_bytes = 104857600
 [pool]
 min_size = 2
 max_size = 4
