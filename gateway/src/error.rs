@@ -138,6 +138,8 @@ impl From<PoolError> for ApiError {
             PoolError::Draining => Self::draining(),
             PoolError::SessionLost { .. } => Self::new(StatusCode::GONE, "session_lost", msg),
             PoolError::SessionExists { .. } => Self::conflict("session_exists", msg),
+            PoolError::PausedLimit { .. } => Self::busy("paused_limit", msg, 5),
+            PoolError::Pause(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "pause_failed", msg),
             PoolError::Create(_) | PoolError::Reset { .. } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "vm_unavailable", msg)
             }

@@ -227,7 +227,7 @@ async fn connect<B: Backend>(
     }
     let connected = match held {
         Held::Pool(lease) => lease.connect(policy).await,
-        Held::Session { lease, pool, .. } => pool.backend().connect(lease, policy).await,
+        Held::Session { lease, .. } => lease.connect(policy).await,
     };
     let t = connected?;
     tracing::info!(

@@ -38,6 +38,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/sessions/{key}"),
     ("DELETE", "/v1/sessions/{key}"),
     ("POST", "/v1/sessions/{key}/timeout"),
+    ("POST", "/v1/sessions/{key}/pause"),
+    ("POST", "/v1/sessions/{key}/resume"),
     ("GET", "/v1/sessions/{key}/processes"),
     ("POST", "/v1/sessions/{key}/processes"),
     ("GET", "/v1/sessions/{key}/processes/{pid}"),
@@ -67,6 +69,8 @@ where
         .route("/v1/sessions", get(sessions::list::<B>).post(sessions::open::<B>))
         .route("/v1/sessions/{key}", get(sessions::show::<B>).delete(sessions::end::<B>))
         .route("/v1/sessions/{key}/timeout", post(sessions::timeout::<B>))
+        .route("/v1/sessions/{key}/pause", post(sessions::pause::<B>))
+        .route("/v1/sessions/{key}/resume", post(sessions::resume::<B>))
         .route("/v1/sessions/{key}/processes", get(processes::list::<B>).post(processes::start::<B>))
         .route("/v1/sessions/{key}/processes/{pid}", get(processes::show::<B>))
         .route("/v1/sessions/{key}/processes/{pid}/output", get(processes::output::<B>))

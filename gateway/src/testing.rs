@@ -42,6 +42,8 @@ pub struct Log {
 #[derive(Debug, Clone, Default)]
 pub struct FakeAgents {
     pub log: Arc<Mutex<Log>>,
+    /// Paused VMs by directory.
+    pub paused: Arc<Mutex<BTreeMap<std::path::PathBuf, FakeVm>>>,
     pub next: Arc<AtomicU64>,
     pub create_delay: Duration,
     /// Put before VM ids (one image's pool: `data-fake-0`).
@@ -129,6 +131,24 @@ impl Backend for FakeAgents {
 
     fn vm_id(vm: &FakeVm) -> &str {
         &vm.id
+    }
+
+    fn pauses(&self) -> bool {
+        true
+    }
+
+    async fn pause(&self, vm: FakeVm, dir: &std::path::Path) -> Result<(), PoolError> {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(dir.to_path_buf(), vm);
+        Ok(())
+    }
+
+    async fn resume(&self, dir: &std::path::Path) -> Result<FakeVm, PoolError> {
+        let vm = self.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
+        vm.ok_or_else(|| PoolError::Pause(format!("nothing paused in {}", dir.display())))
+    }
+
+    fn can_resume(&self, dir: &std::path::Path) -> bool {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).contains_key(dir)
     }
 
     fn handle(vm: &FakeVm) -> ember_pool::pool::VmHandle {

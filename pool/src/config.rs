@@ -167,6 +167,17 @@ pub struct RawSessions {
     /// The longest lifetime (and idle timeout) a session may ask for.
     #[serde(default, with = "humantime_serde")]
     pub max_lifetime: Option<Duration>,
+    /// Where paused sessions are kept (a disk, not tmpfs); a directory per
+    /// image below it.
+    pub dir: Option<std::path::PathBuf>,
+    /// Pause a session idle this long (instead of ending it at `idle_ttl`).
+    #[serde(default, with = "humantime_serde")]
+    pub idle_pause: Option<Duration>,
+    /// Delete a session paused this long.
+    #[serde(default, with = "humantime_serde")]
+    pub paused_ttl: Option<Duration>,
+    /// Paused sessions kept at once (per image).
+    pub max_paused: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +228,21 @@ pub struct PoolConfig {
     /// The longest lifetime or idle timeout a session may be opened with
     /// (or extended to).
     pub session_max_lifetime: Duration,
+    /// Where this pool keeps its paused sessions; `None`: they cannot pause.
+    pub session_dir: Option<std::path::PathBuf>,
+    /// Pause sessions idle this long; `None`: idle ones end at their idle
+    /// timeout.
+    pub session_idle_pause: Option<Duration>,
+    pub session_paused_ttl: Duration,
+    pub max_paused_sessions: usize,
+}
+
+/// Where paused sessions are kept unless `pool.sessions.dir` says: on disk
+/// (`EMBER_SESSIONS_DIR` overrides it; tests use their own).
+pub fn default_session_dir() -> std::path::PathBuf {
+    std::env::var_os("EMBER_SESSIONS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/ember/sessions".into())
 }
 
 impl Default for PoolConfig {
@@ -242,6 +268,10 @@ impl Default for PoolConfig {
             max_sessions: 8,
             session_idle_ttl: Duration::from_secs(600),
             session_max_lifetime: Duration::from_secs(24 * 3600),
+            session_dir: None,
+            session_idle_pause: None,
+            session_paused_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_paused_sessions: 64,
         }
     }
 }
@@ -275,6 +305,8 @@ impl Config {
         pool.min_size = o.min_size.unwrap_or(if default { self.pool.min_size } else { 0 });
         pool.max_size = o.max_size.unwrap_or(self.pool.max_size);
         pool.target_free = o.target_free.unwrap_or(self.pool.target_free).min(pool.max_size);
+        // Each image's paused sessions in a directory of their own.
+        pool.session_dir = self.pool.session_dir.as_ref().map(|d| d.join(name));
         let mut vm = self.vm.clone();
         vm.memory_mb = o.memory_mb.or(recipe_memory_mb).unwrap_or(self.vm.memory_mb);
         vm.images = ImageSet::for_image(&self.images_dir, name)?;
@@ -360,12 +392,24 @@ impl RawConfig {
             max_sessions: p.sessions.max.unwrap_or(d.max_sessions),
             session_idle_ttl: p.sessions.idle_ttl.unwrap_or(d.session_idle_ttl),
             session_max_lifetime: p.sessions.max_lifetime.unwrap_or(d.session_max_lifetime),
+            session_dir: p.sessions.dir.clone().or_else(|| Some(default_session_dir())),
+            session_idle_pause: p.sessions.idle_pause.or(d.session_idle_pause),
+            session_paused_ttl: p.sessions.paused_ttl.unwrap_or(d.session_paused_ttl),
+            max_paused_sessions: p.sessions.max_paused.unwrap_or(d.max_paused_sessions),
         };
         if pool.max_size == 0 {
             problems.push("pool.max_size must be at least 1".into());
         }
         if pool.session_max_lifetime < crate::pool::MIN_SESSION_TIMEOUT {
             problems.push("pool.sessions.max_lifetime must be at least 1s".into());
+        }
+        if pool.session_idle_pause.is_some_and(|p| p < crate::pool::MIN_SESSION_TIMEOUT) {
+            problems.push("pool.sessions.idle_pause must be at least 1s".into());
+        }
+        if pool.session_idle_pause.is_some() && pool.session_dir.is_none() {
+            problems.push(
+                "pool.sessions.idle_pause needs pool.sessions.dir (where paused sessions are kept)".into(),
+            );
         }
         if pool.min_size > pool.max_size {
             problems

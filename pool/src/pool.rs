@@ -48,6 +48,10 @@ pub enum PoolError {
     SessionLost { key: String, reason: String },
     #[error("session {key:?} already exists")]
     SessionExists { key: String },
+    #[error("too many paused sessions (limit {limit})")]
+    PausedLimit { limit: usize },
+    #[error("pause: {0}")]
+    Pause(String),
     #[error("creating a VM failed: {0}")]
     Create(String),
     #[error("resetting VM {vm} failed: {reason}")]
@@ -108,6 +112,10 @@ pub struct PoolCounters {
     /// Claims refused at once because they would have waited longer than
     /// `max_queue_wait` (also counted in `exhausted`).
     pub refused_by_capacity: u64,
+    /// Sessions paused and resumed, and pauses or resumes that failed.
+    pub pauses: u64,
+    pub resumes: u64,
+    pub pause_failures: u64,
     /// Changes of the VM counts that broke an invariant (always 0; logged,
     /// and a panic in debug builds).
     pub invariant_violations: u64,
@@ -120,7 +128,9 @@ pub struct PoolStatus {
     pub booting: usize,
     pub claimed: usize,
     pub resetting: usize,
+    /// Sessions holding a VM, and paused ones (holding none).
     pub sessions: usize,
+    pub paused_sessions: usize,
     pub waiters: usize,
     pub target: usize,
     pub draining: bool,
@@ -218,6 +228,8 @@ struct State<V> {
     /// Being destroyed: still uses memory, no longer serves.
     destroying: usize,
     sessions: HashMap<String, Arc<session::Slot<V>>>,
+    /// Sessions (in `sessions`) that are paused: they hold no VM.
+    paused: usize,
     waiters: usize,
     draining: bool,
     target: usize,
@@ -404,7 +416,12 @@ impl<V> State<V> {
             + self.claimed
             + self.resetting
             + self.destroying
-            + self.sessions.len()
+            + self.running_sessions()
+    }
+
+    /// Sessions that hold a VM.
+    fn running_sessions(&self) -> usize {
+        self.sessions.len().saturating_sub(self.paused)
     }
 }
 
@@ -423,6 +440,9 @@ struct Inner<B: Backend> {
     stop: tokio::sync::watch::Sender<bool>,
     observer: std::sync::OnceLock<Observer>,
     host_cpu: Mutex<ember_vm::procfs::HostCpu>,
+    /// Held while this pool owns `cfg.session_dir` (no other server may
+    /// adopt or pause into it); `None`: its sessions cannot pause.
+    session_dir_lock: Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
 }
 
 impl<B: Backend> Drop for Inner<B> {
@@ -445,7 +465,7 @@ impl<B: Backend> Inner<B> {
     /// Count and describe a claim refused for lack of capacity.
     fn exhausted(&self, st: &mut State<B::Vm>, waited: Duration) -> PoolError {
         st.counters.exhausted += 1;
-        let in_use = st.claimed + st.resetting + st.sessions.len();
+        let in_use = st.claimed + st.resetting + st.running_sessions();
         let retry_after = expected_wait(st, st.waiters + 1);
         PoolError::Exhausted { in_use, booting: st.booting, limit: self.capacity(), waited, retry_after }
     }
@@ -641,6 +661,7 @@ impl<B: Backend> Pool<B> {
             resetting: 0,
             destroying: 0,
             sessions: HashMap::new(),
+            paused: 0,
             waiters: 0,
             draining: false,
             target: if cfg.enabled { cfg.min_size } else { 0 },
@@ -671,7 +692,9 @@ impl<B: Backend> Pool<B> {
             stop: tokio::sync::watch::Sender::new(false),
             observer: std::sync::OnceLock::new(),
             host_cpu: Mutex::new(ember_vm::procfs::HostCpu::default()),
+            session_dir_lock: Mutex::new(None),
         });
+        session::pause::adopt(&inner);
         let tasks = vec![
             tokio::spawn(replenish::run(Arc::clone(&inner))),
             tokio::spawn(session::reap_idle(Arc::clone(&inner))),
@@ -718,7 +741,8 @@ impl<B: Backend> Pool<B> {
             booting: st.booting,
             claimed: st.claimed,
             resetting: st.resetting,
-            sessions: st.sessions.len(),
+            sessions: st.running_sessions(),
+            paused_sessions: st.paused,
             waiters: st.waiters,
             target: st.target,
             draining: st.draining,
@@ -984,22 +1008,18 @@ impl<B: Backend> Pool<B> {
                 break;
             }
         }
-        let (ready, sessions): (Vec<_>, Vec<_>) = {
+        let ready: Vec<_> = {
             let mut st = self.inner.lock();
             let ready: Vec<_> = st.ready.drain(..).collect();
-            let sessions: Vec<_> = st.sessions.drain().collect();
-            for _ in 0..ready.len() + sessions.len() {
+            for _ in 0..ready.len() {
                 st.enter(Phase::Destroying);
             }
-            (ready, sessions)
+            ready
         };
         for r in ready {
             self.inner.destroy_now(Some(r.vm)).await;
         }
-        for (_, slot) in sessions {
-            let vm = slot.vm.lock().await.take();
-            self.inner.destroy_now(vm).await;
-        }
+        session::shut_down(&self.inner).await;
     }
 }
 

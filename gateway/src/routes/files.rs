@@ -45,8 +45,8 @@ fn check_path(raw: &str) -> Result<String, ApiError> {
     Ok(raw.to_string())
 }
 
-fn session<B: Backend>(state: &AppState<B>, key: &str) -> Result<(String, Arc<AgentClient>), ApiError> {
-    super::processes::agent_of(state, key)
+async fn session<B: Backend>(state: &AppState<B>, key: &str) -> Result<(String, Arc<AgentClient>), ApiError> {
+    super::processes::agent_of(state, key).await
 }
 
 /// What the guest's tool said, as an HTTP error: its own message.
@@ -86,7 +86,7 @@ pub async fn get<B: Backend>(
 ) -> Response {
     let r = async {
         let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key)?;
+        let (vm, agent) = session(&state, &key).await?;
         if q.contains_key("stat") {
             return stat(&agent, &vm, &path).await.map(|v| Json(v).into_response());
         }
@@ -242,7 +242,7 @@ pub async fn put<B: Backend>(
 ) -> Response {
     let r = async {
         let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key)?;
+        let (vm, agent) = session(&state, &key).await?;
         let limit = state.limits.max_upload_bytes;
         let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
@@ -322,7 +322,7 @@ pub async fn post<B: Backend>(
 ) -> Response {
     let r = async {
         let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key)?;
+        let (vm, agent) = session(&state, &key).await?;
         let (argv, status): (Vec<&str>, StatusCode) = if q.contains_key("mkdir") {
             (vec!["mkdir", "-p", "--", &path], StatusCode::CREATED)
         } else if let Some(dest) = q.get("move_to") {
@@ -348,7 +348,7 @@ pub async fn delete<B: Backend>(
 ) -> Response {
     let r = async {
         let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key)?;
+        let (vm, agent) = session(&state, &key).await?;
         let recursive = q.get("recursive").is_some_and(|v| v == "true" || v == "1");
         let argv: Vec<&str> = if recursive {
             vec!["rm", "-r", "--", &path]

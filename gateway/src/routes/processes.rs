@@ -21,17 +21,25 @@ use crate::api::{ProcessRequest, SignalRequest, StreamEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Session `key`'s agent, or the 404 that names it.
-pub(super) fn agent_of<B: Backend>(
+/// Session `key`'s agent (resuming the session if it is paused), or the
+/// 404 that names it.
+pub(super) async fn agent_of<B: Backend>(
     state: &AppState<B>,
     key: &str,
 ) -> Result<(String, Arc<AgentClient>), ApiError> {
     crate::api::check_session_key(key)?;
     let missing = || ApiError::not_found(format!("no session {key:?}"));
     let (_, pool) = state.pools.with_session(key).ok_or_else(missing)?;
-    let agent = pool.session_agent(key).ok_or_else(missing)?;
+    let agent = match pool.session_agent(key) {
+        Some(a) => a,
+        None if pool.session_info(key).is_some_and(|s| s.state == "paused") => {
+            pool.resume_session(key).await?;
+            pool.session_agent(key).ok_or_else(missing)?
+        }
+        None => return Err(missing()),
+    };
     pool.touch_session(key);
-    let vm = pool.session_info(key).map(|s| s.vm_id).unwrap_or_default();
+    let vm = pool.session_info(key).and_then(|s| s.vm_id).unwrap_or_default();
     Ok((vm, agent))
 }
 
@@ -56,7 +64,7 @@ pub async fn start<B: Backend>(
         async {
             let req: ProcessRequest = super::parse_json(&body)?;
             let spawn = req.check(&state.limits)?;
-            let (vm, agent) = agent_of(&state, &key)?;
+            let (vm, agent) = agent_of(&state, &key).await?;
             let pid = agent.spawn(spawn).await.map_err(|e| agent_error(&vm, e))?;
             let info = find(&agent, &vm, pid).await?;
             Ok((StatusCode::CREATED, Json(info)).into_response())
@@ -68,7 +76,7 @@ pub async fn start<B: Backend>(
 pub async fn list<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<String>) -> Response {
     answer(
         async {
-            let (vm, agent) = agent_of(&state, &key)?;
+            let (vm, agent) = agent_of(&state, &key).await?;
             let all = agent.processes().await.map_err(|e| agent_error(&vm, e))?;
             // Uploads run as processes of their own; they are not the user's.
             let shown: Vec<_> = all
@@ -88,7 +96,7 @@ pub async fn show<B: Backend>(
 ) -> Response {
     answer(
         async {
-            let (vm, agent) = agent_of(&state, &key)?;
+            let (vm, agent) = agent_of(&state, &key).await?;
             Ok(Json(find(&agent, &vm, parse_pid(&pid)?).await?).into_response())
         }
         .await,
@@ -134,7 +142,7 @@ pub async fn output<B: Backend>(
 ) -> Response {
     answer(
         async {
-            let (vm, agent) = agent_of(&state, &key)?;
+            let (vm, agent) = agent_of(&state, &key).await?;
             let pid = parse_pid(&pid)?;
             // An unknown pid is a 404, not a 200 with an error line.
             find(&agent, &vm, pid).await?;
@@ -207,7 +215,7 @@ async fn feed<B: Backend>(
     answer(
         async {
             let pid = parse_pid(&pid)?;
-            let (vm, agent) = agent_of(&state, &key)?;
+            let (vm, agent) = agent_of(&state, &key).await?;
             agent.stdin(pid, data, eof).await.map_err(|e| agent_error(&vm, e))?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
@@ -225,7 +233,7 @@ pub async fn signal<B: Backend>(
             let req: SignalRequest = super::parse_json(&body)?;
             let sig = req.check()?;
             let pid = parse_pid(&pid)?;
-            let (vm, agent) = agent_of(&state, &key)?;
+            let (vm, agent) = agent_of(&state, &key).await?;
             agent.signal(pid, sig).await.map_err(|e| agent_error(&vm, e))?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }

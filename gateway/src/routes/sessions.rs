@@ -18,7 +18,6 @@ fn shown(info: SessionInfo, image: &str) -> serde_json::Value {
     let mut v = json!(info);
     if let Some(o) = v.as_object_mut() {
         o.insert("image".into(), json!(image));
-        o.insert("state".into(), json!("running"));
     }
     v
 }
@@ -66,7 +65,7 @@ pub async fn open<B: Backend>(
         if let Some((raw, policy)) = &s.network {
             let connected = async {
                 let lease = pool.session(&s.key).await?;
-                pool.backend().connect(&lease, policy).await?;
+                lease.connect(policy).await?;
                 Ok::<_, ApiError>(())
             };
             if let Err(e) = connected.await {
@@ -158,11 +157,37 @@ pub async fn network<B: Backend>(
             return Err(ApiError::not_found(format!("no session {key:?}")));
         };
         let lease = pool.session(&key).await?;
-        pool.backend().connect(&lease, &policy).await?;
+        lease.connect(&policy).await?;
         Ok::<_, ApiError>(raw)
     };
     match changed.await {
         Ok(raw) => Json(json!({"session": key, "network": raw})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Pause a session: its VM is saved to disk and ended (after a call in
+/// progress finishes); the next use resumes it.
+pub async fn pause<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<String>) -> Response {
+    transition(state, key, true).await
+}
+
+/// Resume a paused session now (any call to it does too).
+pub async fn resume<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<String>) -> Response {
+    transition(state, key, false).await
+}
+
+async fn transition<B: Backend>(state: AppState<B>, key: String, pause: bool) -> Response {
+    let done = async {
+        crate::api::check_session_key(&key)?;
+        let Some((image, pool)) = state.pools.with_session(&key) else {
+            return Err(ApiError::not_found(format!("no session {key:?}")));
+        };
+        let info = if pause { pool.pause_session(&key).await? } else { pool.resume_session(&key).await? };
+        Ok::<_, ApiError>(shown(info, image))
+    };
+    match done.await {
+        Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }

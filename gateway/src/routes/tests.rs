@@ -931,3 +931,34 @@ async fn file_routes_name_their_errors() {
     let big = json!({"key": "x".repeat(100)});
     assert_eq!(small.post_json("/v1/sessions", big).await.error(), (413, "body_too_large".into()));
 }
+
+#[tokio::test]
+async fn a_session_pauses_and_any_use_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = PoolConfig { session_dir: Some(dir.path().to_path_buf()), ..pool_config() };
+    let f = fixture_with(Limits::default(), pool, Functions::default());
+    assert_eq!(f.post_json("/v1/sessions", json!({"key": "p"})).await.status, 201);
+    let paused = f.post_json("/v1/sessions/p/pause", json!({})).await;
+    assert_eq!(paused.status, 200, "{:?}", String::from_utf8_lossy(&paused.body));
+    let s = paused.json();
+    assert_eq!((s["state"].as_str(), s["vm_id"].is_null()), (Some("paused"), true), "{s}");
+    assert_eq!(f.get("/v1/sessions/p").await.json()["state"], "paused");
+    // A call resumes it.
+    let call = Request::post("/v1/run")
+        .header("x-ember-session", "p")
+        .body(Body::from(json!({"cmd": "echo back"}).to_string()))
+        .unwrap();
+    assert_eq!(f.send(call).await.status, 200);
+    assert_eq!(f.get("/v1/sessions/p").await.json()["state"], "running");
+    // Paused again, the resume route brings it back; resuming a running one is a no-op.
+    f.post_json("/v1/sessions/p/pause", json!({})).await;
+    assert_eq!(f.post_json("/v1/sessions/p/resume", json!({})).await.json()["state"], "running");
+    assert_eq!(f.post_json("/v1/sessions/p/resume", json!({})).await.status, 200);
+    assert_eq!(f.post_json("/v1/sessions/nobody/pause", json!({})).await.error(), (404, "not_found".into()));
+    // Without a directory for paused sessions: a 503 that says so.
+    let g = fixture();
+    assert_eq!(g.post_json("/v1/sessions", json!({"key": "q"})).await.status, 201);
+    let refused = g.post_json("/v1/sessions/q/pause", json!({})).await;
+    assert_eq!(refused.error(), (503, "pause_failed".into()));
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("pool.sessions.dir"));
+}

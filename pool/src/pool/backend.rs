@@ -2,6 +2,7 @@
 //! (`vm_backend`); `fake` is for unit tests.
 
 use std::future::Future;
+use std::path::Path;
 
 use ember_vm::net::{ConnectTimings, Policy};
 
@@ -74,6 +75,31 @@ pub trait Backend: Send + Sync + 'static {
     /// used VM is reset, so it never reaches its next caller connected.
     fn disconnect(&self, _vm: &Self::Vm) -> impl Future<Output = ()> + Send {
         async {}
+    }
+
+    /// Whether [`Self::pause`] can work (a migratable channel, qcow2 disks).
+    fn pauses(&self) -> bool {
+        false
+    }
+
+    /// Save the VM (RAM, devices, disk) into `dir` and end it: a paused
+    /// session holds no process and no RAM. The VM is gone either way.
+    fn pause(&self, vm: Self::Vm, _dir: &Path) -> impl Future<Output = Result<(), PoolError>> + Send {
+        async move {
+            self.destroy(vm).await;
+            Err(PoolError::Pause("this pool's VMs cannot pause".into()))
+        }
+    }
+
+    /// Start the VM paused in `dir` where it stopped. `dir` stays (the VM
+    /// uses its disk); pausing it again saves over it.
+    fn resume(&self, _dir: &Path) -> impl Future<Output = Result<Self::Vm, PoolError>> + Send {
+        async { Err(PoolError::Pause("this pool's VMs cannot pause".into())) }
+    }
+
+    /// Whether `dir` holds a VM this backend can resume (found at start-up).
+    fn can_resume(&self, _dir: &Path) -> bool {
+        false
     }
 
     /// A cheap liveness check (is the VM process still there?).

@@ -17,6 +17,10 @@ pub struct FakeState {
     pub fail_scrubs: AtomicU32,
     pub scrubs: AtomicU64,
     alive: Mutex<HashSet<String>>,
+    /// Paused VMs by directory (kept across pools that share this state,
+    /// as files outlive a server).
+    paused: Mutex<std::collections::HashMap<std::path::PathBuf, FakeVm>>,
+    pub fail_pauses: AtomicU32,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,36 @@ impl FakeBackend {
 
 impl Backend for FakeBackend {
     type Vm = FakeVm;
+
+    fn pauses(&self) -> bool {
+        true
+    }
+
+    async fn pause(&self, vm: FakeVm, dir: &std::path::Path) -> Result<(), PoolError> {
+        tokio::time::sleep(self.reset_delay).await;
+        self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).remove(&vm.id);
+        let fail = self.state.fail_pauses.load(Ordering::SeqCst);
+        if fail > 0 {
+            self.state.fail_pauses.store(fail - 1, Ordering::SeqCst);
+            return Err(PoolError::Pause("injected failure".into()));
+        }
+        std::fs::write(dir.join("fake-vm"), &vm.id).map_err(|e| PoolError::Pause(e.to_string()))?;
+        self.state.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(dir.to_path_buf(), vm);
+        Ok(())
+    }
+
+    async fn resume(&self, dir: &std::path::Path) -> Result<FakeVm, PoolError> {
+        tokio::time::sleep(self.reset_delay).await;
+        let vm = self.state.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
+        let mut vm = vm.ok_or_else(|| PoolError::Pause(format!("nothing paused in {}", dir.display())))?;
+        vm.id = format!("fake-{}", self.state.next_id.fetch_add(1, Ordering::SeqCst));
+        self.state.alive.lock().unwrap_or_else(|p| p.into_inner()).insert(vm.id.clone());
+        Ok(vm)
+    }
+
+    fn can_resume(&self, dir: &std::path::Path) -> bool {
+        self.state.paused.lock().unwrap_or_else(|p| p.into_inner()).contains_key(dir)
+    }
 
     async fn create(&self) -> Result<FakeVm, PoolError> {
         tokio::time::sleep(self.create_delay).await;

@@ -78,7 +78,7 @@ fn decide<B: Backend>(inner: &Inner<B>, now: Instant) {
         } else {
             INITIAL_OUT_OF_POOL_SECS
         },
-        sessions: st.sessions.len(),
+        sessions: st.running_sessions(),
         last_arrival: st.rates.last_arrival(),
     };
     let mut sizer_state = st.sizer;

@@ -1,17 +1,20 @@
 //! Sessions: a VM pinned to a key for a long-lived workspace. Its files and
 //! processes persist between calls; calls in one session are serialized;
-//! it is not counted as warm; it ends on request, after its idle timeout
+//! it is not counted as warm. It ends on request, after its idle timeout
 //! (`session_idle_ttl` unless opened with another) without calls, at the
 //! end of its lifetime if it has one, or at shutdown, and is then destroyed
-//! (never reused).
+//! (never reused). With `session_dir` set it can pause instead (`pause.rs`):
+//! its VM is saved to disk and ended, and the next use resumes it.
+
+pub(super) mod pause;
 
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ember_vm::vm::Usage;
-
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
@@ -34,19 +37,31 @@ pub struct SessionSpec {
 }
 
 pub(super) struct Slot<V> {
+    /// The VM while it runs; `None` while paused or once ended.
     pub(super) vm: Arc<tokio::sync::Mutex<Option<V>>>,
-    pub(super) vm_id: String,
+    vm_id: Mutex<String>,
     pub(super) created: Instant,
     created_wall: SystemTime,
     pub(super) last_used: Mutex<Instant>,
     idle_timeout: Duration,
     expires: Mutex<Option<Instant>>,
     spec: SessionSpec,
-    handle: VmHandle,
+    handle: Mutex<VmHandle>,
+    /// While paused: where, and since when.
+    paused: Mutex<Option<(PathBuf, Instant)>>,
+    /// The network it was last given (restored when it resumes).
+    network: Mutex<Option<ember_vm::net::RawPolicy>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why the reaper acts on a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reap {
+    End(&'static str),
+    Pause,
 }
 
 impl<V> Slot<V> {
@@ -59,15 +74,31 @@ impl<V> Slot<V> {
     fn expired(&self, now: Instant) -> bool {
         locked(&self.expires).is_some_and(|e| now >= e)
     }
-    /// Why the reaper ends it now, if it does: past its lifetime (even in
-    /// use: the running call finishes first), or idle (never while in use).
-    fn reap_reason(&self, now: Instant) -> Option<&'static str> {
+    fn paused_since(&self) -> Option<Instant> {
+        locked(&self.paused).as_ref().map(|p| p.1)
+    }
+    pub(super) fn is_paused(&self) -> bool {
+        locked(&self.paused).is_some()
+    }
+    /// What the reaper does now, if anything: end it past its lifetime
+    /// (even in use: the running call finishes first) or paused past
+    /// `paused_ttl`; pause it when idle past `idle_pause`, or else end it
+    /// idle past its idle timeout (never while in use).
+    fn reap(&self, now: Instant, idle_pause: Option<Duration>, paused_ttl: Duration) -> Option<Reap> {
         if self.expired(now) {
-            Some("its lifetime ended")
-        } else if self.idle_for(now) >= self.idle_timeout && self.vm.try_lock().is_ok() {
-            Some("idle for its idle timeout")
-        } else {
-            None
+            return Some(Reap::End("its lifetime ended"));
+        }
+        if let Some(since) = self.paused_since() {
+            return (now.saturating_duration_since(since) >= paused_ttl)
+                .then_some(Reap::End("paused for pool.sessions.paused_ttl"));
+        }
+        let idle = self.idle_for(now);
+        let free = self.vm.try_lock().is_ok();
+        match idle_pause {
+            Some(p) if idle >= p && free => Some(Reap::Pause),
+            Some(_) => None,
+            None if idle >= self.idle_timeout && free => Some(Reap::End("idle for its idle timeout")),
+            None => None,
         }
     }
     fn info(&self, key: &str, now: Instant) -> SessionInfo {
@@ -79,9 +110,15 @@ impl<V> Slot<V> {
         };
         let last_used = *locked(&self.last_used);
         let expires = *locked(&self.expires);
+        let paused = locked(&self.paused).clone();
+        let usage = match &paused {
+            Some((dir, _)) => Usage { disk_bytes: Some(dir_bytes(dir)), ..Usage::default() },
+            None => locked(&self.handle).usage.read(),
+        };
         SessionInfo {
             key: key.to_string(),
-            vm_id: self.vm_id.clone(),
+            state: if paused.is_some() { "paused" } else { "running" },
+            vm_id: paused.is_none().then(|| locked(&self.vm_id).clone()),
             age_secs: now.saturating_duration_since(self.created).as_secs_f64(),
             idle_secs: now.saturating_duration_since(last_used).as_secs_f64(),
             created: humantime::format_rfc3339_millis(self.created_wall).to_string(),
@@ -89,23 +126,37 @@ impl<V> Slot<V> {
             expires: expires.map(wall),
             idle_timeout_secs: self.idle_timeout.as_secs_f64(),
             idle_expires: wall(last_used + self.idle_timeout),
+            paused_at: paused.map(|(_, t)| wall(t)),
             env: self.spec.env.keys().cloned().collect(),
             metadata: self.spec.metadata.clone(),
             busy: self.vm.try_lock().is_err(),
-            usage: self.handle.usage.read(),
+            usage,
         }
     }
+}
+
+/// Bytes the files in `dir` take on disk.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 /// Exclusive use of a session's VM for one call.
 pub struct SessionLease<B: Backend> {
     guard: OwnedMutexGuard<Option<B::Vm>>,
     slot: Arc<Slot<B::Vm>>,
+    inner: Arc<Inner<B>>,
 }
 
 impl<B: Backend> std::fmt::Debug for SessionLease<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionLease").field("vm", &self.slot.vm_id).finish()
+        f.debug_struct("SessionLease").field("vm", &*locked(&self.slot.vm_id)).finish()
     }
 }
 
@@ -139,13 +190,25 @@ impl<B: Backend> SessionLease<B> {
     pub fn env(&self) -> &BTreeMap<String, String> {
         &self.slot.spec.env
     }
+
+    /// Give the session's VM the network `policy` allows (as
+    /// [`Backend::connect`]); it is kept for the session, and given again
+    /// when the session resumes from a pause.
+    pub async fn connect(&self, policy: &ember_vm::net::Policy) -> Result<super::NetTimings, PoolError> {
+        let t = self.inner.backend.connect(self, policy).await?;
+        *locked(&self.slot.network) = Some(policy.to_raw());
+        Ok(t)
+    }
 }
 
 /// One session, as listed and as `GET /v1/sessions/{key}` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SessionInfo {
     pub key: String,
-    pub vm_id: String,
+    /// `running` or `paused`.
+    pub state: &'static str,
+    /// Its VM while it runs.
+    pub vm_id: Option<String>,
     pub age_secs: f64,
     pub idle_secs: f64,
     /// RFC 3339 times (UTC).
@@ -154,20 +217,23 @@ pub struct SessionInfo {
     /// The end of its lifetime; `None`: it has none.
     pub expires: Option<String>,
     pub idle_timeout_secs: f64,
-    /// When idleness ends it if no call comes first.
+    /// When idleness ends (or pauses) it if no call comes first.
     pub idle_expires: String,
+    pub paused_at: Option<String>,
     /// The names of its environment variables (not their values).
     pub env: Vec<String>,
     pub metadata: BTreeMap<String, String>,
     /// Whether a call runs in it now.
     pub busy: bool,
-    /// Live figures of its VM, as the host sees them.
+    /// Live figures of its VM, as the host sees them (a paused one: the
+    /// bytes its saved state and disk take).
     pub usage: Usage,
 }
 
 impl<B: Backend> Pool<B> {
-    /// The session `key`'s VM, created from the warm pool on first use.
-    /// Waits while another call of the same session runs.
+    /// The session `key`'s VM, created from the warm pool on first use,
+    /// resumed if it is paused. Waits while another call of the same
+    /// session runs.
     pub async fn session(&self, key: &str) -> Result<SessionLease<B>, PoolError> {
         let existing = {
             let st = self.inner.lock();
@@ -181,6 +247,9 @@ impl<B: Backend> Pool<B> {
             None => self.open_session(key, SessionSpec::default(), false).await?,
         };
         let mut guard = Arc::clone(&slot.vm).lock_owned().await;
+        if guard.is_none() && slot.is_paused() {
+            pause::resume(&self.inner, key, &slot, &mut guard).await?;
+        }
         let healthy = match guard.as_mut() {
             Some(vm) => self.inner.backend.healthy(vm),
             None => {
@@ -189,11 +258,11 @@ impl<B: Backend> Pool<B> {
         };
         if !healthy {
             drop(guard);
-            self.end_slot(key, &slot).await;
+            end_slot(&self.inner, key, &slot).await;
             return Err(PoolError::SessionLost { key: key.into(), reason: "its VM stopped".into() });
         }
         slot.touch();
-        Ok(SessionLease { guard, slot })
+        Ok(SessionLease { guard, slot, inner: Arc::clone(&self.inner) })
     }
 
     /// Open session `key` with `spec`, its VM claimed from the warm pool
@@ -214,7 +283,7 @@ impl<B: Backend> Pool<B> {
             if exclusive && st.sessions.contains_key(key) {
                 return Err(PoolError::SessionExists { key: key.into() });
             }
-            if st.sessions.len() >= self.inner.cfg.max_sessions {
+            if st.running_sessions() >= self.inner.cfg.max_sessions {
                 return Err(PoolError::SessionLimit { limit: self.inner.cfg.max_sessions });
             }
         }
@@ -230,7 +299,7 @@ impl<B: Backend> Pool<B> {
             tokio::spawn(lease::recycle(Arc::clone(&self.inner), returned(vm, claimed_at)));
             return if exclusive { Err(PoolError::SessionExists { key: key.into() }) } else { Ok(other) };
         }
-        if st.sessions.len() >= self.inner.cfg.max_sessions || st.draining {
+        if st.running_sessions() >= self.inner.cfg.max_sessions || st.draining {
             let err = if st.draining {
                 PoolError::Draining
             } else {
@@ -242,8 +311,8 @@ impl<B: Backend> Pool<B> {
         }
         let now = Instant::now();
         let slot = Arc::new(Slot {
-            vm_id: B::vm_id(&vm).to_string(),
-            handle: B::handle(&vm),
+            vm_id: Mutex::new(B::vm_id(&vm).to_string()),
+            handle: Mutex::new(B::handle(&vm)),
             vm: Arc::new(tokio::sync::Mutex::new(Some(vm))),
             created: now,
             created_wall: SystemTime::now(),
@@ -251,38 +320,46 @@ impl<B: Backend> Pool<B> {
             idle_timeout: spec.idle_timeout.unwrap_or(self.inner.cfg.session_idle_ttl),
             expires: Mutex::new(spec.lifetime.map(|l| now + l)),
             spec,
+            paused: Mutex::new(None),
+            network: Mutex::new(None),
         });
         st.shift_to_session(key.to_string(), Arc::clone(&slot));
         drop(st);
-        tracing::info!(session = key, vm = %slot.vm_id, "session opened");
+        tracing::info!(session = key, vm = %locked(&slot.vm_id), "session opened");
         Ok(slot)
     }
 
-    /// End the session `key` if `slot` is still its slot: out of the
-    /// sessions and into `Destroying` in one step, then (once a running
-    /// call lets go of it) the VM is destroyed. Whether it ended it.
-    async fn end_slot(&self, key: &str, slot: &Arc<Slot<B::Vm>>) -> bool {
-        {
-            let mut st = self.inner.lock();
-            if !st.sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-                return false;
-            }
-            st.sessions.remove(key);
-            st.enter(Phase::Destroying);
-        }
-        let vm = slot.vm.lock().await.take();
-        self.inner.destroy_now(vm).await;
-        true
-    }
-
-    /// End a session and destroy its VM (after a running call finishes).
-    /// Returns whether the session existed.
+    /// End a session and destroy its VM (after a running call finishes),
+    /// or delete it if it is paused. Returns whether the session existed.
     pub async fn end_session(&self, key: &str) -> bool {
         let slot = self.inner.lock().sessions.get(key).cloned();
         match slot {
-            Some(slot) => self.end_slot(key, &slot).await,
+            Some(slot) => end_slot(&self.inner, key, &slot).await,
             None => false,
         }
+    }
+
+    /// Pause session `key` now (after a running call finishes).
+    pub async fn pause_session(&self, key: &str) -> Result<SessionInfo, PoolError> {
+        let slot = self.slot(key)?;
+        pause::pause(&self.inner, key, &slot).await?;
+        Ok(slot.info(key, Instant::now()))
+    }
+
+    /// Resume session `key` if it is paused (a running one is left as is).
+    pub async fn resume_session(&self, key: &str) -> Result<SessionInfo, PoolError> {
+        let slot = self.slot(key)?;
+        drop(self.session(key).await?);
+        Ok(slot.info(key, Instant::now()))
+    }
+
+    fn slot(&self, key: &str) -> Result<Arc<Slot<B::Vm>>, PoolError> {
+        self.inner
+            .lock()
+            .sessions
+            .get(key)
+            .cloned()
+            .ok_or_else(|| PoolError::SessionLost { key: key.into(), reason: "no such session".into() })
     }
 
     /// Whether session `key` exists in this pool.
@@ -301,9 +378,14 @@ impl<B: Backend> Pool<B> {
 
     /// Session `key`'s agent connection, to use without waiting for a call
     /// running in it (background processes); `None` if there is no such
-    /// session or its backend has no shared connection.
+    /// session, it is paused, or its backend has no shared connection.
     pub fn session_agent(&self, key: &str) -> Option<std::sync::Arc<ember_vm::AgentClient>> {
-        self.inner.lock().sessions.get(key)?.handle.agent.clone()
+        let slot = self.inner.lock().sessions.get(key).cloned()?;
+        if slot.is_paused() {
+            return None;
+        }
+        let agent = locked(&slot.handle).agent.clone();
+        agent
     }
 
     /// Count a use of session `key` that is not a call (its processes).
@@ -325,8 +407,48 @@ impl<B: Backend> Pool<B> {
         let slot = self.inner.lock().sessions.get(key).cloned()?;
         let now = Instant::now();
         *locked(&slot.expires) = Some(now + lifetime);
+        if let Some((dir, _)) = locked(&slot.paused).as_ref() {
+            pause::write_record(dir, key, &slot);
+        }
         Some(slot.info(key, now))
     }
+}
+
+/// End the session `key` if `slot` is still its slot: out of the sessions
+/// (and into `Destroying` if it has a VM) in one step, then (once a running
+/// call lets go of it) the VM is destroyed and its saved files removed.
+/// Whether it ended it.
+async fn end_slot<B: Backend>(inner: &Arc<Inner<B>>, key: &str, slot: &Arc<Slot<B::Vm>>) -> bool {
+    let paused = {
+        let mut st = inner.lock();
+        if !st.sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            return false;
+        }
+        st.sessions.remove(key);
+        if slot.is_paused() {
+            st.paused -= 1;
+            st.check(Phase::Destroying);
+            true
+        } else {
+            st.enter(Phase::Destroying);
+            false
+        }
+    };
+    let mut guard = slot.vm.lock().await;
+    let vm = guard.take();
+    let dir = locked(&slot.paused).take().map(|p| p.0);
+    if paused {
+        drop(guard);
+    } else {
+        inner.destroy_now(vm).await;
+        drop(guard);
+    }
+    // Its saved files (a paused one's, or a resumed one's disk).
+    if let Some(dir) = dir.or_else(|| inner.cfg.session_dir.as_ref().map(|d| d.join(key))) {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+    tracing::info!(session = key, "session ended");
+    true
 }
 
 /// A VM a session claimed but did not keep, on its way back.
@@ -342,8 +464,8 @@ fn returned<V>(vm: V, claimed_at: Instant) -> lease::Returned<V> {
     }
 }
 
-/// End sessions idle for longer than their idle timeout, and those past
-/// their lifetime.
+/// End sessions past their lifetime, idle past their idle timeout or paused
+/// past `paused_ttl`; pause those idle past `idle_pause` when it is set.
 pub(super) async fn reap_idle<B: Backend>(inner: Arc<Inner<B>>) {
     // Often enough for the shortest idle timeout a session may ask for.
     let every = (inner.cfg.session_idle_ttl / 10)
@@ -356,34 +478,70 @@ pub(super) async fn reap_idle<B: Backend>(inner: Arc<Inner<B>>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         let now = Instant::now();
-        let expired: Vec<Ended<B::Vm>> = {
-            let mut st = inner.lock();
+        let due: Vec<Due<B::Vm>> = {
+            let st = inner.lock();
             if st.draining {
                 return;
             }
-            let keys: Vec<(String, &'static str)> =
-                st.sessions.iter().filter_map(|(k, s)| Some((k.clone(), s.reap_reason(now)?))).collect();
-            let gone: Vec<_> =
-                keys.into_iter().filter_map(|(k, why)| st.sessions.remove(&k).map(|s| (k, s, why))).collect();
-            for _ in &gone {
-                st.enter(Phase::Destroying);
-            }
-            gone
+            st.sessions
+                .iter()
+                .filter_map(|(k, s)| {
+                    let r = s.reap(now, inner.cfg.session_idle_pause, inner.cfg.session_paused_ttl)?;
+                    Some((k.clone(), Arc::clone(s), r))
+                })
+                .collect()
         };
-        for (key, slot, why) in expired {
-            tracing::info!(session = %key, "session ended: {why}");
-            // A call running in it finishes first (its own timeout bounds it).
+        for (key, slot, what) in due {
             let inner = Arc::clone(&inner);
-            tokio::spawn(async move {
-                let vm = slot.vm.lock().await.take();
-                inner.destroy_now(vm).await;
-            });
+            match what {
+                Reap::End(why) => {
+                    tracing::info!(session = %key, "ending the session: {why}");
+                    // A call running in it finishes first (its own timeout bounds it).
+                    tokio::spawn(async move { end_slot(&inner, &key, &slot).await });
+                }
+                Reap::Pause => {
+                    // Marked used, so that it is not picked again while it pauses.
+                    slot.touch();
+                    tokio::spawn(async move {
+                        if let Err(e) = pause::pause(&inner, &key, &slot).await {
+                            tracing::warn!(session = %key, error = %e, "pausing the idle session failed");
+                        }
+                    });
+                }
+            }
         }
     }
 }
 
-/// A session the reaper took out: its key, slot and why.
-type Ended<V> = (String, Arc<Slot<V>>, &'static str);
+/// A session the reaper acts on: its key, slot and what it does.
+type Due<V> = (String, Arc<Slot<V>>, Reap);
+
+/// At shutdown: running sessions' VMs are destroyed (their saved files
+/// too); paused sessions stay on disk for the next start.
+pub(super) async fn shut_down<B: Backend>(inner: &Arc<Inner<B>>) {
+    // The next server may take the directory (and the paused sessions).
+    let _lock = inner.session_dir_lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let sessions: Vec<(String, Arc<Slot<B::Vm>>)> = {
+        let mut st = inner.lock();
+        let all: Vec<_> = st.sessions.drain().collect();
+        let running = all.iter().filter(|(_, s)| !s.is_paused()).count();
+        st.paused = 0;
+        for _ in 0..running {
+            st.enter(Phase::Destroying);
+        }
+        all
+    };
+    for (key, slot) in sessions {
+        if slot.is_paused() {
+            continue;
+        }
+        let vm = slot.vm.lock().await.take();
+        inner.destroy_now(vm).await;
+        if let Some(dir) = inner.cfg.session_dir.as_ref().map(|d| d.join(&key)) {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+    }
+}
 
 /// The shortest idle timeout or lifetime a session may have.
 pub const MIN_SESSION_TIMEOUT: Duration = Duration::from_secs(1);

@@ -882,3 +882,112 @@ async fn a_single_use_vm_is_destroyed_after_its_call() {
     let s = pool.status();
     assert_eq!((s.counters.resets, s.counters.reset_failures), (0, 0));
 }
+
+fn pausing(dir: &std::path::Path) -> PoolConfig {
+    PoolConfig { session_dir: Some(dir.to_path_buf()), ..cfg() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_session_holds_no_vm_and_resumes_on_use_with_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start(backend(), pausing(dir.path()), 256);
+    let mut s = pool.session("ws").await.unwrap();
+    s.dirty = true;
+    let first = s.id.clone();
+    drop(s);
+    let info = pool.pause_session("ws").await.unwrap();
+    assert_eq!((info.state, info.vm_id.as_deref()), ("paused", None));
+    assert!(dir.path().join("ws/session.json").is_file() && dir.path().join("ws/fake-vm").is_file());
+    let st = pool.status();
+    assert_eq!((st.sessions, st.paused_sessions, st.counters.pauses), (0, 1, 1));
+    assert!(!pool.backend().is_alive(&first), "a paused session holds no VM");
+    assert!(pool.session_agent("ws").is_none());
+    // Pausing again is a no-op; any use resumes it, with its state.
+    pool.pause_session("ws").await.unwrap();
+    let s = pool.session("ws").await.unwrap();
+    assert!(s.dirty, "the session's state was lost");
+    assert_ne!(s.id, first);
+    drop(s);
+    let st = pool.status();
+    assert_eq!((st.sessions, st.paused_sessions, st.counters.resumes), (1, 0, 1));
+    assert!(!dir.path().join("ws/session.json").exists(), "a running session keeps no stale record");
+    assert_eq!(pool.session_info("ws").unwrap().state, "running");
+    // Ending a paused session removes its files.
+    pool.pause_session("ws").await.unwrap();
+    assert!(pool.end_session("ws").await);
+    assert!(!dir.path().join("ws").exists());
+    let st = pool.status();
+    assert_eq!((st.sessions, st.paused_sessions, st.counters.invariant_violations), (0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_sessions_pause_and_paused_ones_end_after_their_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PoolConfig {
+        session_idle_pause: Some(Duration::from_secs(5)),
+        session_paused_ttl: Duration::from_secs(30),
+        ..pausing(dir.path())
+    };
+    let pool = Pool::start(backend(), c, 256);
+    drop(pool.session("ws").await.unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pool.session_info("ws").unwrap().state, "running");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(pool.session_info("ws").unwrap().state, "paused", "not paused when idle");
+    // Past the pool's idle_ttl (60 s) it is still there: paused, not ended,
+    // until paused_ttl.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert!(pool.session_info("ws").is_some());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(pool.session_info("ws").is_none(), "not ended after paused_ttl");
+    assert!(!dir.path().join("ws").exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_sessions_survive_a_restart_and_one_server_owns_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend();
+    let pool = Pool::start(b.clone(), pausing(dir.path()), 256);
+    let spec = SessionSpec { env: [("A".to_string(), "1".to_string())].into(), ..SessionSpec::default() };
+    pool.open("keep", spec).await.unwrap();
+    pool.session("keep").await.unwrap().dirty = true;
+    pool.session("gone").await.unwrap();
+    pool.pause_session("keep").await.unwrap();
+    // A second server on the same directory neither adopts nor pauses.
+    let other = Pool::start(b.clone(), pausing(dir.path()), 256);
+    assert!(other.session_info("keep").is_none());
+    other.session("x").await.unwrap();
+    assert!(
+        matches!(other.pause_session("x").await, Err(PoolError::Pause(m)) if m.contains("another Ember"))
+    );
+    other.shutdown().await;
+    // Shutdown ends the running session and keeps the paused one.
+    pool.shutdown().await;
+    assert!(dir.path().join("keep").exists() && !dir.path().join("gone").exists());
+    let again = Pool::start(b, pausing(dir.path()), 256);
+    let info = again.session_info("keep").expect("the paused session is back");
+    assert_eq!((info.state, info.env.clone()), ("paused", vec!["A".to_string()]));
+    let s = again.session("keep").await.unwrap();
+    assert!(s.dirty && s.env().get("A").is_some_and(|v| v == "1"));
+    drop(s);
+    assert_eq!(again.status().counters.invariant_violations, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_sessions_are_capped_and_a_failed_pause_ends_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend();
+    let pool = Pool::start(b.clone(), PoolConfig { max_paused_sessions: 1, ..pausing(dir.path()) }, 256);
+    drop(pool.session("a").await.unwrap());
+    drop(pool.session("b").await.unwrap());
+    pool.pause_session("a").await.unwrap();
+    assert!(matches!(pool.pause_session("b").await, Err(PoolError::PausedLimit { limit: 1 })));
+    assert_eq!(pool.session_info("b").unwrap().state, "running", "a refused pause leaves it running");
+    b.state.fail_pauses.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert!(pool.end_session("a").await);
+    assert!(matches!(pool.pause_session("b").await, Err(PoolError::Pause(_))));
+    assert!(pool.session_info("b").is_none(), "the VM is gone, so is the session");
+    let st = pool.status();
+    assert_eq!((st.sessions, st.paused_sessions, st.counters.pause_failures), (0, 0, 1));
+    assert_eq!(st.counters.invariant_violations, 0);
+}

@@ -403,6 +403,27 @@ impl Backend for VmBackend {
         }
     }
 
+    fn pauses(&self) -> bool {
+        use ember_vm::channel::ChannelKind;
+        matches!(self.host.channel(), ChannelKind::Serial | ChannelKind::Vsock)
+            && self.host.config().scratch != ember_vm::vm::ScratchKind::RawCopy
+    }
+
+    async fn pause(&self, vm: Vm, dir: &std::path::Path) -> Result<(), PoolError> {
+        // Its host rules and resolver go with it; a resume makes them anew.
+        self.disconnect(&vm).await;
+        vm.pause(dir).await.map(drop).map_err(|e| PoolError::Pause(e.to_string()))
+    }
+
+    async fn resume(&self, dir: &std::path::Path) -> Result<Vm, PoolError> {
+        let paused = ember_vm::vm::Paused::load(dir).map_err(|e| PoolError::Pause(e.to_string()))?;
+        self.host.resume(&paused).await.map_err(|e| PoolError::Pause(format!("resuming: {e}")))
+    }
+
+    fn can_resume(&self, dir: &std::path::Path) -> bool {
+        ember_vm::vm::Paused::load(dir).is_ok()
+    }
+
     async fn destroy(&self, vm: Vm) {
         self.single_use.lock().unwrap_or_else(|p| p.into_inner()).remove(vm.id());
         vm.shutdown().await;

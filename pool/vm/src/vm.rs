@@ -9,6 +9,7 @@ use boot::{connect_agent, BootFailure};
 mod argv;
 mod config;
 mod host;
+mod pause;
 mod process;
 mod qmp;
 pub(crate) mod state;
@@ -29,6 +30,7 @@ pub use config::{
     default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, ScratchKind, VmConfig,
 };
 pub use host::VmHost;
+pub use pause::{Paused, SavedMemory};
 pub use process::OwnedProcess;
 pub use qmp::{Qmp, QmpError};
 pub use state::{ReapReport, StateDir};
@@ -114,6 +116,12 @@ pub struct Vm {
     disk: Option<Disk>,
     /// Its NIC's TAP (with networking on), removed after QEMU.
     tap: Option<crate::net::OwnedTap>,
+    /// Its writable disk's file, and what that overlay is backed by (a
+    /// pause keeps the one and may need the other).
+    scratch: PathBuf,
+    backing: (PathBuf, &'static str),
+    /// Its RAM, as a resume must recreate it.
+    memory: argv::MemoryBacking,
     dir: DirGuard,
     host: Arc<VmHost>,
 }
@@ -216,13 +224,22 @@ impl Vm {
 
     /// Pause the VM and migrate its device state into `path`, RAM left out
     /// (`x-ignore-shared`: it stays in the shared memory file); for templates.
-    pub(super) async fn migrate_to_file(&self, path: &Path, within: Duration) -> Result<(), VmError> {
+    /// Stop the VM and save its state to `path`; with `ignore_shared`,
+    /// RAM in a shared file stays out of it (a template).
+    pub(super) async fn migrate_to_file(
+        &self,
+        path: &Path,
+        ignore_shared: bool,
+        within: Duration,
+    ) -> Result<(), VmError> {
         use template::{FD_NAME, POLL};
         let id = self.id.as_str();
         let qmp_err = |source| VmError::Qmp { vm: id.to_string(), source };
         let mut qmp = self.qmp.lock().await;
         qmp.execute("stop", None).await.map_err(qmp_err)?;
-        template::set_ignore_shared(&mut qmp).await.map_err(qmp_err)?;
+        if ignore_shared {
+            template::set_ignore_shared(&mut qmp).await.map_err(qmp_err)?;
+        }
         let file = std::fs::File::create(path).map_err(io_err("creating the template state file"))?;
         qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(qmp_err)?;
         qmp.execute("migrate", Some(serde_json::json!({ "uri": format!("fd:{FD_NAME}") })))

@@ -52,6 +52,23 @@ pub enum Policy {
     },
 }
 
+impl Policy {
+    /// The policy as a request would say it (what [`RawPolicy::check`]
+    /// turns back into this).
+    pub fn to_raw(&self) -> RawPolicy {
+        match self {
+            Policy::None => RawPolicy::Word("none".into()),
+            Policy::Open => RawPolicy::Word("open".into()),
+            Policy::Egress { allow, deny } => RawPolicy::Egress {
+                egress: RawEgress {
+                    allow: allow.iter().map(ToString::to_string).collect(),
+                    deny: deny.iter().map(ToString::to_string).collect(),
+                },
+            },
+        }
+    }
+}
+
 /// One destination.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rule {
@@ -205,6 +222,25 @@ mod tests {
 
     fn rule(s: &str) -> Rule {
         Rule::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_policy_said_again_checks_to_itself() {
+        let raw = RawPolicy::Egress {
+            egress: RawEgress {
+                allow: vec![
+                    "203.0.113.0/24:443".into(),
+                    "*.example.org".into(),
+                    "pypi.org:443".into(),
+                    "198.51.100.7".into(),
+                ],
+                deny: vec!["203.0.113.9".into()],
+            },
+        };
+        for raw in [raw, RawPolicy::Word("open".into()), RawPolicy::Word("none".into())] {
+            let p = raw.check(64).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(p.to_raw().check(64).ok(), Some(p));
+        }
     }
 
     #[test]

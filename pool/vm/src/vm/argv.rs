@@ -11,6 +11,9 @@ use super::Accel;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryBacking {
     Private,
+    /// Private RAM under the id `mem` (a VM resumed from one whose RAM was
+    /// a backend object: the migration stream names RAM blocks by id).
+    Ram,
     SharedMemfd,
     /// RAM in a file: `shared` for a template (its RAM stays in the file
     /// when it is saved), private copy-on-write for a VM restored from it.
@@ -100,6 +103,24 @@ pub fn kernel_cmdline(init_full: bool, tsc_khz: Option<u64>, user_namespaces: bo
 }
 
 /// `qemu-img create` of a VM's writable qcow2 layer over `backing`.
+/// `qemu-img rebase -u`: point `overlay` at `backing` without copying
+/// (the new backing holds the same bytes as the old one).
+pub fn qemu_img_repoint_args(overlay: &Path, backing: &Path, backing_format: &str) -> Vec<String> {
+    [
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        backing_format,
+        "-b",
+        &backing.to_string_lossy(),
+        &overlay.to_string_lossy(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 pub fn qemu_img_overlay_args(backing: &Path, backing_format: &str, overlay: &Path) -> Vec<String> {
     [
         "create",
@@ -123,6 +144,10 @@ pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
     let mut machine = String::from("microvm,x-option-roms=off,rtc=on");
     match &a.memory {
         MemoryBacking::Private => {}
+        MemoryBacking::Ram => {
+            push(&mut v, &["-object", &format!("memory-backend-ram,id=mem,size={mem}")]);
+            machine.push_str(",memory-backend=mem");
+        }
         MemoryBacking::SharedMemfd => {
             push(&mut v, &["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
             machine.push_str(",memory-backend=mem");
@@ -364,6 +389,10 @@ mod tests {
             qemu_img_overlay_args(Path::new("/c/t.qcow2"), "qcow2", Path::new("/r/vm/scratch.qcow2"))
                 .join(" "),
             "create -q -f qcow2 -F qcow2 -b /c/t.qcow2 /r/vm/scratch.qcow2"
+        );
+        assert_eq!(
+            qemu_img_repoint_args(Path::new("/p/disk.qcow2"), Path::new("/p/base.qcow2"), "qcow2").join(" "),
+            "rebase -u -f qcow2 -F qcow2 -b /p/base.qcow2 /p/disk.qcow2"
         );
     }
 

@@ -100,7 +100,7 @@ impl Vm {
                     .await
                     .map_err(|e| VmError::Storage(format!("VM {id}: making its disk: {e}")))?;
                 let path = disk.path().to_path_buf();
-                return Ok((Some(disk), path, disk_started.elapsed()));
+                return Ok((Some(disk), path, (cfg.images.scratch.clone(), "raw"), disk_started.elapsed()));
             }
             // A template keeps its disk and RAM in its own directory: they
             // outlive the template VM. A restored VM's disk is an overlay of
@@ -109,13 +109,25 @@ impl Vm {
                 BootPlan::Template(t) => (t.disk.clone(), cfg.images.scratch.clone(), "raw"),
                 BootPlan::Restore(t) => (dir.join("scratch.qcow2"), t.disk.clone(), "qcow2"),
                 BootPlan::Cold => (dir.join("scratch.qcow2"), cfg.images.scratch.clone(), "raw"),
+                // A paused VM's disk is used in place.
+                BootPlan::Resume(p) if p.backing_format == "qcow2" => {
+                    return Ok((
+                        None,
+                        p.disk(),
+                        (p.dir().join("base.qcow2"), "qcow2"),
+                        disk_started.elapsed(),
+                    ));
+                }
+                BootPlan::Resume(p) => {
+                    return Ok((None, p.disk(), (cfg.images.scratch.clone(), "raw"), disk_started.elapsed()));
+                }
             };
             let qemu_img = cfg.qemu_img.to_string_lossy();
             host.runner()
                 .run(&qemu_img, &argv::qemu_img_overlay_args(&backing, backing_format, &path))
                 .await
                 .map_err(|e| VmError::Tool(e.to_string()))?;
-            Ok::<_, VmError>((None, path, disk_started.elapsed()))
+            Ok::<_, VmError>((None, path, (backing, backing_format), disk_started.elapsed()))
         };
         // With networking, a TAP of its own in Ember's namespace.
         let make_tap = async {
@@ -129,7 +141,7 @@ impl Vm {
         let (disk, channel, tap) =
             tokio::join!(make_disk, Self::prepare_channel(&host, &dir, &mut parts, deadline), make_tap);
         let tap = tap?;
-        let (disk, scratch, disk_took) = disk?;
+        let (disk, scratch, backing, disk_took) = disk?;
         parts.disk = disk;
         let (device, addr, memory) = channel?;
         // QEMU may (re)open the disk after dropping to its user: on an
@@ -143,7 +155,9 @@ impl Vm {
             BootPlan::Cold => memory,
             BootPlan::Template(t) => MemoryBacking::File { path: t.mem.clone(), shared: true },
             BootPlan::Restore(t) => MemoryBacking::File { path: t.mem.clone(), shared: false },
+            BootPlan::Resume(p) => p.memory.backing(),
         };
+        let memory_kind = memory.clone();
         let qmp_socket = dir.join("qmp.sock");
         let args = QemuArgs {
             name: id.clone(),
@@ -159,7 +173,7 @@ impl Vm {
             ),
             rootfs: cfg.images.rootfs.clone(),
             scratch_format: if raw_copy { "raw" } else { "qcow2" },
-            scratch,
+            scratch: scratch.clone(),
             console_log: dir.join("console.log"),
             qmp_socket: qmp_socket.clone(),
             channel: device,
@@ -167,7 +181,7 @@ impl Vm {
             isolated_nic: cfg.isolated_nic,
             tap: tap.as_ref().map(|t| t.tap().name().to_string()),
             run_as: cfg.qemu_user.clone(),
-            incoming: matches!(plan, BootPlan::Restore(_)),
+            incoming: matches!(plan, BootPlan::Restore(_) | BootPlan::Resume(_)),
         };
         // With a TAP, QEMU runs in Ember's namespace, where the TAP is.
         let ns = tap.as_ref().map(|t| t.network().namespace().to_string());
@@ -182,8 +196,13 @@ impl Vm {
             Ok(q) => q,
             Err(e) => return Err(parts.fail(&mut qemu, timeout, e)),
         };
-        if let BootPlan::Restore(t) = &plan {
-            if let Err(e) = template::incoming(&mut qmp, t, deadline).await {
+        let incoming = match &plan {
+            BootPlan::Restore(t) => Some((t.state.clone(), true)),
+            BootPlan::Resume(p) => Some((p.state(), false)),
+            BootPlan::Cold | BootPlan::Template(_) => None,
+        };
+        if let Some((state, ignore_shared)) = incoming {
+            if let Err(e) = template::incoming(&mut qmp, &state, ignore_shared, deadline).await {
                 return Err(parts.fail(&mut qemu, timeout, e));
             }
         }
@@ -241,6 +260,9 @@ impl Vm {
             helper,
             _cid: cid,
             disk,
+            scratch,
+            backing,
+            memory: memory_kind,
             dir,
             host,
         })

@@ -25,6 +25,8 @@ pub enum BootPlan<'a> {
     Template(&'a Template),
     /// Start from a saved template.
     Restore(&'a Template),
+    /// Resume a paused VM (its disk in place, its RAM from its state).
+    Resume(&'a super::pause::Paused),
 }
 
 /// A saved template; its files are removed when it is dropped.
@@ -78,7 +80,7 @@ impl VmHost {
 
 /// Pause the template and write its device state (RAM stays in the file).
 async fn save(vm: &Vm, t: &Template) -> Result<(), VmError> {
-    vm.migrate_to_file(&t.state, Duration::from_secs(60)).await
+    vm.migrate_to_file(&t.state, true, Duration::from_secs(60)).await
 }
 
 pub(super) async fn set_ignore_shared(qmp: &mut Qmp<UnixStream>) -> Result<(), super::QmpError> {
@@ -90,11 +92,14 @@ pub(super) async fn set_ignore_shared(qmp: &mut Qmp<UnixStream>) -> Result<(), s
 /// and let it run.
 pub(super) async fn incoming(
     qmp: &mut Qmp<UnixStream>,
-    t: &Template,
+    state: &std::path::Path,
+    ignore_shared: bool,
     deadline: Instant,
 ) -> Result<(), BootFailure> {
-    set_ignore_shared(qmp).await.map_err(BootFailure::Qmp)?;
-    let file = std::fs::File::open(&t.state)
+    if ignore_shared {
+        set_ignore_shared(qmp).await.map_err(BootFailure::Qmp)?;
+    }
+    let file = std::fs::File::open(state)
         .map_err(|e| BootFailure::Timeout(format!("cannot open the template state: {e}")))?;
     qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(BootFailure::Qmp)?;
     qmp.execute("migrate-incoming", Some(json!({ "uri": format!("fd:{FD_NAME}") })))
@@ -109,9 +114,7 @@ pub(super) async fn incoming(
             }
             "inmigrate" | "prelaunch" if Instant::now() < deadline => tokio::time::sleep(POLL).await,
             other => {
-                return Err(BootFailure::Timeout(format!(
-                    "restore from the template ended in state {other:?}"
-                )))
+                return Err(BootFailure::Timeout(format!("loading the saved state ended in state {other:?}")))
             }
         }
     }

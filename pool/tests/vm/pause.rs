@@ -1,0 +1,92 @@
+//! Pause and resume on real VMs: the QEMU process goes and comes back, and
+//! the guest's processes, files and clock carry on, five times in a row,
+//! after the template it came from is gone, and from the record alone (as
+//! after a restart). The figures are printed for docs/BENCHMARKS.md.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use ember_testkit::ensure_eq;
+use ember_vm::vm::{processes_mentioning, Paused, VmHost};
+
+use crate::{run, stdout};
+
+fn counter() -> ember_wire::SpawnRequest {
+    ember_wire::SpawnRequest {
+        command: ember_wire::Command::Shell(
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done".into(),
+        ),
+        env: Default::default(),
+        cwd: None,
+        stdin: false,
+        tag: Some("counter".into()),
+        buffer_bytes: 4096,
+        pids_limit: None,
+        max_processes: 4,
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+pub async fn pause_and_resume_carry_processes_files_and_the_clock(host: &Arc<VmHost>) -> anyhow::Result<()> {
+    let template = host.make_template().await?;
+    let vm = host.restore(&template).await?;
+    let pid = vm.agent().spawn(counter()).await?;
+    run(&vm, "echo kept > ~/notes; sleep 0.5").await?;
+    let dir = tempfile::tempdir()?;
+    let paused_dir = dir.path().join("s");
+    let first_id = vm.id().to_string();
+
+    let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    let mut paused = vm.pause(&paused_dir).await?;
+    pauses.push(t.elapsed());
+    ensure!(processes_mentioning(&first_id).is_empty(), "the paused VM's QEMU still runs");
+    // The template may go: the paused VM needs nothing of it.
+    drop(template);
+    let mut before = 0u64;
+    for round in 0..5 {
+        let t = Instant::now();
+        let vm = host.resume(&paused).await?;
+        resumes.push(t.elapsed());
+        ensure_eq!(stdout(&vm, "cat ~/notes").await?, "kept\n");
+        let a: u64 = stdout(&vm, "cat /tmp/count").await?.trim().parse()?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let b: u64 = stdout(&vm, "cat /tmp/count").await?.trim().parse()?;
+        ensure!(b > a && a > before, "round {round}: the counter did not carry on ({before} -> {a} -> {b})");
+        before = b;
+        let procs = vm.agent().processes().await?;
+        ensure!(procs.iter().any(|p| p.pid == pid && p.exit.is_none()), "round {round}: {procs:?}");
+        let guest: i64 = stdout(&vm, "date +%s").await?.trim().parse()?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+        ensure!((guest - now).abs() <= 1, "round {round}: the guest's clock {guest} vs {now}");
+        run(&vm, &format!("echo {round} >> ~/rounds")).await?;
+        let id = vm.id().to_string();
+        let t = Instant::now();
+        paused = vm.pause(&paused_dir).await?;
+        pauses.push(t.elapsed());
+        ensure!(processes_mentioning(&id).is_empty(), "round {round}: QEMU still runs");
+    }
+    // From the record alone, as a restarted server finds it.
+    let loaded = Paused::load(&paused_dir)?;
+    ensure_eq!(loaded, paused);
+    let vm = host.resume(&loaded).await?;
+    ensure_eq!(stdout(&vm, "cat ~/rounds | tr '\\n' ' '").await?, "0 1 2 3 4 ");
+    let on_disk = loaded.disk_bytes();
+    vm.shutdown().await;
+    pauses.sort();
+    resumes.sort();
+    println!(
+        "    pause ms: {:?} (median {}), resume ms: {:?} (median {}), paused files {} MB",
+        pauses.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        ms(pauses[pauses.len() / 2]),
+        resumes.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        ms(resumes[resumes.len() / 2]),
+        on_disk / 1_000_000
+    );
+    drop(dir);
+    Ok(())
+}

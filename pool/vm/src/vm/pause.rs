@@ -1,0 +1,225 @@
+//! Pause and resume: a VM's whole state to disk and back. Pausing stops the
+//! guest, saves its RAM and devices to a file (a migration to a file), keeps
+//! its writable disk next to it and ends QEMU: a paused VM holds no process
+//! and no RAM. Resuming starts a new QEMU on that disk and loads the state:
+//! the guest's processes, open files and memory carry on; its clock is set
+//! to now and its randomness reseeded, as after a template restore.
+//!
+//! The directory is the caller's (a session's). It holds `state` (RAM and
+//! devices), `disk.qcow2` (the VM's writable layer) and, when the disk was
+//! an overlay of a template's disk, `base.qcow2` (a copy of that layer, so
+//! nothing outside the directory but the image's own clean scratch disk is
+//! needed), and `paused.json` (this record), so a paused VM outlives the
+//! process that paused it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::argv::{self, MemoryBacking};
+use super::{io_err, BootPlan, Vm, VmError, VmHost};
+use crate::channel::ChannelKind;
+
+/// How long writing or loading a paused VM's state may take.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A paused VM, as recorded in its directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Paused {
+    /// RAM of the VM it resumes into (its RAM blocks must match).
+    pub memory: SavedMemory,
+    pub memory_mb: u32,
+    /// What the disk's overlay is backed by: the image's clean scratch
+    /// disk (raw), or `base.qcow2` here (qcow2).
+    pub backing_format: String,
+    pub paused_unix_ms: u64,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+/// The RAM a VM had, without paths (a template's RAM file is not needed to
+/// resume: the state holds every page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SavedMemory {
+    Private,
+    Object,
+    SharedMemfd,
+}
+
+impl SavedMemory {
+    pub(super) fn of(m: &MemoryBacking) -> Self {
+        match m {
+            MemoryBacking::Private => SavedMemory::Private,
+            MemoryBacking::SharedMemfd => SavedMemory::SharedMemfd,
+            MemoryBacking::Ram | MemoryBacking::File { .. } => SavedMemory::Object,
+        }
+    }
+
+    pub(super) fn backing(self) -> MemoryBacking {
+        match self {
+            SavedMemory::Private => MemoryBacking::Private,
+            SavedMemory::SharedMemfd => MemoryBacking::SharedMemfd,
+            SavedMemory::Object => MemoryBacking::Ram,
+        }
+    }
+}
+
+const RECORD: &str = "paused.json";
+
+impl Paused {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub(super) fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub(super) fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+
+    /// The paused VM recorded in `dir` (after a restart).
+    pub fn load(dir: &Path) -> Result<Self, VmError> {
+        let text =
+            std::fs::read_to_string(dir.join(RECORD)).map_err(io_err("reading a paused VM's record"))?;
+        let mut p: Paused = serde_json::from_str(&text)
+            .map_err(|e| VmError::Tool(format!("{}: not a paused VM's record: {e}", dir.display())))?;
+        p.dir = dir.to_path_buf();
+        for f in [p.state(), p.disk()] {
+            if !f.is_file() {
+                return Err(VmError::Tool(format!(
+                    "paused VM {}: {} is missing",
+                    dir.display(),
+                    f.display()
+                )));
+            }
+        }
+        Ok(p)
+    }
+
+    /// Bytes its files take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+}
+
+impl Vm {
+    /// Save this VM into `dir` (made if missing) and end it. On error the
+    /// VM is gone too (it was stopped); `dir` is left for the caller.
+    pub async fn pause(self, dir: &Path) -> Result<Paused, VmError> {
+        if !matches!(self.channel, ChannelKind::Serial | ChannelKind::Vsock) {
+            return Err(VmError::Config(vec![format!(
+                "pausing needs a channel that survives a migration (serial or vsock), not {}",
+                self.channel
+            )]));
+        }
+        if self.disk.is_some() {
+            return Err(VmError::Config(vec![
+                "pausing needs qcow2 scratch disks (storage.backend = \"file\" with overlays)".into(),
+            ]));
+        }
+        let (backing, backing_format) = self.backing.clone();
+        std::fs::create_dir_all(dir).map_err(io_err("making the paused VM's directory"))?;
+        let mut p = Paused {
+            memory: SavedMemory::of(&self.memory),
+            memory_mb: self.host.config().memory_mb,
+            backing_format: backing_format.to_string(),
+            paused_unix_ms: unix_ms(),
+            dir: dir.to_path_buf(),
+        };
+        let host = Arc::clone(&self.host);
+        let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
+        // QEMU flushed and let go of the disk when the migration completed.
+        let kept = match saved {
+            Ok(()) => {
+                std::fs::rename(&self.scratch, p.disk()).map_err(io_err("keeping the paused VM's disk"))
+            }
+            Err(e) => Err(e),
+        };
+        self.shutdown().await;
+        kept?;
+        let base = dir.join("base.qcow2");
+        if backing_format == "qcow2" && backing != base {
+            // A template's layer: copy it, so the template may go.
+            std::fs::copy(&backing, &base).map_err(io_err("copying the template's disk layer"))?;
+            let qemu_img = host.config().qemu_img.to_string_lossy().to_string();
+            host.runner()
+                .run(&qemu_img, &argv::qemu_img_repoint_args(&p.disk(), &base, "qcow2"))
+                .await
+                .map_err(|e| VmError::Tool(e.to_string()))?;
+        }
+        p.backing_format = backing_format.to_string();
+        let record = serde_json::to_vec_pretty(&p).map_err(|e| VmError::Tool(e.to_string()))?;
+        std::fs::write(dir.join(RECORD), record).map_err(io_err("writing the paused VM's record"))?;
+        Ok(p)
+    }
+}
+
+impl VmHost {
+    /// Start the VM `paused` holds. Its directory keeps the disk, which the
+    /// new VM uses in place; pausing it again saves over the state.
+    pub async fn resume(self: &Arc<Self>, paused: &Paused) -> Result<Vm, VmError> {
+        if paused.memory_mb != self.config().memory_mb {
+            return Err(VmError::Config(vec![format!(
+                "the paused VM has {} MiB of RAM, this host's VMs {} MiB",
+                paused.memory_mb,
+                self.config().memory_mb
+            )]));
+        }
+        let accel = self.accel().await;
+        let started = Instant::now();
+        let vm =
+            Vm::boot(Arc::clone(self), accel, self.config().boot_timeout, BootPlan::Resume(paused)).await?;
+        tracing::info!(vm = %vm.id(), took_ms = started.elapsed().as_millis() as u64, "VM resumed");
+        Ok(vm)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_kinds_resume_as_the_same_ram_blocks() {
+        assert_eq!(SavedMemory::of(&MemoryBacking::Private).backing(), MemoryBacking::Private);
+        assert_eq!(SavedMemory::of(&MemoryBacking::SharedMemfd).backing(), MemoryBacking::SharedMemfd);
+        let file = MemoryBacking::File { path: "/t/mem".into(), shared: false };
+        assert_eq!(SavedMemory::of(&file).backing(), MemoryBacking::Ram, "the id `mem`, no file");
+    }
+
+    #[test]
+    fn a_record_round_trips_and_missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let p = Paused {
+            memory: SavedMemory::Object,
+            memory_mb: 256,
+            backing_format: "qcow2".into(),
+            paused_unix_ms: 1,
+            dir: dir.path().to_path_buf(),
+        };
+        std::fs::write(dir.path().join(RECORD), serde_json::to_vec(&p).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let err = Paused::load(dir.path()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("state is missing"), "{err}");
+        for f in ["state", "disk.qcow2"] {
+            std::fs::write(dir.path().join(f), b"x").unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(Paused::load(dir.path()).ok(), Some(p));
+        std::fs::write(dir.path().join(RECORD), b"{").unwrap_or_else(|e| panic!("{e}"));
+        assert!(Paused::load(dir.path()).is_err());
+    }
+}
