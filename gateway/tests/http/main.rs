@@ -341,11 +341,12 @@ fn a_sessions_files_are_written_read_and_managed_as_its_user(s: &Server) -> anyh
     ensure!(up.status == 201, "{up:?}");
     ensure!(up.json()?["size"] == limit, "{up:?}");
     let back = dir.path().join("back");
-    let back_arg = back.display().to_string();
     let t = Instant::now();
-    let down = s.curl(&["-o", &back_arg], "/v1/sessions/files/files/data/big.bin")?;
+    let down = s.get("/v1/sessions/files/files/data/big.bin")?;
     let down_secs = t.elapsed().as_secs_f64();
-    ensure!(down.status == 200 && sha256_of(&back)? == want, "the download differs: {down:?}");
+    ensure!(down.status == 200, "{}", down.status);
+    std::fs::write(&back, &down.body)?;
+    ensure!(sha256_of(&back)? == want, "the download differs ({} bytes)", down.body.len());
     let mb = limit as f64 / 1e6;
     println!("    100 MiB upload {:.1} MB/s, download {:.1} MB/s", mb / up_secs, mb / down_secs);
     // One byte over the limit: a 413 before anything is written.
@@ -389,6 +390,73 @@ fn a_sessions_files_are_written_read_and_managed_as_its_user(s: &Server) -> anyh
     let os = s.get("/v1/sessions/files/files/%2Fetc%2Fos-release")?;
     ensure!(os.status == 200 && String::from_utf8_lossy(&os.body).contains("Debian"), "{os:?}");
     ensure!(s.request("DELETE", "/v1/sessions/files", &[], None)?.status == 204);
+    Ok(())
+}
+
+/// Pause and resume through the API, across a restart of `ember serve`:
+/// a server of its own (the suite's keeps running), stopped while the
+/// session is paused, and a new one on the same directories that resumes
+/// it with its files and its counting process.
+fn a_paused_session_survives_a_restart_of_the_server(_: &Server) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("ember.toml");
+    std::fs::write(
+        &config,
+        "[pool]\nmin_size = 1\nmax_size = 2\ntarget_free = 0\nclaim_timeout = \"60s\"\n\
+         [pool.images.python-data]\nmax_size = 1\n[images]\nbuild_on_start = false\n",
+    )?;
+    let start = || {
+        let opts = ember_testkit::ServeOptions::new(
+            std::path::Path::new(env!("CARGO_BIN_EXE_ember")),
+            &config,
+            &server::images(),
+            &dir.path().join("state"),
+            &dir.path().join("server.log"),
+        );
+        ember_testkit::EmberServe::start(&opts)
+    };
+    let first = start()?;
+    let s = Server::attach(&first.url(), dir.path())?;
+    ensure!(s.post_json("/v1/sessions", &json!({"key": "keep"}))?.status == 201);
+    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done";
+    let p = s.post_json("/v1/sessions/keep/processes", &json!({"cmd": counter, "tag": "counter"}))?.json()?;
+    let pid = p["pid"].as_u64().context("pid")?;
+    s.run_in("keep", json!({"cmd": "echo kept > notes; sleep 0.5"}))?;
+    let vm = s.get("/v1/sessions/keep")?.json()?["vm_id"].as_str().context("vm")?.to_string();
+    let t = Instant::now();
+    let paused = s.post_json("/v1/sessions/keep/pause", &json!({}))?;
+    let pause_ms = t.elapsed().as_millis();
+    ensure!(paused.status == 200 && paused.json()?["state"] == "paused", "{paused:?}");
+    ensure!(ember_vm::os::processes_mentioning(&vm).is_empty(), "the paused session's QEMU still runs");
+    first.stop(Duration::from_secs(60))?;
+
+    let second = start()?;
+    let s = Server::attach(&second.url(), dir.path())?;
+    let shown = s.get("/v1/sessions/keep")?.json()?;
+    ensure!(shown["state"] == "paused", "not back as paused after the restart: {shown}");
+    // Any use resumes it: here, its process list.
+    let t = Instant::now();
+    let procs = s.get("/v1/sessions/keep/processes")?.json()?;
+    let resume_ms = t.elapsed().as_millis();
+    let listed = procs["processes"].as_array().context("list")?;
+    ensure!(listed.iter().any(|p| p["pid"] == pid && p["state"] == "running"), "{procs}");
+    let a = s.run_in("keep", json!({"cmd": "cat notes; cat /tmp/count"}))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let b = s.run_in("keep", json!({"cmd": "cat /tmp/count"}))?;
+    let count = |v: &Value, line: usize| -> u64 {
+        v["stdout"]
+            .as_str()
+            .and_then(|o| o.lines().nth(line))
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    ensure!(a["stdout"].as_str().is_some_and(|o| o.starts_with("kept\n")), "{a}");
+    ensure!(count(&b, 0) > count(&a, 1) && count(&a, 1) > 0, "the counter did not carry on: {a} {b}");
+    println!("    pause over HTTP {pause_ms} ms; first use after a restart (resume) {resume_ms} ms");
+    ensure!(s.request("DELETE", "/v1/sessions/keep", &[], None)?.status == 204);
+    let sessions_dir = dir.path().join("state/sessions/default/keep");
+    ensure!(!sessions_dir.exists(), "the ended session's files stay: {}", sessions_dir.display());
+    second.stop(Duration::from_secs(60))?;
     Ok(())
 }
 
@@ -566,6 +634,7 @@ const CASES: &[(&str, Case)] = &[
         "a_sessions_files_are_written_read_and_managed_as_its_user",
         a_sessions_files_are_written_read_and_managed_as_its_user,
     ),
+    ("a_paused_session_survives_a_restart_of_the_server", a_paused_session_survives_a_restart_of_the_server),
     ("functions_run_with_real_input", functions_run_with_real_input),
     ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),
     ("concurrent_requests_all_succeed", concurrent_requests_all_succeed),

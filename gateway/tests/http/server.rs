@@ -15,7 +15,8 @@ const STATE_DIR: &str = "ember-http-state";
 
 pub struct Server {
     pub url: String,
-    serve: Mutex<EmberServe>,
+    /// `None` for a client of a server a case runs itself.
+    serve: Mutex<Option<EmberServe>>,
     dir: tempfile::TempDir,
 }
 
@@ -68,7 +69,7 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn images() -> PathBuf {
+pub fn images() -> PathBuf {
     std::env::var_os("EMBER_IMAGES").map(PathBuf::from).unwrap_or_else(|| repo().join("target/images"))
 }
 
@@ -136,7 +137,13 @@ impl Server {
         );
         opts.echo = Some("    [ember] ".into());
         let serve = EmberServe::start(&opts)?;
-        Ok(Self { url: serve.url(), serve: Mutex::new(serve), dir })
+        Ok(Self { url: serve.url(), serve: Mutex::new(Some(serve)), dir })
+    }
+
+    /// A client of another server at `url` (its temp files in `dir`), for
+    /// cases that run a server of their own; it does not own that server.
+    pub fn attach(url: &str, dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self { url: url.to_string(), serve: Mutex::new(None), dir: tempfile::tempdir_in(dir)? })
     }
 
     /// Run curl with `args` against `path`; the status and body come back
@@ -271,7 +278,8 @@ impl Server {
     /// SIGTERM while a command runs: it finishes, new work is refused, the
     /// server exits, and no VM process or state is left.
     pub fn drain(&self) -> anyhow::Result<()> {
-        let mut serve = self.serve.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut guard = self.serve.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let serve = guard.as_mut().context("not this client's server")?;
         std::thread::scope(|sc| {
             let running = sc.spawn(|| self.run(serde_json::json!({"cmd": "sleep 3; echo finished"})));
             self.wait_until("the command to run", |p| p["invocations_running"] == 1)?;

@@ -79,6 +79,8 @@ impl EmberServe {
             .arg(&opts.config)
             .env("EMBER_IMAGES", &opts.images)
             .env("EMBER_STATE_DIR", &opts.state_dir)
+            // Paused sessions of test servers stay out of the machine's own.
+            .env("EMBER_SESSIONS_DIR", opts.state_dir.join("sessions"))
             .env("EMBER_LOG", &opts.log_level)
             .stdout(Stdio::piped())
             .stderr(log)

@@ -237,9 +237,8 @@ impl Vm {
         let qmp_err = |source| VmError::Qmp { vm: id.to_string(), source };
         let mut qmp = self.qmp.lock().await;
         qmp.execute("stop", None).await.map_err(qmp_err)?;
-        if ignore_shared {
-            template::set_ignore_shared(&mut qmp).await.map_err(qmp_err)?;
-        }
+        // Set either way: a VM restored from a template has it on.
+        template::set_ignore_shared(&mut qmp, ignore_shared).await.map_err(qmp_err)?;
         let file = std::fs::File::create(path).map_err(io_err("creating the template state file"))?;
         qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(qmp_err)?;
         qmp.execute("migrate", Some(serde_json::json!({ "uri": format!("fd:{FD_NAME}") })))
@@ -335,7 +334,7 @@ impl Vm {
             pids: std::iter::once(self.qemu.pid())
                 .chain(self.helper.as_ref().map(OwnedProcess::pid))
                 .collect(),
-            disk: self.disk.as_ref().map(|d| d.path().to_path_buf()),
+            disk: Some(self.disk.as_ref().map_or_else(|| self.scratch.clone(), |d| d.path().to_path_buf())),
         }
     }
 

@@ -316,9 +316,29 @@ impl Parts {
                 let _ = qemu.try_exit();
                 VmError::Exited { vm: self.id.clone(), status, diagnostics: self.diagnostics() }
             }
-            BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
+            // QMP broke because QEMU died: say why, from its logs.
+            BootFailure::Qmp(source) => match exited_soon(qemu) {
+                Some(status) => VmError::Exited {
+                    vm: self.id.clone(),
+                    status: format!("{status} (QMP: {source})"),
+                    diagnostics: self.diagnostics(),
+                },
+                _ => VmError::Qmp { vm: self.id.clone(), source },
+            },
         }
     }
+}
+
+/// QEMU's exit status if it exits within a moment (a broken QMP
+/// connection is usually QEMU dying; its status and logs say why).
+fn exited_soon(qemu: &mut OwnedProcess) -> Option<std::process::ExitStatus> {
+    for _ in 0..10 {
+        if let Some(st) = qemu.try_exit() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// Refuse an agent that speaks another protocol version than this host:

@@ -83,8 +83,8 @@ async fn save(vm: &Vm, t: &Template) -> Result<(), VmError> {
     vm.migrate_to_file(&t.state, true, Duration::from_secs(60)).await
 }
 
-pub(super) async fn set_ignore_shared(qmp: &mut Qmp<UnixStream>) -> Result<(), super::QmpError> {
-    let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+pub(super) async fn set_ignore_shared(qmp: &mut Qmp<UnixStream>, on: bool) -> Result<(), super::QmpError> {
+    let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] });
     qmp.execute("migrate-set-capabilities", Some(caps)).await.map(|_| ())
 }
 
@@ -97,7 +97,7 @@ pub(super) async fn incoming(
     deadline: Instant,
 ) -> Result<(), BootFailure> {
     if ignore_shared {
-        set_ignore_shared(qmp).await.map_err(BootFailure::Qmp)?;
+        set_ignore_shared(qmp, true).await.map_err(BootFailure::Qmp)?;
     }
     let file = std::fs::File::open(state)
         .map_err(|e| BootFailure::Timeout(format!("cannot open the template state: {e}")))?;
