@@ -245,15 +245,19 @@ async fn run_inner(
     if let Some(cgs) = &agent.cgroups {
         cgs.sweep();
     }
+    finish(&mut status, exit, started.elapsed());
+    Ok(status)
+}
+
+/// Fill in how a process ended and how long it took.
+pub(crate) fn finish(status: &mut ExitStatus, exit: Option<WaitStatus>, took: Duration) {
     match exit {
         Some(WaitStatus::Exited(_, code)) => status.code = Some(code),
         Some(WaitStatus::Signaled(_, sig, _)) => status.signal = Some(sig as i32),
         _ => {}
     }
-    let took = started.elapsed();
     status.duration_ms = took.as_millis() as u64;
     status.duration_us = took.as_micros() as u64;
-    Ok(status)
 }
 
 /// How a command starts: forked from the pre-warmed Python (in this

@@ -264,14 +264,7 @@ async fn pump(
     *proc.stdin.lock().await = None;
     proc.stdin_open.store(false, std::sync::atomic::Ordering::Relaxed);
     let mut status = ExitStatus::default();
-    match exit {
-        Some(WaitStatus::Exited(_, code)) => status.code = Some(code),
-        Some(WaitStatus::Signaled(_, sig, _)) => status.signal = Some(sig as i32),
-        _ => {}
-    }
-    let took = started.elapsed();
-    status.duration_ms = took.as_millis() as u64;
-    status.duration_us = took.as_micros() as u64;
+    crate::exec::finish(&mut status, exit, started.elapsed());
     lock(&proc.out).exit = Some(status);
     proc.changed.notify_waiters();
 }

@@ -45,8 +45,15 @@ fn check_path(raw: &str) -> Result<String, ApiError> {
     Ok(raw.to_string())
 }
 
-async fn session<B: Backend>(state: &AppState<B>, key: &str) -> Result<(String, Arc<AgentClient>), ApiError> {
-    super::processes::agent_of(state, key).await
+/// The checked path, and the session's VM and agent (resumed if paused).
+async fn target<B: Backend>(
+    state: &AppState<B>,
+    key: &str,
+    path: &str,
+) -> Result<(String, String, Arc<AgentClient>), ApiError> {
+    let path = check_path(path)?;
+    let (vm, agent) = super::processes::agent_of(state, key).await?;
+    Ok((path, vm, agent))
 }
 
 /// What the guest's tool said, as an HTTP error: its own message.
@@ -85,8 +92,7 @@ pub async fn get<B: Backend>(
     Query(q): Params,
 ) -> Response {
     let r = async {
-        let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key).await?;
+        let (path, vm, agent) = target(&state, &key, &path).await?;
         if q.contains_key("stat") {
             return stat(&agent, &vm, &path).await.map(|v| Json(v).into_response());
         }
@@ -241,8 +247,7 @@ pub async fn put<B: Backend>(
     body: Body,
 ) -> Response {
     let r = async {
-        let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key).await?;
+        let (path, vm, agent) = target(&state, &key, &path).await?;
         let limit = state.limits.max_upload_bytes;
         let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
@@ -321,8 +326,7 @@ pub async fn post<B: Backend>(
     Query(q): Params,
 ) -> Response {
     let r = async {
-        let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key).await?;
+        let (path, vm, agent) = target(&state, &key, &path).await?;
         let (argv, status): (Vec<&str>, StatusCode) = if q.contains_key("mkdir") {
             (vec!["mkdir", "-p", "--", &path], StatusCode::CREATED)
         } else if let Some(dest) = q.get("move_to") {
@@ -347,8 +351,7 @@ pub async fn delete<B: Backend>(
     Query(q): Params,
 ) -> Response {
     let r = async {
-        let path = check_path(&path)?;
-        let (vm, agent) = session(&state, &key).await?;
+        let (path, vm, agent) = target(&state, &key, &path).await?;
         let recursive = q.get("recursive").is_some_and(|v| v == "true" || v == "1");
         let argv: Vec<&str> = if recursive {
             vec!["rm", "-r", "--", &path]

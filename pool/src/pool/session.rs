@@ -112,7 +112,7 @@ impl<V> Slot<V> {
         let expires = *locked(&self.expires);
         let paused = locked(&self.paused).clone();
         let usage = match &paused {
-            Some((dir, _)) => Usage { disk_bytes: Some(dir_bytes(dir)), ..Usage::default() },
+            Some((dir, _)) => Usage { disk_bytes: Some(ember_vm::os::dir_bytes(dir)), ..Usage::default() },
             None => locked(&self.handle).usage.read(),
         };
         SessionInfo {
@@ -133,18 +133,6 @@ impl<V> Slot<V> {
             usage,
         }
     }
-}
-
-/// Bytes the files in `dir` take on disk.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.blocks() * 512)
-        .sum()
 }
 
 /// Exclusive use of a session's VM for one call.

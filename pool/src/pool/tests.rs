@@ -991,3 +991,18 @@ async fn paused_sessions_are_capped_and_a_failed_pause_ends_the_session() {
     assert_eq!((st.sessions, st.paused_sessions, st.counters.pause_failures), (0, 0, 1));
     assert_eq!(st.counters.invariant_violations, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_resume_into_a_full_pool_makes_a_ready_vm_give_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PoolConfig { min_size: 2, max_size: 2, target_free: 0, ..pausing(dir.path()) };
+    let pool = Pool::start(backend(), c, 256);
+    drop(pool.session("ws").await.unwrap());
+    pool.pause_session("ws").await.unwrap();
+    until(&pool, "the pool full of ready VMs", |s| s.ready == 2).await;
+    let s = pool.session("ws").await.expect("a ready VM should give way to the resume");
+    drop(s);
+    let st = pool.status();
+    assert_eq!((st.sessions, st.paused_sessions, st.counters.invariant_violations), (1, 0, 0));
+    assert!(st.ready + st.booting + st.sessions <= 2, "{st:?}");
+}

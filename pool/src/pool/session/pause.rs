@@ -192,17 +192,29 @@ pub(super) async fn resume<B: Backend>(
     guard: &mut OwnedMutexGuard<Option<B::Vm>>,
 ) -> Result<(), PoolError> {
     let Some((dir, _)) = locked(&slot.paused).clone() else { return Ok(()) };
-    {
-        let mut st = inner.lock();
-        if !st.sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            return Err(PoolError::SessionLost { key: key.into(), reason: "the session ended".into() });
-        }
-        if st.running_sessions() >= inner.cfg.max_sessions {
-            return Err(PoolError::SessionLimit { limit: inner.cfg.max_sessions });
-        }
-        if !st.start_creation() {
-            return Err(inner.exhausted(&mut st, Duration::ZERO));
-        }
+    // Room for its VM; a ready VM gives way if the pool is full (a caller
+    // waits on this session, and the pool refills).
+    loop {
+        let evicted = {
+            let mut st = inner.lock();
+            if !st.sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                return Err(PoolError::SessionLost { key: key.into(), reason: "the session ended".into() });
+            }
+            if st.running_sessions() >= inner.cfg.max_sessions {
+                return Err(PoolError::SessionLimit { limit: inner.cfg.max_sessions });
+            }
+            if st.start_creation() {
+                break;
+            }
+            match st.ready.pop_front() {
+                Some(r) => {
+                    st.enter(Phase::Destroying);
+                    r.vm
+                }
+                None => return Err(inner.exhausted(&mut st, Duration::ZERO)),
+            }
+        };
+        inner.destroy_now(Some(evicted)).await;
     }
     let started = Instant::now();
     let vm = match inner.backend.resume(&dir).await {

@@ -296,7 +296,12 @@ impl AgentClient {
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
         self.last_exec_python.store(matches!(req.command, ember_wire::Command::Python(_)), Ordering::Relaxed);
         let limit = req.output_limit;
-        let (id, call, rx) = self.start(RequestBody::Exec(req)).await?;
+        self.stream(RequestBody::Exec(req), limit).await
+    }
+
+    /// Start a request answered by output frames then an exit.
+    async fn stream(&self, body: RequestBody, limit: u64) -> Result<ExecHandle, AgentError> {
+        let (id, call, rx) = self.start(body).await?;
         Ok(ExecHandle {
             id,
             rx,
@@ -329,19 +334,9 @@ impl AgentClient {
     /// Follow a background process's output: what its buffer holds, then
     /// live output, then its exit. Dropping the handle detaches.
     pub async fn attach(&self, pid: u32) -> Result<ExecHandle, AgentError> {
-        let (id, call, rx) = self.start(RequestBody::Attach { pid }).await?;
-        Ok(ExecHandle {
-            id,
-            rx,
-            buffered: call.buffered,
-            out: self.out.clone(),
-            finished: false,
-            // Streamed through, never collected: bounded per read by the
-            // channel's buffer, not in total.
-            limit: u64::MAX,
-            received: 0,
-            truncated: false,
-        })
+        // Streamed through, never collected: bounded per read by the
+        // channel's buffer, not in total.
+        self.stream(RequestBody::Attach { pid }, u64::MAX).await
     }
 
     pub async fn stdin(&self, pid: u32, data: Vec<u8>, eof: bool) -> Result<(), AgentError> {

@@ -106,35 +106,26 @@ pub fn kernel_cmdline(init_full: bool, tsc_khz: Option<u64>, user_namespaces: bo
 /// `qemu-img rebase -u`: point `overlay` at `backing` without copying
 /// (the new backing holds the same bytes as the old one).
 pub fn qemu_img_repoint_args(overlay: &Path, backing: &Path, backing_format: &str) -> Vec<String> {
-    [
-        "rebase",
-        "-u",
-        "-f",
-        "qcow2",
-        "-F",
-        backing_format,
-        "-b",
-        &backing.to_string_lossy(),
-        &overlay.to_string_lossy(),
-    ]
-    .map(String::from)
-    .to_vec()
+    qemu_img_qcow2_args(&["rebase", "-u"], backing, backing_format, overlay)
 }
 
 pub fn qemu_img_overlay_args(backing: &Path, backing_format: &str, overlay: &Path) -> Vec<String> {
-    [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        backing_format,
-        "-b",
-        &backing.to_string_lossy(),
-        &overlay.to_string_lossy(),
-    ]
-    .map(String::from)
-    .to_vec()
+    qemu_img_qcow2_args(&["create", "-q"], backing, backing_format, overlay)
+}
+
+/// `qemu-img` with `command`, on qcow2 `overlay` backed by `backing`.
+fn qemu_img_qcow2_args(
+    command: &[&str],
+    backing: &Path,
+    backing_format: &str,
+    overlay: &Path,
+) -> Vec<String> {
+    let mut v: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+    v.extend(
+        ["-f", "qcow2", "-F", backing_format, "-b", &backing.to_string_lossy(), &overlay.to_string_lossy()]
+            .map(String::from),
+    );
+    v
 }
 
 pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {

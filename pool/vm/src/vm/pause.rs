@@ -102,14 +102,7 @@ impl Paused {
 
     /// Bytes its files take on disk.
     pub fn disk_bytes(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt as _;
-        std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.blocks() * 512)
-            .sum()
+        crate::os::dir_bytes(&self.dir)
     }
 }
 
