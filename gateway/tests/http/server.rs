@@ -136,6 +136,9 @@ impl Server {
             &dir.path().join("server.log"),
         );
         opts.echo = Some("    [ember] ".into());
+        // This run's own: the state directory is fixed (a killed run's VMs
+        // are reaped by the next), its paused sessions are not.
+        opts.sessions_dir = dir.path().join("sessions");
         let serve = EmberServe::start(&opts)?;
         Ok(Self { url: serve.url(), serve: Mutex::new(Some(serve)), dir })
     }

@@ -34,6 +34,9 @@ pub struct ServeOptions {
     /// Run it inside this network namespace (`ip netns exec`); its address
     /// is then reachable from that namespace only.
     pub netns: Option<String>,
+    /// Where it keeps paused sessions (`EMBER_SESSIONS_DIR`); by default
+    /// `sessions` in the state directory.
+    pub sessions_dir: PathBuf,
 }
 
 impl ServeOptions {
@@ -48,6 +51,7 @@ impl ServeOptions {
             echo: None,
             ready_within: Duration::from_secs(300),
             netns: None,
+            sessions_dir: state_dir.join("sessions"),
         }
     }
 }
@@ -80,7 +84,7 @@ impl EmberServe {
             .env("EMBER_IMAGES", &opts.images)
             .env("EMBER_STATE_DIR", &opts.state_dir)
             // Paused sessions of test servers stay out of the machine's own.
-            .env("EMBER_SESSIONS_DIR", opts.state_dir.join("sessions"))
+            .env("EMBER_SESSIONS_DIR", &opts.sessions_dir)
             .env("EMBER_LOG", &opts.log_level)
             .stdout(Stdio::piped())
             .stderr(log)
