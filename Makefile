@@ -50,6 +50,7 @@ bench: test-deps build images
 	./target/release/ember vm bench --boots 10 --execs 100
 	./target/release/ember pool bench --config pool/bench.toml --modes snapshot --burst 6 --rate 3 --steady 30s
 	./loadtest/http-rtt.sh
+	./loadtest/sessions-bench.sh
 	./target/release/ember pool bench --config pool/bench-rollback.toml --modes rollback --burst 2 --rate 1 --steady 20s
 	./initrd/zfs-test-pool.sh up
 	./target/release/ember pool bench --config pool/bench-zfs.toml --modes rollback --burst 2 --rate 1 --steady 20s; \

@@ -17,7 +17,9 @@ use crate::config::Limits;
 use crate::error::ApiError;
 
 pub use output::{text_and_base64, OutputText, Utf8Chunker};
-pub use session::{ProcessRequest, SessionRequest, SessionSettings, SignalRequest, TimeoutRequest};
+pub use session::{
+    ForkRequest, ProcessRequest, SessionRequest, SessionSettings, SignalRequest, TimeoutRequest,
+};
 
 /// Languages `code` may be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

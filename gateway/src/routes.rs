@@ -40,6 +40,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/sessions/{key}/timeout"),
     ("POST", "/v1/sessions/{key}/pause"),
     ("POST", "/v1/sessions/{key}/resume"),
+    ("POST", "/v1/sessions/{key}/fork"),
     ("GET", "/v1/sessions/{key}/processes"),
     ("POST", "/v1/sessions/{key}/processes"),
     ("GET", "/v1/sessions/{key}/processes/{pid}"),
@@ -71,6 +72,7 @@ where
         .route("/v1/sessions/{key}/timeout", post(sessions::timeout::<B>))
         .route("/v1/sessions/{key}/pause", post(sessions::pause::<B>))
         .route("/v1/sessions/{key}/resume", post(sessions::resume::<B>))
+        .route("/v1/sessions/{key}/fork", post(sessions::fork::<B>))
         .route("/v1/sessions/{key}/processes", get(processes::list::<B>).post(processes::start::<B>))
         .route("/v1/sessions/{key}/processes/{pid}", get(processes::show::<B>))
         .route("/v1/sessions/{key}/processes/{pid}/output", get(processes::output::<B>))

@@ -147,6 +147,18 @@ impl Backend for FakeAgents {
         vm.ok_or_else(|| PoolError::Pause(format!("nothing paused in {}", dir.display())))
     }
 
+    async fn fork(&self, _vm: &FakeVm, dir: &std::path::Path) -> Result<(), PoolError> {
+        let copy = self.create().await?;
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(dir.to_path_buf(), copy);
+        Ok(())
+    }
+
+    async fn copy_paused(&self, _from: &std::path::Path, to: &std::path::Path) -> Result<(), PoolError> {
+        let copy = self.create().await?;
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(to.to_path_buf(), copy);
+        Ok(())
+    }
+
     fn can_resume(&self, dir: &std::path::Path) -> bool {
         self.paused.lock().unwrap_or_else(|p| p.into_inner()).contains_key(dir)
     }

@@ -126,6 +126,13 @@ fn check_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `POST /v1/sessions/{key}/fork`: the new session's key (a UUID if absent).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    pub key: Option<String>,
+}
+
 /// `POST /v1/sessions/{key}/processes`: a background process.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -191,3 +191,39 @@ async fn transition<B: Backend>(state: AppState<B>, key: String, pause: bool) ->
         Err(e) => e.into_response(),
     }
 }
+
+/// Fork a session: a new one (`{"key": ...}`, a UUID if absent) with the
+/// same memory, processes, files and settings, running when there is room.
+pub async fn fork<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path(key): Path<String>,
+    super::LimitedBody(body): super::LimitedBody,
+) -> Response {
+    let forked = async {
+        crate::api::check_session_key(&key)?;
+        let req: crate::api::ForkRequest =
+            if body.is_empty() { Default::default() } else { super::parse_json(&body)? };
+        let child = match req.key {
+            Some(k) => {
+                crate::api::check_session_key(&k)?;
+                k
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let Some((image, pool)) = state.pools.with_session(&key) else {
+            return Err(ApiError::not_found(format!("no session {key:?}")));
+        };
+        if let Some((other, _)) = state.pools.with_session(&child) {
+            return Err(ApiError::conflict(
+                "session_exists",
+                format!("session {child:?} already exists (image {other:?})"),
+            ));
+        }
+        let info = pool.fork_session(&key, &child).await?;
+        Ok::<_, ApiError>(shown(info, image))
+    };
+    match forked.await {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

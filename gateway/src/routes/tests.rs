@@ -962,3 +962,27 @@ async fn a_session_pauses_and_any_use_resumes_it() {
     assert_eq!(refused.error(), (503, "pause_failed".into()));
     assert!(refused.json()["error"]["message"].as_str().unwrap().contains("pool.sessions.dir"));
 }
+
+#[tokio::test]
+async fn a_session_forks_into_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = PoolConfig { session_dir: Some(dir.path().to_path_buf()), ..pool_config() };
+    let f = fixture_with(Limits::default(), pool, Functions::default());
+    assert_eq!(f.post_json("/v1/sessions", json!({"key": "p", "metadata": {"m": "1"}})).await.status, 201);
+    let child = f.post_json("/v1/sessions/p/fork", json!({"key": "c"})).await;
+    assert_eq!(child.status, 201, "{:?}", String::from_utf8_lossy(&child.body));
+    let c = child.json();
+    assert_eq!(
+        (c["key"].as_str(), c["state"].as_str(), c["metadata"]["m"].as_str()),
+        (Some("c"), Some("running"), Some("1"))
+    );
+    assert_ne!(c["vm_id"], f.get("/v1/sessions/p").await.json()["vm_id"]);
+    let anon = f.post_json("/v1/sessions/p/fork", json!({})).await;
+    assert!(uuid::Uuid::parse_str(anon.json()["key"].as_str().unwrap()).is_ok());
+    assert_eq!(
+        f.post_json("/v1/sessions/p/fork", json!({"key": "c"})).await.error(),
+        (409, "session_exists".into())
+    );
+    assert_eq!(f.post_json("/v1/sessions/nobody/fork", json!({})).await.error(), (404, "not_found".into()));
+    assert_eq!(f.post_json("/v1/sessions/p/fork", json!({"key": "bad key"})).await.error().0, 400);
+}

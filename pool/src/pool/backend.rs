@@ -97,6 +97,17 @@ pub trait Backend: Send + Sync + 'static {
         async { Err(PoolError::Pause("this pool's VMs cannot pause".into())) }
     }
 
+    /// Save a copy of the running VM into `dir` (resumable as [`Self::resume`]
+    /// would) and let the VM run on.
+    fn fork(&self, _vm: &Self::Vm, _dir: &Path) -> impl Future<Output = Result<(), PoolError>> + Send {
+        async { Err(PoolError::Pause("this pool's VMs cannot fork".into())) }
+    }
+
+    /// Copy the VM paused in `from` into `to`.
+    fn copy_paused(&self, _from: &Path, _to: &Path) -> impl Future<Output = Result<(), PoolError>> + Send {
+        async { Err(PoolError::Pause("this pool's VMs cannot fork".into())) }
+    }
+
     /// Whether `dir` holds a VM this backend can resume (found at start-up).
     fn can_resume(&self, _dir: &Path) -> bool {
         false

@@ -98,6 +98,33 @@ impl Backend for FakeBackend {
         Ok(vm)
     }
 
+    async fn fork(&self, vm: &FakeVm, dir: &std::path::Path) -> Result<(), PoolError> {
+        let copy = FakeVm {
+            id: format!("fake-{}", self.state.next_id.fetch_add(1, Ordering::SeqCst)),
+            dirty: vm.dirty,
+            served: vm.served.clone(),
+            dead: Arc::default(),
+            single_use: false,
+        };
+        std::fs::write(dir.join("fake-vm"), &copy.id).map_err(|e| PoolError::Pause(e.to_string()))?;
+        self.state.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(dir.to_path_buf(), copy);
+        Ok(())
+    }
+
+    async fn copy_paused(&self, from: &std::path::Path, to: &std::path::Path) -> Result<(), PoolError> {
+        let mut paused = self.state.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let vm = paused.get(from).ok_or_else(|| PoolError::Pause("nothing paused there".into()))?;
+        let copy = FakeVm {
+            id: vm.id.clone(),
+            dirty: vm.dirty,
+            served: vm.served.clone(),
+            dead: Arc::default(),
+            single_use: false,
+        };
+        paused.insert(to.to_path_buf(), copy);
+        Ok(())
+    }
+
     fn can_resume(&self, dir: &std::path::Path) -> bool {
         self.state.paused.lock().unwrap_or_else(|p| p.into_inner()).contains_key(dir)
     }

@@ -341,6 +341,19 @@ impl<B: Backend> Pool<B> {
         Ok(slot.info(key, Instant::now()))
     }
 
+    /// Fork session `key` into a new session `child`: the same memory,
+    /// processes, files and settings; the two diverge from then on. The
+    /// child is resumed at once when there is room (else it waits paused).
+    pub async fn fork_session(&self, key: &str, child: &str) -> Result<SessionInfo, PoolError> {
+        let slot = self.slot(key)?;
+        pause::fork(&self.inner, key, &slot, child).await?;
+        if let Err(e) = self.session(child).await {
+            tracing::info!(session = child, error = %e, "the fork stays paused for now");
+        }
+        self.session_info(child)
+            .ok_or_else(|| PoolError::SessionLost { key: child.into(), reason: "the fork ended".into() })
+    }
+
     fn slot(&self, key: &str) -> Result<Arc<Slot<B::Vm>>, PoolError> {
         self.inner
             .lock()

@@ -1006,3 +1006,31 @@ async fn a_resume_into_a_full_pool_makes_a_ready_vm_give_way() {
     assert_eq!((st.sessions, st.paused_sessions, st.counters.invariant_violations), (1, 0, 0));
     assert!(st.ready + st.booting + st.sessions <= 2, "{st:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fork_starts_from_the_parents_state_and_goes_its_own_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start(backend(), pausing(dir.path()), 256);
+    let spec = SessionSpec { env: [("A".to_string(), "1".to_string())].into(), ..SessionSpec::default() };
+    pool.open("parent", spec).await.unwrap();
+    pool.session("parent").await.unwrap().dirty = true;
+    let child = pool.fork_session("parent", "child").await.unwrap();
+    assert_eq!((child.state, child.env.clone()), ("running", vec!["A".to_string()]));
+    let mut c = pool.session("child").await.unwrap();
+    assert!(c.dirty, "the fork did not start from the parent's state");
+    let p_id = pool.session_info("parent").unwrap().vm_id;
+    assert_ne!(Some(c.id.clone()), p_id, "parent and fork share a VM");
+    c.dirty = false;
+    drop(c);
+    assert!(pool.session("parent").await.unwrap().dirty, "the fork's change reached the parent");
+    // A paused parent forks too; a key in use is refused.
+    pool.pause_session("parent").await.unwrap();
+    pool.fork_session("parent", "second").await.unwrap();
+    assert!(pool.session("second").await.unwrap().dirty);
+    assert!(matches!(pool.fork_session("parent", "child").await, Err(PoolError::SessionExists { .. })));
+    assert_eq!(pool.status().counters.invariant_violations, 0);
+    for k in ["parent", "child", "second"] {
+        assert!(pool.end_session(k).await);
+        assert!(!dir.path().join(k).exists());
+    }
+}

@@ -420,6 +420,15 @@ impl Backend for VmBackend {
         self.host.resume(&paused).await.map_err(|e| PoolError::Pause(format!("resuming: {e}")))
     }
 
+    async fn fork(&self, vm: &Vm, dir: &std::path::Path) -> Result<(), PoolError> {
+        vm.fork_into(dir).await.map(drop).map_err(|e| PoolError::Pause(format!("forking: {e}")))
+    }
+
+    async fn copy_paused(&self, from: &std::path::Path, to: &std::path::Path) -> Result<(), PoolError> {
+        let paused = ember_vm::vm::Paused::load(from).map_err(|e| PoolError::Pause(e.to_string()))?;
+        paused.copy_to(&self.host, to).await.map(drop).map_err(|e| PoolError::Pause(format!("forking: {e}")))
+    }
+
     fn can_resume(&self, dir: &std::path::Path) -> bool {
         ember_vm::vm::Paused::load(dir).is_ok()
     }

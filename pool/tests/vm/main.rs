@@ -1016,6 +1016,12 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             .await;
         report
             .run(
+                "pause_a_fork_starts_where_its_parent_was_and_diverges [serial]",
+                Box::pin(pause::a_fork_starts_where_its_parent_was_and_diverges(&serial)),
+            )
+            .await;
+        report
+            .run(
                 "network_a_guest_that_changes_its_address_gets_nothing_through",
                 Box::pin(network::a_spoofing_guest_gets_nothing_through(config(
                     ChannelChoice::Serial,

@@ -90,3 +90,49 @@ pub async fn pause_and_resume_carry_processes_files_and_the_clock(host: &Arc<VmH
     drop(dir);
     Ok(())
 }
+
+/// A fork: the running VM is saved without ending it, and the copy resumes
+/// as a second VM that starts from the same files and processes; writes in
+/// one are invisible in the other. A paused VM's copy resumes too.
+pub async fn a_fork_starts_where_its_parent_was_and_diverges(host: &Arc<VmHost>) -> anyhow::Result<()> {
+    let template = host.make_template().await?;
+    let parent = host.restore(&template).await?;
+    let pid = parent.agent().spawn(counter()).await?;
+    run(&parent, "echo before > ~/shared; sleep 0.3").await?;
+    let dir = tempfile::tempdir()?;
+    let mut forks = Vec::new();
+    let t = Instant::now();
+    let saved = parent.fork_into(&dir.path().join("child")).await?;
+    forks.push(t.elapsed());
+    let t = Instant::now();
+    let child = host.resume(&saved).await?;
+    let fork_total = forks[0] + t.elapsed();
+    // Both see the state at the fork, and both go on counting.
+    for vm in [&parent, &child] {
+        ensure_eq!(stdout(vm, "cat ~/shared").await?, "before\n");
+        let a: u64 = stdout(vm, "cat /tmp/count").await?.trim().parse()?;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let b: u64 = stdout(vm, "cat /tmp/count").await?.trim().parse()?;
+        ensure!(b > a, "{}: the counter stopped ({a} -> {b})", vm.id());
+        ensure!(vm.agent().processes().await?.iter().any(|p| p.pid == pid && p.exit.is_none()));
+    }
+    // Then they diverge.
+    run(&parent, "echo parent > ~/mine").await?;
+    run(&child, "echo child > ~/mine; rm ~/shared").await?;
+    ensure_eq!(stdout(&parent, "cat ~/mine ~/shared").await?, "parent\nbefore\n");
+    ensure_eq!(stdout(&child, "cat ~/mine; ls ~/shared 2>&1 | grep -c 'No such'").await?, "child\n1\n");
+    // A paused VM's copy resumes as its own VM too.
+    let paused = child.pause(&dir.path().join("child")).await?;
+    drop(template);
+    let copy = paused.copy_to(host, &dir.path().join("grandchild")).await?;
+    let grandchild = host.resume(&copy).await?;
+    ensure_eq!(stdout(&grandchild, "cat ~/mine").await?, "child\n");
+    let resumed = host.resume(&paused).await?;
+    run(&resumed, "echo changed > ~/mine").await?;
+    ensure_eq!(stdout(&grandchild, "cat ~/mine").await?, "child\n");
+    println!("    fork: save {} ms, save + resume {} ms", ms(forks[0]), ms(fork_total));
+    for vm in [parent, grandchild, resumed] {
+        vm.shutdown().await;
+    }
+    Ok(())
+}

@@ -328,3 +328,78 @@ pub(in crate::pool) fn adopt<B: Backend>(inner: &Arc<Inner<B>>) {
         tracing::info!(session = %rec.key, "a paused session from an earlier run is back");
     }
 }
+
+/// Fork session `key` (its `slot`) into a new paused session `child` with
+/// the same memory, processes, files and settings (a running one is saved
+/// without stopping for longer than the save; a paused one is copied).
+pub(super) async fn fork<B: Backend>(
+    inner: &Arc<Inner<B>>,
+    key: &str,
+    slot: &Arc<Slot<B::Vm>>,
+    child: &str,
+) -> Result<(), PoolError> {
+    let Some(root) = inner.cfg.session_dir.clone() else {
+        return Err(PoolError::Pause("sessions cannot fork: pool.sessions.dir is not set".into()));
+    };
+    if inner.session_dir_lock.lock().unwrap_or_else(|p| p.into_inner()).is_none() || !inner.backend.pauses() {
+        return Err(PoolError::Pause("this pool's sessions cannot fork (see why pausing cannot)".into()));
+    }
+    {
+        let st = inner.lock();
+        if st.sessions.contains_key(child) {
+            return Err(PoolError::SessionExists { key: child.into() });
+        }
+        if st.paused >= inner.cfg.max_paused_sessions {
+            return Err(PoolError::PausedLimit { limit: inner.cfg.max_paused_sessions });
+        }
+    }
+    let dir = root.join(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| PoolError::Pause(format!("making {}: {e}", dir.display())))?;
+    let started = Instant::now();
+    let guard = Arc::clone(&slot.vm).lock_owned().await;
+    let paused_in = locked(&slot.paused).clone().map(|p| p.0);
+    let copied = match (guard.as_ref(), paused_in) {
+        (Some(vm), _) => inner.backend.fork(vm, &dir).await,
+        (None, Some(from)) => inner.backend.copy_paused(&from, &dir).await,
+        (None, None) => Err(PoolError::SessionLost { key: key.into(), reason: "the session ended".into() }),
+    };
+    drop(guard);
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    let now = Instant::now();
+    let copy = Arc::new(Slot {
+        vm: Arc::new(tokio::sync::Mutex::new(None)),
+        vm_id: Mutex::new(String::new()),
+        created: now,
+        created_wall: SystemTime::now(),
+        last_used: Mutex::new(now),
+        idle_timeout: slot.idle_timeout,
+        expires: Mutex::new(*locked(&slot.expires)),
+        spec: slot.spec.clone(),
+        handle: Mutex::new(VmHandle::default()),
+        paused: Mutex::new(Some((dir.clone(), now))),
+        network: Mutex::new(locked(&slot.network).clone()),
+    });
+    write_record(&dir, child, &copy);
+    {
+        let mut st = inner.lock();
+        if st.sessions.contains_key(child) {
+            drop(st);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(PoolError::SessionExists { key: child.into() });
+        }
+        st.sessions.insert(child.to_string(), copy);
+        st.paused += 1;
+        st.check(Phase::Booting);
+    }
+    tracing::info!(
+        session = key,
+        fork = child,
+        took_ms = started.elapsed().as_millis() as u64,
+        "session forked"
+    );
+    Ok(())
+}

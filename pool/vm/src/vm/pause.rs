@@ -110,17 +110,7 @@ impl Vm {
     /// Save this VM into `dir` (made if missing) and end it. On error the
     /// VM is gone too (it was stopped); `dir` is left for the caller.
     pub async fn pause(self, dir: &Path) -> Result<Paused, VmError> {
-        if !matches!(self.channel, ChannelKind::Serial | ChannelKind::Vsock) {
-            return Err(VmError::Config(vec![format!(
-                "pausing needs a channel that survives a migration (serial or vsock), not {}",
-                self.channel
-            )]));
-        }
-        if self.disk.is_some() {
-            return Err(VmError::Config(vec![
-                "pausing needs qcow2 scratch disks (storage.backend = \"file\" with overlays)".into(),
-            ]));
-        }
+        self.check_pausable()?;
         let (backing, backing_format) = self.backing.clone();
         std::fs::create_dir_all(dir).map_err(io_err("making the paused VM's directory"))?;
         let mut p = Paused {
@@ -141,19 +131,99 @@ impl Vm {
         };
         self.shutdown().await;
         kept?;
-        let base = dir.join("base.qcow2");
-        if backing_format == "qcow2" && backing != base {
-            // A template's layer: copy it, so the template may go.
-            std::fs::copy(&backing, &base).map_err(io_err("copying the template's disk layer"))?;
-            let qemu_img = host.config().qemu_img.to_string_lossy().to_string();
-            host.runner()
-                .run(&qemu_img, &argv::qemu_img_repoint_args(&p.disk(), &base, "qcow2"))
-                .await
-                .map_err(|e| VmError::Tool(e.to_string()))?;
-        }
+        copy_base(&host, &p, &backing, backing_format).await?;
         p.backing_format = backing_format.to_string();
-        let record = serde_json::to_vec_pretty(&p).map_err(|e| VmError::Tool(e.to_string()))?;
-        std::fs::write(dir.join(RECORD), record).map_err(io_err("writing the paused VM's record"))?;
+        p.write()?;
+        Ok(p)
+    }
+}
+
+impl Vm {
+    /// Save a copy of this VM into `dir` (as [`Vm::pause`] would) and let it
+    /// run on: resumed, the copy is a second VM with the same memory,
+    /// processes and files, and the two diverge from then on.
+    pub async fn fork_into(&self, dir: &Path) -> Result<Paused, VmError> {
+        self.check_pausable()?;
+        let (backing, backing_format) = self.backing.clone();
+        std::fs::create_dir_all(dir).map_err(io_err("making the fork's directory"))?;
+        let mut p = Paused {
+            memory: SavedMemory::of(&self.memory),
+            memory_mb: self.host.config().memory_mb,
+            backing_format: backing_format.to_string(),
+            paused_unix_ms: unix_ms(),
+            dir: dir.to_path_buf(),
+        };
+        let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
+        // The disk is consistent while the VM stands still: copy it now.
+        let copied = match saved {
+            Ok(()) => std::fs::copy(&self.scratch, p.disk()).map(drop).map_err(io_err("copying the disk")),
+            Err(e) => Err(e),
+        };
+        // The original runs on either way.
+        let resumed = self.qmp.lock().await.execute("cont", None).await;
+        copied?;
+        resumed.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
+        self.keep_base(&p, &backing, backing_format).await?;
+        p.backing_format = backing_format.to_string();
+        p.write()?;
+        Ok(p)
+    }
+
+    fn check_pausable(&self) -> Result<(), VmError> {
+        if !matches!(self.channel, ChannelKind::Serial | ChannelKind::Vsock) {
+            return Err(VmError::Config(vec![format!(
+                "pausing needs a channel that survives a migration (serial or vsock), not {}",
+                self.channel
+            )]));
+        }
+        if self.disk.is_some() {
+            return Err(VmError::Config(vec![
+                "pausing needs qcow2 scratch disks (storage.backend = \"file\" with overlays)".into(),
+            ]));
+        }
+        Ok(())
+    }
+
+    /// Point the saved disk at a copy of its backing layer in the paused
+    /// VM's directory when that layer is a template's (it may go).
+    async fn keep_base(&self, p: &Paused, backing: &Path, backing_format: &str) -> Result<(), VmError> {
+        copy_base(&self.host, p, backing, backing_format).await
+    }
+}
+
+/// See [`Vm::keep_base`].
+async fn copy_base(host: &VmHost, p: &Paused, backing: &Path, backing_format: &str) -> Result<(), VmError> {
+    let base = p.dir.join("base.qcow2");
+    if backing_format != "qcow2" || backing == base {
+        return Ok(());
+    }
+    std::fs::copy(backing, &base).map_err(io_err("copying the template's disk layer"))?;
+    let qemu_img = host.config().qemu_img.to_string_lossy().to_string();
+    host.runner()
+        .run(&qemu_img, &argv::qemu_img_repoint_args(&p.disk(), &base, "qcow2"))
+        .await
+        .map(drop)
+        .map_err(|e| VmError::Tool(e.to_string()))
+}
+
+impl Paused {
+    fn write(&self) -> Result<(), VmError> {
+        let record = serde_json::to_vec_pretty(self).map_err(|e| VmError::Tool(e.to_string()))?;
+        std::fs::write(self.dir.join(RECORD), record).map_err(io_err("writing the paused VM's record"))
+    }
+
+    /// Copy this paused VM into `dir`: a second one, resumable on its own.
+    pub async fn copy_to(&self, host: &VmHost, dir: &Path) -> Result<Paused, VmError> {
+        std::fs::create_dir_all(dir).map_err(io_err("making the copy's directory"))?;
+        let mut p = self.clone();
+        p.dir = dir.to_path_buf();
+        for f in ["state", "disk.qcow2"] {
+            std::fs::copy(self.dir.join(f), dir.join(f)).map_err(io_err("copying a paused VM"))?;
+        }
+        if self.backing_format == "qcow2" {
+            copy_base(host, &p, &self.dir.join("base.qcow2"), "qcow2").await?;
+        }
+        p.write()?;
         Ok(p)
     }
 }

@@ -1,0 +1,48 @@
+#!/bin/bash
+# Inputs: a built target/release/ember and images; PORT (default 8098),
+# ROUNDS (pause/resume rounds, 5), MB (transfer size in MiB, 100).
+# Output: figures on stdout (docs/BENCHMARKS.md, "Sandboxes").
+# Against a fresh `ember serve` (its own state and sessions directories):
+# a session with a counting background process is paused and resumed ROUNDS
+# times over HTTP, each timed, and checked to have kept counting; then MB MiB
+# are uploaded and downloaded through the files API and compared by sha256.
+set -euo pipefail
+PORT=${PORT:-8098}
+ROUNDS=${ROUNDS:-5}
+MB=${MB:-100}
+work=$(mktemp -d)
+# QEMU drops to an unprivileged user: it must reach its files in here.
+chmod 755 "$work"
+trap 'kill -INT "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+url=http://127.0.0.1:$PORT
+EMBER_STATE_DIR=$work/state EMBER_SESSIONS_DIR=$work/sessions \
+  ./target/release/ember serve --listen 127.0.0.1:"$PORT" > "$work/log" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do grep -q "ready on" "$work/log" && break; sleep 1; done
+grep -q "ready on" "$work/log" || { tail -20 "$work/log"; exit 1; }
+
+ms() { awk -v t="$1" 'BEGIN { printf "%.0f", t * 1000 }'; }
+curl -sSf --json '{"key": "bench"}' "$url/v1/sessions" > /dev/null
+curl -sSf --json '{"cmd": "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"}' \
+  "$url/v1/sessions/bench/processes" > /dev/null
+count() { curl -sSf -H 'x-ember-session: bench' --json '{"cmd": "cat /tmp/count"}' "$url/v1/run" | jq -r .stdout; }
+pauses=() resumes=()
+for _ in $(seq 1 "$ROUNDS"); do
+  sleep 0.5
+  before=$(count)
+  pauses+=("$(ms "$(curl -sSf -o /dev/null -w '%{time_total}' -X POST "$url/v1/sessions/bench/pause")")")
+  resumes+=("$(ms "$(curl -sSf -o /dev/null -w '%{time_total}' -X POST "$url/v1/sessions/bench/resume")")")
+  sleep 0.5
+  after=$(count)
+  [ "$after" -gt "$before" ] || { echo "the counter did not carry on: $before -> $after"; exit 1; }
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo "pause ms: ${pauses[*]} (median $(median "${pauses[@]}")); resume ms: ${resumes[*]} (median $(median "${resumes[@]}"))"
+
+head -c "$((MB << 20))" /dev/urandom > "$work/up"
+up=$(curl -sSf -o /dev/null -w '%{time_total}' -X PUT --data-binary @"$work/up" "$url/v1/sessions/bench/files/big")
+down=$(curl -sSf -o "$work/down" -w '%{time_total}' "$url/v1/sessions/bench/files/big")
+[ "$(sha256sum < "$work/up")" = "$(sha256sum < "$work/down")" ] || { echo "the download differs"; exit 1; }
+awk -v mb="$MB" -v u="$up" -v d="$down" \
+  'BEGIN { printf "files: %d MiB upload %.1f MB/s (%.1f s), download %.1f MB/s (%.1f s), sha256 equal\n", mb, mb*1.048576/u, u, mb*1.048576/d, d }'
+curl -sSf -X DELETE "$url/v1/sessions/bench"
