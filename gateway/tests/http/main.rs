@@ -19,6 +19,47 @@ use server::Server;
 
 type Case = fn(&Server) -> anyhow::Result<()>;
 
+/// When the long-lived process of the first case started, and its pid.
+static LONG_LIVED: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+const LONG_LIVED_WAIT: Duration = Duration::from_secs(180);
+
+/// A session's background process started first and read again by the last
+/// cases, minutes later (reconnects that stop working after minutes are a
+/// failure peers' users report).
+fn a_long_lived_process_starts(s: &Server) -> anyhow::Result<()> {
+    ensure!(s.post_json("/v1/sessions", &json!({"key": "long", "idle_timeout": "30m"}))?.status == 201);
+    let p = s.post_json(
+        "/v1/sessions/long/processes",
+        &json!({"cmd": "i=0; while :; do echo tick $i; i=$((i+1)); sleep 1; done", "tag": "ticker"}),
+    )?;
+    ensure!(p.status == 201, "{p:?}");
+    let pid = p.json()?["pid"].as_u64().context("pid")?;
+    LONG_LIVED.set((Instant::now(), pid)).map_err(|_| anyhow::anyhow!("started twice"))?;
+    Ok(())
+}
+
+fn a_long_lived_process_replays_its_output_minutes_later(s: &Server) -> anyhow::Result<()> {
+    let (started, pid) = *LONG_LIVED.get().context("the first case did not start it")?;
+    let left = LONG_LIVED_WAIT.saturating_sub(started.elapsed());
+    std::thread::sleep(left);
+    let (a, b) = std::thread::scope(|sc| {
+        let a = sc.spawn(|| process_output(s, "long", pid, Some("2")));
+        let b = sc.spawn(|| process_output(s, "long", pid, Some("2")));
+        (a.join().expect("thread"), b.join().expect("thread"))
+    });
+    let minutes = started.elapsed().as_secs();
+    for out in [stdout_of(&a?), stdout_of(&b?)] {
+        ensure!(
+            out.starts_with("tick 0\ntick 1\n"),
+            "not replayed from the start after {minutes} s: {out:.80}"
+        );
+        let ticks = out.lines().count() as u64;
+        ensure!(ticks + 5 >= minutes && ticks >= 170, "{ticks} ticks after {minutes} s");
+    }
+    ensure!(s.request("DELETE", "/v1/sessions/long", &[], None)?.status == 204);
+    Ok(())
+}
+
 fn each_input_form(s: &Server) -> anyhow::Result<()> {
     let r = s.run(json!({"cmd": "echo hello; echo oops >&2; exit 3"}))?;
     ensure!(r["stdout"] == "hello\n" && r["stderr"] == "oops\n" && r["exit_code"] == 3, "{r}");
@@ -166,8 +207,9 @@ fn sessions_keep_state_and_stay_apart(s: &Server) -> anyhow::Result<()> {
     let list = s.get("/v1/sessions")?.json()?;
     let keys: Vec<&str> =
         list["sessions"].as_array().context("sessions")?.iter().filter_map(|x| x["key"].as_str()).collect();
-    ensure!(keys == ["alice", "bob"], "{list}");
-    // The suite allows two sessions: a third is refused.
+    ensure!(keys == ["alice", "bob", "long"], "{list}");
+    // The suite allows three sessions (one is the long-lived process's): a
+    // fourth is refused.
     let c = s.post(
         "/v1/run",
         &["x-ember-session: carol", "content-type: application/json"],
@@ -616,6 +658,7 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
 }
 
 const CASES: &[(&str, Case)] = &[
+    ("a_long_lived_process_starts", a_long_lived_process_starts),
     ("each_input_form", each_input_form),
     ("timeouts_and_output_limits", timeouts_and_output_limits),
     ("errors_are_json_with_the_right_status", errors_are_json_with_the_right_status),
@@ -640,6 +683,10 @@ const CASES: &[(&str, Case)] = &[
     ("concurrent_requests_all_succeed", concurrent_requests_all_succeed),
     ("readme_curl_examples_work", readme::examples_work),
     ("metrics_and_pool_status", metrics_and_pool_status),
+    (
+        "a_long_lived_process_replays_its_output_minutes_later",
+        a_long_lived_process_replays_its_output_minutes_later,
+    ),
 ];
 
 fn main() {

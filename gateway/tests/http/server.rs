@@ -94,7 +94,8 @@ target_free = 2
 claim_timeout = "60s"
 drain_timeout = "20s"
 [pool.sessions]
-max = 2
+# Two for the cases, one for the long-lived process that spans the suite.
+max = 3
 [pool.images.python-data]
 max_size = 2
 [images]
