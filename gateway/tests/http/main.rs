@@ -49,10 +49,7 @@ fn a_long_lived_process_replays_its_output_minutes_later(s: &Server) -> anyhow::
     });
     let secs = started.elapsed().as_secs();
     for out in [stdout_of(&a?), stdout_of(&b?)] {
-        ensure!(
-            out.starts_with("tick 0\ntick 1\n"),
-            "not replayed from the start after {secs} s: {out:.80}"
-        );
+        ensure!(out.starts_with("tick 0\ntick 1\n"), "not replayed from the start after {secs} s: {out:.80}");
         // A tick a second, and a little more under TCG (the loop forks).
         let ticks = out.lines().count() as u64;
         ensure!(ticks >= 150 && ticks <= secs + 2, "{ticks} ticks after {secs} s");
