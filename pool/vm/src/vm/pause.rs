@@ -110,16 +110,8 @@ impl Vm {
     /// Save this VM into `dir` (made if missing) and end it. On error the
     /// VM is gone too (it was stopped); `dir` is left for the caller.
     pub async fn pause(self, dir: &Path) -> Result<Paused, VmError> {
-        self.check_pausable()?;
+        let p = self.record_in(dir)?;
         let (backing, backing_format) = self.backing.clone();
-        std::fs::create_dir_all(dir).map_err(io_err("making the paused VM's directory"))?;
-        let mut p = Paused {
-            memory: SavedMemory::of(&self.memory),
-            memory_mb: self.host.config().memory_mb,
-            backing_format: backing_format.to_string(),
-            paused_unix_ms: unix_ms(),
-            dir: dir.to_path_buf(),
-        };
         let host = Arc::clone(&self.host);
         let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
         // QEMU flushed and let go of the disk when the migration completed.
@@ -132,7 +124,6 @@ impl Vm {
         self.shutdown().await;
         kept?;
         copy_base(&host, &p, &backing, backing_format).await?;
-        p.backing_format = backing_format.to_string();
         p.write()?;
         Ok(p)
     }
@@ -143,16 +134,8 @@ impl Vm {
     /// run on: resumed, the copy is a second VM with the same memory,
     /// processes and files, and the two diverge from then on.
     pub async fn fork_into(&self, dir: &Path) -> Result<Paused, VmError> {
-        self.check_pausable()?;
+        let p = self.record_in(dir)?;
         let (backing, backing_format) = self.backing.clone();
-        std::fs::create_dir_all(dir).map_err(io_err("making the fork's directory"))?;
-        let mut p = Paused {
-            memory: SavedMemory::of(&self.memory),
-            memory_mb: self.host.config().memory_mb,
-            backing_format: backing_format.to_string(),
-            paused_unix_ms: unix_ms(),
-            dir: dir.to_path_buf(),
-        };
         let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
         // The disk is consistent while the VM stands still: copy it now.
         let copied = match saved {
@@ -164,9 +147,22 @@ impl Vm {
         copied?;
         resumed.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
         self.keep_base(&p, &backing, backing_format).await?;
-        p.backing_format = backing_format.to_string();
         p.write()?;
         Ok(p)
+    }
+
+    /// The record of this VM saved into `dir` (made if missing), once the
+    /// checks a save needs pass.
+    fn record_in(&self, dir: &Path) -> Result<Paused, VmError> {
+        self.check_pausable()?;
+        std::fs::create_dir_all(dir).map_err(io_err("making the saved VM's directory"))?;
+        Ok(Paused {
+            memory: SavedMemory::of(&self.memory),
+            memory_mb: self.host.config().memory_mb,
+            backing_format: self.backing.1.to_string(),
+            paused_unix_ms: unix_ms(),
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn check_pausable(&self) -> Result<(), VmError> {
