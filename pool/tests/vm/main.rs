@@ -438,10 +438,34 @@ async fn pool_leaves_nothing_behind(pool: &VmPool, function: Option<&str>) -> an
     Ok(())
 }
 
+/// Claim (for `function`, if given) once a ready VM waits, and check the
+/// claim got it: a VM made for a waiting claim is single-use.
+async fn claim_a_kept_vm(
+    pool: &VmPool,
+    function: Option<&str>,
+) -> anyhow::Result<ember_pool::pool::Lease<ember_pool::pool::VmBackend>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let ready =
+        wait_until(deadline, Duration::from_millis(50), || (pool.status().ready >= 1).then_some(())).await;
+    ensure!(ready.is_some(), "no ready VM to claim: {:?}", pool.status());
+    let lease = match function {
+        Some(f) => pool.claim_for(f).await?,
+        None => pool.claim().await?,
+    };
+    ensure!(
+        ember_pool::pool::Backend::keeps(pool.backend(), &lease),
+        "the claim got a single-use VM: {:?}",
+        pool.status()
+    );
+    Ok(lease)
+}
+
 /// A VM scrubbed for one function goes back to it; a general call gets
 /// another VM, or the same one only after a full (snapshot) reset.
 async fn pool_a_scrubbed_vm_serves_only_its_function(pool: &VmPool) -> anyhow::Result<()> {
-    let f = pool.claim_for("marker").await?;
+    // Only a ready VM is kept after its call: one made for a waiting claim
+    // is single-use and destroyed, never scrubbed into a warm set.
+    let f = claim_a_kept_vm(pool, Some("marker")).await?;
     let id = f.id().to_string();
     stdout(&f, "echo planted > ~/marker").await?;
     f.release().await;
@@ -498,17 +522,8 @@ async fn pool_crashed_claimed_vm_is_replaced(pool: &VmPool) -> anyhow::Result<()
     // Claim a ready VM (plain, or stolen from a function's warm set): one
     // made for a waiting claim is single-use and is destroyed after its call
     // without the reset whose failure this case waits for.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let ready =
-        wait_until(deadline, Duration::from_millis(50), || (pool.status().ready >= 1).then_some(())).await;
-    ensure!(ready.is_some(), "no ready VM to claim: {:?}", pool.status());
     let before = pool.status().counters;
-    let lease = pool.claim().await?;
-    ensure!(
-        ember_pool::pool::Backend::keeps(pool.backend(), &lease),
-        "the claim got a single-use VM: {:?}",
-        pool.status()
-    );
+    let lease = claim_a_kept_vm(pool, None).await?;
     let id = lease.id().to_string();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(lease.qemu_pid() as i32),
