@@ -18,7 +18,7 @@ use crate::error::ApiError;
 
 pub use output::{text_and_base64, OutputText, Utf8Chunker};
 pub use session::{
-    ForkRequest, ProcessRequest, SessionRequest, SessionSettings, SignalRequest, TimeoutRequest,
+    ForkRequest, ProcessRequest, PtyRequest, SessionRequest, SessionSettings, SignalRequest, TimeoutRequest,
 };
 
 /// Languages `code` may be written in.

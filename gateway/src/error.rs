@@ -90,6 +90,9 @@ impl ApiError {
                     }
                     ErrorCode::NotFound => Self::not_found(r.message),
                     ErrorCode::Conflict => Self::conflict("process_state", r.message),
+                    ErrorCode::Unreachable => {
+                        Self::new(StatusCode::BAD_GATEWAY, "port_unreachable", r.message)
+                    }
                     _ => Self::vm_failed(format!("VM {vm}: {}", r.message)),
                 };
                 let broken = !matches!(
@@ -98,6 +101,7 @@ impl ApiError {
                         | ErrorCode::SpawnFailed
                         | ErrorCode::NotFound
                         | ErrorCode::Conflict
+                        | ErrorCode::Unreachable
                 );
                 (api, broken)
             }

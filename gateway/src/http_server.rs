@@ -12,11 +12,12 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Limits of the connections themselves (below any request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +36,10 @@ impl Default for ConnLimits {
 }
 
 /// Serve `app` on `listener` until `stop`; then stop accepting, let every
-/// open connection finish its request in flight, and return.
+/// open connection finish its request in flight, and return. Connections
+/// may switch protocols (the port proxy's WebSockets); hyper-util's
+/// `GracefulShutdown` takes no upgradeable HTTP/1 connection, so each
+/// connection's task watches a token and shuts itself down gracefully.
 pub async fn serve_http(
     listener: TcpListener,
     app: Router,
@@ -43,7 +47,8 @@ pub async fn serve_http(
     stop: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let stopping = CancellationToken::new();
+    let tracker = TaskTracker::new();
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     tokio::pin!(stop);
@@ -67,16 +72,27 @@ pub async fn serve_http(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let stopping = stopping.clone();
+        tracker.spawn(async move {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopping.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    stopping.cancel();
+    tracker.close();
+    tracker.wait().await;
 }
 
 /// Answer a connection over the cap without reading from it.

@@ -3,6 +3,7 @@
 
 mod files;
 mod info;
+mod ports;
 mod processes;
 mod run;
 mod sessions;
@@ -11,7 +12,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{any, get, post, put};
 use axum::Router;
 use ember_pool::pool::Backend;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -48,11 +49,18 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/sessions/{key}/processes/{pid}/stdin"),
     ("DELETE", "/v1/sessions/{key}/processes/{pid}/stdin"),
     ("POST", "/v1/sessions/{key}/processes/{pid}/signal"),
+    ("POST", "/v1/sessions/{key}/processes/{pid}/resize"),
     ("GET", "/v1/sessions/{key}/files/{path}"),
     ("PUT", "/v1/sessions/{key}/files/{path}"),
     ("POST", "/v1/sessions/{key}/files/{path}"),
     ("DELETE", "/v1/sessions/{key}/files/{path}"),
     ("PUT", "/v1/sessions/{key}/network"),
+    ("GET", "/v1/sessions/{key}/ports/{port}"),
+    ("GET", "/v1/sessions/{key}/ports/{port}/{path}"),
+    ("POST", "/v1/sessions/{key}/ports/{port}/{path}"),
+    ("PUT", "/v1/sessions/{key}/ports/{port}/{path}"),
+    ("PATCH", "/v1/sessions/{key}/ports/{port}/{path}"),
+    ("DELETE", "/v1/sessions/{key}/ports/{port}/{path}"),
     ("GET", "/v1/functions"),
     ("POST", "/v1/functions/{name}"),
 ];
@@ -81,11 +89,15 @@ where
             post(processes::stdin::<B>).delete(processes::close_stdin::<B>),
         )
         .route("/v1/sessions/{key}/processes/{pid}/signal", post(processes::signal::<B>))
+        .route("/v1/sessions/{key}/processes/{pid}/resize", post(processes::resize::<B>))
         .route(
             "/v1/sessions/{key}/files/{*path}",
             get(files::get::<B>).put(files::put::<B>).post(files::post::<B>).delete(files::delete::<B>),
         )
         .route("/v1/sessions/{key}/network", put(sessions::network::<B>))
+        .route("/v1/sessions/{key}/ports/{port}", any(ports::root::<B>))
+        .route("/v1/sessions/{key}/ports/{port}/", any(ports::root::<B>))
+        .route("/v1/sessions/{key}/ports/{port}/{*path}", any(ports::path::<B>))
         .route("/v1/functions", get(info::functions::<B>))
         .route("/v1/functions/{name}", post(run::function::<B>))
         .fallback(not_found)

@@ -82,7 +82,14 @@ fn check_request(agent: &Agent, req: &ExecRequest) -> Result<PathBuf, ErrorReply
     Ok(cwd)
 }
 
-pub(crate) fn build_command(agent: &Agent, req: &ExecRequest) -> Result<Command, ErrorReply> {
+/// The command for `req`, in a process group of its own; with
+/// `own_session` the caller makes it a session leader instead (a terminal's
+/// process: its group is its session's).
+pub(crate) fn build_command(
+    agent: &Agent,
+    req: &ExecRequest,
+    own_session: bool,
+) -> Result<Command, ErrorReply> {
     let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
     let cwd = check_request(agent, req)?;
     let mut cmd = match &req.command {
@@ -106,13 +113,12 @@ pub(crate) fn build_command(agent: &Agent, req: &ExecRequest) -> Result<Command,
             c
         }
     };
-    cmd.env_clear()
-        .envs(command_env(agent, req))
-        .current_dir(cwd)
-        .process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.env_clear().envs(command_env(agent, req)).current_dir(cwd);
+    if !own_session {
+        // setsid() refuses a process group leader, so not both.
+        cmd.process_group(0);
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     Ok(cmd)
 }
 
@@ -154,7 +160,7 @@ async fn run_inner(
     // Checked before a cgroup exists, so a bad request leaves nothing behind.
     let how = match fork_server_for(agent, req) {
         Some(server) => How::Fork(server, check_request(agent, req)?),
-        None => How::Exec(build_command(agent, req)?),
+        None => How::Exec(build_command(agent, req, false)?),
     };
     let cgroup: Option<ExecCgroup> = match &agent.cgroups {
         Some(cgs) => Some(
@@ -165,7 +171,7 @@ async fn run_inner(
     };
     let spawned = match how {
         How::Fork(server, cwd) => spawn_forked(agent, server, req, cwd, cgroup.as_ref()).await,
-        How::Exec(cmd) => spawn_exec(agent, cmd, cgroup.as_ref()),
+        How::Exec(cmd) => spawn_exec(agent, cmd, cgroup.as_ref(), false),
     };
     let Spawned { pid, stdin, mut stdout, mut stderr, exit: mut exit_rx, _child } = match spawned {
         Ok(s) => s,
@@ -283,8 +289,9 @@ pub(crate) fn spawn_exec(
     agent: &Agent,
     mut cmd: Command,
     cgroup: Option<&ExecCgroup>,
+    terminal: bool,
 ) -> Result<Spawned, ErrorReply> {
-    crate::sys::confine_child(&mut cmd, cgroup.map(|c| c.procs_fd()), agent.layout.user);
+    crate::sys::confine_child(&mut cmd, cgroup.map(|c| c.procs_fd()), agent.layout.user, terminal);
     let (mut child, exit) = agent
         .reaper
         .spawn(&mut cmd)

@@ -19,6 +19,8 @@ mod session;
 mod setup;
 mod sys;
 mod transport;
+mod tunnel;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

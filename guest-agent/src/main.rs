@@ -8,7 +8,13 @@ use std::time::Duration;
 const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 
 fn main() -> ExitCode {
-    let args = match ember_guest_agent::Args::parse(std::env::args().skip(1)) {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().is_some_and(|a| a == "watch") {
+        // A directory watch for the host, run as the guest's user.
+        let code = ember_guest_agent::watch::main(&argv[1..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let args = match ember_guest_agent::Args::parse(argv) {
         Ok(a) => a,
         Err(msg) => {
             eprintln!("ember-agent: {msg}\n{}", ember_guest_agent::Args::USAGE);

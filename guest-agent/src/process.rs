@@ -7,11 +7,13 @@
 //! killed with it when it exits, as a call's are.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use ember_wire::{
-    ErrorCode, ErrorReply, ExecRequest, ExitStatus, ProcessInfo, Response, ResponseBody, SpawnRequest, Stream,
+    ErrorCode, ErrorReply, ExecRequest, ExitStatus, ProcessInfo, PtySize, Response, ResponseBody,
+    SpawnRequest, Stream,
 };
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::WaitStatus;
@@ -47,7 +49,12 @@ struct Proc {
     changed: Notify,
     stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
     stdin_open: std::sync::atomic::AtomicBool,
+    /// The master of its terminal and the terminal's size, if it has one.
+    pty: Option<TerminalSide>,
 }
+
+/// A terminal's master and its size.
+type TerminalSide = (OwnedFd, Mutex<PtySize>);
 
 /// A process's output buffer: chunks at absolute byte offsets.
 #[derive(Debug, Default)]
@@ -158,6 +165,7 @@ impl Proc {
             exit: out.exit.clone(),
             output_bytes: out.end,
             stdin_open: self.stdin_open.load(std::sync::atomic::Ordering::Relaxed),
+            pty: self.pty.as_ref().map(|(_, size)| *lock(size)),
         }
     }
 }
@@ -174,7 +182,11 @@ pub async fn spawn(agent: &Agent, id: u64, req: SpawnRequest) -> Result<u32, Err
     exec.env = req.env.clone();
     exec.cwd = req.cwd.clone();
     exec.pids_limit = req.pids_limit;
-    let cmd = crate::exec::build_command(agent, &exec)?;
+    let terminal = req.pty.map(open_terminal).transpose()?;
+    let mut cmd = crate::exec::build_command(agent, &exec, terminal.is_some())?;
+    if let Some(t) = &terminal {
+        cmd.stdin(t.slave_stdio()?).stdout(t.slave_stdio()?).stderr(t.slave_stdio()?);
+    }
     let cgroup: Option<ExecCgroup> = match &agent.cgroups {
         Some(cgs) => Some(
             cgs.create(&format!("proc-{id}-{}", std::process::id()), req.pids_limit.or(Some(1024)))
@@ -182,7 +194,15 @@ pub async fn spawn(agent: &Agent, id: u64, req: SpawnRequest) -> Result<u32, Err
         ),
         None => None,
     };
-    let spawned = match crate::exec::spawn_exec(agent, cmd, cgroup.as_ref()) {
+    let spawned =
+        crate::exec::spawn_exec(agent, cmd, cgroup.as_ref(), terminal.is_some()).and_then(
+            |s| match terminal {
+                // The terminal stands in for all three pipes.
+                Some(t) => t.attach(s, req.pty.unwrap_or(PtySize { cols: 80, rows: 24 })),
+                None => Ok((s, None)),
+            },
+        );
+    let (mut spawned, pty) = match spawned {
         Ok(s) => s,
         Err(e) => {
             if let Some(cg) = cgroup {
@@ -194,7 +214,7 @@ pub async fn spawn(agent: &Agent, id: u64, req: SpawnRequest) -> Result<u32, Err
     let pid = spawned.pid as u32;
     let started_unix_ms =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let stdin = if req.stdin { spawned.stdin } else { None };
+    let stdin = if req.stdin || pty.is_some() { spawned.stdin.take() } else { None };
     let proc = Arc::new(Proc {
         pid,
         tag: req.tag,
@@ -204,6 +224,7 @@ pub async fn spawn(agent: &Agent, id: u64, req: SpawnRequest) -> Result<u32, Err
         changed: Notify::new(),
         stdin_open: std::sync::atomic::AtomicBool::new(stdin.is_some()),
         stdin: tokio::sync::Mutex::new(stdin),
+        pty,
     });
     agent.processes.insert(Arc::clone(&proc));
     let (stdout, stderr, exit) = (spawned.stdout, spawned.stderr, spawned.exit);
@@ -352,6 +373,67 @@ pub async fn stdin(agent: &Agent, pid: u32, data: Vec<u8>, eof: bool) -> Result<
         proc.stdin_open.store(false, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// Set process `pid`'s terminal size.
+pub fn resize(agent: &Agent, pid: u32, cols: u16, rows: u16) -> Result<(), ErrorReply> {
+    let proc = agent.processes.get(pid)?;
+    let Some((master, size)) = &proc.pty else {
+        return Err(err(ErrorCode::Conflict, format!("process {pid} has no terminal")));
+    };
+    if cols == 0 || rows == 0 {
+        return Err(err(ErrorCode::BadRequest, "a terminal needs at least one column and one row"));
+    }
+    crate::sys::set_window_size(master, cols, rows)
+        .map_err(|e| err(ErrorCode::Internal, format!("resizing process {pid}'s terminal: {e}")))?;
+    *lock(size) = PtySize { cols, rows };
+    Ok(())
+}
+
+/// A new pseudo-terminal of `size`, for one process.
+fn open_terminal(size: PtySize) -> Result<Terminal, ErrorReply> {
+    if size.cols == 0 || size.rows == 0 {
+        return Err(err(ErrorCode::BadRequest, "a terminal needs at least one column and one row"));
+    }
+    let ws = nix::pty::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&ws), None)
+        .map_err(|e| err(ErrorCode::SpawnFailed, format!("cannot open a terminal: {e}")))?;
+    Ok(Terminal { master: pty.master, slave: pty.slave })
+}
+
+struct Terminal {
+    master: OwnedFd,
+    slave: OwnedFd,
+}
+
+impl Terminal {
+    fn slave_stdio(&self) -> Result<std::process::Stdio, ErrorReply> {
+        let fd = self.slave.try_clone().map_err(|e| err(ErrorCode::Internal, format!("terminal: {e}")))?;
+        Ok(std::process::Stdio::from(fd))
+    }
+
+    /// The started process's stdin and output become the master's; the
+    /// slave is closed here (the child holds its own), so the master reads
+    /// EIO once every process on the terminal is gone.
+    fn attach(
+        self,
+        mut s: crate::exec::Spawned,
+        size: PtySize,
+    ) -> Result<(crate::exec::Spawned, Option<TerminalSide>), ErrorReply> {
+        drop(self.slave);
+        let io = |e: std::io::Error| err(ErrorCode::Internal, format!("terminal: {e}"));
+        let master = self.master;
+        let flags = nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| io(e.into()))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| io(e.into()))?;
+        // A pty master is no FIFO, hence the unchecked constructors; it
+        // polls like one.
+        s.stdout =
+            Some(pipe::Receiver::from_owned_fd_unchecked(master.try_clone().map_err(io)?).map_err(io)?);
+        s.stdin = Some(pipe::Sender::from_owned_fd_unchecked(master.try_clone().map_err(io)?).map_err(io)?);
+        s.stderr = None;
+        Ok((s, Some((master, Mutex::new(size)))))
+    }
 }
 
 /// Send `signal` to process `pid`'s group.

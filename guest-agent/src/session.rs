@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::tunnel::Tunnels;
 use crate::Agent;
 
 /// Requests one connection may have in flight at once.
@@ -66,6 +67,7 @@ where
     });
 
     let inflight: Arc<Mutex<HashMap<u64, CancellationToken>>> = Arc::default();
+    let tunnels = Tunnels::default();
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut buf = vec![0u8; 64 * 1024];
     let mut stats = SessionStats { bytes_read: 0 };
@@ -106,7 +108,7 @@ where
                     continue;
                 }
             };
-            dispatch(&agent, req, &resp_tx, &tx, &inflight).await;
+            dispatch(&agent, req, &resp_tx, &tx, &inflight, &tunnels).await;
         }
     };
 
@@ -138,6 +140,7 @@ async fn dispatch(
     resp: &mpsc::Sender<Response>,
     out: &mpsc::Sender<Outgoing>,
     inflight: &Arc<Mutex<HashMap<u64, CancellationToken>>>,
+    tunnels: &Tunnels,
 ) {
     let id = req.id;
     let reply_now = |body| Response { id, body };
@@ -162,6 +165,7 @@ async fn dispatch(
             let _ = out.send(Outgoing::Frame(reply_now(ResponseBody::Ok))).await;
             let _ = out.send(Outgoing::PowerOff).await;
         }
+        RequestBody::Credit { target, bytes } => tunnels.credit(target, bytes),
         body => {
             let token = CancellationToken::new();
             if let Err(msg) = register(inflight, id, &token) {
@@ -172,8 +176,9 @@ async fn dispatch(
             let agent = Arc::clone(agent);
             let resp = resp.clone();
             let inflight = Arc::clone(inflight);
+            let tunnels = tunnels.clone();
             tokio::spawn(async move {
-                run_request(&agent, id, body, &resp, token).await;
+                run_request(&agent, &tunnels, id, body, &resp, token).await;
                 inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             });
         }
@@ -198,6 +203,7 @@ fn register(
 
 async fn run_request(
     agent: &Agent,
+    tunnels: &Tunnels,
     id: u64,
     body: RequestBody,
     resp: &mpsc::Sender<Response>,
@@ -250,6 +256,16 @@ async fn run_request(
         RequestBody::Signal { pid, signal } => {
             let _ = resp.send(done(crate::process::signal(agent, pid, signal))).await;
         }
-        RequestBody::Hello { .. } | RequestBody::Cancel { .. } | RequestBody::Shutdown {} => {}
+        RequestBody::Resize { pid, cols, rows } => {
+            let _ = resp.send(done(crate::process::resize(agent, pid, cols, rows))).await;
+        }
+        RequestBody::Connect { port } => tunnels.connect(id, port, resp.clone(), token).await,
+        RequestBody::Send { target, data, eof } => {
+            let _ = resp.send(done(tunnels.send(target, data, eof).await)).await;
+        }
+        RequestBody::Hello { .. }
+        | RequestBody::Cancel { .. }
+        | RequestBody::Shutdown {}
+        | RequestBody::Credit { .. } => {}
     }
 }

@@ -12,14 +12,25 @@ use std::process::Command;
 /// nothing the command forks can start outside the cgroup; the namespace
 /// makes SysV IPC objects and POSIX message queues die with the command's
 /// processes instead of outliving a reset. Dropping privileges last is why
-/// std's `uid()` (which runs before pre-exec hooks) is not used.
-pub fn confine_child(cmd: &mut Command, cgroup_procs: Option<&File>, user: Option<(u32, u32)>) {
+/// std's `uid()` (which runs before pre-exec hooks) is not used. With
+/// `terminal` the child starts a session whose controlling terminal is its
+/// stdin (a pty slave).
+pub fn confine_child(
+    cmd: &mut Command,
+    cgroup_procs: Option<&File>,
+    user: Option<(u32, u32)>,
+    terminal: bool,
+) {
     let procs_fd: Option<RawFd> = cgroup_procs.map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (write, unshare, setgroups, setgid, setuid) on
-    // values captured by copy; it allocates nothing and takes no locks.
+    // async-signal-safe functions (write, setsid, ioctl, unshare, setgroups,
+    // setgid, setuid) on values captured by copy; it allocates nothing and
+    // takes no locks.
     unsafe {
         cmd.pre_exec(move || {
+            if terminal && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0) {
+                return Err(io::Error::last_os_error());
+            }
             if let Some(fd) = procs_fd {
                 // "0" moves the writing process itself.
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -40,6 +51,19 @@ pub fn confine_child(cmd: &mut Command, cgroup_procs: Option<&File>, user: Optio
             Ok(())
         });
     }
+}
+
+/// Set the window size of the terminal whose master is `master`; the
+/// kernel sends SIGWINCH to its foreground process group.
+pub fn set_window_size(master: &impl AsRawFd, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which points
+    // at a live local for the duration of the call.
+    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Register an owned file with the tokio reactor.

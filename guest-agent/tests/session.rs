@@ -12,7 +12,7 @@ use ember_vm::{AgentClient, AgentError, ExecEvent};
 use ember_wire::{Command, ErrorCode, ExecRequest, FileSpec, Stream, MAX_FRAME_LEN};
 
 struct Harness {
-    client: AgentClient,
+    client: Arc<AgentClient>,
     dir: tempfile::TempDir,
 }
 
@@ -33,7 +33,7 @@ fn start() -> Harness {
     });
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));
-    Harness { client: AgentClient::new(host), dir }
+    Harness { client: Arc::new(AgentClient::new(host)), dir }
 }
 
 fn sh(cmd: &str) -> ExecRequest {
@@ -292,6 +292,7 @@ fn spawn_req(cmd: &str, stdin: bool, buffer: u64) -> ember_wire::SpawnRequest {
         buffer_bytes: buffer,
         pids_limit: None,
         max_processes: 4,
+        pty: None,
     }
 }
 
@@ -376,4 +377,90 @@ async fn signals_end_a_process_and_the_running_count_is_capped() {
     let again = h.client.spawn(req).await.unwrap();
     h.client.signal(again, 9).await.unwrap();
     assert_eq!(follow(&h.client, again).await.2.signal, Some(9));
+}
+
+/// Output of an attached process until `needle` shows up in it.
+async fn read_until(h: &mut ember_vm::channel::ExecHandle, seen: &mut String, needle: &str) {
+    while !seen.contains(needle) {
+        match tokio::time::timeout(Duration::from_secs(10), h.next()).await {
+            Ok(Ok(ExecEvent::Output { data, .. })) => seen.push_str(&String::from_utf8_lossy(&data)),
+            other => panic!("waiting for {needle:?} in {seen:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_process_on_a_terminal_sees_one_echoes_input_and_follows_resizes() {
+    let h = start();
+    let mut req = spawn_req(
+        "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; stty size; read x; stty size; echo \"got $x\"",
+        false,
+        1 << 20,
+    );
+    req.pty = Some(ember_wire::PtySize { cols: 80, rows: 24 });
+    let pid = h.client.spawn(req).await.unwrap();
+    let listed = h.client.processes().await.unwrap();
+    assert_eq!(
+        listed.iter().find(|p| p.pid == pid).unwrap().pty,
+        Some(ember_wire::PtySize { cols: 80, rows: 24 })
+    );
+    let mut out = h.client.attach(pid).await.unwrap();
+    let mut seen = String::new();
+    read_until(&mut out, &mut seen, "24 80").await;
+    assert!(seen.contains("is-a-tty"), "{seen:?}");
+    h.client.resize(pid, 120, 40).await.unwrap();
+    h.client.stdin(pid, b"hello\n".to_vec(), false).await.unwrap();
+    read_until(&mut out, &mut seen, "got hello").await;
+    // The terminal echoed the input and the second `stty size` saw the new size.
+    assert!(seen.contains("hello\r\n") && seen.contains("40 120"), "{seen:?}");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), out.next()).await.unwrap().unwrap() {
+            ExecEvent::Exit(st) => break assert_eq!(st.code, Some(0)),
+            _ => continue,
+        }
+    }
+    // Resizing an exited or plain process, or to nothing, is refused.
+    let plain = h.client.spawn(spawn_req("sleep 5", false, 100)).await.unwrap();
+    for (p, c, r) in [(plain, 80, 24), (pid, 0, 24)] {
+        assert!(matches!(h.client.resize(p, c, r).await, Err(AgentError::Remote(_))), "{p} {c}x{r}");
+    }
+    h.client.signal(plain, 9).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_to_a_guest_port_carries_bytes_both_ways_beyond_the_window() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = start();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // More than the agent's window, so credit must flow back for it all.
+    let big = 3 * ember_wire::CONNECT_WINDOW as usize + 12345;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(format!("{} bytes\n", got.len()).as_bytes()).await.unwrap();
+        s.write_all(&vec![b'z'; big]).await.unwrap();
+    });
+    let mut conn = h.client.connect(port).await.unwrap();
+    conn.write_all(&vec![b'a'; 200_000]).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut back)).await.unwrap().unwrap();
+    server.await.unwrap();
+    assert!(
+        back.starts_with(b"200000 bytes\n"),
+        "{:?}",
+        String::from_utf8_lossy(&back[..40.min(back.len())])
+    );
+    assert_eq!(back.len(), "200000 bytes\n".len() + big);
+    // Nothing listening: the agent says so.
+    drop(conn);
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap().port();
+    drop(closed);
+    match h.client.connect(dead).await {
+        Err(AgentError::Remote(e)) => assert_eq!(e.code, ErrorCode::Unreachable),
+        other => panic!("connect to a closed port: {other:?}"),
+    }
 }

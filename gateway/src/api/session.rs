@@ -149,15 +149,36 @@ pub struct ProcessRequest {
     pub stdin: bool,
     /// A label, listed with it (at most 64 bytes).
     pub tag: Option<String>,
-    /// A pseudo-terminal: not supported yet (refused, never ignored).
-    pub pty: Option<serde_json::Value>,
+    /// Run it on a pseudo-terminal of this size: stdin, stdout and stderr
+    /// are the terminal (output comes as stdout), stdin stays open.
+    pub pty: Option<PtyRequest>,
+}
+
+/// A terminal's size (`pty` of a process, the body of `.../resize`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtyRequest {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// Columns or rows a terminal may have.
+pub const MAX_PTY_SIDE: u16 = 1000;
+
+impl PtyRequest {
+    pub fn check(self) -> Result<ember_wire::PtySize, ApiError> {
+        for (name, v) in [("cols", self.cols), ("rows", self.rows)] {
+            if v == 0 || v > MAX_PTY_SIDE {
+                return Err(invalid(format!("pty {name} {v} must be between 1 and {MAX_PTY_SIDE}")));
+            }
+        }
+        Ok(ember_wire::PtySize { cols: self.cols, rows: self.rows })
+    }
 }
 
 impl ProcessRequest {
     pub fn check(self, limits: &Limits) -> Result<ember_wire::SpawnRequest, ApiError> {
-        if self.pty.is_some() {
-            return Err(invalid("pty: pseudo-terminals are not supported yet; run without \"pty\""));
-        }
+        let pty = self.pty.map(PtyRequest::check).transpose()?;
         let command = match (self.cmd, self.argv) {
             (Some(c), None) if !c.is_empty() => ember_wire::Command::Shell(c),
             (None, Some(a)) if a.first().is_some_and(|p| !p.is_empty()) => ember_wire::Command::Argv(a),
@@ -178,6 +199,7 @@ impl ProcessRequest {
             buffer_bytes: limits.process_output_buffer,
             pids_limit: Some(limits.max_pids),
             max_processes: limits.max_processes,
+            pty,
         })
     }
 }
@@ -275,12 +297,16 @@ mod tests {
         assert_eq!(spawn.command, ember_wire::Command::Shell("sleep 1".into()));
         assert!(spawn.stdin && spawn.buffer_bytes == Limits::default().process_output_buffer);
         assert!(p(r#"{"argv":["ls","-l"]}"#).is_ok());
+        let tty = p(r#"{"cmd":"sh","pty":{"cols":100,"rows":30}}"#).unwrap();
+        assert_eq!(tty.pty, Some(ember_wire::PtySize { cols: 100, rows: 30 }));
+        assert!(serde_json::from_str::<ProcessRequest>(r#"{"cmd":"a","pty":{}}"#).is_err());
         for bad in [
             r#"{}"#,
             r#"{"cmd":""}"#,
             r#"{"argv":[]}"#,
             r#"{"cmd":"a","argv":["b"]}"#,
-            r#"{"cmd":"a","pty":{}}"#,
+            r#"{"cmd":"a","pty":{"cols":0,"rows":24}}"#,
+            r#"{"cmd":"a","pty":{"cols":80,"rows":1001}}"#,
         ] {
             assert_eq!(p(bad).unwrap_err().status, 400, "{bad}");
         }

@@ -5,7 +5,8 @@
 //! is ever opened. Paths are the guest's: relative ones are under
 //! `/home/ember`; an absolute one is written with its first `/` as `%2F`.
 //!
-//! `GET` reads (streamed), or `?stat` / `?list`; `PUT` writes (streamed,
+//! `GET` reads (streamed), or `?stat` / `?list` / `?watch` (NDJSON of the
+//! directory's changes, `&recursive=true` for its tree); `PUT` writes (streamed,
 //! parents created, at most `limits.max_upload_bytes`); `POST ?mkdir`,
 //! `POST ?move_to=DEST`; `DELETE` (`?recursive=true` for a directory).
 
@@ -33,6 +34,10 @@ const UPLOAD_CHUNK: usize = 1 << 20;
 const LISTING_LIMIT: u64 = 16 << 20;
 /// How long a file operation other than a transfer may take.
 const QUICK: Duration = Duration::from_secs(30);
+/// The longest a directory watch lasts.
+pub const WATCH_LIMIT: Duration = Duration::from_secs(24 * 3600);
+/// The agent binary in every guest (its `watch` subcommand).
+const GUEST_AGENT: &str = "/usr/sbin/ember-agent";
 /// The tag of the processes uploads run as (hidden from the listing).
 pub const UPLOAD_TAG: &str = "ember:upload";
 
@@ -98,6 +103,10 @@ pub async fn get<B: Backend>(
         }
         if q.contains_key("list") {
             return list(&agent, &vm, &path).await.map(|v| Json(v).into_response());
+        }
+        if q.contains_key("watch") {
+            let recursive = q.get("recursive").is_some_and(|v| v != "false");
+            return watch(agent, vm, path, recursive).await;
         }
         read(&state, agent, vm, path).await
     };
@@ -238,6 +247,72 @@ async fn read<B: Backend>(
     Ok(resp)
 }
 
+/// Follow a directory's changes (NDJSON, see the agent's `watch`): the
+/// guest's agent binary watches it as the guest's user; the response starts
+/// once the watch is set (its `ready` line), so a missing or unreadable
+/// directory is a JSON error. It lasts until the client goes away (which
+/// ends the watcher), the directory goes, or [`WATCH_LIMIT`].
+async fn watch(
+    agent: Arc<AgentClient>,
+    vm: String,
+    path: String,
+    recursive: bool,
+) -> Result<Response, ApiError> {
+    let mut argv = vec![GUEST_AGENT.to_string(), "watch".into()];
+    if recursive {
+        argv.push("--recursive".into());
+    }
+    argv.push(path.clone());
+    let mut req = ExecRequest::new(Command::Argv(argv));
+    req.timeout_ms = WATCH_LIMIT.as_millis() as u64;
+    req.output_limit = u64::MAX;
+    let mut h = agent.exec(req).await.map_err(|e| ApiError::from_agent(&vm, e).0)?;
+    let (mut stderr, mut head) = (Vec::new(), Vec::new());
+    while !head.contains(&b'\n') {
+        match tokio::time::timeout(QUICK, h.next()).await {
+            Err(_) => {
+                return Err(ApiError::vm_failed(format!(
+                    "the watch of {path} did not start within {QUICK:?}"
+                )))
+            }
+            Ok(ev) => match ev.map_err(|e| ApiError::from_agent(&vm, e).0)? {
+                ExecEvent::Output { stream: Stream::Stdout, data } => head.extend(data),
+                ExecEvent::Output { stream: Stream::Stderr, data } => stderr.extend(data),
+                ExecEvent::Exit(_) => return Err(fs_error(&path, &stderr)),
+                ExecEvent::Dropped { .. } => {}
+            },
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        if tx.send(Bytes::from(head)).await.is_err() {
+            return;
+        }
+        loop {
+            let next = tokio::select! {
+                ev = h.next() => ev,
+                // The client went away: dropping `h` ends the watcher.
+                () = tx.closed() => return,
+            };
+            match next {
+                Ok(ExecEvent::Output { stream: Stream::Stdout, data }) => {
+                    if tx.send(Bytes::from(data)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(ExecEvent::Output { .. } | ExecEvent::Dropped { .. }) => {}
+                Ok(ExecEvent::Exit(_)) | Err(_) => return,
+            }
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(super::NDJSON));
+    Ok(resp)
+}
+
 /// Write the body to the file (parents created), streamed: the body is fed
 /// to a `cat` in the guest in 1 MiB writes as it arrives.
 pub async fn put<B: Backend>(
@@ -263,6 +338,7 @@ pub async fn put<B: Backend>(
             buffer_bytes: 64 << 10,
             pids_limit: Some(state.limits.max_pids),
             max_processes: state.limits.max_processes.saturating_add(1),
+            pty: None,
         };
         let pid = agent.spawn(spawn).await.map_err(|e| ApiError::from_agent(&vm, e).0)?;
         let fed = feed(&agent, pid, body, limit).await;

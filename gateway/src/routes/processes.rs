@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::run::{line, EventLines};
 use super::NDJSON;
-use crate::api::{ProcessRequest, SignalRequest, StreamEvent};
+use crate::api::{ProcessRequest, PtyRequest, SignalRequest, StreamEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -130,6 +130,7 @@ fn shown(p: &ember_wire::ProcessInfo) -> serde_json::Value {
         "signal": p.exit.as_ref().and_then(|e| e.signal),
         "output_bytes": p.output_bytes,
         "stdin_open": p.stdin_open,
+        "pty": p.pty.map(|t| json!({ "cols": t.cols, "rows": t.rows })),
     })
 }
 
@@ -235,6 +236,26 @@ pub async fn signal<B: Backend>(
             let pid = parse_pid(&pid)?;
             let (vm, agent) = agent_of(&state, &key).await?;
             agent.signal(pid, sig).await.map_err(|e| agent_error(&vm, e))?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
+}
+
+/// `{"cols": C, "rows": R}`: the process's terminal's new size (409 if it
+/// has none).
+pub async fn resize<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path((key, pid)): Path<(String, String)>,
+    super::LimitedBody(body): super::LimitedBody,
+) -> Response {
+    answer(
+        async {
+            let req: PtyRequest = super::parse_json(&body)?;
+            let size = req.check()?;
+            let pid = parse_pid(&pid)?;
+            let (vm, agent) = agent_of(&state, &key).await?;
+            agent.resize(pid, size.cols, size.rows).await.map_err(|e| agent_error(&vm, e))?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         .await,

@@ -716,8 +716,12 @@ async fn openapi_describes_exactly_the_routes() {
     assert_eq!(documented, routes);
     let f = fixture();
     for (method, path) in routes {
-        let concrete =
-            path.replace("{key}", "k").replace("{name}", "n").replace("{path}", "p").replace("{pid}", "1");
+        let concrete = path
+            .replace("{key}", "k")
+            .replace("{name}", "n")
+            .replace("{path}", "p")
+            .replace("{pid}", "1")
+            .replace("{port}", "8000");
         let req = Request::builder().method(method.as_str()).uri(&concrete).body(Body::from("{}")).unwrap();
         let a = f.send(req).await;
         assert_ne!(a.status, 405, "{method} {path}");

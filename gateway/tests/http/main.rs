@@ -433,6 +433,190 @@ fn a_sessions_files_are_written_read_and_managed_as_its_user(s: &Server) -> anyh
     Ok(())
 }
 
+/// A WebSocket echo server on 127.0.0.1:8765 in Python's standard library
+/// (the image has no websockets package); plain GETs get "plain".
+const WS_ECHO: &str = r#"
+import base64, hashlib, http.server, struct
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() != "websocket":
+            self.send_response(200); self.send_header("Content-Length", "6"); self.end_headers()
+            self.wfile.write(b"plain\n"); return
+        key = self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket"); self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", base64.b64encode(hashlib.sha1(key.encode()).digest()).decode())
+        self.end_headers(); self.wfile.flush()
+        r = self.rfile
+        while True:
+            h = r.read(2)
+            if len(h) < 2: return
+            op, n = h[0] & 15, h[1] & 127
+            if n == 126: n = struct.unpack(">H", r.read(2))[0]
+            elif n == 127: n = struct.unpack(">Q", r.read(8))[0]
+            mask = r.read(4) if h[1] & 128 else bytes(4)
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(r.read(n)))
+            if op == 8:
+                self.wfile.write(b"\x88\x00"); self.wfile.flush(); self.close_connection = True; return
+            size = bytes([n]) if n < 126 else bytes([126]) + struct.pack(">H", n) if n < 65536 else bytes([127]) + struct.pack(">Q", n)
+            self.wfile.write(bytes([0x80 | op]) + size + data); self.wfile.flush()
+http.server.ThreadingHTTPServer(("127.0.0.1", 8765), H).serve_forever()
+"#;
+
+/// Wait until a guest server answers through the proxy (not 502).
+fn wait_for_port(s: &Server, key: &str, port: u16) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = s.get(&format!("/v1/sessions/{key}/ports/{port}/"))?;
+        if a.status != 502 {
+            return Ok(());
+        }
+        ensure!(Instant::now() < until, "port {port} never answered: {a:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Servers inside a session's guest, reached through the port proxy over
+/// the agent channel (the session has no network): python -m http.server
+/// streams a 20 MB file with its sha256 intact, a query and methods pass
+/// through, a WebSocket echo round-trips, and a port nobody listens on is
+/// a 502 that says so.
+fn a_sessions_ports_are_reached_through_the_proxy(s: &Server) -> anyhow::Result<()> {
+    ensure!(s.post_json("/v1/sessions", &json!({"key": "web"}))?.status == 201);
+    let closed = s.get("/v1/sessions/web/ports/8000/")?;
+    ensure!(closed.error()? == (502, "port_unreachable".into()), "{closed:?}");
+    ensure!(s.get("/v1/sessions/web/ports/0/")?.error()? == (400, "invalid_request".into()));
+    let made = s.run_in("web", json!({"cmd": "mkdir -p site && head -c 20000000 /dev/urandom > site/big.bin && sha256sum site/big.bin"}))?;
+    let want =
+        made["stdout"].as_str().context("stdout")?.split_whitespace().next().context("sum")?.to_string();
+    let http = json!({"argv": ["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1", "--directory", "site"]});
+    ensure!(s.post_json("/v1/sessions/web/processes", &http)?.status == 201);
+    wait_for_port(s, "web", 8000)?;
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    let big = s.get("/v1/sessions/web/ports/8000/big.bin?x=1")?;
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(big.status == 200 && big.body.len() == 20_000_000, "{} {} bytes", big.status, big.body.len());
+    std::fs::write(dir.path().join("big"), &big.body)?;
+    ensure!(sha256_of(&dir.path().join("big"))? == want, "the proxied body differs");
+    println!("    20 MB through the port proxy at {:.1} MB/s", 20.0 / secs);
+    let listing = s.get("/v1/sessions/web/ports/8000")?;
+    ensure!(
+        listing.status == 200 && String::from_utf8_lossy(&listing.body).contains("big.bin"),
+        "{listing:?}"
+    );
+    // http.server has no POST: its own 501 comes back as it is.
+    ensure!(s.post("/v1/sessions/web/ports/8000/big.bin", &[], b"x")?.status == 501);
+    ensure!(s.get("/v1/sessions/web/ports/8000/missing")?.status == 404);
+
+    std::fs::write(dir.path().join("ws.py"), WS_ECHO)?;
+    let ws_arg = format!("@{}", dir.path().join("ws.py").display());
+    ensure!(s.curl(&["-X", "PUT", "--data-binary", &ws_arg], "/v1/sessions/web/files/ws.py")?.status == 201);
+    ensure!(s.post_json("/v1/sessions/web/processes", &json!({"argv": ["python3", "ws.py"]}))?.status == 201);
+    wait_for_port(s, "web", 8765)?;
+    let url = format!("{}/v1/sessions/web/ports/8765/echo", s.url.replace("http://", "ws://"));
+    let (mut ws, resp) =
+        tungstenite::connect(url.as_str()).context("websocket handshake through the proxy")?;
+    ensure!(resp.status() == 101, "{resp:?}");
+    for msg in ["hello ember", &"x".repeat(100_000)] {
+        ws.send(tungstenite::Message::text(msg))?;
+        match ws.read()? {
+            tungstenite::Message::Text(t) => ensure!(t.as_str() == msg, "echoed {} bytes", t.len()),
+            other => anyhow::bail!("not an echo: {other:?}"),
+        }
+    }
+    ws.close(None)?;
+    while ws.read().is_ok() {}
+    ensure!(s.request("DELETE", "/v1/sessions/web", &[], None)?.status == 204);
+    Ok(())
+}
+
+/// A shell on a pseudo-terminal: it knows it is on one, echoes its input,
+/// and follows a resize.
+fn a_sessions_terminal_echoes_and_follows_resizes(s: &Server) -> anyhow::Result<()> {
+    ensure!(s.post_json("/v1/sessions", &json!({"key": "tty"}))?.status == 201);
+    let bad =
+        s.post_json("/v1/sessions/tty/processes", &json!({"cmd": "sh", "pty": {"cols": 0, "rows": 24}}))?;
+    ensure!(bad.error()? == (400, "invalid_request".into()), "{bad:?}");
+    let sh =
+        s.post_json("/v1/sessions/tty/processes", &json!({"argv": ["sh"], "pty": {"cols": 80, "rows": 24}}))?;
+    ensure!(sh.status == 201, "{sh:?}");
+    let p = sh.json()?;
+    let pid = p["pid"].as_u64().context("pid")?;
+    ensure!(p["pty"] == json!({"cols": 80, "rows": 24}) && p["stdin_open"] == true, "{p}");
+    let stdin = format!("/v1/sessions/tty/processes/{pid}/stdin");
+    ensure!(s.post(&stdin, &[], b"tty; stty size\n")?.status == 204);
+    let resize = format!("/v1/sessions/tty/processes/{pid}/resize");
+    // Wait for the first answer before resizing, so the order is fixed.
+    let until = Instant::now() + Duration::from_secs(20);
+    while !stdout_of(&process_output(s, "tty", pid, Some("1"))?).contains("24 80") {
+        ensure!(Instant::now() < until, "no `stty size` answer");
+    }
+    ensure!(s.post_json(&resize, &json!({"cols": 132, "rows": 43}))?.status == 204);
+    ensure!(s.post(&stdin, &[], b"stty size; exit 3\n")?.status == 204);
+    let lines = process_output(s, "tty", pid, Some("20"))?;
+    let out = stdout_of(&lines);
+    ensure!(out.contains("/dev/pts/") && out.contains("stty size; exit 3\r\n"), "no tty or no echo: {out:?}");
+    ensure!(out.contains("43 132"), "the resize was not seen: {out:?}");
+    ensure!(lines.last().is_some_and(|l| l["type"] == "exit" && l["exit_code"] == 3), "{:?}", lines.last());
+    ensure!(
+        s.post_json(&resize, &json!({"cols": 10, "rows": 10}))?.error()? == (409, "process_state".into())
+    );
+    ensure!(s.request("DELETE", "/v1/sessions/tty", &[], None)?.status == 204);
+    Ok(())
+}
+
+/// A directory watch over HTTP sees create, write, rename and remove, in
+/// order, with paths relative to the directory; an unknown directory is a
+/// 404 before any stream starts.
+fn a_sessions_directory_watch_sees_changes(s: &Server) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    ensure!(s.post_json("/v1/sessions", &json!({"key": "watch"}))?.status == 201);
+    ensure!(s.get("/v1/sessions/watch/files/nope?watch")?.error()? == (404, "not_found".into()));
+    s.run_in("watch", json!({"cmd": "mkdir -p w/sub"}))?;
+    let mut curl = std::process::Command::new("curl")
+        .args(["-sSN", "--max-time", "60"])
+        .arg(format!("{}/v1/sessions/watch/files/w?watch&recursive=true", s.url))
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(curl.stdout.take().context("stdout")?).lines();
+    let mut next = || -> anyhow::Result<Value> {
+        let l = lines.next().context("the watch ended")??;
+        serde_json::from_str(&l).with_context(|| format!("line {l:?}"))
+    };
+    let ready = next()?;
+    ensure!(ready["type"] == "ready", "{ready}");
+    s.run_in("watch", json!({"cmd": "cd w && echo 1 > a && mv a b && echo 2 > sub/c && rm b"}))?;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&json!({"type": "remove", "path": "b"})) {
+        seen.push(next()?);
+    }
+    let _ = curl.kill();
+    let _ = curl.wait();
+    let want = [
+        json!({"type": "create", "path": "a", "directory": false}),
+        json!({"type": "write", "path": "a"}),
+        json!({"type": "rename", "from": "a", "to": "b"}),
+        json!({"type": "create", "path": "sub/c", "directory": false}),
+        json!({"type": "write", "path": "sub/c"}),
+        json!({"type": "remove", "path": "b"}),
+    ];
+    ensure!(seen == want, "{seen:?}");
+    // The client went away: its watcher is gone from the guest.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = s.run_in("watch", json!({"cmd": "pgrep -fc 'ember-agent watch' || true"}))?;
+        if left["stdout"].as_str().is_some_and(|o| o.trim() == "0") {
+            break;
+        }
+        ensure!(Instant::now() < until, "the watcher outlived its client: {left}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(s.request("DELETE", "/v1/sessions/watch", &[], None)?.status == 204);
+    Ok(())
+}
+
 /// Pause and resume through the API, across a restart of `ember serve`:
 /// a server of its own (the suite's keeps running), stopped while the
 /// session is paused, and a new one on the same directories that resumes
@@ -675,6 +859,9 @@ const CASES: &[(&str, Case)] = &[
         "a_sessions_files_are_written_read_and_managed_as_its_user",
         a_sessions_files_are_written_read_and_managed_as_its_user,
     ),
+    ("a_sessions_ports_are_reached_through_the_proxy", a_sessions_ports_are_reached_through_the_proxy),
+    ("a_sessions_terminal_echoes_and_follows_resizes", a_sessions_terminal_echoes_and_follows_resizes),
+    ("a_sessions_directory_watch_sees_changes", a_sessions_directory_watch_sees_changes),
     ("a_paused_session_survives_a_restart_of_the_server", a_paused_session_survives_a_restart_of_the_server),
     ("functions_run_with_real_input", functions_run_with_real_input),
     ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),

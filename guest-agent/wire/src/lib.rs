@@ -17,7 +17,7 @@ pub use codec::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN};
 pub use message::*;
 
 /// Protocol version; `hello` reports it so a host can refuse a stale image.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// AF_VSOCK port the agent listens on (kernel vsock and hybrid vsock).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent serves (`virtserialport,name=...`).

@@ -68,6 +68,47 @@ pub enum RequestBody {
         pid: u32,
         signal: i32,
     },
+    /// Set the window size of a background process's terminal (one spawned
+    /// with `pty`); the process gets SIGWINCH.
+    Resize {
+        pid: u32,
+        cols: u16,
+        rows: u16,
+    },
+    /// Open a TCP connection to `127.0.0.1:port` in the guest: answered by
+    /// `connected`, then `output` frames (stdout) with what the guest side
+    /// sends, each counted against a window the host opens with `credit`,
+    /// then `ok` when the guest side closes. Cancelling closes it.
+    Connect {
+        port: u16,
+    },
+    /// Bytes for the connection opened by request `target`; `eof` shuts its
+    /// write side after them. Answered by `ok` once written.
+    Send {
+        target: u64,
+        #[serde(default, with = "crate::bytes")]
+        data: Vec<u8>,
+        #[serde(default)]
+        eof: bool,
+    },
+    /// The host consumed `bytes` of connection `target`'s output: the agent
+    /// may send that much more. Not answered.
+    Credit {
+        target: u64,
+        bytes: u64,
+    },
+}
+
+/// Bytes of a connection's output the agent sends before the host's first
+/// `credit`; the host returns credit as it consumes them.
+pub const CONNECT_WINDOW: u64 = 1 << 20;
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +131,10 @@ pub struct SpawnRequest {
     pub pids_limit: Option<u32>,
     /// Running background processes allowed at once; a spawn past it fails.
     pub max_processes: u32,
+    /// Run it on a pseudo-terminal of this size (stdin, stdout and stderr
+    /// all the terminal; its output comes as stdout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
 }
 
 /// A background process as listed.
@@ -107,6 +152,9 @@ pub struct ProcessInfo {
     /// Bytes of output it has written so far.
     pub output_bytes: u64,
     pub stdin_open: bool,
+    /// Its terminal's size, if it runs on one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,6 +311,8 @@ pub enum ResponseBody {
     Dropped {
         bytes: u64,
     },
+    /// A `connect` reached its port.
+    Connected {},
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -326,6 +376,8 @@ pub enum ErrorCode {
     NotFound,
     /// The process's state does not allow it (it exited, its stdin is closed).
     Conflict,
+    /// Nothing answers on the guest port a `connect` asked for.
+    Unreachable,
 }
 
 impl ErrorReply {

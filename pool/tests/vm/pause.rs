@@ -24,6 +24,7 @@ fn counter() -> ember_wire::SpawnRequest {
         buffer_bytes: 4096,
         pids_limit: None,
         max_processes: 4,
+        pty: None,
     }
 }
 

@@ -347,6 +347,11 @@ impl AgentClient {
         self.call_ok("signal", self.timeouts.quick, RequestBody::Signal { pid, signal }).await
     }
 
+    /// Set a background process's terminal size.
+    pub async fn resize(&self, pid: u32, cols: u16, rows: u16) -> Result<(), AgentError> {
+        self.call_ok("resize", self.timeouts.quick, RequestBody::Resize { pid, cols, rows }).await
+    }
+
     /// Run a command to completion and collect its output.
     pub async fn run(&self, req: ExecRequest) -> Result<ExecOutput, AgentError> {
         let mut h = self.exec(req).await?;
@@ -417,7 +422,10 @@ impl AgentClient {
 }
 
 fn route(pending: &Pending, stray: &mpsc::Sender<ErrorReply>, resp: Response) {
-    let terminal = !matches!(resp.body, ResponseBody::Output { .. } | ResponseBody::Dropped { .. });
+    let terminal = !matches!(
+        resp.body,
+        ResponseBody::Output { .. } | ResponseBody::Dropped { .. } | ResponseBody::Connected {}
+    );
     let mut map = pending.lock().unwrap_or_else(|p| p.into_inner());
     let call = if terminal { map.remove(&resp.id) } else { map.get(&resp.id).cloned() };
     match (call, resp.body) {
@@ -530,3 +538,4 @@ impl Drop for ExecHandle {
 
 #[cfg(test)]
 mod hostile;
+mod tunnel;

@@ -1,0 +1,155 @@
+//! TCP connections to guest ports for the host (`connect`, `send`,
+//! `credit`): the host's port proxy reaches a server inside the guest over
+//! the agent channel, with no guest network at all. What the guest side
+//! sends goes out in `output` frames within a window the host reopens as it
+//! consumes them, so a slow HTTP client never makes either side buffer
+//! without bound. A connection lives as long as its `connect` request: the
+//! host cancels it, or the guest side closes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ember_wire::{ErrorCode, ErrorReply, Response, ResponseBody, Stream, CONNECT_WINDOW};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// How long a connect to a guest port may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write to a guest server may wait for it to read.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read from the guest side per `output` frame.
+const CHUNK: usize = 64 << 10;
+
+/// The open connections of one host connection, by their `connect` id.
+#[derive(Debug, Default, Clone)]
+pub struct Tunnels {
+    table: Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>,
+}
+
+#[derive(Debug)]
+struct Tunnel {
+    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    window: Semaphore,
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(code, msg)
+}
+
+impl Tunnels {
+    fn get(&self, id: u64) -> Option<Arc<Tunnel>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    fn set(&self, id: u64, t: Option<Arc<Tunnel>>) {
+        let mut map = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        match t {
+            Some(t) => map.insert(id, t),
+            None => map.remove(&id),
+        };
+    }
+
+    /// Open connection `id` to `127.0.0.1:port` and pump what the guest
+    /// side sends until it closes or `token` is cancelled.
+    pub async fn connect(&self, id: u64, port: u16, resp: mpsc::Sender<Response>, token: CancellationToken) {
+        let reply = |body| Response { id, body };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", port)))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let e =
+                    err(ErrorCode::Unreachable, format!("nothing answers on port {port} in the guest: {e}"));
+                let _ = resp.send(reply(ResponseBody::Error(e))).await;
+                return;
+            }
+            Err(_) => {
+                let e = err(
+                    ErrorCode::Unreachable,
+                    format!("port {port} did not accept within {CONNECT_TIMEOUT:?}"),
+                );
+                let _ = resp.send(reply(ResponseBody::Error(e))).await;
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut rd, wr) = stream.into_split();
+        let tunnel = Arc::new(Tunnel {
+            writer: tokio::sync::Mutex::new(Some(wr)),
+            window: Semaphore::new(CONNECT_WINDOW as usize),
+        });
+        self.set(id, Some(Arc::clone(&tunnel)));
+        let _ = resp.send(reply(ResponseBody::Connected {})).await;
+        let mut buf = vec![0u8; CHUNK];
+        let end = loop {
+            let n = tokio::select! {
+                () = token.cancelled() => break ResponseBody::Ok,
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) => break ResponseBody::Ok,
+                    Ok(n) => n,
+                    Err(e) => break ResponseBody::Error(err(ErrorCode::Internal, format!("reading port {port}: {e}"))),
+                },
+            };
+            // Wait for the host to have room for it.
+            let permit = tokio::select! {
+                () = token.cancelled() => break ResponseBody::Ok,
+                p = tunnel.window.acquire_many(n as u32) => p,
+            };
+            match permit {
+                Ok(p) => p.forget(),
+                Err(_) => break ResponseBody::Ok,
+            }
+            let data = buf[..n].to_vec();
+            if resp.send(reply(ResponseBody::Output { stream: Stream::Stdout, data })).await.is_err() {
+                break ResponseBody::Ok;
+            }
+        };
+        self.set(id, None);
+        let _ = resp.send(reply(end)).await;
+    }
+
+    /// Write `data` to connection `target` (then shut its write side on
+    /// `eof`).
+    pub async fn send(&self, target: u64, data: Vec<u8>, eof: bool) -> Result<(), ErrorReply> {
+        let t =
+            self.get(target).ok_or_else(|| err(ErrorCode::NotFound, format!("no connection {target}")))?;
+        let mut guard = t.writer.lock().await;
+        let w = guard
+            .as_mut()
+            .ok_or_else(|| err(ErrorCode::Conflict, "the connection's write side is closed"))?;
+        let write = async {
+            w.write_all(&data).await?;
+            if eof {
+                w.shutdown().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(err(ErrorCode::Conflict, format!("writing to the connection: {e}"))),
+            Err(_) => {
+                return Err(err(
+                    ErrorCode::Conflict,
+                    format!("the guest server read nothing for {SEND_TIMEOUT:?}"),
+                ))
+            }
+        }
+        if eof {
+            *guard = None;
+        }
+        Ok(())
+    }
+
+    /// The host consumed `bytes` of connection `target`'s output.
+    pub fn credit(&self, target: u64, bytes: u64) {
+        if let Some(t) = self.get(target) {
+            // Never more than the window, whatever the host says.
+            let room = (CONNECT_WINDOW as usize).saturating_sub(t.window.available_permits());
+            t.window.add_permits((bytes.min(CONNECT_WINDOW) as usize).min(room));
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! A TCP connection to a port inside the guest, carried over the agent
+//! channel (`connect`, `send`, `credit`): the caller gets an ordinary byte
+//! stream. What the guest sends is paced by the window the agent keeps:
+//! credit goes back only once the caller has taken the bytes, so a slow
+//! reader slows the guest server, never grows a buffer here.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ember_wire::{encode, Request, RequestBody, ResponseBody};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+use super::{cancel_frame, AgentClient, AgentError, Delivery};
+
+/// Bytes of the caller's side of the stream buffered in each direction.
+const STREAM_BUFFER: usize = 256 << 10;
+/// Bytes sent to the guest per `send` request.
+const SEND_CHUNK: usize = 64 << 10;
+
+impl AgentClient {
+    /// Connect to `127.0.0.1:port` inside the guest. The stream ends when
+    /// the guest side closes; dropping it closes the connection.
+    pub async fn connect(self: &Arc<Self>, port: u16) -> Result<DuplexStream, AgentError> {
+        let (id, call, mut rx) = self.start(RequestBody::Connect { port }).await?;
+        let within = self.timeouts.quick;
+        let first = tokio::time::timeout(within, rx.recv()).await;
+        let opened = match first {
+            Ok(Some(Delivery::Body(ResponseBody::Connected {}))) => Ok(()),
+            Ok(Some(Delivery::Body(ResponseBody::Error(e)))) => Err(AgentError::Remote(e)),
+            Ok(Some(other)) => Err(AgentError::Protocol(format!("expected connected, got {other:?}"))),
+            Ok(None) => Err(AgentError::Disconnected),
+            Err(_) => Err(AgentError::Timeout { what: "connect", after: within }),
+        };
+        if let Err(e) = opened {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            if let Ok(f) = cancel_frame(id) {
+                let _ = self.out.try_send(f);
+            }
+            return Err(e);
+        }
+        let (ours, theirs) = tokio::io::duplex(STREAM_BUFFER);
+        let (mut from_caller, mut to_caller) = tokio::io::split(theirs);
+        let out = self.out.clone();
+        let down = async move {
+            while let Some(d) = rx.recv().await {
+                let Delivery::Body(ResponseBody::Output { data, .. }) = d else { break };
+                call.buffered.fetch_sub(data.len(), Ordering::Relaxed);
+                if to_caller.write_all(&data).await.is_err() {
+                    break;
+                }
+                let credit =
+                    Request { id: 0, body: RequestBody::Credit { target: id, bytes: data.len() as u64 } };
+                let Ok(frame) = encode(&credit) else { break };
+                if out.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            let _ = to_caller.shutdown().await;
+        };
+        let client = Arc::clone(self);
+        let up = async move {
+            let mut buf = vec![0u8; SEND_CHUNK];
+            loop {
+                let n = from_caller.read(&mut buf).await.unwrap_or(0);
+                let send = RequestBody::Send { target: id, data: buf[..n].to_vec(), eof: n == 0 };
+                if client.call_ok("send", client.timeouts.slow, send).await.is_err() || n == 0 {
+                    break;
+                }
+            }
+            client
+        };
+        tokio::spawn(async move {
+            let ((), client) = tokio::join!(down, up);
+            // Ends the connection in the guest if it still runs.
+            if let Ok(f) = cancel_frame(id) {
+                let _ = client.out.send(f).await;
+            }
+        });
+        Ok(ours)
+    }
+}
