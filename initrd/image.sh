@@ -15,6 +15,7 @@
 #          EMBER_IMAGE_PIP        pip requirements, one per line
 #          EMBER_IMAGE_ENV        KEY=VALUE lines for every command (/etc/ember/env)
 #          EMBER_IMAGE_PRELOAD    Python modules the fork server imports, one per line
+#          EMBER_IMAGE_DISK_MB    size of the scratch (writable) disk in MB (default 1024)
 #          EMBER_BUSYBOX          a static busybox (default /bin/busybox)
 # Outputs: $1/rootfs.ext4, $1/scratch.ext4, $1/packages.txt (what dpkg has)
 set -euo pipefail
@@ -191,5 +192,5 @@ mkdir -p "$scratch/home/ember"
 cp -a "$home_seed/." "$scratch/home/ember/"
 chown -R 1000:1000 "$scratch/home/ember"
 chmod 1777 "$scratch/tmp" "$scratch/var-tmp"
-mkfs.ext4 -q -F -L ember-scratch -m 0 -d "$scratch" "$out/scratch.ext4" 1G
+mkfs.ext4 -q -F -L ember-scratch -m 0 -d "$scratch" "$out/scratch.ext4" "${EMBER_IMAGE_DISK_MB:-1024}M"
 step "done"

@@ -381,6 +381,9 @@ pub fn resize(agent: &Agent, pid: u32, cols: u16, rows: u16) -> Result<(), Error
     let Some((master, size)) = &proc.pty else {
         return Err(err(ErrorCode::Conflict, format!("process {pid} has no terminal")));
     };
+    if lock(&proc.out).exit.is_some() {
+        return Err(err(ErrorCode::Conflict, format!("process {pid} has exited")));
+    }
     if cols == 0 || rows == 0 {
         return Err(err(ErrorCode::BadRequest, "a terminal needs at least one column and one row"));
     }

@@ -421,7 +421,7 @@ async fn a_process_on_a_terminal_sees_one_echoes_input_and_follows_resizes() {
     }
     // Resizing an exited or plain process, or to nothing, is refused.
     let plain = h.client.spawn(spawn_req("sleep 5", false, 100)).await.unwrap();
-    for (p, c, r) in [(plain, 80, 24), (pid, 0, 24)] {
+    for (p, c, r) in [(plain, 80, 24), (pid, 0, 24), (pid, 100, 30)] {
         assert!(matches!(h.client.resize(p, c, r).await, Err(AgentError::Remote(_))), "{p} {c}x{r}");
     }
     h.client.signal(plain, 9).await.unwrap();

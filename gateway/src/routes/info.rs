@@ -95,6 +95,7 @@ pub async fn images<B: Backend>(State(state): State<AppState<B>>) -> Response {
                 "built_at": info.map(|i| i.built_at),
                 "build_secs": info.map(|i| i.build_secs),
                 "memory_mb": pool.vm_memory_mb(),
+                "disk_mb": info.map(|i| i.disk_mb),
                 "pool": {
                     "ready": s.ready,
                     "booting": s.booting,

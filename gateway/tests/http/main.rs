@@ -592,6 +592,11 @@ fn a_sessions_directory_watch_sees_changes(s: &Server) -> anyhow::Result<()> {
     while seen.last() != Some(&json!({"type": "remove", "path": "b"})) {
         seen.push(next()?);
     }
+    let watchers = || -> anyhow::Result<String> {
+        let r = s.run_in("watch", json!({"cmd": "pgrep -fc '[e]mber-agent watch' || true"}))?;
+        Ok(r["stdout"].as_str().unwrap_or_default().trim().to_string())
+    };
+    ensure!(watchers()? == "1", "the watcher is not seen running");
     let _ = curl.kill();
     let _ = curl.wait();
     let want = [
@@ -606,11 +611,11 @@ fn a_sessions_directory_watch_sees_changes(s: &Server) -> anyhow::Result<()> {
     // The client went away: its watcher is gone from the guest.
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let left = s.run_in("watch", json!({"cmd": "pgrep -fc 'ember-agent watch' || true"}))?;
-        if left["stdout"].as_str().is_some_and(|o| o.trim() == "0") {
+        let left = watchers()?;
+        if left == "0" {
             break;
         }
-        ensure!(Instant::now() < until, "the watcher outlived its client: {left}");
+        ensure!(Instant::now() < until, "the watcher outlived its client: {left} left");
         std::thread::sleep(Duration::from_millis(200));
     }
     ensure!(s.request("DELETE", "/v1/sessions/watch", &[], None)?.status == 204);
@@ -815,6 +820,16 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
     // The recipe of the test's own configuration was built at start-up.
     let r = s.run(json!({"cmd": "cat /etc/tiny-motd; echo $EMBER_TINY", "image": "tiny"}))?;
     ensure!(r["stdout"] == "tiny overlay\nyes\n" && r["image"] == "tiny", "{r}");
+    // Its disk is the size its recipe says: a session fills it, and learns so.
+    ensure!(list["images"][2]["disk_mb"] == 40 && list["images"][0]["disk_mb"] == 1024, "{list}");
+    let full = s.run_in("tiny-s", json!({"cmd": "head -c 48000000 /dev/zero > big", "image": "tiny"}))?;
+    ensure!(
+        full["exit_code"] != 0 && full["stderr"].as_str().is_some_and(|e| e.contains("No space left")),
+        "{full}"
+    );
+    let put = s.curl(&["-X", "PUT", "--data-binary", "more"], "/v1/sessions/tiny-s/files/more")?;
+    ensure!(put.error()? == (507, "no_space".into()), "{put:?}");
+    ensure!(s.request("DELETE", "/v1/sessions/tiny-s", &[], None)?.status == 204);
 
     // A session on python-data keeps its image and its files.
     let one = s.run_in("data-s", json!({"cmd": "echo kept > note", "image": "python-data"}))?;

@@ -104,13 +104,14 @@ max_size = 2
 dirs = ["RECIPES"]
 "#;
 
-/// The test's own recipe: an overlay file and an environment variable.
+/// The test's own recipe: an overlay file, an environment variable and a
+/// 40 MB writable disk.
 fn write_recipe(dir: &Path) -> anyhow::Result<()> {
     let tiny = dir.join("tiny");
     std::fs::create_dir_all(tiny.join("overlay/etc"))?;
     std::fs::write(
         tiny.join("image.toml"),
-        "description = \"test image: an overlay file and an env\"\n[env]\nEMBER_TINY = \"yes\"\n",
+        "description = \"test image: an overlay file, an env, a small disk\"\ndisk_mb = 40\n[env]\nEMBER_TINY = \"yes\"\n",
     )?;
     std::fs::write(tiny.join("overlay/etc/tiny-motd"), "tiny overlay\n")?;
     Ok(())

@@ -51,6 +51,9 @@ pub struct ImageInfo {
     pub preload: Vec<String>,
     pub memory_mb: Option<u32>,
     pub warm: Option<String>,
+    /// Size of its writable (scratch) disk.
+    #[serde(default = "default_disk_mb")]
+    pub disk_mb: u32,
     /// The input hash it was built from.
     pub hash: String,
     /// Size of the root image file.
@@ -58,6 +61,10 @@ pub struct ImageInfo {
     pub build_secs: f64,
     /// Unix time of the build.
     pub built_at: u64,
+}
+
+fn default_disk_mb() -> u32 {
+    recipe::DEFAULT_DISK_MB
 }
 
 /// Where images come from and go.
@@ -250,6 +257,7 @@ impl Catalog {
             ("EMBER_IMAGE_RECIPE".to_string(), r.dir.to_string_lossy().into_owned()),
             ("EMBER_IMAGE_PACKAGES".to_string(), r.packages.join(" ")),
             ("EMBER_IMAGE_PIP".to_string(), r.pip.join("\n")),
+            ("EMBER_IMAGE_DISK_MB".to_string(), r.disk_mb.to_string()),
         ];
         let info = ImageInfo {
             name: r.name.clone(),
@@ -261,6 +269,7 @@ impl Catalog {
             preload: r.preload.clone(),
             memory_mb: r.memory_mb,
             warm: r.warm.clone(),
+            disk_mb: r.disk_mb,
             hash,
             rootfs_bytes: 0,
             build_secs: 0.0,
@@ -317,6 +326,7 @@ impl Catalog {
             preload: Vec::new(),
             memory_mb: None,
             warm: None,
+            disk_mb: recipe::DEFAULT_DISK_MB,
             hash,
             rootfs_bytes: 0,
             build_secs: 0.0,
@@ -664,6 +674,7 @@ mod tests {
             preload: vec![],
             memory_mb: None,
             warm: None,
+            disk_mb: 1024,
             hash: c.recipe_hash(c.recipe("one").unwrap()).unwrap(),
             rootfs_bytes: 1,
             build_secs: 1.0,

@@ -31,6 +31,9 @@ pub struct RawRecipe {
     /// A shell command run once in a booted VM before its clean snapshot
     /// (to fill caches the way a first call would).
     pub warm: Option<String>,
+    /// Size of the writable disk every VM (and so every session) of the
+    /// image gets: home, /tmp, /var/tmp. 1024 unless said.
+    pub disk_mb: Option<u32>,
 }
 
 /// A checked recipe.
@@ -45,7 +48,15 @@ pub struct Recipe {
     pub preload: Vec<String>,
     pub memory_mb: Option<u32>,
     pub warm: Option<String>,
+    pub disk_mb: u32,
 }
+
+/// The writable disk of an image that names none.
+pub const DEFAULT_DISK_MB: u32 = 1024;
+/// Bounds of `disk_mb`: ext4 and the user's home need a few MB; the
+/// scratch disk is a sparse file, but a paused session's copy is not.
+pub const MIN_DISK_MB: u32 = 32;
+pub const MAX_DISK_MB: u32 = 64 * 1024;
 
 /// The smallest guest the agent and a shell run in.
 pub const MIN_MEMORY_MB: u32 = 128;
@@ -125,6 +136,9 @@ impl RawRecipe {
         if let Some(m) = self.memory_mb.filter(|m| *m < MIN_MEMORY_MB) {
             bad(format!("memory_mb = {m} is below {MIN_MEMORY_MB}"));
         }
+        if let Some(d) = self.disk_mb.filter(|d| !(MIN_DISK_MB..=MAX_DISK_MB).contains(d)) {
+            bad(format!("disk_mb = {d} must be between {MIN_DISK_MB} and {MAX_DISK_MB}"));
+        }
         if let Some(w) = &self.warm {
             if w.trim().is_empty() || w.contains('\0') {
                 bad("warm must be a non-empty command".into());
@@ -148,6 +162,7 @@ impl RawRecipe {
             preload: self.preload,
             memory_mb: self.memory_mb,
             warm: self.warm,
+            disk_mb: self.disk_mb.unwrap_or(DEFAULT_DISK_MB),
         })
     }
 }
@@ -225,6 +240,7 @@ mod tests {
             preload = ["numpy", "matplotlib.pyplot"]
             memory_mb = 512
             warm = "python3 -c 'import numpy'"
+            disk_mb = 4096
             [env]
             MPLBACKEND = "Agg"
             "#,
@@ -233,6 +249,8 @@ mod tests {
         assert_eq!(r.pip.len(), 2);
         assert_eq!(r.env["MPLBACKEND"], "Agg");
         assert_eq!(r.memory_mb, Some(512));
+        assert_eq!(r.disk_mb, 4096);
+        assert_eq!(check("").unwrap().disk_mb, DEFAULT_DISK_MB);
     }
 
     #[test]
@@ -243,6 +261,7 @@ mod tests {
             pip = ["numpy", "--index-url=http://evil", "https://x/y.whl"]
             preload = ["1abc"]
             memory_mb = 64
+            disk_mb = 8
             warm = " "
             [env]
             "A-B" = "x"
@@ -257,6 +276,7 @@ mod tests {
             "https://x/y.whl",
             "\"1abc\"",
             "memory_mb = 64",
+            "disk_mb = 8",
             "warm",
             "\"A-B\"",
             "value of C",
