@@ -5,7 +5,8 @@
 # Against a fresh `ember serve` (its own state and sessions directories):
 # a session with a counting background process is paused and resumed ROUNDS
 # times over HTTP, each timed, and checked to have kept counting; then MB MiB
-# are uploaded and downloaded through the files API and compared by sha256.
+# are uploaded and downloaded through the files API and compared by sha256,
+# and downloaded again through the port proxy from python's http.server.
 set -euo pipefail
 PORT=${PORT:-8098}
 ROUNDS=${ROUNDS:-5}
@@ -38,6 +39,9 @@ for _ in $(seq 1 "$ROUNDS"); do
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "pause ms: ${pauses[*]} (median $(median "${pauses[@]}")); resume ms: ${resumes[*]} (median $(median "${resumes[@]}"))"
+curl -sSf -o /dev/null -X POST "$url/v1/sessions/bench/pause"
+echo "a paused session on disk: $(du -sm "$work/sessions" | cut -f1) MB"
+curl -sSf -o /dev/null -X POST "$url/v1/sessions/bench/resume"
 
 head -c "$((MB << 20))" /dev/urandom > "$work/up"
 up=$(curl -sSf -o /dev/null -w '%{time_total}' -X PUT --data-binary @"$work/up" "$url/v1/sessions/bench/files/big")
@@ -45,4 +49,12 @@ down=$(curl -sSf -o "$work/down" -w '%{time_total}' "$url/v1/sessions/bench/file
 [ "$(sha256sum < "$work/up")" = "$(sha256sum < "$work/down")" ] || { echo "the download differs"; exit 1; }
 awk -v mb="$MB" -v u="$up" -v d="$down" \
   'BEGIN { printf "files: %d MiB upload %.1f MB/s (%.1f s), download %.1f MB/s (%.1f s), sha256 equal\n", mb, mb*1.048576/u, u, mb*1.048576/d, d }'
+# The same file through the port proxy, from python's http.server in the guest.
+curl -sSf --json '{"argv": ["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"]}' \
+  "$url/v1/sessions/bench/processes" > /dev/null
+curl -sSf --retry 20 --retry-delay 1 -o /dev/null "$url/v1/sessions/bench/ports/8000/"
+proxied=$(curl -sSf -o "$work/proxied" -w '%{time_total}' "$url/v1/sessions/bench/ports/8000/big")
+cmp -s "$work/up" "$work/proxied" || { echo "the proxied download differs"; exit 1; }
+awk -v mb="$MB" -v t="$proxied" \
+  'BEGIN { printf "port proxy: %d MiB download %.1f MB/s (%.1f s), identical\n", mb, mb*1.048576/t, t }'
 curl -sSf -X DELETE "$url/v1/sessions/bench"

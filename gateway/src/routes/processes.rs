@@ -195,7 +195,7 @@ pub async fn stdin<B: Backend>(
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
-    feed(state, key, pid, body.to_vec(), false).await
+    control(state, key, pid, Ok(Control::Stdin(body.to_vec(), false))).await
 }
 
 /// Close the process's stdin (EOF).
@@ -203,43 +203,17 @@ pub async fn close_stdin<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
 ) -> Response {
-    feed(state, key, pid, Vec::new(), true).await
+    control(state, key, pid, Ok(Control::Stdin(Vec::new(), true))).await
 }
 
-async fn feed<B: Backend>(
-    state: AppState<B>,
-    key: String,
-    pid: String,
-    data: Vec<u8>,
-    eof: bool,
-) -> Response {
-    answer(
-        async {
-            let pid = parse_pid(&pid)?;
-            let (vm, agent) = agent_of(&state, &key).await?;
-            agent.stdin(pid, data, eof).await.map_err(|e| agent_error(&vm, e))?;
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        .await,
-    )
-}
-
+/// `{"signal": "TERM"}` (a name or a number) to the process's group.
 pub async fn signal<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
-    answer(
-        async {
-            let req: SignalRequest = super::parse_json(&body)?;
-            let sig = req.check()?;
-            let pid = parse_pid(&pid)?;
-            let (vm, agent) = agent_of(&state, &key).await?;
-            agent.signal(pid, sig).await.map_err(|e| agent_error(&vm, e))?;
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        .await,
-    )
+    let what = super::parse_json::<SignalRequest>(&body).and_then(|r| r.check()).map(Control::Signal);
+    control(state, key, pid, what).await
 }
 
 /// `{"cols": C, "rows": R}`: the process's terminal's new size (409 if it
@@ -249,13 +223,35 @@ pub async fn resize<B: Backend>(
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
+    let what = super::parse_json::<PtyRequest>(&body).and_then(|r| r.check()).map(Control::Resize);
+    control(state, key, pid, what).await
+}
+
+/// What a control route does to a process.
+enum Control {
+    Stdin(Vec<u8>, bool),
+    Signal(i32),
+    Resize(ember_wire::PtySize),
+}
+
+/// Check the request, then do it to process `pid` of session `key`: 204.
+async fn control<B: Backend>(
+    state: AppState<B>,
+    key: String,
+    pid: String,
+    what: Result<Control, ApiError>,
+) -> Response {
     answer(
         async {
-            let req: PtyRequest = super::parse_json(&body)?;
-            let size = req.check()?;
+            let what = what?;
             let pid = parse_pid(&pid)?;
             let (vm, agent) = agent_of(&state, &key).await?;
-            agent.resize(pid, size.cols, size.rows).await.map_err(|e| agent_error(&vm, e))?;
+            let done = match what {
+                Control::Stdin(data, eof) => agent.stdin(pid, data, eof).await,
+                Control::Signal(sig) => agent.signal(pid, sig).await,
+                Control::Resize(t) => agent.resize(pid, t.cols, t.rows).await,
+            };
+            done.map_err(|e| agent_error(&vm, e))?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         .await,

@@ -123,10 +123,38 @@ impl Vm {
         };
         self.shutdown().await;
         kept?;
+        drop_internal_snapshots(&host, &p.disk()).await?;
         copy_base(&host, &p, &backing, backing_format).await?;
         p.write()?;
         Ok(p)
     }
+}
+
+/// Delete the internal snapshots of a saved disk (a pool's clean snapshot,
+/// RAM included): the saved state file is what a resume loads, so they
+/// would only double what a paused VM takes on disk. Their clusters are
+/// discarded, so the file shrinks.
+async fn drop_internal_snapshots(host: &VmHost, disk: &Path) -> Result<(), VmError> {
+    let qemu_img = host.config().qemu_img.to_string_lossy().to_string();
+    let run = |args: Vec<String>| {
+        let qemu_img = qemu_img.clone();
+        async move { host.runner().run(&qemu_img, &args).await.map_err(|e| VmError::Tool(e.to_string())) }
+    };
+    let disk_arg = disk.to_string_lossy().to_string();
+    let info = run(vec!["info".into(), "--output=json".into(), disk_arg.clone()]).await?;
+    for tag in snapshot_names(&info) {
+        run(vec!["snapshot".into(), "-d".into(), tag, disk_arg.clone()]).await?;
+    }
+    Ok(())
+}
+
+/// The internal snapshots `qemu-img info --output=json` lists.
+fn snapshot_names(info_json: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(info_json).unwrap_or_default();
+    v["snapshots"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str().map(String::from)).collect())
+        .unwrap_or_default()
 }
 
 impl Vm {
@@ -146,6 +174,7 @@ impl Vm {
         let resumed = self.qmp.lock().await.execute("cont", None).await;
         copied?;
         resumed.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
+        drop_internal_snapshots(&self.host, &p.disk()).await?;
         self.keep_base(&p, &backing, backing_format).await?;
         p.write()?;
         Ok(p)
@@ -258,6 +287,15 @@ mod tests {
         assert_eq!(SavedMemory::of(&MemoryBacking::SharedMemfd).backing(), MemoryBacking::SharedMemfd);
         let file = MemoryBacking::File { path: "/t/mem".into(), shared: false };
         assert_eq!(SavedMemory::of(&file).backing(), MemoryBacking::Ram, "the id `mem`, no file");
+    }
+
+    #[test]
+    fn snapshot_names_are_read_from_qemu_img_info() {
+        let info =
+            r#"{"format": "qcow2", "snapshots": [{"id": "1", "name": "ember-clean", "vm-state-size": 9}]}"#;
+        assert_eq!(snapshot_names(info), ["ember-clean"]);
+        assert!(snapshot_names(r#"{"format": "qcow2"}"#).is_empty());
+        assert!(snapshot_names("not json").is_empty());
     }
 
     #[test]
