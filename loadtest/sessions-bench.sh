@@ -52,7 +52,7 @@ awk -v mb="$MB" -v u="$up" -v d="$down" \
 # The same file through the port proxy, from python's http.server in the guest.
 curl -sSf --json '{"argv": ["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"]}' \
   "$url/v1/sessions/bench/processes" > /dev/null
-curl -sSf --retry 20 --retry-delay 1 -o /dev/null "$url/v1/sessions/bench/ports/8000/"
+curl -sf --retry 20 --retry-delay 1 -o /dev/null "$url/v1/sessions/bench/ports/8000/"
 proxied=$(curl -sSf -o "$work/proxied" -w '%{time_total}' "$url/v1/sessions/bench/ports/8000/big")
 cmp -s "$work/up" "$work/proxied" || { echo "the proxied download differs"; exit 1; }
 awk -v mb="$MB" -v t="$proxied" \

@@ -71,13 +71,13 @@ fn write_one(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
 
 /// Filesystem uid/gid of this thread only (Linux `setfsuid` is per thread),
 /// restored on drop, so file writes get exactly the user's permissions.
-struct FsIdGuard {
+pub(crate) struct FsIdGuard {
     uid: Uid,
     gid: Gid,
 }
 
 impl FsIdGuard {
-    fn switch(uid: u32, gid: u32) -> Self {
+    pub(crate) fn switch(uid: u32, gid: u32) -> Self {
         let old_gid = setfsgid(Gid::from_raw(gid));
         let old_uid = setfsuid(Uid::from_raw(uid));
         Self { uid: old_uid, gid: old_gid }

@@ -260,6 +260,9 @@ async fn run_request(
             let _ = resp.send(done(crate::process::resize(agent, pid, cols, rows))).await;
         }
         RequestBody::Connect { port } => tunnels.connect(id, port, resp.clone(), token).await,
+        RequestBody::ReadFile { path } => {
+            tunnels.read_file(&agent.layout, id, path, resp.clone(), token).await
+        }
         RequestBody::Send { target, data, eof } => {
             let _ = resp.send(done(tunnels.send(target, data, eof).await)).await;
         }

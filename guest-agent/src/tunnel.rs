@@ -22,7 +22,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write to a guest server may wait for it to read.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read from the guest side per `output` frame.
-const CHUNK: usize = 64 << 10;
+const CHUNK: usize = 256 << 10;
+
+/// An I/O error as the guest's tools word it ("No such file or directory"),
+/// without Rust's "(os error N)".
+fn io_message(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
 
 /// The open connections of one host connection, by their `connect` id.
 #[derive(Debug, Default, Clone)]
@@ -77,9 +87,61 @@ impl Tunnels {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        self.pump(id, rd, Some(wr), &format!("port {port}"), resp, token).await;
+    }
+
+    /// Stream file `path` (opened as `user`) to request `id`, paced like a
+    /// connection's output.
+    pub async fn read_file(
+        &self,
+        layout: &crate::GuestLayout,
+        id: u64,
+        path: String,
+        resp: mpsc::Sender<Response>,
+        token: CancellationToken,
+    ) {
+        let full = layout.workspace.join(&path);
+        let user = layout.user;
+        let opened = tokio::task::spawn_blocking(move || {
+            let _as_user = user.map(|(uid, gid)| crate::files::FsIdGuard::switch(uid, gid));
+            let f = std::fs::File::open(&full)?;
+            if f.metadata()?.is_dir() {
+                return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
+            }
+            Ok(f)
+        })
+        .await;
+        let file = match opened {
+            Ok(Ok(f)) => tokio::fs::File::from_std(f),
+            Ok(Err(e)) => {
+                let e = err(ErrorCode::BadRequest, format!("{path}: {}", io_message(&e)));
+                let _ = resp.send(Response { id, body: ResponseBody::Error(e) }).await;
+                return;
+            }
+            Err(e) => {
+                let e = err(ErrorCode::Internal, format!("the open task failed: {e}"));
+                let _ = resp.send(Response { id, body: ResponseBody::Error(e) }).await;
+                return;
+            }
+        };
+        self.pump(id, file, None, &path, resp, token).await;
+    }
+
+    /// Register stream `id`, say `connected`, then send what `rd` gives
+    /// within the window until it ends or `token` is cancelled.
+    async fn pump(
+        &self,
+        id: u64,
+        mut rd: impl tokio::io::AsyncRead + Unpin,
+        wr: Option<OwnedWriteHalf>,
+        what: &str,
+        resp: mpsc::Sender<Response>,
+        token: CancellationToken,
+    ) {
+        let reply = |body| Response { id, body };
         let tunnel = Arc::new(Tunnel {
-            writer: tokio::sync::Mutex::new(Some(wr)),
+            writer: tokio::sync::Mutex::new(wr),
             window: Semaphore::new(CONNECT_WINDOW as usize),
         });
         self.set(id, Some(Arc::clone(&tunnel)));
@@ -91,7 +153,7 @@ impl Tunnels {
                 r = rd.read(&mut buf) => match r {
                     Ok(0) => break ResponseBody::Ok,
                     Ok(n) => n,
-                    Err(e) => break ResponseBody::Error(err(ErrorCode::Internal, format!("reading port {port}: {e}"))),
+                    Err(e) => break ResponseBody::Error(err(ErrorCode::Internal, format!("reading {what}: {e}"))),
                 },
             };
             // Wait for the host to have room for it.

@@ -464,3 +464,24 @@ async fn a_connection_to_a_guest_port_carries_bytes_both_ways_beyond_the_window(
         other => panic!("connect to a closed port: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_file_is_read_by_the_agent_itself_beyond_the_window_with_the_guests_errors() {
+    use tokio::io::AsyncReadExt as _;
+    let h = start();
+    let data: Vec<u8> = (0..3 * ember_wire::CONNECT_WINDOW as usize + 777).map(|i| (i % 251) as u8).collect();
+    std::fs::create_dir(h.dir.path().join("d")).unwrap();
+    std::fs::write(h.dir.path().join("d/f.bin"), &data).unwrap();
+    let mut s = h.client.read_file("d/f.bin").await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back)).await.unwrap().unwrap();
+    assert!(back == data, "{} bytes back of {}", back.len(), data.len());
+    for (path, needle) in [("nope", "nope: No such file or directory"), ("d", "d: Is a directory")] {
+        match h.client.read_file(path).await {
+            Err(AgentError::Remote(e)) => {
+                assert_eq!((e.code, e.message.as_str()), (ErrorCode::BadRequest, needle))
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+}

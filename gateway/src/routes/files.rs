@@ -195,54 +195,25 @@ fn list_entry(line: &str) -> Option<serde_json::Value> {
     }))
 }
 
-/// Stream the file's bytes; the headers wait for the first event, so a
-/// missing or unreadable file is a JSON error, not a cut 200.
+/// Stream the file's bytes, read by the agent itself as the guest's user
+/// (no `cat`, no pipe: under TCG a pipe's copies alone cap a stream at
+/// ~27 MB/s), paced by how fast the client takes them. The headers wait
+/// for the file to open, so a missing or unreadable one is a JSON error.
 async fn read<B: Backend>(
-    state: &AppState<B>,
+    _state: &AppState<B>,
     agent: Arc<AgentClient>,
     vm: String,
     path: String,
 ) -> Result<Response, ApiError> {
-    let mut req = ExecRequest::new(Command::Argv(vec!["cat".into(), "--".into(), path.clone()]));
-    req.timeout_ms = state.limits.max_timeout.as_millis() as u64;
-    req.output_limit = u64::MAX;
-    let mut h = agent.exec(req).await.map_err(|e| ApiError::from_agent(&vm, e).0)?;
-    let mut stderr = Vec::new();
-    let first = loop {
-        match h.next().await.map_err(|e| ApiError::from_agent(&vm, e).0)? {
-            ExecEvent::Output { stream: Stream::Stderr, data } => stderr.extend(data),
-            ExecEvent::Exit(st) if st.code != Some(0) => return Err(fs_error(&path, &stderr)),
-            ExecEvent::Dropped { .. } => {}
-            other => break other,
+    let stream = match agent.read_file(&path).await {
+        Ok(s) => s,
+        Err(ember_vm::AgentError::Remote(e)) if e.code == ember_wire::ErrorCode::BadRequest => {
+            return Err(fs_error(&path, e.message.as_bytes()))
         }
+        Err(e) => return Err(ApiError::from_agent(&vm, e).0),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    tokio::spawn(async move {
-        let mut next: Result<ExecEvent, ember_vm::AgentError> = Ok(first);
-        loop {
-            match next {
-                Ok(ExecEvent::Output { stream: Stream::Stdout, data }) => {
-                    if tx.send(Ok(Bytes::from(data))).await.is_err() {
-                        return; // the client went away: dropping `h` kills cat
-                    }
-                }
-                Ok(ExecEvent::Exit(st)) => {
-                    if st.code != Some(0) {
-                        let _ = tx.send(Err(std::io::Error::other("the guest's read failed"))).await;
-                    }
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-                    return;
-                }
-            }
-            next = h.next().await;
-        }
-    });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    let mut resp = Response::new(Body::from_stream(body));
+    let mut resp =
+        Response::new(Body::from_stream(tokio_util::io::ReaderStream::with_capacity(stream, 256 << 10)));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     Ok(resp)
 }

@@ -91,6 +91,14 @@ pub enum RequestBody {
         #[serde(default)]
         eof: bool,
     },
+    /// Read a file as the guest's user (relative paths are under the
+    /// workspace): answered by `connected` once it is open, then its bytes
+    /// in `output` frames paced by `credit` as for `connect`, then `ok`.
+    /// Read by the agent itself, with no pipe between: under TCG a pipe's
+    /// copies cap a stream at ~27 MB/s.
+    ReadFile {
+        path: String,
+    },
     /// The host consumed `bytes` of connection `target`'s output: the agent
     /// may send that much more. Not answered.
     Credit {

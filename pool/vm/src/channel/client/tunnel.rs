@@ -21,7 +21,26 @@ impl AgentClient {
     /// Connect to `127.0.0.1:port` inside the guest. The stream ends when
     /// the guest side closes; dropping it closes the connection.
     pub async fn connect(self: &Arc<Self>, port: u16) -> Result<DuplexStream, AgentError> {
-        let (id, call, mut rx) = self.start(RequestBody::Connect { port }).await?;
+        self.open_stream("connect", RequestBody::Connect { port }, true).await
+    }
+
+    /// Read a file in the guest as its user (relative to the workspace):
+    /// its bytes, paced by how fast the caller reads them. An error to open
+    /// it is the guest's own message ("No such file or directory").
+    pub async fn read_file(self: &Arc<Self>, path: &str) -> Result<DuplexStream, AgentError> {
+        self.open_stream("read_file", RequestBody::ReadFile { path: path.to_string() }, false).await
+    }
+
+    /// Start a streamed request and wait for its `connected`; then carry
+    /// its output to the stream (credit returned as the caller reads) and,
+    /// if `writable`, what the caller writes to it back as `send`s.
+    async fn open_stream(
+        self: &Arc<Self>,
+        what: &'static str,
+        body: RequestBody,
+        writable: bool,
+    ) -> Result<DuplexStream, AgentError> {
+        let (id, call, mut rx) = self.start(body).await?;
         let within = self.timeouts.quick;
         let first = tokio::time::timeout(within, rx.recv()).await;
         let opened = match first {
@@ -29,7 +48,7 @@ impl AgentClient {
             Ok(Some(Delivery::Body(ResponseBody::Error(e)))) => Err(AgentError::Remote(e)),
             Ok(Some(other)) => Err(AgentError::Protocol(format!("expected connected, got {other:?}"))),
             Ok(None) => Err(AgentError::Disconnected),
-            Err(_) => Err(AgentError::Timeout { what: "connect", after: within }),
+            Err(_) => Err(AgentError::Timeout { what, after: within }),
         };
         if let Err(e) = opened {
             self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -60,18 +79,20 @@ impl AgentClient {
         let client = Arc::clone(self);
         let up = async move {
             let mut buf = vec![0u8; SEND_CHUNK];
-            loop {
-                let n = from_caller.read(&mut buf).await.unwrap_or(0);
-                let send = RequestBody::Send { target: id, data: buf[..n].to_vec(), eof: n == 0 };
-                if client.call_ok("send", client.timeouts.slow, send).await.is_err() || n == 0 {
-                    break;
+            if writable {
+                loop {
+                    let n = from_caller.read(&mut buf).await.unwrap_or(0);
+                    let send = RequestBody::Send { target: id, data: buf[..n].to_vec(), eof: n == 0 };
+                    if client.call_ok("send", client.timeouts.slow, send).await.is_err() || n == 0 {
+                        break;
+                    }
                 }
             }
             client
         };
         tokio::spawn(async move {
             let ((), client) = tokio::join!(down, up);
-            // Ends the connection in the guest if it still runs.
+            // Ends the stream in the guest if it still runs.
             if let Ok(f) = cancel_frame(id) {
                 let _ = client.out.send(f).await;
             }
