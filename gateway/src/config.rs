@@ -94,6 +94,7 @@ pub struct RawLimits {
     pub process_output_buffer: Option<u64>,
     pub max_processes: Option<u32>,
     pub max_upload_bytes: Option<u64>,
+    pub max_watched_dirs: Option<u32>,
 }
 
 /// Where the gateway listens and what it serves.
@@ -140,6 +141,9 @@ pub struct Limits {
     pub max_processes: u32,
     /// Largest file a `PUT .../files/{path}` may write; more is a 413.
     pub max_upload_bytes: u64,
+    /// Directories one recursive watch (`GET .../files/{dir}?watch`) covers;
+    /// past it an `overflow` line says the rest are not watched.
+    pub max_watched_dirs: u32,
 }
 
 impl Default for GatewayConfig {
@@ -168,6 +172,7 @@ impl Default for Limits {
             process_output_buffer: 1 << 20,
             max_processes: 16,
             max_upload_bytes: 1 << 30,
+            max_watched_dirs: 4096,
         }
     }
 }
@@ -285,7 +290,11 @@ impl RawConfig {
             process_output_buffer: l.process_output_buffer.unwrap_or(d.process_output_buffer),
             max_processes: l.max_processes.unwrap_or(d.max_processes),
             max_upload_bytes: l.max_upload_bytes.unwrap_or(d.max_upload_bytes),
+            max_watched_dirs: l.max_watched_dirs.unwrap_or(d.max_watched_dirs),
         };
+        if limits.max_watched_dirs == 0 || limits.max_watched_dirs > 65536 {
+            problems.push("limits.max_watched_dirs must be between 1 and 65536".into());
+        }
         if limits.process_output_buffer == 0 || limits.process_output_buffer > 64 << 20 {
             problems.push("limits.process_output_buffer must be between 1 and 67108864 bytes".into());
         }
@@ -456,6 +465,7 @@ mod tests {
                 process_output_buffer: 1 << 20,
                 max_processes: 16,
                 max_upload_bytes: 1 << 30,
+                max_watched_dirs: 4096,
             }
         );
         assert_eq!((c.pool.max_size, c.pool.max_sessions), (4, 2));
@@ -491,12 +501,18 @@ mod tests {
             max_timeout = "1m"
             max_concurrent_requests = 0
             max_body_bytes = 0
+            max_watched_dirs = 0
         "#;
         let img = images();
         let all = RawConfig::parse(text).unwrap().validate(img.path()).unwrap_err().join("\n");
-        for needle in
-            ["max_uses", "functions_dir", "default_timeout (10m) exceeds", "max_concurrent", "max_body"]
-        {
+        for needle in [
+            "max_uses",
+            "functions_dir",
+            "default_timeout (10m) exceeds",
+            "max_concurrent",
+            "max_body",
+            "max_watched_dirs",
+        ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
     }

@@ -15,32 +15,45 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use serde_json::json;
 
-/// Directories one recursive watch may cover (the kernel's own default
-/// cap per user is 8192 watches).
+/// Directories one recursive watch covers unless `--max-dirs` says (the
+/// kernel's own default cap per user is 8192 watches).
 pub const MAX_WATCHED_DIRS: usize = 4096;
 /// How long a `moved_from` waits for its `moved_to` before it counts as a
 /// removal (moved out of the watched tree).
 const RENAME_PAIRING_MS: u16 = 50;
 
-const USAGE: &str = "usage: ember-agent watch [--recursive] DIR";
+const USAGE: &str = "usage: ember-agent watch [--recursive] [--max-dirs N] DIR";
 
 /// Parse `watch`'s arguments and run it; the process's exit code.
 pub fn main(args: &[String]) -> i32 {
-    let (recursive, dir) = match args {
-        [flag, dir] if flag == "--recursive" => (true, dir),
-        [dir] => (false, dir),
-        _ => {
-            eprintln!("{USAGE}");
-            return 64;
+    let mut recursive = false;
+    let mut max_dirs = MAX_WATCHED_DIRS;
+    let mut it = args.iter();
+    let mut dir = None;
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--recursive" => recursive = true,
+            "--max-dirs" => match it.next().and_then(|n| n.parse().ok()).filter(|n| *n > 0) {
+                Some(n) => max_dirs = n,
+                None => return usage(),
+            },
+            _ if dir.is_none() => dir = Some(a),
+            _ => return usage(),
         }
-    };
-    match watch(Path::new(dir), recursive, &mut std::io::stdout()) {
+    }
+    let Some(dir) = dir else { return usage() };
+    match watch(Path::new(dir), recursive, max_dirs, &mut std::io::stdout()) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("{dir}: {e}");
             1
         }
     }
+}
+
+fn usage() -> i32 {
+    eprintln!("{USAGE}");
+    64
 }
 
 struct Watcher {
@@ -50,6 +63,7 @@ struct Watcher {
     root: PathBuf,
     root_wd: Option<WatchDescriptor>,
     recursive: bool,
+    max_dirs: usize,
     warned_cap: bool,
 }
 
@@ -77,10 +91,10 @@ fn rel(p: &Path) -> String {
 impl Watcher {
     /// Watch `rel` (and, recursively, the directories under it).
     fn add(&mut self, rel_dir: &Path, out: &mut impl Write) -> std::io::Result<()> {
-        if self.dirs.len() >= MAX_WATCHED_DIRS {
+        if self.dirs.len() >= self.max_dirs {
             if !self.warned_cap {
                 self.warned_cap = true;
-                let msg = format!("more than {MAX_WATCHED_DIRS} directories: the rest are not watched");
+                let msg = format!("more than {} directories: the rest are not watched", self.max_dirs);
                 line(out, json!({ "type": "overflow", "message": msg }))?;
             }
             return Ok(());
@@ -111,8 +125,9 @@ impl Watcher {
     }
 }
 
-/// Watch `dir` until it is removed, writing events to `out`.
-pub fn watch(dir: &Path, recursive: bool, out: &mut impl Write) -> std::io::Result<()> {
+/// Watch `dir` (and, `recursive`, up to `max_dirs` directories of its
+/// tree) until it is removed, writing events to `out`.
+pub fn watch(dir: &Path, recursive: bool, max_dirs: usize, out: &mut impl Write) -> std::io::Result<()> {
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC).map_err(std::io::Error::from)?;
     let mut w = Watcher {
         inotify,
@@ -120,6 +135,7 @@ pub fn watch(dir: &Path, recursive: bool, out: &mut impl Write) -> std::io::Resu
         root: dir.to_path_buf(),
         root_wd: None,
         recursive,
+        max_dirs,
         warned_cap: false,
     };
     w.add(Path::new(""), out)?;
@@ -230,7 +246,7 @@ mod tests {
         std::fs::create_dir_all(root.join("old")).unwrap();
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let r = root.clone();
-        let t = std::thread::spawn(move || watch(&r, true, &mut Pipe(a)));
+        let t = std::thread::spawn(move || watch(&r, true, MAX_WATCHED_DIRS, &mut Pipe(a)));
         let mut lines = std::io::BufReader::new(b).lines();
         let mut next =
             || -> serde_json::Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
@@ -266,8 +282,41 @@ mod tests {
     #[test]
     fn a_missing_directory_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = watch(&dir.path().join("nope"), false, &mut Vec::new()).unwrap_err();
+        let err = watch(&dir.path().join("nope"), false, 9, &mut Vec::new()).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
-        assert_eq!(main(&[]), 64);
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for bad in [a(&[]), a(&["--max-dirs", "0", "d"]), a(&["--max-dirs"]), a(&["d", "e"])] {
+            assert_eq!(main(&bad), 64, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_recursive_watch_covers_at_most_max_dirs_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["a", "b", "c"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        // The root and the first subdirectories up to the cap; one line says so.
+        let mut at_cap = Vec::new();
+        let mut w = Watcher {
+            inotify: Inotify::init(InitFlags::IN_CLOEXEC).unwrap(),
+            dirs: HashMap::new(),
+            root: dir.path().to_path_buf(),
+            root_wd: None,
+            recursive: true,
+            max_dirs: 4,
+            warned_cap: false,
+        };
+        w.add(Path::new(""), &mut at_cap).unwrap();
+        assert_eq!((w.dirs.len(), at_cap.len()), (4, 0), "exactly at the cap: no overflow");
+        let mut over = Vec::new();
+        w.max_dirs = 3;
+        w.dirs.clear();
+        w.root_wd = None;
+        w.add(Path::new(""), &mut over).unwrap();
+        assert_eq!(w.dirs.len(), 3);
+        let text = String::from_utf8(over).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("\"overflow\"") && text.contains("more than 3 directories"), "{text}");
     }
 }

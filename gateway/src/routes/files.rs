@@ -106,7 +106,7 @@ pub async fn get<B: Backend>(
         }
         if q.contains_key("watch") {
             let recursive = q.get("recursive").is_some_and(|v| v != "false");
-            return watch(agent, vm, path, recursive).await;
+            return watch(agent, vm, path, recursive, state.limits.max_watched_dirs).await;
         }
         read(&state, agent, vm, path).await
     };
@@ -228,8 +228,9 @@ async fn watch(
     vm: String,
     path: String,
     recursive: bool,
+    max_dirs: u32,
 ) -> Result<Response, ApiError> {
-    let mut argv = vec![GUEST_AGENT.to_string(), "watch".into()];
+    let mut argv = vec![GUEST_AGENT.to_string(), "watch".into(), "--max-dirs".into(), max_dirs.to_string()];
     if recursive {
         argv.push("--recursive".into());
     }
@@ -337,7 +338,7 @@ pub async fn put<B: Backend>(
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn too_large(limit: u64) -> ApiError {
+pub(super) fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "upload_too_large",

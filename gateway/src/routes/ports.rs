@@ -65,11 +65,22 @@ async fn proxy<B: Backend>(
     mut req: Request,
 ) -> Result<Response, ApiError> {
     let port = parse_port(&port)?;
+    // A body declared too large is refused before anything opens; one
+    // that grows past the limit is cut (the guest server sees it end).
+    let limit = state.limits.max_upload_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .or_else(|| axum::body::HttpBody::size_hint(req.body()).exact());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(super::files::too_large(limit));
+    }
     let (vm, agent) = super::processes::agent_of(&state, &key).await?;
     let upgrade = wants_upgrade(req.headers());
     let incoming_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let target = target_uri(&path, req.uri())?;
-    let out = outgoing(req, target, port, upgrade, state.limits.max_upload_bytes)?;
+    let out = outgoing(req, target, port, upgrade, limit)?;
     let stream = Arc::clone(&agent).connect(port).await.map_err(|e| ApiError::from_agent(&vm, e).0)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

@@ -990,3 +990,16 @@ async fn a_session_forks_into_a_new_one() {
     assert_eq!(f.post_json("/v1/sessions/nobody/fork", json!({})).await.error(), (404, "not_found".into()));
     assert_eq!(f.post_json("/v1/sessions/p/fork", json!({"key": "bad key"})).await.error().0, 400);
 }
+
+#[tokio::test]
+async fn the_port_proxy_checks_its_port_session_and_body_limit_first() {
+    let limits = Limits { max_upload_bytes: 10, ..Limits::default() };
+    let f = fixture_with(limits, pool_config(), Functions::default());
+    let put = |path: &str, n: usize| Request::put(path).body(Body::from(vec![b'x'; n])).unwrap();
+    assert_eq!(f.send(put("/v1/sessions/s/ports/0/a", 1)).await.error(), (400, "invalid_request".into()));
+    assert_eq!(f.send(put("/v1/sessions/s/ports/70000", 1)).await.error(), (400, "invalid_request".into()));
+    // At the limit it goes on (to the unknown session); one byte over, a 413.
+    assert_eq!(f.send(put("/v1/sessions/s/ports/80/a", 10)).await.error(), (404, "not_found".into()));
+    assert_eq!(f.send(put("/v1/sessions/s/ports/80/a", 11)).await.error(), (413, "upload_too_large".into()));
+    assert_eq!(f.get("/v1/sessions/s/ports/80/").await.error(), (404, "not_found".into()));
+}
