@@ -357,16 +357,7 @@ pub async fn stdin(agent: &Agent, pid: u32, data: Vec<u8>, eof: bool) -> Result<
         return Err(err(ErrorCode::Conflict, format!("process {pid}'s stdin is closed")));
     };
     if !data.is_empty() {
-        match tokio::time::timeout(STDIN_TIMEOUT, w.write_all(&data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(err(ErrorCode::Conflict, format!("process {pid}'s stdin: {e}"))),
-            Err(_) => {
-                return Err(err(
-                    ErrorCode::Conflict,
-                    format!("process {pid} did not read its stdin within {STDIN_TIMEOUT:?}"),
-                ))
-            }
-        }
+        timed_write(w.write_all(&data), STDIN_TIMEOUT, &format!("process {pid}'s stdin")).await?;
     }
     if eof {
         *guard = None;
@@ -436,6 +427,20 @@ impl Terminal {
         s.stdin = Some(pipe::Sender::from_owned_fd_unchecked(master.try_clone().map_err(io)?).map_err(io)?);
         s.stderr = None;
         Ok((s, Some((master, Mutex::new(size)))))
+    }
+}
+
+/// A write to a reader inside the guest that may never read: a conflict
+/// naming `what` if it fails or takes longer than `within`.
+pub(crate) async fn timed_write(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+    within: Duration,
+    what: &str,
+) -> Result<(), ErrorReply> {
+    match tokio::time::timeout(within, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(err(ErrorCode::Conflict, format!("{what}: {e}"))),
+        Err(_) => Err(err(ErrorCode::Conflict, format!("{what}: nothing was read for {within:?}"))),
     }
 }
 

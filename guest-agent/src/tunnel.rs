@@ -190,16 +190,7 @@ impl Tunnels {
             }
             Ok::<_, std::io::Error>(())
         };
-        match tokio::time::timeout(SEND_TIMEOUT, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(err(ErrorCode::Conflict, format!("writing to the connection: {e}"))),
-            Err(_) => {
-                return Err(err(
-                    ErrorCode::Conflict,
-                    format!("the guest server read nothing for {SEND_TIMEOUT:?}"),
-                ))
-            }
-        }
+        crate::process::timed_write(write, SEND_TIMEOUT, "writing to the connection").await?;
         if eof {
             *guard = None;
         }

@@ -108,7 +108,7 @@ pub async fn get<B: Backend>(
             let recursive = q.get("recursive").is_some_and(|v| v != "false");
             return watch(agent, vm, path, recursive, state.limits.max_watched_dirs).await;
         }
-        read(&state, agent, vm, path).await
+        read(agent, vm, path).await
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -199,12 +199,7 @@ fn list_entry(line: &str) -> Option<serde_json::Value> {
 /// (no `cat`, no pipe: under TCG a pipe's copies alone cap a stream at
 /// ~27 MB/s), paced by how fast the client takes them. The headers wait
 /// for the file to open, so a missing or unreadable one is a JSON error.
-async fn read<B: Backend>(
-    _state: &AppState<B>,
-    agent: Arc<AgentClient>,
-    vm: String,
-    path: String,
-) -> Result<Response, ApiError> {
+async fn read(agent: Arc<AgentClient>, vm: String, path: String) -> Result<Response, ApiError> {
     let stream = match agent.read_file(&path).await {
         Ok(s) => s,
         Err(ember_vm::AgentError::Remote(e)) if e.code == ember_wire::ErrorCode::BadRequest => {
