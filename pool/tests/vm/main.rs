@@ -444,20 +444,28 @@ async fn claim_a_kept_vm(
     pool: &VmPool,
     function: Option<&str>,
 ) -> anyhow::Result<ember_pool::pool::Lease<ember_pool::pool::VmBackend>> {
+    // A VM made for a claim that another VM served first waits as ready
+    // too, and is still single-use: hand such ones back and claim again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let ready =
-        wait_until(deadline, Duration::from_millis(50), || (pool.status().ready >= 1).then_some(())).await;
-    ensure!(ready.is_some(), "no ready VM to claim: {:?}", pool.status());
-    let lease = match function {
-        Some(f) => pool.claim_for(f).await?,
-        None => pool.claim().await?,
-    };
-    ensure!(
-        ember_pool::pool::Backend::keeps(pool.backend(), &lease),
-        "the claim got a single-use VM: {:?}",
-        pool.status()
-    );
-    Ok(lease)
+    loop {
+        let ready =
+            wait_until(deadline, Duration::from_millis(50), || (pool.status().ready >= 1).then_some(()))
+                .await;
+        ensure!(ready.is_some(), "no ready VM to claim: {:?}", pool.status());
+        let lease = match function {
+            Some(f) => pool.claim_for(f).await?,
+            None => pool.claim().await?,
+        };
+        if ember_pool::pool::Backend::keeps(pool.backend(), &lease) {
+            return Ok(lease);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only single-use VMs were claimed: {:?}",
+            pool.status()
+        );
+        lease.release().await;
+    }
 }
 
 /// A VM scrubbed for one function goes back to it; a general call gets
