@@ -125,13 +125,7 @@ where
 /// Parse a frame body; on failure keep the request id if it can be read, so
 /// the host can match the error to its request.
 fn parse_request(body: &[u8]) -> Result<Request, (u64, FrameError)> {
-    decode::<Request>(body).map_err(|e| {
-        let id = serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("id").and_then(|i| i.as_u64()))
-            .unwrap_or(0);
-        (id, e)
-    })
+    decode::<Request>(body).map_err(|e| (ember_wire::frame_id(body).unwrap_or(0), e))
 }
 
 async fn dispatch(
@@ -262,6 +256,9 @@ async fn run_request(
         RequestBody::Connect { port } => tunnels.connect(id, port, resp.clone(), token).await,
         RequestBody::ReadFile { path } => {
             tunnels.read_file(&agent.layout, id, path, resp.clone(), token).await
+        }
+        RequestBody::WriteFile { path } => {
+            tunnels.write_file(&agent.layout, id, path, resp.clone(), token).await
         }
         RequestBody::Send { target, data, eof } => {
             let _ = resp.send(done(tunnels.send(target, data, eof).await)).await;

@@ -4,20 +4,22 @@
 //! only message types and a sans-I/O codec: callers feed bytes in and take
 //! frames out, whatever the transport (vsock, hybrid vsock, virtio-serial).
 //!
-//! A frame is a 4-byte big-endian body length followed by a JSON body. Every
+//! A frame is a 4-byte big-endian body length followed by a JSON body, or a
+//! binary one (first byte 0) for the messages that carry bulk bytes. Every
 //! message carries a request id, so several requests can be in flight on one
 //! connection; replies to one request arrive in order.
 #![forbid(unsafe_code)]
 
+mod bulk;
 mod bytes;
 mod codec;
 mod message;
 
-pub use codec::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN};
+pub use codec::{decode, encode, frame_id, FrameDecoder, FrameError, Message, BULK_MARK, FRAME_HEADER_LEN};
 pub use message::*;
 
 /// Protocol version; `hello` reports it so a host can refuse a stale image.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// AF_VSOCK port the agent listens on (kernel vsock and hybrid vsock).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent serves (`virtserialport,name=...`).

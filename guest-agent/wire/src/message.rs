@@ -99,6 +99,14 @@ pub enum RequestBody {
     ReadFile {
         path: String,
     },
+    /// Write a file as the guest's user (relative paths are under the
+    /// workspace; parents are made, an existing file is truncated):
+    /// answered by `connected` once it is open; its bytes follow as `send`s
+    /// to this request, and `ok` ends it once one with `eof` is written (or
+    /// when it is cancelled). Written by the agent itself, no pipe between.
+    WriteFile {
+        path: String,
+    },
     /// The host consumed `bytes` of connection `target`'s output: the agent
     /// may send that much more. Not answered.
     Credit {
