@@ -1,6 +1,7 @@
 //! A session's files, as the guest's user sees them: every operation runs
-//! inside the guest as that user (coreutils through the agent, on the
-//! session's shared agent connection), so the guest's own permissions
+//! inside the guest as that user (reads and writes by the agent itself,
+//! the rest by coreutils through it, on the session's shared agent
+//! connection), so the guest's own permissions
 //! decide and its own error is what the caller reads; nothing on the host
 //! is ever opened. Paths are the guest's: relative ones are under
 //! `/home/ember`; an absolute one is written with its first `/` as `%2F`.
@@ -28,7 +29,7 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Bytes of one stdin write of an upload (well under a frame's limit).
+/// Bytes of one write of an upload (well under a frame's limit).
 const UPLOAD_CHUNK: usize = 1 << 20;
 /// Output of a listing or stat kept (a directory of ~100 000 entries).
 const LISTING_LIMIT: u64 = 16 << 20;
@@ -38,8 +39,6 @@ const QUICK: Duration = Duration::from_secs(30);
 pub const WATCH_LIMIT: Duration = Duration::from_secs(24 * 3600);
 /// The agent binary in every guest (its `watch` subcommand).
 const GUEST_AGENT: &str = "/usr/sbin/ember-agent";
-/// The tag of the processes uploads run as (hidden from the listing).
-pub const UPLOAD_TAG: &str = "ember:upload";
 
 type Params = Query<HashMap<String, String>>;
 
@@ -280,8 +279,8 @@ async fn watch(
     Ok(resp)
 }
 
-/// Write the body to the file (parents created), streamed: the body is fed
-/// to a `cat` in the guest in 1 MiB writes as it arrives.
+/// Write the body to the file (parents created), streamed: the agent writes
+/// it itself as the user, in 1 MiB pieces as the body arrives.
 pub async fn put<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, path)): Path<(String, String)>,
@@ -295,39 +294,16 @@ pub async fn put<B: Backend>(
         if declared.is_some_and(|n| n > limit) {
             return Err(too_large(limit));
         }
-        let script = "d=$(dirname -- \"$1\") && mkdir -p -- \"$d\" && exec cat > \"$1\"";
-        let spawn = ember_wire::SpawnRequest {
-            command: Command::Argv(vec!["sh".into(), "-c".into(), script.into(), "sh".into(), path.clone()]),
-            env: Default::default(),
-            cwd: None,
-            stdin: true,
-            tag: Some(UPLOAD_TAG.into()),
-            buffer_bytes: 64 << 10,
-            pids_limit: Some(state.limits.max_pids),
-            max_processes: state.limits.max_processes.saturating_add(1),
-            pty: None,
-        };
-        let pid = agent.spawn(spawn).await.map_err(|e| ApiError::from_agent(&vm, e).0)?;
-        let fed = feed(&agent, pid, body, limit).await;
-        if fed.is_err() {
-            let _ = agent.signal(pid, 9).await;
-        }
-        // Its exit (and what it said) tells how the write went.
-        let mut h = agent.attach(pid).await.map_err(|e| ApiError::from_agent(&vm, e).0)?;
-        let mut said = Vec::new();
-        let status = loop {
-            match tokio::time::timeout(QUICK, h.next()).await {
-                Ok(Ok(ExecEvent::Output { data, .. })) => said.extend(data),
-                Ok(Ok(ExecEvent::Exit(st))) => break st,
-                Ok(Ok(ExecEvent::Dropped { .. })) => {}
-                Ok(Err(e)) => return Err(ApiError::from_agent(&vm, e).0),
-                Err(_) => return Err(ApiError::vm_failed("the guest did not finish the write")),
+        let failed = |e: ember_vm::AgentError| match e {
+            ember_vm::AgentError::Remote(e)
+                if matches!(e.code, ember_wire::ErrorCode::BadRequest | ember_wire::ErrorCode::Conflict) =>
+            {
+                fs_error(&path, e.message.as_bytes())
             }
+            e => ApiError::from_agent(&vm, e).0,
         };
-        let written = fed?;
-        if status.code != Some(0) {
-            return Err(fs_error(&path, &said));
-        }
+        let upload = agent.write_file(&path).await.map_err(failed)?;
+        let written = feed(upload, body, limit, failed).await?;
         Ok((StatusCode::CREATED, Json(json!({ "path": path, "size": written }))).into_response())
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
@@ -341,12 +317,18 @@ pub(super) fn too_large(limit: u64) -> ApiError {
     )
 }
 
-/// Feed the body to the process's stdin, then EOF; the bytes written.
-async fn feed(agent: &AgentClient, pid: u32, body: Body, limit: u64) -> Result<u64, ApiError> {
+/// Write the body to the file, then close it; the bytes written. A body
+/// over `limit` stops the write (what was written stays, as with any
+/// interrupted write).
+async fn feed(
+    mut upload: ember_vm::FileUpload,
+    body: Body,
+    limit: u64,
+    failed: impl Fn(ember_vm::AgentError) -> ApiError,
+) -> Result<u64, ApiError> {
     let mut stream = body.into_data_stream();
     let mut written = 0u64;
     let mut pending = Vec::with_capacity(UPLOAD_CHUNK);
-    let closed = |e: ember_vm::AgentError| ApiError::vm_failed(format!("writing the file: {e}"));
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| crate::api::invalid(format!("reading the body: {e}")))?;
         written += chunk.len() as u64;
@@ -355,10 +337,13 @@ async fn feed(agent: &AgentClient, pid: u32, body: Body, limit: u64) -> Result<u
         }
         pending.extend_from_slice(&chunk);
         if pending.len() >= UPLOAD_CHUNK {
-            agent.stdin(pid, std::mem::take(&mut pending), false).await.map_err(closed)?;
+            upload
+                .write(std::mem::replace(&mut pending, Vec::with_capacity(UPLOAD_CHUNK)))
+                .await
+                .map_err(&failed)?;
         }
     }
-    agent.stdin(pid, pending, true).await.map_err(closed)?;
+    upload.finish(pending).await.map_err(failed)?;
     Ok(written)
 }
 

@@ -78,12 +78,7 @@ pub async fn list<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<
         async {
             let (vm, agent) = agent_of(&state, &key).await?;
             let all = agent.processes().await.map_err(|e| agent_error(&vm, e))?;
-            // Uploads run as processes of their own; they are not the user's.
-            let shown: Vec<_> = all
-                .iter()
-                .filter(|p| p.tag.as_deref() != Some(super::files::UPLOAD_TAG))
-                .map(shown)
-                .collect();
+            let shown: Vec<_> = all.iter().map(shown).collect();
             Ok(Json(json!({ "processes": shown })).into_response())
         }
         .await,

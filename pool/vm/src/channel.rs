@@ -19,8 +19,8 @@ use tokio::net::UnixStream;
 
 pub use cid::{CidAllocator, CidLease};
 pub use client::{
-    AgentClient, AgentError, CallTimeouts, ExecEvent, ExecHandle, ExecOutput, MAX_BUFFERED_PER_REQUEST,
-    MAX_IN_FLIGHT,
+    AgentClient, AgentError, CallTimeouts, ExecEvent, ExecHandle, ExecOutput, FileUpload,
+    MAX_BUFFERED_PER_REQUEST, MAX_IN_FLIGHT,
 };
 
 /// A channel kind as configured: `auto` picks from what the host has.

@@ -12,5 +12,5 @@ pub mod procfs;
 pub mod storage;
 pub mod vm;
 
-pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput};
+pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput, FileUpload};
 pub use vm::{Vm, VmConfig, VmError, VmHost};

@@ -539,3 +539,4 @@ impl Drop for ExecHandle {
 #[cfg(test)]
 mod hostile;
 mod tunnel;
+pub use tunnel::FileUpload;

@@ -10,7 +10,54 @@ use std::sync::Arc;
 use ember_wire::{encode, Request, RequestBody, ResponseBody};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
-use super::{cancel_frame, AgentClient, AgentError, Delivery};
+use super::{cancel_frame, AgentClient, AgentError, Delivery, PendingCall};
+
+/// A file being written in the guest by the agent ([`AgentClient::write_file`]):
+/// bytes go in order with [`FileUpload::write`]; [`FileUpload::finish`]
+/// closes it. Dropped unfinished, the write is abandoned (what was written
+/// stays, as with a killed `cat`).
+#[derive(Debug)]
+pub struct FileUpload {
+    client: Arc<AgentClient>,
+    id: u64,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+    finished: bool,
+}
+
+impl FileUpload {
+    /// Append `data` to the file; returns once the agent wrote it.
+    pub async fn write(&mut self, data: Vec<u8>) -> Result<(), AgentError> {
+        let send = RequestBody::Send { target: self.id, data, eof: false };
+        self.client.call_ok("send", self.client.timeouts.slow, send).await
+    }
+
+    /// Write `data` last and close the file; returns once it is closed.
+    pub async fn finish(mut self, data: Vec<u8>) -> Result<(), AgentError> {
+        let send = RequestBody::Send { target: self.id, data, eof: true };
+        self.client.call_ok("send", self.client.timeouts.slow, send).await?;
+        let within = self.client.timeouts.quick;
+        let end = tokio::time::timeout(within, self.rx.recv()).await;
+        self.finished = true;
+        match end {
+            Ok(Some(Delivery::Body(ResponseBody::Ok))) => Ok(()),
+            Ok(Some(Delivery::Body(ResponseBody::Error(e)))) => Err(AgentError::Remote(e)),
+            Ok(Some(other)) => Err(AgentError::Protocol(format!("expected ok to write_file, got {other:?}"))),
+            Ok(None) => Err(AgentError::Disconnected),
+            Err(_) => Err(AgentError::Timeout { what: "write_file", after: within }),
+        }
+    }
+}
+
+impl Drop for FileUpload {
+    fn drop(&mut self) {
+        self.client.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        if !self.finished {
+            if let Ok(f) = cancel_frame(self.id) {
+                let _ = self.client.out.try_send(f);
+            }
+        }
+    }
+}
 
 /// Bytes of the caller's side of the stream buffered in each direction.
 const STREAM_BUFFER: usize = 256 << 10;
@@ -31,15 +78,20 @@ impl AgentClient {
         self.open_stream("read_file", RequestBody::ReadFile { path: path.to_string() }, false).await
     }
 
-    /// Start a streamed request and wait for its `connected`; then carry
-    /// its output to the stream (credit returned as the caller reads) and,
-    /// if `writable`, what the caller writes to it back as `send`s.
-    async fn open_stream(
-        self: &Arc<Self>,
+    /// Write a file in the guest as its user (relative to the workspace;
+    /// parents made, an existing file truncated), written by the agent
+    /// itself. An error to open it is the guest's own message.
+    pub async fn write_file(self: &Arc<Self>, path: &str) -> Result<FileUpload, AgentError> {
+        let (id, _, rx) = self.open("write_file", RequestBody::WriteFile { path: path.to_string() }).await?;
+        Ok(FileUpload { client: Arc::clone(self), id, rx, finished: false })
+    }
+
+    /// Start a request answered first by `connected`, and wait for that.
+    async fn open(
+        &self,
         what: &'static str,
         body: RequestBody,
-        writable: bool,
-    ) -> Result<DuplexStream, AgentError> {
+    ) -> Result<(u64, PendingCall, tokio::sync::mpsc::UnboundedReceiver<Delivery>), AgentError> {
         let (id, call, mut rx) = self.start(body).await?;
         let within = self.timeouts.quick;
         let first = tokio::time::timeout(within, rx.recv()).await;
@@ -57,6 +109,19 @@ impl AgentClient {
             }
             return Err(e);
         }
+        Ok((id, call, rx))
+    }
+
+    /// Start a streamed request and wait for its `connected`; then carry
+    /// its output to the stream (credit returned as the caller reads) and,
+    /// if `writable`, what the caller writes to it back as `send`s.
+    async fn open_stream(
+        self: &Arc<Self>,
+        what: &'static str,
+        body: RequestBody,
+        writable: bool,
+    ) -> Result<DuplexStream, AgentError> {
+        let (id, call, mut rx) = self.open(what, body).await?;
         let (ours, theirs) = tokio::io::duplex(STREAM_BUFFER);
         let (mut from_caller, mut to_caller) = tokio::io::split(theirs);
         let out = self.out.clone();
