@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ember_wire::{
-    decode, encode, ErrorCode, ErrorReply, FrameDecoder, FrameError, HelloReply, Request, RequestBody,
-    Response, ResponseBody, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    decode, encode, encode_split, ErrorCode, ErrorReply, FrameDecoder, FrameError, HelloReply, Request,
+    RequestBody, Response, ResponseBody, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
@@ -44,15 +44,22 @@ where
         while let Some(msg) = rx.recv().await {
             match msg {
                 Outgoing::Frame(resp) => {
-                    let frame = match encode(&resp) {
-                        Ok(f) => f,
-                        Err(e) => encode(&Response {
-                            id: resp.id,
-                            body: ResponseBody::Error(ErrorReply::new(ErrorCode::Internal, e.to_string())),
-                        })
-                        .unwrap_or_default(),
+                    // Bulk bytes are written from where they lie, after their header.
+                    let written = match encode_split(&resp) {
+                        Ok((head, bulk)) => {
+                            async {
+                                wr.write_all(&head).await?;
+                                wr.write_all(bulk).await
+                            }
+                            .await
+                        }
+                        Err(e) => {
+                            let body =
+                                ResponseBody::Error(ErrorReply::new(ErrorCode::Internal, e.to_string()));
+                            wr.write_all(&encode(&Response { id: resp.id, body }).unwrap_or_default()).await
+                        }
                     };
-                    if wr.write_all(&frame).await.is_err() {
+                    if written.is_err() {
                         break;
                     }
                 }
@@ -90,11 +97,8 @@ where
         };
         stats.bytes_read += n as u64;
         decoder.push(&buf[..n]);
-        while let Some(frame) = decoder.next_frame() {
-            let parsed = match frame {
-                Ok(body) => parse_request(&body),
-                Err(e) => Err((0, e)),
-            };
+        while let Some(frame) = decoder.next_frame_with(parse_request) {
+            let parsed = frame.map_err(|e| (0, e)).and_then(|r| r);
             let req = match parsed {
                 Ok(r) => r,
                 Err((id, e)) => {

@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_wire::{ErrorCode, ErrorReply, Response, ResponseBody, Stream, CONNECT_WINDOW};
-use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use std::io::{Read as _, Write as _};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -43,7 +46,7 @@ async fn open_as(
     layout: &crate::GuestLayout,
     path: &str,
     open: impl FnOnce(&std::path::Path) -> std::io::Result<std::fs::File> + Send + 'static,
-) -> Result<tokio::fs::File, ErrorReply> {
+) -> Result<std::fs::File, ErrorReply> {
     let full = layout.workspace.join(path);
     let user = layout.user;
     let opened = tokio::task::spawn_blocking(move || {
@@ -52,7 +55,7 @@ async fn open_as(
     })
     .await;
     match opened {
-        Ok(Ok(f)) => Ok(tokio::fs::File::from_std(f)),
+        Ok(Ok(f)) => Ok(f),
         Ok(Err(e)) => Err(err(ErrorCode::BadRequest, format!("{path}: {}", io_message(&e)))),
         Err(e) => Err(err(ErrorCode::Internal, format!("the open task failed: {e}"))),
     }
@@ -64,7 +67,62 @@ pub struct Tunnels {
     table: Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>,
 }
 
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+/// Where a stream's bytes come from: a connection's read side, or a file
+/// read off the async threads, each piece into a buffer of its own that
+/// travels on as the frame's bytes (no copy in between).
+enum Source {
+    Tcp(OwnedReadHalf),
+    File(Arc<std::fs::File>),
+}
+
+impl Source {
+    /// The next piece, empty at the end.
+    async fn next(&mut self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Source::Tcp(rd) => {
+                let mut data = Vec::with_capacity(CHUNK);
+                rd.read_buf(&mut data).await?;
+                Ok(data)
+            }
+            Source::File(f) => {
+                let f = Arc::clone(f);
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut data = Vec::with_capacity(CHUNK);
+                    (&*f).take(CHUNK as u64).read_to_end(&mut data)?;
+                    Ok(data)
+                });
+                read.await.map_err(std::io::Error::other)?
+            }
+        }
+    }
+}
+
+/// Where `send`s go: a connection's write side, or a file written off the
+/// async threads from the request's own buffer.
+enum Writer {
+    Tcp(OwnedWriteHalf),
+    File(Option<std::fs::File>),
+}
+
+impl Writer {
+    async fn write(&mut self, data: Vec<u8>, eof: bool) -> std::io::Result<()> {
+        match self {
+            Writer::Tcp(w) => {
+                w.write_all(&data).await?;
+                if eof {
+                    w.shutdown().await?;
+                }
+                Ok(())
+            }
+            Writer::File(slot) => {
+                let mut f = slot.take().ok_or_else(|| std::io::Error::other("an earlier write failed"))?;
+                let written = tokio::task::spawn_blocking(move || f.write_all(&data).map(|()| f));
+                *slot = Some(written.await.map_err(std::io::Error::other)??);
+                Ok(())
+            }
+        }
+    }
+}
 
 struct Tunnel {
     /// Where `send`s go: the connection's write side, or a file.
@@ -132,7 +190,7 @@ impl Tunnels {
         };
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
-        self.pump(id, rd, Some(Box::new(wr)), &format!("port {port}"), resp, token).await;
+        self.pump(id, Source::Tcp(rd), Some(Writer::Tcp(wr)), &format!("port {port}"), resp, token).await;
     }
 
     /// Stream file `path` (opened as `user`) to request `id`, paced like a
@@ -159,7 +217,7 @@ impl Tunnels {
                 return;
             }
         };
-        self.pump(id, file, None, &path, resp, token).await;
+        self.pump(id, Source::File(Arc::new(file)), None, &path, resp, token).await;
     }
 
     /// Write file `path` as `user` (parents made, an existing file
@@ -187,7 +245,7 @@ impl Tunnels {
                 return;
             }
         };
-        let tunnel = Tunnel::new(Some(Box::new(file)), 0);
+        let tunnel = Tunnel::new(Some(Writer::File(Some(file))), 0);
         self.set(id, Some(Arc::clone(&tunnel)));
         let _ = resp.send(Response { id, body: ResponseBody::Connected {} }).await;
         tokio::select! {
@@ -203,7 +261,7 @@ impl Tunnels {
     async fn pump(
         &self,
         id: u64,
-        mut rd: impl tokio::io::AsyncRead + Unpin,
+        mut rd: Source,
         wr: Option<Writer>,
         what: &str,
         resp: mpsc::Sender<Response>,
@@ -213,13 +271,13 @@ impl Tunnels {
         let tunnel = Tunnel::new(wr, CONNECT_WINDOW as usize);
         self.set(id, Some(Arc::clone(&tunnel)));
         let _ = resp.send(reply(ResponseBody::Connected {})).await;
-        let mut buf = vec![0u8; CHUNK];
         let end = loop {
-            let n = tokio::select! {
+            // Read into the frame's own buffer: the writer sends it as it is.
+            let (data, n) = tokio::select! {
                 () = token.cancelled() => break ResponseBody::Ok,
-                r = rd.read(&mut buf) => match r {
-                    Ok(0) => break ResponseBody::Ok,
-                    Ok(n) => n,
+                r = rd.next() => match r {
+                    Ok(data) if data.is_empty() => break ResponseBody::Ok,
+                    Ok(data) => { let n = data.len(); (data, n) }
                     Err(e) => break ResponseBody::Error(err(ErrorCode::Internal, format!("reading {what}: {e}"))),
                 },
             };
@@ -232,7 +290,6 @@ impl Tunnels {
                 Ok(p) => p.forget(),
                 Err(_) => break ResponseBody::Ok,
             }
-            let data = buf[..n].to_vec();
             if resp.send(reply(ResponseBody::Output { stream: Stream::Stdout, data })).await.is_err() {
                 break ResponseBody::Ok;
             }
@@ -250,13 +307,7 @@ impl Tunnels {
         let w = guard
             .as_mut()
             .ok_or_else(|| err(ErrorCode::Conflict, "the connection's write side is closed"))?;
-        let write = async {
-            w.write_all(&data).await?;
-            if eof {
-                w.shutdown().await?;
-            }
-            Ok::<_, std::io::Error>(())
-        };
+        let write = w.write(data, eof);
         let written = crate::process::timed_write(write, SEND_TIMEOUT, "writing").await;
         if eof || written.is_err() {
             *guard = None;

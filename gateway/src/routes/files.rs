@@ -30,7 +30,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Bytes of one write of an upload (well under a frame's limit).
-const UPLOAD_CHUNK: usize = 1 << 20;
+const UPLOAD_CHUNK: usize = 4 << 20;
 /// Output of a listing or stat kept (a directory of ~100 000 entries).
 const LISTING_LIMIT: u64 = 16 << 20;
 /// How long a file operation other than a transfer may take.

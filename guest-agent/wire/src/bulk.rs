@@ -66,16 +66,14 @@ fn malformed(why: &str) -> FrameError {
 }
 
 impl Message for Response {
-    fn encode_bulk(&self, out: &mut Vec<u8>) -> bool {
-        let ResponseBody::Output { stream, data } = &self.body else { return false };
-        out.reserve(11 + data.len());
+    fn bulk_head(&self, out: &mut Vec<u8>) -> Option<&[u8]> {
+        let ResponseBody::Output { stream, data } = &self.body else { return None };
         head(out, OUTPUT, self.id);
         out.push(match stream {
             Stream::Stdout => 0,
             Stream::Stderr => 1,
         });
-        out.extend_from_slice(data);
-        true
+        Some(data)
     }
 
     fn decode_bulk(body: &[u8]) -> Result<Self, FrameError> {
@@ -94,25 +92,22 @@ impl Message for Response {
 }
 
 impl Message for Request {
-    fn encode_bulk(&self, out: &mut Vec<u8>) -> bool {
+    fn bulk_head(&self, out: &mut Vec<u8>) -> Option<&[u8]> {
         match &self.body {
             RequestBody::Stdin { pid, data, eof } => {
-                out.reserve(15 + data.len());
                 head(out, STDIN, self.id);
                 out.extend_from_slice(&pid.to_be_bytes());
                 out.push(u8::from(*eof));
-                out.extend_from_slice(data);
+                Some(data)
             }
             RequestBody::Send { target, data, eof } => {
-                out.reserve(19 + data.len());
                 head(out, SEND, self.id);
                 out.extend_from_slice(&target.to_be_bytes());
                 out.push(u8::from(*eof));
-                out.extend_from_slice(data);
+                Some(data)
             }
-            _ => return false,
+            _ => None,
         }
-        true
     }
 
     fn decode_bulk(body: &[u8]) -> Result<Self, FrameError> {
@@ -160,6 +155,18 @@ mod tests {
         assert_eq!(round_trip(stdin).len(), 4 + 15 + data.len());
         let send = Request { id: 3, body: RequestBody::Send { target: 9, data: Vec::new(), eof: false } };
         assert_eq!(round_trip(send).len(), 4 + 19);
+    }
+
+    #[test]
+    fn a_split_frame_is_the_frame() {
+        let data: Vec<u8> = (0..=255).collect();
+        for msg in [
+            Response { id: 1, body: ResponseBody::Output { stream: Stream::Stdout, data: data.clone() } },
+            Response { id: 2, body: ResponseBody::Ok },
+        ] {
+            let (head, bulk) = crate::encode_split(&msg).unwrap();
+            assert_eq!([head, bulk.to_vec()].concat(), encode(&msg).unwrap());
+        }
     }
 
     #[test]

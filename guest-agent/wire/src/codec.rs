@@ -21,8 +21,9 @@ pub enum FrameError {
 /// those bytes cross the channel as they are. Under TCG, base64 and JSON's
 /// string scan cost the guest more CPU per byte than the copy itself.
 pub trait Message: Serialize + DeserializeOwned {
-    /// Append this message's binary body to `out`, if it has one.
-    fn encode_bulk(&self, out: &mut Vec<u8>) -> bool;
+    /// Append this message's binary header to `out` and return its bulk
+    /// bytes, if it is a message with a binary body.
+    fn bulk_head(&self, out: &mut Vec<u8>) -> Option<&[u8]>;
     /// Parse a binary body (its first byte is [`BULK_MARK`]).
     fn decode_bulk(body: &[u8]) -> Result<Self, FrameError>;
 }
@@ -32,14 +33,27 @@ pub const BULK_MARK: u8 = 0;
 
 /// Serialize `msg` into one frame, prefix included.
 pub fn encode<T: Message>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let (mut frame, bulk) = encode_split(msg)?;
+    frame.extend_from_slice(bulk);
+    Ok(frame)
+}
+
+/// Serialize `msg` into one frame as two parts to be written one after the
+/// other: the prefix and header, then the message's bulk bytes as they are
+/// (empty for a JSON message). Saves copying the bulk bytes.
+pub fn encode_split<T: Message>(msg: &T) -> Result<(Vec<u8>, &[u8]), FrameError> {
     let mut out = vec![0u8; FRAME_HEADER_LEN];
-    if !msg.encode_bulk(&mut out) {
-        serde_json::to_writer(&mut out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
-    }
-    let len = u32::try_from(out.len() - FRAME_HEADER_LEN)
+    let bulk = match msg.bulk_head(&mut out) {
+        Some(data) => data,
+        None => {
+            serde_json::to_writer(&mut out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
+            &[]
+        }
+    };
+    let len = u32::try_from(out.len() - FRAME_HEADER_LEN + bulk.len())
         .map_err(|_| FrameError::Encode("message longer than 4 GiB".into()))?;
     out[..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-    Ok(out)
+    Ok((out, bulk))
 }
 
 /// Parse one frame body (without its prefix).
@@ -100,6 +114,12 @@ impl FrameDecoder {
 
     /// The next complete frame body, if one is buffered.
     pub fn next_frame(&mut self) -> Option<Result<Vec<u8>, FrameError>> {
+        self.next_frame_with(|body| body.to_vec())
+    }
+
+    /// The next complete frame body, if one is buffered, handed to `take`
+    /// where it lies (no copy of its own).
+    pub fn next_frame_with<R>(&mut self, take: impl FnOnce(&[u8]) -> R) -> Option<Result<R, FrameError>> {
         let pending = &self.buf[self.start..];
         if self.skip > 0 || pending.len() < FRAME_HEADER_LEN {
             return None;
@@ -118,7 +138,7 @@ impl FrameDecoder {
         if pending.len() < FRAME_HEADER_LEN + len {
             return None;
         }
-        let body = pending[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len].to_vec();
+        let body = take(&pending[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len]);
         self.start += FRAME_HEADER_LEN + len;
         if self.start == self.buf.len() {
             self.buf.clear();

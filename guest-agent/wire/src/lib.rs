@@ -15,7 +15,9 @@ mod bytes;
 mod codec;
 mod message;
 
-pub use codec::{decode, encode, frame_id, FrameDecoder, FrameError, Message, BULK_MARK, FRAME_HEADER_LEN};
+pub use codec::{
+    decode, encode, encode_split, frame_id, FrameDecoder, FrameError, Message, BULK_MARK, FRAME_HEADER_LEN,
+};
 pub use message::*;
 
 /// Protocol version; `hello` reports it so a host can refuse a stale image.
