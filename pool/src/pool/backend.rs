@@ -77,7 +77,7 @@ pub trait Backend: Send + Sync + 'static {
         async {}
     }
 
-    /// Whether [`Self::pause`] can work (a migratable channel, qcow2 disks).
+    /// Whether [`Self::pause`] can work (a channel that survives a migration).
     fn pauses(&self) -> bool {
         false
     }

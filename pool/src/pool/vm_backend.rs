@@ -406,7 +406,6 @@ impl Backend for VmBackend {
     fn pauses(&self) -> bool {
         use ember_vm::channel::ChannelKind;
         matches!(self.host.channel(), ChannelKind::Serial | ChannelKind::Vsock)
-            && self.host.config().scratch != ember_vm::vm::ScratchKind::RawCopy
     }
 
     async fn pause(&self, vm: Vm, dir: &std::path::Path) -> Result<(), PoolError> {

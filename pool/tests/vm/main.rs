@@ -1209,6 +1209,16 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             mode: ember_vm::storage::ZfsMode::Dataset,
         });
         report.run("zfs_orphans_are_reaped", Box::pin(zfs_orphans_are_reaped(zc.clone(), &parent))).await;
+        // Pause and fork need a channel that survives a migration: serial.
+        let zfs_serial = VmHost::new(VmConfig { channel: ChannelChoice::Serial, ..zc.clone() }, false)?;
+        report
+            .run(
+                "zfs_a_vm_pauses_and_forks_off_its_clone",
+                Box::pin(pause::zfs_a_vm_pauses_and_forks_off_its_clone(&zfs_serial, &parent)),
+            )
+            .await;
+        zfs_serial.close().await;
+        drop(zfs_serial);
         let zfs_host = VmHost::new(zc, false)?;
         zfs_host.open_storage().await?;
         let zfs_cfg = PoolConfig {

@@ -137,3 +137,46 @@ pub async fn a_fork_starts_where_its_parent_was_and_diverges(host: &Arc<VmHost>)
     }
     Ok(())
 }
+
+/// On the ZFS backend (a VM's disk is a raw file in its own clone): a fork
+/// and a pause save the disk as a qcow2 file of their own (the paused form
+/// is the same whatever the backend), the clone goes with the VM, and both
+/// resume with the files and processes they had.
+pub async fn zfs_a_vm_pauses_and_forks_off_its_clone(host: &Arc<VmHost>, parent: &str) -> anyhow::Result<()> {
+    let vm = host.boot().await?;
+    ensure_eq!(crate::warm_clones(parent)?.len(), 1);
+    let pid = vm.agent().spawn(counter()).await?;
+    run(&vm, "echo kept > ~/notes; sleep 0.3").await?;
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    let child_saved = vm.fork_into(&dir.path().join("child")).await?;
+    let fork_ms = ms(t.elapsed());
+    run(&vm, "echo after > ~/later").await?;
+    let t = Instant::now();
+    let paused = vm.pause(&dir.path().join("s")).await?;
+    let pause_ms = ms(t.elapsed());
+    ensure!(crate::warm_clones(parent)?.is_empty(), "the paused VM's clone is left");
+    let t = Instant::now();
+    let vm = host.resume(&paused).await?;
+    let resume_ms = ms(t.elapsed());
+    let child = host.resume(&child_saved).await?;
+    ensure_eq!(stdout(&vm, "cat ~/notes ~/later").await?, "kept\nafter\n");
+    ensure_eq!(stdout(&child, "cat ~/notes; ls ~/later 2>&1 | grep -c 'No such'").await?, "kept\n1\n");
+    for v in [&vm, &child] {
+        let a: u64 = stdout(v, "cat /tmp/count").await?.trim().parse()?;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let b: u64 = stdout(v, "cat /tmp/count").await?.trim().parse()?;
+        ensure!(b > a, "{}: the counter stopped ({a} -> {b})", v.id());
+        ensure!(v.agent().processes().await?.iter().any(|p| p.pid == pid && p.exit.is_none()));
+    }
+    run(&child, "echo child > ~/notes").await?;
+    ensure_eq!(stdout(&vm, "cat ~/notes").await?, "kept\n");
+    println!(
+        "    zfs: fork save {fork_ms} ms, pause {pause_ms} ms, resume {resume_ms} ms, paused files {} MB",
+        paused.disk_bytes() / 1_000_000
+    );
+    vm.shutdown().await;
+    child.shutdown().await;
+    ensure!(crate::warm_clones(parent)?.is_empty());
+    Ok(())
+}

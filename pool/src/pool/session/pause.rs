@@ -112,7 +112,7 @@ pub(super) async fn pause<B: Backend>(
     }
     if !inner.backend.pauses() {
         return Err(PoolError::Pause(
-            "this pool's VMs cannot pause (it needs the serial channel and file storage)".into(),
+            "this pool's VMs cannot pause (it needs the serial or vsock channel)".into(),
         ));
     }
     let dir = root.join(key);

@@ -102,13 +102,22 @@ pub fn kernel_cmdline(init_full: bool, tsc_khz: Option<u64>, user_namespaces: bo
     c
 }
 
-/// `qemu-img create` of a VM's writable qcow2 layer over `backing`.
 /// `qemu-img rebase -u`: point `overlay` at `backing` without copying
 /// (the new backing holds the same bytes as the old one).
 pub fn qemu_img_repoint_args(overlay: &Path, backing: &Path, backing_format: &str) -> Vec<String> {
     qemu_img_qcow2_args(&["rebase", "-u"], backing, backing_format, overlay)
 }
 
+/// `qemu-img convert` of a raw disk into a qcow2 file of its own (holes
+/// stay holes). `-U`: the stopped VM's QEMU may still hold the raw file.
+pub fn qemu_img_raw_to_qcow2_args(raw: &Path, qcow2: &Path) -> Vec<String> {
+    let mut v: Vec<String> = ["convert", "-U", "-f", "raw", "-O", "qcow2"].map(String::from).into();
+    v.push(raw.to_string_lossy().into_owned());
+    v.push(qcow2.to_string_lossy().into_owned());
+    v
+}
+
+/// `qemu-img create` of a VM's writable qcow2 layer over `backing`.
 pub fn qemu_img_overlay_args(backing: &Path, backing_format: &str, overlay: &Path) -> Vec<String> {
     qemu_img_qcow2_args(&["create", "-q"], backing, backing_format, overlay)
 }

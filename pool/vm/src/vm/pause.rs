@@ -116,11 +116,11 @@ impl Vm {
         let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
         // QEMU flushed and let go of the disk when the migration completed.
         let kept = match saved {
-            Ok(()) => {
-                std::fs::rename(&self.scratch, p.disk()).map_err(io_err("keeping the paused VM's disk"))
-            }
+            Ok(()) => self.save_disk(&p.disk(), false).await,
             Err(e) => Err(e),
         };
+        // A storage backend's disk (a ZFS clone) goes with the VM: the
+        // paused one holds a copy.
         self.shutdown().await;
         kept?;
         drop_internal_snapshots(&host, &p.disk()).await?;
@@ -167,7 +167,7 @@ impl Vm {
         let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
         // The disk is consistent while the VM stands still: copy it now.
         let copied = match saved {
-            Ok(()) => std::fs::copy(&self.scratch, p.disk()).map(drop).map_err(io_err("copying the disk")),
+            Ok(()) => self.save_disk(&p.disk(), true).await,
             Err(e) => Err(e),
         };
         // The original runs on either way.
@@ -201,12 +201,30 @@ impl Vm {
                 self.channel
             )]));
         }
-        if self.disk.is_some() {
-            return Err(VmError::Config(vec![
-                "pausing needs qcow2 scratch disks (storage.backend = \"file\" with overlays)".into(),
-            ]));
-        }
         Ok(())
+    }
+
+    /// Save the stopped VM's writable disk as qcow2 file `to`: a qcow2
+    /// overlay is moved there (or copied, to `keep` it); a raw disk from
+    /// the storage backend (a raw copy, a ZFS clone's) is converted, its
+    /// holes left out, so a paused VM is the same files whatever the
+    /// backend, and resumes on an overlay.
+    async fn save_disk(&self, to: &Path, keep: bool) -> Result<(), VmError> {
+        if self.disk.is_some() {
+            let qemu_img = self.host.config().qemu_img.to_string_lossy().to_string();
+            return self
+                .host
+                .runner()
+                .run(&qemu_img, &argv::qemu_img_raw_to_qcow2_args(&self.scratch, to))
+                .await
+                .map(drop)
+                .map_err(|e| VmError::Tool(format!("saving the raw disk: {e}")));
+        }
+        if keep {
+            std::fs::copy(&self.scratch, to).map(drop).map_err(io_err("copying the disk"))
+        } else {
+            std::fs::rename(&self.scratch, to).map_err(io_err("keeping the paused VM's disk"))
+        }
     }
 
     /// Point the saved disk at a copy of its backing layer in the paused
