@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::Tunnels;
+use crate::tunnel::{FileOp, Tunnels};
 use crate::Agent;
 
 /// Requests one connection may have in flight at once.
@@ -259,10 +259,10 @@ async fn run_request(
         }
         RequestBody::Connect { port } => tunnels.connect(id, port, resp.clone(), token).await,
         RequestBody::ReadFile { path } => {
-            tunnels.read_file(&agent.layout, id, path, resp.clone(), token).await
+            tunnels.file(&agent.layout, id, (path, FileOp::Read), resp.clone(), token).await
         }
         RequestBody::WriteFile { path } => {
-            tunnels.write_file(&agent.layout, id, path, resp.clone(), token).await
+            tunnels.file(&agent.layout, id, (path, FileOp::Write), resp.clone(), token).await
         }
         RequestBody::Send { target, data, eof } => {
             let _ = resp.send(done(tunnels.send(target, data, eof).await)).await;

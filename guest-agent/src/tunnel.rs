@@ -41,12 +41,15 @@ fn io_message(e: &std::io::Error) -> String {
 }
 
 /// Open `path` (relative to the workspace) with `open` as the guest's user,
-/// off the async threads; an error is worded as the guest's tools word it.
+/// off the async threads; on failure request `id` is answered with the
+/// error, worded as the guest's tools word it.
 async fn open_as(
     layout: &crate::GuestLayout,
+    id: u64,
     path: &str,
+    resp: &mpsc::Sender<Response>,
     open: impl FnOnce(&std::path::Path) -> std::io::Result<std::fs::File> + Send + 'static,
-) -> Result<std::fs::File, ErrorReply> {
+) -> Option<std::fs::File> {
     let full = layout.workspace.join(path);
     let user = layout.user;
     let opened = tokio::task::spawn_blocking(move || {
@@ -54,11 +57,20 @@ async fn open_as(
         open(&full)
     })
     .await;
-    match opened {
-        Ok(Ok(f)) => Ok(f),
-        Ok(Err(e)) => Err(err(ErrorCode::BadRequest, format!("{path}: {}", io_message(&e)))),
-        Err(e) => Err(err(ErrorCode::Internal, format!("the open task failed: {e}"))),
-    }
+    let e = match opened {
+        Ok(Ok(f)) => return Some(f),
+        Ok(Err(e)) => err(ErrorCode::BadRequest, format!("{path}: {}", io_message(&e))),
+        Err(e) => err(ErrorCode::Internal, format!("the open task failed: {e}")),
+    };
+    let _ = resp.send(Response { id, body: ResponseBody::Error(e) }).await;
+    None
+}
+
+/// What a file request does.
+#[derive(Debug, Clone, Copy)]
+pub enum FileOp {
+    Read,
+    Write,
 }
 
 /// The open connections of one host connection, by their `connect` id.
@@ -193,58 +205,38 @@ impl Tunnels {
         self.pump(id, Source::Tcp(rd), Some(Writer::Tcp(wr)), &format!("port {port}"), resp, token).await;
     }
 
-    /// Stream file `path` (opened as `user`) to request `id`, paced like a
-    /// connection's output.
-    pub async fn read_file(
+    /// A file as the guest's user: read (`path` streamed to request `id`,
+    /// paced like a connection's output), or written (parents made, an
+    /// existing file truncated) with the `send`s of request `id` until one
+    /// carries `eof` or `token` is cancelled.
+    pub async fn file(
         &self,
         layout: &crate::GuestLayout,
         id: u64,
-        path: String,
-        resp: mpsc::Sender<Response>,
-        token: CancellationToken,
-    ) {
-        let opened = open_as(layout, &path, |full| {
-            let f = std::fs::File::open(full)?;
-            if f.metadata()?.is_dir() {
-                return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
-            }
-            Ok(f)
-        });
-        let file = match opened.await {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = resp.send(Response { id, body: ResponseBody::Error(e) }).await;
-                return;
-            }
-        };
-        self.pump(id, Source::File(Arc::new(file)), None, &path, resp, token).await;
-    }
-
-    /// Write file `path` as `user` (parents made, an existing file
-    /// truncated) with the `send`s of request `id`, until one carries `eof`
-    /// or `token` is cancelled.
-    pub async fn write_file(
-        &self,
-        layout: &crate::GuestLayout,
-        id: u64,
-        path: String,
+        (path, op): (String, FileOp),
         resp: mpsc::Sender<Response>,
         token: CancellationToken,
     ) {
         use std::os::unix::fs::OpenOptionsExt as _;
-        let opened = open_as(layout, &path, |full| {
-            if let Some(parent) = full.parent() {
-                std::fs::create_dir_all(parent)?;
+        let opened = open_as(layout, id, &path, &resp, move |full| match op {
+            FileOp::Read => {
+                let f = std::fs::File::open(full)?;
+                if f.metadata()?.is_dir() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
+                }
+                Ok(f)
             }
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(full)
+            FileOp::Write => {
+                if let Some(parent) = full.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(full)
+            }
         });
-        let file = match opened.await {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = resp.send(Response { id, body: ResponseBody::Error(e) }).await;
-                return;
-            }
-        };
+        let Some(file) = opened.await else { return };
+        if let FileOp::Read = op {
+            return self.pump(id, Source::File(Arc::new(file)), None, &path, resp, token).await;
+        }
         let tunnel = Tunnel::new(Some(Writer::File(Some(file))), 0);
         self.set(id, Some(Arc::clone(&tunnel)));
         let _ = resp.send(Response { id, body: ResponseBody::Connected {} }).await;
