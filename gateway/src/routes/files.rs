@@ -280,7 +280,7 @@ async fn watch(
 }
 
 /// Write the body to the file (parents created), streamed: the agent writes
-/// it itself as the user, in 1 MiB pieces as the body arrives.
+/// it itself as the user, in 4 MiB pieces (`UPLOAD_CHUNK`) as the body arrives.
 pub async fn put<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, path)): Path<(String, String)>,
