@@ -10,6 +10,7 @@ mod configure;
 mod exec;
 mod files;
 mod forkserver;
+mod lane;
 mod nic;
 mod process;
 mod reaper;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 pub use cgroup::Cgroups;
 pub use forkserver::ForkServer;
+pub use lane::Lane;
 pub use process::Processes;
 pub use reaper::{ReapMode, Reaper};
 pub use scrub::Baseline;
@@ -54,6 +56,9 @@ pub struct GuestLayout {
     /// Modules the image's recipe asks the fork server to preload
     /// (`/etc/ember/preload`).
     pub preload: Vec<String>,
+    /// The bulk lane's device; `None` finds it by its serial (host tests
+    /// name a file).
+    pub lane: Option<PathBuf>,
 }
 
 impl GuestLayout {
@@ -68,6 +73,7 @@ impl GuestLayout {
             resolv_conf: "/etc/resolv.conf".into(),
             image_env: BTreeMap::new(),
             preload: Vec::new(),
+            lane: None,
         }
     }
 
@@ -105,6 +111,8 @@ pub struct Agent {
     pub baseline: Option<Baseline>,
     /// Background processes (sessions).
     pub processes: Processes,
+    /// The bulk lane uploads arrive on, opened on first use.
+    pub lane: lane::Lane,
 }
 
 /// Command-line arguments of `ember-agent`.
@@ -167,6 +175,7 @@ pub async fn run(args: Args) -> std::io::Result<()> {
         forkserver,
         baseline,
         processes: Processes::default(),
+        lane: Lane::default(),
     });
     // Start the blocking-pool thread (file writes) before the host can
     // snapshot this VM: under TCG a thread start costs ~8 ms, and a thread

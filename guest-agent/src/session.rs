@@ -267,6 +267,9 @@ async fn run_request(
         RequestBody::Send { target, data, eof } => {
             let _ = resp.send(done(tunnels.send(target, data, eof).await)).await;
         }
+        RequestBody::LaneWrite { target, at, lane_at, len } => {
+            let _ = resp.send(done(tunnels.lane_write(agent, target, (at, lane_at, len)).await)).await;
+        }
         RequestBody::Hello { .. }
         | RequestBody::Cancel { .. }
         | RequestBody::Shutdown {}

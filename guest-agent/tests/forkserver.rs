@@ -53,6 +53,7 @@ async fn start(with_server: bool) -> Harness {
         forkserver,
         baseline: None,
         processes: Default::default(),
+        lane: Default::default(),
     });
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));

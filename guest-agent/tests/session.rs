@@ -14,14 +14,23 @@ use ember_wire::{Command, ErrorCode, ExecRequest, FileSpec, Stream, MAX_FRAME_LE
 struct Harness {
     client: Arc<AgentClient>,
     dir: tempfile::TempDir,
+    _lane_dir: Option<tempfile::TempDir>,
 }
 
 fn start() -> Harness {
+    start_with(false)
+}
+
+/// With `lane`, a bulk lane (a file here, a disk in a VM) both sides share.
+fn start_with(lane: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let mut layout = GuestLayout::guest();
     layout.workspace = dir.path().to_path_buf();
     layout.scratch_dirs = vec![dir.path().to_path_buf()];
     layout.user = None;
+    let lane_dir = lane.then(|| tempfile::tempdir().unwrap());
+    layout.lane = lane_dir.as_ref().map(|d| d.path().join("lane.raw"));
+    let host_lane = layout.lane.as_deref().map(|p| ember_vm::channel::BulkLane::create(p).unwrap());
     let agent = Arc::new(Agent {
         layout,
         reaper: Reaper::start(ReapMode::Registered).unwrap(),
@@ -30,10 +39,15 @@ fn start() -> Harness {
         forkserver: None,
         baseline: None,
         processes: Default::default(),
+        lane: Default::default(),
     });
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));
-    Harness { client: Arc::new(AgentClient::new(host)), dir }
+    let client = Arc::new(AgentClient::new(host));
+    if let Some(l) = host_lane {
+        client.attach_lane(l);
+    }
+    Harness { client, dir, _lane_dir: lane_dir }
 }
 
 fn sh(cmd: &str) -> ExecRequest {
@@ -488,10 +502,37 @@ async fn a_file_is_read_by_the_agent_itself_beyond_the_window_with_the_guests_er
 
 #[tokio::test]
 async fn a_file_is_written_by_the_agent_itself_in_order_with_the_guests_errors() {
-    let h = start();
-    let data: Vec<u8> = (0..5 * (1 << 20) + 333).map(|i| (i % 253) as u8).collect();
+    written_in_order_with_the_guests_errors(start(), 1 << 20).await;
+}
+
+/// Pieces over a slot and more of them than the lane has slots: some wait
+/// for room, some are split, all land at their offsets.
+#[tokio::test]
+async fn a_file_comes_over_the_bulk_lane_in_pieces_at_their_offsets() {
+    written_in_order_with_the_guests_errors(start_with(true), 5 << 20).await;
+}
+
+#[tokio::test]
+async fn a_lane_write_for_no_file_or_a_connection_is_refused_and_the_agent_serves_on() {
+    let h = start_with(true);
+    for target in [0u64, 9999] {
+        let body = format!(
+            r#"{{"id":0,"body":{{"type":"lane_write","target":{target},"at":0,"lane_at":0,"len":10}}}}"#
+        );
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend(body.as_bytes());
+        h.client.send_raw(frame).await.unwrap();
+        let e = h.client.next_stray_error(Duration::from_secs(5)).await.unwrap();
+        assert_eq!((e.code, e.message.as_str()), (ErrorCode::NotFound, format!("no file {target}").as_str()));
+    }
+    let out = h.client.run(sh("echo alive")).await.unwrap();
+    assert_eq!(out.stdout, b"alive\n");
+}
+
+async fn written_in_order_with_the_guests_errors(h: Harness, piece: usize) {
+    let data: Vec<u8> = (0..5 * piece + 333).map(|i| (i % 253) as u8).collect();
     let mut up = h.client.write_file("new/dir/f.bin").await.unwrap();
-    let mut pieces = data.chunks(1 << 20).collect::<Vec<_>>();
+    let mut pieces = data.chunks(piece).collect::<Vec<_>>();
     let last = pieces.pop().unwrap();
     for p in pieces {
         up.write(p.to_vec()).await.unwrap();

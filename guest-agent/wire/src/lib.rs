@@ -21,7 +21,7 @@ pub use codec::{
 pub use message::*;
 
 /// Protocol version; `hello` reports it so a host can refuse a stale image.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// AF_VSOCK port the agent listens on (kernel vsock and hybrid vsock).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent serves (`virtserialport,name=...`).
@@ -32,5 +32,10 @@ pub const CODE_DIR: &str = "/tmp/.ember";
 /// Written by the agent to the guest console once it listens on vsock, so
 /// the host knows when a hybrid-vsock CONNECT can be answered.
 pub const VSOCK_READY_MARKER: &str = "ember-agent: vsock ready";
+/// The virtio serial of the bulk lane: a read-only disk the host writes
+/// upload pieces into, so they reach the guest as block requests.
+pub const LANE_SERIAL: &str = "ember-lane";
+/// Most bytes one `lane_write` moves.
+pub const MAX_LANE_WRITE: u32 = 8 << 20;
 /// Largest frame body either side accepts by default.
 pub const MAX_FRAME_LEN: usize = 16 << 20;

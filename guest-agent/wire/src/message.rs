@@ -107,6 +107,19 @@ pub enum RequestBody {
     WriteFile {
         path: String,
     },
+    /// Bytes for the file written by request `target` that the host put on
+    /// the bulk lane (the VM's read-only disk of serial [`crate::LANE_SERIAL`]):
+    /// `len` bytes from lane offset `lane_at`, to be written at file offset
+    /// `at`. Answered by `ok` once written, so the host may reuse that part
+    /// of the lane. Writes at their own offsets need no order among them.
+    /// Host to guest this way, a 4 MiB piece is a few block requests; on a
+    /// virtio-console it is a thousand 4 KiB reads, each with its own kick.
+    LaneWrite {
+        target: u64,
+        at: u64,
+        lane_at: u64,
+        len: u32,
+    },
     /// The host consumed `bytes` of connection `target`'s output: the agent
     /// may send that much more. Not answered.
     Credit {

@@ -9,6 +9,7 @@
 
 mod cid;
 mod client;
+pub mod lane;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -22,6 +23,7 @@ pub use client::{
     AgentClient, AgentError, CallTimeouts, ExecEvent, ExecHandle, ExecOutput, FileUpload,
     MAX_BUFFERED_PER_REQUEST, MAX_IN_FLIGHT,
 };
+pub use lane::BulkLane;
 
 /// A channel kind as configured: `auto` picks from what the host has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

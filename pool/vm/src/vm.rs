@@ -37,7 +37,7 @@ pub use state::{ReapReport, StateDir};
 pub use steps::{describe as describe_steps, Step, Steps};
 pub use template::{BootPlan, Template};
 
-use crate::channel::{self, AgentClient, AgentError, ChannelAddr, ChannelKind, CidLease};
+use crate::channel::{self, AgentClient, AgentError, BulkLane, ChannelAddr, ChannelKind, CidLease};
 use crate::storage::Disk;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +114,8 @@ pub struct Vm {
     _cid: Option<CidLease>,
     /// The raw writable disk from the storage backend, if any.
     disk: Option<Disk>,
+    /// The bulk lane uploads reach the guest on.
+    lane: Option<Arc<BulkLane>>,
     /// Its NIC's TAP (with networking on), removed after QEMU.
     tap: Option<crate::net::OwnedTap>,
     /// Its writable disk's file, and what that overlay is backed by (a
@@ -316,6 +318,9 @@ impl Vm {
                 }
                 BootFailure::Qmp(source) => VmError::Qmp { vm: self.id.clone(), source },
             })?;
+        if let Some(lane) = &self.lane {
+            agent.attach_lane(Arc::clone(lane));
+        }
         self.agent = std::sync::Arc::new(agent);
         Ok(())
     }

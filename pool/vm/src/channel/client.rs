@@ -100,6 +100,8 @@ pub struct AgentClient {
     /// Whether the last command sent was a Python script: the reset's
     /// warm-up then warms the Python path (see `pool::vm_backend::warm_up`).
     last_exec_python: std::sync::atomic::AtomicBool,
+    /// The VM's bulk lane, when it has one: uploads go that way.
+    lane: std::sync::OnceLock<Arc<super::lane::BulkLane>>,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -218,8 +220,14 @@ impl AgentClient {
             closed,
             next_id: AtomicU64::new(1),
             last_exec_python: std::sync::atomic::AtomicBool::new(false),
+            lane: std::sync::OnceLock::new(),
             tasks: [reader, writer],
         }
+    }
+
+    /// Send uploads over `lane` (the VM's bulk lane disk) from now on.
+    pub fn attach_lane(&self, lane: Arc<super::lane::BulkLane>) {
+        let _ = self.lane.set(lane);
     }
 
     async fn start(

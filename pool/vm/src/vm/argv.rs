@@ -50,6 +50,8 @@ pub struct QemuArgs {
     pub scratch: PathBuf,
     /// `qcow2` (an overlay) or `raw` (a copy).
     pub scratch_format: &'static str,
+    /// The bulk lane's file (read-only to the guest; uploads come this way).
+    pub lane: Option<PathBuf>,
     pub console_log: PathBuf,
     pub qmp_socket: PathBuf,
     pub channel: ChannelDevice,
@@ -218,6 +220,17 @@ pub fn qemu_argv(a: &QemuArgs) -> Vec<OsString> {
             "virtio-blk-device,drive=scratch,serial=ember-scratch",
         ],
     );
+    if let Some(lane) = &a.lane {
+        push(
+            &mut v,
+            &[
+                "-drive",
+                &format!("id=lane,file={},format=raw,if=none,readonly=on", lane.display()),
+                "-device",
+                &format!("virtio-blk-device,drive=lane,serial={}", ember_wire::LANE_SERIAL),
+            ],
+        );
+    }
     match &a.channel {
         ChannelDevice::Serial { socket } => push(
             &mut v,
@@ -296,6 +309,7 @@ mod tests {
             rootfs: "/img/rootfs.ext4".into(),
             scratch: "/run/vm1/scratch.qcow2".into(),
             scratch_format: "qcow2",
+            lane: Some("/run/vm1/lane.raw".into()),
             console_log: "/run/vm1/console.log".into(),
             qmp_socket: "/run/vm1/qmp.sock".into(),
             channel,
@@ -329,6 +343,8 @@ mod tests {
              -device virtio-blk-device,drive=root,serial=ember-root \
              -drive id=scratch,file=/run/vm1/scratch.qcow2,format=qcow2,if=none,discard=unmap \
              -device virtio-blk-device,drive=scratch,serial=ember-scratch \
+             -drive id=lane,file=/run/vm1/lane.raw,format=raw,if=none,readonly=on \
+             -device virtio-blk-device,drive=lane,serial=ember-lane \
              -device virtio-serial-device,max_ports=2 \
              -chardev socket,id=agent,path=/run/vm1/agent.sock,server=on,wait=off \
              -device virtserialport,chardev=agent,name=org.ember.agent \

@@ -151,6 +151,16 @@ impl Vm {
                 .map_err(io_err("handing the scratch disk to the QEMU user"))?;
         }
 
+        // The bulk lane (a VM paused before lanes existed resumes without).
+        let lane = match &plan {
+            BootPlan::Resume(p) if !p.lane => None,
+            _ => Some(BulkLane::create(&dir.join("lane.raw")).map_err(io_err("making the bulk lane"))?),
+        };
+        if let (Some((uid, gid)), Some(lane)) = (host.qemu_ids(), &lane) {
+            std::os::unix::fs::chown(lane.path(), Some(uid), Some(gid))
+                .map_err(io_err("handing the bulk lane to the QEMU user"))?;
+        }
+
         let memory = match &plan {
             BootPlan::Cold => memory,
             BootPlan::Template(t) => MemoryBacking::File { path: t.mem.clone(), shared: true },
@@ -174,6 +184,7 @@ impl Vm {
             rootfs: cfg.images.rootfs.clone(),
             scratch_format: if raw_copy { "raw" } else { "qcow2" },
             scratch: scratch.clone(),
+            lane: lane.as_ref().map(|l| l.path().to_path_buf()),
             console_log: dir.join("console.log"),
             qmp_socket: qmp_socket.clone(),
             channel: device,
@@ -233,6 +244,9 @@ impl Vm {
         if let Err(e) = same_protocol(&hello) {
             return Err(VmError::Agent { vm: parts.id.clone(), source: e });
         }
+        if let Some(lane) = &lane {
+            agent.attach_lane(Arc::clone(lane));
+        }
         // A restored guest resumes with the template's clock, and a booted
         // one read a one-second RTC while booting slowly: set it precisely.
         if let Err(e) = agent.configure(template::after_restore()).await {
@@ -260,6 +274,7 @@ impl Vm {
             helper,
             _cid: cid,
             disk,
+            lane,
             scratch,
             backing,
             memory: memory_kind,

@@ -36,6 +36,9 @@ pub struct Paused {
     /// disk (raw), or `base.qcow2` here (qcow2).
     pub backing_format: String,
     pub paused_unix_ms: u64,
+    /// Whether the VM had a bulk lane (its devices must match on resume).
+    #[serde(default)]
+    pub lane: bool,
     #[serde(skip)]
     dir: PathBuf,
 }
@@ -190,6 +193,7 @@ impl Vm {
             memory_mb: self.host.config().memory_mb,
             backing_format: self.backing.1.to_string(),
             paused_unix_ms: unix_ms(),
+            lane: self.lane.is_some(),
             dir: dir.to_path_buf(),
         })
     }
@@ -324,6 +328,7 @@ mod tests {
             memory_mb: 256,
             backing_format: "qcow2".into(),
             paused_unix_ms: 1,
+            lane: true,
             dir: dir.path().to_path_buf(),
         };
         std::fs::write(dir.path().join(RECORD), serde_json::to_vec(&p).unwrap_or_default())
@@ -336,5 +341,9 @@ mod tests {
         assert_eq!(Paused::load(dir.path()).ok(), Some(p));
         std::fs::write(dir.path().join(RECORD), b"{").unwrap_or_else(|e| panic!("{e}"));
         assert!(Paused::load(dir.path()).is_err());
+        // A record from before lanes resumes its VM without one.
+        let old = r#"{"memory":"object","memory_mb":256,"backing_format":"raw","paused_unix_ms":1}"#;
+        std::fs::write(dir.path().join(RECORD), old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Paused::load(dir.path()).map(|p| p.lane).ok(), Some(false));
     }
 }

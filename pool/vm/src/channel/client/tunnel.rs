@@ -10,29 +10,92 @@ use std::sync::Arc;
 use ember_wire::{encode, Request, RequestBody, ResponseBody};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
+use super::super::lane::{self, BulkLane};
 use super::{cancel_frame, AgentClient, AgentError, Delivery, PendingCall};
 
 /// A file being written in the guest by the agent ([`AgentClient::write_file`]):
 /// bytes go in order with [`FileUpload::write`]; [`FileUpload::finish`]
 /// closes it. Dropped unfinished, the write is abandoned (what was written
 /// stays, as with a killed `cat`).
+///
+/// On a VM with a bulk lane each piece goes on the lane and the agent copies
+/// it from there (`lane_write`, at the piece's own offset): `write` returns
+/// once the piece is on the lane, so the next one is read from the caller
+/// while the guest writes this one, a lane's worth of slots at most.
+/// Without one, pieces travel as `send`s on the channel.
 #[derive(Debug)]
 pub struct FileUpload {
     client: Arc<AgentClient>,
     id: u64,
     rx: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
     finished: bool,
+    /// Bytes handed over so far: where the next piece goes in the file.
+    at: u64,
+    /// Bytes short of a whole lane slot, waiting for more.
+    carry: Vec<u8>,
+    /// Lane writes not answered yet (dropping them frees their slots).
+    in_flight: tokio::task::JoinSet<Result<(), AgentError>>,
 }
 
 impl FileUpload {
-    /// Append `data` to the file; returns once the agent wrote it.
+    /// Append `data` to the file; returns once the agent wrote it, or, on
+    /// the lane, once it is on the lane (or held until a slot's worth).
     pub async fn write(&mut self, data: Vec<u8>) -> Result<(), AgentError> {
-        let send = RequestBody::Send { target: self.id, data, eof: false };
-        self.client.call_ok("send", self.client.timeouts.slow, send).await
+        match self.client.lane.get().cloned() {
+            Some(lane) => self.put_on(&lane, data, false).await,
+            None => {
+                let send = RequestBody::Send { target: self.id, data, eof: false };
+                self.client.call_ok("send", self.client.timeouts.slow, send).await
+            }
+        }
+    }
+
+    /// Add `data` to what waits for the lane, and put every whole slot of
+    /// it there (with `last`, the rest too). Whole slots keep every piece
+    /// but the last at an aligned offset, which the guest writes straight
+    /// to its disk, past its page cache.
+    async fn put_on(&mut self, lane: &Arc<BulkLane>, data: Vec<u8>, last: bool) -> Result<(), AgentError> {
+        if self.carry.is_empty() {
+            self.carry = data;
+        } else {
+            self.carry.extend_from_slice(&data);
+        }
+        let slot = lane::SLOT_LEN as usize;
+        while self.carry.len() >= slot || (last && !self.carry.is_empty()) {
+            // A write that failed fails the upload now, not at the end.
+            while let Some(done) = self.in_flight.try_join_next() {
+                flatten(done)?;
+            }
+            let rest = self.carry.split_off(self.carry.len().min(slot));
+            let piece = std::mem::replace(&mut self.carry, rest);
+            let len = piece.len() as u64;
+            let slot =
+                lane.put(piece).await.map_err(|e| AgentError::Protocol(format!("the bulk lane: {e}")))?;
+            let body =
+                RequestBody::LaneWrite { target: self.id, at: self.at, lane_at: slot.at(), len: slot.len() };
+            self.at += len;
+            let client = Arc::clone(&self.client);
+            self.in_flight.spawn(async move {
+                let written = client.call_ok("lane_write", client.timeouts.slow, body).await;
+                drop(slot);
+                written
+            });
+        }
+        Ok(())
     }
 
     /// Write `data` last and close the file; returns once it is closed.
     pub async fn finish(mut self, data: Vec<u8>) -> Result<(), AgentError> {
+        let data = match self.client.lane.get().cloned() {
+            Some(lane) => {
+                self.put_on(&lane, data, true).await?;
+                while let Some(done) = self.in_flight.join_next().await {
+                    flatten(done)?;
+                }
+                Vec::new()
+            }
+            None => data,
+        };
         let send = RequestBody::Send { target: self.id, data, eof: true };
         self.client.call_ok("send", self.client.timeouts.slow, send).await?;
         let within = self.client.timeouts.quick;
@@ -46,6 +109,10 @@ impl FileUpload {
             Err(_) => Err(AgentError::Timeout { what: "write_file", after: within }),
         }
     }
+}
+
+fn flatten(done: Result<Result<(), AgentError>, tokio::task::JoinError>) -> Result<(), AgentError> {
+    done.map_err(|e| AgentError::Protocol(format!("a lane write task failed: {e}")))?
 }
 
 impl Drop for FileUpload {
@@ -83,7 +150,16 @@ impl AgentClient {
     /// itself. An error to open it is the guest's own message.
     pub async fn write_file(self: &Arc<Self>, path: &str) -> Result<FileUpload, AgentError> {
         let (id, _, rx) = self.open("write_file", RequestBody::WriteFile { path: path.to_string() }).await?;
-        Ok(FileUpload { client: Arc::clone(self), id, rx, finished: false })
+        let in_flight = tokio::task::JoinSet::new();
+        Ok(FileUpload {
+            client: Arc::clone(self),
+            id,
+            rx,
+            finished: false,
+            at: 0,
+            carry: Vec::new(),
+            in_flight,
+        })
     }
 
     /// Start a request answered first by `connected`, and wait for that.
