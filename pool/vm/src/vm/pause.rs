@@ -167,12 +167,14 @@ impl Vm {
     pub async fn fork_into(&self, dir: &Path) -> Result<Paused, VmError> {
         let p = self.record_in(dir)?;
         let (backing, backing_format) = self.backing.clone();
-        let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
-        // The disk is consistent while the VM stands still: copy it now.
-        let copied = match saved {
-            Ok(()) => self.save_disk(&p.disk(), true).await,
-            Err(e) => Err(e),
-        };
+        // Stopped (QEMU flushes the disk as it stops), the disk is
+        // consistent: copy it while the RAM is being saved, not after.
+        let stopped = self.qmp.lock().await.execute("stop", None).await;
+        stopped.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
+        let (state, disk) = (p.state(), p.disk());
+        let (saved, copied) =
+            tokio::join!(self.migrate_to_file(&state, false, SAVE_TIMEOUT), self.save_disk(&disk, true));
+        let copied = saved.and(copied);
         // The original runs on either way.
         let resumed = self.qmp.lock().await.execute("cont", None).await;
         copied?;
@@ -225,7 +227,9 @@ impl Vm {
                 .map_err(|e| VmError::Tool(format!("saving the raw disk: {e}")));
         }
         if keep {
-            std::fs::copy(&self.scratch, to).map(drop).map_err(io_err("copying the disk"))
+            let (from, to) = (self.scratch.clone(), to.to_path_buf());
+            let copied = tokio::task::spawn_blocking(move || std::fs::copy(from, to).map(drop)).await;
+            copied.map_err(std::io::Error::other).and_then(|r| r).map_err(io_err("copying the disk"))
         } else {
             std::fs::rename(&self.scratch, to).map_err(io_err("keeping the paused VM's disk"))
         }
