@@ -371,9 +371,11 @@ async fn claim(
 async fn pool_leaves_nothing_behind(pool: &VmPool, function: Option<&str>) -> anyhow::Result<()> {
     // Destroy mode replaces the VM; the other modes hand the same one back.
     let same_vm = pool.backend().mode() != ember_pool::config::ResetMode::Destroy;
-    // The wait of a claim (these pools' claim_timeout): a python-data VM
-    // released just before re-warms numpy and pandas in its reset, which
-    // took over 60 s once with both host cores busy building.
+    // The wait of a claim (these pools' claim_timeout): the python-data
+    // pool resets by destroy (its host's channel is hybrid-vsock here), so
+    // a VM released just before comes back as a cold boot plus the image's
+    // 8.5-10 s numpy warm command: 32.6 s on an idle host, over 60 s once
+    // with both host cores busy building.
     let t = tokio::time::Instant::now();
     let deadline = t + Duration::from_secs(120);
     ensure!(wait_until(deadline, Duration::from_millis(20), || (pool.status().ready >= 1).then_some(()))
