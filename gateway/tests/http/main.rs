@@ -427,6 +427,13 @@ fn a_sessions_files_are_written_read_and_managed_as_its_user(s: &Server) -> anyh
     }
     let put_root = s.curl(&["-X", "PUT", "--data-binary", "x"], "/v1/sessions/files/files/%2Fetc%2Fx")?;
     ensure!(put_root.status == 403, "{put_root:?}");
+    // A write through a link to a file the user cannot write: the guest's
+    // refusal, nothing written (the link still points at a root file).
+    let put_link = s.curl(&["-X", "PUT", "--data-binary", "x"], "/v1/sessions/files/files/shadow")?;
+    ensure!(put_link.error()? == (403, "permission_denied".into()), "{put_link:?}");
+    let still = s.run_in("files", json!({"cmd": "stat -c '%U %s' /etc/shadow; readlink shadow"}))?;
+    let out = still["stdout"].as_str().unwrap_or_default();
+    ensure!(out.starts_with("root ") && out.ends_with("/etc/shadow\n"), "{still}");
     let os = s.get("/v1/sessions/files/files/%2Fetc%2Fos-release")?;
     ensure!(os.status == 200 && String::from_utf8_lossy(&os.body).contains("Debian"), "{os:?}");
     ensure!(s.request("DELETE", "/v1/sessions/files", &[], None)?.status == 204);
