@@ -13,8 +13,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 /// `O_DIRECT` wants buffers, offsets and lengths aligned to the logical
-/// block size; a page covers every block size.
-const ALIGN: usize = 4096;
+/// block size (and a file system's to its block); a page covers them all.
+pub(crate) const ALIGN: usize = 4096;
+
+/// A zeroed buffer with room for `len` bytes from an `ALIGN`-aligned
+/// offset in it, and that offset: what a direct read or write needs.
+pub(crate) fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
+    let buf = vec![0u8; len + ALIGN];
+    let start = buf.as_ptr().align_offset(ALIGN);
+    (buf, start)
+}
 
 /// The lane as this agent found it (once, on first use).
 #[derive(Debug, Default)]
@@ -62,8 +70,7 @@ impl Lane {
         let len = len as usize;
         let whole = len.div_ceil(ALIGN) * ALIGN;
         let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; whole + ALIGN];
-            let start = buf.as_ptr().align_offset(ALIGN);
+            let (mut buf, start) = aligned_buffer(whole);
             let mut done = 0;
             while done < len {
                 let n = f

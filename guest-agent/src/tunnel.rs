@@ -108,8 +108,7 @@ struct DirectReader {
 impl FileIn {
     fn new(buffered: std::fs::File, direct: Option<std::fs::File>) -> Self {
         let direct = direct.map(|file| {
-            let buf = vec![0u8; CHUNK + DIRECT_ALIGN as usize];
-            let start = buf.as_ptr().align_offset(DIRECT_ALIGN as usize);
+            let (buf, start) = crate::lane::aligned_buffer(CHUNK);
             DirectReader { file, buf, start, pos: 0 }
         });
         Self { buffered, direct: Mutex::new(direct) }
@@ -188,8 +187,8 @@ struct FileOut {
     direct: Option<std::fs::File>,
 }
 
-/// `O_DIRECT` alignment of file offsets and lengths (the file system's block).
-const DIRECT_ALIGN: u64 = 4096;
+/// `O_DIRECT` alignment of file offsets and lengths.
+const DIRECT_ALIGN: u64 = crate::lane::ALIGN as u64;
 
 impl FileOut {
     /// Write `data` at `at`: its aligned part directly, the rest buffered.
@@ -475,8 +474,7 @@ mod tests {
         let out = FileOut { buffered, direct };
         let want: Vec<u8> = (0..3 * 8192 + 100).map(|i| (i % 241) as u8).collect();
         // An O_DIRECT write needs an aligned buffer too: pieces of one.
-        let mut buf = vec![0u8; want.len() + 4096];
-        let start = buf.as_ptr().align_offset(4096);
+        let (mut buf, start) = crate::lane::aligned_buffer(want.len());
         buf[start..start + want.len()].copy_from_slice(&want);
         let data = &buf[start..start + want.len()];
         for (at, end) in [(8192, 16384 + 5), (0, 8192), (16384 + 5, 3 * 8192 + 100)] {

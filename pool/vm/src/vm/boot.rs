@@ -144,21 +144,18 @@ impl Vm {
         let (disk, scratch, backing, disk_took) = disk?;
         parts.disk = disk;
         let (device, addr, memory) = channel?;
-        // QEMU may (re)open the disk after dropping to its user: on an
-        // incoming migration it opens images only when the VM starts.
-        if let Some((uid, gid)) = host.qemu_ids() {
-            std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))
-                .map_err(io_err("handing the scratch disk to the QEMU user"))?;
-        }
-
         // The bulk lane (a VM paused before lanes existed resumes without).
         let lane = match &plan {
             BootPlan::Resume(p) if !p.lane => None,
             _ => Some(BulkLane::create(&dir.join("lane.raw")).map_err(io_err("making the bulk lane"))?),
         };
-        if let (Some((uid, gid)), Some(lane)) = (host.qemu_ids(), &lane) {
-            std::os::unix::fs::chown(lane.path(), Some(uid), Some(gid))
-                .map_err(io_err("handing the bulk lane to the QEMU user"))?;
+        // QEMU may (re)open its disks after dropping to its user: on an
+        // incoming migration it opens images only when the VM starts.
+        if let Some((uid, gid)) = host.qemu_ids() {
+            for disk in std::iter::once(scratch.as_path()).chain(lane.as_ref().map(|l| l.path())) {
+                std::os::unix::fs::chown(disk, Some(uid), Some(gid))
+                    .map_err(io_err(format!("handing {} to the QEMU user", disk.display())))?;
+            }
         }
 
         let memory = match &plan {
