@@ -108,6 +108,15 @@ pub trait Backend: Send + Sync + 'static {
         async { Err(PoolError::Pause("this pool's VMs cannot fork".into())) }
     }
 
+    /// Remove `dir`, a paused VM's directory (or what is left of one), with
+    /// whatever that VM holds elsewhere (a forked disk).
+    fn remove_paused(&self, dir: &Path) -> impl Future<Output = ()> + Send {
+        let dir = dir.to_path_buf();
+        async move {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+    }
+
     /// Whether `dir` holds a VM this backend can resume (found at start-up).
     fn can_resume(&self, _dir: &Path) -> bool {
         false

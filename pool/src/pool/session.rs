@@ -446,7 +446,7 @@ async fn end_slot<B: Backend>(inner: &Arc<Inner<B>>, key: &str, slot: &Arc<Slot<
     }
     // Its saved files (a paused one's, or a resumed one's disk).
     if let Some(dir) = dir.or_else(|| inner.cfg.session_dir.as_ref().map(|d| d.join(key))) {
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        inner.backend.remove_paused(&dir).await;
     }
     tracing::info!(session = key, "session ended");
     true
@@ -539,7 +539,7 @@ pub(super) async fn shut_down<B: Backend>(inner: &Arc<Inner<B>>) {
         let vm = slot.vm.lock().await.take();
         inner.destroy_now(vm).await;
         if let Some(dir) = inner.cfg.session_dir.as_ref().map(|d| d.join(&key)) {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
+            inner.backend.remove_paused(&dir).await;
         }
     }
 }

@@ -428,6 +428,10 @@ impl Backend for VmBackend {
         paused.copy_to(&self.host, to).await.map(drop).map_err(|e| PoolError::Pause(format!("forking: {e}")))
     }
 
+    async fn remove_paused(&self, dir: &std::path::Path) {
+        self.host.remove_paused(dir).await;
+    }
+
     fn can_resume(&self, dir: &std::path::Path) -> bool {
         ember_vm::vm::Paused::load(dir).is_ok()
     }

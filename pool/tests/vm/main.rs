@@ -948,7 +948,7 @@ const VM_CASES: &[(&str, VmCase)] = vm_cases![
 
 /// A pool of 256 MiB VMs over `host`, reset by `mode`, replenished as the
 /// channel allows.
-fn start_pool(
+pub(crate) fn start_pool(
     host: &Arc<VmHost>,
     mode: ember_pool::config::ResetMode,
     cfg: ember_pool::config::PoolConfig,
@@ -1222,6 +1222,12 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             .run(
                 "zfs_a_vm_pauses_and_forks_off_its_clone",
                 Box::pin(pause::zfs_a_vm_pauses_and_forks_off_its_clone(&zfs_serial, &parent)),
+            )
+            .await;
+        report
+            .run(
+                "zfs_sessions_fork_and_leave_nothing",
+                Box::pin(pause::zfs_sessions_fork_and_leave_nothing(&zfs_serial, &parent)),
             )
             .await;
         zfs_serial.close().await;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use ember_testkit::ensure_eq;
 use ember_vm::vm::{processes_mentioning, Paused, VmHost};
 
@@ -138,45 +138,158 @@ pub async fn a_fork_starts_where_its_parent_was_and_diverges(host: &Arc<VmHost>)
     Ok(())
 }
 
-/// On the ZFS backend (a VM's disk is a raw file in its own clone): a fork
-/// and a pause save the disk as a qcow2 file of their own (the paused form
-/// is the same whatever the backend), the clone goes with the VM, and both
-/// resume with the files and processes they had.
+/// On ZFS a fork is copy-on-write: its disk is a clone of the running VM's
+/// clone (a snapshot and a clone, whatever the disk holds), not a copy. The
+/// parent going (paused here) promotes the fork, which lives on; a paused
+/// fork forks again the same way; a start-up keeps a fork a paused VM's
+/// record names; a VM resumed on a fork owns it; and once every VM and
+/// paused directory is gone no clone or snapshot of theirs is left.
 pub async fn zfs_a_vm_pauses_and_forks_off_its_clone(host: &Arc<VmHost>, parent: &str) -> anyhow::Result<()> {
     let vm = host.boot().await?;
-    ensure_eq!(crate::warm_clones(parent)?.len(), 1);
+    let warm = crate::warm_clones(parent)?;
+    ensure_eq!(warm.len(), 1);
+    let warm = warm[0].0.clone();
     let pid = vm.agent().spawn(counter()).await?;
     run(&vm, "echo kept > ~/notes; sleep 0.3").await?;
     let dir = tempfile::tempdir()?;
     let t = Instant::now();
     let child_saved = vm.fork_into(&dir.path().join("child")).await?;
     let fork_ms = ms(t.elapsed());
+    let fork = child_saved.dataset.clone().context("the fork's disk is not a ZFS clone")?;
+    ensure!(fork.name.starts_with(&format!("{parent}/fork-")), "{}", fork.name);
+    let origin = zfs_get("origin", &fork.name)?;
+    ensure!(origin.starts_with(&format!("{warm}@fork-")), "the fork is not a clone of {warm}: {origin}");
+    ensure!(!dir.path().join("child/disk.qcow2").exists(), "the fork's disk was copied");
+    // A paused VM's fork is nobody's clone.
+    ensure_eq!(zfs_get("ember:owner", &fork.name)?, "-");
     run(&vm, "echo after > ~/later").await?;
     let t = Instant::now();
     let paused = vm.pause(&dir.path().join("s")).await?;
     let pause_ms = ms(t.elapsed());
     ensure!(crate::warm_clones(parent)?.is_empty(), "the paused VM's clone is left");
+    // Its clone went; the fork was promoted and lives on.
+    ensure_eq!(zfs_get("origin", &fork.name)?, format!("{parent}/base@golden"));
+    // A start-up keeps a fork that a paused VM's record names.
+    let other = VmHost::new(host.config().clone(), false)?;
+    other.open_storage().await?;
+    ensure!(zfs_get("origin", &fork.name).is_ok(), "a start-up destroyed a paused VM's fork");
+    // A paused fork forks again, copy-on-write.
+    let grand_saved =
+        Paused::load(&dir.path().join("child"))?.copy_to(host, &dir.path().join("grand")).await?;
+    let grand = grand_saved.dataset.clone().context("the paused fork was copied, not forked")?;
+    ensure!(zfs_get("origin", &grand.name)?.starts_with(&format!("{}@fork-", fork.name)));
     let t = Instant::now();
     let vm = host.resume(&paused).await?;
     let resume_ms = ms(t.elapsed());
-    let child = host.resume(&child_saved).await?;
+    let child = host.resume(&Paused::load(&dir.path().join("child"))?).await?;
+    let grandchild = host.resume(&grand_saved).await?;
+    ensure!(zfs_get("ember:owner", &fork.name)? != "-", "the VM resumed on the fork does not own it");
     ensure_eq!(stdout(&vm, "cat ~/notes ~/later").await?, "kept\nafter\n");
     ensure_eq!(stdout(&child, "cat ~/notes; ls ~/later 2>&1 | grep -c 'No such'").await?, "kept\n1\n");
-    for v in [&vm, &child] {
+    for v in [&vm, &child, &grandchild] {
         let a: u64 = stdout(v, "cat /tmp/count").await?.trim().parse()?;
         tokio::time::sleep(Duration::from_millis(400)).await;
         let b: u64 = stdout(v, "cat /tmp/count").await?.trim().parse()?;
         ensure!(b > a, "{}: the counter stopped ({a} -> {b})", v.id());
         ensure!(v.agent().processes().await?.iter().any(|p| p.pid == pid && p.exit.is_none()));
     }
-    run(&child, "echo child > ~/notes").await?;
+    run(&child, "echo child > ~/notes; sync").await?;
     ensure_eq!(stdout(&vm, "cat ~/notes").await?, "kept\n");
+    ensure_eq!(stdout(&grandchild, "cat ~/notes").await?, "kept\n");
     println!(
-        "    zfs: fork save {fork_ms} ms, pause {pause_ms} ms, resume {resume_ms} ms, paused files {} MB",
+        "    zfs: fork save {fork_ms} ms (copy-on-write), pause {pause_ms} ms, resume {resume_ms} ms, \
+         paused files {} MB",
         paused.disk_bytes() / 1_000_000
     );
-    vm.shutdown().await;
+    // The child goes first: its fork (the grandchild's origin) is promoted
+    // away, the grandchild runs on.
     child.shutdown().await;
+    ensure_eq!(stdout(&grandchild, "cat ~/notes").await?, "kept\n");
+    vm.shutdown().await;
+    grandchild.shutdown().await;
+    for d in ["child", "grand", "s"] {
+        host.remove_paused(&dir.path().join(d)).await;
+        ensure!(!dir.path().join(d).exists(), "{d} is left");
+    }
+    other.close().await;
     ensure!(crate::warm_clones(parent)?.is_empty());
+    let left = zfs_names(parent)?;
+    ensure!(
+        left.iter().all(|n| !n.contains("/fork-") && !n.contains("/warm-") && !n.contains("@fork-")),
+        "left behind: {left:?}"
+    );
+    Ok(())
+}
+
+/// Property `prop` of dataset `name`.
+fn zfs_get(prop: &str, name: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new("zfs").args(["get", "-H", "-o", "value", prop, name]).output()?;
+    ensure!(out.status.success(), "zfs get {prop} {name}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Every dataset and snapshot under `parent`.
+fn zfs_names(parent: &str) -> anyhow::Result<Vec<String>> {
+    let out = std::process::Command::new("zfs")
+        .args(["list", "-H", "-o", "name", "-t", "all", "-r", parent])
+        .output()?;
+    ensure!(out.status.success(), "zfs list: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect())
+}
+
+/// Sessions on ZFS through the pool: a fork is a copy-on-write clone; a
+/// fork left paused (no room to run it) survives a restart of the pool and
+/// resumes with its parent's files; ending every session, running or
+/// paused, leaves no clone, snapshot or directory of theirs.
+pub async fn zfs_sessions_fork_and_leave_nothing(host: &Arc<VmHost>, parent: &str) -> anyhow::Result<()> {
+    use ember_pool::config::{PoolConfig, ResetMode};
+    let sessions = tempfile::tempdir()?;
+    let cfg = PoolConfig {
+        min_size: 1,
+        max_size: 3,
+        target_free: 0,
+        max_sessions: 2,
+        session_dir: Some(sessions.path().to_path_buf()),
+        claim_timeout: Duration::from_secs(60),
+        ..PoolConfig::default()
+    };
+    let forks = || -> anyhow::Result<Vec<String>> {
+        Ok(zfs_names(parent)?.into_iter().filter(|n| n.contains("/fork-") && !n.contains('@')).collect())
+    };
+    let pool = crate::start_pool(host, ResetMode::Auto, cfg.clone())?;
+    run(&*pool.session("parent").await?, "echo kept > ~/notes; sync").await?;
+    pool.fork_session("parent", "child").await?;
+    ensure!(forks()?.len() == 1, "the child does not run on a fork of its parent's clone: {:?}", forks()?);
+    ensure_eq!(
+        stdout(&*pool.session("child").await?, "cat ~/notes; echo child > ~/notes; sync").await?,
+        "kept\n"
+    );
+    ensure_eq!(stdout(&*pool.session("parent").await?, "cat ~/notes").await?, "kept\n");
+    // Two sessions run: the grandchild waits paused, on a fork of the fork.
+    let grand = pool.fork_session("child", "grand").await?;
+    ensure_eq!(grand.state, "paused");
+    ensure_eq!(forks()?.len(), 2);
+    ensure!(!sessions.path().join("grand/disk.qcow2").exists(), "the paused fork's disk was copied");
+    pool.shutdown().await;
+    ensure!(forks()?.len() == 1, "not just the paused fork is left: {:?}", forks()?);
+
+    // The next pool finds it paused and resumes it where it was.
+    let pool = crate::start_pool(host, ResetMode::Auto, cfg)?;
+    let names: Vec<String> = pool.sessions().into_iter().map(|s| s.key).collect();
+    ensure_eq!(names, vec!["grand".to_string()]);
+    ensure_eq!(stdout(&*pool.session("grand").await?, "cat ~/notes").await?, "child\n");
+    pool.fork_session("grand", "great").await?;
+    pool.pause_session("great").await?;
+    ensure!(pool.end_session("grand").await && pool.end_session("great").await);
+    pool.shutdown().await;
+    ensure!(forks()?.is_empty(), "left: {:?}", forks()?);
+    let left = zfs_names(parent)?;
+    ensure!(left.iter().all(|n| !n.contains("/warm-") && !n.contains("@fork-")), "left behind: {left:?}");
+    let dirs: Vec<_> = std::fs::read_dir(sessions.path())?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(dirs.is_empty(), "sessions' directories left: {dirs:?}");
     Ok(())
 }

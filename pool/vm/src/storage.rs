@@ -150,6 +150,50 @@ impl Storage {
         }
     }
 
+    /// A copy-on-write fork of `disk` for the paused VM in `paused_dir`,
+    /// where the backend makes them (a ZFS clone's disk); `None` where a
+    /// copy must do.
+    pub async fn fork(&self, disk: &Disk, paused_dir: &Path) -> Option<Result<zfs::Fork, StorageError>> {
+        match (self, &disk.clone) {
+            (Storage::Zfs(z), Some(c)) => Some(z.fork(c.name(), paused_dir).await),
+            _ => None,
+        }
+    }
+
+    fn zfs(&self, dataset: &str) -> Result<&Arc<ZfsStorage>, StorageError> {
+        match self {
+            Storage::Zfs(z) => Ok(z),
+            Storage::File => Err(StorageError::Setup(format!(
+                "the disk is ZFS dataset {dataset}, but this server's storage backend is `file`"
+            ))),
+        }
+    }
+
+    /// A fork of fork `dataset` (a paused VM's disk) for `paused_dir`.
+    pub async fn fork_dataset(&self, dataset: &str, paused_dir: &Path) -> Result<zfs::Fork, StorageError> {
+        self.zfs(dataset)?.fork(dataset, paused_dir).await
+    }
+
+    /// Where fork `dataset`'s disk is.
+    pub async fn fork_disk(&self, dataset: &str) -> Result<PathBuf, StorageError> {
+        self.zfs(dataset)?.fork_disk(dataset).await
+    }
+
+    /// Fork `dataset` as the disk of a VM now running on it (it goes with
+    /// that VM).
+    pub async fn adopt(&self, dataset: &str) -> Result<Disk, StorageError> {
+        let clone = ZfsStorage::adopt(self.zfs(dataset)?, dataset).await?;
+        Ok(Disk { path: clone.disk_path().to_path_buf(), clone: Some(clone) })
+    }
+
+    /// Destroy fork `dataset`, a paused VM's disk, when the paused VM goes.
+    pub async fn discard(&self, dataset: &str) {
+        match self.zfs(dataset) {
+            Ok(z) => z.discard_fork(dataset).await,
+            Err(e) => tracing::warn!(error = %e, "cannot discard a paused VM's disk"),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Storage::File => "file",

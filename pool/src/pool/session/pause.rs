@@ -175,7 +175,7 @@ pub(super) async fn pause<B: Backend>(
         }
         Err(e) => {
             tracing::warn!(session = key, error = %e, "pausing the session failed; it is ended");
-            let _ = tokio::fs::remove_dir_all(&dir).await;
+            inner.backend.remove_paused(&dir).await;
         }
     }
     drop(guard);
@@ -300,7 +300,8 @@ pub(in crate::pool) fn adopt<B: Backend>(inner: &Arc<Inner<B>>) {
             .filter(|_| inner.backend.can_resume(&dir));
         let Some(rec) = record else {
             tracing::info!(dir = %dir.display(), "removing what no paused session can use");
-            let _ = std::fs::remove_dir_all(&dir);
+            let inner = Arc::clone(inner);
+            tokio::spawn(async move { inner.backend.remove_paused(&dir).await });
             continue;
         };
         let paused_at = instant_of(rec.paused_unix_ms);
@@ -354,7 +355,7 @@ pub(super) async fn fork<B: Backend>(
         }
     }
     let dir = root.join(child);
-    let _ = std::fs::remove_dir_all(&dir);
+    inner.backend.remove_paused(&dir).await;
     std::fs::create_dir_all(&dir).map_err(|e| PoolError::Pause(format!("making {}: {e}", dir.display())))?;
     let started = Instant::now();
     let guard = Arc::clone(&slot.vm).lock_owned().await;
@@ -366,7 +367,7 @@ pub(super) async fn fork<B: Backend>(
     };
     drop(guard);
     if let Err(e) = copied {
-        let _ = std::fs::remove_dir_all(&dir);
+        inner.backend.remove_paused(&dir).await;
         return Err(e);
     }
     let now = Instant::now();
@@ -384,16 +385,19 @@ pub(super) async fn fork<B: Backend>(
         network: Mutex::new(locked(&slot.network).clone()),
     });
     write_record(&dir, child, &copy);
-    {
+    let taken = {
         let mut st = inner.lock();
-        if st.sessions.contains_key(child) {
-            drop(st);
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(PoolError::SessionExists { key: child.into() });
+        let taken = st.sessions.contains_key(child);
+        if !taken {
+            st.sessions.insert(child.to_string(), copy);
+            st.paused += 1;
+            st.check(Phase::Booting);
         }
-        st.sessions.insert(child.to_string(), copy);
-        st.paused += 1;
-        st.check(Phase::Booting);
+        taken
+    };
+    if taken {
+        inner.backend.remove_paused(&dir).await;
+        return Err(PoolError::SessionExists { key: child.into() });
     }
     tracing::info!(
         session = key,

@@ -7,7 +7,16 @@
 //! - Each VM gets `warm-<uuid>`, a clone tagged `ember:owner=<owner>` (the
 //!   owning process, as in the state directory), plus `warm-<uuid>@clean`,
 //!   what `zfs rollback` returns it to. It is never renamed.
-//! - Start-up destroys `warm-*` clones whose owner is gone. Nothing outside
+//! - A fork of a VM's disk is `fork-<id>`, a clone of `<its dataset>@fork-<id>`
+//!   (copy-on-write: it costs a snapshot and a clone, whatever the disk
+//!   holds), tagged `ember:paused=<directory>` (the paused VM's, whose
+//!   `paused.json` names it). A VM resumed on it tags it `ember:owner` and
+//!   owns it from then on, as a VM owns its `warm-*` clone.
+//! - A dataset with forks is destroyed by promoting them first: each takes
+//!   the snapshots it was cloned from and lives on. A fork's own origin
+//!   snapshot goes with it.
+//! - Start-up destroys `warm-*` and `fork-*` clones whose owner is gone, and
+//!   unowned `fork-*` clones no paused VM's record names. Nothing outside
 //!   `parent` is ever named in a command.
 
 use std::collections::BTreeSet;
@@ -37,6 +46,9 @@ pub struct ZfsStorage {
     /// Clones made and not yet destroyed.
     live: Mutex<BTreeSet<String>>,
 }
+
+/// The record naming a paused VM's forked disk (see `vm::pause`).
+pub const PAUSED_RECORD: &str = "paused.json";
 
 /// One VM's clone. Destroyed by [`Clone::destroy`], or on drop as a last
 /// resort.
@@ -139,14 +151,15 @@ impl ZfsStorage {
         format!("{}@golden", self.base())
     }
 
-    /// Destroy `warm-*` children of `parent` whose owner is not alive.
+    /// Destroy `warm-*` and `fork-*` children of `parent` whose owner is not
+    /// alive, and unowned forks no paused VM's record names.
     async fn reap_orphans(&self, owner_alive: &impl Fn(&str) -> bool) -> Result<usize, StorageError> {
         let list = self
             .zfs(&[
                 "list",
                 "-H",
                 "-o",
-                "name,ember:owner",
+                "name,ember:owner,ember:paused",
                 "-t",
                 "filesystem,volume",
                 "-r",
@@ -155,15 +168,16 @@ impl ZfsStorage {
                 &self.parent,
             ])
             .await?;
-        let prefix = format!("{}/warm-", self.parent);
         let mut reaped = 0;
         for line in list.lines() {
             let mut cols = line.split('\t');
             let (Some(name), owner) = (cols.next(), cols.next().unwrap_or("-")) else { continue };
-            if !name.starts_with(&prefix) || name[prefix.len()..].contains('/') {
+            let paused = cols.next().unwrap_or("-");
+            let Some(kind) = self.kind_of(name) else { continue };
+            if owner != "-" && owner_alive(owner) {
                 continue;
             }
-            if owner != "-" && owner_alive(owner) {
+            if kind == Kind::Fork && owner == "-" && paused_record_names(paused, name) {
                 continue;
             }
             tracing::info!(clone = name, owner, "destroying a clone its owner left behind");
@@ -171,6 +185,32 @@ impl ZfsStorage {
             reaped += 1;
         }
         Ok(reaped)
+    }
+
+    /// Whether `name` is a VM's clone or a fork directly under the parent.
+    fn kind_of(&self, name: &str) -> Option<Kind> {
+        let leaf = name.strip_prefix(&self.parent)?.strip_prefix('/')?;
+        if leaf.contains('/') || leaf.contains('@') {
+            return None;
+        }
+        if leaf.starts_with("warm-") {
+            Some(Kind::Warm)
+        } else if leaf.starts_with("fork-") {
+            Some(Kind::Fork)
+        } else {
+            None
+        }
+    }
+
+    /// Where a clone's disk is: a file in it (dataset mode) or its volume.
+    async fn disk_of(&self, name: &str) -> Result<PathBuf, StorageError> {
+        match self.mode {
+            ZfsMode::Dataset => {
+                let leaf = name.rsplit('/').next().unwrap_or_default();
+                Ok(self.parent_mount.join(leaf).join("disk.raw"))
+            }
+            ZfsMode::Zvol => wait_for_node(&zvol_node(name)).await,
+        }
     }
 
     async fn ensure_base(&self, clean: &Path, file_owner: Option<(u32, u32)>) -> Result<(), StorageError> {
@@ -187,7 +227,8 @@ impl ZfsStorage {
             }
             Ok(_) => {
                 tracing::info!(base, "the base holds another image; rebuilding it");
-                self.zfs(&["destroy", "-r", &base]).await.map_err(|e| {
+                // Paused forks cloned from it are promoted and live on.
+                self.destroy_dataset(&base).await.map_err(|e| {
                     StorageError::Setup(format!("cannot replace the stale {base} (clones of live VMs?): {e}"))
                 })?;
             }
@@ -232,13 +273,7 @@ impl ZfsStorage {
         let mut clone = Clone { storage: Arc::clone(self), name, disk: PathBuf::new(), destroyed: false };
         let ready = async {
             self.zfs(&["snapshot", &format!("{}@clean", clone.name)]).await?;
-            match self.mode {
-                ZfsMode::Dataset => {
-                    let leaf = clone.name.rsplit('/').next().unwrap_or_default();
-                    Ok(self.parent_mount.join(leaf).join("disk.raw"))
-                }
-                ZfsMode::Zvol => wait_for_node(&zvol_node(&clone.name)).await,
-            }
+            self.disk_of(&clone.name).await
         };
         match ready.await {
             Ok(disk) => {
@@ -257,14 +292,85 @@ impl ZfsStorage {
         self.zfs(&["rollback", "-r", &format!("{name}@clean")]).await.map(drop)
     }
 
-    /// `zfs destroy -r`, retrying while the dataset is busy.
+    /// A copy-on-write fork of dataset `from` (a VM's clone or another
+    /// fork, stopped or not written to meanwhile) for the paused VM in
+    /// `paused_dir`: `from@fork-<id>` and its clone `fork-<id>`. Nobody owns
+    /// it until a VM resumed on it [adopts](Self::adopt) it; the paused VM's
+    /// owner [discards](Self::discard_fork) it.
+    pub async fn fork(&self, from: &str, paused_dir: &Path) -> Result<Fork, StorageError> {
+        if self.kind_of(from).is_none() {
+            return Err(StorageError::Setup(format!("{from} is not a VM's clone under {}", self.parent)));
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let snapshot = format!("{from}@fork-{id}");
+        let name = format!("{}/fork-{id}", self.parent);
+        self.zfs(&["snapshot", &snapshot]).await?;
+        let tag = format!("ember:paused={}", paused_dir.display());
+        if let Err(e) = self.zfs(&["clone", "-o", &tag, &snapshot, &name]).await {
+            let _ = self.zfs(&["destroy", &snapshot]).await;
+            return Err(e);
+        }
+        match self.disk_of(&name).await {
+            Ok(disk) => Ok(Fork { name, disk }),
+            Err(e) => {
+                self.discard_fork(&name).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The disk of fork `name`, as [`Self::fork`] gave it.
+    pub async fn fork_disk(&self, name: &str) -> Result<PathBuf, StorageError> {
+        match self.kind_of(name) {
+            Some(Kind::Fork) => self.disk_of(name).await,
+            _ => Err(StorageError::Setup(format!("{name} is not a fork under {}", self.parent))),
+        }
+    }
+
+    /// Own fork `name` as a running VM's clone: destroyed with the VM (or
+    /// at shutdown, or by the next start-up if this process dies).
+    pub async fn adopt(self: &Arc<Self>, name: &str) -> Result<Clone, StorageError> {
+        let disk = self.fork_disk(name).await?;
+        self.zfs(&["set", &format!("ember:owner={}", self.owner), name]).await?;
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        Ok(Clone { storage: Arc::clone(self), name: name.to_string(), disk, destroyed: false })
+    }
+
+    /// Destroy fork `name` (a paused VM's disk nobody runs on), and its
+    /// origin snapshot. Errors are logged: it is what a deletion does last.
+    pub async fn discard_fork(&self, name: &str) {
+        if self.kind_of(name) != Some(Kind::Fork) {
+            tracing::warn!(dataset = name, "not discarding what is not a fork");
+            return;
+        }
+        self.forget_and_destroy(name).await;
+    }
+
+    /// `zfs destroy -r`, retrying while the dataset is busy; forks of it
+    /// are promoted first (they live on), and a fork's origin snapshot goes
+    /// with it.
     async fn destroy_dataset(&self, name: &str) -> Result<(), StorageError> {
+        let origin = match self.kind_of(name) {
+            Some(Kind::Fork) => self.zfs(&["get", "-H", "-o", "value", "origin", name]).await.ok(),
+            _ => None,
+        };
         let deadline = tokio::time::Instant::now() + DESTROY_PATIENCE;
+        let mut promoted = Vec::new();
         loop {
             match self.zfs(&["destroy", "-r", name]).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => break,
                 Err(StorageError::Failed { stderr, .. }) if stderr.contains("does not exist") => {
                     return Ok(())
+                }
+                Err(StorageError::Failed { ref stderr, .. })
+                    if stderr.contains("dependent clones") && promoted.is_empty() =>
+                {
+                    promoted = self.promote_forks_of(name).await?;
+                    if promoted.is_empty() {
+                        return Err(StorageError::Setup(format!(
+                            "{name} has clones that are not forks: {stderr}"
+                        )));
+                    }
                 }
                 Err(StorageError::Failed { ref stderr, .. })
                     if stderr.contains("busy") && tokio::time::Instant::now() < deadline =>
@@ -274,6 +380,52 @@ impl ZfsStorage {
                 Err(e) => return Err(e),
             }
         }
+        // A promoted fork took the snapshots it came from; those no other
+        // clone needs go (ZFS refuses the others).
+        for fork in promoted {
+            let snaps =
+                self.zfs(&["list", "-H", "-o", "name", "-t", "snapshot", "-r", "-d", "1", &fork]).await;
+            for snap in snaps.unwrap_or_default().lines().filter(|l| l.starts_with(&format!("{fork}@"))) {
+                let _ = self.zfs(&["destroy", snap.trim()]).await;
+            }
+        }
+        if let Some(origin) = origin.map(|o| o.trim().to_string()).filter(|o| o.contains("@fork-")) {
+            if let Err(e) = self.zfs(&["destroy", &origin]).await {
+                tracing::debug!(snapshot = %origin, error = %e, "a fork's origin snapshot stays");
+            }
+        }
+        Ok(())
+    }
+
+    /// Promote every fork cloned from a snapshot of `name`; the forks.
+    async fn promote_forks_of(&self, name: &str) -> Result<Vec<String>, StorageError> {
+        let list = self
+            .zfs(&[
+                "list",
+                "-H",
+                "-o",
+                "name,origin",
+                "-t",
+                "filesystem,volume",
+                "-r",
+                "-d",
+                "1",
+                &self.parent,
+            ])
+            .await?;
+        let mut forks: Vec<String> = Vec::new();
+        for line in list.lines() {
+            let mut cols = line.split('\t');
+            let (Some(fork), Some(origin)) = (cols.next(), cols.next()) else { continue };
+            if origin.starts_with(&format!("{name}@")) && self.kind_of(fork) == Some(Kind::Fork) {
+                forks.push(fork.to_string());
+            }
+        }
+        for fork in &forks {
+            tracing::info!(dataset = name, fork = %fork, "promoting a fork of a dataset that goes");
+            self.zfs(&["promote", fork]).await?;
+        }
+        Ok(forks)
     }
 
     async fn forget_and_destroy(&self, name: &str) {
@@ -325,6 +477,31 @@ impl Drop for Clone {
             Err(_) => tracing::warn!(clone = %name, "clone dropped without a runtime; left for reaping"),
         }
     }
+}
+
+/// What a dataset under the parent is to this backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Warm,
+    Fork,
+}
+
+/// A fork made by [`ZfsStorage::fork`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fork {
+    pub name: String,
+    pub disk: PathBuf,
+}
+
+/// Whether the paused VM in `dir` (a fork's `ember:paused`) still names
+/// `fork` as its disk.
+fn paused_record_names(dir: &str, fork: &str) -> bool {
+    if dir == "-" || !dir.starts_with('/') {
+        return false;
+    }
+    let Ok(text) = std::fs::read_to_string(Path::new(dir).join(PAUSED_RECORD)) else { return false };
+    let record: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    record["dataset"]["name"].as_str() == Some(fork)
 }
 
 fn zvol_node(dataset: &str) -> PathBuf {

@@ -110,6 +110,16 @@ impl Vm {
                 BootPlan::Restore(t) => (dir.join("scratch.qcow2"), t.disk.clone(), "qcow2"),
                 BootPlan::Cold => (dir.join("scratch.qcow2"), cfg.images.scratch.clone(), "raw"),
                 // A paused VM's disk is used in place.
+                // A fork's disk is its own copy-on-write clone (raw).
+                BootPlan::Resume(p) if p.dataset.is_some() => {
+                    let name = p.dataset.as_ref().map(|d| d.name.clone()).unwrap_or_default();
+                    let storage = host.open_storage().await?;
+                    let path = storage
+                        .fork_disk(&name)
+                        .await
+                        .map_err(|e| VmError::Storage(format!("VM {id}: finding its disk: {e}")))?;
+                    return Ok((None, path, (cfg.images.scratch.clone(), "raw"), disk_started.elapsed()));
+                }
                 BootPlan::Resume(p) if p.backing_format == "qcow2" => {
                     return Ok((
                         None,
@@ -158,6 +168,10 @@ impl Vm {
             }
         }
 
+        let resumed_fork = match &plan {
+            BootPlan::Resume(p) => p.dataset.as_ref().map(|d| d.name.clone()),
+            _ => None,
+        };
         let memory = match &plan {
             BootPlan::Cold => memory,
             BootPlan::Template(t) => MemoryBacking::File { path: t.mem.clone(), shared: true },
@@ -179,7 +193,7 @@ impl Vm {
                 cfg.user_namespaces,
             ),
             rootfs: cfg.images.rootfs.clone(),
-            scratch_format: if raw_copy { "raw" } else { "qcow2" },
+            scratch_format: if raw_copy || resumed_fork.is_some() { "raw" } else { "qcow2" },
             scratch: scratch.clone(),
             lane: lane.as_ref().map(|l| l.path().to_path_buf()),
             console_log: dir.join("console.log"),
@@ -248,6 +262,14 @@ impl Vm {
         // one read a one-second RTC while booting slowly: set it precisely.
         if let Err(e) = agent.configure(template::after_restore()).await {
             return Err(VmError::Agent { vm: parts.id.clone(), source: e });
+        }
+        // A VM running on a fork owns it from now on (until then, a failed
+        // resume left it to the paused VM).
+        if let Some(name) = &resumed_fork {
+            match host.open_storage().await?.adopt(name).await {
+                Ok(disk) => parts.disk = Some(disk),
+                Err(e) => return Err(VmError::Storage(format!("VM {}: owning its disk: {e}", parts.id))),
+            }
         }
         let timings = BootTimings {
             prepare_ms,

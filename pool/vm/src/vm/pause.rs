@@ -11,6 +11,11 @@
 //! nothing outside the directory but the image's own clean scratch disk is
 //! needed), and `paused.json` (this record), so a paused VM outlives the
 //! process that paused it.
+//!
+//! A fork of a VM whose disk is a ZFS clone gets no `disk.qcow2`: its disk
+//! is a copy-on-write clone of the parent's (`dataset` in the record),
+//! which the VM resumed on it then owns. Whoever removes a paused VM's
+//! directory calls [`Paused::discard`] first.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use tokio::time::Instant;
 use super::argv::{self, MemoryBacking};
 use super::{io_err, BootPlan, Vm, VmError, VmHost};
 use crate::channel::ChannelKind;
+use crate::storage::zfs::Fork;
 
 /// How long writing or loading a paused VM's state may take.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,6 +45,10 @@ pub struct Paused {
     /// Whether the VM had a bulk lane (its devices must match on resume).
     #[serde(default)]
     pub lane: bool,
+    /// The disk, when it is a copy-on-write fork in the storage backend (a
+    /// ZFS clone) instead of `disk.qcow2` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<Fork>,
     #[serde(skip)]
     dir: PathBuf,
 }
@@ -71,7 +81,7 @@ impl SavedMemory {
     }
 }
 
-const RECORD: &str = "paused.json";
+const RECORD: &str = crate::storage::zfs::PAUSED_RECORD;
 
 impl Paused {
     pub fn dir(&self) -> &Path {
@@ -91,7 +101,8 @@ impl Paused {
         let mut p: Paused = serde_json::from_str(&text)
             .map_err(|e| VmError::Tool(format!("{}: not a paused VM's record: {e}", dir.display())))?;
         p.dir = dir.to_path_buf();
-        for f in [p.state(), p.disk()] {
+        let disk = p.dataset.as_ref().map_or_else(|| p.disk(), |d| d.disk.clone());
+        for f in [p.state(), disk] {
             if !f.is_file() {
                 return Err(VmError::Tool(format!(
                     "paused VM {}: {} is missing",
@@ -103,9 +114,20 @@ impl Paused {
         Ok(p)
     }
 
-    /// Bytes its files take on disk.
+    /// Bytes its files take on disk (a fork's own disk not counted: its
+    /// clone shares what it did not change).
     pub fn disk_bytes(&self) -> u64 {
         crate::os::dir_bytes(&self.dir)
+    }
+
+    /// Remove what this paused VM holds outside its directory (a forked
+    /// disk); the directory is the caller's to remove.
+    pub async fn discard(&self, host: &VmHost) {
+        let Some(fork) = &self.dataset else { return };
+        match host.open_storage().await {
+            Ok(storage) => storage.discard(&fork.name).await,
+            Err(e) => tracing::warn!(dataset = %fork.name, error = %e, "cannot discard a paused VM's disk"),
+        }
     }
 }
 
@@ -165,23 +187,52 @@ impl Vm {
     /// run on: resumed, the copy is a second VM with the same memory,
     /// processes and files, and the two diverge from then on.
     pub async fn fork_into(&self, dir: &Path) -> Result<Paused, VmError> {
-        let p = self.record_in(dir)?;
+        let mut p = self.record_in(dir)?;
         let (backing, backing_format) = self.backing.clone();
+        let storage = match &self.disk {
+            Some(_) => Some(self.host.open_storage().await?),
+            None => None,
+        };
         // Stopped (QEMU flushes the disk as it stops), the disk is
-        // consistent: copy it while the RAM is being saved, not after.
+        // consistent: fork or copy it while the RAM is being saved, not
+        // after. A ZFS clone forks copy-on-write; anything else is copied.
         let stopped = self.qmp.lock().await.execute("stop", None).await;
         stopped.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
         let (state, disk) = (p.state(), p.disk());
-        let (saved, copied) =
-            tokio::join!(self.migrate_to_file(&state, false, SAVE_TIMEOUT), self.save_disk(&disk, true));
-        let copied = saved.and(copied);
+        let fork_disk = async {
+            if let (Some(storage), Some(d)) = (storage, &self.disk) {
+                if let Some(forked) = storage.fork(d, dir).await {
+                    return forked.map(Some).map_err(|e| VmError::Storage(format!("forking the disk: {e}")));
+                }
+            }
+            self.save_disk(&disk, true).await.map(|()| None)
+        };
+        let (saved, forked) = tokio::join!(self.migrate_to_file(&state, false, SAVE_TIMEOUT), fork_disk);
         // The original runs on either way.
         let resumed = self.qmp.lock().await.execute("cont", None).await;
-        copied?;
+        p.dataset = match (saved, forked) {
+            (Ok(()), Ok(fork)) => fork,
+            (saved, forked) => {
+                if let Ok(Some(fork)) = &forked {
+                    if let Ok(storage) = self.host.open_storage().await {
+                        storage.discard(&fork.name).await;
+                    }
+                }
+                saved?;
+                return Err(forked.err().unwrap_or_else(|| VmError::Tool("forking failed".into())));
+            }
+        };
         resumed.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
-        drop_internal_snapshots(&self.host, &p.disk()).await?;
-        self.keep_base(&p, &backing, backing_format).await?;
-        p.write()?;
+        if p.dataset.is_some() {
+            p.backing_format = "raw".into();
+        } else {
+            drop_internal_snapshots(&self.host, &p.disk()).await?;
+            self.keep_base(&p, &backing, backing_format).await?;
+        }
+        if let Err(e) = p.write() {
+            p.discard(&self.host).await;
+            return Err(e);
+        }
         Ok(p)
     }
 
@@ -196,6 +247,7 @@ impl Vm {
             backing_format: self.backing.1.to_string(),
             paused_unix_ms: unix_ms(),
             lane: self.lane.is_some(),
+            dataset: None,
             dir: dir.to_path_buf(),
         })
     }
@@ -263,23 +315,50 @@ impl Paused {
         std::fs::write(self.dir.join(RECORD), record).map_err(io_err("writing the paused VM's record"))
     }
 
-    /// Copy this paused VM into `dir`: a second one, resumable on its own.
+    /// Copy this paused VM into `dir`: a second one, resumable on its own
+    /// (a forked disk is forked again, copy-on-write).
     pub async fn copy_to(&self, host: &VmHost, dir: &Path) -> Result<Paused, VmError> {
         std::fs::create_dir_all(dir).map_err(io_err("making the copy's directory"))?;
         let mut p = self.clone();
         p.dir = dir.to_path_buf();
-        for f in ["state", "disk.qcow2"] {
-            std::fs::copy(self.dir.join(f), dir.join(f)).map_err(io_err("copying a paused VM"))?;
+        std::fs::copy(self.state(), p.state()).map_err(io_err("copying a paused VM"))?;
+        if let Some(fork) = &self.dataset {
+            let storage = host.open_storage().await?;
+            let forked = storage.fork_dataset(&fork.name, dir).await;
+            p.dataset = Some(forked.map_err(|e| VmError::Storage(format!("forking the disk: {e}")))?);
+        } else {
+            std::fs::copy(self.disk(), p.disk()).map_err(io_err("copying a paused VM"))?;
+            if self.backing_format == "qcow2" {
+                copy_base(host, &p, &self.dir.join("base.qcow2"), "qcow2").await?;
+            }
         }
-        if self.backing_format == "qcow2" {
-            copy_base(host, &p, &self.dir.join("base.qcow2"), "qcow2").await?;
+        if let Err(e) = p.write() {
+            p.discard(host).await;
+            return Err(e);
         }
-        p.write()?;
         Ok(p)
     }
 }
 
 impl VmHost {
+    /// Remove directory `dir` and the paused VM in it, if any: what its
+    /// record names outside it (a forked disk) first. Never fails: what
+    /// cannot go is logged (and a fork left is reaped at the next start).
+    pub async fn remove_paused(&self, dir: &Path) {
+        let record = std::fs::read_to_string(dir.join(RECORD))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Paused>(&t).ok());
+        if let Some(mut p) = record {
+            p.dir = dir.to_path_buf();
+            p.discard(self).await;
+        }
+        if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a paused VM's directory");
+            }
+        }
+    }
+
     /// Start the VM `paused` holds. Its directory keeps the disk, which the
     /// new VM uses in place; pausing it again saves over the state.
     pub async fn resume(self: &Arc<Self>, paused: &Paused) -> Result<Vm, VmError> {
@@ -333,6 +412,7 @@ mod tests {
             backing_format: "qcow2".into(),
             paused_unix_ms: 1,
             lane: true,
+            dataset: None,
             dir: dir.path().to_path_buf(),
         };
         std::fs::write(dir.path().join(RECORD), serde_json::to_vec(&p).unwrap_or_default())

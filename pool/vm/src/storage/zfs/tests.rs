@@ -78,7 +78,7 @@ async fn a_fresh_parent_gets_a_base_and_golden_snapshot() {
         [
             "zfs list -H -o type tank/ember".to_string(),
             "zfs get -H -o value mountpoint tank/ember".to_string(),
-            "zfs list -H -o name,ember:owner -t filesystem,volume -r -d 1 tank/ember".into(),
+            "zfs list -H -o name,ember:owner,ember:paused -t filesystem,volume -r -d 1 tank/ember".into(),
             "zfs get -H -o value ember:image tank/ember/base".into(),
             "zfs create tank/ember/base".into(),
             "zfs get -H -o value mountpoint tank/ember/base".into(),
@@ -223,4 +223,147 @@ async fn a_busy_destroy_is_retried_and_a_dropped_clone_is_destroyed() {
     }
     assert_eq!(f.runner.calls(), [format!("zfs destroy -r {name}")]);
     assert!(z.live_clones().is_empty());
+}
+
+#[tokio::test]
+async fn a_fork_is_a_snapshot_and_a_clone_owned_once_adopted() {
+    let f = fixture();
+    let z = f.opened().await;
+    let paused = f.tmp.path().join("sessions/child");
+
+    let fork = z.fork("tank/ember/warm-a", &paused).await.unwrap();
+    let id = fork.name.strip_prefix("tank/ember/fork-").unwrap().to_string();
+    assert_eq!(id.len(), 32, "{}", fork.name);
+    assert_eq!(
+        f.runner.calls(),
+        [
+            format!("zfs snapshot tank/ember/warm-a@fork-{id}"),
+            format!(
+                "zfs clone -o ember:paused={} tank/ember/warm-a@fork-{id} {}",
+                paused.display(),
+                fork.name
+            ),
+        ]
+    );
+    assert_eq!(fork.disk, f.tmp.path().join(format!("fork-{id}")).join("disk.raw"));
+    assert!(z.live_clones().is_empty(), "a paused VM's fork is nobody's clone yet");
+
+    // Only clones under the parent fork; nothing reaches zfs otherwise.
+    f.runner.clear();
+    for bad in ["tank/other/warm-a", "tank/ember/base", "tank/ember/warm-a@clean", "tank/ember/x/warm-a"] {
+        assert!(z.fork(bad, &paused).await.is_err(), "{bad}");
+        assert!(z.adopt(bad).await.is_err(), "{bad}");
+    }
+    z.discard_fork("tank/ember/warm-a").await;
+    assert!(f.runner.calls().is_empty(), "{:?}", f.runner.calls());
+
+    // A VM resumed on it owns it; it goes with the VM, its origin too.
+    let clone = z.adopt(&fork.name).await.unwrap();
+    assert_eq!(clone.disk_path(), fork.disk);
+    assert_eq!(z.live_clones(), std::slice::from_ref(&fork.name));
+    f.runner.clear();
+    f.runner.ok("zfs get -H -o value origin", &format!("tank/ember/warm-a@fork-{id}\n"));
+    clone.destroy().await;
+    assert_eq!(
+        f.runner.calls(),
+        [
+            format!("zfs get -H -o value origin {}", fork.name),
+            format!("zfs destroy -r {}", fork.name),
+            format!("zfs destroy tank/ember/warm-a@fork-{id}"),
+        ]
+    );
+    assert!(z.live_clones().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_fork_leaves_no_snapshot() {
+    let f = fixture();
+    let z = f.opened().await;
+    f.runner.fail("zfs clone", "out of space");
+    let e = z.fork("tank/ember/warm-a", Path::new("/s/c")).await.unwrap_err();
+    assert!(e.to_string().contains("out of space"), "{e}");
+    let calls = f.runner.calls();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(calls[2].starts_with("zfs destroy tank/ember/warm-a@fork-"), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_dataset_with_forks_promotes_them_before_it_goes() {
+    let f = fixture();
+    let z = f.opened().await;
+    let clone = z.clone_for_vm().await.unwrap();
+    let name = clone.name().to_string();
+    f.runner.clear();
+    f.runner
+        .fail(&format!("zfs destroy -r {name}"), "cannot destroy: filesystem has dependent clones")
+        .ok(
+            "zfs list -H -o name,origin",
+            &format!(
+                "tank/ember\t-\ntank/ember/fork-b\t{name}@fork-b\ntank/ember/warm-y\ttank/ember/base@golden\n"
+            ),
+        )
+        .fail(&format!("zfs destroy -r {name}"), "cannot destroy: dataset is busy")
+        .ok("zfs list -H -o name -t snapshot", "tank/ember/fork-b@clean\ntank/ember/fork-b@fork-b\n")
+        .fail("zfs destroy tank/ember/fork-b@fork-b", "snapshot has dependent clones");
+    clone.destroy().await;
+    assert_eq!(
+        f.runner.calls(),
+        [
+            format!("zfs destroy -r {name}"),
+            "zfs list -H -o name,origin -t filesystem,volume -r -d 1 tank/ember".to_string(),
+            "zfs promote tank/ember/fork-b".to_string(),
+            format!("zfs destroy -r {name}"),
+            format!("zfs destroy -r {name}"),
+            "zfs list -H -o name -t snapshot -r -d 1 tank/ember/fork-b".to_string(),
+            "zfs destroy tank/ember/fork-b@clean".to_string(),
+            "zfs destroy tank/ember/fork-b@fork-b".to_string(),
+        ]
+    );
+    assert!(z.live_clones().is_empty());
+
+    // Clones that are not forks are never promoted: the destroy fails.
+    f.runner.clear();
+    f.runner
+        .fail("zfs destroy -r tank/ember/warm-z", "filesystem has dependent clones")
+        .ok("zfs list -H -o name,origin", "tank/ember/other\ttank/ember/warm-z@x\n");
+    let e = z.destroy_dataset("tank/ember/warm-z").await.unwrap_err().to_string();
+    assert!(e.contains("not forks"), "{e}");
+    assert!(!f.runner.calls().iter().any(|c| c.contains("promote")), "{:?}", f.runner.calls());
+}
+
+#[tokio::test]
+async fn start_up_keeps_forks_a_paused_vm_names_and_live_ones() {
+    let f = fixture();
+    let named = f.tmp.path().join("named");
+    std::fs::create_dir(&named).unwrap();
+    std::fs::write(named.join(PAUSED_RECORD), r#"{"dataset": {"name": "tank/ember/fork-b", "disk": "/x"}}"#)
+        .unwrap();
+    let other = f.tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join(PAUSED_RECORD), r#"{"memory": "object"}"#).unwrap();
+    f.parent_ok(&format!(
+        "tank/ember\t-\t-\n\
+         tank/ember/fork-a\tdead-1\t{named}\n\
+         tank/ember/fork-b\t-\t{named}\n\
+         tank/ember/fork-c\t-\t{other}\n\
+         tank/ember/fork-d\tlive-1\t-\n\
+         tank/ember/fork-e\t-\t-\n\
+         tank/ember/fork-f\t-\t{gone}\n",
+        named = named.display(),
+        other = other.display(),
+        gone = f.tmp.path().join("gone").display(),
+    ));
+    f.base_current();
+    f.open(&["live-1"]).await.unwrap();
+    let destroys: Vec<String> =
+        f.runner.calls().into_iter().filter(|c| c.starts_with("zfs destroy")).collect();
+    assert_eq!(
+        destroys,
+        [
+            "zfs destroy -r tank/ember/fork-a",
+            "zfs destroy -r tank/ember/fork-c",
+            "zfs destroy -r tank/ember/fork-e",
+            "zfs destroy -r tank/ember/fork-f",
+        ]
+    );
 }
