@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ember_wire::{
-    decode, encode, encode_split, ErrorCode, ErrorReply, FrameDecoder, FrameError, HelloReply, Request,
-    RequestBody, Response, ResponseBody, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    decode, encode, encode_head_for, encode_split, ErrorCode, ErrorReply, FrameDecoder, FrameError,
+    HelloReply, Request, RequestBody, Response, ResponseBody, Stream, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
@@ -19,8 +19,14 @@ use crate::Agent;
 /// Requests one connection may have in flight at once.
 pub const MAX_IN_FLIGHT: usize = 256;
 
-enum Outgoing {
+pub(crate) enum Outgoing {
     Frame(Response),
+    /// Request `id`'s `output` (stdout) frame with `piece`'s bytes, written
+    /// from where they are.
+    Piece {
+        id: u64,
+        piece: crate::tunnel::Piece,
+    },
     /// Flush, then power the guest off.
     PowerOff,
 }
@@ -45,21 +51,14 @@ where
             match msg {
                 Outgoing::Frame(resp) => {
                     // Bulk bytes are written from where they lie, after their header.
-                    let written = match encode_split(&resp) {
-                        Ok((head, bulk)) => {
-                            async {
-                                wr.write_all(&head).await?;
-                                wr.write_all(bulk).await
-                            }
-                            .await
-                        }
-                        Err(e) => {
-                            let body =
-                                ResponseBody::Error(ErrorReply::new(ErrorCode::Internal, e.to_string()));
-                            wr.write_all(&encode(&Response { id: resp.id, body }).unwrap_or_default()).await
-                        }
-                    };
-                    if written.is_err() {
+                    if write_frame(&mut wr, resp.id, encode_split(&resp)).await.is_err() {
+                        break;
+                    }
+                }
+                Outgoing::Piece { id, piece } => {
+                    let output = ResponseBody::Output { stream: Stream::Stdout, data: Vec::new() };
+                    let head = encode_head_for(&Response { id, body: output }, piece.bytes().len());
+                    if write_frame(&mut wr, id, head.map(|h| (h, piece.bytes()))).await.is_err() {
                         break;
                     }
                 }
@@ -74,7 +73,7 @@ where
     });
 
     let inflight: Arc<Mutex<HashMap<u64, CancellationToken>>> = Arc::default();
-    let tunnels = Tunnels::default();
+    let tunnels = Tunnels::new(tx.clone());
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut buf = vec![0u8; 64 * 1024];
     let mut stats = SessionStats { bytes_read: 0 };
@@ -124,6 +123,25 @@ where
     let _ = forwarder.await;
     writer.abort();
     result.map(|()| stats)
+}
+
+/// Write one encoded frame: its header, then its bulk bytes from where
+/// they are; an encoding failure is request `id`'s error instead.
+async fn write_frame<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    id: u64,
+    encoded: Result<(Vec<u8>, &[u8]), FrameError>,
+) -> std::io::Result<()> {
+    match encoded {
+        Ok((head, bulk)) => {
+            wr.write_all(&head).await?;
+            wr.write_all(bulk).await
+        }
+        Err(e) => {
+            let body = ResponseBody::Error(ErrorReply::new(ErrorCode::Internal, e.to_string()));
+            wr.write_all(&encode(&Response { id, body }).unwrap_or_default()).await
+        }
+    }
 }
 
 /// Parse a frame body; on failure keep the request id if it can be read, so

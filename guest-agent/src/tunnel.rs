@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::session::Outgoing;
+
 /// How long a connect to a guest port may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write to a guest server may wait for it to read.
@@ -77,6 +79,9 @@ pub enum FileOp {
 #[derive(Debug, Default, Clone)]
 pub struct Tunnels {
     table: Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>,
+    /// The connection's writer, where streams send their frames and pieces
+    /// in order (without it, pieces are copied into `output` frames).
+    out: Option<mpsc::Sender<Outgoing>>,
 }
 
 /// Where a stream's bytes come from: a connection's read side, or a file
@@ -87,6 +92,49 @@ enum Source {
     File(Arc<FileIn>),
 }
 
+/// What a source gave: bytes of their own, or a piece of a direct read's
+/// aligned buffer.
+enum Data {
+    Owned(Vec<u8>),
+    Piece(Piece),
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Owned(v) => v.len(),
+            Data::Piece(p) => p.bytes().len(),
+        }
+    }
+}
+
+/// Bytes a direct read put in the aligned part of a buffer, sent from
+/// where they are (under TCG a copy of 100 MiB costs the guest ~0.5 s);
+/// the buffer goes back to its reader's spares once they are written.
+pub struct Piece {
+    buf: Vec<u8>,
+    range: std::ops::Range<usize>,
+    spares: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// Buffers a file reader keeps for its next pieces: a window's worth.
+const SPARES: usize = (CONNECT_WINDOW as usize).div_ceil(CHUNK) + 2;
+
+impl Piece {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        if spares.len() < SPARES {
+            spares.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 /// A file being read: through `direct` (`O_DIRECT`, when the file system
 /// has it) into an aligned buffer of its own, so the bytes come from the
 /// disk by DMA and never fill the guest's page cache, which under TCG costs
@@ -94,37 +142,37 @@ enum Source {
 struct FileIn {
     buffered: std::fs::File,
     direct: Mutex<Option<DirectReader>>,
+    /// Buffers of pieces already sent, for the next reads.
+    spares: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 struct DirectReader {
     file: std::fs::File,
-    buf: Vec<u8>,
-    /// Where the aligned part of `buf` starts.
-    start: usize,
     /// The file offset of the next read.
     pos: u64,
 }
 
 impl FileIn {
     fn new(buffered: std::fs::File, direct: Option<std::fs::File>) -> Self {
-        let direct = direct.map(|file| {
-            let (buf, start) = crate::lane::aligned_buffer(CHUNK);
-            DirectReader { file, buf, start, pos: 0 }
-        });
-        Self { buffered, direct: Mutex::new(direct) }
+        let direct = direct.map(|file| DirectReader { file, pos: 0 });
+        Self { buffered, direct: Mutex::new(direct), spares: Arc::default() }
     }
 
     /// The next piece (empty at the end), read off the async threads.
-    fn next(&self) -> std::io::Result<Vec<u8>> {
+    fn next(&self) -> std::io::Result<Data> {
         use std::io::Seek as _;
         use std::os::unix::fs::FileExt as _;
         let mut direct = self.direct.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = direct.as_mut() {
-            let span = r.start..r.start + CHUNK;
-            match r.file.read_at(&mut r.buf[span], r.pos) {
+            let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let mut buf = spare.unwrap_or_else(|| crate::lane::aligned_buffer(CHUNK).0);
+            // The same allocation: its aligned part starts where it did.
+            let start = buf.as_ptr().align_offset(crate::lane::ALIGN);
+            match r.file.read_at(&mut buf[start..start + CHUNK], r.pos) {
                 Ok(n) => {
                     r.pos += n as u64;
-                    return Ok(r.buf[r.start..r.start + n].to_vec());
+                    let spares = Arc::clone(&self.spares);
+                    return Ok(Data::Piece(Piece { buf, range: start..start + n, spares }));
                 }
                 // Alignment the file system wants more of: go on buffered.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -136,7 +184,7 @@ impl FileIn {
         }
         let mut data = Vec::with_capacity(CHUNK);
         (&self.buffered).take(CHUNK as u64).read_to_end(&mut data)?;
-        Ok(data)
+        Ok(Data::Owned(data))
     }
 }
 
@@ -153,12 +201,12 @@ fn reopen_direct(path: &std::path::Path, f: &std::fs::File, write: bool) -> Opti
 
 impl Source {
     /// The next piece, empty at the end.
-    async fn next(&mut self) -> std::io::Result<Vec<u8>> {
+    async fn next(&mut self) -> std::io::Result<Data> {
         match self {
             Source::Tcp(rd) => {
                 let mut data = Vec::with_capacity(CHUNK);
                 rd.read_buf(&mut data).await?;
-                Ok(data)
+                Ok(Data::Owned(data))
             }
             Source::File(f) => {
                 let f = Arc::clone(f);
@@ -260,6 +308,11 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ErrorReply {
 }
 
 impl Tunnels {
+    /// The tunnels of a connection whose writer takes `out`.
+    pub fn new(out: mpsc::Sender<Outgoing>) -> Self {
+        Self { table: Arc::default(), out: Some(out) }
+    }
+
     fn get(&self, id: u64) -> Option<Arc<Tunnel>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
@@ -365,35 +418,59 @@ impl Tunnels {
         resp: mpsc::Sender<Response>,
         token: CancellationToken,
     ) {
-        let reply = |body| Response { id, body };
+        let reply = |body| Outgoing::Frame(Response { id, body });
+        // Everything of this stream goes one way, so it stays in order.
+        let send = |o: Outgoing| {
+            let (out, resp) = (self.out.clone(), resp.clone());
+            async move {
+                match (out, o) {
+                    (Some(out), o) => out.send(o).await.is_ok(),
+                    (None, Outgoing::Frame(r)) => resp.send(r).await.is_ok(),
+                    (None, Outgoing::Piece { id, piece }) => {
+                        let data = piece.bytes().to_vec();
+                        resp.send(Response {
+                            id,
+                            body: ResponseBody::Output { stream: Stream::Stdout, data },
+                        })
+                        .await
+                        .is_ok()
+                    }
+                    (None, Outgoing::PowerOff) => true,
+                }
+            }
+        };
         let tunnel = Tunnel::new(wr, CONNECT_WINDOW as usize);
         self.set(id, Some(Arc::clone(&tunnel)));
-        let _ = resp.send(reply(ResponseBody::Connected {})).await;
+        send(reply(ResponseBody::Connected {})).await;
         let end = loop {
             // Read into the frame's own buffer: the writer sends it as it is.
-            let (data, n) = tokio::select! {
+            let data = tokio::select! {
                 () = token.cancelled() => break ResponseBody::Ok,
                 r = rd.next() => match r {
-                    Ok(data) if data.is_empty() => break ResponseBody::Ok,
-                    Ok(data) => { let n = data.len(); (data, n) }
+                    Ok(data) if data.len() == 0 => break ResponseBody::Ok,
+                    Ok(data) => data,
                     Err(e) => break ResponseBody::Error(err(ErrorCode::Internal, format!("reading {what}: {e}"))),
                 },
             };
             // Wait for the host to have room for it.
             let permit = tokio::select! {
                 () = token.cancelled() => break ResponseBody::Ok,
-                p = tunnel.window.acquire_many(n as u32) => p,
+                p = tunnel.window.acquire_many(data.len() as u32) => p,
             };
             match permit {
                 Ok(p) => p.forget(),
                 Err(_) => break ResponseBody::Ok,
             }
-            if resp.send(reply(ResponseBody::Output { stream: Stream::Stdout, data })).await.is_err() {
+            let frame = match data {
+                Data::Owned(data) => reply(ResponseBody::Output { stream: Stream::Stdout, data }),
+                Data::Piece(piece) => Outgoing::Piece { id, piece },
+            };
+            if !send(frame).await {
                 break ResponseBody::Ok;
             }
         };
         self.set(id, None);
-        let _ = resp.send(reply(end)).await;
+        send(reply(end)).await;
     }
 
     /// Write `data` to connection `target` (then shut its write side on
@@ -483,6 +560,32 @@ mod tests {
         assert!(std::fs::read(&path).expect("read") == want);
     }
 
+    /// A direct read's pieces are sent from their own aligned buffers, which
+    /// come back for the next reads once sent (a window's worth is kept).
+    #[test]
+    fn direct_pieces_reuse_their_buffers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 3 * CHUNK]).expect("write");
+        let f = std::fs::File::open(&path).expect("open");
+        let Some(d) = reopen_direct(&path, &f, false) else { return }; // no O_DIRECT here
+        let input = FileIn::new(f, Some(d));
+        let piece = |d: Data| match d {
+            Data::Piece(p) => p,
+            Data::Owned(_) => panic!("a direct read gave a copy"),
+        };
+        let a = piece(input.next().expect("read"));
+        let b = piece(input.next().expect("read"));
+        assert_eq!(a.bytes().as_ptr() as usize % crate::lane::ALIGN, 0);
+        assert!(a.bytes().iter().all(|&x| x == 7) && b.bytes().len() == CHUNK);
+        let first = a.bytes().as_ptr();
+        drop(a);
+        let c = piece(input.next().expect("read"));
+        assert_eq!(c.bytes().as_ptr(), first, "the sent piece's buffer was not reused");
+        drop((b, c));
+        assert!(input.spares.lock().map(|s| s.len()).unwrap_or(0) <= SPARES);
+    }
+
     /// Read direct or buffered, in pieces, the bytes are the file's.
     #[test]
     fn a_file_reads_back_whole_direct_or_buffered() {
@@ -497,11 +600,12 @@ mod tests {
             let input = FileIn::new(f, d);
             let mut got = Vec::new();
             loop {
-                let piece = input.next().expect("read");
-                if piece.is_empty() {
-                    break;
+                match input.next().expect("read") {
+                    Data::Owned(v) if v.is_empty() => break,
+                    Data::Owned(v) => got.extend(v),
+                    Data::Piece(p) if p.bytes().is_empty() => break,
+                    Data::Piece(p) => got.extend_from_slice(p.bytes()),
                 }
-                got.extend(piece);
             }
             assert!(got == want, "direct: {used_direct}");
         }

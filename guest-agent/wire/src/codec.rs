@@ -56,6 +56,21 @@ pub fn encode_split<T: Message>(msg: &T) -> Result<(Vec<u8>, &[u8]), FrameError>
     Ok((out, bulk))
 }
 
+/// The prefix and header of `msg`, a message with a binary body and no
+/// bulk bytes of its own, framed as if `bulk_len` bytes followed it: a
+/// sender writes them from a buffer of its own right after.
+pub fn encode_head_for<T: Message>(msg: &T, bulk_len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; FRAME_HEADER_LEN];
+    match msg.bulk_head(&mut out) {
+        Some([]) => {}
+        _ => return Err(FrameError::Encode("not a binary message without bulk bytes".into())),
+    }
+    let len = u32::try_from(out.len() - FRAME_HEADER_LEN + bulk_len)
+        .map_err(|_| FrameError::Encode("message longer than 4 GiB".into()))?;
+    out[..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
 /// Parse one frame body (without its prefix).
 pub fn decode<T: Message>(body: &[u8]) -> Result<T, FrameError> {
     if body.first() == Some(&BULK_MARK) {
@@ -155,6 +170,24 @@ mod tests {
 
     fn hello(id: u64) -> Request {
         Request { id, body: RequestBody::Hello { nonce: id * 7 } }
+    }
+
+    #[test]
+    fn a_head_for_outside_bytes_frames_them_as_the_whole_message_would() {
+        use crate::{Response, ResponseBody, Stream};
+        let output =
+            |data: Vec<u8>| Response { id: 9, body: ResponseBody::Output { stream: Stream::Stdout, data } };
+        let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let mut framed = encode_head_for(&output(Vec::new()), data.len()).unwrap();
+        framed.extend_from_slice(&data);
+        assert_eq!(framed, encode(&output(data.clone())).unwrap());
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&framed);
+        let body = dec.next_frame().unwrap().unwrap();
+        assert_eq!(decode::<Response>(&body).unwrap(), output(data));
+        // Only for a binary message without bytes of its own.
+        assert!(encode_head_for(&output(vec![1]), 1).is_err());
+        assert!(encode_head_for(&Response { id: 1, body: ResponseBody::Ok }, 1).is_err());
     }
 
     #[test]

@@ -16,7 +16,8 @@ mod codec;
 mod message;
 
 pub use codec::{
-    decode, encode, encode_split, frame_id, FrameDecoder, FrameError, Message, BULK_MARK, FRAME_HEADER_LEN,
+    decode, encode, encode_head_for, encode_split, frame_id, FrameDecoder, FrameError, Message, BULK_MARK,
+    FRAME_HEADER_LEN,
 };
 pub use message::*;
 
