@@ -4,7 +4,8 @@
 # Output: figures on stdout (docs/BENCHMARKS.md, "Sandboxes").
 # Against a fresh `ember serve` (its own state and sessions directories):
 # a session with a counting background process is paused and resumed ROUNDS
-# times over HTTP, each timed, and checked to have kept counting; then MB MiB
+# times over HTTP, each timed, and checked to have kept counting; forked ROUNDS
+# times (each fork timed, checked and deleted); then MB MiB
 # are uploaded and downloaded through the files API and compared by sha256,
 # and downloaded again through the port proxy from python's http.server.
 set -euo pipefail
@@ -39,6 +40,19 @@ for _ in $(seq 1 "$ROUNDS"); do
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "pause ms: ${pauses[*]} (median $(median "${pauses[@]}")); resume ms: ${resumes[*]} (median $(median "${resumes[@]}"))"
+# Forks of the running session: each timed to its 201 (the parent saved, the
+# child resumed), checked to count on from where the parent was, then deleted.
+forks=()
+for i in $(seq 1 "$ROUNDS"); do
+  out=$(curl -sSf -w ' %{time_total}' --json "{\"key\": \"fork-$i\"}" "$url/v1/sessions/bench/fork")
+  state=$(jq -r .state <<< "${out% *}")
+  [ "$state" = running ] || { echo "fork $i is $state, not running (no room?)"; exit 1; }
+  forks+=("$(ms "${out##* }")")
+  child=$(curl -sSf -H "x-ember-session: fork-$i" --json '{"cmd": "cat /tmp/count"}' "$url/v1/run" | jq -r .stdout)
+  [ "$child" -gt 0 ] || { echo "fork $i has no counter"; exit 1; }
+  curl -sSf -o /dev/null -X DELETE "$url/v1/sessions/fork-$i"
+done
+echo "fork ms (save + resume of the child): ${forks[*]} (median $(median "${forks[@]}"))"
 curl -sSf -o /dev/null -X POST "$url/v1/sessions/bench/pause"
 echo "a paused session on disk: $(du -sm "$work/sessions" | cut -f1) MB"
 curl -sSf -o /dev/null -X POST "$url/v1/sessions/bench/resume"

@@ -154,25 +154,10 @@ impl ZfsStorage {
     /// Destroy `warm-*` and `fork-*` children of `parent` whose owner is not
     /// alive, and unowned forks no paused VM's record names.
     async fn reap_orphans(&self, owner_alive: &impl Fn(&str) -> bool) -> Result<usize, StorageError> {
-        let list = self
-            .zfs(&[
-                "list",
-                "-H",
-                "-o",
-                "name,ember:owner,ember:paused",
-                "-t",
-                "filesystem,volume",
-                "-r",
-                "-d",
-                "1",
-                &self.parent,
-            ])
-            .await?;
         let mut reaped = 0;
-        for line in list.lines() {
-            let mut cols = line.split('\t');
-            let (Some(name), owner) = (cols.next(), cols.next().unwrap_or("-")) else { continue };
-            let paused = cols.next().unwrap_or("-");
+        for row in self.children("name,ember:owner,ember:paused").await? {
+            let col = |i: usize| row.get(i).map_or("-", String::as_str);
+            let (name, owner, paused) = (col(0), col(1), col(2));
             let Some(kind) = self.kind_of(name) else { continue };
             if owner != "-" && owner_alive(owner) {
                 continue;
@@ -185,6 +170,15 @@ impl ZfsStorage {
             reaped += 1;
         }
         Ok(reaped)
+    }
+
+    /// The file systems and volumes directly under the parent (the parent
+    /// too), each as its `columns` (`zfs list -o`).
+    async fn children(&self, columns: &str) -> Result<Vec<Vec<String>>, StorageError> {
+        let list = self
+            .zfs(&["list", "-H", "-o", columns, "-t", "filesystem,volume", "-r", "-d", "1", &self.parent])
+            .await?;
+        Ok(list.lines().map(|l| l.split('\t').map(String::from).collect()).collect())
     }
 
     /// Whether `name` is a VM's clone or a fork directly under the parent.
@@ -399,26 +393,11 @@ impl ZfsStorage {
 
     /// Promote every fork cloned from a snapshot of `name`; the forks.
     async fn promote_forks_of(&self, name: &str) -> Result<Vec<String>, StorageError> {
-        let list = self
-            .zfs(&[
-                "list",
-                "-H",
-                "-o",
-                "name,origin",
-                "-t",
-                "filesystem,volume",
-                "-r",
-                "-d",
-                "1",
-                &self.parent,
-            ])
-            .await?;
         let mut forks: Vec<String> = Vec::new();
-        for line in list.lines() {
-            let mut cols = line.split('\t');
-            let (Some(fork), Some(origin)) = (cols.next(), cols.next()) else { continue };
+        for row in self.children("name,origin").await? {
+            let [fork, origin, ..] = row.as_slice() else { continue };
             if origin.starts_with(&format!("{name}@")) && self.kind_of(fork) == Some(Kind::Fork) {
-                forks.push(fork.to_string());
+                forks.push(fork.clone());
             }
         }
         for fork in &forks {
