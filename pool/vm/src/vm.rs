@@ -241,6 +241,8 @@ impl Vm {
         qmp.execute("stop", None).await.map_err(qmp_err)?;
         // Set either way: a VM restored from a template has it on.
         template::set_ignore_shared(&mut qmp, ignore_shared).await.map_err(qmp_err)?;
+        let unlimited = serde_json::json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 100_000 });
+        qmp.execute("migrate-set-parameters", Some(unlimited)).await.map_err(qmp_err)?;
         let file = std::fs::File::create(path).map_err(io_err("creating the template state file"))?;
         qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(qmp_err)?;
         qmp.execute("migrate", Some(serde_json::json!({ "uri": format!("fd:{FD_NAME}") })))

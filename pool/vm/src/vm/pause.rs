@@ -207,7 +207,9 @@ impl Vm {
             }
             self.save_disk(&disk, true).await.map(|()| None)
         };
+        let started = Instant::now();
         let (saved, forked) = tokio::join!(self.migrate_to_file(&state, false, SAVE_TIMEOUT), fork_disk);
+        let saved_ms = started.elapsed().as_millis() as u64;
         // The original runs on either way.
         let resumed = self.qmp.lock().await.execute("cont", None).await;
         p.dataset = match (saved, forked) {
@@ -233,6 +235,7 @@ impl Vm {
             p.discard(&self.host).await;
             return Err(e);
         }
+        tracing::debug!(vm = %self.id, saved_ms, total_ms = started.elapsed().as_millis() as u64, "forked");
         Ok(p)
     }
 
