@@ -212,26 +212,23 @@ impl Vm {
         let saved_ms = started.elapsed().as_millis() as u64;
         // The original runs on either way.
         let resumed = self.qmp.lock().await.execute("cont", None).await;
-        p.dataset = match (saved, forked) {
-            (Ok(()), Ok(fork)) => fork,
-            (saved, forked) => {
-                if let Ok(Some(fork)) = &forked {
-                    if let Ok(storage) = self.host.open_storage().await {
-                        storage.discard(&fork.name).await;
-                    }
-                }
-                saved?;
-                return Err(forked.err().unwrap_or_else(|| VmError::Tool("forking failed".into())));
-            }
-        };
-        resumed.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
-        if p.dataset.is_some() {
-            p.backing_format = "raw".into();
-        } else {
-            drop_internal_snapshots(&self.host, &p.disk()).await?;
-            self.keep_base(&p, &backing, backing_format).await?;
+        if let Ok(fork) = &forked {
+            p.dataset = fork.clone();
         }
-        if let Err(e) = p.write() {
+        let finished = async {
+            saved?;
+            forked?;
+            resumed.map_err(|source| VmError::Qmp { vm: self.id.clone(), source })?;
+            if p.dataset.is_some() {
+                p.backing_format = "raw".into();
+            } else {
+                drop_internal_snapshots(&self.host, &p.disk()).await?;
+                self.keep_base(&p, &backing, backing_format).await?;
+            }
+            p.write()
+        };
+        // A forked disk is nobody's until the record naming it is written.
+        if let Err(e) = finished.await {
             p.discard(&self.host).await;
             return Err(e);
         }
