@@ -25,7 +25,7 @@ grep -q "ready on" "$work/log" || { tail -20 "$work/log"; exit 1; }
 
 ms() { awk -v t="$1" 'BEGIN { printf "%.0f", t * 1000 }'; }
 curl -sSf --json '{"key": "bench"}' "$url/v1/sessions" > /dev/null
-curl -sSf --json '{"cmd": "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"}' \
+curl -sSf --json '{"cmd": "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"}' \
   "$url/v1/sessions/bench/processes" > /dev/null
 count() { curl -sSf -H 'x-ember-session: bench' --json '{"cmd": "cat /tmp/count"}' "$url/v1/run" | jq -r .stdout; }
 pauses=() resumes=()

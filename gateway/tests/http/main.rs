@@ -654,7 +654,7 @@ fn a_paused_session_survives_a_restart_of_the_server(_: &Server) -> anyhow::Resu
     let first = start()?;
     let s = Server::attach(&first.url(), dir.path())?;
     ensure!(s.post_json("/v1/sessions", &json!({"key": "keep"}))?.status == 201);
-    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done";
+    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done";
     let p = s.post_json("/v1/sessions/keep/processes", &json!({"cmd": counter, "tag": "counter"}))?.json()?;
     let pid = p["pid"].as_u64().context("pid")?;
     s.run_in("keep", json!({"cmd": "echo kept > notes; sleep 0.5"}))?;

@@ -15,7 +15,7 @@ use crate::{run, stdout};
 fn counter() -> ember_wire::SpawnRequest {
     ember_wire::SpawnRequest {
         command: ember_wire::Command::Shell(
-            "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done".into(),
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done".into(),
         ),
         env: Default::default(),
         cwd: None,

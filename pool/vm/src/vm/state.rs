@@ -146,6 +146,16 @@ mod tests {
         let mut bystander = std::process::Command::new("/bin/sleep").arg("60").spawn().unwrap();
         record_pid(&vm, victim.id()).unwrap();
         record_pid(&vm, bystander.id()).unwrap();
+        // Until the child has exec'd the shell, its command line is still
+        // this test binary's.
+        let needle = vm.to_string_lossy().into_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !fs::read(format!("/proc/{}/cmdline", victim.id()))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        {
+            assert!(std::time::Instant::now() < deadline, "the victim never ran its shell");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
 
         let (state, report) = StateDir::open(root.path()).unwrap();
         assert_eq!(report, ReapReport { vm_dirs: 1, processes: 1 });
