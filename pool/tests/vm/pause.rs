@@ -139,8 +139,8 @@ pub async fn a_fork_starts_where_its_parent_was_and_diverges(host: &Arc<VmHost>)
 }
 
 /// On ZFS a fork is copy-on-write: its disk is a clone of the running VM's
-/// clone (a snapshot and a clone, whatever the disk holds), not a copy. The
-/// parent going (paused here) promotes the fork, which lives on; a paused
+/// clone (a snapshot and a clone, whatever the disk holds), not a copy. A
+/// paused VM keeps its clone (renamed a fork), not a converted copy; a paused
 /// fork forks again the same way; a start-up keeps a fork a paused VM's
 /// record names; a VM resumed on a fork owns it; and once every VM and
 /// paused directory is gone no clone or snapshot of theirs is left.
@@ -166,9 +166,16 @@ pub async fn zfs_a_vm_pauses_and_forks_off_its_clone(host: &Arc<VmHost>, parent:
     let t = Instant::now();
     let paused = vm.pause(&dir.path().join("s")).await?;
     let pause_ms = ms(t.elapsed());
-    ensure!(crate::warm_clones(parent)?.is_empty(), "the paused VM's clone is left");
-    // Its clone went; the fork was promoted and lives on.
-    ensure_eq!(zfs_get("origin", &fork.name)?, format!("{parent}/base@golden"));
+    // The paused VM keeps its clone, renamed a fork and nobody's, with
+    // the snapshot the child was cloned from: nothing was copied.
+    ensure!(crate::warm_clones(parent)?.is_empty(), "the paused VM's clone is still a VM's");
+    let kept = paused.dataset.clone().context("the paused VM's disk is not its clone")?;
+    ensure!(kept.name.starts_with(&format!("{parent}/fork-")), "{}", kept.name);
+    ensure_eq!(zfs_get("origin", &kept.name)?, format!("{parent}/base@golden"));
+    ensure_eq!(zfs_get("ember:owner", &kept.name)?, "-");
+    ensure_eq!(zfs_get("ember:paused", &kept.name)?, dir.path().join("s").display().to_string());
+    ensure!(zfs_get("origin", &fork.name)?.starts_with(&format!("{}@fork-", kept.name)));
+    ensure!(!dir.path().join("s/disk.qcow2").exists(), "the paused VM's disk was converted");
     // A start-up keeps a fork that a paused VM's record names.
     let other = VmHost::new(host.config().clone(), false)?;
     other.open_storage().await?;

@@ -92,6 +92,21 @@ impl Disk {
         &self.path
     }
 
+    /// Whether it is a clone in the storage backend (which a paused VM can
+    /// [keep](Self::keep)), not a file in the VM's directory.
+    pub fn is_clone(&self) -> bool {
+        self.clone.is_some()
+    }
+
+    /// Keep the disk of a VM that is gone as the disk of the paused VM in
+    /// `paused_dir`, without copying it (a ZFS clone becomes a fork).
+    pub async fn keep(self, paused_dir: &Path) -> Result<zfs::Fork, StorageError> {
+        match self.clone {
+            Some(c) => c.keep(paused_dir).await,
+            None => Err(StorageError::Setup("only a clone in the storage backend can be kept".into())),
+        }
+    }
+
     /// Remove what the disk was made of (a clone; a file goes with its
     /// VM directory).
     pub async fn release(self) {

@@ -12,6 +12,9 @@
 //!   holds), tagged `ember:paused=<directory>` (the paused VM's, whose
 //!   `paused.json` names it). A VM resumed on it tags it `ember:owner` and
 //!   owns it from then on, as a VM owns its `warm-*` clone.
+//! - A paused VM keeps its VM's clone the same way: `warm-<uuid>` is
+//!   renamed `fork-<id>` and tagged, nothing copied (a VM running on a fork
+//!   keeps its name).
 //! - A dataset with forks is destroyed by promoting them first: each takes
 //!   the snapshots it was cloned from and lives on. A fork's own origin
 //!   snapshot goes with it.
@@ -313,6 +316,37 @@ impl ZfsStorage {
         }
     }
 
+    /// Keep clone `name` (a VM's, the VM gone) as the disk of the paused VM
+    /// in `paused_dir`: a `warm-*` clone becomes fork `fork-<id>` (renamed,
+    /// its snapshots and forks with it), tagged as [`Self::fork`] tags one
+    /// and owned by nobody. Nothing is copied. On error the caller still
+    /// holds the clone under its old name.
+    async fn keep(&self, name: &str, paused_dir: &Path) -> Result<Fork, StorageError> {
+        let Some(kind) = self.kind_of(name) else {
+            return Err(StorageError::Setup(format!("{name} is not a VM's clone under {}", self.parent)));
+        };
+        // Untagged before it is renamed: a crash in between leaves an
+        // unowned clone the next start-up reaps, never a stale fork.
+        self.zfs(&["set", &format!("ember:paused={}", paused_dir.display()), name]).await?;
+        self.zfs(&["inherit", "ember:owner", name]).await?;
+        let kept = match kind {
+            Kind::Fork => name.to_string(),
+            Kind::Warm => {
+                let to = format!("{}/fork-{}", self.parent, uuid::Uuid::new_v4().simple());
+                self.zfs(&["rename", name, &to]).await?;
+                to
+            }
+        };
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        match self.disk_of(&kept).await {
+            Ok(disk) => Ok(Fork { name: kept, disk }),
+            Err(e) => {
+                self.discard_fork(&kept).await;
+                Err(e)
+            }
+        }
+    }
+
     /// The disk of fork `name`, as [`Self::fork`] gave it.
     pub async fn fork_disk(&self, name: &str) -> Result<PathBuf, StorageError> {
         match self.kind_of(name) {
@@ -439,6 +473,23 @@ impl Clone {
     pub async fn destroy(mut self) {
         self.destroyed = true;
         self.storage.forget_and_destroy(&self.name).await;
+    }
+
+    /// Hand this clone (its VM gone) to the paused VM in `paused_dir`
+    /// without copying it (see [`ZfsStorage::keep`]); on error it is
+    /// destroyed.
+    pub async fn keep(mut self, paused_dir: &Path) -> Result<Fork, StorageError> {
+        let kept = self.storage.keep(&self.name, paused_dir).await;
+        match kept {
+            Ok(fork) => {
+                self.destroyed = true;
+                Ok(fork)
+            }
+            Err(e) => {
+                self.destroy().await;
+                Err(e)
+            }
+        }
     }
 }
 

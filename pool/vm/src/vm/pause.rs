@@ -12,10 +12,10 @@
 //! needed), and `paused.json` (this record), so a paused VM outlives the
 //! process that paused it.
 //!
-//! A fork of a VM whose disk is a ZFS clone gets no `disk.qcow2`: its disk
-//! is a copy-on-write clone of the parent's (`dataset` in the record),
-//! which the VM resumed on it then owns. Whoever removes a paused VM's
-//! directory calls [`Paused::discard`] first.
+//! A VM whose disk is a ZFS clone saves no `disk.qcow2`: paused, it keeps
+//! that clone (renamed a fork); forked, it gets a copy-on-write clone of it
+//! (`dataset` in the record), which the VM resumed on it then owns.
+//! Whoever removes a paused VM's directory calls [`Paused::discard`] first.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use super::argv::{self, MemoryBacking};
 use super::{io_err, BootPlan, Vm, VmError, VmHost};
 use crate::channel::ChannelKind;
 use crate::storage::zfs::Fork;
+use crate::storage::Disk;
 
 /// How long writing or loading a paused VM's state may take.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -134,20 +135,31 @@ impl Paused {
 impl Vm {
     /// Save this VM into `dir` (made if missing) and end it. On error the
     /// VM is gone too (it was stopped); `dir` is left for the caller.
-    pub async fn pause(self, dir: &Path) -> Result<Paused, VmError> {
-        let p = self.record_in(dir)?;
+    pub async fn pause(mut self, dir: &Path) -> Result<Paused, VmError> {
+        let mut p = self.record_in(dir)?;
         let (backing, backing_format) = self.backing.clone();
         let host = Arc::clone(&self.host);
+        // A clone in the storage backend (ZFS) is kept as it is; any other
+        // disk is saved as `disk.qcow2` here.
+        let keep_clone = self.disk.as_ref().is_some_and(Disk::is_clone);
         let saved = self.migrate_to_file(&p.state(), false, SAVE_TIMEOUT).await;
         // QEMU flushed and let go of the disk when the migration completed.
         let kept = match saved {
-            Ok(()) => self.save_disk(&p.disk(), false).await,
+            Ok(()) if keep_clone => Ok(self.disk.take()),
+            Ok(()) => self.save_disk(&p.disk(), false).await.map(|()| None),
             Err(e) => Err(e),
         };
-        // A storage backend's disk (a ZFS clone) goes with the VM: the
-        // paused one holds a copy.
         self.shutdown().await;
-        kept?;
+        if let Some(disk) = kept? {
+            let fork = disk.keep(dir).await;
+            p.dataset = Some(fork.map_err(|e| VmError::Storage(format!("keeping the disk: {e}")))?);
+            p.backing_format = "raw".into();
+            if let Err(e) = p.write() {
+                p.discard(&host).await;
+                return Err(e);
+            }
+            return Ok(p);
+        }
         drop_internal_snapshots(&host, &p.disk()).await?;
         copy_base(&host, &p, &backing, backing_format).await?;
         p.write()?;
@@ -264,9 +276,8 @@ impl Vm {
 
     /// Save the stopped VM's writable disk as qcow2 file `to`: a qcow2
     /// overlay is moved there (or copied, to `keep` it); a raw disk from
-    /// the storage backend (a raw copy, a ZFS clone's) is converted, its
-    /// holes left out, so a paused VM is the same files whatever the
-    /// backend, and resumes on an overlay.
+    /// the storage backend (the file backend's raw copy) is converted, its
+    /// holes left out, and resumes on an overlay.
     async fn save_disk(&self, to: &Path, keep: bool) -> Result<(), VmError> {
         if self.disk.is_some() {
             let qemu_img = self.host.config().qemu_img.to_string_lossy().to_string();

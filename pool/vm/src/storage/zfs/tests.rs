@@ -276,6 +276,53 @@ async fn a_fork_is_a_snapshot_and_a_clone_owned_once_adopted() {
 }
 
 #[tokio::test]
+async fn a_paused_vm_keeps_its_clone_renamed_a_fork_and_nobodys() {
+    let f = fixture();
+    let z = f.opened().await;
+    let paused = f.tmp.path().join("sessions/s");
+    let clone = z.clone_for_vm().await.unwrap();
+    let name = clone.name().to_string();
+    f.runner.clear();
+    let fork = clone.keep(&paused).await.unwrap();
+    let id = fork.name.strip_prefix("tank/ember/fork-").unwrap().to_string();
+    assert_eq!(id.len(), 32, "{}", fork.name);
+    assert_eq!(
+        f.runner.calls(),
+        [
+            format!("zfs set ember:paused={} {name}", paused.display()),
+            format!("zfs inherit ember:owner {name}"),
+            format!("zfs rename {name} {}", fork.name),
+        ]
+    );
+    assert_eq!(fork.disk, f.tmp.path().join(format!("fork-{id}")).join("disk.raw"));
+    assert!(z.live_clones().is_empty(), "a paused VM's disk is nobody's clone");
+
+    // A VM resumed on it that pauses again keeps it under its name.
+    let adopted = z.adopt(&fork.name).await.unwrap();
+    f.runner.clear();
+    let again = adopted.keep(&paused).await.unwrap();
+    assert_eq!(again, fork);
+    assert_eq!(
+        f.runner.calls(),
+        [
+            format!("zfs set ember:paused={} {}", paused.display(), fork.name),
+            format!("zfs inherit ember:owner {}", fork.name),
+        ]
+    );
+    assert!(z.live_clones().is_empty());
+
+    // A failed rename destroys the clone under its old name.
+    let clone = z.clone_for_vm().await.unwrap();
+    let name = clone.name().to_string();
+    f.runner.clear();
+    f.runner.fail("zfs rename", "out of space");
+    let e = clone.keep(&paused).await.unwrap_err();
+    assert!(e.to_string().contains("out of space"), "{e}");
+    assert_eq!(f.runner.calls().last(), Some(&format!("zfs destroy -r {name}")));
+    assert!(z.live_clones().is_empty());
+}
+
+#[tokio::test]
 async fn a_failed_fork_leaves_no_snapshot() {
     let f = fixture();
     let z = f.opened().await;
