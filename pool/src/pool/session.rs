@@ -112,7 +112,7 @@ impl<V> Slot<V> {
         let expires = *locked(&self.expires);
         let paused = locked(&self.paused).clone();
         let usage = match &paused {
-            Some((dir, _)) => Usage { disk_bytes: Some(ember_vm::os::dir_bytes(dir)), ..Usage::default() },
+            Some((dir, _)) => Usage { disk_bytes: Some(ember_vm::vm::paused_bytes(dir)), ..Usage::default() },
             None => locked(&self.handle).usage.read(),
         };
         SessionInfo {

@@ -30,7 +30,7 @@ pub use config::{
     default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, ScratchKind, VmConfig,
 };
 pub use host::VmHost;
-pub use pause::{Paused, SavedMemory};
+pub use pause::{paused_bytes, Paused, SavedMemory};
 pub use process::OwnedProcess;
 pub use qmp::{Qmp, QmpError};
 pub use state::{ReapReport, StateDir};

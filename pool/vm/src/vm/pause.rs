@@ -115,10 +115,10 @@ impl Paused {
         Ok(p)
     }
 
-    /// Bytes its files take on disk (a fork's own disk not counted: its
-    /// clone shares what it did not change).
+    /// Bytes its files take on disk, with its disk in the storage backend
+    /// (see [`paused_bytes`]).
     pub fn disk_bytes(&self) -> u64 {
-        crate::os::dir_bytes(&self.dir)
+        paused_bytes(&self.dir)
     }
 
     /// Remove what this paused VM holds outside its directory (a forked
@@ -130,6 +130,20 @@ impl Paused {
             Err(e) => tracing::warn!(dataset = %fork.name, error = %e, "cannot discard a paused VM's disk"),
         }
     }
+}
+
+/// Bytes the paused VM in `dir` takes on disk: its files there and, when
+/// its disk is a dataset (ZFS), that disk file's allocated blocks, as a
+/// running VM's disk is counted (a volume is not counted).
+pub fn paused_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let record = std::fs::read_to_string(dir.join(RECORD)).ok();
+    let kept = record.and_then(|t| serde_json::from_str::<Paused>(&t).ok()).and_then(|p| p.dataset);
+    let disk = kept
+        .and_then(|d| std::fs::metadata(d.disk).ok())
+        .filter(|m| m.file_type().is_file())
+        .map_or(0, |m| m.blocks() * 512);
+    crate::os::dir_bytes(dir) + disk
 }
 
 impl Vm {
@@ -433,7 +447,16 @@ mod tests {
         for f in ["state", "disk.qcow2"] {
             std::fs::write(dir.path().join(f), b"x").unwrap_or_else(|e| panic!("{e}"));
         }
-        assert_eq!(Paused::load(dir.path()).ok(), Some(p));
+        assert_eq!(Paused::load(dir.path()).ok(), Some(p.clone()));
+        let files = paused_bytes(dir.path());
+        // A disk kept in the storage backend is counted with the files.
+        let kept = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let disk = kept.path().join("disk.raw");
+        std::fs::write(&disk, vec![1u8; 64 * 1024]).unwrap_or_else(|e| panic!("{e}"));
+        let with = Paused { dataset: Some(Fork { name: "tank/ember/fork-a".into(), disk }), ..p };
+        std::fs::write(dir.path().join(RECORD), serde_json::to_vec(&with).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(paused_bytes(dir.path()) >= files + 64 * 1024, "{} vs {files}", paused_bytes(dir.path()));
         std::fs::write(dir.path().join(RECORD), b"{").unwrap_or_else(|e| panic!("{e}"));
         assert!(Paused::load(dir.path()).is_err());
         // A record from before lanes resumes its VM without one.
