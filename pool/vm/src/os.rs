@@ -48,6 +48,13 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// Bytes regular file `path` takes on disk (its allocated blocks); `None`
+/// for anything else (a block device) or a file that cannot be read.
+pub fn file_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().filter(|m| m.file_type().is_file()).map(|m| m.blocks() * 512)
+}
+
 /// Bytes the files directly in `dir` take on disk (allocated blocks).
 pub fn dir_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;

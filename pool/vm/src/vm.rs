@@ -453,15 +453,9 @@ pub struct UsageProbe {
 
 impl UsageProbe {
     pub fn read(&self) -> Usage {
-        use std::os::unix::fs::MetadataExt;
         let sum_f = |f: fn(u32) -> Option<f64>| self.pids.iter().map(|p| f(*p)).sum::<Option<f64>>();
         let rss = self.pids.iter().map(|p| crate::procfs::rss_bytes(*p)).sum::<Option<u64>>();
-        let disk = self
-            .disk
-            .as_ref()
-            .and_then(|d| std::fs::metadata(d).ok())
-            .filter(|m| m.file_type().is_file())
-            .map(|m| m.blocks() * 512);
+        let disk = self.disk.as_deref().and_then(crate::os::file_bytes);
         Usage { cpu_seconds: sum_f(crate::procfs::cpu_seconds), memory_bytes: rss, disk_bytes: disk }
     }
 }

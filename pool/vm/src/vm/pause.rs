@@ -118,7 +118,8 @@ impl Paused {
     /// Bytes its files take on disk, with its disk in the storage backend
     /// (see [`paused_bytes`]).
     pub fn disk_bytes(&self) -> u64 {
-        paused_bytes(&self.dir)
+        let kept = self.dataset.as_ref().and_then(|d| crate::os::file_bytes(&d.disk));
+        crate::os::dir_bytes(&self.dir) + kept.unwrap_or(0)
     }
 
     /// Remove what this paused VM holds outside its directory (a forked
@@ -136,14 +137,11 @@ impl Paused {
 /// its disk is a dataset (ZFS), that disk file's allocated blocks, as a
 /// running VM's disk is counted (a volume is not counted).
 pub fn paused_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
     let record = std::fs::read_to_string(dir.join(RECORD)).ok();
-    let kept = record.and_then(|t| serde_json::from_str::<Paused>(&t).ok()).and_then(|p| p.dataset);
-    let disk = kept
-        .and_then(|d| std::fs::metadata(d.disk).ok())
-        .filter(|m| m.file_type().is_file())
-        .map_or(0, |m| m.blocks() * 512);
-    crate::os::dir_bytes(dir) + disk
+    match record.and_then(|t| serde_json::from_str::<Paused>(&t).ok()) {
+        Some(p) => Paused { dir: dir.to_path_buf(), ..p }.disk_bytes(),
+        None => crate::os::dir_bytes(dir),
+    }
 }
 
 impl Vm {
