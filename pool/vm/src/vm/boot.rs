@@ -109,13 +109,12 @@ impl Vm {
                 BootPlan::Template(t) => (t.disk.clone(), cfg.images.scratch.clone(), "raw"),
                 BootPlan::Restore(t) => (dir.join("scratch.qcow2"), t.disk.clone(), "qcow2"),
                 BootPlan::Cold => (dir.join("scratch.qcow2"), cfg.images.scratch.clone(), "raw"),
-                // A paused VM's disk is used in place.
-                // A fork's disk is its own copy-on-write clone (raw).
-                BootPlan::Resume(p) if p.dataset.is_some() => {
-                    let name = p.dataset.as_ref().map(|d| d.name.clone()).unwrap_or_default();
+                // A paused VM's disk is used in place: a dataset of its own
+                // in the storage backend (raw), or `disk.qcow2` beside it.
+                BootPlan::Resume(Paused { dataset: Some(kept), .. }) => {
                     let storage = host.open_storage().await?;
                     let path = storage
-                        .fork_disk(&name)
+                        .fork_disk(&kept.name)
                         .await
                         .map_err(|e| VmError::Storage(format!("VM {id}: finding its disk: {e}")))?;
                     return Ok((None, path, (cfg.images.scratch.clone(), "raw"), disk_started.elapsed()));

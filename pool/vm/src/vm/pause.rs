@@ -247,7 +247,7 @@ impl Vm {
                 p.backing_format = "raw".into();
             } else {
                 drop_internal_snapshots(&self.host, &p.disk()).await?;
-                self.keep_base(&p, &backing, backing_format).await?;
+                copy_base(&self.host, &p, &backing, backing_format).await?;
             }
             p.write()
         };
@@ -309,15 +309,10 @@ impl Vm {
             std::fs::rename(&self.scratch, to).map_err(io_err("keeping the paused VM's disk"))
         }
     }
-
-    /// Point the saved disk at a copy of its backing layer in the paused
-    /// VM's directory when that layer is a template's (it may go).
-    async fn keep_base(&self, p: &Paused, backing: &Path, backing_format: &str) -> Result<(), VmError> {
-        copy_base(&self.host, p, backing, backing_format).await
-    }
 }
 
-/// See [`Vm::keep_base`].
+/// Point the saved disk at a copy of its backing layer in the paused VM's
+/// directory when that layer is a template's (it may go).
 async fn copy_base(host: &VmHost, p: &Paused, backing: &Path, backing_format: &str) -> Result<(), VmError> {
     let base = p.dir.join("base.qcow2");
     if backing_format != "qcow2" || backing == base {
