@@ -125,8 +125,10 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Tasks one command may have in its cgroup (fork-bomb guard).
     pub max_pids: u32,
-    /// A call that would wait longer than this for a VM is answered 429
-    /// with `Retry-After` at once (admission by capacity).
+    /// A call expected to wait longer than this for a VM is answered 429
+    /// with `Retry-After` at once (admission by capacity), unless no call
+    /// is queued before it or a boot under way covers it; an admitted call
+    /// waits up to `pool.claim_timeout`.
     pub max_queue_wait: Duration,
     /// A 429 is answered after this long (at most its Retry-After): a
     /// client that retries at once (oha, a naive loop) then cannot turn
@@ -166,7 +168,7 @@ impl Default for Limits {
             max_timeout: Duration::from_secs(300),
             max_concurrent_requests: 64,
             max_pids: 1024,
-            max_queue_wait: Duration::from_secs(2),
+            max_queue_wait: Duration::from_secs(3),
             busy_delay: Duration::from_millis(250),
             max_network_rules: 64,
             process_output_buffer: 1 << 20,

@@ -163,9 +163,11 @@ mod tests {
         let cases = [
             (
                 PoolError::Exhausted {
+                    why: ember_pool::pool::Refusal::WouldWait { max_queue_wait: Duration::from_secs(2) },
                     in_use: 1,
                     booting: 0,
                     limit: 1,
+                    queued: 1,
                     waited: Duration::ZERO,
                     retry_after: Duration::from_millis(2100),
                 },

@@ -213,7 +213,7 @@ impl Collector for PoolCollector {
             return Ok(());
         }
         use Value::{Counter as C, Gauge as G};
-        let counters: [Described<u64>; 13] = [
+        let counters: [Described<u64>; 14] = [
             ("ember_warm_hits", "Claims served by a ready VM", |s| s.counters.hits),
             ("ember_warm_misses", "Claims that waited for a VM to boot", |s| s.counters.misses),
             ("ember_claims_queued", "Warm hits that queued for a VM to come back from its reset", |s| {
@@ -239,6 +239,9 @@ impl Collector for PoolCollector {
                 "Claims refused at once because they would have waited past limits.max_queue_wait",
                 |s| s.counters.refused_by_capacity,
             ),
+            ("ember_queue_timeouts", "Queued claims that no VM reached within pool.claim_timeout", |s| {
+                s.counters.queue_timeouts
+            }),
         ];
         for (name, help, get) in counters {
             per_image(&mut enc, name, help, &pools, |s| one(C(get(s))))?;
@@ -255,7 +258,10 @@ impl Collector for PoolCollector {
             .map(|(state, n)| (Some(("state", state)), G(n as f64)))
             .collect()
         })?;
-        let gauges: [Described<Option<f64>>; 7] = [
+        let gauges: [Described<Option<f64>>; 8] = [
+            ("ember_pool_warmed_up", "1 once the pool has held its min_size ready VMs (GET /readyz)", |s| {
+                Some(if s.warmed_up { 1.0 } else { 0.0 })
+            }),
             ("ember_pool_target", "VMs the sizer wants ready", |s| Some(s.target as f64)),
             ("ember_service_rate", "VMs per second coming back to the ready set", |s| Some(s.service_rate)),
             ("ember_queue_wait_seconds", "Expected wait of the next queued claim", |s| {

@@ -11,6 +11,34 @@ use ember_pool::pool::{Backend, Pool};
 
 use crate::error::ApiError;
 
+/// See [`Pools::readiness`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// These images' pools have not held their `min_size` ready VMs yet.
+    Warming(Vec<Warming>),
+    Draining,
+}
+
+/// One image's pool on its way to its first `min_size` ready VMs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Warming {
+    pub image: String,
+    pub ready: usize,
+    pub min_size: usize,
+    pub booting: usize,
+}
+
+impl std::fmt::Display for Warming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "image {}: {} of {} warm VMs ready ({} booting)",
+            self.image, self.ready, self.min_size, self.booting
+        )
+    }
+}
+
 pub struct Pools<B: Backend> {
     by_name: Arc<BTreeMap<String, Pool<B>>>,
     default: Arc<str>,
@@ -77,6 +105,32 @@ impl<B: Backend> Pools<B> {
     /// The image and pool that hold session `key`, if one does.
     pub fn with_session(&self, key: &str) -> Option<(&str, &Pool<B>)> {
         self.iter().find(|(_, p)| p.has_session(key))
+    }
+
+    /// Whether every pool has held its `min_size` ready VMs once (and none
+    /// drains): what `GET /readyz` and the ready line say.
+    pub fn readiness(&self) -> Readiness {
+        let mut waiting = Vec::new();
+        for (image, pool) in self.iter() {
+            let s = pool.status();
+            if s.draining {
+                return Readiness::Draining;
+            }
+            if !s.warmed_up {
+                let min_size = pool.config().min_size;
+                waiting.push(Warming {
+                    image: image.to_string(),
+                    ready: s.ready,
+                    min_size,
+                    booting: s.booting,
+                });
+            }
+        }
+        if waiting.is_empty() {
+            Readiness::Ready
+        } else {
+            Readiness::Warming(waiting)
+        }
     }
 
     /// The longest drain any pool allows.

@@ -30,6 +30,7 @@ pub const NDJSON: &str = "application/x-ndjson";
 /// Every route as (method, path), in `openapi.yaml`'s spelling.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
+    ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("POST", "/v1/run"),
     ("GET", "/v1/pool"),
@@ -71,6 +72,7 @@ where
 {
     Router::new()
         .route("/healthz", get(info::healthz::<B>))
+        .route("/readyz", get(info::readyz::<B>))
         .route("/metrics", get(info::metrics::<B>))
         .route("/v1/run", post(run::run::<B>))
         .route("/v1/pool", get(info::pool::<B>))

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::functions::Functions;
 use crate::invocation::Sandbox;
-use crate::pools::Pools;
+use crate::pools::{Pools, Readiness};
 use crate::state::AppState;
 
 #[derive(Debug, Args)]
@@ -133,7 +133,7 @@ async fn serve_images(
             pools.default_pool().config().min_size
         );
     }
-    tokio::spawn(announce_ready(pools.default_pool().clone(), addr));
+    tokio::spawn(announce_ready(pools.clone(), addr));
     let served = serve(listener, state, cfg.gateway.conn_limits, shutdown_signal()).await;
     for host in hosts {
         host.close().await;
@@ -210,29 +210,29 @@ fn check_image_names(
     Ok(())
 }
 
-/// Print the ready line once the pool holds its minimum of warm VMs.
-async fn announce_ready<B: Backend>(pool: Pool<B>, addr: SocketAddr) {
-    let want = pool.config().min_size;
+/// Print the ready line when `/readyz` turns 200: every image's pool has
+/// held its `min_size` ready VMs.
+async fn announce_ready<B: Backend>(pools: Pools<B>, addr: SocketAddr) {
     let started = tokio::time::Instant::now();
+    let mut warned = false;
     loop {
-        let s = pool.status();
-        if s.draining {
-            return;
+        match pools.readiness() {
+            Readiness::Draining => return,
+            Readiness::Ready => {
+                let warm: usize = pools.iter().map(|(_, p)| p.status().ready).sum();
+                println!(
+                    "ember: ready on http://{addr} with {warm} warm VMs after {:.1}s. Try:\n  \
+                     curl --json '{{\"cmd\":\"echo hello from $(uname -n)\"}}' http://{addr}/v1/run",
+                    started.elapsed().as_secs_f64()
+                );
+                return;
+            }
+            Readiness::Warming(_) => {}
         }
-        if s.ready >= want {
-            println!(
-                "ember: ready on http://{addr} with {} warm VMs after {:.1}s. Try:\n  \
-                 curl --json '{{\"cmd\":\"echo hello from $(uname -n)\"}}' http://{addr}/v1/run",
-                s.ready,
-                started.elapsed().as_secs_f64()
-            );
-            return;
-        }
-        if s.counters.create_failures > 0 && started.elapsed() > Duration::from_secs(60) {
-            tracing::error!(
-                failures = s.counters.create_failures,
-                "the pool cannot warm up; see the log above"
-            );
+        let failures: u64 = pools.iter().map(|(_, p)| p.status().counters.create_failures).sum();
+        if failures > 0 && started.elapsed() > Duration::from_secs(60) && !warned {
+            warned = true;
+            tracing::error!(failures, "the pool cannot warm up; see the log above");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -209,11 +209,15 @@ pub struct PoolConfig {
     pub run_reset: RunReset,
     pub replenish: ReplenishMode,
     pub max_uses: u32,
+    /// The longest a claim that was admitted waits for a VM (the caller's
+    /// patience); then it is refused.
     pub claim_timeout: Duration,
-    /// Admission by capacity: a claim that would wait longer than this for
-    /// a VM (at the measured service rate) is refused at once, and queued
-    /// claims give up after it. `None`: wait up to `claim_timeout`. The
-    /// gateway sets it from `limits.max_queue_wait`.
+    /// Admission by capacity: a claim expected to wait longer than this for
+    /// a VM (its place in the queue over the measured service rate) is
+    /// refused at once, unless nobody is queued before it or a boot under
+    /// way covers its place (see `pool::admission`). `None`: no claim is
+    /// refused for its expected wait. The gateway sets it from
+    /// `limits.max_queue_wait`.
     pub max_queue_wait: Option<Duration>,
     /// While the host's CPUs are busier than this share (0..=1), the pool
     /// makes no VM beyond `min_size`, on demand or ahead of it. `None`: no
@@ -258,7 +262,9 @@ impl Default for PoolConfig {
             run_reset: RunReset::Full,
             replenish: ReplenishMode::Auto,
             max_uses: 100,
-            claim_timeout: Duration::from_secs(10),
+            // Above an image's first boot here (a cold boot plus its warm-up
+            // command, ~10 s for python-data under TCG).
+            claim_timeout: Duration::from_secs(30),
             max_queue_wait: None,
             max_host_cpu: Some(crate::pool::DEFAULT_MAX_HOST_CPU),
             max_waiters: 64,

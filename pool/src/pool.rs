@@ -5,6 +5,7 @@
 //! pinned to a session), or gone. The VM side is a [`Backend`]: the real one
 //! boots QEMU microVMs, a fake one lets unit tests drive every transition.
 
+mod admission;
 mod backend;
 mod budget;
 #[cfg(any(test, feature = "test-util"))]
@@ -32,13 +33,25 @@ use crate::sizer::{RateEstimator, SizerState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// Every VM is in use, the pool is at its limits and the wait queue is
-    /// full or the claim waited too long. The gateway answers 429.
+    /// No VM for the claim: the wait queue is full, the claim would have
+    /// waited past `max_queue_wait`, or none came within `claim_timeout`.
+    /// The gateway answers 429.
     #[error(
-        "pool exhausted: {in_use} VMs in use, {booting} booting (limit {limit}), waited {waited:?}; \
-         a VM is expected to be free in {retry_after:?}"
+        "pool exhausted: {why}; {in_use} VMs in use, {booting} booting (limit {limit}), {queued} calls \
+         queued, waited {}; a VM is expected to be free in {}",
+        secs(*waited),
+        secs(*retry_after)
     )]
-    Exhausted { in_use: usize, booting: usize, limit: usize, waited: Duration, retry_after: Duration },
+    Exhausted {
+        why: Refusal,
+        in_use: usize,
+        booting: usize,
+        limit: usize,
+        /// Claims waiting when this one was refused (itself not counted).
+        queued: usize,
+        waited: Duration,
+        retry_after: Duration,
+    },
     /// The pool is shutting down. The gateway answers 503.
     #[error("pool is draining")]
     Draining,
@@ -58,6 +71,42 @@ pub enum PoolError {
     Reset { vm: String, reason: String },
     #[error("network: {0}")]
     Network(String),
+}
+
+/// Why a claim was refused for lack of capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_waiters` claims were waiting already.
+    QueueFull { max_waiters: usize },
+    /// Its expected wait was past `max_queue_wait` (refused at once).
+    WouldWait { max_queue_wait: Duration },
+    /// It was queued, and no VM came within `claim_timeout`.
+    TimedOut { claim_timeout: Duration },
+    /// Every VM is in use and the pool is at its limit (a resume, which
+    /// does not queue).
+    Full,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::QueueFull { max_waiters } => {
+                write!(f, "the wait queue is full ({max_waiters} calls, pool.max_waiters)")
+            }
+            Refusal::WouldWait { max_queue_wait } => {
+                write!(f, "the expected wait is past limits.max_queue_wait ({})", secs(*max_queue_wait))
+            }
+            Refusal::TimedOut { claim_timeout } => {
+                write!(f, "no VM came within pool.claim_timeout ({})", secs(*claim_timeout))
+            }
+            Refusal::Full => write!(f, "every VM is in use and the pool is at its limit"),
+        }
+    }
+}
+
+/// A duration as people read it in an error: "2.1s".
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
 }
 
 /// Something the pool did that metrics may want to see.
@@ -112,6 +161,9 @@ pub struct PoolCounters {
     /// Claims refused at once because they would have waited longer than
     /// `max_queue_wait` (also counted in `exhausted`).
     pub refused_by_capacity: u64,
+    /// Queued claims that no VM reached within `claim_timeout` (also
+    /// counted in `exhausted`).
+    pub queue_timeouts: u64,
     /// Sessions paused and resumed, and pauses or resumes that failed.
     pub pauses: u64,
     pub resumes: u64,
@@ -134,6 +186,9 @@ pub struct PoolStatus {
     pub waiters: usize,
     pub target: usize,
     pub draining: bool,
+    /// The pool has held `min_size` ready VMs at least once (or needs
+    /// none): it is ready to serve warm (`GET /readyz`).
+    pub warmed_up: bool,
     pub rate_short: f64,
     pub rate_long: f64,
     /// Ready VMs per function warm set (VMs scrubbed after serving it).
@@ -195,23 +250,6 @@ struct ReadyVm<V> {
     warm_for: Option<Arc<str>>,
 }
 
-/// Assumed time a VM spends away from the ready set before one was measured.
-const INITIAL_CYCLE_SECS: f64 = 1.0;
-
-/// VMs per second that come back to the ready set now: the VMs in use,
-/// resetting or booting, over the time one spends away (Little's law).
-fn service_rate<V>(st: &State<V>) -> f64 {
-    let cycle = if st.out_of_pool_secs > 0.0 { st.out_of_pool_secs } else { INITIAL_CYCLE_SECS };
-    let in_service = (st.claimed + st.resetting + st.booting).max(1);
-    in_service as f64 / cycle
-}
-
-/// How long the claim at queue position `position` (1 = next) can expect to
-/// wait for a VM at the current service rate.
-fn expected_wait<V>(st: &State<V>, position: usize) -> Duration {
-    Duration::from_secs_f64((position as f64 / service_rate(st)).min(3600.0))
-}
-
 /// Where a claim should look first: the caller's function's warm set, else
 /// a VM fit for anyone; a general claim takes only those. `None` when no
 /// ready VM fits (one from another set needs a full reset first).
@@ -230,7 +268,16 @@ struct State<V> {
     sessions: HashMap<String, Arc<session::Slot<V>>>,
     /// Sessions (in `sessions`) that are paused: they hold no VM.
     paused: usize,
-    waiters: usize,
+    /// Claims waiting for a VM, by ticket, oldest first: a ready VM goes to
+    /// the oldest (a claim that arrives later cannot take it first).
+    queue: VecDeque<u64>,
+    next_ticket: u64,
+    /// VMs being made for a claim that asked (counted in `booting` too).
+    on_demand: usize,
+    /// Ready VMs the pool must have held once to count as warmed up
+    /// (`min_size`; 0 when disabled), and whether it has.
+    min_ready: usize,
+    warmed_up: bool,
     draining: bool,
     target: usize,
     rates: RateEstimator,
@@ -274,34 +321,28 @@ impl<V> State<V> {
             && in_service > 0
     }
 
-    /// What a claim that found no ready VM should do, if it may create one
-    /// and has `left` before it gives up. A VM coming back from a call is
-    /// warm and costs a reset; a new one costs a boot's CPU while the host
-    /// is busiest, so the claim waits for one that is due sooner than a
-    /// creation would take (for at most half of its time, so that it can
-    /// still create after). Past capacity (admission will refuse the
-    /// claim), a boot that could not be ready within the claim's time is
-    /// not started.
-    fn on_no_ready(&self, recycles: bool, left: Duration, refused_beyond: Option<Duration>) -> NoReady {
-        let returning = self.claimed + self.resetting;
-        let Some(create) = self.create_secs.filter(|_| recycles && returning > 0) else {
-            return NoReady::Create;
-        };
-        let expected = expected_wait(self, self.waiters + 1).as_secs_f64();
-        let left = left.as_secs_f64();
-        let limit = if create < left { create.min(left / 2.0) } else { left };
-        if expected < limit {
-            NoReady::Patient(Duration::from_secs_f64(limit))
-        } else if self.past_capacity()
-            || (create >= left && refused_beyond.is_some_and(|m| expected > m.as_secs_f64()))
-        {
-            // Past capacity: admission refuses this claim at once, and a
-            // boot that could not be ready in time would only take the CPU
-            // the running calls need.
-            NoReady::Queue
-        } else {
-            NoReady::Create
+    /// What admission sees, for the claim at `position` in the queue.
+    fn load(&self, position: usize) -> admission::Load {
+        admission::Load {
+            position,
+            returning: self.claimed + self.resetting,
+            boots_for_ready: self.booting.saturating_sub(self.on_demand),
+            boots_on_demand: self.on_demand,
+            cycle_secs: self.out_of_pool_secs,
+            create_secs: self.create_secs,
         }
+    }
+
+    /// The place in the queue of the claim holding `ticket` (1 = next), or
+    /// of a claim that would join it now.
+    fn position(&self, ticket: Option<u64>) -> usize {
+        let ahead = ticket.and_then(|t| self.queue.iter().position(|&q| q == t));
+        ahead.unwrap_or(self.queue.len()) + 1
+    }
+
+    fn dequeue(&mut self, ticket: u64) -> bool {
+        let at = self.queue.iter().position(|&q| q == ticket);
+        at.and_then(|i| self.queue.remove(i)).is_some()
     }
 
     /// Whether admission refused a claim lately: boots then only take the
@@ -353,6 +394,7 @@ impl<V> State<V> {
     fn shift_to_ready(&mut self, from: Phase, r: ReadyVm<V>) {
         self.decrement(from);
         self.ready.push_back(r);
+        self.warmed_up |= self.ready.len() >= self.min_ready;
         self.check(from);
     }
 
@@ -378,6 +420,22 @@ impl<V> State<V> {
         }
         self.enter(Phase::Booting);
         true
+    }
+
+    /// [`State::start_creation`] of a VM a caller waits for (a claim's own,
+    /// a session's resume): it does not go to the ready set, so queued
+    /// claims do not count on it.
+    fn start_creation_on_demand(&mut self) -> bool {
+        let started = self.start_creation();
+        if started {
+            self.on_demand += 1;
+        }
+        started
+    }
+
+    /// A creation [`State::start_creation_on_demand`] counted has ended.
+    fn end_creation_on_demand(&mut self) {
+        self.on_demand = self.on_demand.saturating_sub(1);
     }
 
     /// No more VMs exist than the pool may have; the budget learns what
@@ -463,11 +521,34 @@ impl<B: Backend> Inner<B> {
     }
 
     /// Count and describe a claim refused for lack of capacity.
-    fn exhausted(&self, st: &mut State<B::Vm>, waited: Duration) -> PoolError {
+    fn exhausted(&self, st: &mut State<B::Vm>, why: Refusal, waited: Duration) -> PoolError {
         st.counters.exhausted += 1;
+        match why {
+            Refusal::WouldWait { .. } => {
+                st.counters.refused_by_capacity += 1;
+                st.last_refusal = Some(Instant::now());
+            }
+            Refusal::TimedOut { .. } => st.counters.queue_timeouts += 1,
+            Refusal::QueueFull { .. } | Refusal::Full => {}
+        }
         let in_use = st.claimed + st.resetting + st.running_sessions();
-        let retry_after = expected_wait(st, st.waiters + 1);
-        PoolError::Exhausted { in_use, booting: st.booting, limit: self.capacity(), waited, retry_after }
+        let queued = st.queue.len();
+        let retry_after = st.load(queued + 1).expected_wait();
+        PoolError::Exhausted {
+            why,
+            in_use,
+            booting: st.booting,
+            limit: self.capacity(),
+            queued,
+            waited,
+            retry_after,
+        }
+    }
+
+    /// A VM became ready, or room for one was freed: every queued claim
+    /// looks again (the oldest takes it; the others see their place).
+    fn wake_claims(&self) {
+        self.changed.notify_waiters();
     }
 
     fn emit(&self, event: PoolEvent) {
@@ -547,6 +628,9 @@ impl<B: Backend> Inner<B> {
         }
         let (outcome, doomed) = {
             let mut st = self.lock();
+            if for_claim {
+                st.end_creation_on_demand();
+            }
             match result {
                 Ok(vm) => {
                     st.counters.created += 1;
@@ -574,7 +658,7 @@ impl<B: Backend> Inner<B> {
             self.destroy_now(Some(vm)).await;
         }
         let idle = self.lock().is_idle();
-        self.changed.notify_waiters();
+        self.wake_claims();
         self.wake_replenisher.notify_one();
         if idle {
             self.idle.notify_waiters();
@@ -615,7 +699,7 @@ impl<B: Backend> Inner<B> {
         st.leave(Phase::Destroying);
         let idle = st.is_idle();
         drop(st);
-        self.changed.notify_one();
+        self.wake_claims();
         self.wake_replenisher.notify_one();
         if idle {
             self.idle.notify_waiters();
@@ -662,7 +746,11 @@ impl<B: Backend> Pool<B> {
             destroying: 0,
             sessions: HashMap::new(),
             paused: 0,
-            waiters: 0,
+            queue: VecDeque::new(),
+            next_ticket: 0,
+            on_demand: 0,
+            min_ready: if cfg.enabled { cfg.min_size } else { 0 },
+            warmed_up: !cfg.enabled || cfg.min_size == 0,
             draining: false,
             target: if cfg.enabled { cfg.min_size } else { 0 },
             rates: RateEstimator::new(now),
@@ -743,12 +831,13 @@ impl<B: Backend> Pool<B> {
             resetting: st.resetting,
             sessions: st.running_sessions(),
             paused_sessions: st.paused,
-            waiters: st.waiters,
+            waiters: st.queue.len(),
             target: st.target,
             draining: st.draining,
+            warmed_up: st.warmed_up,
             rate_short: rates.short,
             rate_long: rates.long,
-            service_rate: service_rate(&st),
+            service_rate: st.load(1).service_rate(),
             cpu_seconds: st.cpu,
             host_cpu_busy: st.host_cpu(),
             capacity_per_sec: st.cpu.capacity(
@@ -756,8 +845,8 @@ impl<B: Backend> Pool<B> {
                 st.counters.resets,
                 st.counters.scrubs,
             ),
-            queue_wait_secs: if st.ready.is_empty() && st.waiters > 0 {
-                expected_wait(&st, st.waiters + 1).as_secs_f64()
+            queue_wait_secs: if st.ready.is_empty() && !st.queue.is_empty() {
+                st.load(st.queue.len() + 1).expected_wait().as_secs_f64()
             } else {
                 0.0
             },
@@ -790,14 +879,16 @@ impl<B: Backend> Pool<B> {
     async fn claim_as(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
         let cfg = &self.inner.cfg;
-        let deadline = started + cfg.max_queue_wait.map_or(cfg.claim_timeout, |q| q.min(cfg.claim_timeout));
+        // Admitted, a claim waits up to the caller's patience, not up to
+        // the estimate that admitted it (see `admission`).
+        let deadline = started + cfg.claim_timeout;
         self.inner.lock().rates.record(started);
         self.inner.wake_replenisher.notify_one();
-        // Counted as a waiter from the first wait until this claim ends,
-        // however it ends (a caller that goes away drops this future).
+        // In the queue from the first wait until this claim ends, however
+        // it ends (a caller that goes away drops this future).
         let mut queued: Option<WaiterGuard<'_, B>> = None;
-        // Until when this claim waits for a returning VM rather than create
-        // one (set once: after it, the claim creates if it still may).
+        // Until when this claim waits for a VM that is coming rather than
+        // make one (set once: after it, the claim makes one if it may).
         let mut patience: Option<Instant> = None;
         let mut last_try = false;
         loop {
@@ -806,33 +897,25 @@ impl<B: Backend> Pool<B> {
             changed.as_mut().enable();
             let patient = patience.is_none_or(|until| Instant::now() < until);
             let left = patient.then(|| deadline.saturating_duration_since(Instant::now()));
-            match self.try_claim(queued.is_some(), want.as_deref(), left) {
+            let ticket = queued.as_ref().map(|q| q.ticket);
+            match self.try_claim(ticket, want.as_deref(), left, started) {
                 Ok(Step::Got(r, warm)) => {
                     return Ok(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, warm, started, want))
                 }
-                Ok(Step::Convert(r)) => {
-                    drop(queued.take());
-                    match self.convert(r).await {
-                        Some(r) => {
-                            return Ok(Lease::new(
-                                Arc::clone(&self.inner),
-                                r.vm,
-                                r.uses,
-                                false,
-                                started,
-                                want,
-                            ))
-                        }
-                        None => continue,
+                Ok(Step::Convert(r)) => match self.convert(r).await {
+                    Some(r) => {
+                        return Ok(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, false, started, want))
                     }
-                }
-                Ok(Step::Create) => {
-                    drop(queued.take());
-                    return self.create_on_demand(want).await;
-                }
-                Ok(Step::Wait { patience: p }) => {
+                    // The VM is gone; this claim joins the queue again, last.
+                    None => {
+                        queued = None;
+                        continue;
+                    }
+                },
+                Ok(Step::Create) => return self.create_on_demand(want).await,
+                Ok(Step::Wait { ticket, patience: p }) => {
                     if queued.is_none() {
-                        queued = Some(WaiterGuard(&self.inner));
+                        queued = Some(WaiterGuard { inner: &self.inner, ticket });
                     }
                     if patience.is_none() {
                         patience = p.map(|p| Instant::now() + p);
@@ -848,17 +931,22 @@ impl<B: Backend> Pool<B> {
                 .filter(|&t| t > Instant::now())
                 .fold(deadline, Instant::min);
             if tokio::time::timeout_at(wake, changed).await.is_err() && Instant::now() >= deadline {
-                // A claim that waited for a returning VM rather than boot
-                // one gets that boot now, if it may, instead of a refusal;
-                // not while admission is refusing claims (past capacity,
-                // boots take the CPU the running calls need).
+                // A claim that waited for a VM coming rather than boot one
+                // gets that boot now, if it may, instead of a refusal; not
+                // while admission is refusing claims (past capacity, boots
+                // take the CPU the running calls need).
                 let overloaded = self.inner.lock().past_capacity();
                 if patience.is_some() && !last_try && !overloaded {
                     last_try = true;
                     patience = Some(Instant::now());
                     continue;
                 }
-                return Err(self.inner.exhausted(&mut self.inner.lock(), started.elapsed()));
+                let why = Refusal::TimedOut { claim_timeout: cfg.claim_timeout };
+                let mut st = self.inner.lock();
+                if let Some(q) = queued.take() {
+                    st.dequeue(q.disarm());
+                }
+                return Err(self.inner.exhausted(&mut st, why, started.elapsed()));
             }
         }
     }
@@ -874,16 +962,27 @@ impl<B: Backend> Pool<B> {
         None
     }
 
-    /// `patient`: the time the claim has left if it may still wait for a
-    /// returning VM instead of creating one.
+    /// One look at the pool for a claim (`ticket`: its place in the queue,
+    /// once it has one). `patient`: the time the claim has left if it may
+    /// still wait for a VM that is coming instead of making one.
     fn try_claim(
         &self,
-        queued: bool,
+        ticket: Option<u64>,
         want: Option<&str>,
         patient: Option<Duration>,
+        started: Instant,
     ) -> Result<Step<B>, PoolError> {
         let mut dead = Vec::new();
-        let step = self.try_claim_locked(&mut self.inner.lock(), queued, &mut dead, want, patient);
+        let step = {
+            let mut st = self.inner.lock();
+            let step = self.try_claim_locked(&mut st, ticket, &mut dead, want, patient, started);
+            // A claim that leaves the queue leaves it under the lock that
+            // gave it its VM, so no other claim sees it ahead for a moment.
+            if let (Some(t), Ok(Step::Got(..) | Step::Convert(_) | Step::Create)) = (ticket, &step) {
+                st.dequeue(t);
+            }
+            step
+        };
         // Counted as destroying under the lock that took them out of the
         // ready set; destroyed outside it.
         for vm in dead {
@@ -896,15 +995,20 @@ impl<B: Backend> Pool<B> {
     fn try_claim_locked(
         &self,
         st: &mut State<B::Vm>,
-        queued: bool,
+        ticket: Option<u64>,
         dead: &mut Vec<B::Vm>,
         want: Option<&str>,
         patient: Option<Duration>,
+        started: Instant,
     ) -> Result<Step<B>, PoolError> {
         if st.draining {
             return Err(PoolError::Draining);
         }
-        while let Some(i) = pick_ready(&st.ready, want) {
+        let position = st.position(ticket);
+        // First come, first served: a ready VM goes to the claims queued
+        // before this one first.
+        let my_turn = position <= st.ready.len();
+        while let Some(i) = pick_ready(&st.ready, want).filter(|_| my_turn) {
             let Some(mut r) = st.ready.remove(i) else { break };
             if !self.inner.backend.healthy(&mut r.vm) {
                 st.enter(Phase::Destroying);
@@ -916,55 +1020,68 @@ impl<B: Backend> Pool<B> {
             // A ready VM is a warm hit, whether the claim found it at once or
             // after queueing for a reset: no boot or full reset was on its path.
             st.counters.hits += 1;
-            if queued {
+            if ticket.is_some() {
                 st.counters.queued += 1;
             }
             self.inner.wake_replenisher.notify_one();
             return Ok(Step::Got(r, true));
         }
-        let plan = patient.map_or(NoReady::Create, |left| {
-            st.on_no_ready(self.inner.backend.recycles(), left, self.inner.cfg.max_queue_wait)
+        let load = st.load(position);
+        let plan = patient.map_or(admission::NoReady::Create, |left| {
+            load.on_no_ready(
+                self.inner.backend.recycles(),
+                left,
+                st.past_capacity(),
+                self.inner.cfg.max_queue_wait,
+            )
         });
         let patience = match plan {
-            NoReady::Patient(p) => Some(p),
-            NoReady::Create | NoReady::Queue => None,
+            admission::NoReady::Patient(p) => Some(p),
+            admission::NoReady::Create | admission::NoReady::Queue => None,
         };
         if !st.cpu_saturated(&self.inner.cfg)
-            && plan == NoReady::Create
+            && plan == admission::NoReady::Create
             && st.may_create(Instant::now())
-            && st.start_creation()
+            && st.start_creation_on_demand()
         {
             st.counters.misses += 1;
             return Ok(Step::Create);
         }
         // Only VMs of other functions' warm sets are ready: take the oldest
         // (FIFO across the sets) and give it a full reset.
-        if let Some(mut r) = st.ready.pop_front() {
-            if self.inner.backend.healthy(&mut r.vm) {
-                st.enter(Phase::Claimed);
-                st.counters.misses += 1;
-                st.counters.steals += 1;
-                return Ok(Step::Convert(r));
-            }
-            st.enter(Phase::Destroying);
-            dead.push(r.vm);
-            return Ok(Step::Wait { patience });
-        }
-        if !queued {
-            if st.waiters >= self.inner.cfg.max_waiters {
-                return Err(self.inner.exhausted(st, Duration::ZERO));
-            }
-            // Admission by capacity: refuse at once what would wait too long.
-            if let Some(max) = self.inner.cfg.max_queue_wait {
-                if expected_wait(st, st.waiters + 1) > max {
-                    st.counters.refused_by_capacity += 1;
-                    st.last_refusal = Some(Instant::now());
-                    return Err(self.inner.exhausted(st, Duration::ZERO));
+        if my_turn {
+            if let Some(mut r) = st.ready.pop_front() {
+                if self.inner.backend.healthy(&mut r.vm) {
+                    st.enter(Phase::Claimed);
+                    st.counters.misses += 1;
+                    st.counters.steals += 1;
+                    return Ok(Step::Convert(r));
                 }
+                st.enter(Phase::Destroying);
+                dead.push(r.vm);
             }
-            st.waiters += 1;
         }
-        Ok(Step::Wait { patience })
+        if let Some(ticket) = ticket {
+            return Ok(Step::Wait { ticket, patience });
+        }
+        if st.queue.len() >= self.inner.cfg.max_waiters {
+            let why = Refusal::QueueFull { max_waiters: self.inner.cfg.max_waiters };
+            return Err(self.inner.exhausted(st, why, started.elapsed()));
+        }
+        // Admission by capacity: refuse at once what would wait too long.
+        if let Some(max_queue_wait) = self.inner.cfg.max_queue_wait {
+            if load.admit(Some(max_queue_wait)).is_err() {
+                return Err(self.inner.exhausted(
+                    st,
+                    Refusal::WouldWait { max_queue_wait },
+                    started.elapsed(),
+                ));
+            }
+        }
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        st.queue.push_back(ticket);
+        Ok(Step::Wait { ticket, patience })
     }
 
     async fn create_on_demand(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
@@ -1023,12 +1140,28 @@ impl<B: Backend> Pool<B> {
     }
 }
 
-/// One waiting claim; `try_claim_locked` counted it in `waiters`.
-struct WaiterGuard<'a, B: Backend>(&'a Arc<Inner<B>>);
+/// A queued claim's place; dropping it (the caller went away) leaves the
+/// queue, and the claims behind move up.
+struct WaiterGuard<'a, B: Backend> {
+    inner: &'a Arc<Inner<B>>,
+    ticket: u64,
+}
+
+impl<B: Backend> WaiterGuard<'_, B> {
+    /// The ticket, for a caller that takes it out of the queue itself.
+    fn disarm(self) -> u64 {
+        let t = self.ticket;
+        std::mem::forget(self);
+        t
+    }
+}
 
 impl<B: Backend> Drop for WaiterGuard<'_, B> {
     fn drop(&mut self) {
-        self.0.lock().waiters -= 1;
+        if self.inner.lock().dequeue(self.ticket) {
+            // A ready VM this claim was first in line for is someone else's.
+            self.inner.wake_claims();
+        }
     }
 }
 
@@ -1060,25 +1193,17 @@ enum Phase {
     Destroying,
 }
 
-/// See [`State::on_no_ready`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum NoReady {
-    Create,
-    /// Wait this long for a returning VM, then create.
-    Patient(Duration),
-    /// Be refused by admission (past capacity), never create.
-    Queue,
-}
-
 enum Step<B: Backend> {
     /// A ready VM that fits, and whether it counts as warm.
     Got(ReadyVm<B::Vm>, bool),
     /// A VM of another function's warm set, to be fully reset first.
     Convert(ReadyVm<B::Vm>),
     Create,
-    /// Wait for a VM; with `patience`, a creation was possible but a VM is
-    /// expected back sooner: wait that long before creating instead.
+    /// Wait for a VM in the queue under `ticket`; with `patience`, a
+    /// creation was possible but a VM is expected sooner: wait that long
+    /// before creating instead.
     Wait {
+        ticket: u64,
         patience: Option<Duration>,
     },
 }

@@ -7,6 +7,7 @@ use axum::Json;
 use ember_pool::pool::{Backend, Pool};
 use serde_json::json;
 
+use crate::pools::Readiness;
 use crate::state::AppState;
 
 /// `GET /healthz`: 200 while serving, 503 while draining.
@@ -17,6 +18,37 @@ pub async fn healthz<B: Backend>(State(state): State<AppState<B>>) -> Response {
     }
     let ready: usize = state.pools.iter().map(|(_, p)| p.status().ready).sum();
     Json(json!({"status": "ok", "ready_vms": ready})).into_response()
+}
+
+/// `GET /readyz`: 200 once every image's pool has held its `min_size`
+/// ready VMs (a call then finds a warm VM), 503 before (saying what it
+/// waits for) and while draining. `/healthz` is liveness; this is readiness.
+pub async fn readyz<B: Backend>(State(state): State<AppState<B>>) -> Response {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    match state.pools.readiness() {
+        _ if state.is_draining() => draining(),
+        Readiness::Draining => draining(),
+        Readiness::Warming(waiting) => {
+            let message = waiting.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            (unavailable, Json(json!({"status": "warming", "message": message, "waiting_for": waiting})))
+                .into_response()
+        }
+        Readiness::Ready => {
+            let images: serde_json::Map<String, serde_json::Value> = state
+                .pools
+                .iter()
+                .map(|(name, p)| {
+                    (name.to_string(), json!({"ready": p.status().ready, "min_size": p.config().min_size}))
+                })
+                .collect();
+            Json(json!({"status": "ready", "images": images})).into_response()
+        }
+    }
+}
+
+fn draining() -> Response {
+    let body = json!({"status": "draining", "message": "the server is draining: it takes no new calls"});
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 /// One image's pool, as `/v1/pool` and `/v1/images` show it.

@@ -442,9 +442,10 @@ async fn a_full_pool_answers_429_with_retry_after() {
     busy.abort();
 }
 
-/// Admission by capacity: with one VM busy for ~1 s a cycle, a call that
-/// would queue past `max_queue_wait` is a 429 at once, with the expected
-/// wait as Retry-After.
+/// Admission by capacity: with one VM busy for ~1 s a cycle and one call
+/// queued for it, a call that would queue past `max_queue_wait` is a 429 at
+/// once, with the expected wait as Retry-After. (The queued one, with nobody
+/// ahead of it, is not refused.)
 #[tokio::test]
 async fn a_call_that_would_wait_too_long_is_refused_at_once_with_the_expected_wait() {
     let pool = PoolConfig {
@@ -456,21 +457,33 @@ async fn a_call_that_would_wait_too_long_is_refused_at_once_with_the_expected_wa
     };
     let f = fixture_with(Limits::default(), pool, Functions::default());
     f.wait_until("the VM ready", |s| s.ready == 1).await;
-    let app = f.app.clone();
-    let busy = tokio::spawn(async move {
-        let req = Request::post("/v1/run").body(Body::from(json!({"cmd": "nap 60000"}).to_string())).unwrap();
-        app.oneshot(req).await
-    });
+    let call = |cmd: &'static str| {
+        let app = f.app.clone();
+        tokio::spawn(async move {
+            let req = Request::post("/v1/run").body(Body::from(json!({"cmd": cmd}).to_string())).unwrap();
+            app.oneshot(req).await
+        })
+    };
+    let busy = call("nap 60000");
     f.wait_for("the pool's one VM busy", |l| l.execs.len() == 1).await;
+    let first_in_line = call("echo first");
+    f.wait_until("one call queued", |s| s.waiters == 1).await;
     let asked = tokio::time::Instant::now();
     let a = f.post_json("/v1/run", json!({"cmd": "echo x"})).await;
     let took = asked.elapsed();
     assert!(took < Duration::from_millis(450), "answered before max_queue_wait: {took:?}");
     assert!(took >= Limits::default().busy_delay, "after busy_delay: {took:?}");
     assert_eq!(a.error(), (429, "pool_exhausted".into()));
-    assert_eq!(a.headers["retry-after"], "1");
+    assert!(
+        a.json()["error"]["message"].as_str().unwrap().contains("past limits.max_queue_wait (0.5s)"),
+        "{}",
+        a.json()
+    );
+    assert_eq!(a.headers["retry-after"], "2");
     let pool = f.get("/v1/pool").await.json();
     assert_eq!(pool["counters"]["refused_by_capacity"], 1, "{pool}");
+    assert_eq!(pool["waiters"], 1, "the first in line still waits: {pool}");
+    first_in_line.abort();
     busy.abort();
 }
 
@@ -515,6 +528,52 @@ async fn draining_refuses_new_work_with_503() {
     assert_eq!(a.error(), (503, "draining".into()));
     assert!(a.headers.contains_key("retry-after"));
     assert_eq!(f.get("/healthz").await.status, 503);
+}
+
+/// Liveness and readiness apart: `/healthz` is 200 from the start, while
+/// `/readyz` is 503 (saying what it waits for) until every image's pool has
+/// held its `min_size` ready VMs once, and stays 200 after even while calls
+/// use them; both are 503 while draining.
+#[tokio::test]
+async fn readyz_waits_for_the_warm_pool_and_healthz_does_not() {
+    let agents = FakeAgents { create_delay: Duration::from_millis(300), ..FakeAgents::default() };
+    let pool = Pool::start(agents.clone(), PoolConfig { min_size: 2, target_free: 0, ..pool_config() }, 256);
+    let other = FakeAgents { prefix: "data-", ..agents.clone() };
+    let data = Pool::start(other, PoolConfig { min_size: 0, ..pool_config() }, 256);
+    let pools = crate::pools::Pools::new(
+        [("default".to_string(), pool), ("python-data".to_string(), data)].into(),
+        "default",
+    )
+    .unwrap();
+    let state = AppState::new(pools, Limits::default(), Functions::default());
+    let f = Fixture { app: router(state.clone()), agents, state };
+
+    assert_eq!(f.get("/healthz").await.status, 200);
+    let r = f.get("/readyz").await;
+    assert_eq!(r.status, 503);
+    let j = r.json();
+    assert_eq!(j["status"], "warming", "{j}");
+    assert_eq!(
+        j["waiting_for"].as_array().unwrap().len(),
+        1,
+        "an image with min_size 0 is ready at once: {j}"
+    );
+    assert_eq!(j["waiting_for"][0]["image"], "default");
+    assert_eq!(j["waiting_for"][0]["min_size"], 2);
+    assert!(j["message"].as_str().unwrap().starts_with("image default: "), "{j}");
+
+    f.wait_until("two ready", |s| s.ready == 2).await;
+    let r = f.get("/readyz").await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    assert_eq!(r.json()["status"], "ready");
+    // A call that takes a warm VM does not make the server unready.
+    let a = f.post_json("/v1/run", json!({"cmd": "echo x"})).await.json();
+    assert_eq!(a["warm"], true, "{a}");
+    assert_eq!(f.get("/readyz").await.status, 200);
+
+    f.state.start_draining();
+    let r = f.get("/readyz").await;
+    assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (503, json!("draining")));
 }
 
 #[tokio::test]

@@ -237,7 +237,7 @@ pub(super) async fn recycle<B: Backend>(inner: Arc<Inner<B>>, r: Returned<B::Vm>
     if let Some(vm) = doomed {
         inner.destroy_later(vm, Phase::Resetting);
     }
-    inner.changed.notify_one();
+    inner.wake_claims();
     inner.wake_replenisher.notify_one();
     let idle = inner.lock().is_idle();
     if idle {

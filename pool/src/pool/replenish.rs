@@ -109,7 +109,7 @@ fn plan<B: Backend>(inner: &Inner<B>, may_create: bool) -> (usize, Vec<B::Vm>) {
     // `min_size`, 0 for an image nobody calls.
     let idle = st.rates.last_arrival().is_none_or(|t| t.elapsed() >= inner.cfg.idle_timeout);
     let headroom = if idle { 0 } else { inner.cfg.target_free };
-    let keep = st.target.max(st.claimed + st.resetting + st.waiters + headroom);
+    let keep = st.target.max(st.claimed + st.resetting + st.queue.len() + headroom);
     let surplus = current.saturating_sub(keep).min(st.ready.len());
     // Oldest first: they have served the most uses.
     let gone: Vec<B::Vm> = st.ready.drain(..surplus).map(|r: ReadyVm<B::Vm>| r.vm).collect();

@@ -19,7 +19,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
 use super::{locked, SessionSpec, Slot};
-use crate::pool::{Backend, Inner, Phase, PoolError, VmHandle};
+use crate::pool::{Backend, Inner, Phase, PoolError, Refusal, VmHandle};
 
 const RECORD: &str = "session.json";
 
@@ -88,7 +88,7 @@ pub(super) fn write_record<V>(dir: &Path, key: &str, slot: &Slot<V>) {
 }
 
 fn notify<B: Backend>(inner: &Inner<B>) {
-    inner.changed.notify_one();
+    inner.wake_claims();
     inner.wake_replenisher.notify_one();
     if inner.lock().is_idle() {
         inner.idle.notify_waiters();
@@ -203,7 +203,7 @@ pub(super) async fn resume<B: Backend>(
             if st.running_sessions() >= inner.cfg.max_sessions {
                 return Err(PoolError::SessionLimit { limit: inner.cfg.max_sessions });
             }
-            if st.start_creation() {
+            if st.start_creation_on_demand() {
                 break;
             }
             match st.ready.pop_front() {
@@ -211,7 +211,7 @@ pub(super) async fn resume<B: Backend>(
                     st.enter(Phase::Destroying);
                     r.vm
                 }
-                None => return Err(inner.exhausted(&mut st, Duration::ZERO)),
+                None => return Err(inner.exhausted(&mut st, Refusal::Full, Duration::ZERO)),
             }
         };
         inner.destroy_now(Some(evicted)).await;
@@ -223,6 +223,7 @@ pub(super) async fn resume<B: Backend>(
             {
                 let mut st = inner.lock();
                 st.leave(Phase::Booting);
+                st.end_creation_on_demand();
                 st.counters.pause_failures += 1;
             }
             notify(inner);
@@ -239,6 +240,7 @@ pub(super) async fn resume<B: Backend>(
     }
     let ended = {
         let mut st = inner.lock();
+        st.end_creation_on_demand();
         if st.sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             st.decrement(Phase::Booting);
             st.paused -= 1;

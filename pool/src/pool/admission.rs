@@ -1,0 +1,260 @@
+//! Admission: what a claim that found no ready VM for it does. It is queued
+//! (and waits for a VM coming back from a call, a reset or a boot), it makes
+//! a VM of its own, or it is refused at once with the wait it would have
+//! had. Pure functions of what the pool counts, with table tests; the claim
+//! loop (`pool.rs`) calls them under the pool's lock.
+//!
+//! The rules, in the order they apply:
+//! - **Nobody ahead, something coming**: a claim with no other claim queued
+//!   before it is never refused for its expected wait while a VM is on its
+//!   way back. Whatever the estimate says, the next VM to come back is its;
+//!   a client calling one call at a time is not overload.
+//! - **A boot under way**: a claim whose place in the queue is covered by a
+//!   VM being made for the ready set (right after start, an image's first
+//!   use) waits for that VM; starting a boot of its own would only slow the
+//!   one under way, and a boot slower than the estimate is no reason to
+//!   refuse.
+//! - **Past that**, the expected wait of its place in the queue (Little's
+//!   law: the VMs in service over the time one spends away from the ready
+//!   set) is compared with `max_queue_wait`; a claim expected to wait longer
+//!   is refused at once with that wait as its `Retry-After`.
+//!
+//! A claim that was admitted waits up to `claim_timeout` (the caller's
+//! patience), not up to the estimate: an estimate that was wrong must not
+//! turn a short wait into a refusal.
+
+use std::time::Duration;
+
+/// Assumed time a VM spends away from the ready set before one was measured.
+pub(super) const INITIAL_CYCLE_SECS: f64 = 1.0;
+
+/// The longest wait an estimate may say (a bound for `Retry-After`).
+const MAX_ESTIMATE_SECS: f64 = 3600.0;
+
+/// What the pool looks like to one claim that found no ready VM for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Load {
+    /// The claim's place in the queue: 1 when no other claim waits before it.
+    pub position: usize,
+    /// VMs in a call or being reset: they come back to the ready set (or are
+    /// replaced) on their own.
+    pub returning: usize,
+    /// VMs being made for the ready set (not those a claim makes for itself).
+    pub boots_for_ready: usize,
+    /// VMs a claim is making for itself: in service soon, back after that call.
+    pub boots_on_demand: usize,
+    /// Mean seconds a VM spends away from the ready set per use; 0 before
+    /// one was measured.
+    pub cycle_secs: f64,
+    /// Mean wall seconds a creation takes, once one was measured.
+    pub create_secs: Option<f64>,
+}
+
+/// What a claim that found no ready VM for it should do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum NoReady {
+    /// Make a VM now.
+    Create,
+    /// Wait this long for a VM that is coming, then make one if none came.
+    Patient(Duration),
+    /// Wait, never make one (past capacity, or a creation could not be
+    /// ready before the claim gives up).
+    Queue,
+}
+
+impl Load {
+    /// VMs in service: they will be in the ready set again without anyone
+    /// making a new one.
+    pub fn in_service(&self) -> usize {
+        self.returning + self.boots_for_ready + self.boots_on_demand
+    }
+
+    fn cycle(&self) -> f64 {
+        if self.cycle_secs > 0.0 {
+            self.cycle_secs
+        } else {
+            INITIAL_CYCLE_SECS
+        }
+    }
+
+    /// VMs per second that come back to the ready set now: the VMs in
+    /// service over the time one spends away (Little's law). With none in
+    /// service it counts one, so that an estimate always exists.
+    pub fn service_rate(&self) -> f64 {
+        self.in_service().max(1) as f64 / self.cycle()
+    }
+
+    /// How long the claim at `position` can expect to wait for a VM.
+    pub fn expected_wait_at(&self, position: usize) -> Duration {
+        Duration::from_secs_f64((position as f64 / self.service_rate()).min(MAX_ESTIMATE_SECS))
+    }
+
+    /// How long this claim can expect to wait for a VM.
+    pub fn expected_wait(&self) -> Duration {
+        self.expected_wait_at(self.position)
+    }
+
+    /// Whether this claim may queue: `Err` holds its expected wait when it
+    /// is to be refused at once (see the module's rules).
+    pub fn admit(&self, max_wait: Option<Duration>) -> Result<(), Duration> {
+        let expected = self.expected_wait();
+        let nobody_ahead = self.position == 1 && self.in_service() > 0;
+        let boot_under_way = self.position <= self.boots_for_ready;
+        match max_wait {
+            Some(max) if expected > max && !nobody_ahead && !boot_under_way => Err(expected),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a claim that may make a VM, and has `left` before it gives
+    /// up, should do so now. A VM coming back from a call is warm and costs
+    /// a reset; a new one costs a boot's CPU while the host is busiest, so
+    /// the claim waits for one that is due sooner than a creation would take
+    /// (for at most half of its time, so that it can still make one after).
+    /// A VM being made for the ready set that this claim's place covers is
+    /// waited for. `past_capacity` (admission refused claims lately): boots
+    /// would only take the CPU the running calls need, so none is started;
+    /// nor when both a boot and the queue are slower than `max_wait` (the
+    /// claim is refused instead: the measured overload served 40-50% more
+    /// calls without such boots, docs/BENCHMARKS.md).
+    pub fn on_no_ready(
+        &self,
+        recycles: bool,
+        left: Duration,
+        past_capacity: bool,
+        max_wait: Option<Duration>,
+    ) -> NoReady {
+        let left = left.as_secs_f64();
+        if self.position <= self.boots_for_ready {
+            return NoReady::Patient(Duration::from_secs_f64(left));
+        }
+        let Some(create) = self.create_secs.filter(|_| recycles && self.returning > 0) else {
+            return NoReady::Create;
+        };
+        let expected = self.expected_wait().as_secs_f64();
+        let limit = if create < left { create.min(left / 2.0) } else { left };
+        let both_too_slow = max_wait.is_some_and(|m| create > m.as_secs_f64() && expected > m.as_secs_f64());
+        if expected < limit {
+            NoReady::Patient(Duration::from_secs_f64(limit))
+        } else if past_capacity || create >= left || both_too_slow {
+            NoReady::Queue
+        } else {
+            NoReady::Create
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(position: usize, returning: usize, boots_for_ready: usize, cycle_secs: f64) -> Load {
+        Load { position, returning, boots_for_ready, boots_on_demand: 0, cycle_secs, create_secs: Some(2.0) }
+    }
+
+    const S2: Option<Duration> = Some(Duration::from_secs(2));
+
+    #[test]
+    fn expected_wait_is_the_place_in_the_queue_over_the_service_rate() {
+        // Two VMs in service, 1 s away each: one back every half second.
+        let l = load(3, 2, 0, 1.0);
+        assert_eq!(l.service_rate(), 2.0);
+        assert_eq!(l.expected_wait(), Duration::from_millis(1500));
+        // Nothing measured yet: a second a cycle.
+        assert_eq!(load(1, 1, 0, 0.0).expected_wait(), Duration::from_secs(1));
+        // Nothing in service: counted as one, so that there is an estimate.
+        assert_eq!(load(2, 0, 0, 3.0).expected_wait(), Duration::from_secs(6));
+        // Bounded.
+        assert_eq!(load(1_000_000, 1, 0, 100.0).expected_wait(), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn admission_table() {
+        type Case = (&'static str, Load, Option<Duration>, Result<(), Duration>);
+        let ok = Ok(());
+        let table: [Case; 9] = [
+            ("within the limit", load(2, 2, 0, 1.0), S2, ok),
+            ("past it, several ahead", load(5, 2, 0, 1.0), S2, Err(Duration::from_millis(2500))),
+            // A sequential caller on a one-VM pool whose reset (with its
+            // network) takes longer than the limit: nobody ahead.
+            ("nobody ahead, a slow reset coming", load(1, 1, 0, 2.09), S2, ok),
+            ("nobody ahead, nothing coming", load(1, 0, 0, 3.0), S2, Err(Duration::from_secs(3))),
+            // Right after start / an image's first use: the boots under
+            // way cover the first two places, however slow they are.
+            ("a boot under way covers it", load(2, 0, 2, 6.0), S2, ok),
+            ("past the boots under way", load(3, 0, 2, 6.0), S2, Err(Duration::from_secs(9))),
+            ("no limit", load(50, 1, 0, 10.0), None, ok),
+            // Overload: ten VMs cycling every 4 s, the eleventh in line.
+            ("overload, deep queue", load(11, 10, 0, 4.0), S2, Err(Duration::from_millis(4400))),
+            ("overload, near the front", load(4, 10, 0, 4.0), S2, ok),
+        ];
+        for (what, l, max, want) in table {
+            assert_eq!(l.admit(max), want, "{what}: {l:?}");
+        }
+    }
+
+    #[test]
+    fn on_no_ready_table() {
+        let secs = Duration::from_secs_f64;
+        let l = |position, returning, boots, create: Option<f64>| Load {
+            position,
+            returning,
+            boots_for_ready: boots,
+            boots_on_demand: 0,
+            cycle_secs: 1.0,
+            create_secs: create,
+        };
+        let ten = secs(10.0);
+        let two = Some(secs(2.0));
+        let table = [
+            ("nothing measured: create", l(1, 1, 0, None), true, ten, false, NoReady::Create),
+            ("nothing returning: create", l(1, 0, 0, Some(2.0)), true, ten, false, NoReady::Create),
+            ("destroy mode: create", l(1, 1, 0, Some(2.0)), false, ten, false, NoReady::Create),
+            // One VM back every second, a creation takes 2 s.
+            (
+                "a VM back sooner than a boot",
+                l(1, 1, 0, Some(2.0)),
+                true,
+                ten,
+                false,
+                NoReady::Patient(secs(2.0)),
+            ),
+            ("a boot sooner", l(3, 1, 0, Some(2.0)), true, ten, false, NoReady::Create),
+            ("a boot sooner, past capacity", l(3, 1, 0, Some(2.0)), true, ten, true, NoReady::Queue),
+            ("a boot not ready in time", l(12, 1, 0, Some(12.0)), true, ten, false, NoReady::Queue),
+            (
+                "a boot not ready in time, a VM back sooner",
+                l(3, 1, 0, Some(12.0)),
+                true,
+                ten,
+                false,
+                NoReady::Patient(ten),
+            ),
+            // At most half the claim's time is spent waiting.
+            (
+                "patience is half the time left",
+                l(1, 2, 0, Some(2.0)),
+                true,
+                secs(3.0),
+                false,
+                NoReady::Patient(secs(1.5)),
+            ),
+            ("a boot under way covers it", l(2, 0, 2, None), true, ten, false, NoReady::Patient(ten)),
+            ("past the boots under way", l(3, 0, 2, None), true, ten, false, NoReady::Create),
+        ];
+        for (what, load, recycles, left, past, want) in table {
+            assert_eq!(load.on_no_ready(recycles, left, past, None), want, "{what}: {load:?}");
+        }
+        // With a queue limit: a boot slower than it, for a claim whose queue
+        // is slower too, is not started (admission refuses the claim).
+        let table = [
+            ("both slower than 2 s", l(3, 1, 0, Some(3.0)), NoReady::Queue),
+            ("a boot within it", l(3, 1, 0, Some(1.5)), NoReady::Create),
+            ("the queue within it, a boot not", l(2, 2, 0, Some(3.0)), NoReady::Patient(secs(3.0))),
+            ("a VM back sooner than the boot", l(1, 1, 0, Some(3.0)), NoReady::Patient(secs(3.0))),
+        ];
+        for (what, load, want) in table {
+            assert_eq!(load.on_no_ready(true, ten, false, two), want, "{what}: {load:?}");
+        }
+    }
+}

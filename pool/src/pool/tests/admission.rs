@@ -1,0 +1,209 @@
+//! The cases of "no 429 a caller did not earn", each on the fake backend in
+//! paused time: a sequential caller, right after start, an image's first
+//! use, a burst into an idle pool, first come first served, and overload
+//! (which must still be refused at once).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{backend, cfg, until};
+use crate::config::PoolConfig;
+use crate::pool::fake::FakeBackend;
+use crate::pool::{Pool, PoolError, Refusal};
+
+const LIMIT: Duration = Duration::from_secs(2);
+
+fn limited(min_size: usize, max_size: usize) -> PoolConfig {
+    PoolConfig {
+        min_size,
+        max_size,
+        target_free: 0,
+        max_queue_wait: Some(LIMIT),
+        claim_timeout: Duration::from_secs(30),
+        max_waiters: 64,
+        ..cfg()
+    }
+}
+
+/// Claim, hold the VM for `hold`, give it back without waiting for its
+/// reset (as the gateway does); how long the claim waited.
+async fn call(pool: &Pool<FakeBackend>, hold: Duration) -> Result<Duration, PoolError> {
+    let asked = Instant::now();
+    let lease = pool.claim().await?;
+    let waited = asked.elapsed();
+    tokio::time::sleep(hold).await;
+    drop(lease);
+    Ok(waited)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sequential_caller_on_a_one_vm_pool_with_a_slow_reset_is_never_refused() {
+    // The reset (with a network taken down first) takes 2.5 s, longer than
+    // the 2 s limit, so every call after the first waits for it.
+    let b = FakeBackend::new(Duration::from_millis(500), Duration::from_millis(2500));
+    let pool = Pool::start(b, limited(1, 1), 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    for i in 0..8 {
+        let waited = call(&pool, Duration::from_millis(50)).await;
+        let waited = waited.unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert!(waited <= Duration::from_millis(2600), "call {i} waited {waited:?}");
+    }
+    let c = pool.status().counters;
+    assert_eq!((c.exhausted, c.created), (0, 1), "{c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_right_after_start_waits_for_the_boot_under_way() {
+    // A boot takes 6 s (a cold boot under TCG): three times the limit.
+    let b = FakeBackend::new(Duration::from_secs(6), Duration::from_millis(300));
+    let pool = Pool::start(b, limited(1, 1), 256);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pool.status().booting, 1);
+    let asked = Instant::now();
+    let lease = pool.claim().await.expect("served once the boot is done");
+    assert!(lease.warm(), "the pool's own VM, not one made for the call");
+    assert_eq!(asked.elapsed(), Duration::from_secs(5));
+    assert_eq!(pool.status().counters.created, 1, "no second boot");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_images_first_use_is_served_however_long_its_boots_take() {
+    // An image nobody called yet: no VM, nothing measured.
+    let b = FakeBackend::new(Duration::from_secs(9), Duration::from_millis(300));
+    let pool = Pool::start(b, PoolConfig { target_free: 1, ..limited(0, 10) }, 256);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pool.status().booting, 0);
+    let asked = Instant::now();
+    call(&pool, Duration::from_millis(100)).await.expect("the first call");
+    assert!(asked.elapsed() <= Duration::from_secs(9) + Duration::from_millis(200), "{:?}", asked.elapsed());
+    // A second caller during the next first boot of a fresh pool.
+    let b = FakeBackend::new(Duration::from_secs(9), Duration::from_millis(300));
+    let pool = Pool::start(b, PoolConfig { target_free: 2, ..limited(0, 10) }, 256);
+    let (p1, p2) = (pool.clone(), pool.clone());
+    let one = tokio::spawn(async move { call(&p1, Duration::from_millis(100)).await });
+    let two = tokio::spawn(async move { call(&p2, Duration::from_millis(100)).await });
+    assert!(one.await.unwrap().is_ok() && two.await.unwrap().is_ok());
+    assert_eq!(pool.status().counters.exhausted, 0);
+}
+
+/// `n` calls at once, each holding its VM for `hold`; the waits, or the
+/// refusals.
+async fn burst(pool: &Pool<FakeBackend>, n: usize, hold: Duration) -> Vec<Result<Duration, PoolError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let p = pool.clone();
+            tokio::spawn(async move { call(&p, hold).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_twice_max_size_into_an_idle_ready_pool_is_served() {
+    for (min, max) in [(2, 3), (2, 10), (1, 1)] {
+        // A template restore (0.4 s) and a snapshot reset (0.4 s), as here.
+        let b = FakeBackend::new(Duration::from_millis(400), Duration::from_millis(400));
+        let pool = Pool::start(b, limited(min, max), 256);
+        until(&pool, "idle and ready", |s| s.ready == min).await;
+        let got = burst(&pool, 2 * max, Duration::from_millis(50)).await;
+        let refused: Vec<_> = got.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(refused.is_empty(), "min {min} max {max}: {refused:?}");
+        assert_eq!(pool.status().counters.exhausted, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_eight_on_a_pool_of_three_is_served() {
+    // The case: wave 1 served all eight.
+    let b = FakeBackend::new(Duration::from_millis(400), Duration::from_millis(400));
+    let pool = Pool::start(b, limited(2, 3), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let got = burst(&pool, 8, Duration::from_millis(30)).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_that_comes_back_goes_to_the_oldest_waiting_claim() {
+    let pool = Pool::start(backend(), limited(1, 1), 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let held = pool.claim().await.unwrap();
+    let p = pool.clone();
+    let first = tokio::spawn(async move { p.claim().await.map(|l| (Instant::now(), l.id.clone())) });
+    until(&pool, "one waiter", |s| s.waiters == 1).await;
+    held.release().await;
+    // The VM is ready and the waiter woken but not yet run: a claim that
+    // arrives now must queue behind it, not take the VM.
+    assert_eq!(pool.status().ready, 1);
+    let late = Instant::now();
+    let second = pool.claim().await.unwrap();
+    let (first_at, _) = first.await.unwrap().unwrap();
+    assert!(first_at <= late, "the first waiter was served first");
+    assert!(late.elapsed() > Duration::ZERO, "the late claim waited for the next reset");
+    drop(second);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_that_goes_away_lets_the_next_one_move_up() {
+    let pool = Pool::start(backend(), limited(1, 1), 256);
+    until(&pool, "ready", |s| s.ready == 1).await;
+    let held = pool.claim().await.unwrap();
+    let (p1, p2) = (pool.clone(), pool.clone());
+    let gone = tokio::spawn(async move { p1.claim().await.map(|l| l.id.clone()) });
+    until(&pool, "one waiter", |s| s.waiters == 1).await;
+    let next = tokio::spawn(async move { p2.claim().await.map(|l| l.id.clone()) });
+    until(&pool, "two waiters", |s| s.waiters == 2).await;
+    gone.abort();
+    until(&pool, "one waiter left", |s| s.waiters == 1).await;
+    held.release().await;
+    assert!(next.await.unwrap().is_ok());
+    assert_eq!(pool.status().waiters, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn overload_is_refused_at_once_and_the_admitted_are_served_within_the_limit() {
+    // Two VMs, each call holds one 0.5 s and its reset takes 0.5 s: two
+    // calls a second. 40 callers at once is overload.
+    let b = FakeBackend::new(Duration::from_millis(500), Duration::from_millis(500));
+    let pool = Pool::start(b, limited(2, 2), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    // Measure the cycle first, as a running server has.
+    for _ in 0..3 {
+        call(&pool, Duration::from_millis(500)).await.unwrap();
+    }
+    until(&pool, "back", |s| s.ready == 2).await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let p = pool.clone();
+            tokio::spawn(async move {
+                let asked = Instant::now();
+                let r = call(&p, Duration::from_millis(500)).await;
+                (r, asked.elapsed())
+            })
+        })
+        .collect();
+    let (mut served, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            (Ok(waited), _) => {
+                served += 1;
+                assert!(waited <= LIMIT + Duration::from_millis(500), "served after waiting {waited:?}");
+            }
+            (Err(PoolError::Exhausted { why, retry_after, .. }), took) => {
+                refused += 1;
+                assert_eq!(why, Refusal::WouldWait { max_queue_wait: LIMIT });
+                assert!(took < Duration::from_millis(600), "refused at once, not after {took:?}");
+                assert!(retry_after > LIMIT, "{retry_after:?}");
+            }
+            (Err(e), _) => panic!("{e}"),
+        }
+    }
+    assert!(served >= 4 && refused >= 20, "{served} served, {refused} refused");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(pool.status().counters.queue_timeouts, 0);
+}
