@@ -63,9 +63,10 @@ fn main() -> ExitCode {
         Ok(missed) if missed.is_empty() => ExitCode::SUCCESS,
         Ok(missed) => {
             for c in &missed {
-                eprintln!("ember-loadtest: target not met: {} (measured {})", c.target, c.measured);
+                let kind = if c.hard { "correctness target not met" } else { "target not met" };
+                eprintln!("ember-loadtest: {kind}: {} (measured {})", c.target, c.measured);
             }
-            if args.strict {
+            if args.strict || missed.iter().any(|c| c.hard) {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS

@@ -11,6 +11,17 @@ pub struct Check {
     pub target: String,
     pub measured: String,
     pub met: bool,
+    /// A correctness target (no 429 a caller did not earn, Retry-After on
+    /// every 429, /healthz throughout): a miss fails the run, in `make
+    /// test` too. The others are performance figures, which a slow or busy
+    /// host misses (reported; they fail only with `--strict`).
+    pub hard: bool,
+}
+
+impl Check {
+    fn soft(target: String, measured: String, met: bool) -> Self {
+        Self { target, measured, met, hard: false }
+    }
 }
 
 pub fn checks(r: &Report) -> Vec<Check> {
@@ -30,52 +41,61 @@ pub fn checks(r: &Report) -> Vec<Check> {
                 target: format!("{}: every answer a 200 or a 429", s.name),
                 measured: format!("{bad} others of {}", s.ember.requests),
                 met: bad == 0,
+                hard: s.kind == Kind::Overload,
             });
+        } else if s.kind == Kind::ClosedLoop {
+            // A closed loop at a concurrency the host serves must never be
+            // refused (issue 23): each level on its own.
+            for l in &s.levels {
+                let bad = l.ember.non_2xx() + l.ember.errors.values().sum::<u64>();
+                out.push(Check {
+                    target: format!("{}: zero non-2xx at concurrency {}", s.name, l.concurrency),
+                    measured: format!("{bad} of {} ({})", l.ember.requests, statuses(&l.ember)),
+                    met: bad == 0,
+                    hard: true,
+                });
+            }
         } else {
             let bad = s.ember.non_2xx();
             out.push(Check {
                 target: format!("{}: zero non-2xx responses", s.name),
                 measured: format!("{bad} of {}", s.ember.requests),
                 met: bad == 0,
+                // A burst of 2 x max_size into an idle pool is served.
+                hard: s.kind == Kind::Burst,
             });
         }
-        out.extend(saturation_checks(s));
+        out.extend(saturation_checks(s, r.max_queue_wait_secs));
         if s.kind == Kind::Step {
             let w = s.warm_hit_after_first_step.unwrap_or(0.0);
-            out.push(Check {
-                target: format!("{}: warm-hit ratio >= 99% after the first step", s.name),
-                measured: format!("{:.1}%", w * 100.0),
-                met: w >= 0.99,
-            });
+            out.push(Check::soft(
+                format!("{}: warm-hit ratio >= 99% after the first step", s.name),
+                format!("{:.1}%", w * 100.0),
+                w >= 0.99,
+            ));
             let limit = r.idle_timeout_secs + r.sizer_interval_secs;
-            out.push(Check {
-                target: format!(
-                    "{}: back at min_size within idle_timeout + sizer_interval ({limit:.0} s)",
-                    s.name
-                ),
-                measured: s.back_to_min_secs.map_or("not within the wait".into(), |t| format!("{t:.1} s")),
-                met: s.back_to_min_secs.is_some_and(|t| t <= limit + 1.0),
-            });
+            out.push(Check::soft(
+                format!("{}: back at min_size within idle_timeout + sizer_interval ({limit:.0} s)", s.name),
+                s.back_to_min_secs.map_or("not within the wait".into(), |t| format!("{t:.1} s")),
+                s.back_to_min_secs.is_some_and(|t| t <= limit + 1.0),
+            ));
         }
         // The target is about the gateway's own cost: a command that does
         // nothing. Code scenarios also pay for writing the code file.
         if let (Some(o), "true") = (&s.overhead, s.name.as_str()) {
-            out.push(Check {
-                target: format!("{}: gateway overhead p50 < 2 ms", s.name),
-                measured: format!("{:.2} ms (p95 {:.2} ms, {} probes)", o.p50_ms, o.p95_ms, o.samples),
-                met: o.p50_ms < 2.0,
-            });
+            out.push(Check::soft(
+                format!("{}: gateway overhead p50 < 2 ms", s.name),
+                format!("{:.2} ms (p95 {:.2} ms, {} probes)", o.p50_ms, o.p95_ms, o.samples),
+                o.p50_ms < 2.0,
+            ));
         }
         if s.name == "true" {
             if let Some(cold) = s.baselines.iter().find(|b| b.name == "cold-vm") {
-                out.push(Check {
-                    target: "true: Ember p50 at least 10x lower than a cold VM per request".into(),
-                    measured: format!(
-                        "{:.1}x ({:.0} vs {:.1} ms)",
-                        cold.ratio_p50, cold.run.p50_ms, s.ember.p50_ms
-                    ),
-                    met: cold.ratio_p50 >= 10.0,
-                });
+                out.push(Check::soft(
+                    "true: Ember p50 at least 10x lower than a cold VM per request".into(),
+                    format!("{:.1}x ({:.0} vs {:.1} ms)", cold.ratio_p50, cold.run.p50_ms, s.ember.p50_ms),
+                    cold.ratio_p50 >= 10.0,
+                ));
             }
         }
     }
@@ -92,7 +112,7 @@ fn ok_rps(run: &crate::oha::Run) -> f64 {
 }
 
 /// The issue's throughput targets, by scenario name.
-fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
+fn saturation_checks(s: &crate::run::ScenarioReport, max_queue_wait_secs: f64) -> Vec<Check> {
     let mut out = Vec::new();
     let level = |c: u32| s.levels.iter().find(|l| l.concurrency == c);
     let rps = |c: u32, min: f64, what: &str, out: &mut Vec<Check>| {
@@ -110,6 +130,7 @@ fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
                     l.cpu_ms_per_call.unwrap_or(0.0)
                 ),
                 met: ok >= min,
+                hard: false,
             });
         }
     };
@@ -119,28 +140,28 @@ fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
         "saturation-json-stats" => {
             rps(8, 20.0, "scrub + fork server", &mut out);
             if let Some(l) = level(8) {
-                out.push(Check {
-                    target: format!("{}: p99 under 1 s at concurrency 8", s.name),
-                    measured: format!("{:.0} ms", l.ember.p99_ms),
-                    met: l.ember.p99_ms < 1000.0,
-                });
+                out.push(Check::soft(
+                    format!("{}: p99 under 1 s at concurrency 8", s.name),
+                    format!("{:.0} ms", l.ember.p99_ms),
+                    l.ember.p99_ms < 1000.0,
+                ));
             }
         }
-        "python" => out.push(Check {
-            target: "python: one-liner p50 at most 120 ms with a ready VM".into(),
-            measured: format!("{:.0} ms", s.ember.p50_ms),
-            met: s.ember.p50_ms <= 120.0,
-        }),
+        "python" => out.push(Check::soft(
+            "python: one-liner p50 at most 120 ms with a ready VM".into(),
+            format!("{:.0} ms", s.ember.p50_ms),
+            s.ember.p50_ms <= 120.0,
+        )),
         "network-open" => {
             if let Some(n) = s.overhead.as_ref().and_then(|o| o.net.as_ref()) {
-                out.push(Check {
-                    target: "network-open: a network adds at most 20 ms to a call at p50".into(),
-                    measured: format!(
+                out.push(Check::soft(
+                    "network-open: a network adds at most 20 ms to a call at p50".into(),
+                    format!(
                         "p50 {:.1} ms, p95 {:.1} ms (rules {:.1}, resolver {:.1}, guest configure {:.1}; joined)",
                         n.p50_ms, n.p95_ms, n.rules_p50_ms, n.resolver_p50_ms, n.configure_p50_ms
                     ),
-                    met: n.p50_ms <= 20.0,
-                });
+                    n.p50_ms <= 20.0,
+                ));
             }
         }
         "image-first-call" => out.push(Check {
@@ -151,12 +172,13 @@ fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
                 s.ember.p50_ms, s.ember.max_ms, s.ember.requests
             ),
             met: s.ember.max_ms <= 1000.0,
+            hard: false,
         }),
-        "python-data" => out.push(Check {
-            target: "python-data: `import numpy, pandas` call p50 at most 150 ms with the image warm".into(),
-            measured: format!("{:.0} ms (p95 {:.0} ms)", s.ember.p50_ms, s.ember.p95_ms),
-            met: s.ember.p50_ms <= 150.0,
-        }),
+        "python-data" => out.push(Check::soft(
+            "python-data: `import numpy, pandas` call p50 at most 150 ms with the image warm".into(),
+            format!("{:.0} ms (p95 {:.0} ms)", s.ember.p50_ms, s.ember.p95_ms),
+            s.ember.p50_ms <= 150.0,
+        )),
         _ => {}
     }
     if let Some(o) = &s.overload {
@@ -165,12 +187,14 @@ fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
             target: format!("{}: every 429 carries Retry-After", s.name),
             measured: format!("{} of {refused} without", o.refused_without_retry_after),
             met: o.refused_without_retry_after == 0,
+            hard: true,
         });
-        out.push(Check {
-            target: format!("{}: the 200s keep p99 under 3 s", s.name),
-            measured: format!("p99 {:.0} ms (p50 {:.0} ms)", o.ok_p99_ms, o.ok_p50_ms),
-            met: o.ok_p99_ms < 3000.0,
-        });
+        let bound = max_queue_wait_secs + 1.0;
+        out.push(Check::soft(
+            format!("{}: the 200s keep p99 under limits.max_queue_wait + 1 s ({bound:.1} s)", s.name),
+            format!("p99 {:.0} ms (p50 {:.0} ms)", o.ok_p99_ms, o.ok_p50_ms),
+            o.ok_p99_ms < bound * 1000.0,
+        ));
         out.push(Check {
             target: format!("{}: /healthz answers throughout", s.name),
             measured: format!(
@@ -178,13 +202,14 @@ fn saturation_checks(s: &crate::run::ScenarioReport) -> Vec<Check> {
                 o.healthz_ok, o.healthz_failed, o.healthz_max_ms
             ),
             met: o.healthz_failed == 0,
+            hard: true,
         });
         let w = o.warm_hit_ratio.unwrap_or(0.0);
-        out.push(Check {
-            target: format!("{}: warm hits at least 90%", s.name),
-            measured: format!("{:.1}%", w * 100.0),
-            met: w >= 0.9,
-        });
+        out.push(Check::soft(
+            format!("{}: warm hits at least 90%", s.name),
+            format!("{:.1}%", w * 100.0),
+            w >= 0.9,
+        ));
     }
     out
 }

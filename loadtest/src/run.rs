@@ -104,6 +104,9 @@ pub struct Report {
     pub min_size: u64,
     pub idle_timeout_secs: f64,
     pub sizer_interval_secs: f64,
+    /// `limits.max_queue_wait` of the server's configuration (the overload
+    /// bound is it + 1 s).
+    pub max_queue_wait_secs: f64,
     pub scenarios: Vec<ScenarioReport>,
 }
 
@@ -201,9 +204,9 @@ impl Runner<'_> {
         let mut overload = None;
         let target = self.target(ember, s);
         match s.kind {
-            Kind::Saturation => {
-                for phase in &s.phases {
-                    let level = self.level(ember, s, &phase.scaled(profile)).await?;
+            Kind::Saturation | Kind::ClosedLoop => {
+                for phase in &s.phases_for(profile) {
+                    let level = self.level(ember, s, phase).await?;
                     runs.push(level.ember.clone());
                     levels.push(level);
                     // Each level starts with the queue of the last one gone.

@@ -22,6 +22,10 @@ pub enum Kind {
     /// Far more clients than the pool can serve: every answer must be a
     /// 200 or a 429 with Retry-After, and /healthz must keep answering.
     Overload,
+    /// Closed-loop clients at a concurrency the host serves (one oha level
+    /// per phase): every answer must be a 200, no 429 (the quick profile
+    /// runs the levels up to 4, for at most 10 s each).
+    ClosedLoop,
     /// One call at a time to an image whose pool has shrunk to nothing but
     /// whose template is made (the scenario's `warm_up` made it): the time
     /// of a VM restored on demand.
@@ -95,6 +99,25 @@ impl Phase {
 }
 
 impl Scenario {
+    /// The phases this profile runs. A closed-loop scenario keeps, in the
+    /// quick profile, its levels up to concurrency 4 at up to 10 s each: a
+    /// level cut to 3 s would end before a queue forms.
+    pub fn phases_for(&self, profile: Profile) -> Vec<Phase> {
+        match (self.kind, profile) {
+            (Kind::ClosedLoop, Profile::Quick) => self
+                .phases
+                .iter()
+                .filter(|p| p.concurrency <= 4)
+                .map(|p| Phase {
+                    duration: p.duration.map(|d| d.min(Duration::from_secs(10))),
+                    requests: p.requests.map(|n| n.min(30)),
+                    ..p.clone()
+                })
+                .collect(),
+            _ => self.phases.iter().map(|p| p.scaled(profile)).collect(),
+        }
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)?;
         let s: Scenario = toml::from_str(&text)
@@ -132,9 +155,21 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         let all = Scenario::load_dir(&dir).unwrap();
         let kinds: Vec<Kind> = all.iter().map(|s| s.kind).collect();
-        for k in [Kind::Steady, Kind::Step, Kind::Burst, Kind::Sessions] {
+        for k in [Kind::Steady, Kind::Step, Kind::Burst, Kind::Sessions, Kind::ClosedLoop] {
             assert!(kinds.contains(&k), "no {k:?} scenario");
         }
+    }
+
+    #[test]
+    fn the_quick_profile_keeps_the_closed_loop_levels_up_to_four() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let s = Scenario::load(&dir.join("closed-loop-true.toml")).unwrap();
+        let quick = s.phases_for(Profile::Quick);
+        assert_eq!(quick.iter().map(|p| p.concurrency).collect::<Vec<_>>(), [4]);
+        assert_eq!(quick[0].duration, Some(Duration::from_secs(10)));
+        assert_eq!(quick[0].rate, None, "closed loop: as fast as the answers come");
+        let full = s.phases_for(Profile::Full);
+        assert_eq!(full.iter().map(|p| p.concurrency).collect::<Vec<_>>(), [4, 8]);
     }
 
     #[test]
