@@ -185,8 +185,14 @@ impl Runner<'_> {
     pub async fn scenario(&self, ember: SocketAddr, s: &Scenario) -> anyhow::Result<ScenarioReport> {
         let profile = self.opts.profile;
         eprintln!("[loadtest] {}: {}", s.name, s.description);
-        // Every scenario starts from a pool at rest (a burst needs it).
-        wait_for_rest(ember, self.min_size, self.rest_within).await;
+        // A burst, a step and a first call start from a pool at rest (back
+        // at min_size: idle_timeout after the last load); the others only
+        // from one with no call or queue left of the last scenario.
+        if matches!(s.kind, Kind::Burst | Kind::Step | Kind::FirstCall) {
+            wait_for_rest(ember, self.min_size, self.rest_within).await;
+        } else {
+            wait_for_drain(ember, Duration::from_secs(60)).await;
+        }
         for i in 0..s.warm_up {
             let headers = [("content-type", s.content_type.as_str())];
             let a = crate::http::request(ember, "POST", &s.path, &headers, &s.body, Duration::from_secs(600))

@@ -165,11 +165,11 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         let s = Scenario::load(&dir.join("closed-loop-true.toml")).unwrap();
         let quick = s.phases_for(Profile::Quick);
-        assert_eq!(quick.iter().map(|p| p.concurrency).collect::<Vec<_>>(), [4]);
+        assert_eq!(quick.iter().map(|p| p.concurrency).collect::<Vec<_>>(), [1, 4]);
         assert_eq!(quick[0].duration, Some(Duration::from_secs(10)));
         assert_eq!(quick[0].rate, None, "closed loop: as fast as the answers come");
         let full = s.phases_for(Profile::Full);
-        assert_eq!(full.iter().map(|p| p.concurrency).collect::<Vec<_>>(), [4, 8]);
+        assert_eq!(full.iter().map(|p| p.concurrency).collect::<Vec<_>>(), [1, 4, 8]);
     }
 
     #[test]

@@ -633,6 +633,60 @@ fn a_sessions_directory_watch_sees_changes(s: &Server) -> anyhow::Result<()> {
 /// a server of its own (the suite's keeps running), stopped while the
 /// session is paused, and a new one on the same directories that resumes
 /// it with its files and its counting process.
+/// Readiness apart from liveness, on a server of its own from its first
+/// moment: `/healthz` is 200 as soon as it listens, `/readyz` is 503 saying
+/// what it waits for until the pool is warm, the ready line comes when
+/// `/readyz` turns 200, and a call sent that moment is served warm.
+fn a_call_sent_the_moment_readyz_turns_200_is_served_warm(_: &Server) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("ember.toml");
+    std::fs::write(&config, "[pool]\nmin_size = 2\nmax_size = 3\n[images]\nbuild_on_start = false\n")?;
+    let mut opts = ember_testkit::ServeOptions::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_ember")),
+        &config,
+        &server::images(),
+        &dir.path().join("state"),
+        &dir.path().join("server.log"),
+    );
+    opts.return_when_listening = true;
+    let mut serve = ember_testkit::EmberServe::start(&opts)?;
+    let s = Server::attach(&serve.url(), dir.path())?;
+    let live = s.get("/healthz")?;
+    ensure!(live.status == 200, "liveness from the start: {live:?}");
+    let started = Instant::now();
+    let mut warming = 0;
+    let turned = loop {
+        let r = s.get("/readyz")?;
+        match r.status {
+            503 => {
+                let j = r.json()?;
+                ensure!(j["status"] == "warming" && j["waiting_for"][0]["image"] == "default", "{j}");
+                ensure!(j["message"].as_str().is_some_and(|m| m.contains("warm VMs ready")), "{j}");
+                warming += 1;
+            }
+            200 => break Instant::now(),
+            _ => anyhow::bail!("/readyz: {r:?}"),
+        }
+        ensure!(started.elapsed() < Duration::from_secs(300), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let a = s.post_json("/v1/run", &json!({"cmd": "echo warm"}))?;
+    let timing = a.server_timing()?;
+    let r = a.json()?;
+    ensure!(a.status == 200 && r["warm"] == true && r["stdout"] == "warm\n", "{r}");
+    ensure!(timing["claim"] < 50.0, "the claim waited {} ms", timing["claim"]);
+    ensure!(warming > 0, "/readyz was never 503 while the pool warmed");
+    let line = serve.wait_ready(&opts)?;
+    let apart = if line > turned { line - turned } else { turned - line };
+    ensure!(apart < Duration::from_millis(500), "ready line and /readyz {apart:?} apart");
+    println!(
+        "    /readyz turned 200 after {:.1} s ({warming} answers 503 before)",
+        (turned - started).as_secs_f64()
+    );
+    serve.stop(Duration::from_secs(60))?;
+    Ok(())
+}
+
 fn a_paused_session_survives_a_restart_of_the_server(_: &Server) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("ember.toml");
@@ -884,6 +938,10 @@ const CASES: &[(&str, Case)] = &[
     ("a_sessions_ports_are_reached_through_the_proxy", a_sessions_ports_are_reached_through_the_proxy),
     ("a_sessions_terminal_echoes_and_follows_resizes", a_sessions_terminal_echoes_and_follows_resizes),
     ("a_sessions_directory_watch_sees_changes", a_sessions_directory_watch_sees_changes),
+    (
+        "a_call_sent_the_moment_readyz_turns_200_is_served_warm",
+        a_call_sent_the_moment_readyz_turns_200_is_served_warm,
+    ),
     ("a_paused_session_survives_a_restart_of_the_server", a_paused_session_survives_a_restart_of_the_server),
     ("functions_run_with_real_input", functions_run_with_real_input),
     ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),

@@ -91,7 +91,8 @@ impl World {
         Ok(Self { dir })
     }
 
-    fn config(&self, functions: &Path) -> anyhow::Result<PathBuf> {
+    /// The server's configuration: `pool` is `[limits]` and `[pool]`.
+    fn config(&self, functions: &Path, pool: &str) -> anyhow::Result<PathBuf> {
         let cfg = self.dir.path().join("ember.toml");
         std::fs::write(
             &cfg,
@@ -99,15 +100,7 @@ impl World {
                 r#"
 [gateway]
 functions_dir = "{}"
-[limits]
-max_timeout = "30s"
-max_queue_wait = "60s"
-[pool]
-min_size = 2
-max_size = 4
-target_free = 1
-claim_timeout = "60s"
-drain_timeout = "20s"
+{pool}
 [pool.sessions]
 max = 3
 [images]
@@ -139,7 +132,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(world: &World, log: &str) -> anyhow::Result<Self> {
+    fn start(world: &World, log: &str, pool: &str) -> anyhow::Result<Self> {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let images =
             std::env::var_os("EMBER_IMAGES").map(PathBuf::from).unwrap_or_else(|| repo.join("target/images"));
@@ -147,7 +140,7 @@ impl Server {
         std::fs::create_dir_all(&functions)?;
         let mut opts = ServeOptions::new(
             Path::new(env!("CARGO_BIN_EXE_ember")),
-            &world.config(&functions)?,
+            &world.config(&functions, pool)?,
             &images,
             &std::env::temp_dir().join(STATE_DIR),
             &world.dir.path().join(log),
@@ -200,6 +193,56 @@ impl Server {
         }
         self.run_in(None, body)
     }
+}
+
+/// The suite's server: more calls than VMs queue (admission by capacity
+/// has its own cases).
+const POOL: &str = r#"
+[limits]
+max_timeout = "30s"
+max_queue_wait = "60s"
+[pool]
+min_size = 2
+max_size = 4
+target_free = 1
+claim_timeout = "60s"
+drain_timeout = "20s"
+"#;
+
+/// One VM and the default limits (`max_queue_wait`, `claim_timeout`).
+const ONE_VM: &str = r#"
+[limits]
+max_timeout = "30s"
+[pool]
+min_size = 1
+max_size = 1
+target_free = 0
+drain_timeout = "20s"
+"#;
+
+/// Issue 23: a client that sends one call after another to a pool of one
+/// VM, each call with a network (so each return takes the network down,
+/// then resets the VM, while the next call waits), is never refused.
+fn a_sequential_client_on_a_one_vm_pool_with_a_network_gets_only_200s(s: &Server) -> anyhow::Result<()> {
+    let network = json!({"egress": {"allow": ["203.0.113.10:8080"]}});
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let t = Instant::now();
+        let body = json!({"cmd": format!("{FETCH}; fetch http://203.0.113.10:8080/"), "timeout": "25s", "network": network});
+        let (status, v) = s.curl("POST", "/v1/run", &[], Some(&body))?;
+        ensure!(status == 200, "call {i}: {status} {v}");
+        ensure!(v["stdout"] == "ten\n", "call {i}: {v}");
+        slowest = slowest.max(t.elapsed());
+    }
+    let (_, pool) = s.curl("GET", "/v1/pool", &[], None)?;
+    ensure!(pool["counters"]["exhausted"] == 0, "{pool}");
+    println!(
+        "    10 sequential calls with a network on one VM: {:.1} s, slowest {} ms",
+        started.elapsed().as_secs_f64(),
+        slowest.as_millis()
+    );
+    Ok(())
 }
 
 /// `curl` from inside the VM: the page, or "blocked".
@@ -398,8 +441,16 @@ fn main() {
         };
         // A crashed server's network (namespace, link, resolvers) is reaped
         // by the next start.
+        // The first server is a pool of one VM with the default limits.
+        let first = match Server::start(&world, "crashed.log", ONE_VM) {
+            Ok(s) => s,
+            Err(e) => return report.fail("one-VM server start", e),
+        };
+        let sequential = async { a_sequential_client_on_a_one_vm_pool_with_a_network_gets_only_200s(&first) };
+        report
+            .run("a_sequential_client_on_a_one_vm_pool_with_a_network_gets_only_200s", Box::pin(sequential))
+            .await;
         let crashed = async {
-            let first = Server::start(&world, "crashed.log")?;
             let r = first.run(
                 "getent hosts allowed.test | cut -d' ' -f1",
                 json!({"egress": {"allow": ["allowed.test"]}}),
@@ -420,7 +471,7 @@ fn main() {
             Ok(())
         };
         report.run("a_crashed_servers_network_is_reaped_by_the_next [kill]", Box::pin(crashed)).await;
-        let server = match Server::start(&world, "server.log") {
+        let server = match Server::start(&world, "server.log", POOL) {
             Ok(s) => s,
             Err(e) => return report.fail("server start", e),
         };

@@ -37,6 +37,9 @@ pub struct ServeOptions {
     /// Where it keeps paused sessions (`EMBER_SESSIONS_DIR`); by default
     /// `sessions` in the state directory.
     pub sessions_dir: PathBuf,
+    /// Return once it listens, not once it printed its ready line (then
+    /// [`EmberServe::wait_ready`] waits for that).
+    pub return_when_listening: bool,
 }
 
 impl ServeOptions {
@@ -52,6 +55,7 @@ impl ServeOptions {
             ready_within: Duration::from_secs(300),
             netns: None,
             sessions_dir: state_dir.join("sessions"),
+            return_when_listening: false,
         }
     }
 }
@@ -62,6 +66,10 @@ pub struct EmberServe {
     pub addr: SocketAddr,
     pub state_dir: PathBuf,
     child: Child,
+    /// Its stdout lines not read yet, with when each came.
+    lines: mpsc::Receiver<(Instant, String)>,
+    /// When its ready line came.
+    ready: Option<Instant>,
 }
 
 impl EmberServe {
@@ -98,34 +106,60 @@ impl EmberServe {
                 if let Some(prefix) = &echo {
                     println!("{prefix}{line}");
                 }
-                let _ = tx.send(line);
+                let _ = tx.send((Instant::now(), line));
             }
         });
-        let deadline = Instant::now() + opts.ready_within;
         let mut addr = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = std::fs::read_to_string(&opts.log_file).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                bail!(
-                    "ember serve did not get ready within {:?}; the end of its log ({}):\n{}",
-                    opts.ready_within,
-                    opts.log_file.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            };
+        let mut serve = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            state_dir: opts.state_dir.clone(),
+            child,
+            lines: rx,
+            ready: None,
+        };
+        let deadline = Instant::now() + opts.ready_within;
+        while serve.ready.is_none() && !(opts.return_when_listening && addr.is_some()) {
+            let line = serve.next_line(deadline, opts)?;
             if let Some(rest) = line.strip_prefix("ember: listening on http://") {
                 addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             }
-            if line.starts_with("ember: ready on") {
-                break;
-            }
         }
-        let addr = addr.context("ember serve printed no listening line")?;
-        Ok(Self { addr, state_dir: opts.state_dir.clone(), child })
+        serve.addr = addr.context("ember serve printed no listening line")?;
+        Ok(serve)
+    }
+
+    /// Its next stdout line, noting the ready line; past `deadline` it is
+    /// killed and the error holds the end of its log.
+    fn next_line(&mut self, deadline: Instant, opts: &ServeOptions) -> anyhow::Result<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((at, line)) = self.lines.recv_timeout(left) else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let log = std::fs::read_to_string(&opts.log_file).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            bail!(
+                "ember serve did not get ready within {:?}; the end of its log ({}):\n{}",
+                opts.ready_within,
+                opts.log_file.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        };
+        if line.starts_with("ember: ready on") {
+            self.ready = Some(at);
+        }
+        Ok(line)
+    }
+
+    /// Wait for the ready line (a server started with
+    /// `return_when_listening`); when it came.
+    pub fn wait_ready(&mut self, opts: &ServeOptions) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + opts.ready_within;
+        loop {
+            if let Some(at) = self.ready {
+                return Ok(at);
+            }
+            self.next_line(deadline, opts)?;
+        }
     }
 
     pub fn url(&self) -> String {
