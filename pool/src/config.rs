@@ -127,6 +127,8 @@ pub struct RawPool {
     pub max_waiters: Option<usize>,
     /// VMs created at the same time by the replenisher.
     pub replenish_concurrency: Option<usize>,
+    /// Resets and scrubs run at once (default: the host's CPUs).
+    pub reset_concurrency: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub sizer_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -225,6 +227,10 @@ pub struct PoolConfig {
     pub max_host_cpu: Option<f64>,
     pub max_waiters: usize,
     pub replenish_concurrency: usize,
+    /// Resets (and scrubs) that run at once; `None`: as many as the host
+    /// has CPUs. More at once only share the CPUs: every one of them
+    /// finishes late, and VMs come back in batches instead of one by one.
+    pub reset_concurrency: Option<usize>,
     pub sizer_interval: Duration,
     pub drain_timeout: Duration,
     pub max_sessions: usize,
@@ -269,6 +275,7 @@ impl Default for PoolConfig {
             max_host_cpu: Some(crate::pool::DEFAULT_MAX_HOST_CPU),
             max_waiters: 64,
             replenish_concurrency: 2,
+            reset_concurrency: None,
             sizer_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             max_sessions: 8,
@@ -393,6 +400,7 @@ impl RawConfig {
             },
             max_waiters: p.max_waiters.unwrap_or(d.max_waiters),
             replenish_concurrency: p.replenish_concurrency.unwrap_or(d.replenish_concurrency),
+            reset_concurrency: p.reset_concurrency.or(d.reset_concurrency),
             sizer_interval: p.sizer_interval.unwrap_or(d.sizer_interval),
             drain_timeout: p.drain_timeout.unwrap_or(d.drain_timeout),
             max_sessions: p.sessions.max.unwrap_or(d.max_sessions),
@@ -434,6 +442,9 @@ impl RawConfig {
         }
         if pool.max_uses == 0 {
             problems.push("pool.max_uses must be at least 1".into());
+        }
+        if pool.reset_concurrency == Some(0) {
+            problems.push("pool.reset_concurrency must be at least 1".into());
         }
         if pool.replenish_concurrency == 0 {
             problems.push("pool.replenish_concurrency must be at least 1".into());

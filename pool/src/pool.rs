@@ -198,6 +198,9 @@ pub struct PoolStatus {
     pub service_rate: f64,
     /// Seconds the next queued claim can expect to wait.
     pub queue_wait_secs: f64,
+    /// How much longer queued claims waited than the model said (the
+    /// factor estimates are calibrated by; 1: as expected).
+    pub wait_bias: f64,
     /// CPU seconds per call, per full reset, per scrub and per creation
     /// (moving averages over VMs' host processes).
     pub cpu_seconds: CpuSummary,
@@ -284,6 +287,9 @@ struct State<V> {
     sizer: SizerState,
     /// Moving average of seconds a VM spends away from the ready set.
     out_of_pool_secs: f64,
+    /// Moving average of how much longer queued claims waited than the
+    /// model said (actual / expected); estimates are multiplied by it.
+    wait_bias: f64,
     /// Moving average of seconds a successful creation takes (wall time).
     create_secs: Option<f64>,
     /// Creations that failed since the last one that worked (backoff).
@@ -321,6 +327,12 @@ impl<V> State<V> {
             && in_service > 0
     }
 
+    /// Calls per second the host's CPUs can serve at this pool's measured
+    /// costs (a call plus its reset, by the mix of resets so far).
+    fn capacity_per_sec(&self) -> Option<f64> {
+        self.cpu.capacity(ember_vm::procfs::host_cpus(), self.counters.resets, self.counters.scrubs)
+    }
+
     /// What admission sees, for the claim at `position` in the queue.
     fn load(&self, position: usize) -> admission::Load {
         admission::Load {
@@ -330,7 +342,21 @@ impl<V> State<V> {
             boots_on_demand: self.on_demand,
             cycle_secs: self.out_of_pool_secs,
             create_secs: self.create_secs,
+            bias: self.wait_bias,
+            capacity_per_sec: self.capacity_per_sec(),
         }
+    }
+
+    /// A queued claim waited `actual` where the model expected `expected`:
+    /// the estimates learn how far off they run (under load, resets slow
+    /// down before the moving averages see it). Waits the model put under
+    /// a quarter second say little and are left out.
+    fn calibrate(&mut self, expected: Duration, actual: Duration) {
+        if expected < admission::MIN_CALIBRATION_SAMPLE {
+            return;
+        }
+        let ratio = actual.as_secs_f64() / expected.as_secs_f64();
+        self.wait_bias = admission::next_bias(self.wait_bias, ratio);
     }
 
     /// The place in the queue of the claim holding `ticket` (1 = next), or
@@ -498,6 +524,8 @@ struct Inner<B: Backend> {
     stop: tokio::sync::watch::Sender<bool>,
     observer: std::sync::OnceLock<Observer>,
     host_cpu: Mutex<ember_vm::procfs::HostCpu>,
+    /// Resets and scrubs running at once (`cfg.reset_concurrency`).
+    reset_permits: tokio::sync::Semaphore,
     /// Held while this pool owns `cfg.session_dir` (no other server may
     /// adopt or pause into it); `None`: its sessions cannot pause.
     session_dir_lock: Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
@@ -560,6 +588,9 @@ impl<B: Backend> Inner<B> {
     /// Reset (or scrub) a VM: time it, count it, account its CPU. Whether
     /// the VM came out clean and alive.
     async fn reset_vm(&self, vm: &mut B::Vm, kind: ResetKind) -> bool {
+        // In turn (the semaphore is fair): a VM whose turn came is back in
+        // a reset's time, not in the time of every reset sharing the CPUs.
+        let _turn = self.reset_permits.acquire().await;
         let started = Instant::now();
         let before = B::cpu_seconds(vm);
         let done = match kind {
@@ -618,6 +649,7 @@ impl<B: Backend> Inner<B> {
         for_claim: bool,
         place: impl FnOnce(&mut State<B::Vm>, B::Vm) -> T,
     ) -> Result<T, PoolError> {
+        self.backend.prepare().await;
         let started = Instant::now();
         let result =
             if for_claim { self.backend.create_for_claim().await } else { self.backend.create().await };
@@ -756,6 +788,7 @@ impl<B: Backend> Pool<B> {
             rates: RateEstimator::new(now),
             sizer: SizerState::default(),
             out_of_pool_secs: 0.0,
+            wait_bias: 1.0,
             create_secs: None,
             create_retry_at: None,
             last_refusal: None,
@@ -769,6 +802,7 @@ impl<B: Backend> Pool<B> {
             budget_id,
             vm_memory_mb: u64::from(vm_memory_mb),
         };
+        let reset_concurrency = cfg.reset_concurrency.unwrap_or_else(ember_vm::procfs::host_cpus).max(1);
         let inner = Arc::new(Inner {
             backend,
             cfg,
@@ -780,6 +814,7 @@ impl<B: Backend> Pool<B> {
             stop: tokio::sync::watch::Sender::new(false),
             observer: std::sync::OnceLock::new(),
             host_cpu: Mutex::new(ember_vm::procfs::HostCpu::default()),
+            reset_permits: tokio::sync::Semaphore::new(reset_concurrency),
             session_dir_lock: Mutex::new(None),
         });
         session::pause::adopt(&inner);
@@ -838,13 +873,10 @@ impl<B: Backend> Pool<B> {
             rate_short: rates.short,
             rate_long: rates.long,
             service_rate: st.load(1).service_rate(),
+            wait_bias: st.wait_bias,
             cpu_seconds: st.cpu,
             host_cpu_busy: st.host_cpu(),
-            capacity_per_sec: st.cpu.capacity(
-                ember_vm::procfs::host_cpus(),
-                st.counters.resets,
-                st.counters.scrubs,
-            ),
+            capacity_per_sec: st.capacity_per_sec(),
             queue_wait_secs: if st.ready.is_empty() && !st.queue.is_empty() {
                 st.load(st.queue.len() + 1).expected_wait().as_secs_f64()
             } else {
@@ -891,6 +923,9 @@ impl<B: Backend> Pool<B> {
         // make one (set once: after it, the claim makes one if it may).
         let mut patience: Option<Instant> = None;
         let mut last_try = false;
+        // When this claim joined the queue and what the model said it would
+        // wait (see `State::calibrate`).
+        let mut predicted: Option<(Instant, Duration)> = None;
         loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
@@ -900,7 +935,10 @@ impl<B: Backend> Pool<B> {
             let ticket = queued.as_ref().map(|q| q.ticket);
             match self.try_claim(ticket, want.as_deref(), left, started) {
                 Ok(Step::Got(r, warm)) => {
-                    return Ok(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, warm, started, want))
+                    if let Some((since, expected)) = predicted {
+                        self.inner.lock().calibrate(expected, since.elapsed());
+                    }
+                    return Ok(Lease::new(Arc::clone(&self.inner), r.vm, r.uses, warm, started, want));
                 }
                 Ok(Step::Convert(r)) => match self.convert(r).await {
                     Some(r) => {
@@ -913,9 +951,10 @@ impl<B: Backend> Pool<B> {
                     }
                 },
                 Ok(Step::Create) => return self.create_on_demand(want).await,
-                Ok(Step::Wait { ticket, patience: p }) => {
+                Ok(Step::Wait { ticket, patience: p, expected }) => {
                     if queued.is_none() {
                         queued = Some(WaiterGuard { inner: &self.inner, ticket });
+                        predicted = expected.map(|e| (Instant::now(), e));
                     }
                     if patience.is_none() {
                         patience = p.map(|p| Instant::now() + p);
@@ -943,6 +982,9 @@ impl<B: Backend> Pool<B> {
                 }
                 let why = Refusal::TimedOut { claim_timeout: cfg.claim_timeout };
                 let mut st = self.inner.lock();
+                if let Some((since, expected)) = predicted {
+                    st.calibrate(expected, since.elapsed());
+                }
                 if let Some(q) = queued.take() {
                     st.dequeue(q.disarm());
                 }
@@ -1027,14 +1069,17 @@ impl<B: Backend> Pool<B> {
             return Ok(Step::Got(r, true));
         }
         let load = st.load(position);
-        let plan = patient.map_or(admission::NoReady::Create, |left| {
-            load.on_no_ready(
-                self.inner.backend.recycles(),
-                left,
-                st.past_capacity(),
-                self.inner.cfg.max_queue_wait,
-            )
+        let max_queue_wait = self.inner.cfg.max_queue_wait;
+        // A claim joining the queue now: would admission take it?
+        let refused = ticket.is_none() && load.admit(max_queue_wait).is_err();
+        let mut plan = patient.map_or(admission::NoReady::Create, |left| {
+            load.on_no_ready(self.inner.backend.recycles(), left, st.past_capacity(), max_queue_wait)
         });
+        if refused && matches!(plan, admission::NoReady::Patient(_)) {
+            // It may not wait for the VM coming back: it makes one if it
+            // may (room, CPU), and is refused only if it may not.
+            plan = admission::NoReady::Create;
+        }
         let patience = match plan {
             admission::NoReady::Patient(p) => Some(p),
             admission::NoReady::Create | admission::NoReady::Queue => None,
@@ -1062,26 +1107,23 @@ impl<B: Backend> Pool<B> {
             }
         }
         if let Some(ticket) = ticket {
-            return Ok(Step::Wait { ticket, patience });
+            return Ok(Step::Wait { ticket, patience, expected: None });
         }
         if st.queue.len() >= self.inner.cfg.max_waiters {
             let why = Refusal::QueueFull { max_waiters: self.inner.cfg.max_waiters };
             return Err(self.inner.exhausted(st, why, started.elapsed()));
         }
         // Admission by capacity: refuse at once what would wait too long.
-        if let Some(max_queue_wait) = self.inner.cfg.max_queue_wait {
-            if load.admit(Some(max_queue_wait)).is_err() {
-                return Err(self.inner.exhausted(
-                    st,
-                    Refusal::WouldWait { max_queue_wait },
-                    started.elapsed(),
-                ));
-            }
+        if let (true, Some(max_queue_wait)) = (refused, max_queue_wait) {
+            return Err(self.inner.exhausted(st, Refusal::WouldWait { max_queue_wait }, started.elapsed()));
         }
         let ticket = st.next_ticket;
         st.next_ticket += 1;
         st.queue.push_back(ticket);
-        Ok(Step::Wait { ticket, patience })
+        // What the estimate said, to be held against what comes (only
+        // behind others: the first in line is never refused for it).
+        let expected = (position > 1).then(|| load.model_wait());
+        Ok(Step::Wait { ticket, patience, expected })
     }
 
     async fn create_on_demand(&self, want: Option<Arc<str>>) -> Result<Lease<B>, PoolError> {
@@ -1205,6 +1247,8 @@ enum Step<B: Backend> {
     Wait {
         ticket: u64,
         patience: Option<Duration>,
+        /// A new entry's wait as the model (uncalibrated) expects it.
+        expected: Option<Duration>,
     },
 }
 

@@ -68,6 +68,7 @@ fn pool_json<B: Backend>(pool: &Pool<B>) -> serde_json::Value {
             "calls_per_sec": s.capacity_per_sec,
             "service_rate_per_sec": s.service_rate,
             "queue_wait_secs": s.queue_wait_secs,
+            "wait_bias": s.wait_bias,
             "host_cpu_busy": s.host_cpu_busy,
             "cpu_seconds_per": s.cpu_seconds,
         },

@@ -19,9 +19,13 @@
 //!   set) is compared with `max_queue_wait`; a claim expected to wait longer
 //!   is refused at once with that wait as its `Retry-After`.
 //!
-//! A claim that was admitted waits up to `claim_timeout` (the caller's
-//! patience), not up to the estimate: an estimate that was wrong must not
-//! turn a short wait into a refusal.
+//! A claim that would be refused but may make a VM (room, CPU) makes one
+//! instead. A claim that was admitted waits up to `claim_timeout` (the
+//! caller's patience), not up to the estimate: an estimate that was wrong
+//! must not turn a short wait into a refusal. Estimates are calibrated by
+//! feedback: what queued claims really waited against what the model said
+//! (`bias`), so that under load, where resets slow down before the moving
+//! averages see it, admission tightens within a few claims.
 
 use std::time::Duration;
 
@@ -30,6 +34,21 @@ pub(super) const INITIAL_CYCLE_SECS: f64 = 1.0;
 
 /// The longest wait an estimate may say (a bound for `Retry-After`).
 const MAX_ESTIMATE_SECS: f64 = 3600.0;
+
+/// Queued claims whose expected wait was below this do not calibrate:
+/// their waits are noise (a reset's jitter) more than the model's error.
+pub(super) const MIN_CALIBRATION_SAMPLE: Duration = Duration::from_millis(250);
+
+/// How far calibration may move the model: a third of its estimate up to
+/// three times it.
+const BIAS_RANGE: (f64, f64) = (1.0 / 3.0, 3.0);
+
+/// The bias after a queued claim waited `ratio` times what the model said
+/// (a moving average; one claim moves it a fifth of the way).
+pub(super) fn next_bias(bias: f64, ratio: f64) -> f64 {
+    let ratio = ratio.clamp(BIAS_RANGE.0, BIAS_RANGE.1);
+    (0.8 * bias + 0.2 * ratio).clamp(BIAS_RANGE.0, BIAS_RANGE.1)
+}
 
 /// What the pool looks like to one claim that found no ready VM for it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +67,12 @@ pub(super) struct Load {
     pub cycle_secs: f64,
     /// Mean wall seconds a creation takes, once one was measured.
     pub create_secs: Option<f64>,
+    /// How much longer queued claims waited than the model said (1: as
+    /// expected); see [`next_bias`].
+    pub bias: f64,
+    /// Calls per second the host's CPUs can serve at the measured CPU cost
+    /// of a call and its reset, once measured.
+    pub capacity_per_sec: Option<f64>,
 }
 
 /// What a claim that found no ready VM for it should do.
@@ -78,15 +103,31 @@ impl Load {
     }
 
     /// VMs per second that come back to the ready set now: the VMs in
-    /// service over the time one spends away (Little's law). With none in
-    /// service it counts one, so that an estimate always exists.
+    /// service over the time one spends away (Little's law), but never more
+    /// than the host's CPUs can serve. The cycle was measured with as many
+    /// VMs as were busy then; on a CPU-bound host more VMs do not serve
+    /// more calls, they only share the CPU, so Little's law alone promises
+    /// too much right when the queue grows. With none in service it counts
+    /// one, so that an estimate always exists.
     pub fn service_rate(&self) -> f64 {
-        self.in_service().max(1) as f64 / self.cycle()
+        let little = self.in_service().max(1) as f64 / self.cycle();
+        match self.capacity_per_sec {
+            Some(cap) if cap > 0.0 => little.min(cap),
+            _ => little,
+        }
     }
 
-    /// How long the claim at `position` can expect to wait for a VM.
+    /// How long the claim at `position` can expect to wait for a VM: the
+    /// model, calibrated.
     pub fn expected_wait_at(&self, position: usize) -> Duration {
-        Duration::from_secs_f64((position as f64 / self.service_rate()).min(MAX_ESTIMATE_SECS))
+        let model = position as f64 / self.service_rate();
+        Duration::from_secs_f64((model * self.bias).min(MAX_ESTIMATE_SECS))
+    }
+
+    /// What the model alone says this claim waits (what calibration holds
+    /// the real wait against).
+    pub fn model_wait(&self) -> Duration {
+        Duration::from_secs_f64((self.position as f64 / self.service_rate()).min(MAX_ESTIMATE_SECS))
     }
 
     /// How long this claim can expect to wait for a VM.
@@ -149,7 +190,16 @@ mod tests {
     use super::*;
 
     fn load(position: usize, returning: usize, boots_for_ready: usize, cycle_secs: f64) -> Load {
-        Load { position, returning, boots_for_ready, boots_on_demand: 0, cycle_secs, create_secs: Some(2.0) }
+        Load {
+            position,
+            returning,
+            boots_for_ready,
+            boots_on_demand: 0,
+            cycle_secs,
+            create_secs: Some(2.0),
+            bias: 1.0,
+            capacity_per_sec: None,
+        }
     }
 
     const S2: Option<Duration> = Some(Duration::from_secs(2));
@@ -166,6 +216,30 @@ mod tests {
         assert_eq!(load(2, 0, 0, 3.0).expected_wait(), Duration::from_secs(6));
         // Bounded.
         assert_eq!(load(1_000_000, 1, 0, 100.0).expected_wait(), Duration::from_secs(3600));
+        // Ten VMs, a 1 s cycle measured when fewer were busy: Little says
+        // ten a second, but the CPUs serve three.
+        let cpu_bound = Load { capacity_per_sec: Some(3.0), ..load(6, 10, 0, 1.0) };
+        assert_eq!(cpu_bound.service_rate(), 3.0);
+        assert_eq!(cpu_bound.expected_wait(), Duration::from_secs(2));
+        let light = Load { capacity_per_sec: Some(3.0), ..load(1, 1, 0, 1.0) };
+        assert_eq!(light.service_rate(), 1.0, "below capacity, Little's law");
+    }
+
+    #[test]
+    fn calibration_moves_estimates_towards_what_queued_claims_waited() {
+        // Claims waited twice what the model said, again and again.
+        let mut bias = 1.0;
+        for _ in 0..20 {
+            bias = next_bias(bias, 2.0);
+        }
+        assert!((bias - 2.0).abs() < 0.05, "{bias}");
+        let l = Load { bias, ..load(3, 2, 0, 1.0) };
+        assert_eq!(l.model_wait(), Duration::from_millis(1500));
+        assert!((l.expected_wait().as_secs_f64() - 3.0).abs() < 0.1, "{:?}", l.expected_wait());
+        // One wild sample moves it a fifth of the clamped way, no further.
+        assert_eq!(next_bias(1.0, 100.0), 0.8 + 0.2 * 3.0);
+        assert_eq!(next_bias(3.0, 100.0), 3.0);
+        assert!((next_bias(1.0, 0.0) - (0.8 + 0.2 / 3.0)).abs() < 1e-12);
     }
 
     #[test]
@@ -203,6 +277,8 @@ mod tests {
             boots_on_demand: 0,
             cycle_secs: 1.0,
             create_secs: create,
+            bias: 1.0,
+            capacity_per_sec: None,
         };
         let ten = secs(10.0);
         let two = Some(secs(2.0));

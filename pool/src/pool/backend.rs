@@ -27,6 +27,13 @@ pub struct VmHandle {
 pub trait Backend: Send + Sync + 'static {
     type Vm: Send + Sync + 'static;
 
+    /// Whatever the first creation needs once (a template VM to restore
+    /// from). The pool awaits it before it times a creation, so a one-time
+    /// start-up cost does not make every later creation look slow.
+    fn prepare(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// Make a new VM, ready to run commands.
     fn create(&self) -> impl Future<Output = Result<Self::Vm, PoolError>> + Send;
 

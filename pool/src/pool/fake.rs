@@ -33,6 +33,9 @@ pub struct FakeBackend {
     /// VMs made for a waiting claim serve only it (like a restore without a
     /// clean snapshot).
     pub single_use_claims: bool,
+    /// The one-time preparation before the first creation (a template).
+    pub prepare_delay: Duration,
+    prepared: Arc<tokio::sync::OnceCell<()>>,
 }
 
 #[derive(Debug)]
@@ -56,6 +59,8 @@ impl FakeBackend {
             recycles: true,
             scrub_delay: reset_delay / 10,
             single_use_claims: false,
+            prepare_delay: Duration::ZERO,
+            prepared: Arc::default(),
         }
     }
 
@@ -71,6 +76,10 @@ impl FakeBackend {
 
 impl Backend for FakeBackend {
     type Vm = FakeVm;
+
+    async fn prepare(&self) {
+        self.prepared.get_or_init(|| tokio::time::sleep(self.prepare_delay)).await;
+    }
 
     fn pauses(&self) -> bool {
         true

@@ -222,6 +222,10 @@ fn create_err(e: impl std::fmt::Display) -> PoolError {
 impl Backend for VmBackend {
     type Vm = Vm;
 
+    async fn prepare(&self) {
+        let _ = self.template().await;
+    }
+
     async fn create(&self) -> Result<Vm, PoolError> {
         let started = tokio::time::Instant::now();
         let (vm, restored) = match self.template().await {

@@ -114,9 +114,12 @@ impl HostCpu {
     }
 }
 
-/// CPUs the host has (for capacity estimates).
+/// CPUs the host has (for capacity estimates). Read once: the standard
+/// library reads the cgroup's files on every call, and admission asks on
+/// every claim, under the pool's lock.
 pub fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 #[cfg(test)]

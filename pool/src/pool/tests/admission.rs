@@ -207,3 +207,61 @@ async fn overload_is_refused_at_once_and_the_admitted_are_served_within_the_limi
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(pool.status().counters.queue_timeouts, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_that_may_not_queue_makes_a_vm_when_there_is_room() {
+    // Creations take 2 s; the limit is 1 s; both ready VMs are held.
+    let b = FakeBackend::new(Duration::from_secs(2), Duration::from_millis(300));
+    let cfg = PoolConfig { max_queue_wait: Some(Duration::from_secs(1)), ..limited(2, 4) };
+    let pool = Pool::start(b, cfg, 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let _held = (pool.claim().await.unwrap(), pool.claim().await.unwrap());
+    // Two claims queue for the held VMs (each expects to wait at most 1 s:
+    // one of the two VMs back every half second).
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let p = pool.clone();
+            tokio::spawn(async move { p.claim().await.map(|l| l.id.clone()) })
+        })
+        .collect();
+    until(&pool, "two waiters", |s| s.waiters == 2).await;
+    // The third would wait 1.5 s in the queue, past the limit: it is not
+    // refused while it may make a VM, which it does.
+    let asked = Instant::now();
+    let l = pool.claim().await.expect("a VM made for it, not a refusal");
+    assert!(!l.warm());
+    assert_eq!(asked.elapsed(), Duration::from_secs(2));
+    let c = pool.status().counters;
+    assert_eq!((c.refused_by_capacity, c.exhausted), (0, 0), "{c:?}");
+    assert!(c.misses >= 1, "{c:?}");
+    drop(waiters);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_one_time_preparation_does_not_count_as_a_creation() {
+    // The first creation waits for a template (here: 20 s of preparation),
+    // the creations themselves take 300 ms; the estimate must say 300 ms.
+    let mut b = FakeBackend::new(Duration::from_millis(300), Duration::from_millis(300));
+    b.prepare_delay = Duration::from_secs(20);
+    let pool = Pool::start(b, limited(2, 4), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let create = pool.inner.lock().create_secs.unwrap();
+    assert!((create - 0.3).abs() < 0.01, "creation estimate {create} s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn resets_take_turns_so_vms_come_back_one_by_one() {
+    let b = FakeBackend::new(Duration::from_millis(100), Duration::from_millis(500));
+    let cfg = PoolConfig { reset_concurrency: Some(1), ..limited(3, 3) };
+    let pool = Pool::start(b, cfg, 256);
+    until(&pool, "ready", |s| s.ready == 3).await;
+    let leases = [pool.claim().await.unwrap(), pool.claim().await.unwrap(), pool.claim().await.unwrap()];
+    let returned = Instant::now();
+    drop(leases);
+    let mut back = Vec::new();
+    for n in 1..=3 {
+        until(&pool, "one more back", |s| s.ready >= n).await;
+        back.push(returned.elapsed().as_millis() / 100 * 100);
+    }
+    assert_eq!(back, [500, 1000, 1500], "one reset at a time");
+}
