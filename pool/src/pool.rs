@@ -219,6 +219,9 @@ pub struct CpuSummary {
     pub reset: Option<f64>,
     pub scrub: Option<f64>,
     pub create: Option<f64>,
+    /// The recent share of full resets among the resets and scrubs.
+    #[serde(skip)]
+    pub full_share: Option<f64>,
 }
 
 impl CpuSummary {
@@ -229,13 +232,21 @@ impl CpuSummary {
         });
     }
 
-    /// Host calls per second at these costs, resets weighted by how often
-    /// each kind happened.
-    fn capacity(&self, cpus: usize, resets: u64, scrubs: u64) -> Option<f64> {
+    /// Note which reset a returned VM got: the recent share of full
+    /// resets among resets and scrubs (a moving average, like the costs).
+    fn note_kind(&mut self, kind: ResetKind) {
+        let full = if kind == ResetKind::Full { 1.0 } else { 0.0 };
+        Self::add(&mut self.full_share, full);
+    }
+
+    /// Host calls per second at these costs, resets weighted by the recent
+    /// mix of full resets and scrubs (a function's calls after scrubs, then
+    /// general calls after full resets: the lifetime mix would say scrubs
+    /// long after the calls stopped getting them).
+    fn capacity(&self, cpus: usize) -> Option<f64> {
         let exec = self.exec?;
-        let n = (resets + scrubs).max(1) as f64;
-        let reset =
-            self.reset.unwrap_or(0.0) * resets as f64 / n + self.scrub.unwrap_or(0.0) * scrubs as f64 / n;
+        let full = self.full_share.unwrap_or(1.0);
+        let reset = self.reset.unwrap_or(0.0) * full + self.scrub.unwrap_or(0.0) * (1.0 - full);
         let per_call = exec + reset;
         (per_call > 0.0).then(|| cpus as f64 / per_call)
     }
@@ -330,7 +341,7 @@ impl<V> State<V> {
     /// Calls per second the host's CPUs can serve at this pool's measured
     /// costs (a call plus its reset, by the mix of resets so far).
     fn capacity_per_sec(&self) -> Option<f64> {
-        self.cpu.capacity(ember_vm::procfs::host_cpus(), self.counters.resets, self.counters.scrubs)
+        self.cpu.capacity(ember_vm::procfs::host_cpus())
     }
 
     /// What admission sees, for the claim at `position` in the queue.
@@ -624,6 +635,7 @@ impl<B: Backend> Inner<B> {
             if let Some(c) = cpu {
                 CpuSummary::add(slot, c);
             }
+            st.cpu.note_kind(kind);
         } else {
             *failed += 1;
         }
