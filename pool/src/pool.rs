@@ -198,8 +198,8 @@ pub struct PoolStatus {
     pub service_rate: f64,
     /// Seconds the next queued claim can expect to wait.
     pub queue_wait_secs: f64,
-    /// How much longer queued claims waited than the model said (the
-    /// factor estimates are calibrated by; 1: as expected).
+    /// What estimates are multiplied by: the 90th percentile of how much
+    /// longer queued claims waited than the model said (1: as expected).
     pub wait_bias: f64,
     /// CPU seconds per call, per full reset, per scrub and per creation
     /// (moving averages over VMs' host processes).
@@ -298,9 +298,9 @@ struct State<V> {
     sizer: SizerState,
     /// Moving average of seconds a VM spends away from the ready set.
     out_of_pool_secs: f64,
-    /// Moving average of how much longer queued claims waited than the
-    /// model said (actual / expected); estimates are multiplied by it.
-    wait_bias: f64,
+    /// How much longer queued claims waited than the model said; estimates
+    /// are multiplied by its factor.
+    calibration: admission::Calibration,
     /// Moving average of seconds a successful creation takes (wall time).
     create_secs: Option<f64>,
     /// Creations that failed since the last one that worked (backoff).
@@ -353,7 +353,7 @@ impl<V> State<V> {
             boots_on_demand: self.on_demand,
             cycle_secs: self.out_of_pool_secs,
             create_secs: self.create_secs,
-            bias: self.wait_bias,
+            bias: self.calibration.factor(),
             capacity_per_sec: self.capacity_per_sec(),
         }
     }
@@ -363,11 +363,7 @@ impl<V> State<V> {
     /// down before the moving averages see it). Waits the model put under
     /// a quarter second say little and are left out.
     fn calibrate(&mut self, expected: Duration, actual: Duration) {
-        if expected < admission::MIN_CALIBRATION_SAMPLE {
-            return;
-        }
-        let ratio = actual.as_secs_f64() / expected.as_secs_f64();
-        self.wait_bias = admission::next_bias(self.wait_bias, ratio);
+        self.calibration.note(expected, actual);
     }
 
     /// The place in the queue of the claim holding `ticket` (1 = next), or
@@ -800,7 +796,7 @@ impl<B: Backend> Pool<B> {
             rates: RateEstimator::new(now),
             sizer: SizerState::default(),
             out_of_pool_secs: 0.0,
-            wait_bias: 1.0,
+            calibration: admission::Calibration::default(),
             create_secs: None,
             create_retry_at: None,
             last_refusal: None,
@@ -885,7 +881,7 @@ impl<B: Backend> Pool<B> {
             rate_short: rates.short,
             rate_long: rates.long,
             service_rate: st.load(1).service_rate(),
-            wait_bias: st.wait_bias,
+            wait_bias: st.calibration.factor(),
             cpu_seconds: st.cpu,
             host_cpu_busy: st.host_cpu(),
             capacity_per_sec: st.capacity_per_sec(),
