@@ -37,7 +37,7 @@ pub async fn run_all(opts: Options) -> anyhow::Result<Vec<report::Check>> {
     let sizer = seconds(pool.get("sizer_interval"), 1.0);
     let limits = cfg.get("limits").and_then(|p| p.as_table()).cloned().unwrap_or_default();
     // Unset: the gateway's default (`gateway::config::Limits`).
-    let max_queue_wait = seconds(limits.get("max_queue_wait"), 5.0);
+    let max_queue_wait = seconds(limits.get("max_queue_wait"), 8.0);
 
     let ember = EmberServer::start(&opts.ember, &opts.config, &opts.images, &opts.out.join("ember.log"))?;
     eprintln!("[loadtest] ember serve on {}", ember.addr);

@@ -219,9 +219,6 @@ pub struct CpuSummary {
     pub reset: Option<f64>,
     pub scrub: Option<f64>,
     pub create: Option<f64>,
-    /// The recent share of full resets among the resets and scrubs.
-    #[serde(skip)]
-    pub full_share: Option<f64>,
 }
 
 impl CpuSummary {
@@ -232,22 +229,18 @@ impl CpuSummary {
         });
     }
 
-    /// Note which reset a returned VM got: the recent share of full
-    /// resets among resets and scrubs (a moving average, like the costs).
-    fn note_kind(&mut self, kind: ResetKind) {
-        let full = if kind == ResetKind::Full { 1.0 } else { 0.0 };
-        Self::add(&mut self.full_share, full);
-    }
-
-    /// Host calls per second at these costs, resets weighted by the recent
-    /// mix of full resets and scrubs (a function's calls after scrubs, then
-    /// general calls after full resets: the lifetime mix would say scrubs
-    /// long after the calls stopped getting them).
-    fn capacity(&self, cpus: usize) -> Option<f64> {
+    /// Host calls per second at these costs, for calls that each cost a
+    /// call and a reset of `kind`: the reset a claim will cause (a general
+    /// call's full reset, a function call's scrub), not a mix of what past
+    /// calls caused (after a function's scrubbed calls, general calls would
+    /// be estimated at a scrub's cost for as long as the mix remembers).
+    fn capacity(&self, cpus: usize, kind: ResetKind) -> Option<f64> {
         let exec = self.exec?;
-        let full = self.full_share.unwrap_or(1.0);
-        let reset = self.reset.unwrap_or(0.0) * full + self.scrub.unwrap_or(0.0) * (1.0 - full);
-        let per_call = exec + reset;
+        let reset = match kind {
+            ResetKind::Full => self.reset,
+            ResetKind::Scrub => self.scrub.or(self.reset),
+        };
+        let per_call = exec + reset.unwrap_or(0.0);
         (per_call > 0.0).then(|| cpus as f64 / per_call)
     }
 }
@@ -286,6 +279,15 @@ struct State<V> {
     /// the oldest (a claim that arrives later cannot take it first).
     queue: VecDeque<u64>,
     next_ticket: u64,
+    /// Since when the queue has not been empty, or has been.
+    queue_standing_since: Option<Instant>,
+    queue_empty_since: Option<Instant>,
+    /// The reset a general call and a function call leave behind (what
+    /// their capacity is estimated at).
+    general_reset: ResetKind,
+    function_reset: ResetKind,
+    /// How often queued claims got their VMs while it stood.
+    departures: admission::Departures,
     /// VMs being made for a claim that asked (counted in `booting` too).
     on_demand: usize,
     /// Ready VMs the pool must have held once to count as warmed up
@@ -339,13 +341,21 @@ impl<V> State<V> {
     }
 
     /// Calls per second the host's CPUs can serve at this pool's measured
-    /// costs (a call plus its reset, by the mix of resets so far).
-    fn capacity_per_sec(&self) -> Option<f64> {
-        self.cpu.capacity(ember_vm::procfs::host_cpus())
+    /// costs: a call plus the reset a call of this kind (`function` or not)
+    /// leaves behind.
+    fn capacity_per_sec(&self, function: bool) -> Option<f64> {
+        let kind = if function { self.function_reset } else { self.general_reset };
+        self.cpu.capacity(ember_vm::procfs::host_cpus(), kind)
     }
 
-    /// What admission sees, for the claim at `position` in the queue.
+    /// What admission sees, for a general claim at `position` in the queue.
     fn load(&self, position: usize) -> admission::Load {
+        self.load_for(position, false)
+    }
+
+    /// What admission sees, for the claim at `position` in the queue (of a
+    /// function, or general).
+    fn load_for(&self, position: usize, function: bool) -> admission::Load {
         admission::Load {
             position,
             returning: self.claimed + self.resetting,
@@ -354,7 +364,8 @@ impl<V> State<V> {
             cycle_secs: self.out_of_pool_secs,
             create_secs: self.create_secs,
             bias: self.calibration.factor(),
-            capacity_per_sec: self.capacity_per_sec(),
+            capacity_per_sec: self.capacity_per_sec(function),
+            measured_rate: self.departures.rate(Instant::now()),
         }
     }
 
@@ -375,7 +386,25 @@ impl<V> State<V> {
 
     fn dequeue(&mut self, ticket: u64) -> bool {
         let at = self.queue.iter().position(|&q| q == ticket);
-        at.and_then(|i| self.queue.remove(i)).is_some()
+        let left = at.and_then(|i| self.queue.remove(i)).is_some();
+        if left && self.queue.is_empty() {
+            self.queue_standing_since = None;
+            self.queue_empty_since = Some(Instant::now());
+        }
+        left
+    }
+
+    /// A claim joins the queue under `ticket`. After an idle spell the
+    /// service rate measured before it is of another load: forgotten.
+    fn enqueue(&mut self, ticket: u64) {
+        if self.queue.is_empty() {
+            let now = Instant::now();
+            if self.queue_empty_since.is_some_and(|t| now.saturating_duration_since(t) > IDLE_SPELL) {
+                self.departures = admission::Departures::default();
+            }
+            self.queue_standing_since = Some(now);
+        }
+        self.queue.push_back(ticket);
     }
 
     /// Whether admission refused a claim lately: boots then only take the
@@ -631,7 +660,6 @@ impl<B: Backend> Inner<B> {
             if let Some(c) = cpu {
                 CpuSummary::add(slot, c);
             }
-            st.cpu.note_kind(kind);
         } else {
             *failed += 1;
         }
@@ -788,6 +816,11 @@ impl<B: Backend> Pool<B> {
             paused: 0,
             queue: VecDeque::new(),
             next_ticket: 0,
+            queue_standing_since: None,
+            queue_empty_since: None,
+            general_reset: lease::reset_plan(None, cfg.run_reset, backend.scrubs()).0,
+            function_reset: lease::reset_plan(Some(&Arc::from("")), cfg.run_reset, backend.scrubs()).0,
+            departures: admission::Departures::default(),
             on_demand: 0,
             min_ready: if cfg.enabled { cfg.min_size } else { 0 },
             warmed_up: !cfg.enabled || cfg.min_size == 0,
@@ -884,7 +917,7 @@ impl<B: Backend> Pool<B> {
             wait_bias: st.calibration.factor(),
             cpu_seconds: st.cpu,
             host_cpu_busy: st.host_cpu(),
-            capacity_per_sec: st.capacity_per_sec(),
+            capacity_per_sec: st.capacity_per_sec(false),
             queue_wait_secs: if st.ready.is_empty() && !st.queue.is_empty() {
                 st.load(st.queue.len() + 1).expected_wait().as_secs_f64()
             } else {
@@ -921,7 +954,7 @@ impl<B: Backend> Pool<B> {
         let cfg = &self.inner.cfg;
         // Admitted, a claim waits up to the caller's patience, not up to
         // the estimate that admitted it (see `admission`).
-        let deadline = started + cfg.claim_timeout;
+        let mut deadline = started + cfg.claim_timeout;
         self.inner.lock().rates.record(started);
         self.inner.wake_replenisher.notify_one();
         // In the queue from the first wait until this claim ends, however
@@ -978,6 +1011,17 @@ impl<B: Backend> Pool<B> {
                 .filter(|&t| t > Instant::now())
                 .fold(deadline, Instant::min);
             if tokio::time::timeout_at(wake, changed).await.is_err() && Instant::now() >= deadline {
+                // A boot under way that covers this claim's place (an
+                // image's first boot, slower than claim_timeout under load)
+                // is waited for: it ends, or fails by its own timeout.
+                let covered = queued.as_ref().is_some_and(|q| {
+                    let st = self.inner.lock();
+                    st.position(Some(q.ticket)) <= st.booting.saturating_sub(st.on_demand)
+                });
+                if covered {
+                    deadline = Instant::now() + BOOT_RECHECK;
+                    continue;
+                }
                 // A claim that waited for a VM coming rather than boot one
                 // gets that boot now, if it may, instead of a refusal; not
                 // while admission is refusing claims (past capacity, boots
@@ -1029,6 +1073,9 @@ impl<B: Backend> Pool<B> {
             // A claim that leaves the queue leaves it under the lock that
             // gave it its VM, so no other claim sees it ahead for a moment.
             if let (Some(t), Ok(Step::Got(..) | Step::Convert(_) | Step::Create)) = (ticket, &step) {
+                // Measured before it leaves: the queue stood until now.
+                let standing = st.queue_standing_since;
+                st.departures.note(Instant::now(), standing);
                 st.dequeue(t);
             }
             step
@@ -1076,7 +1123,7 @@ impl<B: Backend> Pool<B> {
             self.inner.wake_replenisher.notify_one();
             return Ok(Step::Got(r, true));
         }
-        let load = st.load(position);
+        let load = st.load_for(position, want.is_some());
         let max_queue_wait = self.inner.cfg.max_queue_wait;
         // A claim joining the queue now: would admission take it?
         let refused = ticket.is_none() && load.admit(max_queue_wait).is_err();
@@ -1127,7 +1174,7 @@ impl<B: Backend> Pool<B> {
         }
         let ticket = st.next_ticket;
         st.next_ticket += 1;
-        st.queue.push_back(ticket);
+        st.enqueue(ticket);
         // What the estimate said, to be held against what comes (only
         // behind others: the first in line is never refused for it).
         let expected = (position > 1).then(|| load.model_wait());
@@ -1228,6 +1275,14 @@ const MAX_CREATE_BACKOFF: Duration = Duration::from_secs(10);
 fn capacity_of(cfg: &PoolConfig, vm_memory_mb: u64) -> usize {
     cfg.max_size.min((cfg.max_memory_mb / vm_memory_mb.max(1)) as usize)
 }
+
+/// How often a claim past `claim_timeout` that a boot under way covers
+/// looks again.
+const BOOT_RECHECK: Duration = Duration::from_secs(1);
+
+/// A queue empty for longer than this was idle: the service rate measured
+/// before is of another load (a closed loop's queue empties for moments).
+const IDLE_SPELL: Duration = Duration::from_secs(1);
 
 /// How long after admission refused a claim the pool counts as past
 /// capacity (no fallback boots for claims that waited in vain).

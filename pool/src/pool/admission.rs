@@ -40,6 +40,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 /// Assumed time a VM spends away from the ready set before one was measured.
 pub(super) const INITIAL_CYCLE_SECS: f64 = 1.0;
 
@@ -102,6 +104,45 @@ impl Calibration {
     }
 }
 
+/// Intervals between queued claims getting their VMs shorter than this
+/// many make no measurement yet.
+const MIN_GAPS: u32 = 5;
+/// A measurement older than this is of another load.
+const GAPS_FRESH: Duration = Duration::from_secs(10);
+
+/// How often queued claims get their VMs while the queue stands: the
+/// service rate measured, not modelled. Only intervals over which the
+/// queue never emptied count (an idle spell is not service time).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Departures {
+    last: Option<Instant>,
+    /// Moving average of the seconds between two of them.
+    gap: Option<f64>,
+    gaps: u32,
+}
+
+impl Departures {
+    /// A queued claim got its VM at `now`; the queue has stood (never
+    /// empty) since `standing_since`.
+    pub fn note(&mut self, now: Instant, standing_since: Option<Instant>) {
+        if let (Some(prev), Some(since)) = (self.last, standing_since) {
+            if since <= prev {
+                let dt = now.saturating_duration_since(prev).as_secs_f64();
+                self.gap = Some(self.gap.map_or(dt, |g| 0.8 * g + 0.2 * dt));
+                self.gaps = self.gaps.saturating_add(1);
+            }
+        }
+        self.last = Some(now);
+    }
+
+    /// VMs per second reaching queued claims, if measured lately.
+    pub fn rate(&self, now: Instant) -> Option<f64> {
+        let fresh = self.last.is_some_and(|t| now.saturating_duration_since(t) < GAPS_FRESH);
+        let gap = self.gap.filter(|_| fresh && self.gaps >= MIN_GAPS)?;
+        Some(1.0 / gap.max(0.001))
+    }
+}
+
 /// What the pool looks like to one claim that found no ready VM for it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Load {
@@ -125,6 +166,9 @@ pub(super) struct Load {
     /// Calls per second the host's CPUs can serve at the measured CPU cost
     /// of a call and its reset, once measured.
     pub capacity_per_sec: Option<f64>,
+    /// VMs per second reaching queued claims, measured while the queue
+    /// stood (see [`Departures`]); when there is one, it is the rate.
+    pub measured_rate: Option<f64>,
 }
 
 /// What a claim that found no ready VM for it should do.
@@ -162,6 +206,9 @@ impl Load {
     /// too much right when the queue grows. With none in service it counts
     /// one, so that an estimate always exists.
     pub fn service_rate(&self) -> f64 {
+        if let Some(measured) = self.measured_rate {
+            return measured;
+        }
         let little = self.in_service().max(1) as f64 / self.cycle();
         match self.capacity_per_sec {
             Some(cap) if cap > 0.0 => little.min(cap),
@@ -258,6 +305,7 @@ mod tests {
             create_secs: Some(2.0),
             bias: 1.0,
             capacity_per_sec: None,
+            measured_rate: None,
         }
     }
 
@@ -282,6 +330,36 @@ mod tests {
         assert_eq!(cpu_bound.expected_wait(), Duration::from_secs(2));
         let light = Load { capacity_per_sec: Some(3.0), ..load(1, 1, 0, 1.0) };
         assert_eq!(light.service_rate(), 1.0, "below capacity, Little's law");
+    }
+
+    #[test]
+    fn the_measured_rate_counts_only_while_the_queue_stands() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut d = Departures::default();
+        // A queue standing from t0: a VM reaches it every 400 ms.
+        for i in 0..=5 {
+            d.note(at(400 * i), Some(t0));
+        }
+        let rate = d.rate(at(2000)).expect("five intervals");
+        assert!((rate - 2.5).abs() < 1e-9, "{rate}");
+        // The queue emptied and stood again from 10 s: the 8 s between is
+        // not an interval.
+        d.note(at(10_500), Some(at(10_000)));
+        assert!((d.rate(at(10_600)).unwrap() - 2.5).abs() < 1e-9);
+        d.note(at(10_700), Some(at(10_000)));
+        assert!((d.rate(at(10_800)).unwrap() - 1.0 / (0.8 * 0.4 + 0.2 * 0.2)).abs() < 1e-9);
+        // Stale after 10 s without one.
+        assert_eq!(d.rate(at(21_000)), None);
+        // Too few intervals: none.
+        let mut d = Departures::default();
+        for i in 0..5 {
+            d.note(at(100 * i), Some(t0));
+        }
+        assert_eq!(d.rate(at(500)), None);
+        // It is the rate when there is one.
+        let l = Load { measured_rate: Some(2.0), capacity_per_sec: Some(9.0), ..load(4, 10, 0, 1.0) };
+        assert_eq!(l.expected_wait(), Duration::from_secs(2));
     }
 
     #[test]
@@ -369,6 +447,7 @@ mod tests {
             create_secs: create,
             bias: 1.0,
             capacity_per_sec: None,
+            measured_rate: None,
         };
         let ten = secs(10.0);
         let two = Some(secs(2.0));

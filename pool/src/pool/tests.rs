@@ -610,25 +610,12 @@ async fn a_saturated_cpu_stops_growth_beyond_min_size() {
 
 #[test]
 fn capacity_is_cpus_over_the_cost_of_a_call_and_its_reset() {
-    let c = CpuSummary {
-        exec: Some(0.05),
-        reset: Some(0.35),
-        scrub: Some(0.05),
-        create: Some(2.0),
-        full_share: None,
-    };
-    assert_eq!(c.capacity(2), Some(5.0), "nothing noted: full resets");
-    assert_eq!(CpuSummary { full_share: Some(1.0), ..c }.capacity(2), Some(5.0));
-    assert_eq!(CpuSummary { full_share: Some(0.0), ..c }.capacity(2), Some(20.0));
-    let mixed = CpuSummary { full_share: Some(0.5), ..c }.capacity(2).unwrap();
-    assert!((mixed - 2.0 / 0.25).abs() < 1e-9);
-    assert_eq!(CpuSummary::default().capacity(2), None);
-    // After many scrubs, a run of full resets moves the mix within a few.
-    let mut m = CpuSummary { full_share: Some(0.0), ..c };
-    for _ in 0..10 {
-        m.note_kind(ResetKind::Full);
-    }
-    assert!(m.full_share.unwrap() > 0.85, "{m:?}");
+    let c = CpuSummary { exec: Some(0.05), reset: Some(0.35), scrub: Some(0.05), create: Some(2.0) };
+    assert_eq!(c.capacity(2, ResetKind::Full), Some(5.0));
+    assert_eq!(c.capacity(2, ResetKind::Scrub), Some(20.0));
+    // No scrub measured yet: a function call is estimated at a full reset.
+    assert_eq!(CpuSummary { scrub: None, ..c }.capacity(2, ResetKind::Scrub), Some(5.0));
+    assert_eq!(CpuSummary::default().capacity(2, ResetKind::Full), None);
 }
 
 /// One VM that takes 2 s to create, claimed; nothing else ready.

@@ -265,3 +265,16 @@ async fn resets_take_turns_so_vms_come_back_one_by_one() {
     }
     assert_eq!(back, [500, 1000, 1500], "one reset at a time");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_first_boot_slower_than_claim_timeout_is_waited_for() {
+    // An image's first boot under load: 40 s, past the 30 s claim_timeout.
+    let b = FakeBackend::new(Duration::from_secs(40), Duration::from_millis(300));
+    let pool = Pool::start(b, limited(1, 1), 256);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(pool.status().booting, 1);
+    let asked = Instant::now();
+    let lease = pool.claim().await.expect("the boot it waited for");
+    assert!(lease.warm());
+    assert!(asked.elapsed() >= Duration::from_secs(39), "{:?}", asked.elapsed());
+}
