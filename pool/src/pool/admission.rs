@@ -32,7 +32,7 @@
 //! caller's patience), not up to the estimate: an estimate that was wrong
 //! must not turn a short wait into a refusal. Estimates are calibrated by
 //! feedback: what queued claims really waited against what the model said,
-//! at the 90th percentile of the recent ratios (`bias`, see
+//! at the 90th percentile of the recent ratios, never below 1 (`bias`, see
 //! [`Calibration`]). Under overload every admitted claim joins the queue at
 //! the limit's edge, so an estimate that is right on average still has half
 //! of them wait past it; admitting on the 90th percentile is what keeps the
@@ -52,9 +52,11 @@ const MAX_ESTIMATE_SECS: f64 = 3600.0;
 /// their waits are noise (a reset's jitter) more than the model's error.
 const MIN_CALIBRATION_SAMPLE: Duration = Duration::from_millis(250);
 
-/// How far calibration may move the model: a third of its estimate up to
-/// three times it.
-const BIAS_RANGE: (f64, f64) = (1.0 / 3.0, 3.0);
+/// How far calibration may move the model: not below it (a load whose
+/// waits came in under the model, a function's scrubbed calls, must not
+/// loosen admission for the next, general calls after an idle spell), up
+/// to three times it.
+const BIAS_RANGE: (f64, f64) = (1.0, 3.0);
 
 /// Ratios kept, and how many make a calibration.
 const SAMPLES: usize = 32;
@@ -382,14 +384,15 @@ mod tests {
             c.note(secs(2.0), secs(4.0));
         }
         assert_eq!(c.factor(), 2.0);
-        // Only the last 32 count: a regime that passed is forgotten.
+        // Only the last 32 count: a regime that passed is forgotten. Waits
+        // shorter than the model never loosen it.
         for _ in 0..32 {
             c.note(secs(2.0), secs(1.0));
         }
-        assert_eq!(c.factor(), 0.5);
+        assert_eq!(c.factor(), 1.0);
         // Short estimates are left out; wild ratios are clamped.
         c.note(secs(0.1), secs(60.0));
-        assert_eq!(c.factor(), 0.5);
+        assert_eq!(c.factor(), 1.0);
         for _ in 0..32 {
             c.note(secs(1.0), secs(100.0));
         }
