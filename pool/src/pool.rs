@@ -290,6 +290,9 @@ struct State<V> {
     departures: admission::Departures,
     /// VMs being made for a claim that asked (counted in `booting` too).
     on_demand: usize,
+    /// Claimed VMs of another function's warm set getting a full reset
+    /// before their call (counted in `claimed` too).
+    converting: usize,
     /// Ready VMs the pool must have held once to count as warmed up
     /// (`min_size`; 0 when disabled), and whether it has.
     min_ready: usize,
@@ -366,6 +369,7 @@ impl<V> State<V> {
             bias: self.calibration.factor(),
             capacity_per_sec: self.capacity_per_sec(function),
             measured_rate: self.departures.rate(Instant::now()),
+            converting: self.converting,
         }
     }
 
@@ -822,6 +826,7 @@ impl<B: Backend> Pool<B> {
             function_reset: lease::reset_plan(Some(&Arc::from("")), cfg.run_reset, backend.scrubs()).0,
             departures: admission::Departures::default(),
             on_demand: 0,
+            converting: 0,
             min_ready: if cfg.enabled { cfg.min_size } else { 0 },
             warmed_up: !cfg.enabled || cfg.min_size == 0,
             draining: false,
@@ -1048,6 +1053,9 @@ impl<B: Backend> Pool<B> {
     /// Fully reset a VM taken from another function's warm set (counted as
     /// claimed meanwhile); `None` if that failed and the VM is gone.
     async fn convert(&self, mut r: ReadyVm<B::Vm>) -> Option<ReadyVm<B::Vm>> {
+        // Counted by `try_claim_locked`; uncounted however this ends (the
+        // caller may go away meanwhile).
+        let _counted = Converting(&self.inner);
         if self.inner.reset_vm(&mut r.vm, ResetKind::Full).await {
             r.warm_for = None;
             return Some(r);
@@ -1153,6 +1161,7 @@ impl<B: Backend> Pool<B> {
             if let Some(mut r) = st.ready.pop_front() {
                 if self.inner.backend.healthy(&mut r.vm) {
                     st.enter(Phase::Claimed);
+                    st.converting += 1;
                     st.counters.misses += 1;
                     st.counters.steals += 1;
                     return Ok(Step::Convert(r));
@@ -1234,6 +1243,16 @@ impl<B: Backend> Pool<B> {
             self.inner.destroy_now(Some(r.vm)).await;
         }
         session::shut_down(&self.inner).await;
+    }
+}
+
+/// A conversion under way (see `State::converting`).
+struct Converting<'a, B: Backend>(&'a Arc<Inner<B>>);
+
+impl<B: Backend> Drop for Converting<'_, B> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.converting = st.converting.saturating_sub(1);
     }
 }
 

@@ -171,6 +171,9 @@ pub(super) struct Load {
     /// VMs per second reaching queued claims, measured while the queue
     /// stood (see [`Departures`]); when there is one, it is the rate.
     pub measured_rate: Option<f64>,
+    /// Claims giving another function's warm VM a full reset before their
+    /// call: each is a reset's worth of work ahead of every queued claim.
+    pub converting: usize,
 }
 
 /// What a claim that found no ready VM for it should do.
@@ -221,14 +224,15 @@ impl Load {
     /// How long the claim at `position` can expect to wait for a VM: the
     /// model, calibrated.
     pub fn expected_wait_at(&self, position: usize) -> Duration {
-        let model = position as f64 / self.service_rate();
+        let model = (position + self.converting) as f64 / self.service_rate();
         Duration::from_secs_f64((model * self.bias).min(MAX_ESTIMATE_SECS))
     }
 
     /// What the model alone says this claim waits (what calibration holds
     /// the real wait against).
     pub fn model_wait(&self) -> Duration {
-        Duration::from_secs_f64((self.position as f64 / self.service_rate()).min(MAX_ESTIMATE_SECS))
+        let places = (self.position + self.converting) as f64;
+        Duration::from_secs_f64((places / self.service_rate()).min(MAX_ESTIMATE_SECS))
     }
 
     /// How long this claim can expect to wait for a VM.
@@ -308,6 +312,7 @@ mod tests {
             bias: 1.0,
             capacity_per_sec: None,
             measured_rate: None,
+            converting: 0,
         }
     }
 
@@ -362,6 +367,9 @@ mod tests {
         // It is the rate when there is one.
         let l = Load { measured_rate: Some(2.0), capacity_per_sec: Some(9.0), ..load(4, 10, 0, 1.0) };
         assert_eq!(l.expected_wait(), Duration::from_secs(2));
+        // Conversions under way are work ahead of every queued claim.
+        let l = Load { converting: 6, ..l };
+        assert_eq!((l.expected_wait(), l.model_wait()), (Duration::from_secs(5), Duration::from_secs(5)));
     }
 
     #[test]
@@ -451,6 +459,7 @@ mod tests {
             bias: 1.0,
             capacity_per_sec: None,
             measured_rate: None,
+            converting: 0,
         };
         let ten = secs(10.0);
         let two = Some(secs(2.0));

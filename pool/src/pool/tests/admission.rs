@@ -278,3 +278,28 @@ async fn a_first_boot_slower_than_claim_timeout_is_waited_for() {
     assert!(lease.warm());
     assert!(asked.elapsed() >= Duration::from_secs(39), "{:?}", asked.elapsed());
 }
+
+#[tokio::test(start_paused = true)]
+async fn conversions_under_way_count_as_work_ahead_of_the_queue() {
+    // Two VMs in a function's warm set; general claims must give each a
+    // full reset (1 s) before their call.
+    let b = FakeBackend::new(Duration::from_millis(100), Duration::from_secs(1));
+    let pool = Pool::start(b, limited(2, 2), 256);
+    until(&pool, "ready", |s| s.ready == 2).await;
+    let (f1, f2) = (pool.claim_for("f").await.unwrap(), pool.claim_for("f").await.unwrap());
+    f1.release().await;
+    f2.release().await;
+    assert_eq!(pool.status().warm_sets.get("f"), Some(&2));
+    let converting: Vec<_> = (0..2)
+        .map(|_| {
+            let p = pool.clone();
+            tokio::spawn(async move { p.claim().await.map(|l| l.id.clone()) })
+        })
+        .collect();
+    until(&pool, "both converting", |s| s.claimed == 2).await;
+    assert_eq!(pool.inner.lock().load(1).converting, 2);
+    for c in converting {
+        assert!(c.await.unwrap().is_ok());
+    }
+    assert_eq!(pool.inner.lock().converting, 0, "uncounted when done");
+}
