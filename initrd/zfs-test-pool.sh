@@ -15,24 +15,48 @@ log() { printf '[zfs-test-pool] %s\n' "$*" >&2; }
 
 daemon_up() { zpool list >/dev/null 2>&1; }
 
+start_daemon() {
+    log "starting zfs-fuse"
+    setsid zfs-fuse --no-daemon >/var/tmp/ember-zfs-fuse.log 2>&1 &
+    echo $! >"$pidfile"
+    for _ in $(seq 1 300); do daemon_up && break; sleep 0.1; done
+    daemon_up || { log "zfs-fuse did not start; see /var/tmp/ember-zfs-fuse.log"; exit 1; }
+}
+
+# SIGTERM, then SIGKILL: a daemon holding a dataset busy may not exit on
+# its own. A new daemon cannot start while this one is still exiting.
+stop_daemon() {
+    pkill -x zfs-fuse 2>/dev/null || true
+    for _ in $(seq 1 50); do pgrep -x zfs-fuse >/dev/null || break; sleep 0.1; done
+    pkill -9 -x zfs-fuse 2>/dev/null || true
+    for _ in $(seq 1 50); do pgrep -x zfs-fuse >/dev/null || break; sleep 0.1; done
+    rm -f "$pidfile"
+}
+
 # zfs-fuse calls a pool busy for a moment after use: retry.
-destroy_pool() {
-    for i in $(seq 1 20); do
+try_destroy_pool() {
+    for _ in $(seq 1 20); do
         zpool destroy -f "$pool" 2>/dev/null && return 0
-        ((i == 20)) && { log "cannot destroy pool $pool"; exit 1; }
         sleep 0.5
     done
+    return 1
+}
+
+# A run that failed half-way can leave a dataset zfs-fuse holds busy for
+# good (no process has it open, nothing is mounted): a new daemon lets go.
+destroy_pool() {
+    try_destroy_pool && return 0
+    log "pool $pool stays busy; restarting zfs-fuse"
+    stop_daemon
+    start_daemon
+    try_destroy_pool || { log "cannot destroy pool $pool"; exit 1; }
 }
 
 case ${1:-} in
 up)
     command -v zfs-fuse >/dev/null || { log "zfs-fuse is not installed (make deps)"; exit 1; }
     if ! daemon_up; then
-        log "starting zfs-fuse"
-        setsid zfs-fuse --no-daemon >/var/tmp/ember-zfs-fuse.log 2>&1 &
-        echo $! >"$pidfile"
-        for _ in $(seq 1 300); do daemon_up && break; sleep 0.1; done
-        daemon_up || { log "zfs-fuse did not start; see /var/tmp/ember-zfs-fuse.log"; exit 1; }
+        start_daemon
     fi
     if zpool list -H -o name "$pool" >/dev/null 2>&1; then
         log "destroying the pool a previous run left"

@@ -30,7 +30,9 @@ use std::time::Duration;
 use super::{Runner, StorageError, ZfsConfig, ZfsMode};
 
 const ZFS: &str = "zfs";
-/// How long a "dataset is busy" destroy is retried.
+/// How long a "dataset is busy" destroy (or rename) is retried: zfs-fuse
+/// calls a dataset busy for a moment after the last process closed its
+/// file (HOST-FACTS).
 const DESTROY_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a new zvol's device node may take to appear.
 const ZVOL_NODE_PATIENCE: Duration = Duration::from_secs(10);
@@ -144,6 +146,22 @@ impl ZfsStorage {
 
     async fn zfs(&self, list: &[&str]) -> Result<String, StorageError> {
         self.runner.run(ZFS, &args(list)).await
+    }
+
+    /// [`Self::zfs`], retried while the dataset is busy (for at most
+    /// [`DESTROY_PATIENCE`]).
+    async fn zfs_when_free(&self, list: &[&str]) -> Result<String, StorageError> {
+        let deadline = tokio::time::Instant::now() + DESTROY_PATIENCE;
+        loop {
+            match self.zfs(list).await {
+                Err(StorageError::Failed { ref stderr, .. })
+                    if stderr.contains("busy") && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                done => return done,
+            }
+        }
     }
 
     fn base(&self) -> String {
@@ -333,7 +351,8 @@ impl ZfsStorage {
             Kind::Fork => name.to_string(),
             Kind::Warm => {
                 let to = format!("{}/fork-{}", self.parent, uuid::Uuid::new_v4().simple());
-                self.zfs(&["rename", name, &to]).await?;
+                // The VM's QEMU has just closed the disk.
+                self.zfs_when_free(&["rename", name, &to]).await?;
                 to
             }
         };

@@ -311,6 +311,17 @@ async fn a_paused_vm_keeps_its_clone_renamed_a_fork_and_nobodys() {
     );
     assert!(z.live_clones().is_empty());
 
+    // A rename zfs-fuse calls busy (the VM's QEMU has just closed the
+    // disk) is retried.
+    let clone = z.clone_for_vm().await.unwrap();
+    let name = clone.name().to_string();
+    f.runner.clear();
+    f.runner.fail("zfs rename", "cannot rename: dataset is busy").fail("zfs rename", "dataset is busy");
+    let kept = clone.keep(&paused).await.unwrap();
+    let renames: Vec<_> = f.runner.calls().into_iter().filter(|c| c.starts_with("zfs rename")).collect();
+    assert_eq!(renames, vec![format!("zfs rename {name} {}", kept.name); 3]);
+    z.discard_fork(&kept.name).await;
+
     // A failed rename destroys the clone under its old name.
     let clone = z.clone_for_vm().await.unwrap();
     let name = clone.name().to_string();
