@@ -89,8 +89,12 @@ probe=$!
 (
     end=$(( $(date +%s) + 10 ))
     while [ "$(date +%s)" -lt "$end" ]; do
-        curl -s -D - -o /dev/null --json '{"cmd":"true"}' "$URL/v1/run" | tr -d '\r' | awk '
-            /^HTTP/ { s = $2 } tolower($1) == "retry-after:" { r = 1 } END { print s, (r ? "retry-after" : "none") }'
+        # Four at a time: a lone sampler is usually queued and served, not refused.
+        for _ in 1 2 3 4; do
+            curl -s -D - -o /dev/null --json '{"cmd":"true"}' "$URL/v1/run" | tr -d '\r' | awk '
+                /^HTTP/ { s = $2 } tolower($1) == "retry-after:" { r = 1 } END { print s, (r ? "retry-after" : "none") }' &
+        done
+        wait
     done
 ) >"$OUT/refusals.txt" &
 sampler=$!

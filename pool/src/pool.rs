@@ -80,6 +80,9 @@ pub enum Refusal {
     QueueFull { max_waiters: usize },
     /// Its expected wait was past `max_queue_wait` (refused at once).
     WouldWait { max_queue_wait: Duration },
+    /// It was queued, the pool is refusing claims (overload), and what it
+    /// waited plus what it still expects to wait is past `max_queue_wait`.
+    WaitGrew { max_queue_wait: Duration },
     /// It was queued, and no VM came within `claim_timeout`.
     TimedOut { claim_timeout: Duration },
     /// Every VM is in use and the pool is at its limit (a resume, which
@@ -96,6 +99,11 @@ impl std::fmt::Display for Refusal {
             Refusal::WouldWait { max_queue_wait } => {
                 write!(f, "the expected wait is past limits.max_queue_wait ({})", secs(*max_queue_wait))
             }
+            Refusal::WaitGrew { max_queue_wait } => write!(
+                f,
+                "the host is overloaded and this call's wait grew past limits.max_queue_wait ({})",
+                secs(*max_queue_wait)
+            ),
             Refusal::TimedOut { claim_timeout } => {
                 write!(f, "no VM came within pool.claim_timeout ({})", secs(*claim_timeout))
             }
@@ -234,13 +242,22 @@ impl CpuSummary {
     /// call's full reset, a function call's scrub), not a mix of what past
     /// calls caused (after a function's scrubbed calls, general calls would
     /// be estimated at a scrub's cost for as long as the mix remembers).
+    ///
+    /// Before a reset of that kind was measured, a creation's cost stands
+    /// in for it (a full reset restores the same template a creation does);
+    /// counting it free promised five times the calls a fresh server could
+    /// serve in its first overload, and admitted claims by the dozen that
+    /// then waited past `max_queue_wait` (docs/BENCHMARKS.md).
     fn capacity(&self, cpus: usize, kind: ResetKind) -> Option<f64> {
-        let exec = self.exec?;
         let reset = match kind {
             ResetKind::Full => self.reset,
             ResetKind::Scrub => self.scrub.or(self.reset),
-        };
-        let per_call = exec + reset.unwrap_or(0.0);
+        }
+        .or(self.create);
+        if self.exec.is_none() && reset.is_none() {
+            return None;
+        }
+        let per_call = self.exec.unwrap_or(0.0) + reset.unwrap_or(0.0);
         (per_call > 0.0).then(|| cpus as f64 / per_call)
     }
 }
@@ -592,8 +609,13 @@ impl<B: Backend> Inner<B> {
     fn exhausted(&self, st: &mut State<B::Vm>, why: Refusal, waited: Duration) -> PoolError {
         st.counters.exhausted += 1;
         match why {
-            Refusal::WouldWait { .. } => {
+            Refusal::WouldWait { .. } | Refusal::WaitGrew { .. } => {
                 st.counters.refused_by_capacity += 1;
+                if !st.past_capacity() {
+                    // Into overload: the queued claims look at their
+                    // expected waits again from now on (`Load::keep`).
+                    self.wake_claims();
+                }
                 st.last_refusal = Some(Instant::now());
             }
             Refusal::TimedOut { .. } => st.counters.queue_timeouts += 1,
@@ -1008,9 +1030,15 @@ impl<B: Backend> Pool<B> {
                 }
                 Err(e) => return Err(e),
             }
-            // Look again when patience or a creation backoff ends.
-            let retry = self.inner.lock().create_retry_at;
-            let wake = [patience, retry]
+            // Look again when patience or a creation backoff ends, and
+            // often while the pool is refusing claims (see `Load::keep`).
+            let (retry, recheck) = {
+                let st = self.inner.lock();
+                let recheck =
+                    (queued.is_some() && st.past_capacity()).then(|| Instant::now() + OVERLOAD_RECHECK);
+                (st.create_retry_at, recheck)
+            };
+            let wake = [patience, retry, recheck]
                 .into_iter()
                 .flatten()
                 .filter(|&t| t > Instant::now())
@@ -1171,6 +1199,19 @@ impl<B: Backend> Pool<B> {
             }
         }
         if let Some(ticket) = ticket {
+            // Under overload, admission is looked at again while a claim
+            // waits: once the model has learnt that the queue moves slower
+            // than it said, a claim that would get its VM too late is
+            // refused now, not after waiting for it.
+            if let (true, Some(max)) = (st.past_capacity(), max_queue_wait) {
+                if load.keep(started.elapsed(), max).is_err() {
+                    return Err(self.inner.exhausted(
+                        st,
+                        Refusal::WaitGrew { max_queue_wait: max },
+                        started.elapsed(),
+                    ));
+                }
+            }
             return Ok(Step::Wait { ticket, patience, expected: None });
         }
         if st.queue.len() >= self.inner.cfg.max_waiters {
@@ -1298,6 +1339,10 @@ fn capacity_of(cfg: &PoolConfig, vm_memory_mb: u64) -> usize {
 /// How often a claim past `claim_timeout` that a boot under way covers
 /// looks again.
 const BOOT_RECHECK: Duration = Duration::from_secs(1);
+
+/// How often a queued claim looks at its expected wait again while the
+/// pool is refusing claims (between VMs coming back, which wake it too).
+const OVERLOAD_RECHECK: Duration = Duration::from_millis(250);
 
 /// A queue empty for longer than this was idle: the service rate measured
 /// before is of another load (a closed loop's queue empties for moments).

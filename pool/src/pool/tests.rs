@@ -616,6 +616,11 @@ fn capacity_is_cpus_over_the_cost_of_a_call_and_its_reset() {
     // No scrub measured yet: a function call is estimated at a full reset.
     assert_eq!(CpuSummary { scrub: None, ..c }.capacity(2, ResetKind::Scrub), Some(5.0));
     assert_eq!(CpuSummary::default().capacity(2, ResetKind::Full), None);
+    // No reset measured yet (a fresh server): a creation's cost stands in
+    // for it, not nothing.
+    let fresh = CpuSummary { exec: None, reset: None, scrub: None, create: Some(0.5) };
+    assert_eq!(fresh.capacity(2, ResetKind::Full), Some(4.0));
+    assert_eq!(CpuSummary { exec: Some(0.5), ..fresh }.capacity(2, ResetKind::Scrub), Some(2.0));
 }
 
 /// One VM that takes 2 s to create, claimed; nothing else ready.
