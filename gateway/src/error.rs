@@ -81,33 +81,38 @@ impl ApiError {
     /// An error from VM `vm`'s agent, as the caller sees it, and whether
     /// the VM can no longer be trusted (then it is destroyed).
     pub fn from_agent(vm: &str, e: AgentError) -> (Self, bool) {
-        match e {
-            AgentError::Remote(r) => {
-                let api = match r.code {
-                    ErrorCode::BadRequest => Self::new(StatusCode::BAD_REQUEST, "invalid_request", r.message),
-                    ErrorCode::SpawnFailed => {
-                        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed", r.message)
-                    }
-                    ErrorCode::NotFound => Self::not_found(r.message),
-                    ErrorCode::Conflict => Self::conflict("process_state", r.message),
-                    ErrorCode::Unreachable => {
-                        Self::new(StatusCode::BAD_GATEWAY, "port_unreachable", r.message)
-                    }
-                    _ => Self::vm_failed(format!("VM {vm}: {}", r.message)),
-                };
-                let broken = !matches!(
-                    r.code,
-                    ErrorCode::BadRequest
-                        | ErrorCode::SpawnFailed
-                        | ErrorCode::NotFound
-                        | ErrorCode::Conflict
-                        | ErrorCode::Unreachable
-                );
-                (api, broken)
-            }
+        let broken = e.dooms_vm();
+        let api = match e {
+            AgentError::Remote(r) if r.errno.is_some() => Self::from_errno(r.errno.unwrap_or(0), r.message),
+            AgentError::Remote(r) => match r.code {
+                ErrorCode::BadRequest => Self::new(StatusCode::BAD_REQUEST, "invalid_request", r.message),
+                ErrorCode::SpawnFailed => {
+                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed", r.message)
+                }
+                ErrorCode::NotFound => Self::not_found(r.message),
+                ErrorCode::Conflict => Self::conflict("process_state", r.message),
+                ErrorCode::Unreachable => Self::new(StatusCode::BAD_GATEWAY, "port_unreachable", r.message),
+                _ => Self::vm_failed(format!("VM {vm}: {}", r.message)),
+            },
             // Our own bound, not the guest's fault: the VM stays.
-            AgentError::TooManyInFlight { .. } => (Self::busy("too_many_requests", e.to_string(), 1), false),
-            other => (Self::vm_failed(format!("VM {vm}: {other}")), true),
+            AgentError::TooManyInFlight { .. } => Self::busy("too_many_requests", e.to_string(), 1),
+            other => Self::vm_failed(format!("VM {vm}: {other}")),
+        };
+        (api, broken)
+    }
+
+    /// A system call in the guest failed with `errno` (a file operation):
+    /// its status by the errno, the guest's words as the message.
+    pub fn from_errno(errno: i32, message: String) -> Self {
+        use nix::errno::Errno;
+        match Errno::from_raw(errno) {
+            Errno::ENOENT => Self::not_found(message),
+            Errno::EACCES | Errno::EPERM | Errno::EROFS => {
+                Self::new(StatusCode::FORBIDDEN, "permission_denied", message)
+            }
+            Errno::EEXIST | Errno::ENOTEMPTY => Self::conflict("file_exists", message),
+            Errno::ENOSPC | Errno::EDQUOT => Self::new(StatusCode::INSUFFICIENT_STORAGE, "no_space", message),
+            _ => Self::new(StatusCode::BAD_REQUEST, "invalid_request", message),
         }
     }
 }
@@ -189,7 +194,7 @@ mod tests {
 
     #[test]
     fn agent_errors_map_to_statuses_and_say_whether_the_vm_broke() {
-        let remote = |code| AgentError::Remote(ember_wire::ErrorReply { code, message: "m".into() });
+        let remote = |code| AgentError::Remote(ember_wire::ErrorReply::new(code, "m"));
         let cases = [
             (remote(ErrorCode::BadRequest), 400, false),
             (remote(ErrorCode::SpawnFailed), 422, false),
@@ -200,6 +205,19 @@ mod tests {
             (AgentError::Disconnected, 502, true),
             (AgentError::Timeout { what: "hello", after: Duration::from_secs(1) }, 502, true),
         ];
+        let fs = |errno| {
+            let e = std::io::Error::from_raw_os_error(errno);
+            AgentError::Remote(ember_wire::ErrorReply::io("p", &e))
+        };
+        let cases = cases.into_iter().chain([
+            (fs(nix::libc::ENOENT), 404, false),
+            (fs(nix::libc::EACCES), 403, false),
+            (fs(nix::libc::EROFS), 403, false),
+            (fs(nix::libc::ENOTEMPTY), 409, false),
+            (fs(nix::libc::EEXIST), 409, false),
+            (fs(nix::libc::ENOSPC), 507, false),
+            (fs(nix::libc::EISDIR), 400, false),
+        ]);
         for (e, status, broken) in cases {
             let (a, b) = ApiError::from_agent("vm-1", e);
             assert_eq!((a.status.as_u16(), b), (status, broken), "{a}");

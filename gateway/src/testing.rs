@@ -2,6 +2,11 @@
 //! speaking the real wire protocol over `tokio::io::duplex`, so the real
 //! `AgentClient` is in the path. Nothing runs on the host.
 //!
+//! With `real_agent_in`, each VM is instead the real guest agent (the
+//! `ember-guest-agent` library) serving a workspace of its own under that
+//! directory as the current user: the file routes run against the agent's
+//! own system calls.
+//!
 //! Shell commands the fake understands: `echo TEXT`, `sleep` (until
 //! cancelled or timed out), `flood N` (N bytes, limited like the agent),
 //! `hostile-flood N` (N bytes ignoring the limit, as a guest root could),
@@ -48,6 +53,9 @@ pub struct FakeAgents {
     pub create_delay: Duration,
     /// Put before VM ids (one image's pool: `data-fake-0`).
     pub prefix: &'static str,
+    /// Serve each VM by the real agent, its workspace a directory of its
+    /// own in here.
+    pub real_agent_in: Option<std::path::PathBuf>,
 }
 
 pub struct FakeVm {
@@ -83,9 +91,12 @@ impl Backend for FakeAgents {
     async fn create(&self) -> Result<FakeVm, PoolError> {
         tokio::time::sleep(self.create_delay).await;
         let (host, guest) = tokio::io::duplex(1 << 16);
-        let task = tokio::spawn(serve(guest, Arc::clone(&self.log)));
-        self.log().alive += 1;
         let id = format!("{}fake-{}", self.prefix, self.next.fetch_add(1, Ordering::SeqCst));
+        let task = match &self.real_agent_in {
+            Some(root) => tokio::spawn(real_agent(root.join(&id), guest)),
+            None => tokio::spawn(serve(guest, Arc::clone(&self.log))),
+        };
+        self.log().alive += 1;
         Ok(FakeVm { id, agent: Arc::new(AgentClient::new(host)), task })
     }
 
@@ -166,6 +177,31 @@ impl Backend for FakeAgents {
     fn handle(vm: &FakeVm) -> ember_pool::pool::VmHandle {
         ember_pool::pool::VmHandle { agent: Some(Arc::clone(&vm.agent)), ..Default::default() }
     }
+}
+
+/// The real agent, serving `workspace` as the current user.
+async fn real_agent(workspace: std::path::PathBuf, stream: tokio::io::DuplexStream) {
+    if std::fs::create_dir_all(&workspace).is_err() {
+        return;
+    }
+    let mut layout = ember_guest_agent::GuestLayout::guest();
+    layout.scratch_dirs = vec![workspace.clone()];
+    layout.workspace = workspace;
+    layout.user = None;
+    let Ok(reaper) = ember_guest_agent::Reaper::start(ember_guest_agent::ReapMode::Registered) else {
+        return;
+    };
+    let agent = Arc::new(ember_guest_agent::Agent {
+        layout,
+        reaper,
+        cgroups: None,
+        power_off_on_shutdown: false,
+        forkserver: None,
+        baseline: None,
+        processes: Default::default(),
+        lane: Default::default(),
+    });
+    let _ = ember_guest_agent::serve(agent, stream).await;
 }
 
 type Out = mpsc::UnboundedSender<Response>;

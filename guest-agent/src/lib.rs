@@ -10,6 +10,7 @@ mod configure;
 mod exec;
 mod files;
 mod forkserver;
+mod fs;
 mod lane;
 mod nic;
 mod process;

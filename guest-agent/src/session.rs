@@ -288,9 +288,34 @@ async fn run_request(
         RequestBody::LaneWrite { target, at, lane_at, len } => {
             let _ = resp.send(done(tunnels.lane_write(agent, target, (at, lane_at, len)).await)).await;
         }
+        RequestBody::Stat { path } => {
+            let _ = resp.send(entries(id, crate::fs::stat(&agent.layout, path).await)).await;
+        }
+        RequestBody::List { path, depth, limit } => {
+            let _ = resp.send(entries(id, crate::fs::list(&agent.layout, path, depth, limit).await)).await;
+        }
+        RequestBody::Mkdir { path, parents } => {
+            let _ = resp.send(entries(id, crate::fs::mkdir(&agent.layout, path, parents).await)).await;
+        }
+        RequestBody::Rename { from, to, overwrite } => {
+            let _ = resp.send(entries(id, crate::fs::rename(&agent.layout, from, to, overwrite).await)).await;
+        }
+        RequestBody::Remove { path, recursive, missing_ok } => {
+            let _ =
+                resp.send(done(crate::fs::remove(&agent.layout, path, recursive, missing_ok).await)).await;
+        }
         RequestBody::Hello { .. }
         | RequestBody::Cancel { .. }
         | RequestBody::Shutdown {}
         | RequestBody::Credit { .. } => {}
     }
+}
+
+/// The reply to a filesystem request.
+fn entries(id: u64, answer: crate::fs::Answer) -> Response {
+    let body = match answer {
+        Ok((entries, truncated)) => ResponseBody::Entries { entries, truncated },
+        Err(e) => ResponseBody::Error(e),
+    };
+    Response { id, body }
 }

@@ -32,19 +32,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read from the guest side per `output` frame.
 const CHUNK: usize = 256 << 10;
 
-/// An I/O error as the guest's tools word it ("No such file or directory"),
-/// without Rust's "(os error N)".
-fn io_message(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
-}
-
 /// Open `path` (relative to the workspace) with `open` as the guest's user,
 /// off the async threads; on failure request `id` is answered with the
-/// error, worded as the guest's tools word it.
+/// error and its errno.
 async fn open_as<T: Send + 'static>(
     layout: &crate::GuestLayout,
     id: u64,
@@ -61,7 +51,7 @@ async fn open_as<T: Send + 'static>(
     .await;
     let e = match opened {
         Ok(Ok(f)) => return Some(f),
-        Ok(Err(e)) => err(ErrorCode::BadRequest, format!("{path}: {}", io_message(&e))),
+        Ok(Err(e)) => ErrorReply::io(path, &e),
         Err(e) => err(ErrorCode::Internal, format!("the open task failed: {e}")),
     };
     let _ = resp.send(Response { id, body: ResponseBody::Error(e) }).await;

@@ -4,7 +4,8 @@
 //! what the user may read. Lines: `ready` once the watch is set, then
 //! `create`, `write`, `remove`, `rename` (`from`, `to`), `chmod`, and
 //! `overflow` when the kernel dropped events; it ends when the directory
-//! itself goes (`remove` of `""`).
+//! itself goes (`remove` of `""`), or with an `error` line (`message`,
+//! `errno`) when the watch cannot be set or goes wrong.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -42,10 +43,14 @@ pub fn main(args: &[String]) -> i32 {
         }
     }
     let Some(dir) = dir else { return usage() };
-    match watch(Path::new(dir), recursive, max_dirs, &mut std::io::stdout()) {
+    let mut out = std::io::stdout();
+    match watch(Path::new(dir), recursive, max_dirs, &mut out) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("{dir}: {e}");
+            // For the host, typed: the failed call's errno and its words.
+            let e = ember_wire::ErrorReply::io(dir, &e);
+            let _ = line(&mut out, json!({ "type": "error", "message": e.message, "errno": e.errno }));
+            eprintln!("{}", e.message);
             1
         }
     }

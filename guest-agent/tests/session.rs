@@ -532,36 +532,41 @@ async fn a_lane_write_for_no_file_or_a_connection_is_refused_and_the_agent_serve
 async fn written_in_order_with_the_guests_errors(h: Harness, piece: usize) {
     let data: Vec<u8> = (0..5 * piece + 333).map(|i| (i % 253) as u8).collect();
     let mut up = h.client.write_file("new/dir/f.bin").await.unwrap();
-    let mut pieces = data.chunks(piece).collect::<Vec<_>>();
-    let last = pieces.pop().unwrap();
-    for p in pieces {
-        up.write(p.to_vec()).await.unwrap();
+    // Pieces of any size: the upload cuts its own.
+    for p in data.chunks(piece) {
+        up.write(p).await.unwrap();
     }
-    up.finish(last.to_vec()).await.unwrap();
+    up.finish().await.unwrap();
     assert!(
         std::fs::read(h.dir.path().join("new/dir/f.bin")).unwrap() == data,
         "parents made, bytes in order"
     );
     // An existing file is truncated; an empty write makes an empty file.
-    h.client.write_file("new/dir/f.bin").await.unwrap().finish(b"short".to_vec()).await.unwrap();
+    let mut up = h.client.write_file("new/dir/f.bin").await.unwrap();
+    up.write(b"short").await.unwrap();
+    up.finish().await.unwrap();
     assert_eq!(std::fs::read(h.dir.path().join("new/dir/f.bin")).unwrap(), b"short");
-    h.client.write_file("empty").await.unwrap().finish(Vec::new()).await.unwrap();
+    h.client.write_file("empty").await.unwrap().finish().await.unwrap();
     assert_eq!(std::fs::metadata(h.dir.path().join("empty")).unwrap().len(), 0);
     // The guest's own words for what cannot be opened.
     std::fs::write(h.dir.path().join("plain"), b"x").unwrap();
-    for (path, needle) in
-        [("new/dir", "new/dir: Is a directory"), ("plain/below", "plain/below: File exists")]
-    {
+    for (path, needle, errno) in [
+        ("new/dir", "new/dir: Is a directory", libc::EISDIR),
+        ("plain/below", "plain/below: File exists", libc::EEXIST),
+    ] {
         match h.client.write_file(path).await {
             Err(AgentError::Remote(e)) => {
-                assert_eq!((e.code, e.message.as_str()), (ErrorCode::BadRequest, needle))
+                assert_eq!(
+                    (e.code, e.message.as_str(), e.errno),
+                    (ErrorCode::BadRequest, needle, Some(errno))
+                )
             }
             other => panic!("{path}: {other:?}"),
         }
     }
     // Abandoned half-way: the agent lets go of it and serves on.
     let mut up = h.client.write_file("abandoned").await.unwrap();
-    up.write(b"part".to_vec()).await.unwrap();
+    up.write(b"part").await.unwrap();
     drop(up);
     let out = h.client.run(sh("echo alive")).await.unwrap();
     assert_eq!(out.stdout, b"alive\n");

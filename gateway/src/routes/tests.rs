@@ -995,6 +995,67 @@ async fn file_routes_name_their_errors() {
     assert_eq!(small.post_json("/v1/sessions", big).await.error(), (413, "body_too_large".into()));
 }
 
+/// The file routes against the real agent (its own system calls, no tool
+/// run): every operation, its JSON, and the errno behind each error.
+#[tokio::test]
+async fn file_routes_drive_the_real_agent_and_map_its_errnos() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = FakeAgents { real_agent_in: Some(dir.path().to_path_buf()), ..FakeAgents::default() };
+    let pool = Pool::start(agents.clone(), pool_config(), 256);
+    let state = AppState::new(crate::pools::Pools::single(pool), Limits::default(), Functions::default());
+    let f = Fixture { app: router(state.clone()), agents, state };
+    assert_eq!(f.post_json("/v1/sessions", json!({"key": "fs"})).await.status, 201);
+    let base = "/v1/sessions/fs/files";
+    let req = |method: &str, path: &str, body: Body| {
+        Request::builder().method(method).uri(format!("{base}/{path}")).body(body).unwrap()
+    };
+    // Written in pieces larger than one upload piece, read back whole.
+    let big: Vec<u8> = (0..(9 << 20) + 7).map(|i| (i % 251) as u8).collect();
+    let put = f.send(req("PUT", "data/big.bin", Body::from(big.clone()))).await;
+    assert_eq!((put.status.as_u16(), put.json()["size"].as_u64()), (201, Some(big.len() as u64)));
+    let got = f.get(&format!("{base}/data/big.bin")).await;
+    assert!(got.status == 200 && got.body == big, "read back {} bytes", got.body.len());
+
+    let stat = f.get(&format!("{base}/data/big.bin?stat")).await.json();
+    assert_eq!((stat["type"].as_str(), stat["path"].as_str()), (Some("file"), Some("data/big.bin")));
+    assert_eq!((stat["size"].as_u64(), stat["mode"].as_str()), (Some(big.len() as u64), Some("644")));
+    assert_eq!(stat["permissions"], "-rw-r--r--");
+    assert!(stat["modified"].as_str().is_some_and(|m| m.ends_with('Z')) && stat["owner"].is_string());
+
+    let made = f.send(req("POST", "data/a/b?mkdir", Body::empty())).await;
+    assert_eq!((made.status.as_u16(), made.json()["type"].as_str()), (201, Some("directory")));
+    let moved = f.send(req("POST", "data/big.bin?move_to=data/a/moved.bin", Body::empty())).await;
+    assert_eq!((moved.status.as_u16(), moved.json()["path"].as_str()), (200, Some("data/a/moved.bin")));
+    let list = f.get(&format!("{base}/data/a?list")).await.json();
+    let names: Vec<_> = list["entries"].as_array().unwrap().iter().map(|e| e["name"].clone()).collect();
+    assert_eq!(names, [json!("b"), json!("moved.bin")], "{list}");
+    assert_eq!(list["truncated"], false);
+    let deep = f.get(&format!("{base}/data?list&depth=3")).await.json();
+    assert_eq!(deep["entries"].as_array().unwrap().len(), 3, "a, a/b, a/moved.bin: {deep}");
+    assert_eq!(f.get(&format!("{base}/data?list&depth=0")).await.error(), (400, "invalid_request".into()));
+
+    // The errno decides: ENOENT 404, ENOTEMPTY/EEXIST 409, ENOTDIR/EISDIR 400.
+    assert_eq!(f.get(&format!("{base}/data/big.bin")).await.error(), (404, "not_found".into()));
+    assert_eq!(f.get(&format!("{base}/nope?stat")).await.error(), (404, "not_found".into()));
+    assert_eq!(f.get(&format!("{base}/nope?list")).await.error(), (404, "not_found".into()));
+    assert_eq!(f.send(req("DELETE", "data", Body::empty())).await.error(), (409, "file_exists".into()));
+    assert_eq!(
+        f.get(&format!("{base}/data/a/moved.bin?list")).await.error(),
+        (400, "invalid_request".into())
+    );
+    assert_eq!(f.get(&format!("{base}/data")).await.error(), (400, "invalid_request".into()));
+    let over_file = f.send(req("POST", "data/a/moved.bin/sub?mkdir", Body::empty())).await;
+    assert_eq!(over_file.error(), (400, "invalid_request".into()), "ENOTDIR");
+    let put_under_file = f.send(req("PUT", "data/a/moved.bin/x", Body::from("x"))).await;
+    assert_eq!(put_under_file.error(), (409, "file_exists".into()), "EEXIST: a file where its parent goes");
+    let moved_missing = f.send(req("POST", "nope?move_to=x", Body::empty())).await;
+    assert_eq!(moved_missing.error(), (404, "not_found".into()));
+
+    assert_eq!(f.send(req("DELETE", "data?recursive=true", Body::empty())).await.status, 204);
+    assert_eq!(f.get(&format!("{base}/data?stat")).await.error(), (404, "not_found".into()));
+    assert_eq!(f.send(req("DELETE", "data", Body::empty())).await.error(), (404, "not_found".into()));
+}
+
 #[tokio::test]
 async fn a_session_pauses_and_any_use_resumes_it() {
     let dir = tempfile::tempdir().unwrap();

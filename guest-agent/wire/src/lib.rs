@@ -13,16 +13,18 @@
 mod bulk;
 mod bytes;
 mod codec;
+mod fs;
 mod message;
 
 pub use codec::{
     decode, encode, encode_head_for, encode_split, frame_id, FrameDecoder, FrameError, Message, BULK_MARK,
     FRAME_HEADER_LEN,
 };
+pub use fs::{permissions, FileKind, FsEntry, MAX_LIST_BYTES, MAX_LIST_ENTRIES};
 pub use message::*;
 
 /// Protocol version; `hello` reports it so a host can refuse a stale image.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// AF_VSOCK port the agent listens on (kernel vsock and hybrid vsock).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent serves (`virtserialport,name=...`).

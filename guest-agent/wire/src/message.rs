@@ -126,6 +126,44 @@ pub enum RequestBody {
         target: u64,
         bytes: u64,
     },
+    /// The file at `path` (`lstat`, as the guest's user; relative paths are
+    /// under the workspace): answered by `entries` with it alone.
+    Stat {
+        path: String,
+    },
+    /// The directory's entries, `depth` levels down (1: its children; a
+    /// symbolic link is listed, never followed), sorted by path, at most
+    /// `limit` of them ([`crate::MAX_LIST_ENTRIES`] at most, and as many as
+    /// fit [`crate::MAX_LIST_BYTES`]): answered by `entries`, `truncated`
+    /// when some were left out.
+    List {
+        path: String,
+        depth: u32,
+        limit: u32,
+    },
+    /// Make a directory (with `parents`, its missing parents too, and one
+    /// that exists is no error): answered by `entries` with it.
+    Mkdir {
+        path: String,
+        parents: bool,
+    },
+    /// Move `from` to `to` (`rename(2)`, or a copy then a removal across
+    /// filesystems). Without `overwrite` an existing `to` is an error;
+    /// with it, a file or an empty directory there is replaced. Answered
+    /// by `entries` with what is now at `to`.
+    Rename {
+        from: String,
+        to: String,
+        overwrite: bool,
+    },
+    /// Remove a file, a symbolic link or an empty directory; with
+    /// `recursive` a directory and all in it. With `missing_ok`, a path
+    /// that does not exist is no error. Answered by `ok`.
+    Remove {
+        path: String,
+        recursive: bool,
+        missing_ok: bool,
+    },
 }
 
 /// Bytes of a connection's output the agent sends before the host's first
@@ -342,6 +380,12 @@ pub enum ResponseBody {
     },
     /// A `connect` reached its port.
     Connected {},
+    /// The result of `stat`, `list`, `mkdir` or `rename`.
+    Entries {
+        entries: Vec<crate::FsEntry>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -386,6 +430,11 @@ pub struct ExitStatus {
 pub struct ErrorReply {
     pub code: ErrorCode,
     pub message: String,
+    /// The guest's `errno` when a system call failed (a filesystem
+    /// request's `ENOENT`, `EACCES`, `EEXIST`, ...): what the host decides
+    /// on, never the message's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,7 +460,18 @@ pub enum ErrorCode {
 
 impl ErrorReply {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), errno: None }
+    }
+
+    /// A failed system call on `what`: its errno, and its words as the
+    /// guest's tools print them (`a.txt: No such file or directory`).
+    pub fn io(what: &str, e: &std::io::Error) -> Self {
+        let words = e.to_string();
+        let words = match words.find(" (os error") {
+            Some(i) => &words[..i],
+            None => &words,
+        };
+        Self { code: ErrorCode::BadRequest, message: format!("{what}: {words}"), errno: e.raw_os_error() }
     }
 }
 
@@ -442,6 +502,23 @@ mod tests {
         assert!(e.env.is_empty());
         let bad = r#"{"id":1,"body":{"type":"reset","extra":1}}"#;
         assert!(serde_json::from_str::<Request>(bad).is_err());
+    }
+
+    #[test]
+    fn fs_requests_and_errno_json_shape_is_stable() {
+        let r: Request = serde_json::from_str(
+            r#"{"id":2,"body":{"type":"rename","from":"a","to":"b","overwrite":false}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.body, RequestBody::Rename { from: "a".into(), to: "b".into(), overwrite: false });
+        let bad = r#"{"id":2,"body":{"type":"remove","path":"a","recursive":true}}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err(), "missing_ok must be said");
+        let e = ErrorReply::io("a.txt", &std::io::Error::from_raw_os_error(2));
+        assert_eq!(e.message, "a.txt: No such file or directory");
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["errno"], 2);
+        let old: ErrorReply = serde_json::from_str(r#"{"code":"internal","message":"m"}"#).unwrap();
+        assert_eq!(old.errno, None);
     }
 
     #[test]

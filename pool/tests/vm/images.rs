@@ -1,7 +1,8 @@
 //! Images on real VMs: every shipped image boots and has its tools; the
 //! adversarial reset test on a second image; two images' pools under load
 //! stay apart; a real build with a package that does not exist fails naming
-//! it; a real root tarball imports and boots.
+//! it; a real root tarball imports and boots; a root with nothing but a
+//! busybox `/bin/sh` imports, boots, and its files are served.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -198,5 +199,107 @@ pub async fn an_imported_root_boots(state_dir: &Path) -> anyhow::Result<()> {
     std::fs::write(&junk, b"not a tarball at all")?;
     let e = catalog.import("junk", &junk).await.err().context("junk was imported")?;
     ensure!(e.to_string().contains("importing image junk"), "{e}");
+    Ok(())
+}
+
+/// An imported root with nothing but `/bin/sh` (a static busybox, with no
+/// applet links): it boots, and every file operation works on it, since
+/// the agent does them with its own system calls, no tool of the image.
+pub async fn a_busybox_only_root_serves_its_files(state_dir: &Path) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let recipes = work.path().join("recipes");
+    std::fs::create_dir_all(&recipes)?;
+    let catalog = scratch_catalog(&recipes, work.path())?;
+    let root = work.path().join("root");
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::copy("/bin/busybox", root.join("bin/sh")).context("a static busybox (busybox-static)")?;
+    // And a directory only root may enter.
+    std::fs::create_dir_all(root.join("secret"))?;
+    std::fs::write(root.join("secret/x"), b"x")?;
+    std::fs::set_permissions(root.join("secret"), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let tarball = work.path().join("tiny.tar");
+    let tar = std::process::Command::new("tar")
+        .args([
+            "--owner=0",
+            "--group=0",
+            "-C",
+            &root.to_string_lossy(),
+            "-cf",
+            &tarball.to_string_lossy(),
+            "bin",
+            "secret",
+        ])
+        .status()?;
+    ensure!(tar.success(), "tar failed: {tar}");
+    catalog.import("tiny", &tarball).await?;
+    let mut c = VmConfig::with_images(catalog.image_set("tiny").map_err(anyhow::Error::msg)?);
+    c.state_dir = state_dir.to_path_buf();
+    c.image = "tiny".into();
+    let host = VmHost::new(c, false)?;
+    let vm = host.boot().await.context("booting the busybox-only image")?;
+    let checked = files_on_a_bare_root(&vm).await;
+    vm.shutdown().await;
+    host.close().await;
+    checked
+}
+
+async fn files_on_a_bare_root(vm: &Vm) -> anyhow::Result<()> {
+    use ember_vm::AgentError;
+    let agent = vm.shared_agent();
+    // The root has no coreutils: what the routes once ran cannot start.
+    let mut find = ember_wire::ExecRequest::new(ember_wire::Command::Argv(vec!["find".into(), ".".into()]));
+    find.timeout_ms = 10_000;
+    match agent.run(find).await {
+        Err(AgentError::Remote(e)) if e.code == ember_wire::ErrorCode::SpawnFailed => {}
+        other => anyhow::bail!("find ran on a busybox-only root: {other:?}"),
+    }
+    let dir = agent.mkdir("data/sub", true).await?;
+    ensure_eq!(
+        (dir.kind, dir.path.as_str(), dir.owner.as_str()),
+        (ember_wire::FileKind::Directory, "/home/ember/data/sub", "ember")
+    );
+    let mut up = agent.write_file("data/a.txt").await?;
+    up.write(b"hello from the host").await?;
+    up.finish().await?;
+    let f = agent.stat("data/a.txt").await?;
+    ensure_eq!(
+        (f.kind, f.size, f.mode_octal(), f.group.as_str()),
+        (ember_wire::FileKind::File, 19, "644".to_string(), "ember")
+    );
+    let mut read = agent.read_file("data/a.txt").await?;
+    let mut back = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut read, &mut back).await?;
+    ensure_eq!(back, b"hello from the host".to_vec());
+    let moved = agent.rename("data/a.txt", "data/sub/b.txt", false).await?;
+    ensure_eq!(moved.path.as_str(), "/home/ember/data/sub/b.txt");
+    // Across filesystems (the workspace to /tmp's tmpfs): a copy, then the source goes.
+    let across = agent.rename("data/sub/b.txt", "/tmp/b.txt", false).await?;
+    ensure_eq!((across.size, across.path.as_str()), (19, "/tmp/b.txt"));
+    agent.rename("/tmp/b.txt", "data/sub/b.txt", false).await?;
+    let listing = agent.list("data", 2, 100).await?;
+    let paths: Vec<&str> = listing.entries.iter().map(|e| e.path.as_str()).collect();
+    ensure_eq!(paths, vec!["/home/ember/data/sub", "/home/ember/data/sub/b.txt"]);
+    // The guest's permissions decide, and the errno says why.
+    use std::io::ErrorKind;
+    let kind = |e: Option<AgentError>| match e {
+        Some(AgentError::Remote(ember_wire::ErrorReply { errno: Some(n), .. })) => {
+            Some(std::io::Error::from_raw_os_error(n).kind())
+        }
+        _ => None,
+    };
+    ensure_eq!(kind(agent.stat("/secret/x").await.err()), Some(ErrorKind::PermissionDenied));
+    ensure_eq!(kind(agent.mkdir("/etc/x", false).await.err()), Some(ErrorKind::PermissionDenied));
+    ensure_eq!(kind(agent.remove("data", false, false).await.err()), Some(ErrorKind::DirectoryNotEmpty));
+    ensure_eq!(kind(agent.stat("data/none").await.err()), Some(ErrorKind::NotFound));
+    // A watch is the agent binary itself: it works here too.
+    let mut w = agent.watch("data", false, 16, Duration::from_secs(30)).await?;
+    let ready = w.next().await.context("no ready line")?;
+    ensure!(String::from_utf8_lossy(&ready).contains("\"ready\""), "{ready:?}");
+    agent.mkdir("data/new", false).await?;
+    let event = tokio::time::timeout(Duration::from_secs(10), w.next()).await?.context("the watch ended")?;
+    ensure!(String::from_utf8_lossy(&event).contains("new"), "{:?}", String::from_utf8_lossy(&event));
+    drop(w);
+    agent.remove("data", true, false).await?;
+    ensure!(agent.stat("data").await.is_err(), "data was not removed");
     Ok(())
 }

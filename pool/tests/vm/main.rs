@@ -1112,6 +1112,12 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         report
             .run("image_import_of_a_real_root_boots", Box::pin(images::an_imported_root_boots(&state_dir)))
             .await;
+        report
+            .run(
+                "image_busybox_only_root_serves_its_files",
+                Box::pin(images::a_busybox_only_root_serves_its_files(&state_dir)),
+            )
+            .await;
         data_host.close().await;
 
         // Rollback: the same adversarial test, with the writable layer

@@ -20,8 +20,8 @@ use tokio::net::UnixStream;
 
 pub use cid::{CidAllocator, CidLease};
 pub use client::{
-    AgentClient, AgentError, CallTimeouts, ExecEvent, ExecHandle, ExecOutput, FileUpload,
-    MAX_BUFFERED_PER_REQUEST, MAX_IN_FLIGHT,
+    AgentClient, AgentError, CallTimeouts, DirWatch, ExecEvent, ExecHandle, ExecOutput, FileUpload, Listing,
+    MAX_BUFFERED_PER_REQUEST, MAX_IN_FLIGHT, UPLOAD_PIECE,
 };
 pub use lane::BulkLane;
 

@@ -12,5 +12,8 @@ pub mod procfs;
 pub mod storage;
 pub mod vm;
 
-pub use channel::{AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput, FileUpload};
+pub use channel::DirWatch;
+pub use channel::{
+    AgentClient, AgentError, ChannelChoice, ChannelKind, ExecEvent, ExecOutput, FileUpload, Listing,
+};
 pub use vm::{Vm, VmConfig, VmError, VmHost};

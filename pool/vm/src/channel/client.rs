@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_wire::{
-    decode, encode, Configure, ErrorReply, ExecRequest, ExitStatus, FileSpec, FrameDecoder, HelloReply,
-    Request, RequestBody, Response, ResponseBody, Stream, MAX_FRAME_LEN,
+    decode, encode, Configure, ErrorCode, ErrorReply, ExecRequest, ExitStatus, FileSpec, FrameDecoder,
+    HelloReply, Request, RequestBody, Response, ResponseBody, Stream, MAX_FRAME_LEN,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
@@ -84,6 +84,29 @@ pub enum AgentError {
     OutputPastLimit { sent: u64, limit: u64 },
     #[error("agent channel I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl AgentError {
+    /// Whether the VM can no longer be trusted after this error (its
+    /// holder destroys it): the one place that says so. A refusal the
+    /// agent chose (a bad request, a command that cannot start, no such
+    /// process or file, a state that does not allow it, a closed port) and
+    /// the host's own in-flight bound leave it be; a hang-up, a timeout,
+    /// garbage, a flood or the agent's own failure doom it.
+    pub fn dooms_vm(&self) -> bool {
+        match self {
+            AgentError::Remote(r) => !matches!(
+                r.code,
+                ErrorCode::BadRequest
+                    | ErrorCode::SpawnFailed
+                    | ErrorCode::NotFound
+                    | ErrorCode::Conflict
+                    | ErrorCode::Unreachable
+            ),
+            AgentError::TooManyInFlight { .. } => false,
+            _ => true,
+        }
+    }
 }
 
 /// A connection to one guest agent. Cheap to share behind an `Arc`.
@@ -544,7 +567,9 @@ impl Drop for ExecHandle {
     }
 }
 
+mod fs;
 #[cfg(test)]
 mod hostile;
 mod tunnel;
-pub use tunnel::FileUpload;
+pub use fs::{DirWatch, Listing};
+pub use tunnel::{FileUpload, UPLOAD_PIECE};

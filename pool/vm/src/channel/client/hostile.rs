@@ -189,7 +189,7 @@ async fn replies_for_unknown_ids_and_second_answers_are_ignored() {
                 .unwrap();
         }
         for _ in 0..1000 {
-            let e = ember_wire::ErrorReply { code: ember_wire::ErrorCode::BadFrame, message: "x".into() };
+            let e = ember_wire::ErrorReply::new(ember_wire::ErrorCode::BadFrame, "x");
             guest.send(0, ResponseBody::Error(e)).await.unwrap();
         }
         let RequestBody::Hello { nonce } = req.body else { panic!("not hello") };

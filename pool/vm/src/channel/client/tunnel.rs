@@ -14,15 +14,17 @@ use super::super::lane::{self, BulkLane};
 use super::{cancel_frame, AgentClient, AgentError, Delivery, PendingCall};
 
 /// A file being written in the guest by the agent ([`AgentClient::write_file`]):
-/// bytes go in order with [`FileUpload::write`]; [`FileUpload::finish`]
-/// closes it. Dropped unfinished, the write is abandoned (what was written
-/// stays, as with a killed `cat`).
+/// bytes go in order with [`FileUpload::write`], in pieces of any size;
+/// [`FileUpload::finish`] closes it. Dropped unfinished, the write is
+/// abandoned (what was written stays, as with a killed `cat`).
 ///
-/// On a VM with a bulk lane each piece goes on the lane and the agent copies
-/// it from there (`lane_write`, at the piece's own offset): `write` returns
-/// once the piece is on the lane, so the next one is read from the caller
-/// while the guest writes this one, a lane's worth of slots at most.
-/// Without one, pieces travel as `send`s on the channel.
+/// The upload cuts the bytes into its own pieces ([`UPLOAD_PIECE`]), so a
+/// caller hands over what it has as it arrives. On a VM with a bulk lane
+/// each piece goes on the lane and the agent copies it from there
+/// (`lane_write`, at the piece's own offset): `write` returns once the
+/// piece is on the lane, so the next one is read from the caller while the
+/// guest writes this one, a lane's worth of slots at most. Without one,
+/// pieces travel as `send`s on the channel.
 #[derive(Debug)]
 pub struct FileUpload {
     client: Arc<AgentClient>,
@@ -31,35 +33,48 @@ pub struct FileUpload {
     finished: bool,
     /// Bytes handed over so far: where the next piece goes in the file.
     at: u64,
-    /// Bytes short of a whole lane slot, waiting for more.
+    /// Bytes short of a whole piece, waiting for more.
     carry: Vec<u8>,
     /// Lane writes not answered yet (dropping them frees their slots).
     in_flight: tokio::task::JoinSet<Result<(), AgentError>>,
 }
 
+/// Bytes of one piece of an upload: a lane slot, and well under a frame's
+/// limit when it travels as a `send`.
+pub const UPLOAD_PIECE: usize = lane::SLOT_LEN as usize;
+
 impl FileUpload {
-    /// Append `data` to the file; returns once the agent wrote it, or, on
-    /// the lane, once it is on the lane (or held until a slot's worth).
-    pub async fn write(&mut self, data: Vec<u8>) -> Result<(), AgentError> {
+    /// Append `data` to the file: every whole piece is written (or, on the
+    /// lane, put there) before this returns; the rest waits for more.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), AgentError> {
+        self.carry.extend_from_slice(data);
         match self.client.lane.get().cloned() {
-            Some(lane) => self.put_on(&lane, data, false).await,
-            None => {
-                let send = RequestBody::Send { target: self.id, data, eof: false };
-                self.client.call_ok("send", self.client.timeouts.slow, send).await
-            }
+            Some(lane) => self.put_on(&lane, false).await,
+            None => self.send_pieces(false).await,
         }
     }
 
-    /// Add `data` to what waits for the lane, and put every whole slot of
-    /// it there (with `last`, the rest too). Whole slots keep every piece
-    /// but the last at an aligned offset, which the guest writes straight
-    /// to its disk, past its page cache.
-    async fn put_on(&mut self, lane: &Arc<BulkLane>, data: Vec<u8>, last: bool) -> Result<(), AgentError> {
-        if self.carry.is_empty() {
-            self.carry = data;
-        } else {
-            self.carry.extend_from_slice(&data);
+    /// Send every whole piece of what waits (with `last`, the rest too,
+    /// closing the file) as `send`s on the channel.
+    async fn send_pieces(&mut self, last: bool) -> Result<(), AgentError> {
+        while self.carry.len() >= UPLOAD_PIECE || last {
+            let rest = self.carry.split_off(self.carry.len().min(UPLOAD_PIECE));
+            let data = std::mem::replace(&mut self.carry, rest);
+            let eof = last && self.carry.is_empty();
+            let send = RequestBody::Send { target: self.id, data, eof };
+            self.client.call_ok("send", self.client.timeouts.slow, send).await?;
+            if eof {
+                break;
+            }
         }
+        Ok(())
+    }
+
+    /// Put every whole slot of what waits on the lane (with `last`, the
+    /// rest too). Whole slots keep every piece but the last at an aligned
+    /// offset, which the guest writes straight to its disk, past its page
+    /// cache.
+    async fn put_on(&mut self, lane: &Arc<BulkLane>, last: bool) -> Result<(), AgentError> {
         let slot = lane::SLOT_LEN as usize;
         while self.carry.len() >= slot || (last && !self.carry.is_empty()) {
             // A write that failed fails the upload now, not at the end.
@@ -84,20 +99,19 @@ impl FileUpload {
         Ok(())
     }
 
-    /// Write `data` last and close the file; returns once it is closed.
-    pub async fn finish(mut self, data: Vec<u8>) -> Result<(), AgentError> {
-        let data = match self.client.lane.get().cloned() {
+    /// Write what waits and close the file; returns once it is closed.
+    pub async fn finish(mut self) -> Result<(), AgentError> {
+        match self.client.lane.get().cloned() {
             Some(lane) => {
-                self.put_on(&lane, data, true).await?;
+                self.put_on(&lane, true).await?;
                 while let Some(done) = self.in_flight.join_next().await {
                     flatten(done)?;
                 }
-                Vec::new()
+                let send = RequestBody::Send { target: self.id, data: Vec::new(), eof: true };
+                self.client.call_ok("send", self.client.timeouts.slow, send).await?;
             }
-            None => data,
-        };
-        let send = RequestBody::Send { target: self.id, data, eof: true };
-        self.client.call_ok("send", self.client.timeouts.slow, send).await?;
+            None => self.send_pieces(true).await?,
+        }
         let within = self.client.timeouts.quick;
         let end = tokio::time::timeout(within, self.rx.recv()).await;
         self.finished = true;
