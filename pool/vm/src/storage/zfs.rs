@@ -19,8 +19,9 @@
 //!   the snapshots it was cloned from and lives on. A fork's own origin
 //!   snapshot goes with it.
 //! - Start-up destroys `warm-*` and `fork-*` clones whose owner is gone, and
-//!   unowned `fork-*` clones no paused VM's record names. Nothing outside
-//!   `parent` is ever named in a command.
+//!   unowned `fork-*` clones no paused VM keeps: the VM layer, which owns
+//!   the paused VMs' records, says which ([`Survivors`]); this module never
+//!   reads them. Nothing outside `parent` is ever named in a command.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -52,8 +53,27 @@ pub struct ZfsStorage {
     live: Mutex<BTreeSet<String>>,
 }
 
-/// The record naming a paused VM's forked disk (see `vm::pause`).
-pub const PAUSED_RECORD: &str = "paused.json";
+/// What start-up must leave alone, as the layers that own them say: a
+/// clone whose owning process is alive, and a fork the paused VM in the
+/// directory it is tagged with still has as its disk.
+pub struct Survivors<'a> {
+    pub owner_alive: &'a (dyn Fn(&str) -> bool + Send + Sync),
+    /// (the fork's `ember:paused` directory, the fork's dataset name).
+    pub paused_keeps: &'a (dyn Fn(&Path, &str) -> bool + Send + Sync),
+}
+
+impl std::fmt::Debug for Survivors<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Survivors")
+    }
+}
+
+impl Survivors<'static> {
+    /// Nothing survives but what `owner_alive` says (no paused VMs).
+    pub fn owners_only(owner_alive: &'static (dyn Fn(&str) -> bool + Send + Sync)) -> Self {
+        Self { owner_alive, paused_keeps: &|_, _| false }
+    }
+}
 
 /// One VM's clone. Destroyed by [`Clone::destroy`], or on drop as a last
 /// resort.
@@ -112,7 +132,7 @@ impl ZfsStorage {
         clean: &Path,
         owner: String,
         file_owner: Option<(u32, u32)>,
-        owner_alive: impl Fn(&str) -> bool,
+        survivors: Survivors<'_>,
     ) -> Result<Self, StorageError> {
         check_parent(&cfg.parent).map_err(StorageError::Setup)?;
         let parent = cfg.parent.clone();
@@ -139,7 +159,7 @@ impl ZfsStorage {
             base_name,
             live: Mutex::new(BTreeSet::new()),
         };
-        me.reap_orphans(&owner_alive).await?;
+        me.reap_orphans(&survivors).await?;
         me.ensure_base(clean, file_owner).await?;
         Ok(me)
     }
@@ -173,17 +193,19 @@ impl ZfsStorage {
     }
 
     /// Destroy `warm-*` and `fork-*` children of `parent` whose owner is not
-    /// alive, and unowned forks no paused VM's record names.
-    async fn reap_orphans(&self, owner_alive: &impl Fn(&str) -> bool) -> Result<usize, StorageError> {
+    /// alive, and unowned forks no paused VM keeps.
+    async fn reap_orphans(&self, survivors: &Survivors<'_>) -> Result<usize, StorageError> {
         let mut reaped = 0;
         for row in self.children("name,ember:owner,ember:paused").await? {
             let col = |i: usize| row.get(i).map_or("-", String::as_str);
             let (name, owner, paused) = (col(0), col(1), col(2));
             let Some(kind) = self.kind_of(name) else { continue };
-            if owner != "-" && owner_alive(owner) {
+            if owner != "-" && (survivors.owner_alive)(owner) {
                 continue;
             }
-            if kind == Kind::Fork && owner == "-" && paused_record_names(paused, name) {
+            let tagged = paused.starts_with('/').then(|| Path::new(paused));
+            if kind == Kind::Fork && owner == "-" && tagged.is_some_and(|d| (survivors.paused_keeps)(d, name))
+            {
                 continue;
             }
             tracing::info!(clone = name, owner, "destroying a clone its owner left behind");
@@ -540,17 +562,6 @@ enum Kind {
 pub struct Fork {
     pub name: String,
     pub disk: PathBuf,
-}
-
-/// Whether the paused VM in `dir` (a fork's `ember:paused`) still names
-/// `fork` as its disk.
-fn paused_record_names(dir: &str, fork: &str) -> bool {
-    if dir == "-" || !dir.starts_with('/') {
-        return false;
-    }
-    let Ok(text) = std::fs::read_to_string(Path::new(dir).join(PAUSED_RECORD)) else { return false };
-    let record: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    record["dataset"]["name"].as_str() == Some(fork)
 }
 
 fn zvol_node(dataset: &str) -> PathBuf {

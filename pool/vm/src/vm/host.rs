@@ -126,6 +126,10 @@ impl VmHost {
                     StorageConfig::Zfs(z) => {
                         let owner = self.state.owner_name();
                         let started = std::time::Instant::now();
+                        let survivors = crate::storage::zfs::Survivors {
+                            owner_alive: &super::state::owner_alive,
+                            paused_keeps: &super::pause::keeps_fork,
+                        };
                         let zfs = ZfsStorage::open(
                             Arc::clone(&self.runner),
                             z,
@@ -133,7 +137,7 @@ impl VmHost {
                             &self.config.images.scratch,
                             owner,
                             self.qemu_ids,
-                            super::state::owner_alive,
+                            survivors,
                         )
                         .await
                         .map_err(|e| VmError::Storage(e.to_string()))?;

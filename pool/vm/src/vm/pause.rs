@@ -82,7 +82,31 @@ impl SavedMemory {
     }
 }
 
-const RECORD: &str = crate::storage::zfs::PAUSED_RECORD;
+/// A paused VM's record in its directory.
+const RECORD: &str = "paused.json";
+
+/// Whether the paused VM recorded in `dir` has the storage backend's fork
+/// `fork` as its disk: start-up's reaper keeps such a fork
+/// ([`crate::storage::zfs::Survivors`]). Read as a typed [`Paused`]; a
+/// record that is there but cannot be read keeps the fork too (a disk is
+/// never destroyed on a guess; the session's own load reports the record).
+pub(crate) fn keeps_fork(dir: &Path, fork: &str) -> bool {
+    let text = match std::fs::read_to_string(dir.join(RECORD)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), %fork, error = %e, "cannot read a paused VM's record: its disk is kept");
+            return true;
+        }
+    };
+    match serde_json::from_str::<Paused>(&text) {
+        Ok(p) => p.dataset.is_some_and(|d| d.name == fork),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), %fork, error = %e, "a paused VM's record does not parse: its disk is kept");
+            true
+        }
+    }
+}
 
 impl Paused {
     pub fn dir(&self) -> &Path {
@@ -456,5 +480,64 @@ mod tests {
         let old = r#"{"memory":"object","memory_mb":256,"backing_format":"raw","paused_unix_ms":1}"#;
         std::fs::write(dir.path().join(RECORD), old).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(Paused::load(dir.path()).map(|p| p.lane).ok(), Some(false));
+    }
+
+    /// A paused VM's record, written as pausing writes it, keeps its fork
+    /// through a restart's reaping (a real `ZfsStorage::open` over a fake
+    /// `zfs`); a fork no record names goes. Renaming a field of `Paused`
+    /// cannot silently turn its disk into an orphan: the reaper reads the
+    /// same type.
+    #[tokio::test]
+    async fn a_paused_vms_fork_survives_a_restart() {
+        use crate::storage::zfs::Survivors;
+        use crate::storage::{FakeRunner, Runner, ZfsConfig, ZfsMode, ZfsStorage};
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (paused_dir, unreadable, empty) =
+            (tmp.path().join("s1"), tmp.path().join("s2"), tmp.path().join("s3"));
+        for d in [&paused_dir, &unreadable, &empty] {
+            std::fs::create_dir(d).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let p = Paused {
+            memory: SavedMemory::Object,
+            memory_mb: 256,
+            backing_format: "raw".into(),
+            paused_unix_ms: 1,
+            lane: false,
+            dataset: Some(Fork { name: "tank/ember/fork-a".into(), disk: "/x/disk.raw".into() }),
+            dir: paused_dir.clone(),
+        };
+        p.write().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(unreadable.join(RECORD), b"{\"memory\": 7").unwrap_or_else(|e| panic!("{e}"));
+        let clean = tmp.path().join("scratch.ext4");
+        std::fs::write(&clean, b"clean").unwrap_or_else(|e| panic!("{e}"));
+        let runner = Arc::new(FakeRunner::default());
+        let id = crate::storage::zfs::image_id(&clean).unwrap_or_default();
+        runner
+            .ok("zfs list -H -o type tank/ember", "filesystem\n")
+            .ok("zfs get -H -o value mountpoint tank/ember", &format!("{}\n", tmp.path().display()))
+            .ok(
+                "zfs list -H -o name,ember:owner",
+                &format!(
+                    "tank/ember\t-\t-\n\
+                     tank/ember/fork-a\t-\t{a}\n\
+                     tank/ember/fork-b\t-\t{a}\n\
+                     tank/ember/fork-c\t-\t{b}\n\
+                     tank/ember/fork-d\t-\t{c}\n",
+                    a = paused_dir.display(),
+                    b = unreadable.display(),
+                    c = empty.display()
+                ),
+            )
+            .ok("zfs get -H -o value ember:image tank/ember/base", &format!("{id}\n"))
+            .ok("zfs list -H -o name -t snapshot", "tank/ember/base@golden\n");
+        let dyn_runner: Arc<dyn Runner> = runner.clone();
+        let cfg = ZfsConfig { parent: "tank/ember".into(), mode: ZfsMode::Dataset };
+        let survivors = Survivors { owner_alive: &|_| false, paused_keeps: &keeps_fork };
+        ZfsStorage::open(dyn_runner, &cfg, "default", &clean, "me".into(), None, survivors)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let destroyed: Vec<String> =
+            runner.calls().into_iter().filter(|c| c.starts_with("zfs destroy")).collect();
+        assert_eq!(destroyed, ["zfs destroy -r tank/ember/fork-b", "zfs destroy -r tank/ember/fork-d"]);
     }
 }

@@ -46,11 +46,14 @@ impl Fixture {
 
     async fn open(&self, alive: &'static [&'static str]) -> Result<Arc<ZfsStorage>, StorageError> {
         let runner: Arc<dyn Runner> = self.runner.clone();
-        ZfsStorage::open(runner, &cfg(ZfsMode::Dataset), "default", &self.clean, "me".into(), None, |o| {
-            alive.contains(&o)
-        })
-        .await
-        .map(Arc::new)
+        let owner_alive = move |o: &str| alive.contains(&o);
+        // Stands for the VM layer's records: a fork tagged with a directory
+        // named `named` is kept if it is fork-b (vm::pause tests the real one).
+        let paused_keeps = |dir: &Path, fork: &str| dir.ends_with("named") && fork == "tank/ember/fork-b";
+        let survivors = Survivors { owner_alive: &owner_alive, paused_keeps: &paused_keeps };
+        ZfsStorage::open(runner, &cfg(ZfsMode::Dataset), "default", &self.clean, "me".into(), None, survivors)
+            .await
+            .map(Arc::new)
     }
 
     /// Storage opened on a parent with a current base, call log cleared.
@@ -144,9 +147,17 @@ async fn a_missing_or_wrong_parent_is_a_clear_error() {
         let f = fixture();
         let runner: Arc<dyn Runner> = f.runner.clone();
         let cfg = ZfsConfig { parent: bad.into(), mode: ZfsMode::Dataset };
-        let e = ZfsStorage::open(runner, &cfg, "default", &f.clean, "me".into(), None, |_| false)
-            .await
-            .unwrap_err();
+        let e = ZfsStorage::open(
+            runner,
+            &cfg,
+            "default",
+            &f.clean,
+            "me".into(),
+            None,
+            Survivors::owners_only(&|_| false),
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("not a dataset name"), "{bad:?}: {e}");
         assert!(f.runner.calls().is_empty(), "{bad:?} reached zfs");
     }
@@ -393,12 +404,7 @@ async fn a_dataset_with_forks_promotes_them_before_it_goes() {
 async fn start_up_keeps_forks_a_paused_vm_names_and_live_ones() {
     let f = fixture();
     let named = f.tmp.path().join("named");
-    std::fs::create_dir(&named).unwrap();
-    std::fs::write(named.join(PAUSED_RECORD), r#"{"dataset": {"name": "tank/ember/fork-b", "disk": "/x"}}"#)
-        .unwrap();
     let other = f.tmp.path().join("other");
-    std::fs::create_dir(&other).unwrap();
-    std::fs::write(other.join(PAUSED_RECORD), r#"{"memory": "object"}"#).unwrap();
     f.parent_ok(&format!(
         "tank/ember\t-\t-\n\
          tank/ember/fork-a\tdead-1\t{named}\n\
