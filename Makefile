@@ -10,7 +10,7 @@ AGENT := target/$(AGENT_TARGET)/release/ember-agent
 export EMBER_CACHE ?= /var/cache/ember
 export EMBER_IMAGES ?= $(CURDIR)/target/images
 
-.PHONY: up test deps test-deps build agent images bench bench-load lint fmt clean-cache
+.PHONY: up test test-unit install deps test-deps build agent images bench bench-load lint fmt clean-cache
 
 ## up: install what is missing, build, make images, serve on 127.0.0.1:8080
 ## (foreground; Ctrl-C drains). EMBER_CONFIG=file or EMBER_LISTEN=addr to change.
@@ -18,11 +18,30 @@ up: deps build images
 	exec ./target/release/ember serve
 
 ## test: install what is missing, then run every test (unit, component, VM).
+## The VM suites must run here (EMBER_REQUIRE_VMS=1): none may skip itself.
 test: test-deps images
 	$(CARGO) build --release -p ember-gateway -p ember-loadtest
-	$(CARGO) test --workspace --all-targets --no-fail-fast
+	EMBER_REQUIRE_VMS=1 $(CARGO) test --workspace --all-targets --no-fail-fast
 	# The load-test suite at a few seconds a scenario, so it cannot rot.
 	./target/release/ember-loadtest --profile quick --out target/loadtest-quick
+
+## test-unit: every test that needs no VM, no root and no images: unit
+## tests, the router against fake and real agents, the agent against the
+## real host client (see README for its time).
+test-unit:
+	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test -p ember-guest-agent --tests
+
+## install: ember and its home under PREFIX (default /usr/local): bin/ember,
+## share/ember/{initrd,functions-examples} copied, share/ember/images linked
+## to the built images (in EMBER_CACHE). Run from anywhere afterwards.
+PREFIX ?= /usr/local
+install: build images
+	install -D -m 0755 target/release/ember $(PREFIX)/bin/ember
+	mkdir -p $(PREFIX)/share/ember/images
+	rm -rf $(PREFIX)/share/ember/initrd $(PREFIX)/share/ember/functions-examples
+	cp -a initrd functions-examples $(PREFIX)/share/ember/
+	for f in target/images/*; do ln -sfn "$$(readlink -f "$$f")" "$(PREFIX)/share/ember/images/$${f##*/}"; done
 
 deps:
 	./initrd/deps.sh

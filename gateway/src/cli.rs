@@ -82,7 +82,7 @@ pub struct VmOpts {
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
     /// The images directory (vmlinuz, initrd.img and a directory per image).
-    #[arg(long, env = "EMBER_IMAGES", default_value = "target/images")]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
     pub images: PathBuf,
     /// The image to boot.
     #[arg(long, default_value = ember_vm::image::DEFAULT_IMAGE)]

@@ -152,7 +152,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            functions_dir: PathBuf::from("functions-examples"),
+            functions_dir: ember_vm::image::Home::find().functions(),
             functions_dir_explicit: false,
             conn_limits: crate::http_server::ConnLimits::default(),
         }

@@ -33,7 +33,7 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// The images directory (vmlinuz, initrd.img and a directory per image).
-    #[arg(long, env = "EMBER_IMAGES", default_value = "target/images")]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
     pub images: PathBuf,
 }
 

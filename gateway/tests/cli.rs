@@ -12,6 +12,11 @@ fn images() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"))
 }
 
+/// Whether the VM cases can run here (else each says SKIP and passes).
+fn vms() -> bool {
+    ember_testkit::vms_can_run("cli", &images())
+}
+
 /// `ember` with images and a per-test state dir (fixed, so a killed run is
 /// reaped by the next).
 fn ember(state: &str) -> Command {
@@ -34,6 +39,9 @@ fn run(state: &str, args: &[&str], stdin: &[u8]) -> Output {
 
 #[test]
 fn output_and_exit_code_pass_through() {
+    if !vms() {
+        return;
+    }
     let out = run("ember-cli-a", &["vm", "run", "--", "sh", "-c", "echo hi; echo err >&2; exit 3"], b"");
     assert_eq!(out.stdout, b"hi\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
@@ -42,6 +50,9 @@ fn output_and_exit_code_pass_through() {
 
 #[test]
 fn stdin_env_and_python() {
+    if !vms() {
+        return;
+    }
     let out = run(
         "ember-cli-b",
         &[
@@ -67,6 +78,9 @@ fn stdin_env_and_python() {
 
 #[test]
 fn timeout_exits_124() {
+    if !vms() {
+        return;
+    }
     let t = Instant::now();
     let out = run("ember-cli-c", &["vm", "run", "--timeout", "1s", "--", "sleep", "60"], b"");
     assert_eq!(out.status.code(), Some(124), "{}", String::from_utf8_lossy(&out.stderr));
@@ -105,6 +119,9 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
 /// survives, and the next ember start must find and kill it.
 #[test]
 fn a_crashed_run_is_reaped_by_the_next() {
+    if !vms() {
+        return;
+    }
     let state = std::env::temp_dir().join("ember-cli-crash");
     let mut first = ember("ember-cli-crash")
         .args(["vm", "run", "--", "sleep", "600"])
@@ -137,6 +154,9 @@ fn a_crashed_run_is_reaped_by_the_next() {
 /// idle gaps: JSON with every figure, and nothing left in its state dir.
 #[test]
 fn vm_bench_measures_cold_and_restored_vms() {
+    if !vms() {
+        return;
+    }
     let state = std::env::temp_dir().join("ember-cli-bench");
     let out = run(
         "ember-cli-bench",
@@ -174,10 +194,65 @@ fn vm_bench_measures_cold_and_restored_vms() {
     assert_eq!(owners, 0, "vm bench left an owner directory behind");
 }
 
+/// `ember` finds its recipes, scripts and images wherever it is run from:
+/// the checkout's binary run from `/`, and a copy installed under a prefix
+/// (`PREFIX/bin/ember`, `PREFIX/share/ember/{initrd,images}`), with no
+/// `EMBER_IMAGES` to help.
+#[test]
+fn the_binary_finds_its_home_from_anywhere() {
+    if !vms() {
+        return;
+    }
+    let names = |exe: &Path| {
+        let out = Command::new(exe)
+            .args(["images", "list", "--json"])
+            .current_dir("/")
+            .env_remove("EMBER_IMAGES")
+            .env_remove("EMBER_HOME")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}: {}", exe.display(), String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["state"] == "built")
+            .map(|l| l["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(names(Path::new(env!("CARGO_BIN_EXE_ember"))).contains(&"default".to_string()));
+    let prefix = tempfile::tempdir().unwrap();
+    let (bin, share) = (prefix.path().join("bin"), prefix.path().join("share/ember"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_ember"), bin.join("ember")).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap();
+    std::os::unix::fs::symlink(repo.join("initrd"), share.join("initrd")).unwrap();
+    // The installed images: the shared parts and `default` only, so a
+    // listing without python-data shows the install's own were read.
+    let images_dir = share.join("images");
+    std::fs::create_dir_all(&images_dir).unwrap();
+    for entry in std::fs::read_dir(images()).unwrap().flatten() {
+        let name = entry.file_name();
+        if name == "python-data" || entry.path().canonicalize().is_err() {
+            continue;
+        }
+        std::os::unix::fs::symlink(entry.path().canonicalize().unwrap(), images_dir.join(&name)).unwrap();
+    }
+    let installed = names(&bin.join("ember"));
+    assert!(installed.contains(&"default".to_string()), "{installed:?}");
+    assert!(
+        !installed.contains(&"python-data".to_string()),
+        "the checkout's images were read: {installed:?}"
+    );
+}
+
 /// `ember images list` knows both shipped images (built by `make images`),
 /// `build` of a current image reuses the cache, and errors name the problem.
 #[test]
 fn images_list_build_and_their_errors() {
+    if !vms() {
+        return;
+    }
     let out = ember("ember-cli-img").args(["images", "list", "--json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> =
@@ -204,6 +279,9 @@ fn images_list_build_and_their_errors() {
 /// root, naming the member, and leaves nothing behind.
 #[test]
 fn images_import_refuses_an_escaping_tarball() {
+    if !vms() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let tarball = dir.path().join("evil.tar");
     let status = Command::new("sh")

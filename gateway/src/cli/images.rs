@@ -28,7 +28,7 @@ pub struct ConfigArgs {
     #[arg(long, env = "EMBER_CONFIG")]
     pub config: Option<PathBuf>,
     /// The images directory.
-    #[arg(long, env = "EMBER_IMAGES", default_value = "target/images")]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
     pub images: PathBuf,
 }
 

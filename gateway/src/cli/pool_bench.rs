@@ -23,7 +23,7 @@ pub struct PoolBenchArgs {
     /// Configuration file ([pool], [vm]); defaults otherwise.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "EMBER_IMAGES", default_value = "target/images")]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
     pub images: PathBuf,
     /// Reset modes to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_values = ["snapshot", "destroy"])]

@@ -955,6 +955,9 @@ const CASES: &[(&str, Case)] = &[
 ];
 
 fn main() {
+    if !ember_testkit::vms_can_run("http", &server::images()) {
+        return;
+    }
     let mut report = Report::new();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {

@@ -133,9 +133,7 @@ struct Server {
 
 impl Server {
     fn start(world: &World, log: &str, pool: &str) -> anyhow::Result<Self> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let images =
-            std::env::var_os("EMBER_IMAGES").map(PathBuf::from).unwrap_or_else(|| repo.join("target/images"));
+        let images = images();
         let functions = world.dir.path().join("no-functions");
         std::fs::create_dir_all(&functions)?;
         let mut opts = ServeOptions::new(
@@ -431,7 +429,15 @@ fn network_leftovers() -> Vec<String> {
     left
 }
 
+fn images() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::var_os("EMBER_IMAGES").map(PathBuf::from).unwrap_or_else(|| repo.join("target/images"))
+}
+
 fn main() {
+    if !ember_testkit::vms_can_run("network", &images()) {
+        return;
+    }
     let mut report = Report::new();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {

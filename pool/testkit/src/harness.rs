@@ -26,6 +26,13 @@ impl Report {
         self.filter.as_deref().is_none_or(|f| name.contains(f))
     }
 
+    /// Whether any of `names` runs: a suite boots a shared fixture only
+    /// when a case that uses it is wanted, so a filtered run pays for its
+    /// own fixtures alone.
+    pub fn wants_any<S: AsRef<str>>(&self, names: impl IntoIterator<Item = S>) -> bool {
+        names.into_iter().any(|n| self.wants(n.as_ref()))
+    }
+
     pub async fn run<'a>(&mut self, name: &str, case: CaseFuture<'a>) {
         if !self.wants(name) {
             return;
@@ -68,4 +75,33 @@ macro_rules! ensure_eq {
             (l, r) => anyhow::ensure!(l == r, "{} = {:?}, expected {:?}", stringify!($left), l, r),
         }
     }};
+}
+
+/// Whether a suite that boots real VMs can run here: the images built
+/// (`make images`), QEMU installed, and root (TAPs, namespaces, zfs). When
+/// it cannot, it says so and the suite passes as skipped, so `cargo test
+/// --workspace` works on a machine without them, unless
+/// `EMBER_REQUIRE_VMS=1` (as `make test` sets): then it runs and fails.
+pub fn vms_can_run(suite: &str, images: &std::path::Path) -> bool {
+    if std::env::var_os("EMBER_REQUIRE_VMS").is_some_and(|v| v == "1") {
+        return true;
+    }
+    let qemu_found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
+    let missing = if !images.join("vmlinuz").is_file() || !images.join("default").is_dir() {
+        Some(format!("no images in {} (make images)", images.display()))
+    } else if !qemu_found {
+        Some("no qemu-system-x86_64 (make test-deps)".to_string())
+    } else if !nix::unistd::geteuid().is_root() {
+        Some("not root".to_string())
+    } else {
+        None
+    };
+    match missing {
+        Some(why) => {
+            println!("SKIP suite {suite}: {why}; `make test` runs it (EMBER_REQUIRE_VMS=1)");
+            false
+        }
+        None => true,
+    }
 }

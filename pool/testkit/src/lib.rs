@@ -12,5 +12,5 @@ pub mod harness;
 pub mod serve;
 
 pub use ember_vm::os::processes_mentioning;
-pub use harness::{CaseFuture, Report};
+pub use harness::{vms_can_run, CaseFuture, Report};
 pub use serve::{EmberServe, ServeOptions};

@@ -980,29 +980,43 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         // Probe acceleration once before booting in parallel.
         let accel = serial.accel().await;
         println!("acceleration: {}", accel.name());
-        // Two serial VMs booted in parallel on purpose: a loaded host once
-        // made TCG guests hang in TSC calibration (see kernel_cmdline).
-        let (s, spare) = tokio::join!(serial.boot(), serial.boot());
-        let s = s.context("booting the serial VM")?;
-        report
-            .run("parallel_boots [serial]", Box::pin(async { spare.map(|_| ()).map_err(Into::into) }))
-            .await;
-        let h = hybrid.boot().await.context("booting the hybrid-vsock VM")?;
-        let vms = [s, h];
-        for vm in &vms {
-            println!("booted {} ({}) in {} ms", vm.id(), vm.channel(), vm.timings().total_ms);
-            for (name, case) in VM_CASES {
-                report.run(&format!("{name} [{}]", vm.channel()), case(vm)).await;
+        // The two shared VMs, booted only for the cases that use them.
+        let shared_vm_cases = VM_CASES
+            .iter()
+            .flat_map(|(name, _)| [format!("{name} [serial]"), format!("{name} [hybrid-vsock]")])
+            .chain(
+                [
+                    "parallel_boots [serial]",
+                    "configure_in_one_round_trip [serial]",
+                    "image_default_has_its_tools",
+                ]
+                .map(String::from),
+            );
+        if report.wants_any(shared_vm_cases) {
+            // Two serial VMs booted in parallel on purpose: a loaded host once
+            // made TCG guests hang in TSC calibration (see kernel_cmdline).
+            let (s, spare) = tokio::join!(serial.boot(), serial.boot());
+            let s = s.context("booting the serial VM")?;
+            report
+                .run("parallel_boots [serial]", Box::pin(async { spare.map(|_| ()).map_err(Into::into) }))
+                .await;
+            let h = hybrid.boot().await.context("booting the hybrid-vsock VM")?;
+            let vms = [s, h];
+            for vm in &vms {
+                println!("booted {} ({}) in {} ms", vm.id(), vm.channel(), vm.timings().total_ms);
+                for (name, case) in VM_CASES {
+                    report.run(&format!("{name} [{}]", vm.channel()), case(vm)).await;
+                }
             }
-        }
-        report
-            .run("configure_in_one_round_trip [serial]", Box::pin(configure_in_one_round_trip(&vms[0])))
-            .await;
-        report
-            .run("image_default_has_its_tools", Box::pin(images::default_image_has_its_tools(&vms[0])))
-            .await;
-        for vm in vms {
-            vm.shutdown().await;
+            report
+                .run("configure_in_one_round_trip [serial]", Box::pin(configure_in_one_round_trip(&vms[0])))
+                .await;
+            report
+                .run("image_default_has_its_tools", Box::pin(images::default_image_has_its_tools(&vms[0])))
+                .await;
+            for vm in vms {
+                vm.shutdown().await;
+            }
         }
         let userns = {
             let mut c = config(ChannelChoice::Serial, InitMode::Fast, false);
@@ -1064,45 +1078,53 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
         // A second image: its tools, the adversarial reset test on its
         // pool, and two images' pools side by side under one budget (one
         // template each, shared by these cases).
-        let data_host = VmHost::new(images::config_for("python-data", &state_dir)?, false)?;
-        let budget = Arc::new(ember_pool::pool::MemoryBudget::new(2048));
-        let image_pool = |host: &Arc<VmHost>| -> anyhow::Result<VmPool> {
-            use ember_pool::config::{PoolConfig, ReplenishMode, ResetMode};
-            let cfg = PoolConfig {
-                min_size: 1,
-                max_size: 2,
-                target_free: 0,
-                claim_timeout: Duration::from_secs(120),
-                drain_timeout: Duration::from_secs(5),
-                max_host_cpu: None,
-                ..PoolConfig::default()
+        let image_pools = [
+            "image_python_data_has_numpy_pandas_and_plots",
+            "pool_reset_leaves_nothing_behind [image python-data]",
+            "images_two_pools_keep_apart_under_one_budget",
+        ];
+        if report.wants_any(image_pools) {
+            let data_host = VmHost::new(images::config_for("python-data", &state_dir)?, false)?;
+            let budget = Arc::new(ember_pool::pool::MemoryBudget::new(2048));
+            let image_pool = |host: &Arc<VmHost>| -> anyhow::Result<VmPool> {
+                use ember_pool::config::{PoolConfig, ReplenishMode, ResetMode};
+                let cfg = PoolConfig {
+                    min_size: 1,
+                    max_size: 2,
+                    target_free: 0,
+                    claim_timeout: Duration::from_secs(120),
+                    drain_timeout: Duration::from_secs(5),
+                    max_host_cpu: None,
+                    ..PoolConfig::default()
+                };
+                let backend =
+                    ember_pool::pool::VmBackend::new(Arc::clone(host), ResetMode::Auto, ReplenishMode::Auto)
+                        .map_err(anyhow::Error::msg)?;
+                let mem = host.config().memory_mb;
+                Ok(ember_pool::pool::Pool::start_sharing(backend, cfg, mem, Arc::clone(&budget)))
             };
-            let backend =
-                ember_pool::pool::VmBackend::new(Arc::clone(host), ResetMode::Auto, ReplenishMode::Auto)
-                    .map_err(anyhow::Error::msg)?;
-            let mem = host.config().memory_mb;
-            Ok(ember_pool::pool::Pool::start_sharing(backend, cfg, mem, Arc::clone(&budget)))
-        };
-        let (default_pool, data_pool) = (image_pool(&serial)?, image_pool(&data_host)?);
-        let data_vm = async {
-            let lease = data_pool.claim().await?;
-            let checked = images::python_data_has_numpy_pandas_and_plots(&lease).await;
-            lease.release().await;
-            checked
-        };
-        report.run("image_python_data_has_numpy_pandas_and_plots", Box::pin(data_vm)).await;
-        report
-            .run(
-                "pool_reset_leaves_nothing_behind [image python-data]",
-                Box::pin(pool_reset_leaves_nothing_behind(&data_pool)),
-            )
-            .await;
-        report
-            .run(
-                "images_two_pools_keep_apart_under_one_budget",
-                Box::pin(images::two_images_keep_their_pools_apart(&default_pool, &data_pool, &budget)),
-            )
-            .await;
+            let (default_pool, data_pool) = (image_pool(&serial)?, image_pool(&data_host)?);
+            let data_vm = async {
+                let lease = data_pool.claim().await?;
+                let checked = images::python_data_has_numpy_pandas_and_plots(&lease).await;
+                lease.release().await;
+                checked
+            };
+            report.run("image_python_data_has_numpy_pandas_and_plots", Box::pin(data_vm)).await;
+            report
+                .run(
+                    "pool_reset_leaves_nothing_behind [image python-data]",
+                    Box::pin(pool_reset_leaves_nothing_behind(&data_pool)),
+                )
+                .await;
+            report
+                .run(
+                    "images_two_pools_keep_apart_under_one_budget",
+                    Box::pin(images::two_images_keep_their_pools_apart(&default_pool, &data_pool, &budget)),
+                )
+                .await;
+            data_host.close().await;
+        }
         report
             .run(
                 "image_build_with_a_missing_package_names_it",
@@ -1118,169 +1140,200 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
                 Box::pin(images::a_busybox_only_root_serves_its_files(&state_dir)),
             )
             .await;
-        data_host.close().await;
 
-        // Rollback: the same adversarial test, with the writable layer
-        // rolled back under a running VM instead of a memory snapshot.
-        let mut raw = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
-        raw.scratch = ember_vm::vm::ScratchKind::RawCopy;
-        let raw_host = VmHost::new(raw, false)?;
+        let pool_cases = [
+            "pool_reset_leaves_nothing_behind [snapshot]",
+            "pool_reset_leaves_nothing_behind [scrub, function]",
+            "pool_snapshot_resets_reseed_the_guest_rng",
+            "pool_a_scrubbed_vm_serves_only_its_function",
+            "pool_sessions_keep_state_and_are_isolated",
+            "pool_crashed_claimed_vm_is_replaced",
+            "pool_destroy_mode_and_exhaustion [hybrid-vsock]",
+            "pool_reset_leaves_nothing_behind [destroy]",
+            "pool_reset_leaves_nothing_behind [rollback]",
+        ];
+        if report.wants_any(pool_cases) {
+            // Rollback: the same adversarial test, with the writable layer
+            // rolled back under a running VM instead of a memory snapshot.
+            let mut raw = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
+            raw.scratch = ember_vm::vm::ScratchKind::RawCopy;
+            let raw_host = VmHost::new(raw, false)?;
 
-        // The warm pool over real VMs.
-        use ember_pool::config::{PoolConfig, ResetMode};
-        let snap_cfg = PoolConfig {
-            min_size: 1,
-            max_size: 3,
-            target_free: 0,
-            max_sessions: 2,
-            claim_timeout: Duration::from_secs(60),
-            ..PoolConfig::default()
-        };
-        let snap = start_pool(&serial, ResetMode::Auto, snap_cfg)?;
-        ensure_eq!(snap.backend().mode(), ResetMode::Snapshot);
-        ensure!(snap.backend().restores(), "serial pools restore from a template");
-        report
-            .run(
-                "pool_reset_leaves_nothing_behind [snapshot]",
-                Box::pin(pool_reset_leaves_nothing_behind(&snap)),
-            )
-            .await;
-        report
-            .run(
-                "pool_reset_leaves_nothing_behind [scrub, function]",
-                Box::pin(pool_scrub_leaves_nothing_behind(&snap)),
-            )
-            .await;
-        report
-            .run(
-                "pool_snapshot_resets_reseed_the_guest_rng",
-                Box::pin(pool_snapshot_resets_reseed_the_guest_rng(&snap)),
-            )
-            .await;
-        report
-            .run(
-                "pool_a_scrubbed_vm_serves_only_its_function",
-                Box::pin(pool_a_scrubbed_vm_serves_only_its_function(&snap)),
-            )
-            .await;
-        report
-            .run(
-                "pool_sessions_keep_state_and_are_isolated",
-                Box::pin(pool_sessions_keep_state_and_are_isolated(&snap)),
-            )
-            .await;
-        report
-            .run("pool_crashed_claimed_vm_is_replaced", Box::pin(pool_crashed_claimed_vm_is_replaced(&snap)))
-            .await;
-        let destroy_cfg = PoolConfig {
-            min_size: 1,
-            max_size: 1,
-            target_free: 0,
-            claim_timeout: Duration::from_secs(1),
-            ..PoolConfig::default()
-        };
-        let destroy = start_pool(&hybrid, ResetMode::Auto, destroy_cfg)?;
-        ensure_eq!(destroy.backend().mode(), ResetMode::Destroy);
-        ensure!(!destroy.backend().restores(), "hybrid-vsock cannot restore");
-        report
-            .run(
-                "pool_destroy_mode_and_exhaustion [hybrid-vsock]",
-                Box::pin(pool_destroy_mode_and_exhaustion(&destroy)),
-            )
-            .await;
-        report
-            .run(
-                "pool_reset_leaves_nothing_behind [destroy]",
-                Box::pin(pool_reset_leaves_nothing_behind(&destroy)),
-            )
-            .await;
-        let rollback_cfg = PoolConfig {
-            min_size: 1,
-            max_size: 1,
-            target_free: 0,
-            claim_timeout: Duration::from_secs(60),
-            ..PoolConfig::default()
-        };
-        let rollback = start_pool(&raw_host, ResetMode::Rollback, rollback_cfg)?;
-        report
-            .run(
-                "pool_reset_leaves_nothing_behind [rollback]",
-                Box::pin(pool_reset_leaves_nothing_behind(&rollback)),
-            )
-            .await;
-        snap.shutdown().await;
-        destroy.shutdown().await;
-        rollback.shutdown().await;
+            // The warm pool over real VMs.
+            use ember_pool::config::{PoolConfig, ResetMode};
+            let snap_cfg = PoolConfig {
+                min_size: 1,
+                max_size: 3,
+                target_free: 0,
+                max_sessions: 2,
+                claim_timeout: Duration::from_secs(60),
+                ..PoolConfig::default()
+            };
+            let snap = start_pool(&serial, ResetMode::Auto, snap_cfg)?;
+            ensure_eq!(snap.backend().mode(), ResetMode::Snapshot);
+            ensure!(snap.backend().restores(), "serial pools restore from a template");
+            report
+                .run(
+                    "pool_reset_leaves_nothing_behind [snapshot]",
+                    Box::pin(pool_reset_leaves_nothing_behind(&snap)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_reset_leaves_nothing_behind [scrub, function]",
+                    Box::pin(pool_scrub_leaves_nothing_behind(&snap)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_snapshot_resets_reseed_the_guest_rng",
+                    Box::pin(pool_snapshot_resets_reseed_the_guest_rng(&snap)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_a_scrubbed_vm_serves_only_its_function",
+                    Box::pin(pool_a_scrubbed_vm_serves_only_its_function(&snap)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_sessions_keep_state_and_are_isolated",
+                    Box::pin(pool_sessions_keep_state_and_are_isolated(&snap)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_crashed_claimed_vm_is_replaced",
+                    Box::pin(pool_crashed_claimed_vm_is_replaced(&snap)),
+                )
+                .await;
+            let destroy_cfg = PoolConfig {
+                min_size: 1,
+                max_size: 1,
+                target_free: 0,
+                claim_timeout: Duration::from_secs(1),
+                ..PoolConfig::default()
+            };
+            let destroy = start_pool(&hybrid, ResetMode::Auto, destroy_cfg)?;
+            ensure_eq!(destroy.backend().mode(), ResetMode::Destroy);
+            ensure!(!destroy.backend().restores(), "hybrid-vsock cannot restore");
+            report
+                .run(
+                    "pool_destroy_mode_and_exhaustion [hybrid-vsock]",
+                    Box::pin(pool_destroy_mode_and_exhaustion(&destroy)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_reset_leaves_nothing_behind [destroy]",
+                    Box::pin(pool_reset_leaves_nothing_behind(&destroy)),
+                )
+                .await;
+            let rollback_cfg = PoolConfig {
+                min_size: 1,
+                max_size: 1,
+                target_free: 0,
+                claim_timeout: Duration::from_secs(60),
+                ..PoolConfig::default()
+            };
+            let rollback = start_pool(&raw_host, ResetMode::Rollback, rollback_cfg)?;
+            report
+                .run(
+                    "pool_reset_leaves_nothing_behind [rollback]",
+                    Box::pin(pool_reset_leaves_nothing_behind(&rollback)),
+                )
+                .await;
+            snap.shutdown().await;
+            destroy.shutdown().await;
+            rollback.shutdown().await;
+        }
 
         // ZFS: the rollback pool again, on clones of a real (zfs-fuse)
         // dataset, in its own throw-away zpool.
-        let parent = zfs_test_pool("up").context("setting up the test zpool")?;
-        let mut zc = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
-        zc.scratch = ember_vm::vm::ScratchKind::RawCopy;
-        zc.storage = ember_vm::storage::StorageConfig::Zfs(ember_vm::storage::ZfsConfig {
-            parent: parent.clone(),
-            mode: ember_vm::storage::ZfsMode::Dataset,
-        });
-        report.run("zfs_orphans_are_reaped", Box::pin(zfs_orphans_are_reaped(zc.clone(), &parent))).await;
-        // Pause and fork need a channel that survives a migration: serial.
-        let zfs_serial = VmHost::new(VmConfig { channel: ChannelChoice::Serial, ..zc.clone() }, false)?;
-        report
-            .run(
-                "zfs_a_vm_pauses_and_forks_off_its_clone",
-                Box::pin(pause::zfs_a_vm_pauses_and_forks_off_its_clone(&zfs_serial, &parent)),
-            )
-            .await;
-        report
-            .run(
-                "zfs_sessions_fork_and_leave_nothing",
-                Box::pin(pause::zfs_sessions_fork_and_leave_nothing(&zfs_serial, &parent)),
-            )
-            .await;
-        zfs_serial.close().await;
-        drop(zfs_serial);
-        let zfs_host = VmHost::new(zc, false)?;
-        zfs_host.open_storage().await?;
-        let zfs_cfg = PoolConfig {
-            min_size: 1,
-            max_size: 2,
-            target_free: 0,
-            claim_timeout: Duration::from_secs(60),
-            ..PoolConfig::default()
-        };
-        let zfs_pool = start_pool(&zfs_host, ResetMode::Auto, zfs_cfg)?;
-        ensure_eq!(zfs_pool.backend().mode(), ResetMode::Rollback);
-        report
-            .run("zfs_a_clone_per_vm_kept_through_claims", Box::pin(zfs_a_clone_per_vm(&zfs_pool, &parent)))
-            .await;
-        report
-            .run(
-                "pool_reset_leaves_nothing_behind [zfs rollback]",
-                Box::pin(pool_reset_leaves_nothing_behind(&zfs_pool)),
-            )
-            .await;
-        report
-            .run(
-                "zfs_resets_stay_bounded_after_plant_and_probes",
-                Box::pin(zfs_resets_stay_bounded_after_plant_and_probes(&zfs_pool)),
-            )
-            .await;
-        report
-            .run(
-                "pool_crashed_claimed_vm_is_replaced [zfs]",
-                Box::pin(pool_crashed_claimed_vm_is_replaced(&zfs_pool)),
-            )
-            .await;
-        zfs_pool.shutdown().await;
-        zfs_host.close().await;
-        let none_left = async {
-            let left = warm_clones(&parent)?;
-            ensure!(left.is_empty(), "clones left after shutdown: {left:?}");
-            Ok(())
-        };
-        report.run("zfs_shutdown_leaves_no_clone", Box::pin(none_left)).await;
-        drop(zfs_pool);
-        drop(zfs_host);
-        zfs_test_pool("down").context("destroying the test zpool")?;
+        let zfs_cases = [
+            "zfs_orphans_are_reaped",
+            "zfs_a_vm_pauses_and_forks_off_its_clone",
+            "zfs_sessions_fork_and_leave_nothing",
+            "zfs_a_clone_per_vm_kept_through_claims",
+            "pool_reset_leaves_nothing_behind [zfs rollback]",
+            "zfs_resets_stay_bounded_after_plant_and_probes",
+            "pool_crashed_claimed_vm_is_replaced [zfs]",
+            "zfs_shutdown_leaves_no_clone",
+        ];
+        if report.wants_any(zfs_cases) {
+            use ember_pool::config::{PoolConfig, ResetMode};
+            let parent = zfs_test_pool("up").context("setting up the test zpool")?;
+            let mut zc = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
+            zc.scratch = ember_vm::vm::ScratchKind::RawCopy;
+            zc.storage = ember_vm::storage::StorageConfig::Zfs(ember_vm::storage::ZfsConfig {
+                parent: parent.clone(),
+                mode: ember_vm::storage::ZfsMode::Dataset,
+            });
+            report.run("zfs_orphans_are_reaped", Box::pin(zfs_orphans_are_reaped(zc.clone(), &parent))).await;
+            // Pause and fork need a channel that survives a migration: serial.
+            let zfs_serial = VmHost::new(VmConfig { channel: ChannelChoice::Serial, ..zc.clone() }, false)?;
+            report
+                .run(
+                    "zfs_a_vm_pauses_and_forks_off_its_clone",
+                    Box::pin(pause::zfs_a_vm_pauses_and_forks_off_its_clone(&zfs_serial, &parent)),
+                )
+                .await;
+            report
+                .run(
+                    "zfs_sessions_fork_and_leave_nothing",
+                    Box::pin(pause::zfs_sessions_fork_and_leave_nothing(&zfs_serial, &parent)),
+                )
+                .await;
+            zfs_serial.close().await;
+            drop(zfs_serial);
+            let zfs_host = VmHost::new(zc, false)?;
+            zfs_host.open_storage().await?;
+            let zfs_cfg = PoolConfig {
+                min_size: 1,
+                max_size: 2,
+                target_free: 0,
+                claim_timeout: Duration::from_secs(60),
+                ..PoolConfig::default()
+            };
+            let zfs_pool = start_pool(&zfs_host, ResetMode::Auto, zfs_cfg)?;
+            ensure_eq!(zfs_pool.backend().mode(), ResetMode::Rollback);
+            report
+                .run(
+                    "zfs_a_clone_per_vm_kept_through_claims",
+                    Box::pin(zfs_a_clone_per_vm(&zfs_pool, &parent)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_reset_leaves_nothing_behind [zfs rollback]",
+                    Box::pin(pool_reset_leaves_nothing_behind(&zfs_pool)),
+                )
+                .await;
+            report
+                .run(
+                    "zfs_resets_stay_bounded_after_plant_and_probes",
+                    Box::pin(zfs_resets_stay_bounded_after_plant_and_probes(&zfs_pool)),
+                )
+                .await;
+            report
+                .run(
+                    "pool_crashed_claimed_vm_is_replaced [zfs]",
+                    Box::pin(pool_crashed_claimed_vm_is_replaced(&zfs_pool)),
+                )
+                .await;
+            zfs_pool.shutdown().await;
+            zfs_host.close().await;
+            let none_left = async {
+                let left = warm_clones(&parent)?;
+                ensure!(left.is_empty(), "clones left after shutdown: {left:?}");
+                Ok(())
+            };
+            report.run("zfs_shutdown_leaves_no_clone", Box::pin(none_left)).await;
+            drop(zfs_pool);
+            drop(zfs_host);
+            zfs_test_pool("down").context("destroying the test zpool")?;
+        }
     }
     // Every host and VM is gone: nothing may be left.
     let leak = async {
@@ -1298,6 +1351,9 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
 fn main() {
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG") {
         tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    if !ember_testkit::vms_can_run("vm", &images_dir()) {
+        return;
     }
     let mut report = Report::new();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");

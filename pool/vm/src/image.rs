@@ -85,10 +85,73 @@ pub struct ImagesConfig {
     pub busybox: PathBuf,
 }
 
+/// Where Ember's own files are: the build scripts and shipped recipes
+/// (`initrd/`), the example functions, and the images, wherever the binary
+/// is run from. In order: `EMBER_HOME`; an install prefix the binary sits
+/// in (`PREFIX/bin/ember` with `PREFIX/share/ember/initrd/image.sh`); a
+/// checkout the binary was built in (`target/*/ember` below a directory with
+/// `initrd/image.sh`); the checkout it was compiled from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Home {
+    pub dir: PathBuf,
+    /// A checkout (images in `target/images`) or an install (`images`).
+    pub checkout: bool,
+}
+
+impl Home {
+    pub fn find() -> Self {
+        let exe = std::env::current_exe().ok().and_then(|e| e.canonicalize().ok());
+        Self::find_from(std::env::var_os("EMBER_HOME").map(PathBuf::from), exe.as_deref())
+    }
+
+    fn find_from(env: Option<PathBuf>, exe: Option<&Path>) -> Self {
+        let is_home = |d: &Path| d.join("initrd/image.sh").is_file();
+        let checkout = |d: &Path| d.join("Cargo.toml").is_file();
+        if let Some(dir) = env {
+            return Self { checkout: checkout(&dir), dir };
+        }
+        if let Some(bin) = exe.and_then(Path::parent) {
+            if let Some(share) = bin.parent().map(|p| p.join("share/ember")).filter(|d| is_home(d)) {
+                return Self { dir: share, checkout: false };
+            }
+            if let Some(repo) = bin.ancestors().find(|d| is_home(d) && checkout(d)) {
+                return Self { dir: repo.to_path_buf(), checkout: true };
+            }
+        }
+        let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = built_from.canonicalize().unwrap_or(built_from);
+        Self { checkout: true, dir }
+    }
+
+    /// The build scripts and shipped recipes.
+    pub fn scripts(&self) -> PathBuf {
+        self.dir.join("initrd")
+    }
+
+    /// The images directory unless `EMBER_IMAGES` says.
+    pub fn images(&self) -> PathBuf {
+        if self.checkout {
+            self.dir.join("target/images")
+        } else {
+            self.dir.join("images")
+        }
+    }
+
+    /// The example functions (`functions-examples`).
+    pub fn functions(&self) -> PathBuf {
+        self.dir.join("functions-examples")
+    }
+}
+
+/// The images directory a command uses unless told (`--images`, `EMBER_IMAGES`).
+pub fn default_images_dir() -> PathBuf {
+    Home::find().images()
+}
+
 impl ImagesConfig {
-    /// The repository's `initrd/`, where this binary was built from.
+    /// The build scripts (`initrd/`) of Ember's home ([`Home`]).
     pub fn default_scripts() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../initrd")
+        Home::find().scripts()
     }
 
     /// The shipped recipes.
@@ -562,6 +625,34 @@ impl Drop for GroupKiller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn home_is_found_from_the_env_an_install_prefix_or_a_checkout() {
+        let t = tempfile::tempdir().unwrap();
+        let prefix = t.path().join("usr");
+        std::fs::create_dir_all(prefix.join("share/ember/initrd")).unwrap();
+        std::fs::write(prefix.join("share/ember/initrd/image.sh"), b"").unwrap();
+        let installed = Home::find_from(None, Some(&prefix.join("bin/ember")));
+        assert_eq!(installed, Home { dir: prefix.join("share/ember"), checkout: false });
+        assert_eq!(installed.images(), prefix.join("share/ember/images"));
+        let repo = t.path().join("src/ember");
+        std::fs::create_dir_all(repo.join("initrd")).unwrap();
+        std::fs::create_dir_all(repo.join("target/release")).unwrap();
+        std::fs::write(repo.join("initrd/image.sh"), b"").unwrap();
+        std::fs::write(repo.join("Cargo.toml"), b"").unwrap();
+        let checkout = Home::find_from(None, Some(&repo.join("target/release/ember")));
+        assert_eq!(checkout, Home { dir: repo.clone(), checkout: true });
+        assert_eq!(
+            (checkout.images(), checkout.scripts()),
+            (repo.join("target/images"), repo.join("initrd"))
+        );
+        let told =
+            Home::find_from(Some(t.path().join("elsewhere")), Some(&repo.join("target/release/ember")));
+        assert_eq!(told.dir, t.path().join("elsewhere"));
+        // A binary anywhere else: the checkout it was compiled from.
+        let stray = Home::find_from(None, Some(&t.path().join("bin/ember")));
+        assert!(stray.scripts().join("image.sh").is_file(), "{stray:?}");
+    }
 
     #[test]
     fn leftovers_are_told_apart_by_the_whole_image_name() {
