@@ -42,6 +42,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::ResetKind;
+
 /// Assumed time a VM spends away from the ready set before one was measured.
 pub(super) const INITIAL_CYCLE_SECS: f64 = 1.0;
 
@@ -324,6 +326,48 @@ impl Load {
         } else {
             NoReady::Create
         }
+    }
+}
+
+/// CPU seconds by what they were spent on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct CpuSummary {
+    pub exec: Option<f64>,
+    pub reset: Option<f64>,
+    pub scrub: Option<f64>,
+    pub create: Option<f64>,
+}
+
+impl CpuSummary {
+    pub(super) fn add(slot: &mut Option<f64>, v: f64) {
+        *slot = Some(match *slot {
+            None => v,
+            Some(avg) => 0.8 * avg + 0.2 * v,
+        });
+    }
+
+    /// Host calls per second at these costs, for calls that each cost a
+    /// call and a reset of `kind`: the reset a claim will cause (a general
+    /// call's full reset, a function call's scrub), not a mix of what past
+    /// calls caused (after a function's scrubbed calls, general calls would
+    /// be estimated at a scrub's cost for as long as the mix remembers).
+    ///
+    /// Before a reset of that kind was measured, a creation's cost stands
+    /// in for it (a full reset restores the same template a creation does);
+    /// counting it free promised five times the calls a fresh server could
+    /// serve in its first overload, and admitted claims by the dozen that
+    /// then waited past `max_queue_wait` (docs/BENCHMARKS.md).
+    pub(super) fn capacity(&self, cpus: usize, kind: ResetKind) -> Option<f64> {
+        let reset = match kind {
+            ResetKind::Full => self.reset,
+            ResetKind::Scrub => self.scrub.or(self.reset),
+        }
+        .or(self.create);
+        if self.exec.is_none() && reset.is_none() {
+            return None;
+        }
+        let per_call = self.exec.unwrap_or(0.0) + reset.unwrap_or(0.0);
+        (per_call > 0.0).then(|| cpus as f64 / per_call)
     }
 }
 
