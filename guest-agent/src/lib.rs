@@ -7,6 +7,7 @@
 
 mod cgroup;
 mod configure;
+mod connection;
 mod exec;
 mod files;
 mod forkserver;
@@ -17,11 +18,10 @@ mod process;
 mod reaper;
 mod reset;
 mod scrub;
-mod session;
 mod setup;
+mod streams;
 mod sys;
 mod transport;
-mod tunnel;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -29,12 +29,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use cgroup::Cgroups;
+pub use connection::serve;
 pub use forkserver::ForkServer;
 pub use lane::Lane;
 pub use process::Processes;
 pub use reaper::{ReapMode, Reaper};
 pub use scrub::Baseline;
-pub use session::serve;
 
 /// Where and as whom the agent runs user commands. The guest uses
 /// [`GuestLayout::guest`]; host tests use a temp dir and the current user.

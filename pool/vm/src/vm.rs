@@ -12,7 +12,7 @@ mod host;
 mod pause;
 mod process;
 mod qmp;
-pub(crate) mod state;
+pub(crate) mod state_dir;
 mod steps;
 mod template;
 
@@ -33,7 +33,7 @@ pub use host::VmHost;
 pub use pause::{paused_bytes, Paused, SavedMemory};
 pub use process::OwnedProcess;
 pub use qmp::{Qmp, QmpError};
-pub use state::{ReapReport, StateDir};
+pub use state_dir::{ReapReport, StateDir};
 pub use steps::{describe as describe_steps, Step, Steps};
 pub use template::{BootPlan, Template};
 

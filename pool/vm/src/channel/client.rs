@@ -570,6 +570,6 @@ impl Drop for ExecHandle {
 mod fs;
 #[cfg(test)]
 mod hostile;
-mod tunnel;
+mod streams;
 pub use fs::{DirWatch, Listing};
-pub use tunnel::{FileUpload, UPLOAD_PIECE};
+pub use streams::{FileUpload, UPLOAD_PIECE};

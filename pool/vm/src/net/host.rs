@@ -247,7 +247,7 @@ impl Network {
         let owner_file = owners.join(format!("{}.owner", cfg.namespace));
         let owner = std::fs::read_to_string(&owner_file).unwrap_or_default();
         let owner = owner.trim();
-        if !owner.is_empty() && owner != me() && crate::vm::state::owner_alive(owner) {
+        if !owner.is_empty() && owner != me() && crate::vm::state_dir::owner_alive(owner) {
             return Err(NetError::Setup(format!(
                 "namespace {:?} belongs to a running ember (pid {}); give this one another [network] namespace",
                 cfg.namespace,

@@ -44,7 +44,7 @@ impl Vm {
                     user,
                 )
                 .map_err(io_err(format!("starting {}", cfg.vhost_device_vsock.display())))?;
-                state::record_pid(dir, helper.pid()).map_err(io_err("recording a pid"))?;
+                state_dir::record_pid(dir, helper.pid()).map_err(io_err("recording a pid"))?;
                 parts.helper = Some(helper);
                 let ready =
                     wait_until(deadline, Duration::from_millis(2), || vhost_socket.exists().then_some(()))
@@ -209,7 +209,7 @@ impl Vm {
         let (program, argv) = argv::in_namespace(ns.as_deref(), &cfg.qemu, qemu_argv(&args));
         let mut qemu = OwnedProcess::spawn("qemu", &program, &argv, &dir.join("qemu.log"))
             .map_err(io_err(format!("starting {}", cfg.qemu.display())))?;
-        state::record_pid(&dir, qemu.pid()).map_err(io_err("recording a pid"))?;
+        state_dir::record_pid(&dir, qemu.pid()).map_err(io_err("recording a pid"))?;
         let prepare_ms = started.elapsed().as_millis() as u64;
         let qemu_started = Instant::now();
 

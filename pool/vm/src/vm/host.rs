@@ -7,7 +7,7 @@ use tokio::sync::OnceCell;
 
 use super::accel::{self, Accel};
 use super::config::{AccelChoice, VmConfig};
-use super::state::StateDir;
+use super::state_dir::StateDir;
 use super::{Vm, VmError};
 use crate::channel::{self, ChannelKind, CidAllocator, HostChannels};
 use crate::os::find_program;
@@ -127,7 +127,7 @@ impl VmHost {
                         let owner = self.state.owner_name();
                         let started = std::time::Instant::now();
                         let survivors = crate::storage::zfs::Survivors {
-                            owner_alive: &super::state::owner_alive,
+                            owner_alive: &super::state_dir::owner_alive,
                             paused_keeps: &super::pause::keeps_fork,
                         };
                         let zfs = ZfsStorage::open(

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::session::Outgoing;
+use crate::connection::Outgoing;
 
 /// How long a connect to a guest port may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,7 +67,7 @@ pub enum FileOp {
 
 /// The open connections of one host connection, by their `connect` id.
 #[derive(Debug, Default, Clone)]
-pub struct Tunnels {
+pub struct Streams {
     table: Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>,
     /// The connection's writer, where streams send their frames and pieces
     /// in order (without it, pieces are copied into `output` frames).
@@ -297,8 +297,8 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ErrorReply {
     ErrorReply::new(code, msg)
 }
 
-impl Tunnels {
-    /// The tunnels of a connection whose writer takes `out`.
+impl Streams {
+    /// The streams of a connection whose writer takes `out`.
     pub fn new(out: mpsc::Sender<Outgoing>) -> Self {
         Self { table: Arc::default(), out: Some(out) }
     }

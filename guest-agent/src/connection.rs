@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::{FileOp, Tunnels};
+use crate::streams::{FileOp, Streams};
 use crate::Agent;
 
 /// Requests one connection may have in flight at once.
@@ -25,7 +25,7 @@ pub(crate) enum Outgoing {
     /// from where they are.
     Piece {
         id: u64,
-        piece: crate::tunnel::Piece,
+        piece: crate::streams::Piece,
     },
     /// Flush, then power the guest off.
     PowerOff,
@@ -73,7 +73,7 @@ where
     });
 
     let inflight: Arc<Mutex<HashMap<u64, CancellationToken>>> = Arc::default();
-    let tunnels = Tunnels::new(tx.clone());
+    let streams = Streams::new(tx.clone());
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut buf = vec![0u8; 64 * 1024];
     let mut stats = SessionStats { bytes_read: 0 };
@@ -111,7 +111,7 @@ where
                     continue;
                 }
             };
-            dispatch(&agent, req, &resp_tx, &tx, &inflight, &tunnels).await;
+            dispatch(&agent, req, &resp_tx, &tx, &inflight, &streams).await;
         }
     };
 
@@ -156,7 +156,7 @@ async fn dispatch(
     resp: &mpsc::Sender<Response>,
     out: &mpsc::Sender<Outgoing>,
     inflight: &Arc<Mutex<HashMap<u64, CancellationToken>>>,
-    tunnels: &Tunnels,
+    streams: &Streams,
 ) {
     let id = req.id;
     let reply_now = |body| Response { id, body };
@@ -181,7 +181,7 @@ async fn dispatch(
             let _ = out.send(Outgoing::Frame(reply_now(ResponseBody::Ok))).await;
             let _ = out.send(Outgoing::PowerOff).await;
         }
-        RequestBody::Credit { target, bytes } => tunnels.credit(target, bytes),
+        RequestBody::Credit { target, bytes } => streams.credit(target, bytes),
         body => {
             let token = CancellationToken::new();
             if let Err(msg) = register(inflight, id, &token) {
@@ -192,9 +192,9 @@ async fn dispatch(
             let agent = Arc::clone(agent);
             let resp = resp.clone();
             let inflight = Arc::clone(inflight);
-            let tunnels = tunnels.clone();
+            let streams = streams.clone();
             tokio::spawn(async move {
-                run_request(&agent, &tunnels, id, body, &resp, token).await;
+                run_request(&agent, &streams, id, body, &resp, token).await;
                 inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             });
         }
@@ -219,7 +219,7 @@ fn register(
 
 async fn run_request(
     agent: &Agent,
-    tunnels: &Tunnels,
+    streams: &Streams,
     id: u64,
     body: RequestBody,
     resp: &mpsc::Sender<Response>,
@@ -275,18 +275,18 @@ async fn run_request(
         RequestBody::Resize { pid, cols, rows } => {
             let _ = resp.send(done(crate::process::resize(agent, pid, cols, rows))).await;
         }
-        RequestBody::Connect { port } => tunnels.connect(id, port, resp.clone(), token).await,
+        RequestBody::Connect { port } => streams.connect(id, port, resp.clone(), token).await,
         RequestBody::ReadFile { path } => {
-            tunnels.file(&agent.layout, id, (path, FileOp::Read), resp.clone(), token).await
+            streams.file(&agent.layout, id, (path, FileOp::Read), resp.clone(), token).await
         }
         RequestBody::WriteFile { path } => {
-            tunnels.file(&agent.layout, id, (path, FileOp::Write), resp.clone(), token).await
+            streams.file(&agent.layout, id, (path, FileOp::Write), resp.clone(), token).await
         }
         RequestBody::Send { target, data, eof } => {
-            let _ = resp.send(done(tunnels.send(target, data, eof).await)).await;
+            let _ = resp.send(done(streams.send(target, data, eof).await)).await;
         }
         RequestBody::LaneWrite { target, at, lane_at, len } => {
-            let _ = resp.send(done(tunnels.lane_write(agent, target, (at, lane_at, len)).await)).await;
+            let _ = resp.send(done(streams.lane_write(agent, target, (at, lane_at, len)).await)).await;
         }
         RequestBody::Stat { path } => {
             let _ = resp.send(entries(id, crate::fs::stat(&agent.layout, path).await)).await;
