@@ -191,16 +191,7 @@ async fn real_agent(workspace: std::path::PathBuf, stream: tokio::io::DuplexStre
     let Ok(reaper) = ember_guest_agent::Reaper::start(ember_guest_agent::ReapMode::Registered) else {
         return;
     };
-    let agent = Arc::new(ember_guest_agent::Agent {
-        layout,
-        reaper,
-        cgroups: None,
-        power_off_on_shutdown: false,
-        forkserver: None,
-        baseline: None,
-        processes: Default::default(),
-        lane: Default::default(),
-    });
+    let agent = Arc::new(ember_guest_agent::Agent::unconfined(layout, reaper));
     let _ = ember_guest_agent::serve(agent, stream).await;
 }
 

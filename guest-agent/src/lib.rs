@@ -116,6 +116,24 @@ pub struct Agent {
     pub lane: lane::Lane,
 }
 
+impl Agent {
+    /// An agent off the guest (host tests, the gateway's router tests):
+    /// commands run as the current user under `reaper`, with no cgroups,
+    /// no fork server, no scrub baseline, and no power-off.
+    pub fn unconfined(layout: GuestLayout, reaper: Arc<Reaper>) -> Self {
+        Self {
+            layout,
+            reaper,
+            cgroups: None,
+            power_off_on_shutdown: false,
+            forkserver: None,
+            baseline: None,
+            processes: Processes::default(),
+            lane: lane::Lane::default(),
+        }
+    }
+}
+
 /// Command-line arguments of `ember-agent`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Args {

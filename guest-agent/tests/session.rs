@@ -31,16 +31,7 @@ fn start_with(lane: bool) -> Harness {
     let lane_dir = lane.then(|| tempfile::tempdir().unwrap());
     layout.lane = lane_dir.as_ref().map(|d| d.path().join("lane.raw"));
     let host_lane = layout.lane.as_deref().map(|p| ember_vm::channel::BulkLane::create(p).unwrap());
-    let agent = Arc::new(Agent {
-        layout,
-        reaper: Reaper::start(ReapMode::Registered).unwrap(),
-        cgroups: None,
-        power_off_on_shutdown: false,
-        forkserver: None,
-        baseline: None,
-        processes: Default::default(),
-        lane: Default::default(),
-    });
+    let agent = Arc::new(Agent::unconfined(layout, Reaper::start(ReapMode::Registered).unwrap()));
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));
     let client = Arc::new(AgentClient::new(host));
