@@ -23,13 +23,31 @@ start_daemon() {
     daemon_up || { log "zfs-fuse did not start; see /var/tmp/ember-zfs-fuse.log"; exit 1; }
 }
 
+# The file systems zfs-fuse has mounted, deepest first.
+zfs_mounts() { awk '$3 == "fuse.zfs" {print $2}' /proc/mounts | sort -r; }
+
+# Whether the daemon's FUSE side hangs: it happens (every thread of
+# zfs-fuse waiting on another, every request on its mounts waiting for
+# good) while `zpool` still answers. A stat that does not come back in 5 s
+# says so (SIGKILL: a process waiting on FUSE dies of nothing less).
+fs_hung() {
+    local m
+    for m in $(zfs_mounts); do
+        (timeout -s KILL 5 stat -t "$m" >/dev/null 2>&1) 2>/dev/null || return 0
+    done
+    return 1
+}
+
 # SIGTERM, then SIGKILL: a daemon holding a dataset busy may not exit on
 # its own. A new daemon cannot start while this one is still exiting.
+# Its mounts, dead with it, are taken off lazily.
 stop_daemon() {
     pkill -x zfs-fuse 2>/dev/null || true
     for _ in $(seq 1 50); do pgrep -x zfs-fuse >/dev/null || break; sleep 0.1; done
     pkill -9 -x zfs-fuse 2>/dev/null || true
     for _ in $(seq 1 50); do pgrep -x zfs-fuse >/dev/null || break; sleep 0.1; done
+    local m
+    for m in $(zfs_mounts); do umount -l "$m" 2>/dev/null || true; done
     rm -f "$pidfile"
 }
 
@@ -55,6 +73,10 @@ destroy_pool() {
 case ${1:-} in
 up)
     command -v zfs-fuse >/dev/null || { log "zfs-fuse is not installed (make deps)"; exit 1; }
+    if daemon_up && fs_hung; then
+        log "zfs-fuse answers but its file systems hang; restarting it"
+        stop_daemon
+    fi
     if ! daemon_up; then
         start_daemon
     fi
@@ -69,6 +91,11 @@ up)
     echo "$pool/ember"
     ;;
 down)
+    if daemon_up && fs_hung; then
+        log "zfs-fuse answers but its file systems hang; restarting it"
+        stop_daemon
+        start_daemon
+    fi
     if daemon_up && zpool list -H -o name "$pool" >/dev/null 2>&1; then
         destroy_pool
     fi

@@ -38,7 +38,14 @@ impl Report {
             return;
         }
         let t = Instant::now();
-        match case.await {
+        let limit = case_limit();
+        let outcome = match tokio::time::timeout(limit, case).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!(
+                "did not finish within {limit:?} (EMBER_CASE_TIMEOUT_SECS): a hung host part, say zfs-fuse"
+            )),
+        };
+        match outcome {
             Ok(()) => {
                 println!("test {name} ... ok ({} ms)", t.elapsed().as_millis());
                 self.passed += 1;
@@ -75,6 +82,15 @@ macro_rules! ensure_eq {
             (l, r) => anyhow::ensure!(l == r, "{} = {:?}, expected {:?}", stringify!($left), l, r),
         }
     }};
+}
+
+/// The longest one case may take (`EMBER_CASE_TIMEOUT_SECS`, default 15
+/// minutes): a case stuck on a hung host part (zfs-fuse once left every
+/// request on its mounts waiting for good) fails instead of holding the
+/// whole run until CI's own limit.
+fn case_limit() -> std::time::Duration {
+    let secs = std::env::var("EMBER_CASE_TIMEOUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(900);
+    std::time::Duration::from_secs(secs)
 }
 
 /// Whether a suite that boots real VMs can run here: the images built
