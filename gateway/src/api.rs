@@ -156,7 +156,6 @@ impl Invocation {
         }
     }
 
-    /// The files to write and the request for the agent.
     /// The exec request, files included (the agent writes them first).
     pub fn into_exec(self, id: &str, limits: &Limits, keep_processes: bool) -> ExecRequest {
         let mut files = self.files;

@@ -1,5 +1,7 @@
 //! The pool's real backend: QEMU microVMs from a [`VmHost`], made clean
-//! after each use by restoring a snapshot, or destroyed.
+//! after each use by restoring a snapshot, rolling back their writable disk
+//! (raw copy or ZFS), scrubbing in the guest between one function's calls,
+//! or destroyed.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -158,8 +158,9 @@ impl Vm {
         &self.agent
     }
 
-    /// The agent connection, to use without holding the VM. A rollback
-    /// reset replaces it; the old one then fails every call.
+    /// The agent connection, to use without holding the VM. A snapshot
+    /// reset (`load_snapshot`, then a new connection) replaces it; the old
+    /// one then fails every call. A rollback keeps it.
     pub fn shared_agent(&self) -> std::sync::Arc<AgentClient> {
         std::sync::Arc::clone(&self.agent)
     }
@@ -224,10 +225,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Pause the VM and migrate its device state into `path`, RAM left out
-    /// (`x-ignore-shared`: it stays in the shared memory file); for templates.
-    /// Stop the VM and save its state to `path`; with `ignore_shared`,
-    /// RAM in a shared file stays out of it (a template).
+    /// Stop the VM and save its state to `path` (a template's, or a paused
+    /// VM's); with `ignore_shared`, RAM in a shared file stays out of it
+    /// (`x-ignore-shared`: a template's RAM stays in its memory file).
     pub(super) async fn migrate_to_file(
         &self,
         path: &Path,
@@ -243,7 +243,7 @@ impl Vm {
         template::set_ignore_shared(&mut qmp, ignore_shared).await.map_err(qmp_err)?;
         let unlimited = serde_json::json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 100_000 });
         qmp.execute("migrate-set-parameters", Some(unlimited)).await.map_err(qmp_err)?;
-        let file = std::fs::File::create(path).map_err(io_err("creating the template state file"))?;
+        let file = std::fs::File::create(path).map_err(io_err("creating the VM's state file"))?;
         qmp.send_fd(FD_NAME, std::os::fd::AsFd::as_fd(&file)).await.map_err(qmp_err)?;
         qmp.execute("migrate", Some(serde_json::json!({ "uri": format!("fd:{FD_NAME}") })))
             .await

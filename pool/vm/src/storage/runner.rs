@@ -1,6 +1,7 @@
-//! Running `zfs`/`zpool`: every call goes through a [`Runner`], with a
-//! timeout and its stderr kept in the error. The real one spawns the
-//! program; [`FakeRunner`] records the commands and answers from a script.
+//! Running host tools (`zfs`, and the network's `ip` and `nft`): every
+//! call goes through a [`Runner`], with a timeout and its stderr kept in the
+//! error. The real one spawns the program; [`FakeRunner`] records the
+//! commands and answers from a script.
 
 use std::future::Future;
 use std::pin::Pin;
