@@ -63,7 +63,7 @@ impl Lane {
         if len > ember_wire::MAX_LANE_WRITE {
             return Err(format!("{len} bytes is over the lane's {} per write", ember_wire::MAX_LANE_WRITE));
         }
-        if at % ALIGN as u64 != 0 {
+        if !at.is_multiple_of(ALIGN as u64) {
             return Err(format!("lane offset {at} is not {ALIGN}-aligned"));
         }
         let f = self.file(path)?;

@@ -233,7 +233,7 @@ impl FileOut {
     fn write_at(&self, data: &[u8], at: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt as _;
         let direct_len = match &self.direct {
-            Some(_) if at % DIRECT_ALIGN == 0 => data.len() as u64 / DIRECT_ALIGN * DIRECT_ALIGN,
+            Some(_) if at.is_multiple_of(DIRECT_ALIGN) => data.len() as u64 / DIRECT_ALIGN * DIRECT_ALIGN,
             _ => 0,
         } as usize;
         if let (Some(d), true) = (&self.direct, direct_len > 0) {

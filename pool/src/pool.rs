@@ -28,7 +28,7 @@ pub use admission::CpuSummary;
 pub use backend::{Backend, NetTimings, VmHandle};
 pub use budget::MemoryBudget;
 pub use lease::Lease;
-pub use session::{SessionInfo, SessionLease, SessionSpec, MIN_SESSION_TIMEOUT};
+pub use session::{SessionHandle, SessionInfo, SessionLease, SessionSpec, MIN_SESSION_TIMEOUT};
 use state::{pick_ready, Phase, ReadyVm, State};
 pub use vm_backend::VmBackend;
 

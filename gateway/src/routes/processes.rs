@@ -30,17 +30,8 @@ pub(super) async fn agent_of<B: Backend>(
     crate::api::check_session_key(key)?;
     let missing = || ApiError::not_found(format!("no session {key:?}"));
     let (_, pool) = state.pools.with_session(key).ok_or_else(missing)?;
-    let agent = match pool.session_agent(key) {
-        Some(a) => a,
-        None if pool.session_info(key).is_some_and(|s| s.state == "paused") => {
-            pool.resume_session(key).await?;
-            pool.session_agent(key).ok_or_else(missing)?
-        }
-        None => return Err(missing()),
-    };
-    pool.touch_session(key);
-    let vm = pool.session_info(key).and_then(|s| s.vm_id).unwrap_or_default();
-    Ok((vm, agent))
+    let handle = pool.session_handle(key).await?;
+    Ok((handle.vm_id, handle.agent))
 }
 
 fn parse_pid(raw: &str) -> Result<u32, ApiError> {

@@ -389,6 +389,26 @@ impl<B: Backend> Pool<B> {
         agent
     }
 
+    /// Session `key`'s agent connection and VM id, for a use that is not a
+    /// call (its processes, files, ports): resumed first if it is paused,
+    /// and counted as a use. No figures are read (`session_info` reads the
+    /// VM's usage from `/proc`).
+    pub async fn session_handle(&self, key: &str) -> Result<SessionHandle, PoolError> {
+        let mut slot = self.slot(key)?;
+        if slot.is_paused() {
+            drop(self.session(key).await?);
+            slot = self.slot(key)?;
+        }
+        let agent = locked(&slot.handle).agent.clone();
+        let agent = agent.ok_or_else(|| PoolError::SessionLost {
+            key: key.into(),
+            reason: "its VM has no agent".into(),
+        })?;
+        slot.touch();
+        let vm_id = locked(&slot.vm_id).clone();
+        Ok(SessionHandle { agent, vm_id })
+    }
+
     /// Count a use of session `key` that is not a call (its processes).
     pub fn touch_session(&self, key: &str) {
         if let Some(slot) = self.inner.lock().sessions.get(key) {
@@ -413,6 +433,14 @@ impl<B: Backend> Pool<B> {
         }
         Some(slot.info(key, now))
     }
+}
+
+/// A running session's agent connection, to use without holding its VM
+/// (see [`Pool::session_handle`]).
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub agent: std::sync::Arc<ember_vm::AgentClient>,
+    pub vm_id: String,
 }
 
 /// End the session `key` if `slot` is still its slot: out of the sessions
