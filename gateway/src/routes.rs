@@ -27,6 +27,18 @@ pub const SESSION_HEADER: &str = "x-ember-session";
 pub const INVOCATION_HEADER: &str = "x-ember-invocation";
 pub const NDJSON: &str = "application/x-ndjson";
 
+/// A 200 whose body is NDJSON, each chunk as `rx` gives it, until the
+/// sender is dropped. The task feeding `rx` sees the client go away as a
+/// closed channel (`Sender::closed`).
+pub(crate) fn ndjson(rx: tokio::sync::mpsc::Receiver<axum::body::Bytes>) -> Response {
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    let mut resp = Response::new(axum::body::Body::from_stream(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(NDJSON));
+    resp
+}
+
 /// Every route as (method, path), in `openapi.yaml`'s spelling.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),

@@ -167,12 +167,7 @@ async fn watch(
             }
         }
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    });
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(super::NDJSON));
-    Ok(resp)
+    Ok(super::ndjson(rx))
 }
 
 /// Write the body to the file (parents created), streamed: the agent writes

@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ember_pool::pool::Backend;
@@ -16,7 +16,6 @@ use ember_vm::AgentClient;
 use serde_json::json;
 
 use super::run::{line, EventLines};
-use super::NDJSON;
 use crate::api::{ProcessRequest, PtyRequest, SignalRequest, StreamEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -164,12 +163,7 @@ pub async fn output<B: Backend>(
                     };
                 }
             });
-            let body = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-            });
-            let mut resp = Response::new(Body::from_stream(body));
-            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
-            Ok(resp)
+            Ok(super::ndjson(rx))
         }
         .await,
     )

@@ -1,7 +1,7 @@
 //! `POST /v1/run` and `POST /v1/functions/{name}`: read and check the
 //! request, run it, answer with one JSON result or an NDJSON stream.
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +12,7 @@ use http_body_util::BodyExt as _;
 use serde::Deserialize;
 use tracing::Instrument as _;
 
-use super::{session_key, wants_stream, INVOCATION_HEADER, NDJSON};
+use super::{session_key, wants_stream, INVOCATION_HEADER};
 use crate::api::{
     check_image, parse_timeout, Invocation, Lang, Program, RunRequest, StreamEvent, Utf8Chunker,
 };
@@ -296,10 +296,5 @@ where
         }
     };
     tokio::spawn(task.instrument(span));
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    });
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
-    resp
+    super::ndjson(rx)
 }
