@@ -49,7 +49,7 @@ pub struct Overload {
 /// children it has reaped (VMs destroyed meanwhile: their CPU moved to
 /// their parent's `cutime`). Grandchildren reaped by others are missed.
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
-    let parent = ember_vm::procfs::parents();
+    let parent = ember_sys::procfs::parents();
     let below = |mut p: u32| loop {
         if p == pid {
             return true;
@@ -60,8 +60,8 @@ pub fn tree_cpu_seconds(pid: u32) -> f64 {
         }
     };
     let live: f64 =
-        parent.keys().filter(|p| below(**p)).filter_map(|p| ember_vm::procfs::cpu_seconds(*p)).sum();
-    live + ember_vm::procfs::reaped_children_cpu_seconds(pid).unwrap_or(0.0)
+        parent.keys().filter(|p| below(**p)).filter_map(|p| ember_sys::procfs::cpu_seconds(*p)).sum();
+    live + ember_sys::procfs::reaped_children_cpu_seconds(pid).unwrap_or(0.0)
 }
 
 /// `concurrency` closed-loop clients for `secs`, with `/healthz` probed

@@ -11,6 +11,6 @@
 pub mod harness;
 pub mod serve;
 
-pub use ember_vm::os::processes_mentioning;
+pub use ember_sys::os::processes_mentioning;
 pub use harness::{vms_can_run, CaseFuture, Report};
 pub use serve::{EmberServe, ServeOptions};

@@ -7,8 +7,7 @@
 pub mod channel;
 pub mod image;
 pub mod net;
-pub mod os;
-pub mod procfs;
+pub use ember_sys::{os, procfs};
 pub mod storage;
 pub mod vm;
 

@@ -9,7 +9,6 @@
 //! last resort) removes the clone.
 
 pub mod file;
-mod runner;
 pub mod zfs;
 
 use std::path::{Path, PathBuf};
@@ -19,8 +18,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 #[cfg(any(test, feature = "test-util"))]
-pub use runner::FakeRunner;
-pub use runner::{command_line, ProcessRunner, Runner};
+pub use ember_sys::FakeRunner;
+pub use ember_sys::{command_line, CommandError, ProcessRunner, Runner};
 pub use zfs::ZfsStorage;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +34,16 @@ pub enum StorageError {
     Setup(String),
     #[error("{what}: {error}")]
     Io { what: String, error: std::io::Error },
+}
+
+impl From<CommandError> for StorageError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Failed { command, code, stderr } => Self::Failed { command, code, stderr },
+            CommandError::Timeout { command, after } => Self::Timeout { command, after },
+            CommandError::Spawn { command, error } => Self::Spawn { command, error },
+        }
+    }
 }
 
 /// `[storage] backend`.

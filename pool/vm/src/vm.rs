@@ -10,7 +10,6 @@ mod argv;
 mod config;
 mod host;
 mod pause;
-mod process;
 mod qmp;
 pub(crate) mod state_dir;
 mod steps;
@@ -29,9 +28,9 @@ pub use argv::{kernel_cmdline, qemu_argv, vhost_vsock_argv, ChannelDevice, Memor
 pub use config::{
     default_cache_dir, default_state_dir, AccelChoice, ImageSet, InitMode, ScratchKind, VmConfig,
 };
+pub use ember_sys::OwnedProcess;
 pub use host::VmHost;
 pub use pause::{paused_bytes, Paused, SavedMemory};
-pub use process::OwnedProcess;
 pub use qmp::{Qmp, QmpError};
 pub use state_dir::{ReapReport, StateDir};
 pub use steps::{describe as describe_steps, Step, Steps};

@@ -165,7 +165,7 @@ impl ZfsStorage {
     }
 
     async fn zfs(&self, list: &[&str]) -> Result<String, StorageError> {
-        self.runner.run(ZFS, &args(list)).await
+        Ok(self.runner.run(ZFS, &args(list)).await?)
     }
 
     /// [`Self::zfs`], retried while the dataset is busy (for at most

@@ -7,9 +7,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use super::StorageError;
+/// A host tool that could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("`{command}` failed (exit {code:?}): {stderr}")]
+    Failed { command: String, code: Option<i32>, stderr: String },
+    #[error("`{command}` did not finish within {after:?}")]
+    Timeout { command: String, after: Duration },
+    #[error("cannot run `{command}`: {error}")]
+    Spawn { command: String, error: String },
+}
 
-pub type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<String, StorageError>> + Send + 'a>>;
+pub type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<String, CommandError>> + Send + 'a>>;
 
 /// Runs one command and returns its stdout.
 pub trait Runner: Send + Sync + std::fmt::Debug + 'static {
@@ -37,14 +46,14 @@ impl Runner for ProcessRunner {
                 .kill_on_drop(true)
                 .output();
             let out = match tokio::time::timeout(self.timeout, child).await {
-                Err(_) => return Err(StorageError::Timeout { command, after: self.timeout }),
-                Ok(Err(e)) => return Err(StorageError::Spawn { command, error: e.to_string() }),
+                Err(_) => return Err(CommandError::Timeout { command, after: self.timeout }),
+                Ok(Err(e)) => return Err(CommandError::Spawn { command, error: e.to_string() }),
                 Ok(Ok(out)) => out,
             };
             if out.status.success() {
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             } else {
-                Err(StorageError::Failed {
+                Err(CommandError::Failed {
                     command,
                     code: out.status.code(),
                     stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -103,7 +112,7 @@ impl Runner for FakeRunner {
             match reply {
                 None => Ok(String::new()),
                 Some(Ok(out)) => Ok(out),
-                Some(Err(stderr)) => Err(StorageError::Failed { command, code: Some(1), stderr }),
+                Some(Err(stderr)) => Err(CommandError::Failed { command, code: Some(1), stderr }),
             }
         })
     }
@@ -118,7 +127,7 @@ mod tests {
         let r = ProcessRunner { timeout: Duration::from_secs(5) };
         let args = vec!["-c".to_string(), "echo out; echo 'it broke' >&2; exit 3".to_string()];
         match r.run("sh", &args).await {
-            Err(StorageError::Failed { code: Some(3), stderr, command }) => {
+            Err(CommandError::Failed { code: Some(3), stderr, command }) => {
                 assert_eq!(stderr, "it broke");
                 assert!(command.starts_with("sh -c"));
             }
@@ -126,7 +135,7 @@ mod tests {
         }
         assert_eq!(r.run("echo", &["hi".to_string()]).await.unwrap(), "hi\n");
         let slow = ProcessRunner { timeout: Duration::from_millis(100) };
-        assert!(matches!(slow.run("sleep", &["5".to_string()]).await, Err(StorageError::Timeout { .. })));
-        assert!(matches!(r.run("/no/such/zfs", &[]).await, Err(StorageError::Spawn { .. })));
+        assert!(matches!(slow.run("sleep", &["5".to_string()]).await, Err(CommandError::Timeout { .. })));
+        assert!(matches!(r.run("/no/such/zfs", &[]).await, Err(CommandError::Spawn { .. })));
     }
 }
