@@ -5,8 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_pool::pool::PoolError;
 use ember_vm::AgentError;
-use ember_wire::ErrorCode;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -18,13 +17,7 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
 }
 
-/// What `{"error": ...}` holds, in a JSON answer and as an NDJSON stream's
-/// last line: the one definition of the error shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-}
+pub use ember_service::ErrorBody;
 
 #[derive(Serialize)]
 struct Body {
@@ -34,6 +27,11 @@ struct Body {
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    /// A 400 `invalid_request`: a value the request got wrong.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -79,41 +77,10 @@ impl ApiError {
     }
 
     /// An error from VM `vm`'s agent, as the caller sees it, and whether
-    /// the VM can no longer be trusted (then it is destroyed).
+    /// the VM can no longer be trusted (the service layer decides both).
     pub fn from_agent(vm: &str, e: AgentError) -> (Self, bool) {
-        let broken = e.dooms_vm();
-        let api = match e {
-            AgentError::Remote(r) if r.errno.is_some() => Self::from_errno(r.errno.unwrap_or(0), r.message),
-            AgentError::Remote(r) => match r.code {
-                ErrorCode::BadRequest => Self::new(StatusCode::BAD_REQUEST, "invalid_request", r.message),
-                ErrorCode::SpawnFailed => {
-                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed", r.message)
-                }
-                ErrorCode::NotFound => Self::not_found(r.message),
-                ErrorCode::Conflict => Self::conflict("process_state", r.message),
-                ErrorCode::Unreachable => Self::new(StatusCode::BAD_GATEWAY, "port_unreachable", r.message),
-                _ => Self::vm_failed(format!("VM {vm}: {}", r.message)),
-            },
-            // Our own bound, not the guest's fault: the VM stays.
-            AgentError::TooManyInFlight { .. } => Self::busy("too_many_requests", e.to_string(), 1),
-            other => Self::vm_failed(format!("VM {vm}: {other}")),
-        };
-        (api, broken)
-    }
-
-    /// A system call in the guest failed with `errno` (a file operation):
-    /// its status by the errno, the guest's words as the message.
-    pub fn from_errno(errno: i32, message: String) -> Self {
-        use nix::errno::Errno;
-        match Errno::from_raw(errno) {
-            Errno::ENOENT => Self::not_found(message),
-            Errno::EACCES | Errno::EPERM | Errno::EROFS => {
-                Self::new(StatusCode::FORBIDDEN, "permission_denied", message)
-            }
-            Errno::EEXIST | Errno::ENOTEMPTY => Self::conflict("file_exists", message),
-            Errno::ENOSPC | Errno::EDQUOT => Self::new(StatusCode::INSUFFICIENT_STORAGE, "no_space", message),
-            _ => Self::new(StatusCode::BAD_REQUEST, "invalid_request", message),
-        }
+        let (e, broken) = ember_service::Error::from_agent(vm, e);
+        (e.into(), broken)
     }
 }
 
@@ -136,31 +103,37 @@ impl IntoResponse for ApiError {
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> Self {
-        let msg = e.to_string();
-        match e {
-            PoolError::Exhausted { retry_after, .. } => {
-                // Whole seconds, rounded up, at least one.
-                let secs = u32::try_from(retry_after.as_millis().div_ceil(1000)).unwrap_or(u32::MAX).max(1);
-                Self::busy("pool_exhausted", msg, secs)
-            }
-            PoolError::SessionLimit { .. } => Self::busy("session_limit", msg, 5),
-            PoolError::Draining => Self::draining(),
-            PoolError::SessionLost { .. } => Self::new(StatusCode::GONE, "session_lost", msg),
-            PoolError::SessionExists { .. } => Self::conflict("session_exists", msg),
-            PoolError::PausedLimit { .. } => Self::busy("paused_limit", msg, 5),
-            PoolError::Pause(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "pause_failed", msg),
-            PoolError::Create(_) | PoolError::Reset { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "vm_unavailable", msg)
-            }
-            // The host could not set the VM's network up: the call never ran.
-            PoolError::Network(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "network_unavailable", msg),
-        }
+        ember_service::Error::from(e).into()
+    }
+}
+
+/// A service error as an HTTP answer: the kind picks the status.
+impl From<ember_service::Error> for ApiError {
+    fn from(e: ember_service::Error) -> Self {
+        use ember_service::Kind;
+        let status = match e.kind {
+            Kind::Invalid => StatusCode::BAD_REQUEST,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::NotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::Gone => StatusCode::GONE,
+            Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::Unsupported => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Kind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            Kind::Busy => StatusCode::TOO_MANY_REQUESTS,
+            Kind::VmFailed => StatusCode::BAD_GATEWAY,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        };
+        Self { status, code: e.code, message: e.message, retry_after: e.retry_after }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ember_wire::ErrorCode;
     use std::time::Duration;
 
     #[test]

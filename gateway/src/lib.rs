@@ -2,18 +2,15 @@
 //! command-line tools, configuration and telemetry.
 #![forbid(unsafe_code)]
 
-pub mod api;
+/// The service layer's modules, under the paths the gateway has always used.
+pub use ember_service::{api, functions, invocation, metrics, pools, state};
+
 pub mod cli;
 pub mod config;
 pub mod error;
-pub mod functions;
 pub mod http_server;
-pub mod invocation;
-pub mod metrics;
-pub mod pools;
 pub mod routes;
 pub mod serve;
-pub mod state;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;

@@ -472,8 +472,11 @@ impl Streams {
         let w = guard
             .as_mut()
             .ok_or_else(|| err(ErrorCode::Conflict, "the connection's write side is closed"))?;
-        let write = w.write(data, eof);
-        let written = crate::process::timed_write(write, SEND_TIMEOUT, "writing").await;
+        let written = if matches!(w, Writer::File(_)) {
+            timed_file_write(w.write(data, eof)).await
+        } else {
+            crate::process::timed_write(w.write(data, eof), SEND_TIMEOUT, "writing").await
+        };
         if eof || written.is_err() {
             *guard = None;
             t.shut.cancel();
@@ -507,7 +510,7 @@ impl Streams {
             let written = tokio::task::spawn_blocking(move || file.write_at(&buf[start..end], at));
             written.await.map_err(std::io::Error::other)?
         };
-        let written = crate::process::timed_write(write, SEND_TIMEOUT, "writing").await;
+        let written = timed_file_write(write).await;
         if written.is_err() {
             *t.writer.lock().await = None;
             t.shut.cancel();
@@ -522,6 +525,18 @@ impl Streams {
             let room = (CONNECT_WINDOW as usize).saturating_sub(t.window.available_permits());
             t.window.add_permits((bytes.min(CONNECT_WINDOW) as usize).min(room));
         }
+    }
+}
+
+/// Write to a file within [`SEND_TIMEOUT`]; a failure says its errno (a
+/// full disk is ENOSPC, which the host answers as such).
+async fn timed_file_write(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), ErrorReply> {
+    match tokio::time::timeout(SEND_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ErrorReply::io("writing", &e)),
+        Err(_) => Err(err(ErrorCode::Conflict, format!("writing: nothing was written for {SEND_TIMEOUT:?}"))),
     }
 }
 

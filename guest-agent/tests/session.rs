@@ -555,6 +555,17 @@ async fn written_in_order_with_the_guests_errors(h: Harness, piece: usize) {
             other => panic!("{path}: {other:?}"),
         }
     }
+    // A full disk says ENOSPC (`/dev/full` fails every write so), on the
+    // channel and on the lane alike, for the host to answer as such.
+    let mut full = h.client.write_file("/dev/full").await.unwrap();
+    let first_error = match full.write(&vec![7u8; 5 << 20]).await {
+        Err(e) => e,
+        Ok(()) => full.finish().await.expect_err("a write to /dev/full succeeded"),
+    };
+    match first_error {
+        AgentError::Remote(e) => assert_eq!(e.errno, Some(libc::ENOSPC), "{e:?}"),
+        other => panic!("a write to /dev/full: {other:?}"),
+    }
     // Abandoned half-way: the agent lets go of it and serves on.
     let mut up = h.client.write_file("abandoned").await.unwrap();
     up.write(b"part").await.unwrap();

@@ -39,7 +39,7 @@ type Params = Query<HashMap<String, String>>;
 
 fn check_path(raw: &str) -> Result<String, ApiError> {
     if raw.is_empty() || raw.contains('\0') || raw.len() > 4096 {
-        return Err(crate::api::invalid(format!("path {raw:?}: 1-4096 bytes, no NUL")));
+        return Err(crate::error::ApiError::invalid(format!("path {raw:?}: 1-4096 bytes, no NUL")));
     }
     Ok(raw.to_string())
 }
@@ -101,7 +101,9 @@ pub async fn get<B: Backend>(
             let depth = match q.get("depth") {
                 None => 1,
                 Some(d) => d.parse().ok().filter(|d| (1..=MAX_LIST_DEPTH).contains(d)).ok_or_else(|| {
-                    crate::api::invalid(format!("depth {d:?}: a whole number from 1 to {MAX_LIST_DEPTH}"))
+                    crate::error::ApiError::invalid(format!(
+                        "depth {d:?}: a whole number from 1 to {MAX_LIST_DEPTH}"
+                    ))
                 })?,
             };
             return list(&agent, &vm, &path, depth).await.map(|v| Json(v).into_response());
@@ -212,7 +214,7 @@ async fn feed(
     let mut stream = body.into_data_stream();
     let mut written = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| crate::api::invalid(format!("reading the body: {e}")))?;
+        let chunk = chunk.map_err(|e| crate::error::ApiError::invalid(format!("reading the body: {e}")))?;
         written += chunk.len() as u64;
         if written > limit {
             return Err(too_large(limit));
@@ -236,7 +238,7 @@ pub async fn post<B: Backend>(
             return Ok((StatusCode::CREATED, Json(stat_json(&path, &e))).into_response());
         }
         let Some(dest) = q.get("move_to") else {
-            return Err(crate::api::invalid("POST a path with ?mkdir or ?move_to=DEST"));
+            return Err(crate::error::ApiError::invalid("POST a path with ?mkdir or ?move_to=DEST"));
         };
         let dest = check_path(dest)?;
         let e = agent.rename(&path, &dest, true).await.map_err(failed(&vm))?;

@@ -49,7 +49,7 @@ pub async fn path<B: Backend>(
 fn parse_port(raw: &str) -> Result<u16, ApiError> {
     match raw.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(crate::api::invalid(format!("port {raw:?} must be a number from 1 to 65535"))),
+        _ => Err(crate::error::ApiError::invalid(format!("port {raw:?} must be a number from 1 to 65535"))),
     }
 }
 
@@ -132,7 +132,7 @@ fn target_uri(path: &str, uri: &Uri) -> Result<Uri, ApiError> {
         t.push('?');
         t.push_str(q);
     }
-    t.parse().map_err(|e| crate::api::invalid(format!("path {t:?}: {e}")))
+    t.parse().map_err(|e| crate::error::ApiError::invalid(format!("path {t:?}: {e}")))
 }
 
 /// The request for the guest server: the caller's method, headers (less

@@ -34,7 +34,7 @@ pub(super) async fn agent_of<B: Backend>(
 }
 
 fn parse_pid(raw: &str) -> Result<u32, ApiError> {
-    raw.parse().map_err(|_| crate::api::invalid(format!("pid {raw:?} is not a process id")))
+    raw.parse().map_err(|_| crate::error::ApiError::invalid(format!("pid {raw:?} is not a process id")))
 }
 
 fn agent_error(vm: &str, e: ember_vm::AgentError) -> ApiError {
@@ -192,7 +192,7 @@ pub async fn signal<B: Backend>(
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
-    let what = super::parse_json::<SignalRequest>(&body).and_then(|r| r.check()).map(Control::Signal);
+    let what = super::parse_json::<SignalRequest>(&body).and_then(|r| Ok(r.check()?)).map(Control::Signal);
     control(state, key, pid, what).await
 }
 
@@ -203,7 +203,7 @@ pub async fn resize<B: Backend>(
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Response {
-    let what = super::parse_json::<PtyRequest>(&body).and_then(|r| r.check()).map(Control::Resize);
+    let what = super::parse_json::<PtyRequest>(&body).and_then(|r| Ok(r.check()?)).map(Control::Resize);
     control(state, key, pid, what).await
 }
 

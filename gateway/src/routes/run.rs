@@ -186,7 +186,7 @@ where
     let resp = if wants_stream(headers) {
         match invocation::start(&state, id.clone(), session, inv).instrument(span.clone()).await {
             Ok(running) => stream(running, span),
-            Err(e) => e.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
         }
     } else {
         match invocation::run(&state, id.clone(), session, inv).instrument(span).await {
@@ -198,7 +198,7 @@ where
                 }
                 resp
             }
-            Err(e) => e.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
         }
     };
     with_id(resp, &id)

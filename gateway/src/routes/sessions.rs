@@ -47,7 +47,7 @@ pub async fn open<B: Backend>(
         let s = req.check(&state.limits, default.config().session_max_lifetime)?;
         let (image, pool) = state.pools.get(s.image.as_deref())?;
         if let Some(want) = s.memory_mb.filter(|m| *m > pool.vm_memory_mb()) {
-            return Err(crate::api::invalid(format!(
+            return Err(crate::error::ApiError::invalid(format!(
                 "memory_mb {want} exceeds the {} MiB of image {image:?}'s VMs (set [pool.images.{image}] memory_mb)",
                 pool.vm_memory_mb()
             )));
@@ -90,7 +90,7 @@ pub async fn open<B: Backend>(
 /// One session as it is now, with its live figures.
 pub async fn show<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<String>) -> Response {
     if let Err(e) = crate::api::check_session_key(&key) {
-        return e.into_response();
+        return ApiError::from(e).into_response();
     }
     match state.pools.with_session(&key).and_then(|(image, pool)| Some((image, pool.session_info(&key)?))) {
         Some((image, info)) => Json(shown(info, image)).into_response(),
@@ -125,7 +125,7 @@ pub async fn timeout<B: Backend>(
 /// End a session and destroy its VM (after a call in progress finishes).
 pub async fn end<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<String>) -> Response {
     if let Err(e) = crate::api::check_session_key(&key) {
-        return e.into_response();
+        return ApiError::from(e).into_response();
     }
     let Some((_, pool)) = state.pools.with_session(&key) else {
         return ApiError::not_found(format!("no session {key:?}")).into_response();

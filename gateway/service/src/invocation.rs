@@ -18,7 +18,7 @@ use ember_vm::{AgentClient, ExecEvent};
 use tokio::time::Instant;
 
 use crate::api::{text_and_base64, Invocation, RunResult, Timing};
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::state::AppState;
 use running::Held;
 pub use running::Running;
@@ -49,13 +49,13 @@ pub async fn start<B: Backend>(
     id: String,
     session: Option<String>,
     inv: Invocation,
-) -> Result<Running<B>, ApiError>
+) -> Result<Running<B>, Error>
 where
     B::Vm: Sandbox,
 {
     let started = claim_and_start(state, id, session, inv).await;
     if let Err(e) = &started {
-        if e.status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+        if e.kind == crate::Kind::Busy {
             let cap = Duration::from_secs(u64::from(e.retry_after.unwrap_or(1)));
             tokio::time::sleep(state.limits.busy_delay.min(cap)).await;
         }
@@ -68,18 +68,18 @@ async fn claim_and_start<B: Backend>(
     id: String,
     session: Option<String>,
     mut inv: Invocation,
-) -> Result<Running<B>, ApiError>
+) -> Result<Running<B>, Error>
 where
     B::Vm: Sandbox,
 {
     if state.is_draining() {
-        return Err(ApiError::draining());
+        return Err(Error::draining());
     }
     if let Some(p) = inv.network.as_ref().filter(|p| p.connected()) {
         check_network_enabled(state, p)?;
     }
     let permit = Arc::clone(&state.permits).try_acquire_owned().map_err(|_| {
-        ApiError::busy(
+        Error::busy(
             "too_many_requests",
             format!("{} invocations are running, the limit", state.limits.max_concurrent_requests),
             1,
@@ -92,7 +92,7 @@ where
             let (image, pool) = match state.pools.with_session(key) {
                 Some((image, pool)) => {
                     if let Some(want) = inv.image.as_deref().filter(|w| *w != image) {
-                        return Err(ApiError::conflict(
+                        return Err(Error::conflict(
                             "session_image",
                             format!(
                                 "session {key:?} runs image {image:?}, not {want:?}; end it to change images"
@@ -161,7 +161,7 @@ pub async fn run<B: Backend>(
     id: String,
     session: Option<String>,
     inv: Invocation,
-) -> Result<RunResult, ApiError>
+) -> Result<RunResult, Error>
 where
     B::Vm: Sandbox,
 {
@@ -204,11 +204,11 @@ where
 }
 
 /// A 400 for a network asked of a server whose networking is off.
-pub fn check_network_enabled<B: Backend>(state: &AppState<B>, policy: &Policy) -> Result<(), ApiError> {
+pub fn check_network_enabled<B: Backend>(state: &AppState<B>, policy: &Policy) -> Result<(), Error> {
     if state.network_enabled || !policy.connected() {
         return Ok(());
     }
-    Err(ApiError::bad_request_code(
+    Err(Error::bad_request_code(
         "network_disabled",
         "this server's networking is off ([network] enabled = false): only \"network\": \"none\" is possible",
     ))
@@ -221,7 +221,7 @@ async fn connect<B: Backend>(
     held: &mut Held<B>,
     policy: &Policy,
     in_session: bool,
-) -> Result<Option<NetTimings>, ApiError> {
+) -> Result<Option<NetTimings>, Error> {
     if !policy.connected() && !in_session {
         return Ok(None);
     }

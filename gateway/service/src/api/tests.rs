@@ -1,13 +1,13 @@
 use super::*;
 
-fn parse(json: &str) -> Result<Invocation, ApiError> {
+fn parse(json: &str) -> Result<Invocation, Error> {
     let req: RunRequest = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
     req.validate(&Limits::default())
 }
 
 fn refused(json: &str, needle: &str) {
     let e = parse(json).expect_err(json);
-    assert_eq!(e.status.as_u16(), 400, "{json}");
+    assert_eq!(e.kind, crate::Kind::Invalid, "{json}");
     assert!(e.message.contains(needle), "{json}: {:?} lacks {needle:?}", e.message);
 }
 

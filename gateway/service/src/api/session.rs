@@ -9,8 +9,8 @@ use ember_pool::pool::{SessionSpec, MIN_SESSION_TIMEOUT};
 use serde::Deserialize;
 
 use super::{check_env, check_image, check_network, check_session_key, invalid};
-use crate::config::Limits;
-use crate::error::ApiError;
+use crate::error::Error;
+use crate::limits::Limits;
 
 /// Metadata a session may carry: entries, and bytes of a key and a value.
 pub const MAX_METADATA_ENTRIES: usize = 64;
@@ -47,7 +47,7 @@ pub struct SessionSettings {
 }
 
 impl SessionRequest {
-    pub fn check(self, limits: &Limits, max_lifetime: Duration) -> Result<SessionSettings, ApiError> {
+    pub fn check(self, limits: &Limits, max_lifetime: Duration) -> Result<SessionSettings, Error> {
         let key = match self.key {
             Some(k) => {
                 check_session_key(&k)?;
@@ -87,7 +87,7 @@ pub struct TimeoutRequest {
 }
 
 impl TimeoutRequest {
-    pub fn check(&self, max_lifetime: Duration) -> Result<Duration, ApiError> {
+    pub fn check(&self, max_lifetime: Duration) -> Result<Duration, Error> {
         match session_duration("timeout", Some(&self.timeout), max_lifetime)? {
             Some(d) => Ok(d),
             None => Err(invalid("timeout is required")),
@@ -97,7 +97,7 @@ impl TimeoutRequest {
 
 /// A session's idle timeout or lifetime: humantime, from 1 s to
 /// `pool.sessions.max_lifetime`.
-fn session_duration(field: &str, raw: Option<&str>, max: Duration) -> Result<Option<Duration>, ApiError> {
+fn session_duration(field: &str, raw: Option<&str>, max: Duration) -> Result<Option<Duration>, Error> {
     let Some(raw) = raw else { return Ok(None) };
     let d = humantime::parse_duration(raw)
         .map_err(|e| invalid(format!("{field} {raw:?}: {e} (write it like \"10m\" or \"1h 30m\")")))?;
@@ -111,7 +111,7 @@ fn session_duration(field: &str, raw: Option<&str>, max: Duration) -> Result<Opt
     Ok(Some(d))
 }
 
-fn check_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
+fn check_metadata(m: &BTreeMap<String, String>) -> Result<(), Error> {
     if m.len() > MAX_METADATA_ENTRIES {
         return Err(invalid(format!("metadata has {} entries; at most {MAX_METADATA_ENTRIES}", m.len())));
     }
@@ -166,7 +166,7 @@ pub struct PtyRequest {
 pub const MAX_PTY_SIDE: u16 = 1000;
 
 impl PtyRequest {
-    pub fn check(self) -> Result<ember_wire::PtySize, ApiError> {
+    pub fn check(self) -> Result<ember_wire::PtySize, Error> {
         for (name, v) in [("cols", self.cols), ("rows", self.rows)] {
             if v == 0 || v > MAX_PTY_SIDE {
                 return Err(invalid(format!("pty {name} {v} must be between 1 and {MAX_PTY_SIDE}")));
@@ -177,7 +177,7 @@ impl PtyRequest {
 }
 
 impl ProcessRequest {
-    pub fn check(self, limits: &Limits) -> Result<ember_wire::SpawnRequest, ApiError> {
+    pub fn check(self, limits: &Limits) -> Result<ember_wire::SpawnRequest, Error> {
         let pty = self.pty.map(PtyRequest::check).transpose()?;
         let command = match (self.cmd, self.argv) {
             (Some(c), None) if !c.is_empty() => ember_wire::Command::Shell(c),
@@ -213,7 +213,7 @@ pub struct SignalRequest {
 }
 
 impl SignalRequest {
-    pub fn check(&self) -> Result<i32, ApiError> {
+    pub fn check(&self) -> Result<i32, Error> {
         let bad = || {
             invalid(format!("signal {}: give a name such as \"TERM\" or \"KILL\", or a number", self.signal))
         };
@@ -237,7 +237,7 @@ impl SignalRequest {
 mod tests {
     use super::*;
 
-    fn parse(body: &str) -> Result<SessionSettings, ApiError> {
+    fn parse(body: &str) -> Result<SessionSettings, Error> {
         let req: SessionRequest = serde_json::from_str(body).map_err(|e| invalid(e.to_string()))?;
         req.check(&Limits::default(), Duration::from_secs(3600))
     }
@@ -246,7 +246,7 @@ mod tests {
         match parse(body) {
             Ok(s) => panic!("{body} was accepted: {s:?}"),
             Err(e) => {
-                assert_eq!(e.status, 400, "{body}");
+                assert_eq!(e.kind, crate::Kind::Invalid, "{body}");
                 e.message
             }
         }
@@ -308,7 +308,7 @@ mod tests {
             r#"{"cmd":"a","pty":{"cols":0,"rows":24}}"#,
             r#"{"cmd":"a","pty":{"cols":80,"rows":1001}}"#,
         ] {
-            assert_eq!(p(bad).unwrap_err().status, 400, "{bad}");
+            assert_eq!(p(bad).unwrap_err().kind, crate::Kind::Invalid, "{bad}");
         }
         let s = |v: serde_json::Value| SignalRequest { signal: v }.check();
         assert_eq!(s(serde_json::json!("TERM")).ok(), Some(15));

@@ -10,8 +10,8 @@ use ember_pool::pool::Backend;
 use ember_vm::image::ImageInfo;
 use tokio::sync::Semaphore;
 
-use crate::config::Limits;
 use crate::functions::Functions;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::pools::Pools;
 

@@ -13,8 +13,8 @@ use base64::Engine as _;
 use ember_wire::{Command, ExecRequest, FileSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Limits;
-use crate::error::ApiError;
+use crate::error::Error;
+use crate::limits::Limits;
 
 pub use output::{text_and_base64, OutputText, Utf8Chunker};
 pub use session::{
@@ -182,18 +182,18 @@ impl Invocation {
     }
 }
 
-pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_request", message)
+pub fn invalid(message: impl Into<String>) -> Error {
+    Error::new(crate::Kind::Invalid, "invalid_request", message)
 }
 
-fn b64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
+fn b64(field: &str, s: &str) -> Result<Vec<u8>, Error> {
     base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| invalid(format!("{field}: not base64: {e}")))
 }
 
 /// A `timeout` field or query parameter, checked against the limits.
-pub fn parse_timeout(raw: Option<&str>, limits: &Limits) -> Result<Duration, ApiError> {
+pub fn parse_timeout(raw: Option<&str>, limits: &Limits) -> Result<Duration, Error> {
     let Some(raw) = raw else { return Ok(limits.default_timeout) };
     let t = humantime::parse_duration(raw)
         .map_err(|e| invalid(format!("timeout {raw:?}: {e} (write it like \"10s\" or \"1m 30s\")")))?;
@@ -210,7 +210,7 @@ pub fn parse_timeout(raw: Option<&str>, limits: &Limits) -> Result<Duration, Api
     Ok(t)
 }
 
-pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {
     for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(invalid(format!("env: invalid variable {k:?} (no '=', no NUL, not empty)")));
@@ -223,13 +223,13 @@ pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> 
 pub fn check_network(
     raw: &ember_vm::net::RawPolicy,
     limits: &Limits,
-) -> Result<ember_vm::net::Policy, ApiError> {
+) -> Result<ember_vm::net::Policy, Error> {
     raw.check(limits.max_network_rules).map_err(invalid)
 }
 
 /// An image name as a request gives it (whether one exists is the pools'
 /// to say).
-pub fn check_image(image: Option<String>) -> Result<Option<String>, ApiError> {
+pub fn check_image(image: Option<String>) -> Result<Option<String>, Error> {
     match image {
         Some(i) if i.is_empty() || i.len() > 63 || i.contains('\0') => {
             Err(invalid(format!("image {i:?} is not an image name (see GET /v1/images)")))
@@ -239,7 +239,7 @@ pub fn check_image(image: Option<String>) -> Result<Option<String>, ApiError> {
 }
 
 /// A path the caller may write: relative, inside the workspace.
-fn check_file_path(i: usize, path: &str) -> Result<(), ApiError> {
+fn check_file_path(i: usize, path: &str) -> Result<(), Error> {
     let p = std::path::Path::new(path);
     let bad = path.is_empty()
         || path.contains('\0')
@@ -254,7 +254,7 @@ fn check_file_path(i: usize, path: &str) -> Result<(), ApiError> {
 }
 
 impl RunRequest {
-    pub fn validate(self, limits: &Limits) -> Result<Invocation, ApiError> {
+    pub fn validate(self, limits: &Limits) -> Result<Invocation, Error> {
         let program = match (self.cmd, self.argv, self.code) {
             (Some(cmd), None, None) => {
                 if self.lang.is_some() {
@@ -462,7 +462,7 @@ pub enum StreamEvent {
 pub use crate::error::ErrorBody;
 
 /// Session keys: what a header may carry, and short enough to log.
-pub fn check_session_key(key: &str) -> Result<(), ApiError> {
+pub fn check_session_key(key: &str) -> Result<(), Error> {
     let ok = !key.is_empty()
         && key.len() <= 64
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ember_pool::pool::{Backend, Pool};
 
-use crate::error::ApiError;
+use crate::error::Error;
 
 /// See [`Pools::readiness`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,10 +92,10 @@ impl<B: Backend> Pools<B> {
 
     /// The pool of `image` (the default one when `None`), or the 400 that
     /// names the images there are.
-    pub fn get(&self, image: Option<&str>) -> Result<(&str, &Pool<B>), ApiError> {
+    pub fn get(&self, image: Option<&str>) -> Result<(&str, &Pool<B>), Error> {
         let name = image.unwrap_or(&self.default);
         self.by_name.get_key_value(name).map(|(k, v)| (k.as_str(), v)).ok_or_else(|| {
-            ApiError::bad_request_code(
+            Error::bad_request_code(
                 "unknown_image",
                 format!("unknown image {name:?}; known images: {}", self.names().join(", ")),
             )

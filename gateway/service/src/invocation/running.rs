@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{Sandbox, EXIT_GRACE};
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::state::AppState;
 
 /// The VM an invocation holds.
@@ -69,9 +69,9 @@ where
 
     /// The next output chunk or the exit. After an error the invocation is
     /// over (and a broken VM is on its way out).
-    pub async fn next(&mut self) -> Result<ExecEvent, ApiError> {
+    pub async fn next(&mut self) -> Result<ExecEvent, Error> {
         let Some(handle) = self.handle.as_mut() else {
-            return Err(ApiError::vm_failed("the command already ended"));
+            return Err(Error::vm_failed("the command already ended"));
         };
         match tokio::time::timeout_at(self.deadline, handle.next()).await {
             Ok(Ok(ExecEvent::Exit(status))) => {
@@ -86,7 +86,7 @@ where
             }
             Err(_) => {
                 self.handle = None;
-                let e = ApiError::vm_failed(format!(
+                let e = Error::vm_failed(format!(
                     "VM {} did not report the command's exit within its timeout + {EXIT_GRACE:?}",
                     self.vm_id
                 ));
@@ -112,8 +112,8 @@ where
     }
 
     /// Turn an agent error into the caller's; destroy the VM if it broke.
-    pub(super) fn fail(&mut self, e: AgentError) -> ApiError {
-        let (api, broken) = ApiError::from_agent(&self.vm_id, e);
+    pub(super) fn fail(&mut self, e: AgentError) -> Error {
+        let (api, broken) = Error::from_agent(&self.vm_id, e);
         self.state.metrics.invocation(&self.image, "error", None);
         tracing::warn!(error = %api, broken, "invocation failed");
         if broken {

@@ -1,0 +1,20 @@
+//! Ember's service layer, below every front end (the HTTP API today; API
+//! keys, the E2B-compatible API and MCP on top of it): the image pools and
+//! their routing, invocations (claim, run, release or destroy), sessions'
+//! agents, functions, limits and metrics, with one error type. It knows
+//! nothing of HTTP: a front end parses its requests into these types and
+//! maps [`Error`]'s kind to its own statuses.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod error;
+pub mod functions;
+pub mod invocation;
+pub mod limits;
+pub mod metrics;
+pub mod pools;
+pub mod state;
+
+pub use error::{Error, ErrorBody, Kind};
+pub use limits::Limits;
+pub use state::AppState;
