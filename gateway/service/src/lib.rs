@@ -13,6 +13,7 @@ pub mod invocation;
 pub mod limits;
 pub mod metrics;
 pub mod pools;
+pub mod sessions;
 pub mod state;
 
 pub use error::{Error, ErrorBody, Kind};

@@ -20,16 +20,13 @@ use crate::api::{ProcessRequest, PtyRequest, SignalRequest, StreamEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Session `key`'s agent (resuming the session if it is paused), or the
-/// 404 that names it.
+/// Session `key`'s VM id and agent (resuming the session if it is paused),
+/// or the 404 that names it.
 pub(super) async fn agent_of<B: Backend>(
     state: &AppState<B>,
     key: &str,
 ) -> Result<(String, Arc<AgentClient>), ApiError> {
-    crate::api::check_session_key(key)?;
-    let missing = || ApiError::not_found(format!("no session {key:?}"));
-    let (_, pool) = state.pools.with_session(key).ok_or_else(missing)?;
-    let handle = pool.session_handle(key).await?;
+    let handle = state.session_handle(key).await?;
     Ok((handle.vm_id, handle.agent))
 }
 
