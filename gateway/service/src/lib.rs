@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod error;
+pub mod files;
 pub mod functions;
 pub mod invocation;
 pub mod limits;
