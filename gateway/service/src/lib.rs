@@ -14,6 +14,7 @@ pub mod invocation;
 pub mod limits;
 pub mod metrics;
 pub mod pools;
+pub mod processes;
 pub mod sessions;
 pub mod state;
 

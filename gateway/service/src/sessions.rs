@@ -168,4 +168,15 @@ impl<B: Backend> AppState<B> {
         let (_, pool) = self.pools.with_session(key).ok_or_else(|| no_session(key))?;
         Ok(pool.session_handle(key).await?)
     }
+
+    /// A TCP connection to `port` on the loopback of session `key`'s guest,
+    /// carried over its agent (no guest network needed), paced by the
+    /// reader.
+    pub async fn connect_port(&self, key: &str, port: u16) -> Result<tokio::io::DuplexStream, Error> {
+        let handle = self.session_handle(key).await?;
+        std::sync::Arc::clone(&handle.agent)
+            .connect(port)
+            .await
+            .map_err(|e| Error::from_agent(&handle.vm_id, e).0)
+    }
 }

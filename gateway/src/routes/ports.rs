@@ -4,8 +4,6 @@
 //! request opens its own TCP connection in the guest over the agent
 //! channel, so it works with no guest network at all.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
@@ -76,12 +74,11 @@ async fn proxy<B: Backend>(
     if declared.is_some_and(|n| n > limit) {
         return Err(super::files::too_large(limit));
     }
-    let (vm, agent) = super::processes::agent_of(&state, &key).await?;
     let upgrade = wants_upgrade(req.headers());
     let incoming_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let target = target_uri(&path, req.uri())?;
     let out = outgoing(req, target, port, upgrade, limit)?;
-    let stream = Arc::clone(&agent).connect(port).await.map_err(|e| ApiError::from_agent(&vm, e).0)?;
+    let stream = state.connect_port(&key, port).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| bad_gateway("port_error", format!("port {port}: {e}")))?;

@@ -4,15 +4,12 @@
 //! without holding its VM, so a call running in the session does not block
 //! them, nor they it; each use counts as activity of the session.
 
-use std::sync::Arc;
-
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use ember_pool::pool::Backend;
-use ember_vm::AgentClient;
 use serde_json::json;
 
 use super::run::{line, EventLines};
@@ -20,77 +17,36 @@ use crate::api::{ProcessRequest, PtyRequest, SignalRequest, StreamEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Session `key`'s VM id and agent (resuming the session if it is paused),
-/// or the 404 that names it.
-pub(super) async fn agent_of<B: Backend>(
-    state: &AppState<B>,
-    key: &str,
-) -> Result<(String, Arc<AgentClient>), ApiError> {
-    let handle = state.session_handle(key).await?;
-    Ok((handle.vm_id, handle.agent))
-}
-
 fn parse_pid(raw: &str) -> Result<u32, ApiError> {
-    raw.parse().map_err(|_| crate::error::ApiError::invalid(format!("pid {raw:?} is not a process id")))
+    raw.parse().map_err(|_| ApiError::invalid(format!("pid {raw:?} is not a process id")))
 }
 
-fn agent_error(vm: &str, e: ember_vm::AgentError) -> ApiError {
-    ApiError::from_agent(vm, e).0
-}
-
-fn answer(r: Result<Response, ApiError>) -> Response {
-    r.unwrap_or_else(IntoResponse::into_response)
-}
+type Answer<T> = Result<T, ApiError>;
 
 pub async fn start<B: Backend>(
     State(state): State<AppState<B>>,
     Path(key): Path<String>,
     super::LimitedBody(body): super::LimitedBody,
-) -> Response {
-    answer(
-        async {
-            let req: ProcessRequest = super::parse_json(&body)?;
-            let spawn = req.check(&state.limits)?;
-            let (vm, agent) = agent_of(&state, &key).await?;
-            let pid = agent.spawn(spawn).await.map_err(|e| agent_error(&vm, e))?;
-            let info = find(&agent, &vm, pid).await?;
-            Ok((StatusCode::CREATED, Json(info)).into_response())
-        }
-        .await,
-    )
+) -> Answer<(StatusCode, Json<serde_json::Value>)> {
+    let req: ProcessRequest = super::parse_json(&body)?;
+    let info = state.processes(&key).await?.start(req).await?;
+    Ok((StatusCode::CREATED, Json(shown(&info))))
 }
 
-pub async fn list<B: Backend>(State(state): State<AppState<B>>, Path(key): Path<String>) -> Response {
-    answer(
-        async {
-            let (vm, agent) = agent_of(&state, &key).await?;
-            let all = agent.processes().await.map_err(|e| agent_error(&vm, e))?;
-            let shown: Vec<_> = all.iter().map(shown).collect();
-            Ok(Json(json!({ "processes": shown })).into_response())
-        }
-        .await,
-    )
+pub async fn list<B: Backend>(
+    State(state): State<AppState<B>>,
+    Path(key): Path<String>,
+) -> Answer<Json<serde_json::Value>> {
+    let all = state.processes(&key).await?.list().await?;
+    Ok(Json(json!({ "processes": all.iter().map(shown).collect::<Vec<_>>() })))
 }
 
 pub async fn show<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
-) -> Response {
-    answer(
-        async {
-            let (vm, agent) = agent_of(&state, &key).await?;
-            Ok(Json(find(&agent, &vm, parse_pid(&pid)?).await?).into_response())
-        }
-        .await,
-    )
-}
-
-async fn find(agent: &AgentClient, vm: &str, pid: u32) -> Result<serde_json::Value, ApiError> {
-    let all = agent.processes().await.map_err(|e| agent_error(vm, e))?;
-    all.iter()
-        .find(|p| p.pid == pid)
-        .map(shown)
-        .ok_or_else(|| ApiError::not_found(format!("no process {pid}")))
+) -> Answer<Json<serde_json::Value>> {
+    let processes = state.processes(&key).await?;
+    Ok(Json(shown(&processes.get(parse_pid(&pid)?).await?)))
 }
 
 /// A process as the API shows it.
@@ -122,48 +78,40 @@ fn shown(p: &ember_wire::ProcessInfo) -> serde_json::Value {
 pub async fn output<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
-) -> Response {
-    answer(
-        async {
-            let (vm, agent) = agent_of(&state, &key).await?;
-            let pid = parse_pid(&pid)?;
-            // An unknown pid is a 404, not a 200 with an error line.
-            find(&agent, &vm, pid).await?;
-            let mut handle = agent.attach(pid).await.map_err(|e| agent_error(&vm, e))?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-            tokio::spawn(async move {
-                let mut lines = EventLines::default();
-                let mut pending = Vec::new();
-                let mut next = tokio::select! {
-                    ev = handle.next() => ev,
-                    _ = tx.closed() => return,
-                };
-                loop {
-                    let ended = match next {
-                        Ok(ev) => lines.push(ev, &mut pending),
-                        Err(e) => {
-                            pending.push(StreamEvent::Error { error: agent_error(&vm, e).body() });
-                            true
-                        }
-                    };
-                    for ev in pending.drain(..) {
-                        if tx.send(line(&ev)).await.is_err() {
-                            return;
-                        }
-                    }
-                    if ended {
-                        return;
-                    }
-                    next = tokio::select! {
-                        ev = handle.next() => ev,
-                        _ = tx.closed() => return,
-                    };
+) -> Answer<Response> {
+    let processes = state.processes(&key).await?;
+    let mut handle = processes.attach(parse_pid(&pid)?).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let mut lines = EventLines::default();
+        let mut pending = Vec::new();
+        let mut next = tokio::select! {
+            ev = handle.next() => ev,
+            _ = tx.closed() => return,
+        };
+        loop {
+            let ended = match next {
+                Ok(ev) => lines.push(ev, &mut pending),
+                Err(e) => {
+                    pending.push(StreamEvent::Error { error: processes.failed(e).body() });
+                    true
                 }
-            });
-            Ok(super::ndjson(rx))
+            };
+            for ev in pending.drain(..) {
+                if tx.send(line(&ev)).await.is_err() {
+                    return;
+                }
+            }
+            if ended {
+                return;
+            }
+            next = tokio::select! {
+                ev = handle.next() => ev,
+                _ = tx.closed() => return,
+            };
         }
-        .await,
-    )
+    });
+    Ok(super::ndjson(rx))
 }
 
 /// The body's bytes go to the process's stdin as they are.
@@ -171,7 +119,7 @@ pub async fn stdin<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
-) -> Response {
+) -> Answer<StatusCode> {
     control(state, key, pid, Ok(Control::Stdin(body.to_vec(), false))).await
 }
 
@@ -179,7 +127,7 @@ pub async fn stdin<B: Backend>(
 pub async fn close_stdin<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
-) -> Response {
+) -> Answer<StatusCode> {
     control(state, key, pid, Ok(Control::Stdin(Vec::new(), true))).await
 }
 
@@ -188,7 +136,7 @@ pub async fn signal<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
-) -> Response {
+) -> Answer<StatusCode> {
     let what = super::parse_json::<SignalRequest>(&body).and_then(|r| Ok(r.check()?)).map(Control::Signal);
     control(state, key, pid, what).await
 }
@@ -199,7 +147,7 @@ pub async fn resize<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
-) -> Response {
+) -> Answer<StatusCode> {
     let what = super::parse_json::<PtyRequest>(&body).and_then(|r| Ok(r.check()?)).map(Control::Resize);
     control(state, key, pid, what).await
 }
@@ -217,20 +165,14 @@ async fn control<B: Backend>(
     key: String,
     pid: String,
     what: Result<Control, ApiError>,
-) -> Response {
-    answer(
-        async {
-            let what = what?;
-            let pid = parse_pid(&pid)?;
-            let (vm, agent) = agent_of(&state, &key).await?;
-            let done = match what {
-                Control::Stdin(data, eof) => agent.stdin(pid, data, eof).await,
-                Control::Signal(sig) => agent.signal(pid, sig).await,
-                Control::Resize(t) => agent.resize(pid, t.cols, t.rows).await,
-            };
-            done.map_err(|e| agent_error(&vm, e))?;
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        .await,
-    )
+) -> Answer<StatusCode> {
+    let what = what?;
+    let pid = parse_pid(&pid)?;
+    let processes = state.processes(&key).await?;
+    match what {
+        Control::Stdin(data, eof) => processes.stdin(pid, data, eof).await?,
+        Control::Signal(sig) => processes.signal(pid, sig).await?,
+        Control::Resize(t) => processes.resize(pid, t).await?,
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
