@@ -146,6 +146,9 @@ printf '127.0.0.1 localhost\n127.0.1.1 ember\n::1 localhost\n' >"$root/etc/hosts
 rm -f "$root/etc/resolv.conf"
 ln -s /run/resolv.conf "$root/etc/resolv.conf"
 mkdir -p "$root"/{home/ember,mnt/scratch,tmp,var/tmp,dev,dev/shm,proc,sys,run,sbin,sys/fs/cgroup,root}
+# The initrd starts /sbin/init-fast: where /sbin is not /usr/sbin (a root
+# without merged /usr, say one with nothing but /bin/sh) it points there.
+[[ -e $root/sbin/init-fast ]] || ln -s /usr/sbin/init-fast "$root/sbin/init-fast"
 chmod 0755 "$root/home/ember"
 if [[ -x $root/usr/bin/dpkg-query ]]; then
     in_root dpkg-query -W -f '${Package}=${Version}\n' >"$out/packages.txt" 2>/dev/null || true

@@ -288,7 +288,8 @@ async fn files_on_a_bare_root(vm: &Vm) -> anyhow::Result<()> {
         _ => None,
     };
     ensure_eq!(kind(agent.stat("/secret/x").await.err()), Some(ErrorKind::PermissionDenied));
-    ensure_eq!(kind(agent.mkdir("/etc/x", false).await.err()), Some(ErrorKind::PermissionDenied));
+    // The root is read-only (the API answers EROFS as 403 too).
+    ensure_eq!(kind(agent.mkdir("/etc/x", false).await.err()), Some(ErrorKind::ReadOnlyFilesystem));
     ensure_eq!(kind(agent.remove("data", false, false).await.err()), Some(ErrorKind::DirectoryNotEmpty));
     ensure_eq!(kind(agent.stat("data/none").await.err()), Some(ErrorKind::NotFound));
     // A watch is the agent binary itself: it works here too.
