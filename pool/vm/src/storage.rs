@@ -13,7 +13,6 @@ pub mod zfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -24,26 +23,13 @@ pub use zfs::ZfsStorage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("`{command}` failed (exit {code:?}): {stderr}")]
-    Failed { command: String, code: Option<i32>, stderr: String },
-    #[error("`{command}` did not finish within {after:?}")]
-    Timeout { command: String, after: Duration },
-    #[error("cannot run `{command}`: {error}")]
-    Spawn { command: String, error: String },
+    /// A host tool (`zfs`, `qemu-img`) failed, timed out or could not start.
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("{0}")]
     Setup(String),
     #[error("{what}: {error}")]
     Io { what: String, error: std::io::Error },
-}
-
-impl From<CommandError> for StorageError {
-    fn from(e: CommandError) -> Self {
-        match e {
-            CommandError::Failed { command, code, stderr } => Self::Failed { command, code, stderr },
-            CommandError::Timeout { command, after } => Self::Timeout { command, after },
-            CommandError::Spawn { command, error } => Self::Spawn { command, error },
-        }
-    }
 }
 
 /// `[storage] backend`.

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Runner, StorageError, ZfsConfig, ZfsMode};
+use super::{CommandError, Runner, StorageError, ZfsConfig, ZfsMode};
 
 const ZFS: &str = "zfs";
 /// How long a "dataset is busy" destroy (or rename) is retried: zfs-fuse
@@ -174,7 +174,7 @@ impl ZfsStorage {
         let deadline = tokio::time::Instant::now() + DESTROY_PATIENCE;
         loop {
             match self.zfs(list).await {
-                Err(StorageError::Failed { ref stderr, .. })
+                Err(StorageError::Command(CommandError::Failed { ref stderr, .. }))
                     if stderr.contains("busy") && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -428,10 +428,12 @@ impl ZfsStorage {
         loop {
             match self.zfs(&["destroy", "-r", name]).await {
                 Ok(_) => break,
-                Err(StorageError::Failed { stderr, .. }) if stderr.contains("does not exist") => {
+                Err(StorageError::Command(CommandError::Failed { stderr, .. }))
+                    if stderr.contains("does not exist") =>
+                {
                     return Ok(())
                 }
-                Err(StorageError::Failed { ref stderr, .. })
+                Err(StorageError::Command(CommandError::Failed { ref stderr, .. }))
                     if stderr.contains("dependent clones") && promoted.is_empty() =>
                 {
                     promoted = self.promote_forks_of(name).await?;
@@ -441,7 +443,7 @@ impl ZfsStorage {
                         )));
                     }
                 }
-                Err(StorageError::Failed { ref stderr, .. })
+                Err(StorageError::Command(CommandError::Failed { ref stderr, .. }))
                     if stderr.contains("busy") && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(200)).await;
