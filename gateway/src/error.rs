@@ -4,7 +4,6 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_pool::pool::PoolError;
-use ember_vm::AgentError;
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,32 +37,8 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    /// A 400 with its own code (`unknown_image`, ...).
-    pub fn bad_request_code(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, code, message)
-    }
-
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn busy(code: &'static str, message: impl Into<String>, retry_after: u32) -> Self {
-        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
-    }
-
-    pub fn draining() -> Self {
-        Self {
-            retry_after: Some(5),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "the server is shutting down")
-        }
-    }
-
-    pub fn vm_failed(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "vm_failed", message)
     }
 
     /// What goes under `"error"`.
@@ -74,13 +49,6 @@ impl ApiError {
     /// The whole JSON body, `{"error": {...}}`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(Body { error: self.body() }).unwrap_or_default()
-    }
-
-    /// An error from VM `vm`'s agent, as the caller sees it, and whether
-    /// the VM can no longer be trusted (the service layer decides both).
-    pub fn from_agent(vm: &str, e: AgentError) -> (Self, bool) {
-        let (e, broken) = ember_service::Error::from_agent(vm, e);
-        (e.into(), broken)
     }
 }
 
@@ -133,6 +101,7 @@ impl From<ember_service::Error> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ember_vm::AgentError;
     use ember_wire::ErrorCode;
     use std::time::Duration;
 
@@ -192,7 +161,8 @@ mod tests {
             (fs(nix::libc::EISDIR), 400, false),
         ]);
         for (e, status, broken) in cases {
-            let (a, b) = ApiError::from_agent("vm-1", e);
+            let (e, b) = ember_service::Error::from_agent("vm-1", e);
+            let a = ApiError::from(e);
             assert_eq!((a.status.as_u16(), b), (status, broken), "{a}");
         }
         let j = ApiError::bad_request("x").to_json();
