@@ -60,6 +60,8 @@ pub async fn get<B: Backend>(
     Path((key, path)): Path<(String, String)>,
     Query(q): Params,
 ) -> Answer {
+    // A bad path is refused before a paused session is resumed for it.
+    ember_service::files::check_path(&path)?;
     let files = state.files(&key).await?;
     if q.contains_key("stat") {
         let e = files.stat(&path).await?;
@@ -130,6 +132,8 @@ pub async fn put<B: Backend>(
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Answer {
+    // A bad path is refused before a paused session is resumed for it.
+    ember_service::files::check_path(&path)?;
     let files = state.files(&key).await?;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut upload = files.write(&path, declared).await?;
@@ -152,6 +156,8 @@ pub async fn post<B: Backend>(
     Path((key, path)): Path<(String, String)>,
     Query(q): Params,
 ) -> Answer {
+    // A bad path is refused before a paused session is resumed for it.
+    ember_service::files::check_path(&path)?;
     let files = state.files(&key).await?;
     if q.contains_key("mkdir") {
         let e = files.mkdir(&path, true).await?;
@@ -170,6 +176,8 @@ pub async fn delete<B: Backend>(
     Path((key, path)): Path<(String, String)>,
     Query(q): Params,
 ) -> Answer {
+    // A bad path is refused before a paused session is resumed for it.
+    ember_service::files::check_path(&path)?;
     let files = state.files(&key).await?;
     let recursive = q.get("recursive").is_some_and(|v| v == "true" || v == "1");
     files.remove(&path, recursive, false).await?;

@@ -45,8 +45,9 @@ pub async fn show<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
 ) -> Answer<Json<serde_json::Value>> {
+    let pid = parse_pid(&pid)?;
     let processes = state.processes(&key).await?;
-    Ok(Json(shown(&processes.get(parse_pid(&pid)?).await?)))
+    Ok(Json(shown(&processes.get(pid).await?)))
 }
 
 /// A process as the API shows it.
@@ -79,8 +80,9 @@ pub async fn output<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
 ) -> Answer<Response> {
+    let pid = parse_pid(&pid)?;
     let processes = state.processes(&key).await?;
-    let mut handle = processes.attach(parse_pid(&pid)?).await?;
+    let mut handle = processes.attach(pid).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         let mut lines = EventLines::default();
