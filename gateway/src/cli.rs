@@ -12,8 +12,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ember_vm::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
-use ember_vm::ChannelChoice;
+use ember_channel::ChannelChoice;
+use ember_image::ImageSet;
+use ember_vm::{AccelChoice, InitMode, VmConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "ember", version, about = "Run code in throw-away microVMs")]
@@ -82,10 +83,10 @@ pub struct VmOpts {
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
     /// The images directory (vmlinuz, initrd.img and a directory per image).
-    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_image::default_images_dir())]
     pub images: PathBuf,
     /// The image to boot.
-    #[arg(long, default_value = ember_vm::image::DEFAULT_IMAGE)]
+    #[arg(long, default_value = ember_image::DEFAULT_IMAGE)]
     pub image: String,
     /// Give up on a boot after this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]

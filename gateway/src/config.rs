@@ -115,7 +115,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            functions_dir: ember_vm::image::Home::find().functions(),
+            functions_dir: ember_image::Home::find().functions(),
             functions_dir_explicit: false,
             conn_limits: crate::http_server::ConnLimits::default(),
         }
@@ -131,10 +131,10 @@ pub struct Config {
     pub image_pools: std::collections::BTreeMap<String, ember_pool::config::ImagePool>,
     pub gateway: GatewayConfig,
     pub limits: Limits,
-    pub images: ember_vm::image::ImagesConfig,
+    pub images: ember_image::ImagesConfig,
     pub build_on_start: bool,
     /// `[network]`, when enabled.
-    pub network: Option<ember_vm::net::NetConfig>,
+    pub network: Option<ember_net::NetConfig>,
 }
 
 impl Config {
@@ -170,7 +170,7 @@ impl RawConfig {
         let pool_vm = pool_file.validate(images_default).map_err(|p| problems.extend(p)).ok();
         let images_dir =
             pool_vm.as_ref().map_or_else(|| images_default.to_path_buf(), |pv| pv.images_dir.clone());
-        let mut images = ember_vm::image::ImagesConfig::new(&images_dir);
+        let mut images = ember_image::ImagesConfig::new(&images_dir);
         images.recipe_dirs.extend(self.images.dirs.iter().cloned());
         for d in &self.images.dirs {
             if !d.is_dir() {
@@ -303,10 +303,7 @@ impl RawConfig {
 }
 
 /// `[network]`: `None` when off; every problem at once.
-fn validate_network(
-    raw: RawNetwork,
-    state_dir: &Path,
-) -> Result<Option<ember_vm::net::NetConfig>, Vec<String>> {
+fn validate_network(raw: RawNetwork, state_dir: &Path) -> Result<Option<ember_net::NetConfig>, Vec<String>> {
     let mut problems = Vec::new();
     let enabled = raw.enabled.unwrap_or(false);
     let subnet = match raw.subnet.as_deref().unwrap_or("198.18.0.0/16").parse::<ipnet::Ipv4Net>() {
@@ -324,7 +321,7 @@ fn validate_network(
         }
     }
     let namespace = raw.namespace.unwrap_or_else(|| "ember".into());
-    let cfg = subnet.map(|subnet| ember_vm::net::NetConfig {
+    let cfg = subnet.map(|subnet| ember_net::NetConfig {
         state_dir: state_dir.join(format!("net-{namespace}")),
         namespace,
         subnet,

@@ -101,7 +101,7 @@ impl From<ember_service::Error> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_vm::AgentError;
+    use ember_channel::AgentError;
     use ember_wire::ErrorCode;
     use std::time::Duration;
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
+use ember_image::{Catalog, ImageInfo, ImageState, DEFAULT_IMAGE};
+use ember_net::Network;
 use ember_pool::pool::{Backend, MemoryBudget, Pool, VmBackend};
-use ember_vm::image::{Catalog, ImageInfo, ImageState, DEFAULT_IMAGE};
-use ember_vm::net::Network;
 use ember_vm::VmHost;
 use tokio::net::TcpListener;
 
@@ -33,7 +33,7 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// The images directory (vmlinuz, initrd.img and a directory per image).
-    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_image::default_images_dir())]
     pub images: PathBuf,
 }
 
@@ -72,7 +72,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // VM boots: every VM then gets its TAP there.
     let network = match &cfg.network {
         Some(nc) => {
-            let runner = Arc::new(ember_vm::storage::ProcessRunner { timeout: Duration::from_secs(30) });
+            let runner = Arc::new(ember_storage::ProcessRunner { timeout: Duration::from_secs(30) });
             Some(Network::open(nc.clone(), runner).await?)
         }
         None => None,

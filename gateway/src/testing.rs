@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ember_channel::AgentClient;
 use ember_pool::pool::{Backend, PoolError};
-use ember_vm::AgentClient;
 use ember_wire::{
     decode, encode, Command, ErrorCode, ErrorReply, ExecRequest, ExitStatus, FrameDecoder, Request,
     RequestBody, Response, ResponseBody, Stream, MAX_FRAME_LEN,
@@ -40,7 +40,7 @@ pub struct Log {
     pub scrubs: u64,
     pub alive: u64,
     /// (VM, policy) of every connect, and VMs disconnected, in order.
-    pub connects: Vec<(String, ember_vm::net::Policy)>,
+    pub connects: Vec<(String, ember_net::Policy)>,
     pub disconnects: Vec<String>,
 }
 
@@ -121,7 +121,7 @@ impl Backend for FakeAgents {
     async fn connect(
         &self,
         vm: &FakeVm,
-        policy: &ember_vm::net::Policy,
+        policy: &ember_net::Policy,
     ) -> Result<ember_pool::pool::NetTimings, PoolError> {
         self.log().connects.push((vm.id.clone(), policy.clone()));
         Ok(ember_pool::pool::NetTimings::default())

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ember_channel::AgentClient;
 use ember_guest_agent::{Agent, ForkServer, GuestLayout, ReapMode, Reaper};
-use ember_vm::AgentClient;
 use ember_wire::{Command, ExecRequest, FileSpec, PythonScript};
 
 struct Harness {

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ember_channel::{AgentClient, AgentError, ExecEvent};
 use ember_guest_agent::{Agent, GuestLayout, ReapMode, Reaper};
-use ember_vm::{AgentClient, AgentError, ExecEvent};
 use ember_wire::{Command, ErrorCode, ExecRequest, FileSpec, Stream, MAX_FRAME_LEN};
 
 struct Harness {
@@ -30,7 +30,7 @@ fn start_with(lane: bool) -> Harness {
     layout.user = None;
     let lane_dir = lane.then(|| tempfile::tempdir().unwrap());
     layout.lane = lane_dir.as_ref().map(|d| d.path().join("lane.raw"));
-    let host_lane = layout.lane.as_deref().map(|p| ember_vm::channel::BulkLane::create(p).unwrap());
+    let host_lane = layout.lane.as_deref().map(|p| ember_channel::BulkLane::create(p).unwrap());
     let agent = Arc::new(Agent::unconfined(layout, Reaper::start(ReapMode::Registered).unwrap()));
     let (host, guest) = tokio::io::duplex(1 << 16);
     tokio::spawn(ember_guest_agent::serve(agent, guest));
@@ -108,7 +108,7 @@ async fn leftover_processes_are_killed_when_the_command_exits() {
 }
 
 /// The command's first output chunk, parsed as a pid.
-async fn first_line_as_pid(handle: &mut ember_vm::channel::ExecHandle) -> i32 {
+async fn first_line_as_pid(handle: &mut ember_channel::ExecHandle) -> i32 {
     match handle.next().await.unwrap() {
         ExecEvent::Output { data, .. } => String::from_utf8(data).unwrap().trim().parse().unwrap(),
         other => panic!("expected output, got {other:?}"),
@@ -385,7 +385,7 @@ async fn signals_end_a_process_and_the_running_count_is_capped() {
 }
 
 /// Output of an attached process until `needle` shows up in it.
-async fn read_until(h: &mut ember_vm::channel::ExecHandle, seen: &mut String, needle: &str) {
+async fn read_until(h: &mut ember_channel::ExecHandle, seen: &mut String, needle: &str) {
     while !seen.contains(needle) {
         match tokio::time::timeout(Duration::from_secs(10), h.next()).await {
             Ok(Ok(ExecEvent::Output { data, .. })) => seen.push_str(&String::from_utf8_lossy(&data)),

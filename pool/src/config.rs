@@ -10,9 +10,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::plan::Disks;
-use ember_vm::channel::ChannelChoice;
-use ember_vm::storage::{BackendKind, StorageConfig, ZfsConfig, ZfsMode};
-use ember_vm::vm::{AccelChoice, ImageSet, InitMode, VmConfig};
+use ember_channel::ChannelChoice;
+use ember_image::ImageSet;
+use ember_storage::{BackendKind, StorageConfig, ZfsConfig, ZfsMode};
+use ember_vm::{AccelChoice, InitMode, VmConfig};
 
 /// How a used VM is made clean for the next caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
@@ -313,7 +314,7 @@ impl Config {
         recipe_memory_mb: Option<u32>,
     ) -> Result<(PoolConfig, VmConfig), String> {
         let o = self.image_pools.get(name).copied().unwrap_or_default();
-        let default = name == ember_vm::image::DEFAULT_IMAGE;
+        let default = name == ember_image::DEFAULT_IMAGE;
         let mut pool = self.pool.clone();
         pool.min_size = o.min_size.unwrap_or(if default { self.pool.min_size } else { 0 });
         pool.max_size = o.max_size.unwrap_or(self.pool.max_size);
@@ -456,7 +457,7 @@ impl RawConfig {
         let v = self.vm;
         let images_dir = v.images.unwrap_or_else(|| images_default.to_path_buf());
         // Named, not checked: `ember serve` builds a missing image first.
-        let images = ImageSet::paths(&images_dir, ember_vm::image::DEFAULT_IMAGE);
+        let images = ImageSet::paths(&images_dir, ember_image::DEFAULT_IMAGE);
         let mut vm = VmConfig::with_images(images);
         vm.memory_mb = v.memory_mb.unwrap_or(vm.memory_mb);
         vm.vcpus = v.vcpus.unwrap_or(vm.vcpus);
@@ -518,7 +519,7 @@ impl RawConfig {
                 target_free: o.target_free,
                 memory_mb: o.memory_mb,
             };
-            if !ember_vm::image::valid_name(&name) {
+            if !ember_image::valid_name(&name) {
                 problems.push(format!("pool.images.{name}: not an image name"));
             }
             let (min, max) = (ip.min_size.unwrap_or(0), ip.max_size.unwrap_or(pool.max_size));
@@ -679,7 +680,7 @@ mod tests {
             c.vm.storage,
             StorageConfig::Zfs(ZfsConfig { parent: "tank/ember".into(), mode: ZfsMode::Zvol })
         );
-        assert_eq!(c.vm.scratch, ember_vm::vm::ScratchKind::RawCopy, "ZFS disks are raw");
+        assert_eq!(c.vm.scratch, ember_vm::ScratchKind::RawCopy, "ZFS disks are raw");
         let c = RawConfig::parse("[storage]\nbackend = \"zfs\"\n[storage.zfs]\nparent = \"t/e\"")
             .unwrap()
             .validate(img.path())

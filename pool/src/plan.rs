@@ -5,8 +5,8 @@
 //! backend all ask it; its table test covers every combination.
 
 use crate::config::{ReplenishMode, ResetMode};
-use ember_vm::channel::ChannelKind;
-use ember_vm::vm::ScratchKind;
+use ember_channel::ChannelKind;
+use ember_vm::ScratchKind;
 
 /// The storage backend, as far as the plan cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,11 +17,11 @@ pub enum Disks {
     Zfs,
 }
 
-impl From<&ember_vm::storage::StorageConfig> for Disks {
-    fn from(s: &ember_vm::storage::StorageConfig) -> Self {
+impl From<&ember_storage::StorageConfig> for Disks {
+    fn from(s: &ember_storage::StorageConfig) -> Self {
         match s {
-            ember_vm::storage::StorageConfig::File => Disks::File,
-            ember_vm::storage::StorageConfig::Zfs(_) => Disks::Zfs,
+            ember_storage::StorageConfig::File => Disks::File,
+            ember_storage::StorageConfig::Zfs(_) => Disks::Zfs,
         }
     }
 }
@@ -69,7 +69,7 @@ pub fn before_channel(reset: ResetMode, replenish: ReplenishMode, disks: Disks) 
     Ok(Before { scratch, need_migratable })
 }
 
-/// The whole plan for `channel` (chosen by [`ember_vm::channel::choose`] with
+/// The whole plan for `channel` (chosen by [`ember_channel::choose`] with
 /// [`Before::need_migratable`]).
 pub fn with_channel(
     reset: ResetMode,

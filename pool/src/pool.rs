@@ -242,7 +242,7 @@ struct Inner<B: Backend> {
     /// Set once at shutdown; background tasks end on it.
     stop: tokio::sync::watch::Sender<bool>,
     observer: std::sync::OnceLock<Observer>,
-    host_cpu: Mutex<ember_vm::procfs::HostCpu>,
+    host_cpu: Mutex<ember_sys::procfs::HostCpu>,
     /// Resets and scrubs running at once (`cfg.reset_concurrency`).
     reset_permits: tokio::sync::Semaphore,
     /// Held while this pool owns `cfg.session_dir` (no other server may
@@ -532,7 +532,7 @@ impl<B: Backend> Pool<B> {
             budget_id,
             vm_memory_mb: u64::from(vm_memory_mb),
         };
-        let reset_concurrency = cfg.reset_concurrency.unwrap_or_else(ember_vm::procfs::host_cpus).max(1);
+        let reset_concurrency = cfg.reset_concurrency.unwrap_or_else(ember_sys::procfs::host_cpus).max(1);
         let inner = Arc::new(Inner {
             backend,
             cfg,
@@ -543,7 +543,7 @@ impl<B: Backend> Pool<B> {
             idle: Notify::new(),
             stop: tokio::sync::watch::Sender::new(false),
             observer: std::sync::OnceLock::new(),
-            host_cpu: Mutex::new(ember_vm::procfs::HostCpu::default()),
+            host_cpu: Mutex::new(ember_sys::procfs::HostCpu::default()),
             reset_permits: tokio::sync::Semaphore::new(reset_concurrency),
             session_dir_lock: Mutex::new(None),
         });

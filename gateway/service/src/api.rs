@@ -5,6 +5,7 @@
 
 mod output;
 mod session;
+mod views;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,6 +21,7 @@ pub use output::{text_and_base64, OutputText, Utf8Chunker};
 pub use session::{
     ForkRequest, ProcessRequest, PtyRequest, SessionRequest, SessionSettings, SignalRequest, TimeoutRequest,
 };
+pub use views::{FileEntry, FileListing, ProcessList, ProcessView, PtyView, Written};
 
 /// Languages `code` may be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -81,7 +83,7 @@ pub struct RunRequest {
     /// The image to run in (`GET /v1/images`); the default image if absent.
     pub image: Option<String>,
     /// `"none"` (default), `"open"` or `{"egress": {"allow": [...], "deny": [...]}}`.
-    pub network: Option<ember_vm::net::RawPolicy>,
+    pub network: Option<ember_net::RawPolicy>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,7 +138,7 @@ pub struct Invocation {
     /// The image it runs in; `None`: the default (or the session's).
     pub image: Option<String>,
     /// The network it gets; `None`: none (or, in a session, what it has).
-    pub network: Option<ember_vm::net::Policy>,
+    pub network: Option<ember_net::Policy>,
 }
 
 pub use ember_wire::CODE_DIR;
@@ -220,10 +222,7 @@ pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {
 }
 
 /// A network policy as a request gives it; the message names the entry.
-pub fn check_network(
-    raw: &ember_vm::net::RawPolicy,
-    limits: &Limits,
-) -> Result<ember_vm::net::Policy, Error> {
+pub fn check_network(raw: &ember_net::RawPolicy, limits: &Limits) -> Result<ember_net::Policy, Error> {
     raw.check(limits.max_network_rules).map_err(invalid)
 }
 

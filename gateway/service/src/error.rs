@@ -3,8 +3,8 @@
 //! machine-readable code, the message, and when to retry. Which agent and
 //! pool failures become which error is decided here, once.
 
+use ember_channel::AgentError;
 use ember_pool::pool::PoolError;
-use ember_vm::AgentError;
 use ember_wire::ErrorCode;
 use serde::{Deserialize, Serialize};
 

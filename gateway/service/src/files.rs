@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ember_channel::{AgentError, DirWatch, FileUpload, Listing};
 use ember_pool::pool::{Backend, SessionHandle};
-use ember_vm::{AgentError, DirWatch, FileUpload, Listing};
 use ember_wire::{FsEntry, MAX_LIST_ENTRIES};
 use tokio::io::DuplexStream;
 

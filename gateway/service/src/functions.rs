@@ -159,7 +159,7 @@ fn load_one(name: &str, dir: &Path, max_timeout: Duration) -> Result<Function, S
     if m.timeout.is_some_and(|t| t.is_zero()) {
         return Err("timeout must be above zero".into());
     }
-    if m.image.as_deref().is_some_and(|i| !ember_vm::image::valid_name(i)) {
+    if m.image.as_deref().is_some_and(|i| !ember_image::valid_name(i)) {
         return Err(format!("image {:?} is not an image name", m.image.unwrap_or_default()));
     }
     let timeout = m.timeout.map(|t| {

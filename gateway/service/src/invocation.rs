@@ -12,9 +12,9 @@ mod running;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ember_channel::{AgentClient, ExecEvent};
+use ember_net::Policy;
 use ember_pool::pool::{Backend, NetTimings};
-use ember_vm::net::Policy;
-use ember_vm::{AgentClient, ExecEvent};
 use tokio::time::Instant;
 
 use crate::api::{text_and_base64, Invocation, RunResult, Timing};

@@ -67,7 +67,7 @@ impl<B: Backend> Pools<B> {
 
     /// One pool serving the default image (tests, single-image setups).
     pub fn single(pool: Pool<B>) -> Self {
-        let name = ember_vm::image::DEFAULT_IMAGE;
+        let name = ember_image::DEFAULT_IMAGE;
         Self { by_name: Arc::new(BTreeMap::from([(name.to_string(), pool)])), default: Arc::from(name) }
     }
 

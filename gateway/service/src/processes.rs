@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
+use ember_channel::AgentError;
+use ember_channel::ExecHandle;
 use ember_pool::pool::{Backend, SessionHandle};
-use ember_vm::channel::ExecHandle;
-use ember_vm::AgentError;
 use ember_wire::{ProcessInfo, PtySize};
 
 use crate::api::ProcessRequest;

@@ -4,8 +4,8 @@
 //! [`Error`], and the [`SessionHandle`] side requests (processes, files,
 //! ports) use: the session's agent, resumed first if it is paused.
 
+use ember_net::RawPolicy;
 use ember_pool::pool::{Backend, SessionHandle, SessionInfo};
-use ember_vm::net::RawPolicy;
 use serde::Serialize;
 
 use crate::api::{check_network, check_session_key, SessionRequest, TimeoutRequest};

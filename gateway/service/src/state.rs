@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use ember_image::ImageInfo;
 use ember_pool::pool::Backend;
-use ember_vm::image::ImageInfo;
 use tokio::sync::Semaphore;
 
 use crate::functions::Functions;

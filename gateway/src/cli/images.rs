@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use ember_vm::image::{Catalog, ImageInfo, ImageState};
+use ember_image::{Catalog, ImageInfo, ImageState};
 
 #[derive(Debug, Subcommand)]
 pub enum ImagesCommand {
@@ -28,7 +28,7 @@ pub struct ConfigArgs {
     #[arg(long, env = "EMBER_CONFIG")]
     pub config: Option<PathBuf>,
     /// The images directory.
-    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_image::default_images_dir())]
     pub images: PathBuf,
 }
 

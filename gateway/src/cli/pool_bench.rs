@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
+use ember_channel::shell;
 use ember_pool::config::ResetMode;
 use ember_pool::pool::Pool;
 use ember_pool::pool::VmBackend;
-use ember_vm::vm::shell;
 use ember_vm::VmHost;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -23,7 +23,7 @@ pub struct PoolBenchArgs {
     /// Configuration file ([pool], [vm]); defaults otherwise.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_vm::image::default_images_dir())]
+    #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_image::default_images_dir())]
     pub images: PathBuf,
     /// Reset modes to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_values = ["snapshot", "destroy"])]
@@ -81,7 +81,7 @@ struct StepReport {
 }
 
 /// One report per step name, in the order the steps run.
-fn step_reports(resets: &[Vec<ember_vm::vm::Step>]) -> Vec<StepReport> {
+fn step_reports(resets: &[Vec<ember_vm::Step>]) -> Vec<StepReport> {
     let mut names: Vec<&'static str> = Vec::new();
     for s in resets.iter().flatten() {
         if !names.contains(&s.name) {
@@ -109,7 +109,7 @@ pub async fn run(args: PoolBenchArgs) -> anyhow::Result<ExitCode> {
         pool_cfg.reset = mode;
         let mut vm_cfg = cfg.vm.clone();
         if mode == ResetMode::Rollback {
-            vm_cfg.scratch = ember_vm::vm::ScratchKind::RawCopy;
+            vm_cfg.scratch = ember_vm::ScratchKind::RawCopy;
         }
         let host = VmHost::new(vm_cfg, mode == ResetMode::Snapshot)?;
         let storage = host.open_storage().await?.name();

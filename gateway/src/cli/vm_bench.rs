@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use ember_vm::channel::ChannelKind;
-use ember_vm::vm::{InitMode, VmConfig};
-use ember_vm::{ChannelChoice, VmHost};
+use ember_channel::ChannelChoice;
+use ember_channel::ChannelKind;
+use ember_vm::VmHost;
+use ember_vm::{InitMode, VmConfig};
 use ember_wire::{Command, ExecRequest};
 use serde::Serialize;
 
@@ -134,7 +135,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn available_channels(cfg: &VmConfig) -> Vec<ChannelChoice> {
-    let host = ember_vm::channel::HostChannels::probe(&cfg.vhost_device_vsock);
+    let host = ember_channel::HostChannels::probe(&cfg.vhost_device_vsock);
     let mut v = Vec::new();
     if host.vhost_vsock {
         v.push(ChannelChoice::Vsock);

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use ember_vm::{ExecEvent, VmHost};
+use ember_channel::ExecEvent;
+use ember_vm::VmHost;
 use ember_wire::{Command, ExecRequest, Stream};
 
 use super::VmOpts;

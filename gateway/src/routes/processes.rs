@@ -10,10 +10,9 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use ember_pool::pool::Backend;
-use serde_json::json;
 
 use super::run::{line, EventLines};
-use crate::api::{ProcessRequest, PtyRequest, SignalRequest, StreamEvent};
+use crate::api::{ProcessList, ProcessRequest, ProcessView, PtyRequest, SignalRequest, StreamEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -27,50 +26,27 @@ pub async fn start<B: Backend>(
     State(state): State<AppState<B>>,
     Path(key): Path<String>,
     super::LimitedBody(body): super::LimitedBody,
-) -> Answer<(StatusCode, Json<serde_json::Value>)> {
+) -> Answer<(StatusCode, Json<ProcessView>)> {
     let req: ProcessRequest = super::parse_json(&body)?;
     let info = state.processes(&key).await?.start(req).await?;
-    Ok((StatusCode::CREATED, Json(shown(&info))))
+    Ok((StatusCode::CREATED, Json(ProcessView::from(&info))))
 }
 
 pub async fn list<B: Backend>(
     State(state): State<AppState<B>>,
     Path(key): Path<String>,
-) -> Answer<Json<serde_json::Value>> {
+) -> Answer<Json<ProcessList>> {
     let all = state.processes(&key).await?.list().await?;
-    Ok(Json(json!({ "processes": all.iter().map(shown).collect::<Vec<_>>() })))
+    Ok(Json(ProcessList { processes: all.iter().map(ProcessView::from).collect() }))
 }
 
 pub async fn show<B: Backend>(
     State(state): State<AppState<B>>,
     Path((key, pid)): Path<(String, String)>,
-) -> Answer<Json<serde_json::Value>> {
+) -> Answer<Json<ProcessView>> {
     let pid = parse_pid(&pid)?;
     let processes = state.processes(&key).await?;
-    Ok(Json(shown(&processes.get(pid).await?)))
-}
-
-/// A process as the API shows it.
-fn shown(p: &ember_wire::ProcessInfo) -> serde_json::Value {
-    let (cmd, argv) = match &p.command {
-        ember_wire::Command::Shell(c) => (Some(c.clone()), None),
-        ember_wire::Command::Argv(a) => (None, Some(a.clone())),
-        ember_wire::Command::Python(py) => (None, Some(vec!["python3".to_string(), py.path.clone()])),
-    };
-    let started = std::time::UNIX_EPOCH + std::time::Duration::from_millis(p.started_unix_ms);
-    json!({
-        "pid": p.pid,
-        "tag": p.tag,
-        "cmd": cmd,
-        "argv": argv,
-        "started": humantime::format_rfc3339_millis(started).to_string(),
-        "state": if p.exit.is_some() { "exited" } else { "running" },
-        "exit_code": p.exit.as_ref().and_then(|e| e.code),
-        "signal": p.exit.as_ref().and_then(|e| e.signal),
-        "output_bytes": p.output_bytes,
-        "stdin_open": p.stdin_open,
-        "pty": p.pty.map(|t| json!({ "cols": t.cols, "rows": t.rows })),
-    })
+    Ok(Json(ProcessView::from(&processes.get(pid).await?)))
 }
 
 /// NDJSON: a `dropped` line if older output was lost, the buffered output,

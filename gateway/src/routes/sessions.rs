@@ -69,7 +69,7 @@ pub async fn network<B: Backend>(
     super::LimitedBody(body): super::LimitedBody,
 ) -> Answer<Json<serde_json::Value>> {
     crate::api::check_session_key(&key)?;
-    let raw: ember_vm::net::RawPolicy = serde_json::from_slice(&body).map_err(|e| {
+    let raw: ember_net::RawPolicy = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "body: {e}: send \"none\", \"open\" or {{\"egress\": {{\"allow\": [...], \"deny\": [...]}}}}"
         ))

@@ -867,12 +867,12 @@ async fn a_call_gets_its_network_after_the_claim_and_loses_it_before_the_reset()
     let r = f.send(put(r#"{"egress": {"allow": ["allowed.test"]}}"#)).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(f.send(put(r#""none""#)).await.status, 200);
-    let policies: Vec<ember_vm::net::Policy> =
+    let policies: Vec<ember_net::Policy> =
         f.agents.log().connects.iter().skip(1).map(|c| c.1.clone()).collect();
     assert_eq!(policies.len(), 3);
-    assert_eq!(policies[0], ember_vm::net::Policy::Open);
-    assert!(matches!(policies[1], ember_vm::net::Policy::Egress { .. }));
-    assert_eq!(policies[2], ember_vm::net::Policy::None);
+    assert_eq!(policies[0], ember_net::Policy::Open);
+    assert!(matches!(policies[1], ember_net::Policy::Egress { .. }));
+    assert_eq!(policies[2], ember_net::Policy::None);
     assert_eq!(f.send(put(r#"{"egress": {"allow": ["x"]}}"#)).await.error(), (400, "invalid_request".into()));
     let missing = Request::put("/v1/sessions/nobody/network").body(Body::from("\"open\"")).unwrap();
     assert_eq!(f.send(missing).await.error().0, 404);

@@ -258,7 +258,7 @@ fn an_opened_session_shows_its_figures_and_ends_with_its_lifetime(s: &Server) ->
         std::thread::sleep(Duration::from_millis(200));
     }
     let gone = Instant::now() + Duration::from_secs(10);
-    while !ember_vm::os::processes_mentioning(&vm).is_empty() {
+    while !ember_sys::os::processes_mentioning(&vm).is_empty() {
         ensure!(Instant::now() < gone, "the ended session's VM still runs");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -344,7 +344,7 @@ fn a_sessions_background_processes_keep_running_and_replay_their_output(s: &Serv
     ensure!(s.post_json("/v1/sessions/procs/processes", &json!({"cmd": "sleep 600"}))?.status == 201);
     ensure!(s.request("DELETE", "/v1/sessions/procs", &[], None)?.status == 204);
     let gone = Instant::now() + Duration::from_secs(10);
-    while !ember_vm::os::processes_mentioning(&vm).is_empty() {
+    while !ember_sys::os::processes_mentioning(&vm).is_empty() {
         ensure!(Instant::now() < gone, "the ended session's VM still runs");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -717,7 +717,7 @@ fn a_paused_session_survives_a_restart_of_the_server(_: &Server) -> anyhow::Resu
     let paused = s.post_json("/v1/sessions/keep/pause", &json!({}))?;
     let pause_ms = t.elapsed().as_millis();
     ensure!(paused.status == 200 && paused.json()?["state"] == "paused", "{paused:?}");
-    ensure!(ember_vm::os::processes_mentioning(&vm).is_empty(), "the paused session's QEMU still runs");
+    ensure!(ember_sys::os::processes_mentioning(&vm).is_empty(), "the paused session's QEMU still runs");
     first.stop(Duration::from_secs(60))?;
 
     let second = start()?;

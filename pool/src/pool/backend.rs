@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::path::Path;
 
-use ember_vm::net::{ConnectTimings, Policy};
+use ember_net::{ConnectTimings, Policy};
 
 use super::PoolError;
 
@@ -20,8 +20,8 @@ pub struct NetTimings {
 /// See [`Backend::handle`].
 #[derive(Debug, Clone, Default)]
 pub struct VmHandle {
-    pub usage: ember_vm::vm::UsageProbe,
-    pub agent: Option<std::sync::Arc<ember_vm::AgentClient>>,
+    pub usage: ember_vm::UsageProbe,
+    pub agent: Option<std::sync::Arc<ember_channel::AgentClient>>,
 }
 
 pub trait Backend: Send + Sync + 'static {

@@ -60,7 +60,7 @@ impl<B: Backend> Lease<B> {
 
     /// Give the VM the network `policy` allows for this lease; it is taken
     /// away when the lease ends, before the VM's reset.
-    pub async fn connect(&mut self, policy: &ember_vm::net::Policy) -> Result<super::NetTimings, PoolError> {
+    pub async fn connect(&mut self, policy: &ember_net::Policy) -> Result<super::NetTimings, PoolError> {
         self.connected = true;
         match &self.vm {
             Some(vm) => self.inner.backend.connect(vm, policy).await,

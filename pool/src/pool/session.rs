@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use ember_vm::vm::Usage;
+use ember_vm::Usage;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
@@ -50,7 +50,7 @@ pub(super) struct Slot<V> {
     /// While paused: where, and since when.
     paused: Mutex<Option<(PathBuf, Instant)>>,
     /// The network it was last given (restored when it resumes).
-    network: Mutex<Option<ember_vm::net::RawPolicy>>,
+    network: Mutex<Option<ember_net::RawPolicy>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -112,7 +112,7 @@ impl<V> Slot<V> {
         let expires = *locked(&self.expires);
         let paused = locked(&self.paused).clone();
         let usage = match &paused {
-            Some((dir, _)) => Usage { disk_bytes: Some(ember_vm::vm::paused_bytes(dir)), ..Usage::default() },
+            Some((dir, _)) => Usage { disk_bytes: Some(ember_vm::paused_bytes(dir)), ..Usage::default() },
             None => locked(&self.handle).usage.read(),
         };
         SessionInfo {
@@ -182,7 +182,7 @@ impl<B: Backend> SessionLease<B> {
     /// Give the session's VM the network `policy` allows (as
     /// [`Backend::connect`]); it is kept for the session, and given again
     /// when the session resumes from a pause.
-    pub async fn connect(&self, policy: &ember_vm::net::Policy) -> Result<super::NetTimings, PoolError> {
+    pub async fn connect(&self, policy: &ember_net::Policy) -> Result<super::NetTimings, PoolError> {
         let t = self.inner.backend.connect(self, policy).await?;
         *locked(&self.slot.network) = Some(policy.to_raw());
         Ok(t)
@@ -380,7 +380,7 @@ impl<B: Backend> Pool<B> {
     /// Session `key`'s agent connection, to use without waiting for a call
     /// running in it (background processes); `None` if there is no such
     /// session, it is paused, or its backend has no shared connection.
-    pub fn session_agent(&self, key: &str) -> Option<std::sync::Arc<ember_vm::AgentClient>> {
+    pub fn session_agent(&self, key: &str) -> Option<std::sync::Arc<ember_channel::AgentClient>> {
         let slot = self.inner.lock().sessions.get(key).cloned()?;
         if slot.is_paused() {
             return None;
@@ -439,7 +439,7 @@ impl<B: Backend> Pool<B> {
 /// (see [`Pool::session_handle`]).
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
-    pub agent: std::sync::Arc<ember_vm::AgentClient>,
+    pub agent: std::sync::Arc<ember_channel::AgentClient>,
     pub vm_id: String,
 }
 

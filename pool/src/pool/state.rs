@@ -115,7 +115,7 @@ impl<V> State<V> {
     /// leaves behind.
     pub(super) fn capacity_per_sec(&self, function: bool) -> Option<f64> {
         let kind = if function { self.function_reset } else { self.general_reset };
-        self.cpu.capacity(ember_vm::procfs::host_cpus(), kind)
+        self.cpu.capacity(ember_sys::procfs::host_cpus(), kind)
     }
 
     /// What admission sees, for a general claim at `position` in the queue.

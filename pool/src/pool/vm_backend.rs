@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::{Backend, NetTimings, PoolError};
 use crate::config::{ReplenishMode, ResetMode};
-use ember_vm::net::Policy;
-use ember_vm::vm::{Step, Template, Vm, VmHost};
+use ember_net::Policy;
+use ember_vm::{Step, Template, Vm, VmHost};
 
 /// A scrub that takes longer than this is given up (a full reset follows).
 const SCRUB_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,7 +61,7 @@ impl VmBackend {
             return Err(format!(
                 "pool.reset = \"{}\" needs VMs with a {} writable disk",
                 plan.reset.name(),
-                if plan.scratch == ember_vm::vm::ScratchKind::RawCopy { "raw" } else { "qcow2 overlay" }
+                if plan.scratch == ember_vm::ScratchKind::RawCopy { "raw" } else { "qcow2 overlay" }
             ));
         }
         let (mode, restore) = (plan.reset, plan.restore);
@@ -158,7 +158,7 @@ async fn warm_up(vm: &Vm, what: WarmUp) -> Result<(), String> {
     // docs/BENCHMARKS.md): on a 2-core TCG host that capacity decides
     // whether the pool keeps up at 4 req/s.
     let mut req = match what {
-        WarmUp::Command => ember_vm::vm::shell("true"),
+        WarmUp::Command => ember_channel::shell("true"),
         WarmUp::Python => {
             ember_wire::ExecRequest::new(ember_wire::Command::Python(ember_wire::PythonScript {
                 path: WARM_UP_SCRIPT.into(),
@@ -380,7 +380,7 @@ impl Backend for VmBackend {
                 warm_up_nic(vm).await.map_err(fail)?;
                 steps.mark("warm-up");
                 let steps = steps.finish();
-                tracing::debug!(vm = %id, mode = self.mode.name(), steps = %ember_vm::vm::describe_steps(&steps), "reset");
+                tracing::debug!(vm = %id, mode = self.mode.name(), steps = %ember_vm::describe_steps(&steps), "reset");
                 self.record(|t| {
                     t.reset.push(started.elapsed());
                     t.reset_steps.push(steps);
@@ -410,7 +410,7 @@ impl Backend for VmBackend {
     }
 
     fn pauses(&self) -> bool {
-        use ember_vm::channel::ChannelKind;
+        use ember_channel::ChannelKind;
         matches!(self.host.channel(), ChannelKind::Serial | ChannelKind::Vsock)
     }
 
@@ -421,7 +421,7 @@ impl Backend for VmBackend {
     }
 
     async fn resume(&self, dir: &std::path::Path) -> Result<Vm, PoolError> {
-        let paused = ember_vm::vm::Paused::load(dir).map_err(|e| PoolError::Pause(e.to_string()))?;
+        let paused = ember_vm::Paused::load(dir).map_err(|e| PoolError::Pause(e.to_string()))?;
         self.host.resume(&paused).await.map_err(|e| PoolError::Pause(format!("resuming: {e}")))
     }
 
@@ -430,7 +430,7 @@ impl Backend for VmBackend {
     }
 
     async fn copy_paused(&self, from: &std::path::Path, to: &std::path::Path) -> Result<(), PoolError> {
-        let paused = ember_vm::vm::Paused::load(from).map_err(|e| PoolError::Pause(e.to_string()))?;
+        let paused = ember_vm::Paused::load(from).map_err(|e| PoolError::Pause(e.to_string()))?;
         paused.copy_to(&self.host, to).await.map(drop).map_err(|e| PoolError::Pause(format!("forking: {e}")))
     }
 
@@ -439,7 +439,7 @@ impl Backend for VmBackend {
     }
 
     fn can_resume(&self, dir: &std::path::Path) -> bool {
-        ember_vm::vm::Paused::load(dir).is_ok()
+        ember_vm::Paused::load(dir).is_ok()
     }
 
     async fn destroy(&self, vm: Vm) {

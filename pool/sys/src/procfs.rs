@@ -85,6 +85,25 @@ pub fn start_time(pid: u32) -> Option<u64> {
     start_ticks_of(&read_stat(pid)?)
 }
 
+/// This process's identity that survives pid reuse, `<pid>-<start>`: what
+/// Ember writes beside what it owns (state directories, namespaces, ZFS
+/// clones), so a later run can tell a live owner from a dead one.
+pub fn own_identity() -> String {
+    let pid = std::process::id();
+    format!("{pid}-{}", start_time(pid).unwrap_or(0))
+}
+
+/// Whether the process an identity names (`<pid>-<start>`, anything after
+/// a further `-` ignored) is still alive.
+pub fn identity_alive(identity: &str) -> bool {
+    let mut fields = identity.split('-');
+    let (Some(pid), Some(start)) = (fields.next(), fields.next()) else { return false };
+    match (pid.parse::<u32>(), start.parse::<u64>()) {
+        (Ok(pid), Ok(start)) => start_time(pid) == Some(start),
+        _ => false,
+    }
+}
+
 /// Busy and total ticks of all CPUs from the `cpu` line of `/proc/stat`
 /// (idle and iowait count as not busy).
 pub fn host_ticks_of(stat: &str) -> Option<(u64, u64)> {

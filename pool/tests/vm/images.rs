@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
+use ember_image::ImageSet;
+use ember_image::{Catalog, ImageError, ImagesConfig};
 use ember_pool::pool::MemoryBudget;
 use ember_testkit::ensure_eq;
-use ember_vm::image::{Catalog, ImageError, ImagesConfig};
-use ember_vm::vm::{ImageSet, VmConfig};
+use ember_vm::VmConfig;
 use ember_vm::{Vm, VmHost};
 
 use super::{images_dir, py, stdout, VmPool};
@@ -21,7 +22,7 @@ use super::{images_dir, py, stdout, VmPool};
 pub fn config_for(name: &str, state_dir: &Path) -> anyhow::Result<VmConfig> {
     let dir = images_dir();
     let info =
-        ember_vm::image::read_info(&dir.join(name)).with_context(|| format!("image {name} is not built"))?;
+        ember_image::read_info(&dir.join(name)).with_context(|| format!("image {name} is not built"))?;
     let mut c = VmConfig::with_images(ImageSet::for_image(&dir, name).map_err(anyhow::Error::msg)?);
     c.image = name.to_string();
     c.memory_mb = info.memory_mb.unwrap_or(c.memory_mb);
@@ -115,10 +116,9 @@ pub async fn two_images_keep_their_pools_apart(
     // A creation still running at shutdown is destroyed when it ends, and
     // gives its memory back then.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let freed = ember_vm::vm::wait_until(deadline, Duration::from_millis(50), || {
-        (budget.used_mb() == 0).then_some(())
-    })
-    .await;
+    let freed =
+        ember_vm::wait_until(deadline, Duration::from_millis(50), || (budget.used_mb() == 0).then_some(()))
+            .await;
     ensure!(freed.is_some(), "{} MiB still held after shutdown", budget.used_mb());
     Ok(())
 }
@@ -244,7 +244,7 @@ pub async fn a_busybox_only_root_serves_its_files(state_dir: &Path) -> anyhow::R
 }
 
 async fn files_on_a_bare_root(vm: &Vm) -> anyhow::Result<()> {
-    use ember_vm::AgentError;
+    use ember_channel::AgentError;
     let agent = vm.shared_agent();
     // The root has no coreutils: what the routes once ran cannot start.
     let mut find = ember_wire::ExecRequest::new(ember_wire::Command::Argv(vec!["find".into(), ".".into()]));

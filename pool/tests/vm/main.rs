@@ -19,9 +19,11 @@ mod pause;
 mod pools;
 mod zfs;
 use agent::*;
-use ember_vm::channel::ExecOutput;
-use ember_vm::vm::{wait_until, ImageSet, InitMode, VmConfig};
-use ember_vm::{AgentError, ChannelChoice, ExecEvent, Vm, VmHost};
+use ember_channel::ExecOutput;
+use ember_channel::{AgentError, ChannelChoice, ExecEvent};
+use ember_image::ImageSet;
+use ember_vm::{wait_until, InitMode, VmConfig};
+use ember_vm::{Vm, VmHost};
 use ember_wire::{Command, Configure, ErrorCode, ExecRequest, FileSpec, NetworkConfig, MAX_FRAME_LEN};
 use lifecycle::*;
 use pools::*;
@@ -302,7 +304,7 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             // Rollback: the same adversarial test, with the writable layer
             // rolled back under a running VM instead of a memory snapshot.
             let mut raw = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
-            raw.scratch = ember_vm::vm::ScratchKind::RawCopy;
+            raw.scratch = ember_vm::ScratchKind::RawCopy;
             let raw_host = VmHost::new(raw, false)?;
 
             // The warm pool over real VMs.
@@ -411,10 +413,10 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
             use ember_pool::config::{PoolConfig, ResetMode};
             let parent = zfs_test_pool("up").context("setting up the test zpool")?;
             let mut zc = config(ChannelChoice::HybridVsock, InitMode::Fast, false);
-            zc.scratch = ember_vm::vm::ScratchKind::RawCopy;
-            zc.storage = ember_vm::storage::StorageConfig::Zfs(ember_vm::storage::ZfsConfig {
+            zc.scratch = ember_vm::ScratchKind::RawCopy;
+            zc.storage = ember_storage::StorageConfig::Zfs(ember_storage::ZfsConfig {
                 parent: parent.clone(),
-                mode: ember_vm::storage::ZfsMode::Dataset,
+                mode: ember_storage::ZfsMode::Dataset,
             });
             report.run("zfs_orphans_are_reaped", Box::pin(zfs_orphans_are_reaped(zc.clone(), &parent))).await;
             // Pause and fork need a channel that survives a migration: serial.

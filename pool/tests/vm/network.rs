@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
+use ember_net::{NetConfig, Network, Policy};
 use ember_testkit::ensure_eq;
-use ember_vm::net::{NetConfig, Network, Policy};
-use ember_vm::vm::VmConfig;
+use ember_vm::VmConfig;
 use ember_vm::VmHost;
 use ember_wire::{Configure, NetworkConfig};
 
@@ -32,7 +32,7 @@ pub async fn a_spoofing_guest_gets_nothing_through(vm_cfg: VmConfig) -> anyhow::
         dns_upstream: Vec::new(),
         state_dir: state.path().join("net"),
     };
-    let runner = Arc::new(ember_vm::storage::ProcessRunner { timeout: Duration::from_secs(30) });
+    let runner = Arc::new(ember_storage::ProcessRunner { timeout: Duration::from_secs(30) });
     let net = Network::open(cfg, runner).await?;
     let host = VmHost::new(vm_cfg, false)?;
     host.attach_network(Arc::clone(&net));

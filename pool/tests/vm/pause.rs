@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use ember_testkit::ensure_eq;
-use ember_vm::vm::{processes_mentioning, Paused, VmHost};
+use ember_vm::{processes_mentioning, Paused, VmHost};
 
 use crate::{run, stdout};
 

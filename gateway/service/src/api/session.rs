@@ -27,7 +27,7 @@ pub struct SessionRequest {
     pub memory_mb: Option<u64>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    pub network: Option<ember_vm::net::RawPolicy>,
+    pub network: Option<ember_net::RawPolicy>,
     /// humantime: ended after this long without calls.
     pub idle_timeout: Option<String>,
     /// humantime: ended this long after it opens (its maximum lifetime).
@@ -42,7 +42,7 @@ pub struct SessionSettings {
     pub key: String,
     pub image: Option<String>,
     pub memory_mb: Option<u64>,
-    pub network: Option<(ember_vm::net::RawPolicy, ember_vm::net::Policy)>,
+    pub network: Option<(ember_net::RawPolicy, ember_net::Policy)>,
     pub spec: SessionSpec,
 }
 

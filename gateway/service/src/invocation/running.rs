@@ -3,8 +3,8 @@
 use std::ops::Deref;
 use std::time::Duration;
 
+use ember_channel::{AgentClient, AgentError, ExecEvent};
 use ember_pool::pool::{Backend, Lease, Pool, SessionLease};
-use ember_vm::{AgentClient, AgentError, ExecEvent};
 use ember_wire::ExitStatus;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -44,7 +44,7 @@ pub struct Running<B: Backend> {
     pub net: Option<ember_pool::pool::NetTimings>,
     pub(super) deadline: Instant,
     // Field order is drop order: cancel the command, then free the VM.
-    pub(super) handle: Option<ember_vm::channel::ExecHandle>,
+    pub(super) handle: Option<ember_channel::ExecHandle>,
     pub(super) held: Option<Held<B>>,
     pub(super) state: AppState<B>,
     pub(super) _permit: OwnedSemaphorePermit,

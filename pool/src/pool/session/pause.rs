@@ -36,7 +36,7 @@ struct Record {
     #[serde(default)]
     metadata: BTreeMap<String, String>,
     #[serde(default)]
-    network: Option<ember_vm::net::RawPolicy>,
+    network: Option<ember_net::RawPolicy>,
     paused_unix_ms: u64,
 }
 

@@ -106,7 +106,7 @@ fn check_parent(parent: &str) -> Result<(), String> {
 /// The base dataset of `image` under the parent: each image's VMs are
 /// cloned from its own (the default image's keeps the name it always had).
 pub fn base_dataset(image: &str) -> String {
-    if image == crate::image::DEFAULT_IMAGE {
+    if image == ember_image::DEFAULT_IMAGE {
         "base".into()
     } else {
         format!("base-{image}")

@@ -26,9 +26,9 @@ use tokio::time::Instant;
 
 use super::argv::{self, MemoryBacking};
 use super::{io_err, BootPlan, Vm, VmError, VmHost};
-use crate::channel::ChannelKind;
-use crate::storage::zfs::Fork;
-use crate::storage::Disk;
+use ember_channel::ChannelKind;
+use ember_storage::zfs::Fork;
+use ember_storage::Disk;
 
 /// How long writing or loading a paused VM's state may take.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -87,7 +87,7 @@ const RECORD: &str = "paused.json";
 
 /// Whether the paused VM recorded in `dir` has the storage backend's fork
 /// `fork` as its disk: start-up's reaper keeps such a fork
-/// ([`crate::storage::zfs::Survivors`]). Read as a typed [`Paused`]; a
+/// ([`ember_storage::zfs::Survivors`]). Read as a typed [`Paused`]; a
 /// record that is there but cannot be read keeps the fork too (a disk is
 /// never destroyed on a guess; the session's own load reports the record).
 pub(crate) fn keeps_fork(dir: &Path, fork: &str) -> bool {
@@ -142,8 +142,8 @@ impl Paused {
     /// Bytes its files take on disk, with its disk in the storage backend
     /// (see [`paused_bytes`]).
     pub fn disk_bytes(&self) -> u64 {
-        let kept = self.dataset.as_ref().and_then(|d| crate::os::file_bytes(&d.disk));
-        crate::os::dir_bytes(&self.dir) + kept.unwrap_or(0)
+        let kept = self.dataset.as_ref().and_then(|d| ember_sys::os::file_bytes(&d.disk));
+        ember_sys::os::dir_bytes(&self.dir) + kept.unwrap_or(0)
     }
 
     /// Remove what this paused VM holds outside its directory (a forked
@@ -164,7 +164,7 @@ pub fn paused_bytes(dir: &Path) -> u64 {
     let record = std::fs::read_to_string(dir.join(RECORD)).ok();
     match record.and_then(|t| serde_json::from_str::<Paused>(&t).ok()) {
         Some(p) => Paused { dir: dir.to_path_buf(), ..p }.disk_bytes(),
-        None => crate::os::dir_bytes(dir),
+        None => ember_sys::os::dir_bytes(dir),
     }
 }
 
@@ -489,8 +489,9 @@ mod tests {
     /// same type.
     #[tokio::test]
     async fn a_paused_vms_fork_survives_a_restart() {
-        use crate::storage::zfs::Survivors;
-        use crate::storage::{FakeRunner, Runner, ZfsConfig, ZfsMode, ZfsStorage};
+        use ember_storage::zfs::Survivors;
+        use ember_storage::{ZfsConfig, ZfsMode, ZfsStorage};
+        use ember_sys::{FakeRunner, Runner};
         let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let (paused_dir, unreadable, empty) =
             (tmp.path().join("s1"), tmp.path().join("s2"), tmp.path().join("s3"));
@@ -511,7 +512,7 @@ mod tests {
         let clean = tmp.path().join("scratch.ext4");
         std::fs::write(&clean, b"clean").unwrap_or_else(|e| panic!("{e}"));
         let runner = Arc::new(FakeRunner::default());
-        let id = crate::storage::zfs::image_id(&clean).unwrap_or_default();
+        let id = ember_storage::zfs::image_id(&clean).unwrap_or_default();
         runner
             .ok("zfs list -H -o type tank/ember", "filesystem\n")
             .ok("zfs get -H -o value mountpoint tank/ember", &format!("{}\n", tmp.path().display()))

@@ -19,8 +19,8 @@ use ipnet::Ipv4Net;
 
 use super::nft::{self, VmNet};
 use super::policy::{Policy, Rule};
-use crate::storage::Runner;
-use crate::vm::OwnedProcess;
+use ember_sys::OwnedProcess;
+use ember_sys::Runner;
 
 /// What `[network]` says, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,8 +224,7 @@ const OWNERS: &str = "/run/ember-net";
 
 /// This process, as `owner_alive` reads it.
 fn me() -> String {
-    let pid = std::process::id();
-    format!("{pid}-{}", crate::procfs::start_time(pid).unwrap_or(0))
+    ember_sys::procfs::own_identity()
 }
 
 impl Network {
@@ -247,7 +246,7 @@ impl Network {
         let owner_file = owners.join(format!("{}.owner", cfg.namespace));
         let owner = std::fs::read_to_string(&owner_file).unwrap_or_default();
         let owner = owner.trim();
-        if !owner.is_empty() && owner != me() && crate::vm::state_dir::owner_alive(owner) {
+        if !owner.is_empty() && owner != me() && ember_sys::procfs::identity_alive(owner) {
             return Err(NetError::Setup(format!(
                 "namespace {:?} belongs to a running ember (pid {}); give this one another [network] namespace",
                 cfg.namespace,
@@ -375,7 +374,7 @@ impl Network {
 
     async fn run(&self, program: &str, a: &[String]) -> Result<String, NetError> {
         self.runner.run(program, a).await.map_err(|e| NetError::Command {
-            command: crate::storage::command_line(program, a),
+            command: ember_sys::command_line(program, a),
             detail: e.to_string(),
         })
     }
@@ -597,8 +596,8 @@ pub fn resolver_conf(tap: &Tap, policy: &Policy, upstream: &[Ipv4Addr]) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::policy::RawPolicy;
-    use crate::storage::FakeRunner;
+    use crate::policy::RawPolicy;
+    use ember_sys::FakeRunner;
 
     fn cfg() -> NetConfig {
         NetConfig {
@@ -675,7 +674,7 @@ mod tests {
     async fn a_namespace_a_live_ember_owns_is_never_taken() {
         let owners = tempfile::tempdir().unwrap();
         // pid 1 is alive: an owner with its start time is a live Ember.
-        let init = format!("1-{}", crate::procfs::start_time(1).unwrap());
+        let init = format!("1-{}", ember_sys::procfs::start_time(1).unwrap());
         std::fs::write(owners.path().join("embt.owner"), &init).unwrap();
         let runner = Arc::new(FakeRunner::default());
         let e = Network::open_owned(cfg(), runner.clone(), owners.path()).await.unwrap_err().to_string();

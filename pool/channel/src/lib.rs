@@ -25,6 +25,11 @@ pub use client::{
 };
 pub use lane::BulkLane;
 
+/// Run a `sh -c` command with defaults, for tests and the CLI.
+pub fn shell(cmd: &str) -> ember_wire::ExecRequest {
+    ember_wire::ExecRequest::new(ember_wire::Command::Shell(cmd.into()))
+}
+
 /// A channel kind as configured: `auto` picks from what the host has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -88,7 +93,7 @@ impl HostChannels {
     pub fn probe(vhost_device_vsock: &Path) -> Self {
         Self {
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
-            vhost_device_vsock: crate::os::find_program(vhost_device_vsock).is_some(),
+            vhost_device_vsock: ember_sys::os::find_program(vhost_device_vsock).is_some(),
         }
     }
 }

@@ -70,16 +70,7 @@ pub fn record_pid(vm_dir: &Path, pid: u32) -> io::Result<()> {
     writeln!(f, "{pid}")
 }
 
-use crate::procfs::start_time;
-
-pub(crate) fn owner_alive(name: &str) -> bool {
-    let mut fields = name.split('-');
-    let (Some(pid), Some(start)) = (fields.next(), fields.next()) else { return false };
-    match (pid.parse::<u32>(), start.parse::<u64>()) {
-        (Ok(pid), Ok(start)) => start_time(pid) == Some(start),
-        _ => false,
-    }
-}
+use ember_sys::procfs::{identity_alive as owner_alive, start_time};
 
 fn reap_orphans(owners: &Path) -> io::Result<ReapReport> {
     let mut report = ReapReport::default();

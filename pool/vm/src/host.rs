@@ -9,9 +9,9 @@ use super::accel::{self, Accel};
 use super::config::{AccelChoice, VmConfig};
 use super::state_dir::StateDir;
 use super::{Vm, VmError};
-use crate::channel::{self, ChannelKind, CidAllocator, HostChannels};
-use crate::os::find_program;
-use crate::storage::{ProcessRunner, Runner, Storage, StorageConfig, ZfsStorage};
+use ember_channel::{self as channel, ChannelKind, CidAllocator, HostChannels};
+use ember_storage::{ProcessRunner, Runner, Storage, StorageConfig, ZfsStorage};
+use ember_sys::os::find_program;
 
 #[derive(Debug)]
 pub struct VmHost {
@@ -27,7 +27,7 @@ pub struct VmHost {
     runner: Arc<dyn Runner>,
     /// Ember's network namespace, when networking is on: every VM then
     /// boots with a NIC on a TAP of its own there.
-    network: std::sync::OnceLock<Arc<crate::net::Network>>,
+    network: std::sync::OnceLock<Arc<ember_net::Network>>,
 }
 
 impl VmHost {
@@ -101,11 +101,11 @@ impl VmHost {
         self.qemu_ids
     }
     /// Give this host's VMs a NIC in `net` (from the next boot on).
-    pub fn attach_network(&self, net: Arc<crate::net::Network>) {
+    pub fn attach_network(&self, net: Arc<ember_net::Network>) {
         let _ = self.network.set(net);
     }
 
-    pub fn network(&self) -> Option<&Arc<crate::net::Network>> {
+    pub fn network(&self) -> Option<&Arc<ember_net::Network>> {
         self.network.get()
     }
 
@@ -126,8 +126,8 @@ impl VmHost {
                     StorageConfig::Zfs(z) => {
                         let owner = self.state.owner_name();
                         let started = std::time::Instant::now();
-                        let survivors = crate::storage::zfs::Survivors {
-                            owner_alive: &super::state_dir::owner_alive,
+                        let survivors = ember_storage::zfs::Survivors {
+                            owner_alive: &ember_sys::procfs::identity_alive,
                             paused_keeps: &super::pause::keeps_fork,
                         };
                         let zfs = ZfsStorage::open(

@@ -336,7 +336,7 @@ impl Parts {
 
     /// A hung guest idles; a slow one burns CPU: say which.
     fn timeout_with_cpu(&self, qemu: &OwnedProcess, after: Duration, why: &str) -> VmError {
-        let cpu = crate::procfs::cpu_seconds(qemu.pid())
+        let cpu = ember_sys::procfs::cpu_seconds(qemu.pid())
             .map(|s| format!(" (QEMU used {s:.1} s of CPU)"))
             .unwrap_or_default();
         self.timeout(after, &format!("{why}{cpu}"))

@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use super::{BootFailure, DirGuard, Qmp, Vm, VmError, VmHost};
-use crate::channel::ChannelKind;
+use ember_channel::ChannelKind;
 
 /// How a VM starts.
 #[derive(Debug, Clone, Copy)]

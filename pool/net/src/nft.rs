@@ -210,7 +210,7 @@ pub fn uplink_table(table: &str, veth: &str, link: Ipv4Net, uplink: &str) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::policy::RawPolicy;
+    use crate::policy::RawPolicy;
 
     fn vm() -> VmNet {
         VmNet {

@@ -61,7 +61,7 @@ fn hello_reply(nonce: u64) -> ResponseBody {
 }
 
 fn exec_with_limit(limit: u64) -> ExecRequest {
-    let mut r = crate::vm::shell("yes");
+    let mut r = crate::shell("yes");
     r.output_limit = limit;
     r
 }

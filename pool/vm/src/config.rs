@@ -1,9 +1,10 @@
 //! VM configuration: what to boot and how.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::channel::ChannelChoice;
+use ember_channel::ChannelChoice;
+use ember_image::ImageSet;
 
 /// Which init the guest boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -56,52 +57,6 @@ impl std::str::FromStr for AccelChoice {
     }
 }
 
-/// The guest images, as built by `make images`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageSet {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub rootfs: PathBuf,
-    /// Template of the per-VM scratch disk.
-    pub scratch: PathBuf,
-}
-
-impl ImageSet {
-    /// Where image `name`'s files are in `dir`, unchecked.
-    pub fn paths(dir: &Path, name: &str) -> Self {
-        Self {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            rootfs: dir.join(name).join("rootfs.ext4"),
-            scratch: dir.join(name).join("scratch.ext4"),
-        }
-    }
-
-    /// The files of image `name` in the images directory `dir`: the shared
-    /// kernel and initrd, and the image's own root and scratch template
-    /// (symlinks into the image cache, resolved).
-    pub fn for_image(dir: &Path, name: &str) -> Result<Self, String> {
-        let get = |file: &str| {
-            let p = dir.join(file);
-            p.canonicalize()
-                .map_err(|e| format!("guest image file {} is missing ({e}); run `make images`", p.display()))
-        };
-        let mut problems = Vec::new();
-        let mut take = |name| get(name).map_err(|e| problems.push(e)).unwrap_or_default();
-        let set = Self {
-            kernel: take("vmlinuz"),
-            initrd: take("initrd.img"),
-            rootfs: take(&format!("{name}/rootfs.ext4")),
-            scratch: take(&format!("{name}/scratch.ext4")),
-        };
-        if problems.is_empty() {
-            Ok(set)
-        } else {
-            Err(problems.join("; "))
-        }
-    }
-}
-
 /// How VMs are built on this host.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -137,7 +92,7 @@ pub struct VmConfig {
     pub qemu_user: Option<String>,
     pub scratch: ScratchKind,
     /// Where raw scratch disks come from (`ScratchKind::RawCopy`).
-    pub storage: crate::storage::StorageConfig,
+    pub storage: ember_storage::StorageConfig,
 }
 
 impl VmConfig {
@@ -155,7 +110,7 @@ impl VmConfig {
             boot_timeout: Duration::from_secs(30),
             kvm_probe_timeout: Duration::from_secs(8),
             images,
-            image: crate::image::DEFAULT_IMAGE.to_string(),
+            image: ember_image::DEFAULT_IMAGE.to_string(),
             warm: None,
             state_dir: default_state_dir(),
             cache_dir: default_cache_dir(),
@@ -166,7 +121,7 @@ impl VmConfig {
             user_namespaces: false,
             qemu_user: nix::unistd::geteuid().is_root().then(|| "nobody".to_string()),
             scratch: ScratchKind::Overlay,
-            storage: crate::storage::StorageConfig::File,
+            storage: ember_storage::StorageConfig::File,
         }
     }
 
@@ -219,16 +174,6 @@ mod tests {
         c.vcpus = 0;
         c.boot_timeout = Duration::ZERO;
         assert_eq!(c.validate().unwrap_err().len(), 3);
-    }
-
-    #[test]
-    fn missing_images_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = ImageSet::for_image(dir.path(), "default").unwrap_err();
-        for name in ["vmlinuz", "initrd.img", "default/rootfs.ext4", "default/scratch.ext4"] {
-            assert!(err.contains(name), "{err}");
-        }
-        assert!(err.contains("make images"));
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Steps {
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|&p| crate::procfs::cpu_seconds(p)).sum()
+    pids.iter().filter_map(|&p| ember_sys::procfs::cpu_seconds(p)).sum()
 }
 
 /// `name=12ms/0.04s ...` for a log line.
@@ -66,10 +66,12 @@ mod tests {
         let mut steps = Steps::start(vec![me]);
         // Burn 50 ms of this process's CPU (however long that takes on a
         // busy machine), then wait without it.
-        let from = crate::procfs::cpu_seconds(me).unwrap();
+        let from = ember_sys::procfs::cpu_seconds(me).unwrap();
         let t = std::time::Instant::now();
         let mut x = 0u64;
-        while crate::procfs::cpu_seconds(me).unwrap() - from < 0.05 && t.elapsed() < Duration::from_secs(20) {
+        while ember_sys::procfs::cpu_seconds(me).unwrap() - from < 0.05
+            && t.elapsed() < Duration::from_secs(20)
+        {
             for _ in 0..10_000 {
                 x = x.wrapping_mul(31).wrapping_add(7);
             }

@@ -25,10 +25,54 @@ pub use hash::InputHash;
 pub use import::{ImportError, ImportLimits};
 pub use recipe::{valid_name, RawRecipe, Recipe, MIN_MEMORY_MB};
 
-use crate::vm::ImageSet;
-
 /// The image a request gets when it names none.
 pub const DEFAULT_IMAGE: &str = "default";
+
+/// The guest images, as built by `make images`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSet {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    /// Template of the per-VM scratch disk.
+    pub scratch: PathBuf,
+}
+
+impl ImageSet {
+    /// Where image `name`'s files are in `dir`, unchecked.
+    pub fn paths(dir: &Path, name: &str) -> Self {
+        Self {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            rootfs: dir.join(name).join("rootfs.ext4"),
+            scratch: dir.join(name).join("scratch.ext4"),
+        }
+    }
+
+    /// The files of image `name` in the images directory `dir`: the shared
+    /// kernel and initrd, and the image's own root and scratch template
+    /// (symlinks into the image cache, resolved).
+    pub fn for_image(dir: &Path, name: &str) -> Result<Self, String> {
+        let get = |file: &str| {
+            let p = dir.join(file);
+            p.canonicalize()
+                .map_err(|e| format!("guest image file {} is missing ({e}); run `make images`", p.display()))
+        };
+        let mut problems = Vec::new();
+        let mut take = |name| get(name).map_err(|e| problems.push(e)).unwrap_or_default();
+        let set = Self {
+            kernel: take("vmlinuz"),
+            initrd: take("initrd.img"),
+            rootfs: take(&format!("{name}/rootfs.ext4")),
+            scratch: take(&format!("{name}/scratch.ext4")),
+        };
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
 
 /// Where an image came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -625,6 +669,16 @@ impl Drop for GroupKiller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_images_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ImageSet::for_image(dir.path(), "default").unwrap_err();
+        for name in ["vmlinuz", "initrd.img", "default/rootfs.ext4", "default/scratch.ext4"] {
+            assert!(err.contains(name), "{err}");
+        }
+        assert!(err.contains("make images"));
+    }
 
     #[test]
     fn home_is_found_from_the_env_an_install_prefix_or_a_checkout() {

@@ -1,7 +1,7 @@
 //! The exact `zfs` commands of each step, with a fake runner.
 
 use super::*;
-use crate::storage::FakeRunner;
+use crate::FakeRunner;
 
 struct Fixture {
     runner: Arc<FakeRunner>,
