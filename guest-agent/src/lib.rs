@@ -197,8 +197,9 @@ pub async fn run(args: Args) -> std::io::Result<()> {
         lane: Lane::default(),
     });
     // Start the blocking-pool thread (file writes) before the host can
-    // snapshot this VM: under TCG a thread start costs ~8 ms, and a thread
-    // in the snapshot is there after every reset.
+    // snapshot this VM: a thread start is dear under TCG (docs/BENCHMARKS.md,
+    // "code and files calls"), and a thread in the snapshot is there after
+    // every reset.
     let _ = tokio::task::spawn_blocking(|| ()).await;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "agent starting");
     transport::serve_all(agent, args).await

@@ -1,6 +1,7 @@
 //! The guest's NICs over netlink (rtnetlink): an address, the link up and a
 //! default route for `configure`, and everything off again for a reset, in
-//! a few messages instead of a fork of `ip` each (~50 ms apiece under TCG).
+//! a few messages instead of a fork of `ip` each (what that saved:
+//! docs/BENCHMARKS.md, Networking).
 
 use std::net::{IpAddr, Ipv4Addr};
 

@@ -99,7 +99,8 @@ impl Data {
 }
 
 /// Bytes a direct read put in the aligned part of a buffer, sent from
-/// where they are (under TCG a copy of 100 MiB costs the guest ~0.5 s);
+/// where they are (a copy in the agent was most of its user time per
+/// download under TCG: docs/BENCHMARKS.md, Sandboxes);
 /// the buffer goes back to its reader's spares once they are written.
 pub struct Piece {
     buf: Vec<u8>,

@@ -269,8 +269,9 @@ impl Default for PoolConfig {
             run_reset: RunReset::Full,
             replenish: ReplenishMode::Auto,
             max_uses: 100,
-            // Above an image's first boot here (a cold boot plus its warm-up
-            // command, ~10 s for python-data under TCG).
+            // Above an image's first boot here: a cold boot plus its warm-up
+            // command, seconds for python-data under TCG (docs/BENCHMARKS.md,
+            // Images).
             claim_timeout: Duration::from_secs(30),
             max_queue_wait: None,
             max_host_cpu: Some(crate::pool::DEFAULT_MAX_HOST_CPU),

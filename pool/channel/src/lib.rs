@@ -6,6 +6,7 @@
 //!   host side is a Unix socket speaking `CONNECT <port>`.
 //! - `serial`: virtio-serial on a Unix socket; migratable, so snapshot
 //!   features use it.
+#![forbid(unsafe_code)]
 
 mod cid;
 mod client;

@@ -12,6 +12,7 @@
 //! $EMBER_IMAGES/<name> -> $EMBER_CACHE/images/image-<name>-<hash>/
 //!     rootfs.ext4  scratch.ext4  image.json  packages.txt  build.log
 //! ```
+#![forbid(unsafe_code)]
 
 mod hash;
 pub mod import;

@@ -1,6 +1,7 @@
 //! VM networking: the policy a request gives a VM's network. Everything a
 //! VM's network needs lives in a network namespace Ember owns (see the
 //! README's *Networking*).
+#![forbid(unsafe_code)]
 
 pub mod host;
 pub mod nft;

@@ -142,21 +142,21 @@ enum WarmUp {
     /// A no-op script forked from the pre-warmed Python (the fork server's
     /// path and CPython's interpreter loop), for VMs whose last call was
     /// Python: a reset leaves TCG's translations empty, and re-translating
-    /// the interpreter costs a call ~100 ms otherwise.
+    /// the interpreter would otherwise be paid by the next call.
     Python,
 }
 
 /// Run one trivial command so the next one is fast. A restored VM starts
 /// with an empty translation cache under TCG (and cold caches under KVM):
-/// its first command pays ~100 ms of warming that is better paid here, off
-/// the request's path, than by the caller. Only what the next call will
+/// its first command pays for warming them, better paid here, off the
+/// request's path, than by the caller. Only what the next call will
 /// likely run is warmed: each warm-up costs CPU on every reset.
 async fn warm_up(vm: &Vm, what: WarmUp) -> Result<(), String> {
     // Only a command. Sending a code file with it (and having the agent
-    // remove it) would also translate the file-writing path, which saves a
-    // `code` call 12-16 ms, but costs every reset 35-60 ms here (measured,
-    // docs/BENCHMARKS.md): on a 2-core TCG host that capacity decides
-    // whether the pool keeps up at 4 req/s.
+    // remove it) would also translate the file-writing path: a `code` call
+    // gets faster, but every reset dearer by more than it saves
+    // (docs/BENCHMARKS.md, "code and files calls"), and on a TCG host reset
+    // capacity decides how many calls a second the pool keeps up with.
     let mut req = match what {
         WarmUp::Command => ember_channel::shell("true"),
         WarmUp::Python => {
@@ -184,7 +184,7 @@ async fn warm_up(vm: &Vm, what: WarmUp) -> Result<(), String> {
 /// For a VM with a NIC: the path a claim with a network takes in the guest
 /// (the agent's netlink calls and the kernel's behind them), run once off the
 /// request's path: a restore leaves its translations empty under TCG, and
-/// the claim's `configure` paid ~145 ms for them (docs/BENCHMARKS.md). The
+/// the claim's `configure` paid for them (docs/BENCHMARKS.md, Networking). The
 /// VM's own address goes on and comes off again, checked by the agent; its
 /// TAP has no rules, so nothing can pass meanwhile.
 async fn warm_up_nic(vm: &Vm) -> Result<(), String> {

@@ -7,6 +7,7 @@
 //!
 //! A [`Disk`] owns what it was made of: releasing it (or dropping it, as a
 //! last resort) removes the clone.
+#![forbid(unsafe_code)]
 
 pub mod file;
 pub mod zfs;

@@ -30,7 +30,7 @@ impl std::str::FromStr for InitMode {
 /// How a VM's writable layer is stored (the file backend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ScratchKind {
-    /// A qcow2 overlay of the clean image: ~10 ms to create; snapshots live in it.
+    /// A qcow2 overlay of the clean image, cheap to create; snapshots live in it.
     Overlay,
     /// A sparse raw copy of the clean image, rolled back in place.
     RawCopy,
