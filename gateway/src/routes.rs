@@ -18,7 +18,7 @@ use ember_pool::pool::Backend;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ApiError;
-use crate::invocation::Sandbox;
+use crate::invocation::AgentVm;
 use crate::state::AppState;
 
 /// Header that pins calls to a session's workspace VM.
@@ -80,7 +80,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 pub fn router<B: Backend>(state: AppState<B>) -> Router
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     Router::new()
         .route("/healthz", get(info::healthz::<B>))

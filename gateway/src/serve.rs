@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::functions::Functions;
-use crate::invocation::Sandbox;
+use crate::invocation::AgentVm;
 use crate::pools::{Pools, Readiness};
 use crate::state::AppState;
 
@@ -260,7 +260,7 @@ pub async fn serve<B: Backend>(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     let app = crate::routes::router(state.clone());
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);

@@ -28,7 +28,7 @@ use ember_wire::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
-use crate::invocation::Sandbox;
+use crate::invocation::AgentVm;
 
 /// What the fake agents saw, across all VMs.
 #[derive(Debug, Default)]
@@ -70,7 +70,7 @@ impl std::fmt::Debug for FakeVm {
     }
 }
 
-impl Sandbox for FakeVm {
+impl AgentVm for FakeVm {
     fn agent(&self) -> &AgentClient {
         &self.agent
     }

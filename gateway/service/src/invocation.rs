@@ -20,20 +20,21 @@ use tokio::time::Instant;
 use crate::api::{text_and_base64, Invocation, RunResult, Timing};
 use crate::error::Error;
 use crate::state::AppState;
-use running::Held;
+use running::HeldVm;
 pub use running::Running;
 
 /// How long past its own timeout a command may take to report its exit
 /// before the VM is given up on.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 
-/// What the gateway needs of a VM: its agent.
-pub trait Sandbox: Send + Sync + 'static {
+/// What the service needs of a pool's VM: its agent and its id (the real
+/// `Vm`, or a fake one in router tests).
+pub trait AgentVm: Send + Sync + 'static {
     fn agent(&self) -> &AgentClient;
     fn id(&self) -> &str;
 }
 
-impl Sandbox for ember_vm::Vm {
+impl AgentVm for ember_vm::Vm {
     fn agent(&self) -> &AgentClient {
         ember_vm::Vm::agent(self)
     }
@@ -51,7 +52,7 @@ pub async fn start<B: Backend>(
     inv: Invocation,
 ) -> Result<Running<B>, Error>
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     let started = claim_and_start(state, id, session, inv).await;
     if let Err(e) = &started {
@@ -70,7 +71,7 @@ async fn claim_and_start<B: Backend>(
     mut inv: Invocation,
 ) -> Result<Running<B>, Error>
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     if state.is_draining() {
         return Err(Error::draining());
@@ -107,7 +108,7 @@ where
             for (k, v) in lease.env() {
                 inv.env.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            (image, Held::Session { lease, key: key.clone(), pool: pool.clone() }, true)
+            (image, HeldVm::Session { lease, key: key.clone(), pool: pool.clone() }, true)
         }
         None => {
             let (image, pool) = state.pools.get(inv.image.as_deref())?;
@@ -116,7 +117,7 @@ where
                 None => pool.claim().await?,
             };
             let warm = lease.warm();
-            (image, Held::Pool(lease), warm)
+            (image, HeldVm::Pool(lease), warm)
         }
     };
     let image = image.to_string();
@@ -163,7 +164,7 @@ pub async fn run<B: Backend>(
     inv: Invocation,
 ) -> Result<RunResult, Error>
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     let mut running = start(state, id, session, inv).await?;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -218,7 +219,7 @@ pub fn check_network_enabled<B: Backend>(state: &AppState<B>, policy: &Policy) -
 /// `none` costs nothing there; a session keeps its network between calls
 /// and gets `none` as asked.
 async fn connect<B: Backend>(
-    held: &mut Held<B>,
+    held: &mut HeldVm<B>,
     policy: &Policy,
     in_session: bool,
 ) -> Result<Option<NetTimings>, Error> {
@@ -226,8 +227,8 @@ async fn connect<B: Backend>(
         return Ok(None);
     }
     let connected = match held {
-        Held::Pool(lease) => lease.connect(policy).await,
-        Held::Session { lease, .. } => lease.connect(policy).await,
+        HeldVm::Pool(lease) => lease.connect(policy).await,
+        HeldVm::Session { lease, .. } => lease.connect(policy).await,
     };
     let t = connected?;
     tracing::info!(

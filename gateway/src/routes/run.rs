@@ -17,7 +17,7 @@ use crate::api::{
     check_image, parse_timeout, Invocation, Lang, Program, RunRequest, StreamEvent, Utf8Chunker,
 };
 use crate::error::ApiError;
-use crate::invocation::{self, Running, Sandbox};
+use crate::invocation::{self, AgentVm, Running};
 use crate::state::AppState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,7 +90,7 @@ fn parse_run_request(body: &[u8]) -> Result<RunRequest, ApiError> {
 /// `POST /v1/run`.
 pub async fn run<B: Backend>(State(state): State<AppState<B>>, req: Request) -> Response
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     let id = uuid::Uuid::new_v4().to_string();
     let prepared = async {
@@ -134,7 +134,7 @@ pub async fn function<B: Backend>(
     req: Request,
 ) -> Response
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     let id = uuid::Uuid::new_v4().to_string();
     let prepared = async {
@@ -174,7 +174,7 @@ async fn invoke<B: Backend>(
     inv: Invocation,
 ) -> Response
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     let span = tracing::info_span!(
         "invocation",
@@ -252,7 +252,7 @@ pub(super) fn line(ev: &StreamEvent) -> Bytes {
 /// closed and drops the invocation (killing the command, resetting the VM).
 fn stream<B: Backend>(mut running: Running<B>, span: tracing::Span) -> Response
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let started = StreamEvent::Started {

@@ -9,22 +9,22 @@ use ember_wire::ExitStatus;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::{Sandbox, EXIT_GRACE};
+use super::{AgentVm, EXIT_GRACE};
 use crate::error::Error;
 use crate::state::AppState;
 
 /// The VM an invocation holds.
-pub(super) enum Held<B: Backend> {
+pub(super) enum HeldVm<B: Backend> {
     Pool(Lease<B>),
     Session { lease: SessionLease<B>, key: String, pool: Pool<B> },
 }
 
-impl<B: Backend> Deref for Held<B> {
+impl<B: Backend> Deref for HeldVm<B> {
     type Target = B::Vm;
     fn deref(&self) -> &B::Vm {
         match self {
-            Held::Pool(l) => l,
-            Held::Session { lease, .. } => lease,
+            HeldVm::Pool(l) => l,
+            HeldVm::Session { lease, .. } => lease,
         }
     }
 }
@@ -45,7 +45,7 @@ pub struct Running<B: Backend> {
     pub(super) deadline: Instant,
     // Field order is drop order: cancel the command, then free the VM.
     pub(super) handle: Option<ember_channel::ExecHandle>,
-    pub(super) held: Option<Held<B>>,
+    pub(super) held: Option<HeldVm<B>>,
     pub(super) state: AppState<B>,
     pub(super) _permit: OwnedSemaphorePermit,
 }
@@ -58,7 +58,7 @@ impl<B: Backend> std::fmt::Debug for Running<B> {
 
 impl<B: Backend> Running<B>
 where
-    B::Vm: Sandbox,
+    B::Vm: AgentVm,
 {
     pub(super) fn agent(&self) -> &AgentClient {
         match &self.held {
@@ -125,10 +125,10 @@ where
     /// The VM is not to be trusted again: destroy it (or end its session).
     fn discard(&mut self) {
         match self.held.take() {
-            Some(Held::Pool(lease)) => {
+            Some(HeldVm::Pool(lease)) => {
                 tokio::spawn(lease.discard());
             }
-            Some(Held::Session { lease, key, pool }) => {
+            Some(HeldVm::Session { lease, key, pool }) => {
                 drop(lease);
                 tokio::spawn(async move {
                     pool.end_session(&key).await;
