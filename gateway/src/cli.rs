@@ -1,7 +1,8 @@
 //! Command-line interface: `ember serve`, `ember images list|build|import`,
-//! `ember vm run|bench`, `ember pool bench`.
+//! `ember keys create|list|revoke`, `ember vm run|bench`, `ember pool bench`.
 
 pub mod images;
+pub mod keys;
 mod pool_bench;
 mod stats;
 mod vm_bench;
@@ -51,6 +52,9 @@ pub enum Command {
     /// List, build and import guest images.
     #[command(subcommand)]
     Images(images::ImagesCommand),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +117,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Vm(VmCommand::Bench(args)) => vm_bench::run(args).await,
         Command::Pool(PoolCommand::Bench(args)) => pool_bench::run(args).await,
         Command::Images(cmd) => images::run(cmd).await,
+        Command::Keys(cmd) => keys::run(cmd),
     };
     match result {
         Ok(code) => code,

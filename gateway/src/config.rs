@@ -29,6 +29,30 @@ pub struct RawConfig {
     pub images: RawImages,
     #[serde(default)]
     pub network: RawNetwork,
+    #[serde(default)]
+    pub auth: RawAuth,
+    /// Quotas of a key that sets none of its own.
+    #[serde(default)]
+    pub quotas: ember_service::quotas::Quotas,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// The keys file `ember keys` writes (default: beside the paused
+    /// sessions, `/var/lib/ember/keys.json`; `EMBER_KEYS` overrides).
+    pub keys_file: Option<PathBuf>,
+}
+
+/// Where the keys file is when the config names none.
+pub fn default_keys_file() -> PathBuf {
+    if let Some(p) = std::env::var_os("EMBER_KEYS") {
+        return PathBuf::from(p);
+    }
+    ember_pool::config::default_session_dir()
+        .parent()
+        .map_or_else(|| "/var/lib/ember".into(), Path::to_path_buf)
+        .join("keys.json")
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +99,12 @@ pub struct RawGateway {
     #[serde(default, with = "humantime_serde")]
     pub header_read_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
+    /// Host names besides loopback ones an open server (no keys) answers.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) a browser may call an open server from.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +139,8 @@ pub struct GatewayConfig {
     /// Deadline of a request head (and of an idle connection), and the cap
     /// on open connections.
     pub conn_limits: crate::http_server::ConnLimits,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -118,6 +150,8 @@ impl Default for GatewayConfig {
             functions_dir: ember_image::Home::find().functions(),
             functions_dir_explicit: false,
             conn_limits: crate::http_server::ConnLimits::default(),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -135,6 +169,10 @@ pub struct Config {
     pub build_on_start: bool,
     /// `[network]`, when enabled.
     pub network: Option<ember_net::NetConfig>,
+    /// `[auth] keys_file`.
+    pub keys_file: PathBuf,
+    /// `[quotas]`: of a key that sets none of its own.
+    pub quotas: ember_service::quotas::Quotas,
 }
 
 impl Config {
@@ -206,7 +244,20 @@ impl RawConfig {
                     .unwrap_or(dg.conn_limits.header_read_timeout),
                 max_connections: self.gateway.max_connections.unwrap_or(dg.conn_limits.max_connections),
             },
+            allowed_hosts: self.gateway.allowed_hosts,
+            allowed_origins: self.gateway.allowed_origins,
         };
+        for o in &gateway.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                problems.push(format!(
+                    "gateway.allowed_origins: {o:?} is not an origin like \"https://app.example\""
+                ));
+            }
+        }
+        let keys_file = self.auth.keys_file.unwrap_or_else(default_keys_file);
+        if let Err(e) = self.quotas.check() {
+            problems.push(format!("quotas: {e}"));
+        }
         if gateway.conn_limits.header_read_timeout.is_zero() {
             problems.push("gateway.header_read_timeout must be more than 0".into());
         }
@@ -295,6 +346,8 @@ impl RawConfig {
                     images,
                     build_on_start,
                     network,
+                    keys_file,
+                    quotas: self.quotas,
                 })
             }
             _ => Err(problems),

@@ -143,7 +143,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(crate::serve::serve(listener, state, limits, async move {
+        tokio::spawn(crate::serve::serve(listener, state, Default::default(), limits, async move {
             let _ = rx.await;
         }));
         (addr, tx)
@@ -165,7 +165,7 @@ mod tests {
     async fn slow_client(addr: SocketAddr) -> Duration {
         let t = tokio::time::Instant::now();
         let mut s = TcpStream::connect(addr).await.unwrap();
-        if s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await.is_err() {
+        if s.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n").await.is_err() {
             return t.elapsed();
         }
         let mut buf = [0u8; 512];
@@ -192,11 +192,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         // While forty clients dribble their headers, the server answers.
         let (status, _) =
-            request(addr, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+            request(addr, "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").await;
         assert!(status.contains(" 200 "), "{status}");
         let body = r#"{"cmd":"echo hi"}"#;
         let run = format!(
-            "POST /v1/run HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+            "POST /v1/run HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
              connection: close\r\n\r\n{body}",
             body.len()
         );
@@ -216,7 +216,7 @@ mod tests {
         let (addr, _stop) = start(limits).await;
         let held: Vec<_> = (0..4).map(|_| tokio::spawn(slow_client(addr))).collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (status, body) = request(addr, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let (status, body) = request(addr, "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await;
         assert!(status.contains(" 503 "), "{status}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["error"]["code"], "too_many_connections");
@@ -225,7 +225,7 @@ mod tests {
         }
         // Their slots are free again.
         let (status, _) =
-            request(addr, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+            request(addr, "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").await;
         assert!(status.contains(" 200 "), "{status}");
     }
 
@@ -234,7 +234,7 @@ mod tests {
         let limits = ConnLimits { header_read_timeout: Duration::from_secs(1), max_connections: 8 };
         let (addr, _stop) = start(limits).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await.unwrap();
         let t = tokio::time::Instant::now();
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();

@@ -5,6 +5,7 @@
 /// The service layer's modules, under the paths the gateway has always used.
 pub use ember_service::{api, functions, invocation, metrics, pools, state};
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -78,7 +78,18 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/functions/{name}"),
 ];
 
+/// The router with what the state knows of keys and no hosts or origins
+/// allowed beyond loopback.
 pub fn router<B: Backend>(state: AppState<B>) -> Router
+where
+    B::Vm: AgentVm,
+{
+    let access = crate::auth::Access { keys: state.keys.clone(), ..Default::default() };
+    router_with(state, access)
+}
+
+/// The router, requests checked against `access` first.
+pub fn router_with<B: Backend>(state: AppState<B>, access: crate::auth::Access) -> Router
 where
     B::Vm: AgentVm,
 {
@@ -116,6 +127,7 @@ where
         .route("/v1/functions/{name}", post(run::function::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(std::sync::Arc::new(access), crate::auth::authenticate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests::<B>))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server hit a bug")
@@ -175,13 +187,15 @@ fn wants_stream(headers: &HeaderMap) -> bool {
         .any(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)))
 }
 
-/// The session key from the header, if any, checked.
+/// The session key from the header, if any.
 fn session_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(SESSION_HEADER) else { return Ok(None) };
     let key = v.to_str().map_err(|_| ApiError::bad_request("X-Ember-Session must be ASCII"))?;
-    crate::api::check_session_key(key)?;
+    // Checked as the caller names it (an admin may qualify it with a tenant).
     Ok(Some(key.to_string()))
 }
 
+#[cfg(test)]
+mod tenant_tests;
 #[cfg(test)]
 mod tests;

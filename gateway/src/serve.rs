@@ -18,11 +18,13 @@ use ember_pool::pool::{Backend, MemoryBudget, Pool, VmBackend};
 use ember_vm::VmHost;
 use tokio::net::TcpListener;
 
+use crate::auth::Access;
 use crate::config::Config;
 use crate::functions::Functions;
 use crate::invocation::AgentVm;
 use crate::pools::{Pools, Readiness};
 use crate::state::AppState;
+use ember_service::keys::KeyStore;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -35,6 +37,31 @@ pub struct ServeArgs {
     /// The images directory (vmlinuz, initrd.img and a directory per image).
     #[arg(long, env = "EMBER_IMAGES", default_value_os_t = ember_image::default_images_dir())]
     pub images: PathBuf,
+    /// Serve beyond loopback without API keys: anyone who reaches the port
+    /// runs code. Only behind something that authenticates for Ember.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+/// The keys a server checks, and whether it may listen where it is told:
+/// beyond loopback only with keys (or `--insecure-no-auth`).
+fn open_keys(cfg: &Config, insecure_no_auth: bool) -> anyhow::Result<Result<Arc<KeyStore>, String>> {
+    let keys = KeyStore::open(&cfg.keys_file).map_err(|e| anyhow::anyhow!("keys: {e}"))?;
+    let loopback = cfg.gateway.listen.ip().is_loopback();
+    if !loopback && !keys.required() && !insecure_no_auth {
+        return Ok(Err(format!(
+            "ember: refusing to listen on {} without API keys: anyone who reaches it could run code.\n\
+             Create a key first (`ember keys create NAME --admin`; keys file {}), listen on 127.0.0.1, \
+             or pass --insecure-no-auth if something in front authenticates for Ember.",
+            cfg.gateway.listen,
+            cfg.keys_file.display()
+        )));
+    }
+    if !loopback && !insecure_no_auth {
+        // Revoking every key later must not open a server on a network.
+        keys.require_keys();
+    }
+    Ok(Ok(Arc::new(keys)))
 }
 
 /// The functions to serve: a missing default directory means none.
@@ -52,6 +79,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(listen) = args.listen {
         cfg.gateway.listen = listen;
     }
+    let keys = match open_keys(&cfg, args.insecure_no_auth)? {
+        Ok(k) => k,
+        Err(refusal) => {
+            eprintln!("{refusal}");
+            return Ok(ExitCode::from(64));
+        }
+    };
     let functions = load_functions(&cfg)?;
     let catalog =
         Catalog::load(cfg.images.clone()).map_err(|p| anyhow::anyhow!("images: {}", p.join("; ")))?;
@@ -77,7 +111,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let served = serve_images(&cfg, images, functions, before, listener, network.clone()).await;
+    let access = Access {
+        keys: Some(Arc::clone(&keys)),
+        allowed_hosts: cfg.gateway.allowed_hosts.clone(),
+        allowed_origins: cfg.gateway.allowed_origins.clone(),
+    };
+    let watcher = keys.watch(Duration::from_secs(1));
+    let served = serve_images(&cfg, images, functions, before, listener, network.clone(), access).await;
+    watcher.abort();
+    keys.flush_used();
     if let Some(n) = network {
         n.close().await;
     }
@@ -94,6 +136,7 @@ async fn serve_images(
     before: ember_pool::plan::Before,
     listener: TcpListener,
     network: Option<Arc<Network>>,
+    access: Access,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let budget = Arc::new(MemoryBudget::new(cfg.pool.max_memory_mb));
@@ -122,6 +165,10 @@ async fn serve_images(
     let state = AppState::new(pools.clone(), cfg.limits.clone(), functions)
         .with_image_info(images)
         .with_network(network.is_some());
+    let state = match &access.keys {
+        Some(keys) => state.with_keys(Arc::clone(keys), cfg.quotas),
+        None => state,
+    };
     if let Some((channel, reset, storage)) = summary {
         println!(
             "ember: listening on http://{addr} (channel {channel}, reset {}, storage {storage}, {} functions, \
@@ -134,7 +181,7 @@ async fn serve_images(
         );
     }
     tokio::spawn(announce_ready(pools.clone(), addr));
-    let served = serve(listener, state, cfg.gateway.conn_limits, shutdown_signal()).await;
+    let served = serve(listener, state, access, cfg.gateway.conn_limits, shutdown_signal()).await;
     for host in hosts {
         host.close().await;
     }
@@ -256,13 +303,14 @@ pub(crate) async fn shutdown_signal() {
 pub async fn serve<B: Backend>(
     listener: TcpListener,
     state: AppState<B>,
+    access: Access,
     limits: crate::http_server::ConnLimits,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
     B::Vm: AgentVm,
 {
-    let app = crate::routes::router(state.clone());
+    let app = crate::routes::router_with(state.clone(), access);
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
     let drain_state = state.clone();
     let graceful = async move {

@@ -48,8 +48,8 @@ pub struct Files {
 impl<B: Backend> AppState<B> {
     /// Session `key`'s files: its agent, the session resumed first if it is
     /// paused and counted as used.
-    pub async fn files(&self, key: &str) -> Result<Files, Error> {
-        Ok(Files { handle: self.session_handle(key).await?, limits: Arc::clone(&self.limits) })
+    pub async fn files(&self, caller: &crate::tenant::Caller, key: &str) -> Result<Files, Error> {
+        Ok(Files { handle: self.session_handle(caller, key).await?, limits: Arc::clone(&self.limits) })
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::api::{text_and_base64, Invocation, RunResult, Timing};
 use crate::error::Error;
 use crate::state::AppState;
+use crate::tenant::Caller;
 use running::HeldVm;
 pub use running::Running;
 
@@ -47,6 +48,7 @@ impl AgentVm for ember_vm::Vm {
 /// `limits.busy_delay` (at most its Retry-After).
 pub async fn start<B: Backend>(
     state: &AppState<B>,
+    caller: &Caller,
     id: String,
     session: Option<String>,
     inv: Invocation,
@@ -54,7 +56,7 @@ pub async fn start<B: Backend>(
 where
     B::Vm: AgentVm,
 {
-    let started = claim_and_start(state, id, session, inv).await;
+    let started = claim_and_start(state, caller, id, session, inv).await;
     if let Err(e) = &started {
         if e.kind == crate::Kind::Busy {
             let cap = Duration::from_secs(u64::from(e.retry_after.unwrap_or(1)));
@@ -66,6 +68,7 @@ where
 
 async fn claim_and_start<B: Backend>(
     state: &AppState<B>,
+    caller: &Caller,
     id: String,
     session: Option<String>,
     mut inv: Invocation,
@@ -79,6 +82,12 @@ where
     if let Some(p) = inv.network.as_ref().filter(|p| p.connected()) {
         check_network_enabled(state, p)?;
     }
+    // The session as the pools know it (the caller's namespace).
+    let full = session.as_deref().map(|k| caller.session_key(k)).transpose()?;
+    let call = match caller.quotas(&state.quotas) {
+        Some(q) => Some(state.tenants.start_call(&Arc::from(caller.label()), &q)?),
+        None => None,
+    };
     let permit = Arc::clone(&state.permits).try_acquire_owned().map_err(|_| {
         Error::busy(
             "too_many_requests",
@@ -87,10 +96,10 @@ where
         )
     })?;
     let claim_started = Instant::now();
-    let (image, held, warm) = match &session {
-        Some(key) => {
+    let (image, held, warm) = match (&full, &session) {
+        (Some(full), Some(key)) => {
             // A session stays on the image its first call chose.
-            let (image, pool) = match state.pools.with_session(key) {
+            let (image, pool) = match state.pools.with_session(full) {
                 Some((image, pool)) => {
                     if let Some(want) = inv.image.as_deref().filter(|w| *w != image) {
                         return Err(Error::conflict(
@@ -100,20 +109,26 @@ where
                             ),
                         ));
                     }
+                    state.check_resume_quota(caller, full)?;
                     (image, pool)
                 }
-                None => state.pools.get(inv.image.as_deref())?,
+                None => {
+                    let (image, pool) = state.pools.get(inv.image.as_deref())?;
+                    // The first call of a session opens it.
+                    state.check_session_quotas(caller, 1, 0, pool.vm_memory_mb())?;
+                    (image, pool)
+                }
             };
-            let lease = pool.session(key).await?;
+            let lease = pool.session(full).await?;
             for (k, v) in lease.env() {
                 inv.env.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            (image, HeldVm::Session { lease, key: key.clone(), pool: pool.clone() }, true)
+            (image, HeldVm::Session { lease, key: full.clone(), pool: pool.clone() }, true)
         }
-        None => {
+        _ => {
             let (image, pool) = state.pools.get(inv.image.as_deref())?;
             let lease = match &inv.function {
-                Some(f) => pool.claim_for(f).await?,
+                Some(f) => pool.claim_for(&caller.function_set(f)).await?,
                 None => pool.claim().await?,
             };
             let warm = lease.warm();
@@ -148,6 +163,7 @@ where
         held: Some(held),
         state: state.clone(),
         _permit: permit,
+        _call: call,
     };
     match running.agent().exec(req).await {
         Ok(h) => running.handle = Some(h),
@@ -159,6 +175,7 @@ where
 /// Run `inv` to its end and collect the result.
 pub async fn run<B: Backend>(
     state: &AppState<B>,
+    caller: &Caller,
     id: String,
     session: Option<String>,
     inv: Invocation,
@@ -166,7 +183,7 @@ pub async fn run<B: Backend>(
 where
     B::Vm: AgentVm,
 {
-    let mut running = start(state, id, session, inv).await?;
+    let mut running = start(state, caller, id, session, inv).await?;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     loop {
         match running.next().await? {

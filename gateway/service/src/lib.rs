@@ -11,13 +11,17 @@ pub mod error;
 pub mod files;
 pub mod functions;
 pub mod invocation;
+pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod pools;
 pub mod processes;
+pub mod quotas;
 pub mod sessions;
 pub mod state;
+pub mod tenant;
 
 pub use error::{Error, ErrorBody, Kind};
 pub use limits::Limits;
 pub use state::AppState;
+pub use tenant::Caller;

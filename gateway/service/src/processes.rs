@@ -25,8 +25,8 @@ pub struct Processes {
 impl<B: Backend> AppState<B> {
     /// Session `key`'s processes: its agent, the session resumed first if
     /// it is paused and counted as used.
-    pub async fn processes(&self, key: &str) -> Result<Processes, Error> {
-        Ok(Processes { handle: self.session_handle(key).await?, limits: Arc::clone(&self.limits) })
+    pub async fn processes(&self, caller: &crate::tenant::Caller, key: &str) -> Result<Processes, Error> {
+        Ok(Processes { handle: self.session_handle(caller, key).await?, limits: Arc::clone(&self.limits) })
     }
 }
 

@@ -11,9 +11,11 @@ use ember_pool::pool::Backend;
 use tokio::sync::Semaphore;
 
 use crate::functions::Functions;
+use crate::keys::KeyStore;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::pools::Pools;
+use crate::quotas::{Quotas, Tenants};
 
 pub struct AppState<B: Backend> {
     pub pools: Pools<B>,
@@ -25,6 +27,12 @@ pub struct AppState<B: Backend> {
     pub image_info: Arc<BTreeMap<String, ImageInfo>>,
     /// Whether VMs have NICs (`[network] enabled`).
     pub network_enabled: bool,
+    /// The API keys (`None`: no keys file, every request is `Caller::Open`).
+    pub keys: Option<Arc<KeyStore>>,
+    /// Quotas of a key that sets none of its own (`[quotas]`).
+    pub quotas: Arc<Quotas>,
+    /// What each tenant runs now, for its quotas.
+    pub tenants: Arc<Tenants>,
     draining: Arc<AtomicBool>,
 }
 
@@ -38,6 +46,9 @@ impl<B: Backend> Clone for AppState<B> {
             permits: Arc::clone(&self.permits),
             image_info: Arc::clone(&self.image_info),
             network_enabled: self.network_enabled,
+            keys: self.keys.clone(),
+            quotas: Arc::clone(&self.quotas),
+            tenants: Arc::clone(&self.tenants),
             draining: Arc::clone(&self.draining),
         }
     }
@@ -67,8 +78,18 @@ impl<B: Backend> AppState<B> {
             metrics,
             image_info: Arc::default(),
             network_enabled: false,
+            keys: None,
+            quotas: Arc::default(),
+            tenants: Arc::default(),
             draining: Arc::default(),
         }
+    }
+
+    /// With API keys and the quotas of a key that sets none.
+    pub fn with_keys(mut self, keys: Arc<KeyStore>, quotas: Quotas) -> Self {
+        self.keys = Some(keys);
+        self.quotas = Arc::new(quotas);
+        self
     }
 
     /// With networking on (VMs have NICs).

@@ -22,18 +22,21 @@ use std::collections::HashMap;
 use crate::api::{FileEntry, FileListing, Written};
 use crate::error::ApiError;
 use crate::state::AppState;
+use axum::Extension;
+use ember_service::Caller;
 
 type Params = Query<HashMap<String, String>>;
 type Answer = Result<Response, ApiError>;
 
 pub async fn get<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, path)): Path<(String, String)>,
     Query(q): Params,
 ) -> Answer {
     // A bad path is refused before a paused session is resumed for it.
     ember_service::files::check_path(&path)?;
-    let files = state.files(&key).await?;
+    let files = state.files(&caller, &key).await?;
     if q.contains_key("stat") {
         let e = files.stat(&path).await?;
         return Ok(Json(FileEntry::at(&path, &e)).into_response());
@@ -89,13 +92,14 @@ fn watch(mut w: ember_channel::DirWatch) -> Response {
 /// Write the body to the file (parents created), streamed as it arrives.
 pub async fn put<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, path)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Answer {
     // A bad path is refused before a paused session is resumed for it.
     ember_service::files::check_path(&path)?;
-    let files = state.files(&key).await?;
+    let files = state.files(&caller, &key).await?;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut upload = files.write(&path, declared).await?;
     let mut stream = body.into_data_stream();
@@ -114,12 +118,13 @@ pub(super) fn too_large(limit: u64) -> ApiError {
 /// `?mkdir` (parents too) or `?move_to=DEST`.
 pub async fn post<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, path)): Path<(String, String)>,
     Query(q): Params,
 ) -> Answer {
     // A bad path is refused before a paused session is resumed for it.
     ember_service::files::check_path(&path)?;
-    let files = state.files(&key).await?;
+    let files = state.files(&caller, &key).await?;
     if q.contains_key("mkdir") {
         let e = files.mkdir(&path, true).await?;
         return Ok((StatusCode::CREATED, Json(FileEntry::at(&path, &e))).into_response());
@@ -134,12 +139,13 @@ pub async fn post<B: Backend>(
 /// Remove a file, an empty directory, or with `?recursive=true` a tree.
 pub async fn delete<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, path)): Path<(String, String)>,
     Query(q): Params,
 ) -> Answer {
     // A bad path is refused before a paused session is resumed for it.
     ember_service::files::check_path(&path)?;
-    let files = state.files(&key).await?;
+    let files = state.files(&caller, &key).await?;
     let recursive = q.get("recursive").is_some_and(|v| v == "true" || v == "1");
     files.remove(&path, recursive, false).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

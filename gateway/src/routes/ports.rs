@@ -14,6 +14,8 @@ use hyper_util::rt::TokioIo;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use axum::Extension;
+use ember_service::Caller;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): never forwarded as they are.
 const HOP_BY_HOP: &[&str] = &[
@@ -30,18 +32,20 @@ const HOP_BY_HOP: &[&str] = &[
 
 pub async fn root<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, port)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    proxy(state, key, port, String::new(), req).await.unwrap_or_else(IntoResponse::into_response)
+    proxy(state, caller, key, port, String::new(), req).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn path<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, port, path)): Path<(String, String, String)>,
     req: Request,
 ) -> Response {
-    proxy(state, key, port, path, req).await.unwrap_or_else(IntoResponse::into_response)
+    proxy(state, caller, key, port, path, req).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 fn parse_port(raw: &str) -> Result<u16, ApiError> {
@@ -57,6 +61,7 @@ fn bad_gateway(code: &'static str, msg: String) -> ApiError {
 
 async fn proxy<B: Backend>(
     state: AppState<B>,
+    caller: Caller,
     key: String,
     port: String,
     path: String,
@@ -78,7 +83,7 @@ async fn proxy<B: Backend>(
     let incoming_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let target = target_uri(&path, req.uri())?;
     let out = outgoing(req, target, port, upgrade, limit)?;
-    let stream = state.connect_port(&key, port).await?;
+    let stream = state.connect_port(&caller, &key, port).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| bad_gateway("port_error", format!("port {port}: {e}")))?;

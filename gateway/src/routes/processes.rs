@@ -15,6 +15,8 @@ use super::run::{line, EventLines};
 use crate::api::{ProcessList, ProcessRequest, ProcessView, PtyRequest, SignalRequest, StreamEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
+use axum::Extension;
+use ember_service::Caller;
 
 fn parse_pid(raw: &str) -> Result<u32, ApiError> {
     raw.parse().map_err(|_| ApiError::invalid(format!("pid {raw:?} is not a process id")))
@@ -24,28 +26,31 @@ type Answer<T> = Result<T, ApiError>;
 
 pub async fn start<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Answer<(StatusCode, Json<ProcessView>)> {
     let req: ProcessRequest = super::parse_json(&body)?;
-    let info = state.processes(&key).await?.start(req).await?;
+    let info = state.processes(&caller, &key).await?.start(req).await?;
     Ok((StatusCode::CREATED, Json(ProcessView::from(&info))))
 }
 
 pub async fn list<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
 ) -> Answer<Json<ProcessList>> {
-    let all = state.processes(&key).await?.list().await?;
+    let all = state.processes(&caller, &key).await?.list().await?;
     Ok(Json(ProcessList { processes: all.iter().map(ProcessView::from).collect() }))
 }
 
 pub async fn show<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, pid)): Path<(String, String)>,
 ) -> Answer<Json<ProcessView>> {
     let pid = parse_pid(&pid)?;
-    let processes = state.processes(&key).await?;
+    let processes = state.processes(&caller, &key).await?;
     Ok(Json(ProcessView::from(&processes.get(pid).await?)))
 }
 
@@ -54,10 +59,11 @@ pub async fn show<B: Backend>(
 /// the process goes on.
 pub async fn output<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, pid)): Path<(String, String)>,
 ) -> Answer<Response> {
     let pid = parse_pid(&pid)?;
-    let processes = state.processes(&key).await?;
+    let processes = state.processes(&caller, &key).await?;
     let mut handle = processes.attach(pid).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
@@ -95,39 +101,43 @@ pub async fn output<B: Backend>(
 /// The body's bytes go to the process's stdin as they are.
 pub async fn stdin<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Answer<StatusCode> {
-    control(state, key, pid, Ok(Control::Stdin(body.to_vec(), false))).await
+    control(state, caller, key, pid, Ok(Control::Stdin(body.to_vec(), false))).await
 }
 
 /// Close the process's stdin (EOF).
 pub async fn close_stdin<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, pid)): Path<(String, String)>,
 ) -> Answer<StatusCode> {
-    control(state, key, pid, Ok(Control::Stdin(Vec::new(), true))).await
+    control(state, caller, key, pid, Ok(Control::Stdin(Vec::new(), true))).await
 }
 
 /// `{"signal": "TERM"}` (a name or a number) to the process's group.
 pub async fn signal<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Answer<StatusCode> {
     let what = super::parse_json::<SignalRequest>(&body).and_then(|r| Ok(r.check()?)).map(Control::Signal);
-    control(state, key, pid, what).await
+    control(state, caller, key, pid, what).await
 }
 
 /// `{"cols": C, "rows": R}`: the process's terminal's new size (409 if it
 /// has none).
 pub async fn resize<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path((key, pid)): Path<(String, String)>,
     super::LimitedBody(body): super::LimitedBody,
 ) -> Answer<StatusCode> {
     let what = super::parse_json::<PtyRequest>(&body).and_then(|r| Ok(r.check()?)).map(Control::Resize);
-    control(state, key, pid, what).await
+    control(state, caller, key, pid, what).await
 }
 
 /// What a control route does to a process.
@@ -140,13 +150,14 @@ enum Control {
 /// Check the request, then do it to process `pid` of session `key`: 204.
 async fn control<B: Backend>(
     state: AppState<B>,
+    caller: Caller,
     key: String,
     pid: String,
     what: Result<Control, ApiError>,
 ) -> Answer<StatusCode> {
     let what = what?;
     let pid = parse_pid(&pid)?;
-    let processes = state.processes(&key).await?;
+    let processes = state.processes(&caller, &key).await?;
     match what {
         Control::Stdin(data, eof) => processes.stdin(pid, data, eof).await?,
         Control::Signal(sig) => processes.signal(pid, sig).await?,

@@ -19,6 +19,8 @@ use crate::api::{
 use crate::error::ApiError;
 use crate::invocation::{self, AgentVm, Running};
 use crate::state::AppState;
+use axum::Extension;
+use ember_service::Caller;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,7 +90,11 @@ fn parse_run_request(body: &[u8]) -> Result<RunRequest, ApiError> {
 }
 
 /// `POST /v1/run`.
-pub async fn run<B: Backend>(State(state): State<AppState<B>>, req: Request) -> Response
+pub async fn run<B: Backend>(
+    State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
+    req: Request,
+) -> Response
 where
     B::Vm: AgentVm,
 {
@@ -122,7 +128,7 @@ where
         Ok::<_, ApiError>((headers, session, inv))
     };
     match prepared.await {
-        Ok((headers, session, inv)) => invoke(state, id, &headers, session, inv).await,
+        Ok((headers, session, inv)) => invoke(state, caller, id, &headers, session, inv).await,
         Err(e) => with_id(e.into_response(), &id),
     }
 }
@@ -130,6 +136,7 @@ where
 /// `POST /v1/functions/{name}`: the body is the function's input.
 pub async fn function<B: Backend>(
     State(state): State<AppState<B>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     req: Request,
 ) -> Response
@@ -152,7 +159,7 @@ where
         Ok::<_, ApiError>((headers, session, f.invocation(body.to_vec(), timeout)))
     };
     match prepared.await {
-        Ok((headers, session, inv)) => invoke(state, id, &headers, session, inv).await,
+        Ok((headers, session, inv)) => invoke(state, caller, id, &headers, session, inv).await,
         Err(e) => with_id(e.into_response(), &id),
     }
 }
@@ -168,6 +175,7 @@ fn with_id(mut resp: Response, id: &str) -> Response {
 
 async fn invoke<B: Backend>(
     state: AppState<B>,
+    caller: Caller,
     id: String,
     headers: &HeaderMap,
     session: Option<String>,
@@ -181,15 +189,16 @@ where
         id = %id,
         vm = tracing::field::Empty,
         image = tracing::field::Empty,
-        session = session.as_deref()
+        session = session.as_deref(),
+        tenant = caller.label()
     );
     let resp = if wants_stream(headers) {
-        match invocation::start(&state, id.clone(), session, inv).instrument(span.clone()).await {
+        match invocation::start(&state, &caller, id.clone(), session, inv).instrument(span.clone()).await {
             Ok(running) => stream(running, span),
             Err(e) => ApiError::from(e).into_response(),
         }
     } else {
-        match invocation::run(&state, id.clone(), session, inv).instrument(span).await {
+        match invocation::run(&state, &caller, id.clone(), session, inv).instrument(span).await {
             Ok(result) => {
                 let timing = HeaderValue::from_str(&result.timing.header_value());
                 let mut resp = axum::Json(result).into_response();

@@ -40,6 +40,9 @@ pub struct ServeOptions {
     /// Return once it listens, not once it printed its ready line (then
     /// [`EmberServe::wait_ready`] waits for that).
     pub return_when_listening: bool,
+    /// Its keys file (`EMBER_KEYS`); by default `keys.json` in the state
+    /// directory, which no test writes: the server needs no key.
+    pub keys_file: PathBuf,
 }
 
 impl ServeOptions {
@@ -56,6 +59,7 @@ impl ServeOptions {
             netns: None,
             sessions_dir: state_dir.join("sessions"),
             return_when_listening: false,
+            keys_file: state_dir.join("keys.json"),
         }
     }
 }
@@ -93,6 +97,7 @@ impl EmberServe {
             .env("EMBER_STATE_DIR", &opts.state_dir)
             // Paused sessions of test servers stay out of the machine's own.
             .env("EMBER_SESSIONS_DIR", &opts.sessions_dir)
+            .env("EMBER_KEYS", &opts.keys_file)
             .env("EMBER_LOG", &opts.log_level)
             .stdout(Stdio::piped())
             .stderr(log)

@@ -48,6 +48,8 @@ pub struct Running<B: Backend> {
     pub(super) held: Option<HeldVm<B>>,
     pub(super) state: AppState<B>,
     pub(super) _permit: OwnedSemaphorePermit,
+    /// The call counted against its tenant's quota, freed with it.
+    pub(super) _call: Option<crate::quotas::CallSlot>,
 }
 
 impl<B: Backend> std::fmt::Debug for Running<B> {
