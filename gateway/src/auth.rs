@@ -155,6 +155,10 @@ impl Access {
     }
 }
 
+/// The tenant a response was for, for the request counter.
+#[derive(Debug, Clone)]
+pub struct TenantLabel(pub String);
+
 /// The middleware: refuse, or leave the [`Caller`] for the routes.
 pub async fn authenticate(State(access): State<Arc<Access>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
@@ -164,8 +168,11 @@ pub async fn authenticate(State(access): State<Arc<Access>>, mut req: Request, n
     }
     match access.caller(path, req.headers()) {
         Ok(caller) => {
+            let tenant = TenantLabel(caller.label().to_string());
             req.extensions_mut().insert(caller);
-            next.run(req).await
+            let mut resp = next.run(req).await;
+            resp.extensions_mut().insert(tenant);
+            resp
         }
         Err(refusal) => refusal.into_response(),
     }

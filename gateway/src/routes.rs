@@ -154,6 +154,9 @@ async fn count_requests<B: Backend>(State(state): State<AppState<B>>, req: Reque
     let resp = next.run(req).await;
     let route = route.as_deref().unwrap_or("unmatched");
     state.metrics.request(route, &method, resp.status().as_u16());
+    if let Some(crate::auth::TenantLabel(tenant)) = resp.extensions().get() {
+        state.metrics.tenant_request(tenant, resp.status().as_u16());
+    }
     resp
 }
 

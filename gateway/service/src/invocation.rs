@@ -85,7 +85,9 @@ where
     // The session as the pools know it (the caller's namespace).
     let full = session.as_deref().map(|k| caller.session_key(k)).transpose()?;
     let call = match caller.quotas(&state.quotas) {
-        Some(q) => Some(state.tenants.start_call(&Arc::from(caller.label()), &q)?),
+        Some(q) => Some(state.tenants.start_call(&Arc::from(caller.label()), &q).inspect_err(|e| {
+            state.metrics.quota_refused(caller.label(), e.code);
+        })?),
         None => None,
     };
     let permit = Arc::clone(&state.permits).try_acquire_owned().map_err(|_| {

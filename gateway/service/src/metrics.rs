@@ -12,7 +12,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -21,6 +21,29 @@ pub struct RequestLabels {
     pub route: String,
     pub method: String,
     pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantStatusLabels {
+    pub tenant: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantQuotaLabels {
+    pub tenant: String,
+    pub quota: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantStateLabels {
+    pub tenant: String,
+    pub state: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +64,12 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub invocations: Family<OutcomeLabels, Counter>,
+    /// Requests by the key's name (`-` without keys) and status.
+    pub tenant_requests: Family<TenantStatusLabels, Counter>,
+    pub quota_refusals: Family<TenantQuotaLabels, Counter>,
+    /// Set at each scrape.
+    pub tenant_calls: Family<TenantLabels, Gauge>,
+    pub tenant_sessions: Family<TenantStateLabels, Gauge>,
     pub claim_seconds: Seconds,
     pub exec_seconds: Seconds,
     pub reset_seconds: Seconds,
@@ -73,6 +102,18 @@ impl Metrics {
             "Commands run, by outcome (exited, timed_out, error)",
             invocations.clone(),
         );
+        let tenant_requests = Family::<TenantStatusLabels, Counter>::default();
+        registry.register(
+            "ember_tenant_requests",
+            "HTTP requests answered, by tenant (the key's name; - without keys) and status",
+            tenant_requests.clone(),
+        );
+        let quota_refusals = Family::<TenantQuotaLabels, Counter>::default();
+        registry.register("ember_quota_refusals", "Requests refused by a tenant's quota", quota_refusals.clone());
+        let tenant_calls = Family::<TenantLabels, Gauge>::default();
+        registry.register("ember_tenant_calls_running", "Calls running, by tenant", tenant_calls.clone());
+        let tenant_sessions = Family::<TenantStateLabels, Gauge>::default();
+        registry.register("ember_tenant_sessions", "Sessions by tenant and state", tenant_sessions.clone());
         let mut seconds = |name: &str, help: &str| {
             let h: Seconds = Family::new_with_constructor(seconds_histogram);
             registry.register(name, help, h.clone());
@@ -92,6 +133,10 @@ impl Metrics {
             registry,
             requests,
             invocations,
+            tenant_requests,
+            quota_refusals,
+            tenant_calls,
+            tenant_sessions,
             claim_seconds,
             exec_seconds,
             reset_seconds,
@@ -131,6 +176,14 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels { route: route.into(), method: method.into(), status })
             .inc();
+    }
+
+    pub fn tenant_request(&self, tenant: &str, status: u16) {
+        self.tenant_requests.get_or_create(&TenantStatusLabels { tenant: tenant.into(), status }).inc();
+    }
+
+    pub fn quota_refused(&self, tenant: &str, quota: &'static str) {
+        self.quota_refusals.get_or_create(&TenantQuotaLabels { tenant: tenant.into(), quota }).inc();
     }
 
     pub fn invocation(&self, image: &str, outcome: &'static str, exec: Option<Duration>) {

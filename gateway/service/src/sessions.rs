@@ -101,7 +101,10 @@ impl<B: Backend> AppState<B> {
     ) -> Result<(), Error> {
         let (Some(tenant), Some(q)) = (caller.tenant(), caller.quotas(&self.quotas)) else { return Ok(()) };
         let held = self.held_by(tenant);
-        let over = |quota: Quota, detail: String| Err(quota.refuse(tenant, detail, SESSION_QUOTA_RETRY));
+        let over = |quota: Quota, detail: String| {
+            self.metrics.quota_refused(tenant, quota.code());
+            Err(quota.refuse(tenant, detail, SESSION_QUOTA_RETRY))
+        };
         if let Some(max) = q.sessions.filter(|m| new > 0 && held.sessions + new > *m) {
             return over(
                 Quota::Sessions,

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::functions::Functions;
 use crate::keys::KeyStore;
 use crate::limits::Limits;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TenantLabels, TenantStateLabels};
 use crate::pools::Pools;
 use crate::quotas::{Quotas, Tenants};
 
@@ -90,6 +90,24 @@ impl<B: Backend> AppState<B> {
         self.keys = Some(keys);
         self.quotas = Arc::new(quotas);
         self
+    }
+
+    /// The Prometheus text: the pools' state, and each tenant's running
+    /// calls and sessions as they are now.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        m.tenant_calls.clear();
+        for (tenant, n) in self.tenants.snapshot() {
+            m.tenant_calls.get_or_create(&TenantLabels { tenant: tenant.to_string() }).set(i64::from(n));
+        }
+        m.tenant_sessions.clear();
+        for (_, pool) in self.pools.iter() {
+            for s in pool.sessions() {
+                let tenant = crate::tenant::tenant_of(&s.key).unwrap_or("-").to_string();
+                m.tenant_sessions.get_or_create(&TenantStateLabels { tenant, state: s.state }).inc();
+            }
+        }
+        m.encode(self.pools.iter().map(|(n, p)| (n.to_string(), p.status())).collect())
     }
 
     /// With networking on (VMs have NICs).

@@ -154,7 +154,7 @@ pub async fn functions<B: Backend>(State(state): State<AppState<B>>) -> Response
 pub async fn metrics<B: Backend>(State(state): State<AppState<B>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(state.pools.iter().map(|(n, p)| (n.to_string(), p.status())).collect()),
+        state.metrics_text(),
     )
         .into_response()
 }

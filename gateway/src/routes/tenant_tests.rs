@@ -235,6 +235,19 @@ async fn quotas_refuse_with_their_code_and_free_when_work_ends() {
     assert_eq!((a.status, a.code().as_str()), (429, "quota_calls"));
     assert_eq!(long.await.unwrap(), 200);
     assert_eq!(t.call(k, "POST", "/v1/run", r#"{"cmd": "true"}"#).await.status, 200, "freed when it ended");
+
+    // Per-tenant series.
+    let m = String::from_utf8(t.call(Some(&t.root), "GET", "/metrics", "").await.body.to_vec()).unwrap();
+    for line in [
+        r#"ember_quota_refusals_total{tenant="tight",quota="quota_sessions"} 2"#,
+        r#"ember_quota_refusals_total{tenant="tight",quota="quota_paused_sessions"} 1"#,
+        r#"ember_quota_refusals_total{tenant="tight",quota="quota_calls"} 1"#,
+        r#"ember_tenant_sessions{tenant="tight",state="running"} 1"#,
+        r#"ember_tenant_sessions{tenant="alice",state="running"} 1"#,
+        r#"ember_tenant_requests_total{tenant="tight",status="429"} 4"#,
+    ] {
+        assert!(m.contains(line), "no {line} in\n{m}");
+    }
 }
 
 #[tokio::test]
