@@ -105,6 +105,10 @@ pub struct RawGateway {
     /// Origins (`scheme://host[:port]`) a browser may call an open server from.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// Serve HTTPS with this certificate chain (PEM), reloaded on change.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +145,8 @@ pub struct GatewayConfig {
     pub conn_limits: crate::http_server::ConnLimits,
     pub allowed_hosts: Vec<String>,
     pub allowed_origins: Vec<String>,
+    /// `tls_cert` and `tls_key`: HTTPS instead of HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Default for GatewayConfig {
@@ -152,6 +158,7 @@ impl Default for GatewayConfig {
             conn_limits: crate::http_server::ConnLimits::default(),
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -246,6 +253,14 @@ impl RawConfig {
             },
             allowed_hosts: self.gateway.allowed_hosts,
             allowed_origins: self.gateway.allowed_origins,
+            tls: match (self.gateway.tls_cert, self.gateway.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => {
+                    problems.push("gateway.tls_cert and gateway.tls_key go together".into());
+                    None
+                }
+            },
         };
         for o in &gateway.allowed_origins {
             if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {

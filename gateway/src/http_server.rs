@@ -16,6 +16,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -44,6 +45,7 @@ pub async fn serve_http(
     listener: TcpListener,
     app: Router,
     limits: ConnLimits,
+    tls: Option<TlsAcceptor>,
     stop: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -71,20 +73,19 @@ pub async fn serve_http(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-        let stopping = stopping.clone();
+        let (app, builder, stopping, tls) = (app.clone(), builder.clone(), stopping.clone(), tls.clone());
         tracker.spawn(async move {
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                r = conn.as_mut() => r,
-                () = stopping.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match tls {
+                None => serve_connection(&builder, stream, app, stopping, peer).await,
+                Some(acceptor) => {
+                    // The handshake shares the head's deadline: a client
+                    // that opens and waits holds a permit no longer.
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_connection(&builder, tls, app, stopping, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
                 }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
         });
@@ -93,6 +94,31 @@ pub async fn serve_http(
     stopping.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+/// One connection until it ends, or until `stopping` (then gracefully).
+async fn serve_connection<I>(
+    builder: &http1::Builder,
+    io: I,
+    app: Router,
+    stopping: CancellationToken,
+    peer: std::net::SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 /// Answer a connection over the cap without reading from it.
@@ -131,6 +157,13 @@ mod tests {
     use crate::testing::FakeAgents;
 
     async fn start(limits: ConnLimits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        start_with(limits, None).await
+    }
+
+    async fn start_with(
+        limits: ConnLimits,
+        tls: Option<TlsAcceptor>,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let cfg = PoolConfig {
             min_size: 1,
             max_size: 2,
@@ -143,7 +176,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(crate::serve::serve(listener, state, Default::default(), limits, async move {
+        tokio::spawn(crate::serve::serve(listener, state, Default::default(), limits, tls, async move {
             let _ = rx.await;
         }));
         (addr, tx)
@@ -243,5 +276,53 @@ mod tests {
         let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed in time");
         assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
         assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+    }
+
+    /// `curl --cacert CA https://127.0.0.1:PORT/healthz`: the status, or
+    /// curl's exit code as a negative number when no answer came.
+    async fn curl_tls(addr: SocketAddr, ca: &std::path::Path) -> i32 {
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--cacert"])
+            .arg(ca)
+            .arg(format!("https://127.0.0.1:{}/healthz", addr.port()))
+            .output()
+            .await
+            .expect("curl (make test-deps installs it)");
+        match out.status.code() {
+            Some(0) => String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0),
+            c => -c.unwrap_or(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn https_serves_and_a_rotated_certificate_is_taken_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = crate::tls::tests::self_signed(dir.path(), "live");
+        let first_ca = dir.path().join("first-ca.crt");
+        std::fs::copy(&live.cert, &first_ca).unwrap();
+        let cert = crate::tls::ReloadingCert::open(live.clone()).unwrap();
+        let _watch = cert.watch(Duration::from_millis(100));
+        let (addr, _stop) =
+            start_with(ConnLimits::default(), Some(crate::tls::acceptor(cert).unwrap())).await;
+        assert_eq!(curl_tls(addr, &first_ca).await, 200);
+        // Plain HTTP to the HTTPS port gets no answer.
+        let (status, _) = request(addr, "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await;
+        assert!(!status.starts_with("HTTP/1.1 200"), "{status}");
+
+        // Rotate: a new pair written over the files (as certbot renews).
+        let next = crate::tls::tests::self_signed(dir.path(), "next");
+        std::fs::copy(&next.key, &live.key).unwrap();
+        std::fs::copy(&next.cert, &live.cert).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while curl_tls(addr, &next.cert).await != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "the new certificate was not taken");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(curl_tls(addr, &first_ca).await < 0, "the old certificate is no longer served");
+
+        // A broken pair keeps the one before.
+        std::fs::write(&live.cert, "garbage").unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(curl_tls(addr, &next.cert).await, 200);
     }
 }

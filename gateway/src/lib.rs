@@ -15,3 +15,4 @@ pub mod serve;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
+pub mod tls;

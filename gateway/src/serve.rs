@@ -79,6 +79,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(listen) = args.listen {
         cfg.gateway.listen = listen;
     }
+    // A certificate that does not load stops the start, before any VM boots.
+    let cert = match &cfg.gateway.tls {
+        Some(files) => Some(crate::tls::ReloadingCert::open(files.clone()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let keys = match open_keys(&cfg, args.insecure_no_auth)? {
         Ok(k) => k,
         Err(refusal) => {
@@ -117,8 +122,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         allowed_origins: cfg.gateway.allowed_origins.clone(),
     };
     let watcher = keys.watch(Duration::from_secs(1));
-    let served = serve_images(&cfg, images, functions, before, listener, network.clone(), access).await;
+    let tls = match cert {
+        Some(cert) => Some((
+            crate::tls::acceptor(Arc::clone(&cert)).map_err(anyhow::Error::msg)?,
+            cert.watch(Duration::from_secs(2)),
+        )),
+        None => None,
+    };
+    let (acceptor, tls_watcher) = tls.map_or((None, None), |(a, w)| (Some(a), Some(w)));
+    let served =
+        serve_images(&cfg, images, functions, before, listener, network.clone(), access, acceptor).await;
     watcher.abort();
+    if let Some(w) = tls_watcher {
+        w.abort();
+    }
     keys.flush_used();
     if let Some(n) = network {
         n.close().await;
@@ -137,6 +154,7 @@ async fn serve_images(
     listener: TcpListener,
     network: Option<Arc<Network>>,
     access: Access,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let budget = Arc::new(MemoryBudget::new(cfg.pool.max_memory_mb));
@@ -169,9 +187,10 @@ async fn serve_images(
         Some(keys) => state.with_keys(Arc::clone(keys), cfg.quotas),
         None => state,
     };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     if let Some((channel, reset, storage)) = summary {
         println!(
-            "ember: listening on http://{addr} (channel {channel}, reset {}, storage {storage}, {} functions, \
+            "ember: listening on {scheme}://{addr} (channel {channel}, reset {}, storage {storage}, {} functions, \
              images {}, network {}); warming {} VMs",
             reset.name(),
             state.functions.len(),
@@ -181,7 +200,7 @@ async fn serve_images(
         );
     }
     tokio::spawn(announce_ready(pools.clone(), addr));
-    let served = serve(listener, state, access, cfg.gateway.conn_limits, shutdown_signal()).await;
+    let served = serve(listener, state, access, cfg.gateway.conn_limits, tls, shutdown_signal()).await;
     for host in hosts {
         host.close().await;
     }
@@ -305,6 +324,7 @@ pub async fn serve<B: Backend>(
     state: AppState<B>,
     access: Access,
     limits: crate::http_server::ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
@@ -319,7 +339,7 @@ where
         let _ = stopping_tx.send(true);
     };
     let mut server = tokio::spawn(async move {
-        crate::http_server::serve_http(listener, app, limits, graceful).await;
+        crate::http_server::serve_http(listener, app, limits, tls, graceful).await;
         Ok::<(), std::io::Error>(())
     });
     let drain_timeout = state.pools.drain_timeout();

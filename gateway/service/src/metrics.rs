@@ -109,7 +109,11 @@ impl Metrics {
             tenant_requests.clone(),
         );
         let quota_refusals = Family::<TenantQuotaLabels, Counter>::default();
-        registry.register("ember_quota_refusals", "Requests refused by a tenant's quota", quota_refusals.clone());
+        registry.register(
+            "ember_quota_refusals",
+            "Requests refused by a tenant's quota",
+            quota_refusals.clone(),
+        );
         let tenant_calls = Family::<TenantLabels, Gauge>::default();
         registry.register("ember_tenant_calls_running", "Calls running, by tenant", tenant_calls.clone());
         let tenant_sessions = Family::<TenantStateLabels, Gauge>::default();

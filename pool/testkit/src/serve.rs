@@ -125,7 +125,8 @@ impl EmberServe {
         let deadline = Instant::now() + opts.ready_within;
         while serve.ready.is_none() && !(opts.return_when_listening && addr.is_some()) {
             let line = serve.next_line(deadline, opts)?;
-            if let Some(rest) = line.strip_prefix("ember: listening on http://") {
+            let rest = line.strip_prefix("ember: listening on http://");
+            if let Some(rest) = rest.or_else(|| line.strip_prefix("ember: listening on https://")) {
                 addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             }
         }
