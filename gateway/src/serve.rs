@@ -151,11 +151,10 @@ async fn serve_images(
     images: BTreeMap<String, ImageInfo>,
     functions: Functions,
     before: ember_pool::plan::Before,
-    listener: TcpListener,
+    front: Front,
     network: Option<Arc<Network>>,
-    access: Access,
-    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
+    let Front { listener, access, tls } = front;
     let addr = listener.local_addr()?;
     let budget = Arc::new(MemoryBudget::new(cfg.pool.max_memory_mb));
     let (mut pools, mut hosts) = (BTreeMap::new(), Vec::new());
