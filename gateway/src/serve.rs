@@ -130,8 +130,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let (acceptor, tls_watcher) = tls.map_or((None, None), |(a, w)| (Some(a), Some(w)));
-    let served =
-        serve_images(&cfg, images, functions, before, listener, network.clone(), access, acceptor).await;
+    let front = Front { listener, access, tls: acceptor };
+    let served = serve_images(&cfg, images, functions, before, front, network.clone()).await;
     watcher.abort();
     if let Some(w) = tls_watcher {
         w.abort();
@@ -145,7 +145,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One pool per image over `listener` until SIGTERM/SIGINT, then drain.
+/// What requests come in through: the bound socket, who may call, and
+/// TLS when configured.
+struct Front {
+    listener: TcpListener,
+    access: Access,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// One pool per image over `front` until SIGTERM/SIGINT, then drain.
 async fn serve_images(
     cfg: &Config,
     images: BTreeMap<String, ImageInfo>,
