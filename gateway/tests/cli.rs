@@ -306,3 +306,76 @@ fn images_import_refuses_an_escaping_tarball() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Beyond loopback only with keys: without any, `ember serve` refuses to
+/// start (exit 64) and says how to make one; with a key it starts (here it
+/// stops at the image check, past the refusal). Nothing boots either way.
+#[test]
+fn serve_refuses_a_network_address_without_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    let serve = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
+        c.args(["serve", "--listen", "0.0.0.0:0"])
+            .args(extra)
+            .env("EMBER_KEYS", &keys)
+            .env("EMBER_IMAGES", dir.path().join("no-images"))
+            .env("EMBER_STATE_DIR", dir.path().join("state"))
+            .env("EMBER_SESSIONS_DIR", dir.path().join("sessions"))
+            .output()
+            .unwrap()
+    };
+    let out = serve(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("without API keys") && err.contains("ember keys create"), "{err}");
+
+    let key = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["keys", "create", "ops", "--admin", "--keys-file"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(key.status.success(), "{}", String::from_utf8_lossy(&key.stderr));
+    for extra in [&[][..], &["--insecure-no-auth"][..]] {
+        let out = serve(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("without API keys"), "{extra:?}: {err}");
+    }
+    std::fs::remove_file(&keys).unwrap();
+    let out = serve(&["--insecure-no-auth"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("without API keys"));
+}
+
+/// `ember keys`: a key printed once, its name listed (never its secret),
+/// bad names and double names refused with exit 64, revoked by name.
+#[test]
+fn keys_are_created_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    let ember_keys = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg("keys")
+            .args(args)
+            .arg("--keys-file")
+            .arg(&keys)
+            .output()
+            .unwrap()
+    };
+    let out = ember_keys(&["create", "team-a", "--sessions", "3", "--calls-per-second", "2.5"]);
+    assert!(out.status.success());
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(secret.starts_with("ember_") && secret.len() >= 40, "{secret}");
+    let listed = ember_keys(&["list"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("team-a") && text.contains("\"sessions\":3") && !text.contains(&secret[6..]),
+        "{text}"
+    );
+    for bad in [&["create", "Team A"][..], &["create", "team-a"][..], &["revoke", "nobody"][..]] {
+        let out = ember_keys(bad);
+        assert_eq!(out.status.code(), Some(64), "{bad:?}");
+        assert!(!out.stderr.is_empty());
+    }
+    assert!(ember_keys(&["revoke", "team-a"]).status.success());
+    assert!(!String::from_utf8_lossy(&ember_keys(&["list"]).stdout).contains("team-a"));
+}

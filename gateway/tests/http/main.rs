@@ -7,6 +7,7 @@
 
 mod readme;
 mod server;
+mod tenants;
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -947,6 +948,10 @@ const CASES: &[(&str, Case)] = &[
     ("images_are_served_each_in_its_own_pool", images_are_served_each_in_its_own_pool),
     ("concurrent_requests_all_succeed", concurrent_requests_all_succeed),
     ("readme_curl_examples_work", readme::examples_work),
+    (
+        "two_tenants_with_keys_on_a_server_of_their_own",
+        tenants::two_tenants_with_keys_on_a_server_of_their_own,
+    ),
     ("metrics_and_pool_status", metrics_and_pool_status),
     (
         "a_long_lived_process_replays_its_output_minutes_later",

@@ -39,6 +39,12 @@ pub fn curl_examples(readme: &str) -> Vec<String> {
 }
 
 pub fn examples_work(s: &Server) -> anyhow::Result<()> {
+    run_examples(&s.url, None)
+}
+
+/// Every example against the server at `url`; with `key`, each curl also
+/// sends it (`Authorization: Bearer`) and `EMBER_KEY` holds it.
+pub fn run_examples(url: &str, key: Option<&str>) -> anyhow::Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
     let readme = std::fs::read_to_string(&path).context("reading README.md")?;
     let md = "```sh\ncurl -a \\\n  -b x\n# curl no\necho\n```\ncurl outside\n```sh\necho | curl y\n```\n";
@@ -46,11 +52,17 @@ pub fn examples_work(s: &Server) -> anyhow::Result<()> {
     let examples = curl_examples(&readme);
     ensure!(examples.len() >= 10, "only {} curl examples found in the README", examples.len());
     for example in examples {
-        let cmd = example.replace("http://127.0.0.1:8080", &s.url);
+        let cmd = example.replace("http://127.0.0.1:8080", url);
+        let auth = if key.is_some() { "-H \"authorization: Bearer $EMBER_KEY\" " } else { "" };
         let script =
-            format!("set -o pipefail\ncurl() {{ command curl --fail-with-body -sS \"$@\"; }}\n{cmd}");
+            format!("set -o pipefail\ncurl() {{ command curl {auth}--fail-with-body -sS \"$@\"; }}\n{cmd}");
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = Command::new("bash").arg("-c").arg(&script).current_dir(root).output()?;
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(root)
+            .env("EMBER_KEY", key.unwrap_or(""))
+            .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         ensure!(
             out.status.success(),
