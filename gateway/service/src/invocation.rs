@@ -100,6 +100,8 @@ where
     let claim_started = Instant::now();
     let (image, held, warm) = match (&full, &session) {
         (Some(full), Some(key)) => {
+            // Quota check and the session's claim as one step for its tenant.
+            let counted = state.hold_if_resuming(caller, full).await;
             // A session stays on the image its first call chose.
             let (image, pool) = match state.pools.with_session(full) {
                 Some((image, pool)) => {
@@ -122,6 +124,7 @@ where
                 }
             };
             let lease = pool.session(full).await?;
+            drop(counted);
             for (k, v) in lease.env() {
                 inv.env.entry(k.clone()).or_insert_with(|| v.clone());
             }

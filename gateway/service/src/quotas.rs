@@ -128,6 +128,9 @@ struct Usage {
 #[derive(Debug, Default)]
 pub struct Tenants {
     usage: DashMap<Arc<str>, Arc<Usage>>,
+    /// Held from a session quota's check to the change it allows (open,
+    /// fork, resume, pause), so two requests at once cannot both pass it.
+    sessions: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// A running call counted against its tenant; dropping it frees the place.
@@ -176,6 +179,14 @@ impl Tenants {
             ));
         }
         Ok(CallSlot { usage })
+    }
+
+    /// Serialise `tenant`'s session changes that a quota counts (`None`
+    /// without keys: nothing to count).
+    pub async fn hold_sessions(&self, tenant: Option<&str>) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let tenant = tenant?;
+        let lock = Arc::clone(&self.sessions.entry(Arc::from(tenant)).or_default());
+        Some(lock.lock_owned().await)
     }
 
     /// Calls of `tenant` running now.

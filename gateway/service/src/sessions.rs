@@ -153,6 +153,7 @@ impl<B: Backend> AppState<B> {
         if let Some((other, _)) = self.pools.with_session(&s.key) {
             return Err(exists(&shown, other));
         }
+        let _counted = self.tenants.hold_sessions(caller.tenant()).await;
         self.check_session_quotas(caller, 1, 0, pool.vm_memory_mb())?;
         let mut info = pool.open(&s.key, s.spec).await?;
         if let Some((raw, policy)) = &s.network {
@@ -213,6 +214,7 @@ impl<B: Backend> AppState<B> {
         let policy = check_network(raw, &self.limits)?;
         check_network_enabled(self, &policy)?;
         let (_, pool) = self.pools.with_session(&full).ok_or_else(|| no_session(key))?;
+        let _counted = self.hold_if_resuming(caller, &full).await;
         self.check_resume_quota(caller, &full)?;
         let lease = pool.session(&full).await?;
         lease.connect(&policy).await?;
@@ -224,6 +226,7 @@ impl<B: Backend> AppState<B> {
     pub async fn pause_session(&self, caller: &Caller, key: &str) -> Result<Session, Error> {
         let full = caller.session_key(key)?;
         let (image, pool) = self.pools.with_session(&full).ok_or_else(|| no_session(key))?;
+        let _counted = self.tenants.hold_sessions(caller.tenant()).await;
         if pool.session_info(&full).is_some_and(|s| s.state != "paused") {
             self.check_session_quotas(caller, 0, 1, 0)?;
         }
@@ -234,6 +237,7 @@ impl<B: Backend> AppState<B> {
     pub async fn resume_session(&self, caller: &Caller, key: &str) -> Result<Session, Error> {
         let full = caller.session_key(key)?;
         let (image, pool) = self.pools.with_session(&full).ok_or_else(|| no_session(key))?;
+        let _counted = self.hold_if_resuming(caller, &full).await;
         self.check_resume_quota(caller, &full)?;
         Ok(Session::new(caller, pool.resume_session(&full).await?, image))
     }
@@ -254,6 +258,7 @@ impl<B: Backend> AppState<B> {
             return Err(exists(&shown_child, other));
         }
         // The fork counts as a session, paused until it runs.
+        let _counted = self.tenants.hold_sessions(caller.tenant()).await;
         self.check_session_quotas(caller, 1, 1, 0)?;
         Ok(Session::new(caller, pool.fork_session(&full, &child).await?, image))
     }
@@ -263,8 +268,28 @@ impl<B: Backend> AppState<B> {
     pub async fn session_handle(&self, caller: &Caller, key: &str) -> Result<SessionHandle, Error> {
         let full = caller.session_key(key)?;
         let (_, pool) = self.pools.with_session(&full).ok_or_else(|| no_session(key))?;
+        let _counted = self.hold_if_resuming(caller, &full).await;
         self.check_resume_quota(caller, &full)?;
         Ok(pool.session_handle(&full).await?)
+    }
+
+    /// The tenant's session lock, only if session `full` is missing or
+    /// paused: a change a quota counts is coming (an open or a resume). A
+    /// running session's calls never wait for another session's.
+    pub(crate) async fn hold_if_resuming(
+        &self,
+        caller: &Caller,
+        full: &str,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let counted = match self.pools.with_session(full) {
+            None => true,
+            Some((_, pool)) => pool.session_info(full).is_some_and(|s| s.state == "paused"),
+        };
+        if counted {
+            self.tenants.hold_sessions(caller.tenant()).await
+        } else {
+            None
+        }
     }
 
     /// A use of a paused session resumes it: refused if its memory would

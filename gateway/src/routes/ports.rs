@@ -82,7 +82,8 @@ async fn proxy<B: Backend>(
     let upgrade = wants_upgrade(req.headers());
     let incoming_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let target = target_uri(&path, req.uri())?;
-    let out = outgoing(req, target, port, upgrade, limit)?;
+    let keyed = matches!(caller, Caller::Key(_));
+    let out = outgoing(req, target, port, upgrade, limit, keyed)?;
     let stream = state.connect_port(&caller, &key, port).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -146,9 +147,13 @@ fn outgoing(
     port: u16,
     upgrade: bool,
     max_body: u64,
+    keyed: bool,
 ) -> Result<hyper::Request<Body>, ApiError> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if keyed {
+        strip_ember_key(&mut parts.headers);
+    }
     if let Ok(host) = HeaderValue::from_str(&format!("127.0.0.1:{port}")) {
         parts.headers.insert(header::HOST, host);
     }
@@ -156,6 +161,21 @@ fn outgoing(
     parts.version = axum::http::Version::HTTP_11;
     let limited = http_body_util::Limited::new(body, max_body as usize);
     Ok(hyper::Request::from_parts(parts, Body::new(limited.map_err(axum::Error::new))))
+}
+
+/// The guest never sees the caller's Ember key: the header that carried it
+/// goes (the one `auth::presented_key` read: a bearer `Authorization`
+/// first, else `X-API-Key`). Without keys nothing is Ember's to strip.
+fn strip_ember_key(h: &mut HeaderMap) {
+    let bearer = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")));
+    if bearer {
+        h.remove(header::AUTHORIZATION);
+    } else {
+        h.remove("x-api-key");
+    }
 }
 
 /// Drop hop-by-hop headers and those `Connection` names; an upgrade keeps
@@ -203,6 +223,22 @@ async fn splice(theirs: hyper::upgrade::OnUpgrade, ours: hyper::upgrade::OnUpgra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ember_key_never_reaches_the_guest() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer ember_secret"));
+        h.insert("x-api-key", HeaderValue::from_static("guest-app-key"));
+        strip_ember_key(&mut h);
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert_eq!(h["x-api-key"], "guest-app-key", "the key came as the bearer: X-API-Key is the guest's");
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwdw=="));
+        h.insert("x-api-key", HeaderValue::from_static("ember_secret"));
+        strip_ember_key(&mut h);
+        assert!(h.get("x-api-key").is_none());
+        assert_eq!(h[header::AUTHORIZATION], "Basic dXNlcjpwdw==");
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_an_upgrade_keeps_its_own() {

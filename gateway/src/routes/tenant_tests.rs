@@ -263,3 +263,60 @@ async fn default_quotas_apply_to_keys_that_set_none() {
     // Bob's bucket is his own.
     assert_eq!(t.call(Some(&t.bob), "POST", "/v1/run", r#"{"cmd": "true"}"#).await.status, 200);
 }
+
+#[tokio::test]
+async fn two_opens_at_once_cannot_both_pass_a_session_quota() {
+    let t = tenants_with(Quotas::default());
+    let open = |key: &'static str| {
+        let app = t.app.clone();
+        let auth = format!("Bearer {}", t.tight);
+        tokio::spawn(async move {
+            let req = Request::post("/v1/sessions")
+                .header("authorization", auth)
+                .header("content-type", "application/json")
+                .body(Body::from(format!(r#"{{"key": "{key}"}}"#)))
+                .unwrap();
+            app.oneshot(req).await.unwrap().status().as_u16()
+        })
+    };
+    let (a, b) = (open("x"), open("y"));
+    let mut got = [a.await.unwrap(), b.await.unwrap()];
+    got.sort_unstable();
+    assert_eq!(got, [201, 429]);
+}
+
+#[tokio::test]
+async fn a_long_call_in_one_session_does_not_hold_up_the_tenants_others() {
+    let t = tenants_with(Quotas::default());
+    let k = Some(t.alice.as_str());
+    assert_eq!(t.call(k, "POST", "/v1/sessions", r#"{"key": "busy"}"#).await.status, 201);
+    let app = t.app.clone();
+    let key = t.alice.clone();
+    let long = tokio::spawn(async move {
+        let req = Request::post("/v1/run")
+            .header("authorization", format!("Bearer {key}"))
+            .header(SESSION_HEADER, "busy")
+            .body(Body::from(r#"{"cmd": "nap 1500"}"#))
+            .unwrap();
+        app.oneshot(req).await.unwrap().status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A second call queued behind it in the same session...
+    let app = t.app.clone();
+    let key = t.alice.clone();
+    let queued = tokio::spawn(async move {
+        let req = Request::post("/v1/run")
+            .header("authorization", format!("Bearer {key}"))
+            .header(SESSION_HEADER, "busy")
+            .body(Body::from(r#"{"cmd": "true"}"#))
+            .unwrap();
+        app.oneshot(req).await.unwrap().status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...while another session of the tenant opens at once.
+    let started = tokio::time::Instant::now();
+    assert_eq!(t.call(k, "POST", "/v1/sessions", r#"{"key": "other"}"#).await.status, 201);
+    assert!(started.elapsed() < Duration::from_millis(1000), "waited {:?}", started.elapsed());
+    assert_eq!(long.await.unwrap(), 200);
+    assert_eq!(queued.await.unwrap(), 200);
+}
