@@ -167,11 +167,21 @@ pub fn two_tenants_with_keys_on_a_server_of_their_own(_: &Server) -> anyhow::Res
         ensure!(a.status == 200, "{a:?}");
         a.json()
     };
-    let first_call = f(&alice)?;
-    let again = f(&alice)?;
-    ensure!(again["vm_id"] == first_call["vm_id"], "alice's second call did not reuse her warm VM");
     let pool = |s: &Server| -> anyhow::Result<Value> { call(s, &root, "GET", "/v1/pool", None)?.json() };
-    std::thread::sleep(Duration::from_millis(500));
+    // Each call's VM is scrubbed into the caller's warm set after it.
+    let scrubbed_after = |call: &dyn Fn() -> anyhow::Result<Value>| -> anyhow::Result<Value> {
+        let before = counters(&pool(&s)?).0.unwrap_or(0);
+        let r = call()?;
+        let t = Instant::now();
+        while counters(&pool(&s)?).0.unwrap_or(0) <= before {
+            ensure!(t.elapsed() < Duration::from_secs(20), "no scrub after the function call");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(r)
+    };
+    let first_call = scrubbed_after(&|| f(&alice))?;
+    let again = scrubbed_after(&|| f(&alice))?;
+    ensure!(again["vm_id"] == first_call["vm_id"], "alice's second call did not reuse her warm VM");
     let before = counters(&pool(&s)?);
     let bobs = f(&bob)?;
     let after = counters(&pool(&s)?);
