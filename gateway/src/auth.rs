@@ -37,6 +37,9 @@ pub struct Access {
     /// Origins (`scheme://host[:port]`) a browser may call from while no
     /// key is needed (`[gateway] allowed_origins`).
     pub allowed_origins: Vec<String>,
+    /// The E2B-compatible API (`[e2b]`), when on: its control plane's
+    /// refusals take E2B's error shape, which its SDKs parse.
+    pub e2b: Option<std::sync::Arc<ember_e2b::control::E2bConfig>>,
 }
 
 /// Why a request is refused before any route.
@@ -54,6 +57,22 @@ fn unauthorized(code: &'static str, message: &'static str) -> Refusal {
 
 fn forbidden(code: &'static str, message: String) -> Refusal {
     Refusal::Forbidden { code, message }
+}
+
+impl Refusal {
+    /// The same refusal in E2B's shape, `{"code": <status>, "message"}`.
+    pub fn into_e2b_response(self) -> Response {
+        let (status, message) = match self {
+            Refusal::Unauthorized { message, .. } => (StatusCode::UNAUTHORIZED, message.to_string()),
+            Refusal::Forbidden { message, .. } => (StatusCode::FORBIDDEN, message),
+        };
+        let mut resp = ember_e2b::control::E2bError::new(status, message).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"ember\""));
+        }
+        resp
+    }
 }
 
 impl IntoResponse for Refusal {
@@ -173,6 +192,9 @@ pub async fn authenticate(State(access): State<Arc<Access>>, mut req: Request, n
             let mut resp = next.run(req).await;
             resp.extensions_mut().insert(tenant);
             resp
+        }
+        Err(refusal) if access.e2b.is_some() && ember_e2b::control::is_control_path(path) => {
+            refusal.into_e2b_response()
         }
         Err(refusal) => refusal.into_response(),
     }

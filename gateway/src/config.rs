@@ -31,9 +31,25 @@ pub struct RawConfig {
     pub network: RawNetwork,
     #[serde(default)]
     pub auth: RawAuth,
+    #[serde(default)]
+    pub e2b: RawE2b,
     /// Quotas of a key that sets none of its own.
     #[serde(default)]
     pub quotas: ember_service::quotas::Quotas,
+}
+
+/// `[e2b]`: the E2B-compatible API on Ember's listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawE2b {
+    /// On by default: it costs nothing while no E2B client calls.
+    pub enabled: Option<bool>,
+    /// What sandboxes say their `domain` is (the SDK's `get_host` builds
+    /// `<port>-<id>.<domain>`); default `localhost:<the listening port>`.
+    pub domain: Option<String>,
+    /// Template names → image names, besides `base` → the default image.
+    #[serde(default)]
+    pub templates: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +196,8 @@ pub struct Config {
     pub keys_file: PathBuf,
     /// `[quotas]`: of a key that sets none of its own.
     pub quotas: ember_service::quotas::Quotas,
+    /// `[e2b]`, when enabled.
+    pub e2b: Option<ember_e2b::control::E2bConfig>,
 }
 
 impl Config {
@@ -270,6 +288,12 @@ impl RawConfig {
             }
         }
         let keys_file = self.auth.keys_file.unwrap_or_else(default_keys_file);
+        let e2b = self.e2b.enabled.unwrap_or(true).then(|| {
+            let mut e =
+                ember_e2b::control::E2bConfig { domain: self.e2b.domain.clone(), ..Default::default() };
+            e.templates.extend(self.e2b.templates.clone());
+            e
+        });
         if let Err(e) = self.quotas.check() {
             problems.push(format!("quotas: {e}"));
         }
@@ -350,6 +374,7 @@ impl RawConfig {
         }
         match pool_vm {
             Some(pv) if problems.is_empty() => {
+                let e2b = e2b.map(|e| ember_e2b::control::E2bConfig { cpu_count: pv.vm.vcpus, ..e });
                 let pool =
                     ember_pool::config::PoolConfig { max_queue_wait: Some(limits.max_queue_wait), ..pv.pool };
                 Ok(Config {
@@ -363,6 +388,7 @@ impl RawConfig {
                     network,
                     keys_file,
                     quotas: self.quotas,
+                    e2b,
                 })
             }
             _ => Err(problems),

@@ -84,16 +84,19 @@ pub fn router<B: Backend>(state: AppState<B>) -> Router
 where
     B::Vm: AgentVm,
 {
-    let access = crate::auth::Access { keys: state.keys.clone(), ..Default::default() };
+    let access =
+        crate::auth::Access { keys: state.keys.clone(), e2b: Some(Default::default()), ..Default::default() };
     router_with(state, access)
 }
 
-/// The router, requests checked against `access` first.
+/// The router, requests checked against `access` first; with
+/// `access.e2b`, the E2B-compatible API too.
 pub fn router_with<B: Backend>(state: AppState<B>, access: crate::auth::Access) -> Router
 where
     B::Vm: AgentVm,
 {
-    Router::new()
+    let e2b = access.e2b.clone();
+    let ember = Router::new()
         .route("/healthz", get(info::healthz::<B>))
         .route("/readyz", get(info::readyz::<B>))
         .route("/metrics", get(info::metrics::<B>))
@@ -124,8 +127,12 @@ where
         .route("/v1/sessions/{key}/ports/{port}/", any(ports::root::<B>))
         .route("/v1/sessions/{key}/ports/{port}/{*path}", any(ports::path::<B>))
         .route("/v1/functions", get(info::functions::<B>))
-        .route("/v1/functions/{name}", post(run::function::<B>))
-        .fallback(not_found)
+        .route("/v1/functions/{name}", post(run::function::<B>));
+    let all = match e2b {
+        Some(config) => ember.merge(ember_e2b::control::routes::<B>().layer(axum::Extension(config))),
+        None => ember,
+    };
+    all.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(std::sync::Arc::new(access), crate::auth::authenticate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests::<B>))
@@ -190,6 +197,11 @@ fn wants_stream(headers: &HeaderMap) -> bool {
         .any(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)))
 }
 
+#[cfg(test)]
+pub(crate) fn e2b_id_ok(id: &str) -> bool {
+    ember_e2b::route::valid_id(id)
+}
+
 /// The session key from the header, if any.
 fn session_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(SESSION_HEADER) else { return Ok(None) };
@@ -198,6 +210,8 @@ fn session_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_string()))
 }
 
+#[cfg(test)]
+mod e2b_tests;
 #[cfg(test)]
 mod tenant_tests;
 #[cfg(test)]

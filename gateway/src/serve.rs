@@ -116,7 +116,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let e2b = cfg.e2b.clone().map(|mut e| {
+        let port = listener.local_addr().map_or(cfg.gateway.listen.port(), |a| a.port());
+        e.domain.get_or_insert_with(|| format!("localhost:{port}"));
+        Arc::new(e)
+    });
     let access = Access {
+        e2b,
         keys: Some(Arc::clone(&keys)),
         allowed_hosts: cfg.gateway.allowed_hosts.clone(),
         allowed_origins: cfg.gateway.allowed_origins.clone(),

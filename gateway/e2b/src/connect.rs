@@ -138,7 +138,7 @@ impl Decoder {
 
     /// The next whole envelope, if the bytes hold one. A compressed or
     /// oversized one is an error, found from its header alone.
-    pub fn next(&mut self) -> Result<Option<Envelope>, RpcError> {
+    pub fn next_envelope(&mut self) -> Result<Option<Envelope>, RpcError> {
         if self.buf.len() < 5 {
             return Ok(None);
         }
@@ -172,9 +172,11 @@ impl Decoder {
 pub fn single_message(body: &[u8]) -> Result<Bytes, RpcError> {
     let mut d = Decoder::default();
     d.push(body);
-    match d.next()? {
+    match d.next_envelope()? {
         Some(Envelope::Message(m)) => Ok(m),
-        Some(Envelope::End(_)) => Err(RpcError::new(Code::InvalidArgument, "the stream ended before its message")),
+        Some(Envelope::End(_)) => {
+            Err(RpcError::new(Code::InvalidArgument, "the stream ended before its message"))
+        }
         None => Err(RpcError::new(Code::InvalidArgument, "the request holds no whole envelope")),
     }
 }
@@ -184,7 +186,10 @@ pub fn timeout_ms(value: Option<&str>) -> Result<Option<u64>, RpcError> {
     let Some(v) = value else { return Ok(None) };
     let v = v.trim();
     if v.is_empty() || v.len() > 10 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(RpcError::new(Code::InvalidArgument, format!("Connect-Timeout-Ms {v:?} is not a number")));
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            format!("Connect-Timeout-Ms {v:?} is not a number"),
+        ));
     }
     Ok(v.parse().ok())
 }
@@ -217,7 +222,7 @@ mod tests {
             let mut got = Vec::new();
             for chunk in all.chunks(cut) {
                 d.push(chunk);
-                while let Some(e) = d.next().unwrap() {
+                while let Some(e) = d.next_envelope().unwrap() {
                     got.push(e);
                 }
             }
@@ -231,10 +236,10 @@ mod tests {
     fn compressed_and_oversized_envelopes_are_refused_from_their_header() {
         let mut d = Decoder::default();
         d.push(&[FLAG_COMPRESSED, 0, 0, 0, 2]);
-        assert_eq!(d.next().unwrap_err().code, Code::InvalidArgument);
+        assert_eq!(d.next_envelope().unwrap_err().code, Code::InvalidArgument);
         let mut d = Decoder::default();
         d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(d.next().unwrap_err().code, Code::ResourceExhausted);
+        assert_eq!(d.next_envelope().unwrap_err().code, Code::ResourceExhausted);
         assert!(single_message(b"\x00\x00").is_err());
         assert!(single_message(&end_stream(None)).is_err());
         assert_eq!(&single_message(&envelope(&serde_json::json!({}))).unwrap()[..], b"{}");

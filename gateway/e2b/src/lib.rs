@@ -14,4 +14,5 @@
 #![forbid(unsafe_code)]
 
 pub mod connect;
+pub mod control;
 pub mod route;

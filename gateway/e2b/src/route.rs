@@ -82,14 +82,29 @@ mod tests {
     #[test]
     fn headers_then_host_then_nothing() {
         assert_eq!(target(&h(&[("e2b-sandbox-id", "abc1")])).unwrap(), t("abc1", 49983));
-        assert_eq!(target(&h(&[("e2b-sandbox-id", "abc1"), ("e2b-sandbox-port", "49999")])).unwrap(), t("abc1", 49999));
+        assert_eq!(
+            target(&h(&[("e2b-sandbox-id", "abc1"), ("e2b-sandbox-port", "49999")])).unwrap(),
+            t("abc1", 49999)
+        );
         // Headers win over the Host.
-        let both = h(&[("e2b-sandbox-id", "abc1"), ("e2b-sandbox-port", "8000"), ("host", "3000-zzz.localhost:8080")]);
+        let both = h(&[
+            ("e2b-sandbox-id", "abc1"),
+            ("e2b-sandbox-port", "8000"),
+            ("host", "3000-zzz.localhost:8080"),
+        ]);
         assert_eq!(target(&both).unwrap(), t("abc1", 8000));
         assert_eq!(target(&h(&[("host", "8000-i3a4x.localhost:8080")])).unwrap(), t("i3a4x", 8000));
         // Only the first '-' splits: an id may hold more.
         assert_eq!(target(&h(&[("host", "49983-e2b-sb-1.e2b.app")])).unwrap(), t("e2b-sb-1", 49983));
-        for plain in ["127.0.0.1:8080", "localhost:8080", "localhost", "api.e2b.app", "8000-x", "x-8000.localhost", "0-abc.localhost"] {
+        for plain in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "localhost",
+            "api.e2b.app",
+            "8000-x",
+            "x-8000.localhost",
+            "0-abc.localhost",
+        ] {
             assert_eq!(target(&h(&[("host", plain)])).unwrap(), None, "{plain}");
         }
         assert_eq!(target(&HeaderMap::new()).unwrap(), None);
