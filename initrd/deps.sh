@@ -25,6 +25,13 @@ if $for_tests; then
     for p in iproute2 nftables dnsmasq-base procps; do
         have "$p" || need_apt+=("$p")
     done
+    # The E2B tests run the real e2b SDKs from a venv (gateway/tests/e2b/sdk.sh):
+    # python3 with venv and pip, wherever python3 comes from.
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        for p in python3 python3-venv python3-pip; do
+            have "$p" || need_apt+=("$p")
+        done
+    fi
 fi
 # qemu-system-x86 and qemu-utils must come from the same release: the image
 # may carry a newer qemu-utils that conflicts with bookworm's qemu-system-x86.

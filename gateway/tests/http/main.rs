@@ -5,6 +5,7 @@
 //! `cargo test --test http -- NAME` runs the cases whose name holds NAME.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test fixtures
 
+mod e2b;
 mod readme;
 mod server;
 mod tenants;
@@ -952,6 +953,7 @@ const CASES: &[(&str, Case)] = &[
         "two_tenants_with_keys_on_a_server_of_their_own",
         tenants::two_tenants_with_keys_on_a_server_of_their_own,
     ),
+    ("the_python_sdk_drives_a_sandboxs_life", e2b::the_python_sdk_drives_a_sandboxs_life),
     ("metrics_and_pool_status", metrics_and_pool_status),
     (
         "a_long_lived_process_replays_its_output_minutes_later",

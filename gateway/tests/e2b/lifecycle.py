@@ -1,0 +1,72 @@
+"""The real e2b Python SDK against Ember: a sandbox's life through the
+control plane. Run with the SDK's venv; E2B_API_URL, E2B_SANDBOX_URL and
+E2B_API_KEY point it at the server under test. Prints one line per step;
+any failure raises (non-zero exit)."""
+
+import time
+import uuid
+
+from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b.exceptions import SandboxException, NotFoundException
+
+run = uuid.uuid4().hex[:8]
+
+
+def step(name):
+    print(f"ok {name}", flush=True)
+
+
+sb = Sandbox.create(template="base", timeout=120, metadata={"run": run}, envs={"FOO": "bar"})
+assert sb.sandbox_id and sb.sandbox_id == sb.sandbox_id.lower(), sb.sandbox_id
+step(f"create {sb.sandbox_id}")
+
+info = sb.get_info()
+assert info.sandbox_id == sb.sandbox_id and info.template_id == "base", info
+assert info.metadata == {"run": run}, info.metadata
+life = (info.end_at - info.started_at).total_seconds()
+assert 110 <= life <= 125, f"end - start = {life}"
+step("get_info")
+
+other = Sandbox.create(template="base", metadata={"run": run, "second": "yes"})
+listed = Sandbox.list(query=SandboxQuery(metadata={"run": run})).next_items()
+assert sorted(s.sandbox_id for s in listed) == sorted([sb.sandbox_id, other.sandbox_id]), listed
+only = Sandbox.list(query=SandboxQuery(metadata={"run": run, "second": "yes"})).next_items()
+assert [s.sandbox_id for s in only] == [other.sandbox_id], only
+step("list with metadata")
+
+before = sb.get_info().end_at
+sb.set_timeout(600)
+after = sb.get_info().end_at
+assert (after - before).total_seconds() > 400, (before, after)
+step("set_timeout")
+
+assert sb.pause() in (True, None) or sb.get_info().state == "paused"
+assert sb.get_info().state == "paused"
+assert sb.pause() is False, "a second pause is False (409)"
+paused = Sandbox.list(query=SandboxQuery(metadata={"run": run}, state=[SandboxState.PAUSED])).next_items()
+assert [s.sandbox_id for s in paused] == [sb.sandbox_id], paused
+step("pause")
+
+again = Sandbox.connect(sb.sandbox_id)
+assert again.sandbox_id == sb.sandbox_id
+assert again.get_info().state == "running"
+step("connect resumes")
+
+assert other.kill() is True
+assert Sandbox.kill(other.sandbox_id) is False
+try:
+    Sandbox.get_info(other.sandbox_id)
+    raise AssertionError("a killed sandbox's info")
+except NotFoundException:
+    pass
+step("kill")
+
+try:
+    Sandbox.create(template=f"no-such-template-{run}")
+    raise AssertionError("an unknown template was created")
+except SandboxException as e:
+    assert "not found" in str(e), e
+step("unknown template")
+
+assert sb.kill() is True
+step("done")

@@ -1,0 +1,53 @@
+//! The real e2b SDKs against the suite's server: Python's, pinned in
+//! `gateway/tests/e2b/requirements*.txt` and installed into a cached venv
+//! by `gateway/tests/e2b/sdk.sh` (PyPI), driving a sandbox's life through
+//! the control plane.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context as _};
+
+use crate::server::Server;
+
+fn e2b_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b")
+}
+
+/// The venv of a pin set, made (once per set) by `sdk.sh`.
+fn venv(requirements: &str) -> anyhow::Result<PathBuf> {
+    let out = Command::new(e2b_dir().join("sdk.sh")).arg(e2b_dir().join(requirements)).output()?;
+    ensure!(out.status.success(), "sdk.sh {requirements}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// Run `script` with the SDK of `requirements` against `s`; its output.
+fn run_sdk(s: &Server, requirements: &str, script: &str) -> anyhow::Result<String> {
+    let python = venv(requirements)?.join("bin/python");
+    let out = Command::new(&python)
+        .arg(e2b_dir().join(script))
+        .env("E2B_API_URL", &s.url)
+        .env("E2B_SANDBOX_URL", &s.url)
+        // 2.30.0 checks the key's format client-side: e2b_ and 40 hex digits.
+        .env("E2B_API_KEY", "e2b_0000000000000000000000000000000000000000")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN")
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{script} with {requirements} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+pub fn the_python_sdk_drives_a_sandboxs_life(s: &Server) -> anyhow::Result<()> {
+    for requirements in ["requirements.txt", "requirements-floor.txt"] {
+        let out = run_sdk(s, requirements, "lifecycle.py")?;
+        ensure!(out.trim_end().ends_with("ok done"), "{out}");
+        println!("    {requirements}: {} steps", out.lines().count());
+    }
+    Ok(())
+}
