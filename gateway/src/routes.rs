@@ -6,6 +6,7 @@ mod info;
 mod ports;
 mod processes;
 mod run;
+mod sandbox_plane;
 mod sessions;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -96,6 +97,7 @@ where
     B::Vm: AgentVm,
 {
     let e2b = access.e2b.clone();
+    let with_e2b = e2b.is_some();
     let ember = Router::new()
         .route("/healthz", get(info::healthz::<B>))
         .route("/readyz", get(info::readyz::<B>))
@@ -132,10 +134,17 @@ where
         Some(config) => ember.merge(ember_e2b::control::routes::<B>().layer(axum::Extension(config))),
         None => ember,
     };
-    all.fallback(not_found)
+    let all = all
+        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(std::sync::Arc::new(access), crate::auth::authenticate))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests::<B>))
+        .layer(axum::middleware::from_fn_with_state(std::sync::Arc::new(access), crate::auth::authenticate));
+    // The sandbox plane goes round the key check (envd checks its token).
+    let all = if with_e2b {
+        all.layer(axum::middleware::from_fn_with_state(state.clone(), sandbox_plane::sandbox_plane::<B>))
+    } else {
+        all
+    };
+    all.layer(axum::middleware::from_fn_with_state(state.clone(), count_requests::<B>))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server hit a bug")
                 .into_response()

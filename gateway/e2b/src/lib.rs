@@ -15,4 +15,48 @@
 
 pub mod connect;
 pub mod control;
+pub mod envd;
 pub mod route;
+pub mod sandbox;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ember_pool::pool::Backend;
+use ember_service::AppState;
+
+/// A request for envd (port 49983) of sandbox `id`: the sandbox and token
+/// checked, then the RPC or the plain route its path names.
+pub async fn envd<B: Backend>(
+    state: &AppState<B>,
+    id: &str,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    // `/health` answers whether the sandbox runs, without a token.
+    if path == "/health" {
+        return match sandbox::find(state, id, headers) {
+            Ok(_) | Err(sandbox::Refused::BadToken) => StatusCode::NO_CONTENT.into_response(),
+            Err(refused) => refused.into_response(),
+        };
+    }
+    let found = match sandbox::find(state, id, headers) {
+        Ok(f) => f,
+        Err(refused) => return refused.into_response(),
+    };
+    if method != Method::POST {
+        return envd::unary::<()>(Err(connect::RpcError::new(
+            connect::Code::Unimplemented,
+            format!("{method} {path}"),
+        )));
+    }
+    match path.strip_prefix("/process.Process/") {
+        Some(rpc) => envd::process(state, &found, rpc, headers, body).await,
+        None => envd::unary::<()>(Err(connect::RpcError::new(
+            connect::Code::Unimplemented,
+            format!("{path} is not implemented by Ember's envd yet"),
+        ))),
+    }
+}

@@ -317,6 +317,11 @@ impl KeyStore {
         found
     }
 
+    /// The key named `name`, as loaded now (a revoked one is `None`).
+    pub fn principal(&self, name: &str) -> Option<Arc<Principal>> {
+        self.current().keys.iter().find(|(_, p)| &*p.name == name).map(|(_, p)| Arc::clone(p))
+    }
+
     /// Write `<keys>.used` if a key was used since the last write.
     pub fn flush_used(&self) {
         if !self.used_dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {

@@ -43,7 +43,11 @@ impl Processes {
 
     /// Start a process (checked against the limits); what it is now.
     pub async fn start(&self, req: ProcessRequest) -> Result<ProcessInfo, Error> {
-        let spawn = req.check(&self.limits)?;
+        let mut spawn = req.check(&self.limits)?;
+        // The session's environment, under the process's own.
+        for (k, v) in &self.handle.env {
+            spawn.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         let pid = self.handle.agent.spawn(spawn).await.map_err(|e| self.failed(e))?;
         self.get(pid).await
     }

@@ -59,7 +59,7 @@ fn bad_gateway(code: &'static str, msg: String) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, code, msg)
 }
 
-async fn proxy<B: Backend>(
+pub(crate) async fn proxy<B: Backend>(
     state: AppState<B>,
     caller: Caller,
     key: String,

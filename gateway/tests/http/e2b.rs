@@ -45,9 +45,11 @@ fn run_sdk(s: &Server, requirements: &str, script: &str) -> anyhow::Result<Strin
 
 pub fn the_python_sdk_drives_a_sandboxs_life(s: &Server) -> anyhow::Result<()> {
     for requirements in ["requirements.txt", "requirements-floor.txt"] {
-        let out = run_sdk(s, requirements, "lifecycle.py")?;
-        ensure!(out.trim_end().ends_with("ok done"), "{out}");
-        println!("    {requirements}: {} steps", out.lines().count());
+        for script in ["lifecycle.py", "commands.py"] {
+            let out = run_sdk(s, requirements, script)?;
+            ensure!(out.trim_end().ends_with("ok done"), "{out}");
+            println!("    {requirements} {script}: {} steps", out.lines().count());
+        }
     }
     Ok(())
 }

@@ -406,7 +406,7 @@ impl<B: Backend> Pool<B> {
         })?;
         slot.touch();
         let vm_id = locked(&slot.vm_id).clone();
-        Ok(SessionHandle { agent, vm_id })
+        Ok(SessionHandle { agent, vm_id, env: slot.spec.env.clone() })
     }
 
     /// Count a use of session `key` that is not a call (its processes).
@@ -441,6 +441,8 @@ impl<B: Backend> Pool<B> {
 pub struct SessionHandle {
     pub agent: std::sync::Arc<ember_channel::AgentClient>,
     pub vm_id: String,
+    /// The environment every call and process of the session gets.
+    pub env: BTreeMap<String, String>,
 }
 
 /// End the session `key` if `slot` is still its slot: out of the sessions
