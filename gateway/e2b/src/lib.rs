@@ -16,6 +16,8 @@
 pub mod connect;
 pub mod control;
 pub mod envd;
+pub mod files;
+pub mod fs;
 pub mod route;
 pub mod sandbox;
 
@@ -24,6 +26,22 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_pool::pool::Backend;
 use ember_service::AppState;
+
+/// `GET`/`POST /files` for envd of sandbox `id`, its body streamed (the
+/// token or a signed URL is checked there).
+pub async fn envd_files<B: Backend>(
+    state: &AppState<B>,
+    id: &str,
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    match sandbox::find_for_port(state, id) {
+        Ok(found) => files::handle(state, &found, method, query, headers, body).await,
+        Err(refused) => refused.into_response(),
+    }
+}
 
 /// A request for envd (port 49983) of sandbox `id`: the sandbox and token
 /// checked, then the RPC or the plain route its path names.
@@ -52,11 +70,14 @@ pub async fn envd<B: Backend>(
             format!("{method} {path}"),
         )));
     }
-    match path.strip_prefix("/process.Process/") {
-        Some(rpc) => envd::process(state, &found, rpc, headers, body).await,
-        None => envd::unary::<()>(Err(connect::RpcError::new(
-            connect::Code::Unimplemented,
-            format!("{path} is not implemented by Ember's envd yet"),
-        ))),
+    if let Some(rpc) = path.strip_prefix("/process.Process/") {
+        return envd::process(state, &found, rpc, headers, body).await;
     }
+    if let Some(rpc) = path.strip_prefix("/filesystem.Filesystem/") {
+        return fs::filesystem(state, &found, rpc, body).await;
+    }
+    envd::unary::<()>(Err(connect::RpcError::new(
+        connect::Code::Unimplemented,
+        format!("{path} is not implemented by Ember's envd yet"),
+    )))
 }

@@ -31,6 +31,11 @@ pub async fn sandbox_plane<B: Backend>(
         Err(msg) => return e2b_error(StatusCode::BAD_REQUEST, msg),
     };
     let SandboxTarget { id, port } = target;
+    if port == route::ENVD_PORT && req.uri().path() == "/files" {
+        let (parts, body) = req.into_parts();
+        return ember_e2b::envd_files(&state, &id, &parts.method, parts.uri.query(), &parts.headers, body)
+            .await;
+    }
     if port == route::ENVD_PORT {
         let (parts, body) = req.into_parts();
         let limited = http_body_util::Limited::new(body, ember_e2b::envd::MAX_UNARY_BODY);
