@@ -190,7 +190,7 @@ pub async fn process<B: Backend>(
     }
 }
 
-fn keepalive(headers: &HeaderMap) -> Duration {
+pub(crate) fn keepalive(headers: &HeaderMap) -> Duration {
     let secs = headers
         .get("keepalive-ping-interval")
         .and_then(|v| v.to_str().ok())

@@ -87,14 +87,19 @@ fn missing(path: &str, e: ember_service::Error) -> RpcError {
     }
 }
 
-/// `filesystem.Filesystem/*` (the unary ones).
+/// `filesystem.Filesystem/*`: the unary ones here, the watches in `watch.rs`.
 pub async fn filesystem<B: Backend>(
     state: &AppState<B>,
     found: &Found,
     method: &str,
+    headers: &axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     match method {
+        "WatchDir" => crate::watch::watch_dir(state, found, &body, crate::envd::keepalive(headers)).await,
+        "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => {
+            crate::watch::polling(state, found, method, &body).await
+        }
         "Stat" => unary(stat(state, found, &body).await),
         "ListDir" => unary(list_dir(state, found, &body).await),
         "MakeDir" => unary(make_dir(state, found, &body).await),

@@ -20,6 +20,7 @@ pub mod files;
 pub mod fs;
 pub mod route;
 pub mod sandbox;
+pub mod watch;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -74,7 +75,7 @@ pub async fn envd<B: Backend>(
         return envd::process(state, &found, rpc, headers, body).await;
     }
     if let Some(rpc) = path.strip_prefix("/filesystem.Filesystem/") {
-        return fs::filesystem(state, &found, rpc, body).await;
+        return fs::filesystem(state, &found, rpc, headers, body).await;
     }
     envd::unary::<()>(Err(connect::RpcError::new(
         connect::Code::Unimplemented,

@@ -45,7 +45,7 @@ fn run_sdk(s: &Server, requirements: &str, script: &str) -> anyhow::Result<Strin
 
 pub fn the_python_sdk_drives_a_sandboxs_life(s: &Server) -> anyhow::Result<()> {
     for requirements in ["requirements.txt", "requirements-floor.txt"] {
-        for script in ["lifecycle.py", "commands.py", "files.py"] {
+        for script in ["lifecycle.py", "commands.py", "files.py", "watch_ports.py"] {
             let out = run_sdk(s, requirements, script)?;
             ensure!(out.trim_end().ends_with("ok done"), "{out}");
             println!("    {requirements} {script}: {} steps", out.lines().count());
