@@ -1,7 +1,8 @@
 //! The real e2b SDKs against the suite's server: Python's, pinned in
 //! `gateway/tests/e2b/requirements*.txt` and installed into a cached venv
 //! by `gateway/tests/e2b/sdk.sh` (PyPI), driving a sandbox's life through
-//! the control plane.
+//! the control plane; and the JS SDK, pinned in `js/package-lock.json`,
+//! installed by `sdk-js.sh` (npm).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +42,35 @@ fn run_sdk(s: &Server, requirements: &str, script: &str) -> anyhow::Result<Strin
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(stdout)
+}
+
+/// Run the JS `script` (in `js/`) with the pinned JS SDK against `s`.
+fn run_js(s: &Server, script: &str) -> anyhow::Result<String> {
+    let out = Command::new(e2b_dir().join("sdk-js.sh")).output()?;
+    ensure!(out.status.success(), "sdk-js.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let sdk = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let source = std::fs::File::open(e2b_dir().join("js").join(script))?;
+    let out = Command::new("node")
+        .arg("--input-type=module")
+        .current_dir(&sdk)
+        .stdin(source)
+        .env("E2B_API_URL", &s.url)
+        .env("E2B_SANDBOX_URL", &s.url)
+        .env("E2B_API_KEY", "e2b_0000000000000000000000000000000000000000")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN")
+        .output()
+        .context("running node (the machine's Node.js)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    Ok(stdout)
+}
+
+pub fn the_js_sdk_drives_a_sandbox(s: &Server) -> anyhow::Result<()> {
+    let out = run_js(s, "sandbox.mjs")?;
+    ensure!(out.trim_end().ends_with("ok done"), "{out}");
+    println!("    js sandbox.mjs: {} steps", out.lines().count());
+    Ok(())
 }
 
 pub fn the_python_sdk_drives_a_sandboxs_life(s: &Server) -> anyhow::Result<()> {

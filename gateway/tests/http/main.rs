@@ -954,6 +954,7 @@ const CASES: &[(&str, Case)] = &[
         tenants::two_tenants_with_keys_on_a_server_of_their_own,
     ),
     ("the_python_sdk_drives_a_sandboxs_life", e2b::the_python_sdk_drives_a_sandboxs_life),
+    ("the_js_sdk_drives_a_sandbox", e2b::the_js_sdk_drives_a_sandbox),
     ("metrics_and_pool_status", metrics_and_pool_status),
     (
         "a_long_lived_process_replays_its_output_minutes_later",
