@@ -295,7 +295,7 @@ pub async fn create<B: Backend>(
         env: req.env_vars,
         network,
         // A sandbox lives its whole timeout however idle it is.
-        idle_timeout: Some(lifetime.clone()),
+        idle_timeout: Some("off".into()),
         timeout: Some(lifetime),
         metadata,
         ..SessionRequest::default()

@@ -68,5 +68,18 @@ except SandboxException as e:
     assert "not found" in str(e), e
 step("unknown template")
 
+short = Sandbox.create(template="base", timeout=3)
+assert short.is_running()
+time.sleep(2)
+assert short.get_info().state == "running", "idle is not an end for a sandbox"
+time.sleep(3)
+try:
+    Sandbox.get_info(short.sandbox_id)
+    raise AssertionError("a sandbox past its timeout is still there")
+except NotFoundException:
+    pass
+assert not short.is_running()
+step("a timeout ends it")
+
 assert sb.kill() is True
 step("done")

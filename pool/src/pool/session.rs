@@ -30,6 +30,9 @@ pub struct SessionSpec {
     /// Ended this long after it opens however busy it is (extendable);
     /// `None`: only idleness ends it.
     pub lifetime: Option<Duration>,
+    /// Never ended or paused for idleness: only its lifetime ends it (an
+    /// E2B sandbox lives its whole timeout however idle it is).
+    pub idle_never: bool,
     /// Added to the environment of every call in it (a call's own wins).
     pub env: BTreeMap<String, String>,
     /// The caller's labels, returned as given.
@@ -91,6 +94,9 @@ impl<V> Slot<V> {
         if let Some(since) = self.paused_since() {
             return (now.saturating_duration_since(since) >= paused_ttl)
                 .then_some(Reap::End("paused for pool.sessions.paused_ttl"));
+        }
+        if self.spec.idle_never {
+            return None;
         }
         let idle = self.idle_for(now);
         let free = self.vm.try_lock().is_ok();

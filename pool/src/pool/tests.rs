@@ -322,6 +322,7 @@ async fn an_opened_session_has_its_own_timeouts_env_and_metadata() {
     let spec = SessionSpec {
         idle_timeout: Some(Duration::from_secs(10)),
         lifetime: Some(Duration::from_secs(100)),
+        idle_never: false,
         env: [("TOKEN".to_string(), "x".to_string())].into(),
         metadata: [("owner".to_string(), "me".to_string())].into(),
     };
@@ -341,6 +342,25 @@ async fn an_opened_session_has_its_own_timeouts_env_and_metadata() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(pool.session_info("ws").is_none(), "not ended after its idle timeout");
     assert!(pool.session_info("nobody").is_none());
+}
+
+/// An E2B sandbox's rule: idleness never ends (nor pauses) it, however
+/// long; its lifetime does, and it moves when extended.
+#[tokio::test(start_paused = true)]
+async fn a_session_idle_never_lives_its_whole_lifetime_however_idle() {
+    let pool =
+        Pool::start(backend(), PoolConfig { session_idle_pause: Some(Duration::from_secs(5)), ..cfg() }, 256);
+    let spec =
+        SessionSpec { lifetime: Some(Duration::from_secs(300)), idle_never: true, ..SessionSpec::default() };
+    pool.open("sb", spec).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(250)).await;
+    let info = pool.session_info("sb").expect("ended or gone while idle");
+    assert_eq!(info.state, "running", "paused while idle");
+    pool.set_session_lifetime("sb", Duration::from_secs(200)).unwrap();
+    tokio::time::sleep(Duration::from_secs(150)).await;
+    assert!(pool.session_info("sb").is_some(), "the extension did not hold");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(pool.session_info("sb").is_none(), "not ended at the end of its lifetime");
 }
 
 #[tokio::test(start_paused = true)]

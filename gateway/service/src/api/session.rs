@@ -28,7 +28,8 @@ pub struct SessionRequest {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub network: Option<ember_net::RawPolicy>,
-    /// humantime: ended after this long without calls.
+    /// humantime: ended after this long without calls; `"off"`: never for
+    /// idleness (then `timeout` is required).
     pub idle_timeout: Option<String>,
     /// humantime: ended this long after it opens (its maximum lifetime).
     pub timeout: Option<String>,
@@ -67,14 +68,19 @@ impl SessionRequest {
             }
             None => None,
         };
-        let idle_timeout = session_duration("idle_timeout", self.idle_timeout.as_deref(), max_lifetime)?;
+        let idle_never = self.idle_timeout.as_deref() == Some("off");
+        let idle = if idle_never { None } else { self.idle_timeout.as_deref() };
+        let idle_timeout = session_duration("idle_timeout", idle, max_lifetime)?;
         let lifetime = session_duration("timeout", self.timeout.as_deref(), max_lifetime)?;
+        if idle_never && lifetime.is_none() {
+            return Err(invalid("idle_timeout \"off\" needs a timeout: a session must end some time"));
+        }
         Ok(SessionSettings {
             key,
             image: check_image(self.image)?,
             memory_mb: self.memory_mb,
             network,
-            spec: SessionSpec { idle_timeout, lifetime, env: self.env, metadata: self.metadata },
+            spec: SessionSpec { idle_timeout, lifetime, idle_never, env: self.env, metadata: self.metadata },
         })
     }
 }
@@ -250,6 +256,14 @@ mod tests {
                 e.message
             }
         }
+    }
+
+    #[test]
+    fn idle_timeout_off_needs_a_lifetime() {
+        assert!(message(r#"{"idle_timeout": "off"}"#).contains("needs a timeout"));
+        let s = parse(r#"{"idle_timeout": "off", "timeout": "5m"}"#).unwrap();
+        assert!(s.spec.idle_never && s.spec.idle_timeout.is_none());
+        assert!(!parse(r#"{"idle_timeout": "5m"}"#).unwrap().spec.idle_never);
     }
 
     #[test]

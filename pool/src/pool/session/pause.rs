@@ -37,6 +37,8 @@ struct Record {
     metadata: BTreeMap<String, String>,
     #[serde(default)]
     network: Option<ember_net::RawPolicy>,
+    #[serde(default)]
+    idle_never: bool,
     paused_unix_ms: u64,
 }
 
@@ -77,6 +79,7 @@ pub(super) fn write_record<V>(dir: &Path, key: &str, slot: &Slot<V>) {
         env: slot.spec.env.clone(),
         metadata: slot.spec.metadata.clone(),
         network: locked(&slot.network).clone(),
+        idle_never: slot.spec.idle_never,
         paused_unix_ms: unix_ms(SystemTime::now()),
     };
     let written = serde_json::to_vec_pretty(&rec)
@@ -318,6 +321,7 @@ pub(in crate::pool) fn adopt<B: Backend>(inner: &Arc<Inner<B>>) {
             spec: SessionSpec {
                 idle_timeout: Some(Duration::from_millis(rec.idle_timeout_ms)),
                 lifetime: None,
+                idle_never: rec.idle_never,
                 env: rec.env,
                 metadata: rec.metadata,
             },
