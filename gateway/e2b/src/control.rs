@@ -488,6 +488,61 @@ pub async fn connect<B: Backend>(
     Ok((status, Json(c.created(&s))))
 }
 
+#[derive(Debug, Default, Deserialize)]
+pub struct ForkBody {
+    pub count: Option<u32>,
+    pub timeout: Option<u64>,
+}
+
+/// The most sandboxes one fork call makes.
+pub const MAX_FORKS: u32 = 20;
+
+/// `POST /sandboxes/{id}/fork`: `count` copies (memory, processes, files),
+/// each answered as create answers, or with the error that stopped it. A
+/// fork keeps its parent's envd token (they share an owner).
+pub async fn fork<B: Backend>(
+    State(state): State<AppState<B>>,
+    Extension(config): Extension<Arc<E2bConfig>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer<(StatusCode, Json<Vec<serde_json::Value>>)> {
+    let c = Control { state: &state, config: &config };
+    let req: ForkBody = if body.is_empty() {
+        ForkBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?
+    };
+    let count = req.count.unwrap_or(1);
+    if count == 0 || count > MAX_FORKS {
+        return Err(E2bError::new(
+            StatusCode::BAD_REQUEST,
+            format!("count {count} must be 1 to {MAX_FORKS}"),
+        ));
+    }
+    session(&c, &caller, &id)?;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let made = async {
+            let child = c.state.fork_session(&caller, &id, Some(new_id())).await?;
+            if let Some(t) = req.timeout {
+                let timeout = humantime::format_duration(Duration::from_secs(t.max(1))).to_string();
+                c.state.extend_session(&caller, &child.info.key, TimeoutRequest { timeout })?;
+            }
+            Ok::<_, ember_service::Error>(child)
+        };
+        out.push(match made.await {
+            Ok(child) => serde_json::json!({ "sandbox": c.created(&child) }),
+            Err(e) => {
+                let e = E2bError::from(e);
+                serde_json::json!({ "error": { "code": e.status.as_u16(), "message": e.message } })
+            }
+        });
+    }
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
 /// `GET /sandboxes/{id}/metrics`: no history is kept; an empty list is
 /// what the SDKs accept for none.
 pub async fn metrics<B: Backend>(
@@ -522,6 +577,7 @@ pub fn routes<B: Backend>() -> axum::Router<AppState<B>> {
         .route("/sandboxes/{id}/connect", post(connect::<B>))
         .route("/v2/sandboxes/{id}/connect", post(connect::<B>))
         .route("/sandboxes/{id}/metrics", get(metrics::<B>))
+        .route("/sandboxes/{id}/fork", post(fork::<B>))
         .route("/sandboxes/{id}/{*rest}", any(unimplemented))
         .route("/v2/sandboxes/{id}/{*rest}", any(unimplemented))
 }

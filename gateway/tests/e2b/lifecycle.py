@@ -81,5 +81,17 @@ except NotFoundException:
 assert not short.is_running()
 step("a timeout ends it")
 
+if hasattr(sb, "fork"):  # e2b >= 2.51 only
+    sb.commands.run("echo parent > mark.txt")
+    forks = sb.fork()
+    assert len(forks) == 1 and not isinstance(forks[0], Exception), forks
+    child = forks[0]
+    assert child.sandbox_id != sb.sandbox_id
+    assert child.commands.run("cat mark.txt").stdout == "parent\n"
+    child.commands.run("echo child > mark.txt")
+    assert sb.commands.run("cat mark.txt").stdout == "parent\n", "the fork shares nothing after it"
+    child.kill()
+    step("fork")
+
 assert sb.kill() is True
 step("done")
