@@ -179,3 +179,248 @@ async fn control_plane_errors_are_e2b_shaped() {
     let id = created["sandboxID"].as_str().unwrap();
     assert_eq!(call(&app, k, "GET", &format!("/sandboxes/{id}"), None).await.0, 200);
 }
+
+/// envd's RPCs through Ember's router against the real guest agent over
+/// `duplex` (its own processes and system calls, on this host as this
+/// user: only harmless commands here), decoded as the SDKs decode them.
+mod envd_on_the_real_agent {
+    use base64::Engine as _;
+    use ember_e2b::connect::{self, Decoder, Envelope};
+
+    use super::*;
+
+    struct Sandbox {
+        app: Router,
+        id: String,
+        token: String,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn sandbox() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = FakeAgents { real_agent_in: Some(dir.path().join("vms")), ..FakeAgents::default() };
+        let pool = PoolConfig {
+            min_size: 1,
+            max_size: 2,
+            target_free: 1,
+            max_host_cpu: None,
+            ..PoolConfig::default()
+        };
+        let pool = Pool::start(agents, pool, 256);
+        let state = AppState::new(crate::pools::Pools::single(pool), Limits::default(), Functions::default());
+        let app = router(state);
+        let (status, created, _) =
+            call(&app, None, "POST", "/v2/sandboxes", Some(json!({"templateID": "base"}))).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["sandboxID"].as_str().unwrap().to_string();
+        let token = created["envdAccessToken"].as_str().unwrap().to_string();
+        Sandbox { app, id, token, _dir: dir }
+    }
+
+    impl Sandbox {
+        fn req(&self, path: &str, content_type: &str) -> axum::http::request::Builder {
+            Request::post(path)
+                .header("e2b-sandbox-id", &self.id)
+                .header("e2b-sandbox-port", "49983")
+                .header("x-access-token", &self.token)
+                .header("content-type", content_type)
+        }
+
+        /// A unary RPC: its status and JSON.
+        async fn unary(&self, rpc: &str, body: Value) -> (u16, Value) {
+            let req =
+                self.req(&format!("/{rpc}"), "application/json").body(Body::from(body.to_string())).unwrap();
+            let resp = self.app.clone().oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        }
+
+        /// A server stream: its messages and the end-of-stream's JSON.
+        async fn stream(&self, rpc: &str, body: Value, timeout_ms: Option<u64>) -> (Vec<Value>, Value) {
+            let mut req = self.req(&format!("/{rpc}"), connect::STREAM_CONTENT_TYPE);
+            if let Some(ms) = timeout_ms {
+                req = req.header("connect-timeout-ms", ms.to_string());
+            }
+            let resp = self
+                .app
+                .clone()
+                .oneshot(req.body(Body::from(connect::envelope(&body))).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(
+                resp.headers()["content-type"],
+                connect::STREAM_CONTENT_TYPE,
+                "exactly, no parameters"
+            );
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let mut d = Decoder::default();
+            d.push(&bytes);
+            let (mut messages, mut end) = (Vec::new(), None);
+            while let Some(e) = d.next_envelope().unwrap() {
+                match e {
+                    Envelope::Message(m) => messages.push(serde_json::from_slice(&m).unwrap()),
+                    Envelope::End(m) => end = Some(serde_json::from_slice(&m).unwrap()),
+                }
+            }
+            assert_eq!(d.leftover(), 0);
+            (messages, end.expect("no end-of-stream frame (the JS SDK needs it)"))
+        }
+    }
+
+    fn output(events: &[Value], kind: &str) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        events
+            .iter()
+            .filter_map(|e| e["event"]["data"][kind].as_str())
+            .map(|s| String::from_utf8(b64.decode(s).unwrap()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn process_rpcs_stream_start_output_end_and_the_end_of_stream() {
+        let sb = sandbox().await;
+        let start = json!({"process": {"cmd": "/bin/sh", "args": ["-c", "echo out; echo err >&2; exit 3"]}});
+        let (events, end) = sb.stream("process.Process/Start", start, None).await;
+        assert!(
+            events[0]["event"]["start"]["pid"].as_u64().is_some_and(|p| p > 0),
+            "start first: {events:?}"
+        );
+        assert_eq!((output(&events, "stdout"), output(&events, "stderr")), ("out\n".into(), "err\n".into()));
+        let last = &events.last().unwrap()["event"]["end"];
+        assert_eq!(
+            (last["exitCode"].as_i64(), last["exited"].as_bool()),
+            (Some(3), Some(true)),
+            "{events:?}"
+        );
+        assert_eq!(end, json!({}));
+
+        // A deadline kills it: exit code -1, as envd reports a signal.
+        let slow = json!({"process": {"cmd": "/bin/sh", "args": ["-c", "sleep 30"]}});
+        let t = std::time::Instant::now();
+        let (events, _) = sb.stream("process.Process/Start", slow, Some(300)).await;
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(events.last().unwrap()["event"]["end"]["exitCode"], -1, "{events:?}");
+
+        // Background: listed while it runs, reached by Connect, fed stdin.
+        let cat = json!({"process": {"cmd": "cat", "args": []}, "stdin": true});
+        let app = sb.app.clone();
+        let req = sb
+            .req("/process.Process/Start", connect::STREAM_CONTENT_TYPE)
+            .body(Body::from(connect::envelope(&cat)))
+            .unwrap();
+        let pending = tokio::spawn(async move {
+            app.oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes()
+        });
+        let pid = loop {
+            let (_, list) = sb.unary("process.Process/List", json!({})).await;
+            if let Some(p) =
+                list["processes"].as_array().and_then(|a| a.iter().find(|p| p["config"]["cmd"] == "cat"))
+            {
+                break p["pid"].as_u64().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let hi = base64::engine::general_purpose::STANDARD.encode("hi\n");
+        assert_eq!(
+            sb.unary("process.Process/SendInput", json!({"process": {"pid": pid}, "input": {"stdin": hi}}))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(sb.unary("process.Process/CloseStdin", json!({"process": {"pid": pid}})).await.0, 200);
+        let bytes = pending.await.unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains(&hi), "cat echoed its stdin");
+        let (status, v) = sb
+            .unary("process.Process/SendSignal", json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}))
+            .await;
+        assert_eq!((status, v["code"].as_str()), (404, Some("not_found")), "an exited process");
+        let (events, end) =
+            sb.stream("process.Process/Connect", json!({"process": {"pid": 999_999}}), None).await;
+        assert!(events.is_empty());
+        assert_eq!(end["error"]["code"], "not_found", "errors travel inside the stream");
+    }
+
+    #[tokio::test]
+    async fn filesystem_rpcs_and_files_on_the_agents_system_calls() {
+        let sb = sandbox().await;
+        let (status, made) = sb.unary("filesystem.Filesystem/MakeDir", json!({"path": "d/e"})).await;
+        assert_eq!((status, made["entry"]["type"].as_str()), (200, Some("FILE_TYPE_DIRECTORY")), "{made}");
+        assert_eq!(
+            sb.unary("filesystem.Filesystem/MakeDir", json!({"path": "d/e"})).await.1["code"],
+            "already_exists"
+        );
+
+        let up = sb
+            .req("/files?path=d/e/f.txt", "application/octet-stream")
+            .body(Body::from("twelve bytes"))
+            .unwrap();
+        let resp = sb.app.clone().oneshot(up).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let written: Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(written[0]["name"], "f.txt");
+
+        let (_, stat) = sb.unary("filesystem.Filesystem/Stat", json!({"path": "d/e/f.txt"})).await;
+        assert_eq!(
+            (stat["entry"]["size"].as_str(), stat["entry"]["type"].as_str()),
+            (Some("12"), Some("FILE_TYPE_FILE"))
+        );
+        let (_, listed) = sb.unary("filesystem.Filesystem/ListDir", json!({"path": "d", "depth": 2})).await;
+        let names: Vec<_> =
+            listed["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["e", "f.txt"]);
+        let (status, moved) = sb
+            .unary("filesystem.Filesystem/Move", json!({"source": "d/e/f.txt", "destination": "d/g.txt"}))
+            .await;
+        assert_eq!((status, moved["entry"]["name"].as_str()), (200, Some("g.txt")));
+        let get = Request::get("/files?path=d/g.txt")
+            .header("e2b-sandbox-id", &sb.id)
+            .header("x-access-token", &sb.token)
+            .body(Body::empty())
+            .unwrap();
+        let resp = sb.app.clone().oneshot(get).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "twelve bytes");
+        assert_eq!(sb.unary("filesystem.Filesystem/Remove", json!({"path": "d"})).await.0, 200);
+        assert_eq!(
+            sb.unary("filesystem.Filesystem/Remove", json!({"path": "d"})).await.0,
+            200,
+            "missing is fine"
+        );
+        let (status, v) = sb.unary("filesystem.Filesystem/Stat", json!({"path": "d"})).await;
+        assert_eq!((status, v["code"].as_str()), (404, Some("not_found")));
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_plane_checks_sandbox_token_and_headers() {
+        let sb = sandbox().await;
+        let get = |id: &str, token: Option<&str>, path: &str| {
+            let mut r = Request::get(path).header("e2b-sandbox-id", id);
+            if let Some(t) = token {
+                r = r.header("x-access-token", t);
+            }
+            r.body(Body::empty()).unwrap()
+        };
+        let status = |r: Request<Body>| {
+            let app = sb.app.clone();
+            async move {
+                let resp = app.oneshot(r).await.unwrap();
+                let s = resp.status().as_u16();
+                (s, resp.into_body().collect().await.unwrap().to_bytes())
+            }
+        };
+        assert_eq!(status(get(&sb.id, None, "/health")).await.0, 204);
+        let (s, body) = status(get("nosuchsandbox", Some(&sb.token), "/health")).await;
+        assert!(s == 502 && String::from_utf8_lossy(&body).contains("was not found"), "{s}");
+        assert_eq!(status(get(&sb.id, Some("wrong"), "/files?path=x")).await.0, 401);
+        assert_eq!(status(get(&sb.id, None, "/files?path=x")).await.0, 401);
+        assert_eq!(status(get("Not_An_Id", None, "/health")).await.0, 400);
+        // A signed URL stands in for the token.
+        let sig = ember_e2b::files::signature("x", "read", "", &sb.token, None)
+            .replace('+', "%2B")
+            .replace('/', "%2F");
+        let (s, _) = status(get(&sb.id, None, &format!("/files?path=x&signature={sig}"))).await;
+        assert_eq!(s, 404, "signed, and the file is missing");
+    }
+}
