@@ -104,7 +104,7 @@ pub struct StartRequest {
     pub stdin: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 pub struct Selector {
     pub pid: Option<u32>,
@@ -349,6 +349,57 @@ fn signal_word(s: nix::sys::signal::Signal) -> &'static str {
         SIGABRT => "aborted",
         _ => s.as_str(),
     }
+}
+
+/// `StreamInput` (client stream): a `start` naming the process, then
+/// `data` envelopes written to its stdin as they arrive (not when the
+/// request ends), keepalives skipped; answered with one empty message and
+/// the end of the stream. Its body is read as it comes, each envelope
+/// bounded like any other.
+pub async fn stream_input<B: Backend>(state: &AppState<B>, found: &Found, body: Body) -> Response {
+    let fed = async {
+        let p = processes(state, found).await?;
+        let mut decoder = connect::Decoder::default();
+        let mut pid = None;
+        let mut frames = body.into_data_stream();
+        use futures_util::StreamExt as _;
+        while let Some(chunk) = frames.next().await {
+            let chunk =
+                chunk.map_err(|e| RpcError::new(Code::InvalidArgument, format!("request body: {e}")))?;
+            decoder.push(&chunk);
+            while let Some(env) = decoder.next_envelope()? {
+                let connect::Envelope::Message(m) = env else { return Ok(()) };
+                let v: serde_json::Value = serde_json::from_slice(&m)
+                    .map_err(|e| RpcError::new(Code::InvalidArgument, format!("message: {e}")))?;
+                if let Some(start) = v.get("start") {
+                    let sel: Selector = serde_json::from_value(start["process"].clone()).unwrap_or_default();
+                    pid = Some(pid_of(&p, &sel).await?);
+                } else if let Some(data) = v.get("data") {
+                    let pid = pid.ok_or_else(|| RpcError::new(Code::InvalidArgument, "data before start"))?;
+                    let input: Input = serde_json::from_value(data["input"].clone()).unwrap_or_default();
+                    let bytes = match (&input.stdin, &input.pty) {
+                        (Some(s), _) => decode("input.stdin", s)?,
+                        (None, Some(t)) => decode("input.pty", t)?,
+                        (None, None) => continue,
+                    };
+                    p.stdin(pid, bytes, false).await.map_err(rpc_error)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    let result: Result<(), RpcError> = fed.await;
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    match result {
+        Ok(()) => {
+            let _ = tx.try_send(connect::envelope(&serde_json::json!({})));
+            let _ = tx.try_send(connect::end_stream(None));
+        }
+        Err(e) => {
+            let _ = tx.try_send(connect::end_stream(Some(&e)));
+        }
+    }
+    stream(rx)
 }
 
 async fn list<B: Backend>(state: &AppState<B>, found: &Found) -> Result<serde_json::Value, RpcError> {

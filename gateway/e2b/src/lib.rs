@@ -44,6 +44,20 @@ pub async fn envd_files<B: Backend>(
     }
 }
 
+/// `process.Process/StreamInput` for envd of sandbox `id`: a client
+/// stream, its body read as it comes.
+pub async fn envd_stream_input<B: Backend>(
+    state: &AppState<B>,
+    id: &str,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    match sandbox::find(state, id, headers) {
+        Ok(found) => envd::stream_input(state, &found, body).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
 /// A request for envd (port 49983) of sandbox `id`: the sandbox and token
 /// checked, then the RPC or the plain route its path names.
 pub async fn envd<B: Backend>(

@@ -184,6 +184,7 @@ async fn control_plane_errors_are_e2b_shaped() {
 /// `duplex` (its own processes and system calls, on this host as this
 /// user: only harmless commands here), decoded as the SDKs decode them.
 mod envd_on_the_real_agent {
+    use axum::body::Bytes;
     use base64::Engine as _;
     use ember_e2b::connect::{self, Decoder, Envelope};
 
@@ -340,6 +341,62 @@ mod envd_on_the_real_agent {
             sb.stream("process.Process/Connect", json!({"process": {"pid": 999_999}}), None).await;
         assert!(events.is_empty());
         assert_eq!(end["error"]["code"], "not_found", "errors travel inside the stream");
+    }
+
+    #[tokio::test]
+    async fn stream_input_feeds_stdin_as_it_comes() {
+        let sb = sandbox().await;
+        let cat = json!({"process": {"cmd": "cat", "args": []}, "stdin": true, "tag": "fed"});
+        let app = sb.app.clone();
+        let req = sb
+            .req("/process.Process/Start", connect::STREAM_CONTENT_TYPE)
+            .body(Body::from(connect::envelope(&cat)))
+            .unwrap();
+        let pending = tokio::spawn(async move {
+            app.oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes()
+        });
+        let b64 = base64::engine::general_purpose::STANDARD;
+        // The request body arrives in pieces, the start naming the process by its tag.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let body = Body::from_stream(tokio_stream_of(rx));
+        let app = sb.app.clone();
+        let req = sb.req("/process.Process/StreamInput", connect::STREAM_CONTENT_TYPE).body(body).unwrap();
+        let answer = tokio::spawn(async move {
+            app.oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes()
+        });
+        loop {
+            let (_, list) = sb.unary("process.Process/List", json!({})).await;
+            if list["processes"].as_array().is_some_and(|a| a.iter().any(|p| p["tag"] == "fed")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let start = connect::envelope(&json!({"start": {"process": {"tag": "fed"}}}));
+        tx.send(Ok(start)).await.unwrap();
+        for piece in ["one ", "two\n"] {
+            let m = connect::envelope(&json!({"data": {"input": {"stdin": b64.encode(piece)}}}));
+            tx.send(Ok(m)).await.unwrap();
+        }
+        tx.send(Ok(connect::end_stream(None))).await.unwrap();
+        drop(tx);
+        let answered = answer.await.unwrap();
+        assert!(answered.ends_with(b"\x02\x00\x00\x00\x02{}"), "{answered:?}");
+        let (_, list) = sb.unary("process.Process/List", json!({})).await;
+        let pid =
+            list["processes"].as_array().unwrap().iter().find(|p| p["tag"] == "fed").unwrap()["pid"].clone();
+        sb.unary("process.Process/CloseStdin", json!({"process": {"pid": pid}})).await;
+        let out = pending.await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&out).contains(&b64.encode("one two\n"))
+                || String::from_utf8_lossy(&out).contains(&b64.encode("one ")),
+            "{out:?}"
+        );
+    }
+
+    fn tokio_stream_of(
+        rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
     }
 
     #[tokio::test]

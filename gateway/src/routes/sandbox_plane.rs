@@ -36,6 +36,10 @@ pub async fn sandbox_plane<B: Backend>(
         return ember_e2b::envd_files(&state, &id, &parts.method, parts.uri.query(), &parts.headers, body)
             .await;
     }
+    if port == route::ENVD_PORT && req.uri().path() == "/process.Process/StreamInput" {
+        let (parts, body) = req.into_parts();
+        return ember_e2b::envd_stream_input(&state, &id, &parts.headers, body).await;
+    }
     if port == route::ENVD_PORT {
         let (parts, body) = req.into_parts();
         let limited = http_body_util::Limited::new(body, ember_e2b::envd::MAX_UNARY_BODY);
