@@ -178,11 +178,13 @@ pub struct E2bConfig {
 
 impl Default for E2bConfig {
     fn default() -> Self {
-        Self {
-            templates: BTreeMap::from([("base".to_string(), "default".to_string())]),
-            domain: None,
-            cpu_count: 1,
-        }
+        let templates = BTreeMap::from([
+            ("base".to_string(), "default".to_string()),
+            // e2b-code-interpreter's default template: the image with numpy,
+            // pandas and matplotlib; port 49999 is served by Ember itself.
+            ("code-interpreter-v1".to_string(), "python-data".to_string()),
+        ]);
+        Self { templates, domain: None, cpu_count: 1 }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod control;
 pub mod envd;
 pub mod files;
 pub mod fs;
+pub mod interpreter;
 pub mod route;
 pub mod sandbox;
 pub mod watch;
@@ -40,6 +41,21 @@ pub async fn envd_files<B: Backend>(
 ) -> Response {
     match sandbox::find_for_port(state, id) {
         Ok(found) => files::handle(state, &found, method, query, headers, body).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// A request for the code interpreter (port 49999) of sandbox `id`: no
+/// token (E2B's SDK sends none on `/contexts`), the random id reaches it.
+pub async fn code_interpreter<B: Backend>(
+    state: &AppState<B>,
+    id: &str,
+    method: &Method,
+    path: &str,
+    body: Bytes,
+) -> Response {
+    match sandbox::find_for_port(state, id) {
+        Ok(found) => interpreter::handle(state, &found, method, path, body).await,
         Err(refused) => refused.into_response(),
     }
 }

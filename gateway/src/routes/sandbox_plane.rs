@@ -49,6 +49,15 @@ pub async fn sandbox_plane<B: Backend>(
         };
         return ember_e2b::envd(&state, &id, &parts.method, parts.uri.path(), &parts.headers, body).await;
     }
+    if port == route::CODE_INTERPRETER_PORT {
+        let (parts, body) = req.into_parts();
+        let limited = http_body_util::Limited::new(body, ember_e2b::interpreter::MAX_BODY);
+        let body = match limited.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return e2b_error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")),
+        };
+        return ember_e2b::code_interpreter(&state, &id, &parts.method, parts.uri.path(), body).await;
+    }
     let found = match ember_e2b::sandbox::find_for_port(&state, &id) {
         Ok(f) => f,
         Err(refused) => return refused.into_response(),

@@ -81,5 +81,9 @@ pub fn the_python_sdk_drives_a_sandboxs_life(s: &Server) -> anyhow::Result<()> {
             println!("    {requirements} {script}: {} steps", out.lines().count());
         }
     }
+    // e2b-code-interpreter needs e2b >= 2.55.1: only with the current pins.
+    let out = run_sdk(s, "requirements.txt", "interpreter.py")?;
+    ensure!(out.trim_end().ends_with("ok done"), "{out}");
+    println!("    requirements.txt interpreter.py: {} steps", out.lines().count());
     Ok(())
 }
