@@ -99,20 +99,11 @@ impl ReloadingCert {
 
     /// Poll the files every `every` until dropped by everyone else.
     pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(cert) = weak.upgrade() else { return };
-                match cert.reload_if_changed() {
-                    Ok(true) => tracing::info!(cert = %cert.files.cert.display(), "TLS certificate reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "the TLS files changed but do not load; serving the previous certificate")
-                    }
-                }
+        ember_sys::os::every(self, every, |cert| match cert.reload_if_changed() {
+            Ok(true) => tracing::info!(cert = %cert.files.cert.display(), "TLS certificate reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the TLS files changed but do not load; serving the previous certificate")
             }
         })
     }

@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use ember_net::RawPolicy;
 use ember_pool::pool::Backend;
 use ember_service::api::{SessionRequest, TimeoutRequest};
@@ -195,13 +195,37 @@ impl E2bConfig {
     }
 }
 
-/// What a control-plane handler works with: Ember's state and `[e2b]`.
-struct Control<'a, B: Backend> {
-    state: &'a AppState<B>,
-    config: &'a E2bConfig,
+/// What every control-plane handler works with: Ember's state, `[e2b]` and
+/// the caller (the key's tenant), taken from the request in one extractor.
+pub struct Control<B: Backend> {
+    state: AppState<B>,
+    config: Arc<E2bConfig>,
+    caller: Caller,
 }
 
-impl<B: Backend> Control<'_, B> {
+impl<B: Backend> std::fmt::Debug for Control<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("caller", &self.caller.label()).finish()
+    }
+}
+
+impl<B: Backend> axum::extract::FromRequestParts<AppState<B>> for Control<B> {
+    type Rejection = E2bError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState<B>,
+    ) -> Result<Self, E2bError> {
+        let internal =
+            |what: &str| E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("no {what} (a bug)"));
+        let config =
+            parts.extensions.get::<Arc<E2bConfig>>().cloned().ok_or_else(|| internal("[e2b] config"))?;
+        let caller = parts.extensions.get::<Caller>().cloned().ok_or_else(|| internal("caller"))?;
+        Ok(Self { state: state.clone(), config, caller })
+    }
+}
+
+impl<B: Backend> Control<B> {
     fn detail(&self, s: &Session) -> Detail {
         let md = &s.info.metadata;
         let memory_mb = self.state.pools.get(Some(&s.image)).map_or(0, |(_, p)| p.vm_memory_mb());
@@ -262,12 +286,10 @@ fn session<B: Backend>(c: &Control<B>, caller: &Caller, id: &str) -> Answer<Sess
 }
 
 pub async fn create<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
+    c: Control<B>,
     body: axum::body::Bytes,
 ) -> Answer<(StatusCode, Json<Created>)> {
-    let c = Control { state: &state, config: &config };
+    let caller = c.caller.clone();
     let req: NewSandbox = serde_json::from_slice(&body)
         .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
     let image = c.config.image_of(&req.template_id).to_string();
@@ -306,13 +328,8 @@ pub async fn create<B: Backend>(
     Ok((StatusCode::CREATED, Json(c.created(&s))))
 }
 
-pub async fn get_one<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Answer<Json<Detail>> {
-    let c = Control { state: &state, config: &config };
+pub async fn get_one<B: Backend>(c: Control<B>, Path(id): Path<String>) -> Answer<Json<Detail>> {
+    let caller = c.caller.clone();
     let s = session(&c, &caller, &id)?;
     Ok(Json(c.detail(&s)))
 }
@@ -328,13 +345,8 @@ pub struct ListQuery {
     pub next_token: Option<String>,
 }
 
-pub async fn list<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
-    Query(q): Query<ListQuery>,
-) -> Answer<Response> {
-    let c = Control { state: &state, config: &config };
+pub async fn list<B: Backend>(c: Control<B>, Query(q): Query<ListQuery>) -> Answer<Response> {
+    let caller = c.caller.clone();
     let wanted: Vec<(String, String)> = q
         .metadata
         .as_deref()
@@ -396,13 +408,8 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub async fn kill<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Answer<StatusCode> {
-    let c = Control { state: &state, config: &config };
+pub async fn kill<B: Backend>(c: Control<B>, Path(id): Path<String>) -> Answer<StatusCode> {
+    let caller = c.caller.clone();
     session(&c, &caller, &id)?;
     c.state.end_session(&caller, &id).await.map_err(|e| match e.kind {
         Kind::NotFound => E2bError::not_found(&id),
@@ -417,28 +424,21 @@ pub struct SetTimeout {
 }
 
 pub async fn set_timeout<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
+    c: Control<B>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Answer<StatusCode> {
     let req: SetTimeout = serde_json::from_slice(&body)
         .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
-    let c = Control { state: &state, config: &config };
+    let caller = c.caller.clone();
     session(&c, &caller, &id)?;
     let timeout = humantime::format_duration(Duration::from_secs(req.timeout.max(1))).to_string();
     c.state.extend_session(&caller, &id, TimeoutRequest { timeout })?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn pause<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Answer<StatusCode> {
-    let c = Control { state: &state, config: &config };
+pub async fn pause<B: Backend>(c: Control<B>, Path(id): Path<String>) -> Answer<StatusCode> {
+    let caller = c.caller.clone();
     let s = session(&c, &caller, &id)?;
     if s.info.state == "paused" {
         return Err(E2bError::new(StatusCode::CONFLICT, format!("sandbox {id:?} is already paused")));
@@ -454,13 +454,11 @@ pub struct ConnectBody {
 
 /// Resume (201) or find running (200), extending its end, never shortening it.
 pub async fn connect<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
+    c: Control<B>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Answer<(StatusCode, Json<Created>)> {
-    let c = Control { state: &state, config: &config };
+    let caller = c.caller.clone();
     let req: ConnectBody = if body.is_empty() {
         ConnectBody::default()
     } else {
@@ -503,13 +501,11 @@ pub const MAX_FORKS: u32 = 20;
 /// each answered as create answers, or with the error that stopped it. A
 /// fork keeps its parent's envd token (they share an owner).
 pub async fn fork<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
+    c: Control<B>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Answer<(StatusCode, Json<Vec<serde_json::Value>>)> {
-    let c = Control { state: &state, config: &config };
+    let caller = c.caller.clone();
     let req: ForkBody = if body.is_empty() {
         ForkBody::default()
     } else {
@@ -548,12 +544,10 @@ pub async fn fork<B: Backend>(
 /// `GET /sandboxes/{id}/metrics`: no history is kept; an empty list is
 /// what the SDKs accept for none.
 pub async fn metrics<B: Backend>(
-    State(state): State<AppState<B>>,
-    Extension(config): Extension<Arc<E2bConfig>>,
-    Extension(caller): Extension<Caller>,
+    c: Control<B>,
     Path(id): Path<String>,
 ) -> Answer<Json<Vec<serde_json::Value>>> {
-    let c = Control { state: &state, config: &config };
+    let caller = c.caller.clone();
     session(&c, &caller, &id)?;
     Ok(Json(Vec::new()))
 }

@@ -340,24 +340,17 @@ impl KeyStore {
     /// Poll the file every `every` (reloading it on change) and record
     /// keys' last use, until the store is dropped by everyone else.
     pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(store) = weak.upgrade() else { return };
-                match store.reload_if_changed() {
-                    Ok(true) => {
-                        tracing::info!(keys = store.current().keys.len(), "the keys file changed: reloaded")
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "the keys file changed but cannot be read; the keys loaded before stay")
-                    }
+        ember_sys::os::every(self, every, |store| {
+            match store.reload_if_changed() {
+                Ok(true) => {
+                    tracing::info!(keys = store.current().keys.len(), "the keys file changed: reloaded")
                 }
-                store.flush_used();
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "the keys file changed but cannot be read; the keys loaded before stay")
+                }
             }
+            store.flush_used();
         })
     }
 }

@@ -34,6 +34,26 @@ pub async fn wait_until<T>(
     }
 }
 
+/// Run `tick` on `owner` every `every` (a missed tick is not made up) for
+/// as long as anyone else holds it: the watchers of files a server reloads
+/// (its keys, its certificate) end with what they watch.
+pub fn every<T: Send + Sync + 'static>(
+    owner: &std::sync::Arc<T>,
+    every: std::time::Duration,
+    tick: impl Fn(&T) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let weak = std::sync::Arc::downgrade(owner);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(owner) = weak.upgrade() else { return };
+            tick(&owner);
+        }
+    })
+}
+
 /// Processes whose command line mentions `needle` (a state directory, a
 /// VM id): what leak checks look for after a shutdown.
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
