@@ -365,16 +365,18 @@ pub async fn list<B: Backend>(c: Control<B>, Query(q): Query<ListQuery>) -> Answ
         .filter(|d| states.as_ref().is_none_or(|st| st.contains(&d.state)))
         .collect();
     all.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sandbox_id.cmp(&b.sandbox_id)));
-    // Paging: the token is the id the next page starts after.
+    // Paging: the token is the (start, id) the next page starts after.
     if let Some(after) = &q.next_token {
-        all.retain(|d| d.sandbox_id.as_str() > after.as_str() || d.started_at.as_str() > after.as_str());
+        let (at, id) = after.split_once('|').unwrap_or(("", after.as_str()));
+        all.retain(|d| (d.started_at.as_str(), d.sandbox_id.as_str()) > (at, id));
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let more = all.len() > limit;
     all.truncate(limit);
     let mut resp = Json(&all).into_response();
     if more {
-        if let Some(last) = all.last().and_then(|d| HeaderValue::from_str(&d.sandbox_id).ok()) {
+        let cursor = all.last().map(|d| format!("{}|{}", d.started_at, d.sandbox_id));
+        if let Some(last) = cursor.and_then(|c| HeaderValue::from_str(&c).ok()) {
             resp.headers_mut().insert("x-next-token", last);
         }
     }

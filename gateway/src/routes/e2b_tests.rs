@@ -146,6 +146,35 @@ async fn a_sandbox_is_created_shown_listed_timed_paused_resumed_and_killed() {
 }
 
 #[tokio::test]
+async fn a_listing_pages_with_x_next_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _) = app(dir.path(), false);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (_, c, _) = call(&app, None, "POST", "/v2/sandboxes", Some(json!({"templateID": "base"}))).await;
+        ids.push(c["sandboxID"].as_str().unwrap().to_string());
+    }
+    let (mut seen, mut token) = (Vec::new(), None::<String>);
+    loop {
+        let path = match &token {
+            None => "/v2/sandboxes?limit=2".to_string(),
+            Some(t) => format!("/v2/sandboxes?limit=2&nextToken={t}"),
+        };
+        let (status, page, headers) = call(&app, None, "GET", &path, None).await;
+        assert_eq!(status, 200);
+        seen.extend(page.as_array().unwrap().iter().map(|s| s["sandboxID"].as_str().unwrap().to_string()));
+        match headers.get("x-next-token") {
+            Some(t) => token = Some(t.to_str().unwrap().to_string()),
+            None => break,
+        }
+        assert!(seen.len() < 10, "paging does not end");
+    }
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "every sandbox once");
+}
+
+#[tokio::test]
 async fn control_plane_errors_are_e2b_shaped() {
     let dir = tempfile::tempdir().unwrap();
     let (app, key) = app(dir.path(), true);

@@ -40,6 +40,8 @@ after = sb.get_info().end_at
 assert (after - before).total_seconds() > 400, (before, after)
 step("set_timeout")
 
+sb.files.write("kept.txt", "before the pause")
+keeper = sb.commands.run("sleep 600", background=True)
 assert sb.pause() in (True, None) or sb.get_info().state == "paused"
 assert sb.get_info().state == "paused"
 assert sb.pause() is False, "a second pause is False (409)"
@@ -50,6 +52,8 @@ step("pause")
 again = Sandbox.connect(sb.sandbox_id)
 assert again.sandbox_id == sb.sandbox_id
 assert again.get_info().state == "running"
+assert again.files.read("kept.txt") == "before the pause", "files kept across the pause"
+assert keeper.pid in [p.pid for p in again.commands.list()], "processes kept across the pause"
 step("connect resumes")
 
 assert other.kill() is True
