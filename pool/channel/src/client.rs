@@ -178,6 +178,18 @@ pub struct ExecHandle {
 /// as a protocol violation (the agent's own cap is exact; this is slack).
 const OUTPUT_SLACK: u64 = 64 << 10;
 
+/// Where a client's request ids start: a random point, not 1. A VM
+/// restored from a snapshot (a resumed session) still holds the requests
+/// that were in flight when it was saved, under the old client's ids, and
+/// over virtio-serial the agent cannot tell the new connection from the
+/// old one: ids from 1 again would collide with them ("request id N is
+/// already in flight"). Below 2^52, so counting up never wraps.
+fn first_request_id() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (random >> 12) | 1
+}
+
 impl AgentClient {
     pub fn new<S>(stream: S) -> Self
     where
@@ -241,7 +253,7 @@ impl AgentClient {
             stray: tokio::sync::Mutex::new(stray_rx),
             timeouts,
             closed,
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_request_id()),
             last_exec_python: std::sync::atomic::AtomicBool::new(false),
             lane: std::sync::OnceLock::new(),
             tasks: [reader, writer],
