@@ -3,6 +3,7 @@ control plane. Run with the SDK's venv; E2B_API_URL, E2B_SANDBOX_URL and
 E2B_API_KEY point it at the server under test. Prints one line per step;
 any failure raises (non-zero exit)."""
 
+import atexit
 import time
 import uuid
 
@@ -10,6 +11,13 @@ from e2b import Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import SandboxException, NotFoundException
 
 run = uuid.uuid4().hex[:8]
+
+
+@atexit.register
+def leave_nothing():
+    # A failed step leaves no sandbox for the cases after this one.
+    for s in Sandbox.list(query=SandboxQuery(metadata={"run": run})).next_items():
+        Sandbox.kill(s.sandbox_id)
 
 
 def step(name):

@@ -89,7 +89,9 @@ max_queue_wait = "60s"
 max_upload_bytes = 104857600
 [pool]
 min_size = 2
-max_size = 4
+# Room for the sessions and E2B sandboxes the cases hold (a resumed one
+# needs a VM of its own) beside the two kept free.
+max_size = 6
 target_free = 2
 claim_timeout = "60s"
 drain_timeout = "20s"
