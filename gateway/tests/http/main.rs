@@ -836,7 +836,7 @@ fn metrics_and_pool_status(s: &Server) -> anyhow::Result<()> {
     ensure!(resets > 0.0, "no reset was timed");
     let p = s.pool()?;
     ensure!(
-        p["vms"]["ready"].is_u64() && p["target"].as_u64() >= Some(2) && p["limits"]["max_size"] == 4,
+        p["vms"]["ready"].is_u64() && p["target"].as_u64() >= Some(2) && p["limits"]["max_size"] == 6,
         "{p}"
     );
     ensure!(s.get("/healthz")?.json()?["status"] == "ok", "healthz");
