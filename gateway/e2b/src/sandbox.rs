@@ -77,10 +77,11 @@ fn find_checked<B: Backend>(
     headers: Option<&HeaderMap>,
 ) -> Result<Found, Refused> {
     let suffix = format!("{}{id}", ember_service::tenant::SEPARATOR);
-    let hit = state
-        .pools
-        .iter()
-        .find_map(|(_, pool)| pool.sessions().into_iter().find(|s| s.key == id || s.key.ends_with(&suffix)));
+    // The keys first (no /proc read per session), then the one session's info.
+    let hit = state.pools.iter().find_map(|(_, pool)| {
+        let key = pool.session_keys().into_iter().find(|k| k == id || k.ends_with(&suffix))?;
+        pool.session_info(&key)
+    });
     let Some(info) = hit else { return Err(Refused::NotFound(id.into())) };
     let Some(expected) = info.metadata.get(TOKEN_KEY) else { return Err(Refused::NotFound(id.into())) };
     if headers.is_some_and(|h| !token(h).is_some_and(|t| same(t, expected))) {

@@ -422,6 +422,11 @@ impl<B: Backend> Pool<B> {
         }
     }
 
+    /// The keys of this pool's sessions (no figures read).
+    pub fn session_keys(&self) -> Vec<String> {
+        self.inner.lock().sessions.keys().cloned().collect()
+    }
+
     /// Session `key` as it is now, if this pool has it.
     pub fn session_info(&self, key: &str) -> Option<SessionInfo> {
         let slot = self.inner.lock().sessions.get(key).cloned()?;
