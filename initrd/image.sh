@@ -16,6 +16,9 @@
 #          EMBER_IMAGE_ENV        KEY=VALUE lines for every command (/etc/ember/env)
 #          EMBER_IMAGE_PRELOAD    Python modules the fork server imports, one per line
 #          EMBER_IMAGE_DISK_MB    size of the scratch (writable) disk in MB (default 1024)
+#          EMBER_IMAGE_WRITABLE_ROOT  1: the root is an overlay whose changes live on
+#                                 the scratch disk (the initrd mounts it), reset with the VM
+#          EMBER_IMAGE_SUDO       1: install sudo; the user runs anything as root
 #          EMBER_BUSYBOX          a static busybox (default /bin/busybox)
 # Outputs: $1/rootfs.ext4, $1/scratch.ext4, $1/packages.txt (what dpkg has)
 set -euo pipefail
@@ -85,6 +88,11 @@ chroot_unmount() {
 }
 
 packages=${EMBER_IMAGE_PACKAGES:-}
+writable_root=${EMBER_IMAGE_WRITABLE_ROOT:-0}
+sudo=${EMBER_IMAGE_SUDO:-0}
+if [[ $sudo == 1 && " $packages " != *" sudo "* ]]; then
+    packages="$packages sudo"
+fi
 pip=${EMBER_IMAGE_PIP:-}
 if [[ -n $packages || -n $pip ]]; then
     chroot_mounts
@@ -150,6 +158,20 @@ mkdir -p "$root"/{home/ember,mnt/scratch,tmp,var/tmp,dev,dev/shm,proc,sys,run,sb
 # without merged /usr, say one with nothing but /bin/sh) it points there.
 [[ -e $root/sbin/init-fast ]] || ln -s /usr/sbin/init-fast "$root/sbin/init-fast"
 chmod 0755 "$root/home/ember"
+if [[ $sudo == 1 ]]; then
+    step "passwordless sudo for the user"
+    [[ -x $root/usr/bin/sudo ]] || { echo "sudo = true, but the root has no /usr/bin/sudo" >&2; exit 1; }
+    mkdir -p "$root/etc/sudoers.d"
+    printf '# Ember: the user may run anything as root (the VM is the boundary).\nember ALL=(ALL:ALL) NOPASSWD: ALL\n' \
+        >"$root/etc/sudoers.d/ember"
+    chmod 0440 "$root/etc/sudoers.d/ember"
+    in_root visudo -c -q
+fi
+if [[ $writable_root == 1 ]]; then
+    # The initrd sees this and mounts the root as an overlay over the
+    # scratch disk's root/ (see initrd/overlay-initrd/init).
+    touch "$root/etc/ember/writable-root"
+fi
 if [[ -x $root/usr/bin/dpkg-query ]]; then
     in_root dpkg-query -W -f '${Package}=${Version}\n' >"$out/packages.txt" 2>/dev/null || true
 fi
@@ -182,6 +204,8 @@ chown 0:0 "$root/home/ember"
 step "make the root image"
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
     "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/var/log/* "$root"/root/.cache
+# Where a writable root's `apt-get update && apt-get install` writes.
+mkdir -p "$root"/var/cache/apt/archives/partial "$root"/var/lib/apt/lists/partial "$root"/var/log/apt
 # Sized to the content: 20% and 64 MiB of headroom for the filesystem's own.
 used_mb=$(du -s --block-size=1M --one-file-system "$root" | cut -f1)
 size_mb=$((used_mb + used_mb / 5 + 64))
@@ -195,5 +219,11 @@ mkdir -p "$scratch/home/ember"
 cp -a "$home_seed/." "$scratch/home/ember/"
 chown -R 1000:1000 "$scratch/home/ember"
 chmod 1777 "$scratch/tmp" "$scratch/var-tmp"
+if [[ $writable_root == 1 ]]; then
+    # The overlay's upper and work directories: what the VM changes in /.
+    mkdir -p "$scratch/root" "$scratch/root-work"
+    chmod 0755 "$scratch/root"
+    chmod 0700 "$scratch/root-work"
+fi
 mkfs.ext4 -q -F -L ember-scratch -m 0 -d "$scratch" "$out/scratch.ext4" "${EMBER_IMAGE_DISK_MB:-1024}M"
 step "done"

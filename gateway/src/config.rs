@@ -47,7 +47,7 @@ pub struct RawE2b {
     /// What sandboxes say their `domain` is (the SDK's `get_host` builds
     /// `<port>-<id>.<domain>`); default `localhost:<the listening port>`.
     pub domain: Option<String>,
-    /// Template names → image names, besides `base` → the default image.
+    /// Template names → image names, besides `base` → `base-sudo`.
     #[serde(default)]
     pub templates: std::collections::BTreeMap<String, String>,
 }

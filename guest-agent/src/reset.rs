@@ -31,7 +31,19 @@ async fn kill_everything(agent: &Agent) -> Result<(), ErrorReply> {
 /// Mount points of the scratch layer, innermost first.
 const SCRATCH_MOUNTS: [&str; 4] = ["/home/ember", "/tmp", "/var/tmp", "/mnt/scratch"];
 
+/// Whether the image's root is an overlay on the scratch disk (the initrd
+/// made it so): the scratch disk cannot be detached or emptied under it.
+pub fn writable_root() -> bool {
+    Path::new("/etc/ember/writable-root").exists()
+}
+
 pub async fn detach_scratch(agent: &Agent) -> Result<(), ErrorReply> {
+    if writable_root() {
+        return Err(ErrorReply::new(
+            ErrorCode::Internal,
+            "the root is writable: its changes live on the scratch disk, which cannot be detached",
+        ));
+    }
     kill_everything(agent).await?;
     // State outside the scratch layer that a user or configure may change.
     empty_dir(Path::new("/dev/shm")).map_err(|e| internal("emptying /dev/shm", e))?;

@@ -58,6 +58,9 @@ pub async fn scrub(agent: &Agent) -> Result<(), ErrorReply> {
     let Some(base) = &agent.baseline else {
         return Err(failed("no baseline was recorded at start"));
     };
+    if crate::reset::writable_root() {
+        return Err(failed("the root is writable: only a reset of the whole VM undoes its changes"));
+    }
     if let Some(cgs) = &agent.cgroups {
         cgs.kill_all().await.map_err(|e| failed(format!("killing user cgroups: {e}")))?;
     }

@@ -1,6 +1,6 @@
 //! The control plane: E2B's REST API over Ember's sessions. A sandbox is a
 //! session of the key's tenant whose key is the sandbox id (a lowercase DNS
-//! label); a template is an image (`base` is the default one). Its envd
+//! label); a template is an image (`base` is `base-sudo`: E2B's root and sudo). Its envd
 //! access token and template live in the session's metadata under `e2b.`
 //! names, which the E2B view never shows, so a paused sandbox keeps them
 //! across a restart of the server.
@@ -179,7 +179,9 @@ pub struct E2bConfig {
 impl Default for E2bConfig {
     fn default() -> Self {
         let templates = BTreeMap::from([
-            ("base".to_string(), "default".to_string()),
+            // E2B's base sandbox lets code `sudo apt-get install` and write
+            // anywhere: the image with a writable root and passwordless sudo.
+            ("base".to_string(), "base-sudo".to_string()),
             // e2b-code-interpreter's default template: the image with numpy,
             // pandas and matplotlib; port 49999 is served by Ember itself.
             ("code-interpreter-v1".to_string(), "python-data".to_string()),

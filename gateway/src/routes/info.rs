@@ -129,6 +129,8 @@ pub async fn images<B: Backend>(State(state): State<AppState<B>>) -> Response {
                 "build_secs": info.map(|i| i.build_secs),
                 "memory_mb": pool.vm_memory_mb(),
                 "disk_mb": info.map(|i| i.disk_mb),
+                "writable_root": info.is_some_and(|i| i.writable_root),
+                "sudo": info.is_some_and(|i| i.sudo),
                 "pool": {
                     "ready": s.ready,
                     "booting": s.booting,

@@ -35,7 +35,14 @@ life = (info.end_at - info.started_at).total_seconds()
 assert 110 <= life <= 125, f"end - start = {life}"
 step("get_info")
 
+# E2B's base sandbox: sudo without a password, a root code may write to.
+r = sb.commands.run("id -un; sudo -n id -un; sudo sh -c 'echo system > /etc/ember-e2b' && cat /etc/ember-e2b")
+assert r.stdout == "ember\nroot\nsystem\n", r.stdout
+step("sudo and a writable root")
+
 other = Sandbox.create(template="base", metadata={"run": run, "second": "yes"})
+r = other.commands.run("test -e /etc/ember-e2b && echo leaked || echo clean")
+assert r.stdout == "clean\n", "another sandbox saw the first one's root: " + r.stdout
 listed = Sandbox.list(query=SandboxQuery(metadata={"run": run})).next_items()
 assert sorted(s.sandbox_id for s in listed) == sorted([sb.sandbox_id, other.sandbox_id]), listed
 only = Sandbox.list(query=SandboxQuery(metadata={"run": run, "second": "yes"})).next_items()
@@ -62,6 +69,7 @@ assert again.sandbox_id == sb.sandbox_id
 assert again.get_info().state == "running"
 assert again.files.read("kept.txt") == "before the pause", "files kept across the pause"
 assert keeper.pid in [p.pid for p in again.commands.list()], "processes kept across the pause"
+assert again.commands.run("cat /etc/ember-e2b").stdout == "system\n", "the root's changes kept across the pause"
 step("connect resumes")
 
 assert other.kill() is True

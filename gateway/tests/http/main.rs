@@ -849,8 +849,9 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
     let list = s.get("/v1/images")?.json()?;
     let names: Vec<&str> =
         list["images"].as_array().context("images")?.iter().filter_map(|i| i["name"].as_str()).collect();
-    ensure!(names == ["default", "python-data", "tiny"], "{list}");
-    let data = &list["images"][1];
+    ensure!(names == ["base-sudo", "default", "python-data", "tiny"], "{list}");
+    let image = |name: &str| list["images"].as_array().and_then(|a| a.iter().find(|i| i["name"] == name));
+    let data = image("python-data").context("python-data")?;
     ensure!(
         data["pip"].as_array().is_some_and(|p| p.iter().any(|r| r == "numpy==1.26.4"))
             && data["size_bytes"].as_u64() > Some(100_000_000)
@@ -858,7 +859,11 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
             && data["pool"]["min_size"] == 0,
         "{data}"
     );
-    ensure!(list["images"][0]["packages"].as_array().is_some_and(|p| p.iter().any(|x| x == "git")), "{list}");
+    let default = image("default").context("default")?;
+    ensure!(default["packages"].as_array().is_some_and(|p| p.iter().any(|x| x == "git")), "{list}");
+    ensure!(default["writable_root"] == false && default["sudo"] == false, "{default}");
+    let sudo = image("base-sudo").context("base-sudo")?;
+    ensure!(sudo["writable_root"] == true && sudo["sudo"] == true && sudo["disk_mb"] == 2048, "{sudo}");
 
     // The first call to python-data boots its pool (and its template).
     let code = "import numpy, pandas; print(numpy.__version__, pandas.__version__)";
@@ -876,7 +881,7 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
     let (status, code) = a.error()?;
     let message = a.json()?["error"]["message"].as_str().unwrap_or_default().to_string();
     ensure!(
-        status == 400 && code == "unknown_image" && message.contains("default, python-data, tiny"),
+        status == 400 && code == "unknown_image" && message.contains("base-sudo, default, python-data, tiny"),
         "{a:?}"
     );
 
@@ -884,7 +889,7 @@ fn images_are_served_each_in_its_own_pool(s: &Server) -> anyhow::Result<()> {
     let r = s.run(json!({"cmd": "cat /etc/tiny-motd; echo $EMBER_TINY", "image": "tiny"}))?;
     ensure!(r["stdout"] == "tiny overlay\nyes\n" && r["image"] == "tiny", "{r}");
     // Its disk is the size its recipe says: a session fills it, and learns so.
-    ensure!(list["images"][2]["disk_mb"] == 40 && list["images"][0]["disk_mb"] == 1024, "{list}");
+    ensure!(image("tiny").is_some_and(|i| i["disk_mb"] == 40) && default["disk_mb"] == 1024, "{list}");
     let full = s.run_in("tiny-s", json!({"cmd": "head -c 48000000 /dev/zero > big", "image": "tiny"}))?;
     ensure!(
         full["exit_code"] != 0 && full["stderr"].as_str().is_some_and(|e| e.contains("No space left")),

@@ -37,6 +37,9 @@ pub struct ImageSet {
     pub rootfs: PathBuf,
     /// Template of the per-VM scratch disk.
     pub scratch: PathBuf,
+    /// The root is an overlay whose changes live on the scratch disk (the
+    /// image's `writable_root`): only a reset of the whole VM undoes them.
+    pub writable_root: bool,
 }
 
 impl ImageSet {
@@ -47,6 +50,7 @@ impl ImageSet {
             initrd: dir.join("initrd.img"),
             rootfs: dir.join(name).join("rootfs.ext4"),
             scratch: dir.join(name).join("scratch.ext4"),
+            writable_root: false,
         }
     }
 
@@ -66,6 +70,7 @@ impl ImageSet {
             initrd: take("initrd.img"),
             rootfs: take(&format!("{name}/rootfs.ext4")),
             scratch: take(&format!("{name}/scratch.ext4")),
+            writable_root: read_info(&dir.join(name)).is_some_and(|i| i.writable_root),
         };
         if problems.is_empty() {
             Ok(set)
@@ -99,6 +104,12 @@ pub struct ImageInfo {
     /// Size of its writable (scratch) disk.
     #[serde(default = "default_disk_mb")]
     pub disk_mb: u32,
+    /// Its root is a writable overlay, reset with the VM.
+    #[serde(default)]
+    pub writable_root: bool,
+    /// Its user has passwordless sudo.
+    #[serde(default)]
+    pub sudo: bool,
     /// The input hash it was built from.
     pub hash: String,
     /// Size of the root image file.
@@ -366,6 +377,8 @@ impl Catalog {
             ("EMBER_IMAGE_PACKAGES".to_string(), r.packages.join(" ")),
             ("EMBER_IMAGE_PIP".to_string(), r.pip.join("\n")),
             ("EMBER_IMAGE_DISK_MB".to_string(), r.disk_mb.to_string()),
+            ("EMBER_IMAGE_WRITABLE_ROOT".to_string(), u8::from(r.writable_root).to_string()),
+            ("EMBER_IMAGE_SUDO".to_string(), u8::from(r.sudo).to_string()),
         ];
         let info = ImageInfo {
             name: r.name.clone(),
@@ -378,6 +391,8 @@ impl Catalog {
             memory_mb: r.memory_mb,
             warm: r.warm.clone(),
             disk_mb: r.disk_mb,
+            writable_root: r.writable_root,
+            sudo: r.sudo,
             hash,
             rootfs_bytes: 0,
             build_secs: 0.0,
@@ -435,6 +450,8 @@ impl Catalog {
             memory_mb: None,
             warm: None,
             disk_mb: recipe::DEFAULT_DISK_MB,
+            writable_root: false,
+            sudo: false,
             hash,
             rootfs_bytes: 0,
             build_secs: 0.0,
@@ -821,6 +838,8 @@ mod tests {
             memory_mb: None,
             warm: None,
             disk_mb: 1024,
+            writable_root: false,
+            sudo: false,
             hash: c.recipe_hash(c.recipe("one").unwrap()).unwrap(),
             rootfs_bytes: 1,
             build_secs: 1.0,

@@ -34,6 +34,15 @@ pub struct RawRecipe {
     /// Size of the writable disk every VM (and so every session) of the
     /// image gets: home, /tmp, /var/tmp. 1024 unless said.
     pub disk_mb: Option<u32>,
+    /// The root filesystem is writable: an overlay whose changes live on
+    /// the writable disk, so they are reset with the VM like home and
+    /// /tmp, and kept by a paused session. False unless said.
+    #[serde(default)]
+    pub writable_root: bool,
+    /// The user may run anything as root with `sudo`, without a password
+    /// (the `sudo` package is installed). False unless said.
+    #[serde(default)]
+    pub sudo: bool,
 }
 
 /// A checked recipe.
@@ -49,6 +58,8 @@ pub struct Recipe {
     pub memory_mb: Option<u32>,
     pub warm: Option<String>,
     pub disk_mb: u32,
+    pub writable_root: bool,
+    pub sudo: bool,
 }
 
 /// The writable disk of an image that names none.
@@ -163,6 +174,8 @@ impl RawRecipe {
             memory_mb: self.memory_mb,
             warm: self.warm,
             disk_mb: self.disk_mb.unwrap_or(DEFAULT_DISK_MB),
+            writable_root: self.writable_root,
+            sudo: self.sudo,
         })
     }
 }
@@ -241,6 +254,8 @@ mod tests {
             memory_mb = 512
             warm = "python3 -c 'import numpy'"
             disk_mb = 4096
+            writable_root = true
+            sudo = true
             [env]
             MPLBACKEND = "Agg"
             "#,
@@ -250,7 +265,10 @@ mod tests {
         assert_eq!(r.env["MPLBACKEND"], "Agg");
         assert_eq!(r.memory_mb, Some(512));
         assert_eq!(r.disk_mb, 4096);
-        assert_eq!(check("").unwrap().disk_mb, DEFAULT_DISK_MB);
+        assert!(r.writable_root && r.sudo);
+        let plain = check("").unwrap();
+        assert_eq!(plain.disk_mb, DEFAULT_DISK_MB);
+        assert!(!plain.writable_root && !plain.sudo);
     }
 
     #[test]

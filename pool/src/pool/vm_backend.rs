@@ -55,7 +55,19 @@ impl VmBackend {
     /// Resolve `auto` for this host's channel and refuse what cannot work.
     pub fn new(host: Arc<VmHost>, requested: ResetMode, replenish: ReplenishMode) -> Result<Self, String> {
         let disks = (&host.config().storage).into();
-        let plan = crate::plan::with_channel(requested, replenish, disks, host.channel())?;
+        let mut plan = crate::plan::with_channel(requested, replenish, disks, host.channel())?;
+        // A rollback detaches the writable disk under a live guest; a
+        // writable root's overlay lives on it and cannot let go.
+        if plan.reset == ResetMode::Rollback && host.config().images.writable_root {
+            if requested != ResetMode::Auto {
+                return Err(format!(
+                    "pool.reset = \"rollback\" cannot recycle image {}: its root is writable (an overlay \
+                     on the disk a rollback detaches); use \"snapshot\" or \"destroy\"",
+                    host.config().image
+                ));
+            }
+            plan.reset = ResetMode::Destroy;
+        }
         // Destroy works over either disk; the recycling modes need theirs.
         if plan.reset != ResetMode::Destroy && plan.scratch != host.config().scratch {
             return Err(format!(
@@ -393,7 +405,8 @@ impl Backend for VmBackend {
     }
 
     fn scrubs(&self) -> bool {
-        self.recycles()
+        // A scrub empties home and /tmp; a writable root keeps the rest.
+        self.recycles() && !self.host.config().images.writable_root
     }
 
     async fn scrub(&self, vm: &mut Vm) -> Result<(), PoolError> {

@@ -304,3 +304,72 @@ async fn files_on_a_bare_root(vm: &Vm) -> anyhow::Result<()> {
     ensure!(agent.stat("data").await.is_err(), "data was not removed");
     Ok(())
 }
+
+/// An image with a writable root and passwordless sudo (`base-sudo`, the
+/// E2B front end's `base`): the user becomes root with `sudo`; root writes
+/// anywhere, deletes a file of the image and installs a package; the next
+/// claim of the same VM (a snapshot reset) finds none of it. The pool
+/// refuses `rollback` for such an image (it would detach the disk the root
+/// lives on) and never scrubs its VMs (a scrub would leave the root dirty).
+pub async fn a_writable_root_is_reset_with_the_vm(state_dir: &Path) -> anyhow::Result<()> {
+    use ember_pool::config::{PoolConfig, ReplenishMode, ResetMode};
+    use ember_pool::pool::{Backend as _, Pool, VmBackend};
+    use std::sync::Arc;
+    let mut c = config_for("base-sudo", state_dir)?;
+    c.channel = ember_channel::ChannelChoice::Serial;
+    ensure!(c.images.writable_root, "base-sudo's image.json does not say writable_root");
+    let memory_mb = c.memory_mb;
+    let host = VmHost::new(c, false)?;
+    let refused =
+        VmBackend::new(Arc::clone(&host), ResetMode::Rollback, ReplenishMode::Boot).err().unwrap_or_default();
+    ensure!(refused.contains("its root is writable"), "rollback was not refused: {refused:?}");
+    // Booted, not restored from a template: a VM restored from the shared
+    // template is used once, and this case wants the same VM back reset.
+    let backend = VmBackend::new(Arc::clone(&host), ResetMode::Auto, ReplenishMode::Boot)
+        .map_err(anyhow::Error::msg)?;
+    ensure!(backend.mode() == ResetMode::Snapshot, "reset mode {:?}", backend.mode());
+    ensure!(!backend.scrubs(), "a writable root's VMs must not be scrubbed");
+    let cfg = PoolConfig {
+        min_size: 1,
+        max_size: 1,
+        target_free: 0,
+        claim_timeout: Duration::from_secs(120),
+        drain_timeout: Duration::from_secs(5),
+        max_host_cpu: None,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::start(backend, cfg, memory_mb);
+    let checked = async {
+        let lease = pool.claim().await?;
+        let first = lease.id().to_string();
+        ensure_eq!(stdout(&lease, "id -u; sudo -n id -u").await?, "1000\n0\n");
+        let root = stdout(&lease, "grep ' / ' /proc/mounts").await?;
+        ensure!(root.starts_with("overlay / overlay "), "the root is not the overlay: {root}");
+        let denied = super::run(&lease, "touch /usr/local/bin/mine 2>&1").await?;
+        ensure!(denied.status.code != Some(0), "the user (not root) wrote to /usr/local/bin");
+        // A package built here and installed with dpkg: what `sudo apt-get
+        // install` does once it has downloaded (the tests stay offline).
+        let install = "set -e; mkdir -p /tmp/p/DEBIAN /tmp/p/usr/bin\n\
+            printf 'Package: hello-ember\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: t <t@t>\\nDescription: t\\n' >/tmp/p/DEBIAN/control\n\
+            printf '#!/bin/sh\\necho hello from a package\\n' >/tmp/p/usr/bin/hello-ember\n\
+            chmod 755 /tmp/p/usr/bin/hello-ember\n\
+            dpkg-deb --build --root-owner-group /tmp/p /tmp/h.deb >/dev/null\n\
+            sudo dpkg -i /tmp/h.deb >/dev/null\n\
+            hello-ember\n\
+            sudo sh -c 'echo dirty >/etc/marker && rm /usr/bin/jq'\n\
+            cat /etc/marker; command -v jq || echo no jq";
+        ensure_eq!(stdout(&lease, install).await?, "hello from a package\ndirty\nno jq\n");
+        lease.release().await;
+        let lease = pool.claim().await?;
+        ensure_eq!(lease.id(), first.as_str());
+        let after = "for f in /etc/marker /usr/bin/hello-ember; do test -e $f && echo left $f; done\n\
+            command -v jq; dpkg -s hello-ember >/dev/null 2>&1 && echo still installed; true";
+        ensure_eq!(stdout(&lease, after).await?, "/usr/bin/jq\n");
+        lease.release().await;
+        Ok(())
+    }
+    .await;
+    pool.shutdown().await;
+    host.close().await;
+    checked
+}

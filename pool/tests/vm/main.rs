@@ -288,6 +288,12 @@ async fn suite(report: &mut Report) -> anyhow::Result<()> {
                 Box::pin(images::a_busybox_only_root_serves_its_files(&state_dir)),
             )
             .await;
+        report
+            .run(
+                "image_writable_root_is_reset_with_the_vm",
+                Box::pin(images::a_writable_root_is_reset_with_the_vm(&state_dir)),
+            )
+            .await;
 
         let pool_cases = [
             "pool_reset_leaves_nothing_behind [snapshot]",

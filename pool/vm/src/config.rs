@@ -168,6 +168,7 @@ mod tests {
             initrd: "i".into(),
             rootfs: "r".into(),
             scratch: "s".into(),
+            writable_root: false,
         });
         assert!(c.validate().is_ok());
         c.memory_mb = 64;

@@ -24,6 +24,11 @@ try {
   await assert.rejects(sb.commands.run('exit 7'), (e) => e instanceof CommandExitError && e.exitCode === 7)
   step('commands')
 
+  // The base template: sudo without a password, a root code may write to.
+  const root = await sb.commands.run("sudo -n sh -c 'echo from-js > /opt/js-mark' && cat /opt/js-mark && id -un")
+  assert.equal(root.stdout, 'from-js\nember\n')
+  step('sudo and a writable root')
+
   const bg = await sb.commands.run('sleep 60', { background: true })
   const listed = await sb.commands.list()
   assert.ok(listed.some((p) => p.pid === bg.pid), JSON.stringify(listed))
