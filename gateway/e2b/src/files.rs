@@ -23,7 +23,7 @@ use sha2::{Digest as _, Sha256};
 use crate::control::TOKEN_KEY;
 use crate::sandbox::Found;
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "code": status.as_u16(), "message": message.into() });
     (status, axum::Json(body)).into_response()
 }
@@ -50,6 +50,11 @@ pub struct Query {
     pub username: Option<String>,
     pub signature: Option<String>,
     pub signature_expiration: Option<u64>,
+}
+
+/// Whether a `/files` query carries a signature (of a signed URL).
+pub fn signed(query: Option<&str>) -> bool {
+    serde_urlencoded::from_str::<Query>(query.unwrap_or("")).is_ok_and(|q| q.signature.is_some())
 }
 
 /// What a signed URL's signature must be (the SDKs' `get_signature`).

@@ -45,6 +45,27 @@ pub async fn envd_files<B: Backend>(
     }
 }
 
+/// A `/files` request that names no sandbox but is signed
+/// ([`files::signed`]; a signed URL made on a shared `E2B_SANDBOX_URL`):
+/// served for the sandbox whose token signed it, else a 401.
+pub async fn signed_files<B: Backend>(
+    state: &AppState<B>,
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let q: files::Query = match serde_urlencoded::from_str(query.unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return files::error(StatusCode::BAD_REQUEST, format!("query: {e}")),
+    };
+    let op = if method == Method::GET { "read" } else { "write" };
+    match sandbox::signed_by(state, op, &q) {
+        Some(id) => envd_files(state, &id, method, query, headers, body).await,
+        None => files::error(StatusCode::UNAUTHORIZED, "no sandbox's access token signed this URL"),
+    }
+}
+
 /// A request for the code interpreter (port 49999) of sandbox `id`: no
 /// token (E2B's SDK sends none on `/contexts`), the random id reaches it.
 pub async fn code_interpreter<B: Backend>(

@@ -64,6 +64,23 @@ pub fn find<B: Backend>(state: &AppState<B>, id: &str, headers: &HeaderMap) -> R
     find_checked(state, id, Some(headers))
 }
 
+/// The sandbox whose access token signed a `/files` URL that names no
+/// sandbox: the SDKs' `download_url`/`upload_url` on a shared
+/// `E2B_SANDBOX_URL` carry only the path, the operation and the signature.
+/// Each sandbox's token is tried (a SHA-256 each, no `/proc` read); a
+/// signature matches one token only, unless SHA-256 collides.
+pub fn signed_by<B: Backend>(state: &AppState<B>, op: &str, q: &crate::files::Query) -> Option<String> {
+    let (sig, path) = (q.signature.as_deref()?, q.path.as_deref()?);
+    let user = q.username.as_deref().unwrap_or("");
+    state.pools.iter().flat_map(|(_, pool)| pool.sessions_labelled(TOKEN_KEY)).find_map(|(key, token)| {
+        let want = crate::files::signature(path, op, user, &token, q.signature_expiration);
+        same(sig, &want).then(|| match key.split_once(ember_service::tenant::SEPARATOR) {
+            Some((_, id)) => id.to_string(),
+            None => key,
+        })
+    })
+}
+
 /// Sandbox `id` for a request to one of its own ports (not envd's): E2B
 /// sends no token there (the code interpreter's `/contexts` has none); the
 /// random 20-character id is what reaches it, as on E2B.

@@ -37,7 +37,20 @@ fn app(dir: &std::path::Path, keyed: bool) -> (Router, Option<String>) {
         key = Some(keys::create(&path, "team", false, Default::default()).unwrap());
         state = state.with_keys(Arc::new(KeyStore::open(&path).unwrap()), Default::default());
     }
-    (router(state), key)
+    (e2b_router(state), key)
+}
+
+/// The router with `[e2b]` as shipped, except that `base` names the one
+/// image these pools serve (`default`; shipped, it is `base-sudo`).
+fn e2b_router<B: Backend>(state: AppState<B>) -> Router
+where
+    B::Vm: AgentVm,
+{
+    let mut e2b = ember_e2b::control::E2bConfig::default();
+    e2b.templates.insert("base".into(), "default".into());
+    let access =
+        crate::auth::Access { keys: state.keys.clone(), e2b: Some(Arc::new(e2b)), ..Default::default() };
+    router_with(state, access)
 }
 
 async fn call(
@@ -238,7 +251,7 @@ mod envd_on_the_real_agent {
         };
         let pool = Pool::start(agents, pool, 256);
         let state = AppState::new(crate::pools::Pools::single(pool), Limits::default(), Functions::default());
-        let app = router(state);
+        let app = e2b_router(state);
         let (status, created, _) =
             call(&app, None, "POST", "/v2/sandboxes", Some(json!({"templateID": "base"}))).await;
         assert_eq!(status, 201, "{created}");
@@ -508,5 +521,19 @@ mod envd_on_the_real_agent {
             .replace('/', "%2F");
         let (s, _) = status(get(&sb.id, None, &format!("/files?path=x&signature={sig}"))).await;
         assert_eq!(s, 404, "signed, and the file is missing");
+        // Without any sandbox header (a signed URL on a shared
+        // E2B_SANDBOX_URL): the sandbox whose token signed it.
+        let bare = |q: &str| Request::get(format!("/files?{q}")).body(Body::empty()).unwrap();
+        let (s, _) = status(bare(&format!("path=x&signature={sig}"))).await;
+        assert_eq!(s, 404, "found by its signature, and the file is missing");
+        let (s, body) = status(bare("path=x&signature=v1_forged")).await;
+        assert!(s == 401 && String::from_utf8_lossy(&body).contains("signed"), "{s}");
+        // Signed for reading, not writing: no sandbox's token signed a write.
+        let (s, _) =
+            status(Request::post(format!("/files?path=x&signature={sig}")).body(Body::empty()).unwrap())
+                .await;
+        assert_eq!(s, 401);
+        // Without a signature, `/files` is not the sandbox plane's.
+        assert_eq!(status(bare("path=x")).await.0, 404);
     }
 }

@@ -3,7 +3,9 @@
 //! (`E2b-Sandbox-Id`, or `Host: <port>-<id>.<domain>`) goes to envd's
 //! emulation for port 49983 and to the session's port proxy for any other;
 //! everything else goes on to Ember's routes. It needs no API key (the
-//! SDKs send none there): envd checks the sandbox's access token.
+//! SDKs send none there): envd checks the sandbox's access token. A
+//! `/files` request with a signature and no sandbox (a signed URL made on a
+//! shared `E2B_SANDBOX_URL`) goes to the sandbox whose token signed it.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -27,6 +29,12 @@ pub async fn sandbox_plane<B: Backend>(
 ) -> Response {
     let target = match route::target(req.headers()) {
         Ok(Some(t)) => t,
+        Ok(None) if req.uri().path() == "/files" && ember_e2b::files::signed(req.uri().query()) => {
+            // A signed URL on a shared E2B_SANDBOX_URL names no sandbox.
+            let (parts, body) = req.into_parts();
+            return ember_e2b::signed_files(&state, &parts.method, parts.uri.query(), &parts.headers, body)
+                .await;
+        }
         Ok(None) => return next.run(req).await,
         Err(msg) => return e2b_error(StatusCode::BAD_REQUEST, msg),
     };

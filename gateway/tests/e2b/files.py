@@ -1,9 +1,11 @@
 """The real e2b Python SDK against Ember's envd emulation: a sandbox's files
 (write and read as text and bytes, multipart and octet-stream uploads,
-list with depth, exists, get_info, rename, make_dir, remove, errors).
+list with depth, exists, get_info, rename, make_dir, remove, signed URLs, errors).
 Prints one line per step; any failure raises (non-zero exit)."""
 
 import io
+
+import httpx
 
 from e2b import Sandbox
 from e2b.exceptions import NotFoundException
@@ -69,6 +71,28 @@ try:
     assert sb.files.exists("made") is False
     sb.files.remove("never/was/here")
     step("remove (recursive, a missing path is fine)")
+
+    # Signed URLs: fetched with no header at all, as a browser or curl
+    # would; on a shared E2B_SANDBOX_URL they name no sandbox, so Ember
+    # finds the one whose access token signed them.
+    sb.files.write("shared/report.txt", "signed content\n")
+    url = sb.download_url("shared/report.txt")
+    assert "signature=v1_" in url, url
+    r = httpx.get(url)
+    assert (r.status_code, r.text) == (200, "signed content\n"), (r.status_code, r.text)
+    assert httpx.get(sb.download_url("shared/report.txt", use_signature_expiration=120)).text == "signed content\n"
+    forged = url.replace("signature=v1_", "signature=v1_A")
+    assert httpx.get(forged).status_code == 401, "a forged signature was accepted"
+    unsigned = url.split("&signature=")[0].split("?signature=")[0]
+    assert httpx.get(unsigned).status_code in (401, 404), "an unsigned URL was served"
+    up = sb.upload_url("shared/uploaded.txt")
+    r = httpx.post(up, files={"file": ("uploaded.txt", b"sent by a signed url\n")})
+    assert r.status_code == 200, (r.status_code, r.text)
+    assert sb.files.read("shared/uploaded.txt") == "sent by a signed url\n"
+    r = httpx.post(url, files={"file": ("report.txt", b"overwrite")})
+    assert r.status_code == 401, "a read-signed URL wrote"
+    assert sb.files.read("shared/report.txt") == "signed content\n"
+    step("signed download_url and upload_url")
 
     for op in (lambda: sb.files.read("no/such/file"), lambda: sb.files.list("no/such/dir"),
                lambda: sb.files.rename("no/such", "x"), lambda: sb.files.get_info("no/such")):

@@ -1,7 +1,7 @@
 """The real e2b Python SDK against Ember: directory watches (the sync SDK's
 polling watcher and the async SDK's WatchDir stream) and a sandbox's ports
 through both routing forms (the E2b-Sandbox-* headers, and a Host of
-<port>-<id>.<domain>). Prints one line per step; any failure raises."""
+<port>-<id>.<domain>), HTTP and WebSocket. Prints one line per step; any failure raises."""
 
 import asyncio
 import os
@@ -26,6 +26,67 @@ def wait_for(what, probe, within=15):
             return got
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+# A WebSocket echo server in Python's standard library (the image has no
+# websockets package); plain GETs get "plain".
+WS_ECHO = r"""
+import base64, hashlib, http.server, struct
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() != "websocket":
+            self.send_response(200); self.send_header("Content-Length", "6"); self.end_headers()
+            self.wfile.write(b"plain\n"); return
+        key = self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket"); self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", base64.b64encode(hashlib.sha1(key.encode()).digest()).decode())
+        self.end_headers(); self.wfile.flush()
+        h = self.rfile.read(2)
+        n = h[1] & 127
+        mask = self.rfile.read(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
+        self.wfile.write(bytes([0x81, len(data)]) + data); self.wfile.flush()
+        self.close_connection = True
+http.server.ThreadingHTTPServer(("127.0.0.1", 8765), H).serve_forever()
+"""
+
+
+def ws_echo(headers, message):
+    """One text frame (under 126 bytes) to the guest's echo server through
+    Ember, with a client written out: the handshake, a masked frame, the
+    echoed frame back."""
+    import base64
+    import hashlib
+    import socket
+
+    u = urlparse(base)
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = ["GET / HTTP/1.1", "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+             "Sec-WebSocket-Version: 13"]
+    if "Host" not in headers:
+        lines.append(f"Host: {u.netloc}")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    with socket.create_connection((u.hostname, u.port), timeout=15) as c:
+        c.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = c.recv(1)
+            assert chunk, f"closed during the handshake: {head!r}"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        assert b"sec-websocket-accept: " + accept.lower() in head.lower(), head
+        mask = os.urandom(4)
+        c.sendall(bytes([0x81, 0x80 | len(message)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(message)))
+        got = b""
+        while len(got) < 2 or len(got) < 2 + got[1]:
+            chunk = c.recv(4096)
+            assert chunk, f"closed before the echo: {got!r}"
+            got += chunk
+        assert got[0] == 0x81, got
+        return got[2:2 + got[1]]
 
 
 base = os.environ["E2B_SANDBOX_URL"]
@@ -85,6 +146,14 @@ try:
     assert status == 502, status
     server.kill()
     step(f"ports by headers and by Host ({host})")
+
+    sb.files.write("ws_echo.py", WS_ECHO)
+    sb.commands.run("python3 ws_echo.py", background=True)
+    by_host = {"Host": sb.get_host(8765)}
+    wait_for("the guest's WebSocket server", lambda: fetch(by_host, "/")[0] == 200)
+    for headers in (by_host, {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "8765"}):
+        assert ws_echo(headers, b"through the sandbox plane") == b"through the sandbox plane"
+    step("a WebSocket by Host and by headers")
 finally:
     sb.kill()
 assert fetch({"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "8000"})[0] == 502

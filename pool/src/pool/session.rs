@@ -427,6 +427,16 @@ impl<B: Backend> Pool<B> {
         self.inner.lock().sessions.keys().cloned().collect()
     }
 
+    /// Every session with metadata `label`: its key and that value (read
+    /// under the lock, no figures).
+    pub fn sessions_labelled(&self, label: &str) -> Vec<(String, String)> {
+        let st = self.inner.lock();
+        st.sessions
+            .iter()
+            .filter_map(|(k, slot)| slot.spec.metadata.get(label).map(|v| (k.clone(), v.clone())))
+            .collect()
+    }
+
     /// Session `key` as it is now, if this pool has it.
     pub fn session_info(&self, key: &str) -> Option<SessionInfo> {
         let slot = self.inner.lock().sessions.get(key).cloned()?;
