@@ -28,29 +28,9 @@ def wait_for(what, probe, within=15):
         time.sleep(0.2)
 
 
-# A WebSocket echo server in Python's standard library (the image has no
-# websockets package); plain GETs get "plain".
-WS_ECHO = r"""
-import base64, hashlib, http.server, struct
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        if self.headers.get("Upgrade", "").lower() != "websocket":
-            self.send_response(200); self.send_header("Content-Length", "6"); self.end_headers()
-            self.wfile.write(b"plain\n"); return
-        key = self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-        self.send_response(101)
-        self.send_header("Upgrade", "websocket"); self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", base64.b64encode(hashlib.sha1(key.encode()).digest()).decode())
-        self.end_headers(); self.wfile.flush()
-        h = self.rfile.read(2)
-        n = h[1] & 127
-        mask = self.rfile.read(4)
-        data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
-        self.wfile.write(bytes([0x81, len(data)]) + data); self.wfile.flush()
-        self.close_connection = True
-http.server.ThreadingHTTPServer(("127.0.0.1", 8765), H).serve_forever()
-"""
+# The guest's WebSocket echo server, shared with the HTTP suite.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ws_echo.py")) as f:
+    WS_ECHO = f.read()
 
 
 def ws_echo(headers, message):
