@@ -65,6 +65,10 @@ pub enum PoolError {
     SessionLost { key: String, reason: String },
     #[error("session {key:?} already exists")]
     SessionExists { key: String },
+    /// A call for a session that must exist found none (it was never
+    /// opened, or it ended). The gateway answers 404.
+    #[error("no session {key:?}")]
+    NoSession { key: String },
     #[error("too many paused sessions (limit {limit})")]
     PausedLimit { limit: usize },
     #[error("pause: {0}")]

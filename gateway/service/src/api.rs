@@ -139,6 +139,11 @@ pub struct Invocation {
     pub image: Option<String>,
     /// The network it gets; `None`: none (or, in a session, what it has).
     pub network: Option<ember_net::Policy>,
+    /// Whether a call for a session that does not exist opens it (the
+    /// HTTP API's way), or is refused with a 404 (MCP's, and the API's
+    /// with `X-Ember-Session-Create: false`): an agent whose session ended
+    /// must learn so, not find an empty one under the same name.
+    pub open_session: bool,
 }
 
 pub use ember_wire::CODE_DIR;
@@ -155,6 +160,7 @@ impl Invocation {
             function: None,
             image: None,
             network: None,
+            open_session: true,
         }
     }
 
@@ -323,6 +329,7 @@ impl RunRequest {
             function: None,
             image,
             network,
+            open_session: true,
         })
     }
 }

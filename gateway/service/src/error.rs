@@ -164,6 +164,7 @@ impl From<PoolError> for Error {
             PoolError::Draining => Self::draining(),
             PoolError::SessionLost { .. } => Self::new(Kind::Gone, "session_lost", msg),
             PoolError::SessionExists { .. } => Self::conflict("session_exists", msg),
+            PoolError::NoSession { .. } => Self::not_found(msg),
             PoolError::PausedLimit { .. } => Self::busy("paused_limit", msg, 5),
             PoolError::Pause(_) => Self::new(Kind::Unavailable, "pause_failed", msg),
             PoolError::Create(_) | PoolError::Reset { .. } => {

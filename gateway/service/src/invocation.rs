@@ -116,6 +116,11 @@ where
                     state.check_resume_quota(caller, full)?;
                     (image, pool)
                 }
+                None if !inv.open_session => {
+                    return Err(Error::not_found(format!(
+                        "no session {key:?} (it was never opened, or it ended)"
+                    )))
+                }
                 None => {
                     let (image, pool) = state.pools.get(inv.image.as_deref())?;
                     // The first call of a session opens it.
@@ -123,7 +128,12 @@ where
                     (image, pool)
                 }
             };
-            let lease = pool.session(full).await?;
+            // Never opened here unless asked (it may end between the look and the claim).
+            let lease = if inv.open_session {
+                pool.session(full).await?
+            } else {
+                pool.existing_session(full).await?
+            };
             drop(counted);
             for (k, v) in lease.env() {
                 inv.env.entry(k.clone()).or_insert_with(|| v.clone());

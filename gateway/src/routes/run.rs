@@ -164,6 +164,18 @@ where
     }
 }
 
+/// `X-Ember-Session-Create: false`: a call for a session that does not
+/// exist is a 404 instead of opening it (for a client that must know when
+/// its session ended). `true` or no header: the first call opens it.
+fn opens_session(headers: &HeaderMap) -> Result<bool, ApiError> {
+    match headers.get("x-ember-session-create").map(|v| v.to_str().map(str::trim)) {
+        None => Ok(true),
+        Some(Ok(v)) if v.eq_ignore_ascii_case("true") => Ok(true),
+        Some(Ok(v)) if v.eq_ignore_ascii_case("false") => Ok(false),
+        Some(_) => Err(ApiError::invalid("X-Ember-Session-Create must be true or false")),
+    }
+}
+
 const SERVER_TIMING: header::HeaderName = header::HeaderName::from_static("server-timing");
 
 fn with_id(mut resp: Response, id: &str) -> Response {
@@ -179,11 +191,15 @@ async fn invoke<B: Backend>(
     id: String,
     headers: &HeaderMap,
     session: Option<String>,
-    inv: Invocation,
+    mut inv: Invocation,
 ) -> Response
 where
     B::Vm: AgentVm,
 {
+    match opens_session(headers) {
+        Ok(open) => inv.open_session = open,
+        Err(e) => return with_id(e.into_response(), &id),
+    }
     let span = tracing::info_span!(
         "invocation",
         id = %id,

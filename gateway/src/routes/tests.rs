@@ -520,6 +520,29 @@ async fn sessions_pin_one_vm_per_key_and_end_on_delete() {
 }
 
 #[tokio::test]
+async fn session_create_false_refuses_a_session_that_does_not_exist() {
+    let f = fixture();
+    let call = |key: &str, create: &str| {
+        Request::post("/v1/run")
+            .header("x-ember-session", key)
+            .header("x-ember-session-create", create)
+            .body(Body::from(json!({ "cmd": "echo hi" }).to_string()))
+            .unwrap()
+    };
+    let a = f.send(call("ghost", "false")).await;
+    assert_eq!(a.error(), (404, "not_found".into()));
+    assert!(a.json()["error"]["message"].as_str().unwrap().contains("ended"), "{}", a.json());
+    assert!(f.get("/v1/sessions").await.json()["sessions"].as_array().unwrap().is_empty(), "nothing opened");
+    assert_eq!(f.send(call("ghost", "maybe")).await.error(), (400, "invalid_request".into()));
+    // Opened (explicitly or by a first call), the session is found.
+    assert_eq!(f.send(call("ghost", "TRUE")).await.status, 200);
+    assert_eq!(f.send(call("ghost", "false")).await.status, 200);
+    let del = Request::delete("/v1/sessions/ghost").body(Body::empty()).unwrap();
+    assert_eq!(f.send(del).await.status, 204);
+    assert_eq!(f.send(call("ghost", "false")).await.error(), (404, "not_found".into()));
+}
+
+#[tokio::test]
 async fn draining_refuses_new_work_with_503() {
     let f = fixture();
     assert_eq!(f.get("/healthz").await.status, 200);

@@ -229,6 +229,16 @@ impl<B: Backend> Pool<B> {
     /// resumed if it is paused. Waits while another call of the same
     /// session runs.
     pub async fn session(&self, key: &str) -> Result<SessionLease<B>, PoolError> {
+        self.session_lease(key, true).await
+    }
+
+    /// [`Self::session`] of a session that exists (running or paused):
+    /// never opens one; a missing key is [`PoolError::NoSession`].
+    pub async fn existing_session(&self, key: &str) -> Result<SessionLease<B>, PoolError> {
+        self.session_lease(key, false).await
+    }
+
+    async fn session_lease(&self, key: &str, open: bool) -> Result<SessionLease<B>, PoolError> {
         let existing = {
             let st = self.inner.lock();
             if st.draining {
@@ -238,7 +248,8 @@ impl<B: Backend> Pool<B> {
         };
         let slot = match existing {
             Some(slot) => slot,
-            None => self.open_session(key, SessionSpec::default(), false).await?,
+            None if open => self.open_session(key, SessionSpec::default(), false).await?,
+            None => return Err(PoolError::NoSession { key: key.into() }),
         };
         let mut guard = Arc::clone(&slot.vm).lock_owned().await;
         if guard.is_none() && slot.is_paused() {
