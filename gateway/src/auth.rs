@@ -40,6 +40,8 @@ pub struct Access {
     /// The E2B-compatible API (`[e2b]`), when on: its control plane's
     /// refusals take E2B's error shape, which its SDKs parse.
     pub e2b: Option<std::sync::Arc<ember_e2b::control::E2bConfig>>,
+    /// The MCP endpoint (`[mcp]`), when on.
+    pub mcp: Option<std::sync::Arc<ember_mcp::McpConfig>>,
 }
 
 /// Why a request is refused before any route.

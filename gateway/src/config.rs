@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub e2b: RawE2b,
+    #[serde(default)]
+    pub mcp: RawMcp,
     /// Quotas of a key that sets none of its own.
     #[serde(default)]
     pub quotas: ember_service::quotas::Quotas,
@@ -50,6 +52,27 @@ pub struct RawE2b {
     /// Template names → image names, besides `base` → `base-sudo`.
     #[serde(default)]
     pub templates: std::collections::BTreeMap<String, String>,
+}
+
+/// `[mcp]`: the MCP endpoint (`/mcp`) on Ember's listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMcp {
+    /// On by default: it costs nothing while no MCP client calls.
+    pub enabled: Option<bool>,
+    /// Host names (or `host:port`) MCP requests may carry besides loopback
+    /// ones; `[gateway] allowed_hosts` count too.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call `/mcp` (`https://app.example[:port]`);
+    /// a request with any other `Origin` is a 403.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// The most bytes of output one tool result carries (default 32768).
+    pub max_result_bytes: Option<usize>,
+    /// The idle timeout of sessions opened through MCP that name none
+    /// (default "30m"; "off" with a timeout is allowed as for any session).
+    pub session_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +221,8 @@ pub struct Config {
     pub quotas: ember_service::quotas::Quotas,
     /// `[e2b]`, when enabled.
     pub e2b: Option<ember_e2b::control::E2bConfig>,
+    /// `[mcp]`, when enabled.
+    pub mcp: Option<ember_mcp::McpConfig>,
 }
 
 impl Config {
@@ -372,6 +397,26 @@ impl RawConfig {
         if limits.max_pids < 8 {
             problems.push("limits.max_pids must be at least 8".into());
         }
+        let mcp = self.mcp.enabled.unwrap_or(true).then(|| {
+            let d = ember_mcp::McpConfig::default();
+            ember_mcp::McpConfig {
+                allowed_hosts: gateway.allowed_hosts.iter().chain(&self.mcp.allowed_hosts).cloned().collect(),
+                allowed_origins: self.mcp.allowed_origins.clone(),
+                max_result_bytes: self.mcp.max_result_bytes.unwrap_or(d.max_result_bytes),
+                max_request_bytes: limits.max_body_bytes,
+                session_idle_timeout: self.mcp.session_idle_timeout.clone().or(d.session_idle_timeout),
+            }
+        });
+        if self.mcp.max_result_bytes.is_some_and(|b| b < 1024) {
+            problems.push("mcp.max_result_bytes must be at least 1024".into());
+        }
+        for o in &self.mcp.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                problems.push(format!(
+                    "mcp.allowed_origins: {o:?} is not an origin like \"https://app.example\""
+                ));
+            }
+        }
         match pool_vm {
             Some(pv) if problems.is_empty() => {
                 let e2b = e2b.map(|e| ember_e2b::control::E2bConfig { cpu_count: pv.vm.vcpus, ..e });
@@ -389,6 +434,7 @@ impl RawConfig {
                     keys_file,
                     quotas: self.quotas,
                     e2b,
+                    mcp,
                 })
             }
             _ => Err(problems),

@@ -78,22 +78,7 @@ impl From<PoolError> for ApiError {
 /// A service error as an HTTP answer: the kind picks the status.
 impl From<ember_service::Error> for ApiError {
     fn from(e: ember_service::Error) -> Self {
-        use ember_service::Kind;
-        let status = match e.kind {
-            Kind::Invalid => StatusCode::BAD_REQUEST,
-            Kind::Forbidden => StatusCode::FORBIDDEN,
-            Kind::NotFound => StatusCode::NOT_FOUND,
-            Kind::NotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Kind::Conflict => StatusCode::CONFLICT,
-            Kind::Gone => StatusCode::GONE,
-            Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Kind::Unsupported => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Kind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
-            Kind::Busy => StatusCode::TOO_MANY_REQUESTS,
-            Kind::VmFailed => StatusCode::BAD_GATEWAY,
-            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Kind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-        };
+        let status = StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self { status, code: e.code, message: e.message, retry_after: e.retry_after }
     }
 }

@@ -85,8 +85,12 @@ pub fn router<B: Backend>(state: AppState<B>) -> Router
 where
     B::Vm: AgentVm,
 {
-    let access =
-        crate::auth::Access { keys: state.keys.clone(), e2b: Some(Default::default()), ..Default::default() };
+    let access = crate::auth::Access {
+        keys: state.keys.clone(),
+        e2b: Some(Default::default()),
+        mcp: Some(Default::default()),
+        ..Default::default()
+    };
     router_with(state, access)
 }
 
@@ -130,6 +134,12 @@ where
         .route("/v1/sessions/{key}/ports/{port}/{*path}", any(ports::path::<B>))
         .route("/v1/functions", get(info::functions::<B>))
         .route("/v1/functions/{name}", post(run::function::<B>));
+    let ember = match access.mcp.clone() {
+        Some(config) => {
+            ember.nest_service("/mcp", ember_mcp::service(state.clone(), config, state.drain_token()))
+        }
+        None => ember,
+    };
     let all = match e2b {
         Some(config) => ember.merge(ember_e2b::control::routes::<B>().layer(axum::Extension(config))),
         None => ember,

@@ -126,6 +126,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         keys: Some(Arc::clone(&keys)),
         allowed_hosts: cfg.gateway.allowed_hosts.clone(),
         allowed_origins: cfg.gateway.allowed_origins.clone(),
+        mcp: cfg.mcp.clone().map(Arc::new),
     };
     let watcher = keys.watch(Duration::from_secs(1));
     let tls = match cert {

@@ -38,6 +38,28 @@ pub enum Kind {
     NoSpace,
 }
 
+impl Kind {
+    /// The HTTP status of this kind: Ember's API answers it, and MCP tool
+    /// errors carry it.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Kind::Invalid => 400,
+            Kind::Forbidden => 403,
+            Kind::NotFound => 404,
+            Kind::NotAllowed => 405,
+            Kind::Conflict => 409,
+            Kind::Gone => 410,
+            Kind::TooLarge => 413,
+            Kind::Unsupported => 415,
+            Kind::Unprocessable => 422,
+            Kind::Busy => 429,
+            Kind::VmFailed => 502,
+            Kind::Unavailable => 503,
+            Kind::NoSpace => 507,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
     pub kind: Kind,

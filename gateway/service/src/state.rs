@@ -3,7 +3,6 @@
 //! Cheap to clone.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ember_image::ImageInfo;
@@ -33,7 +32,8 @@ pub struct AppState<B: Backend> {
     pub quotas: Arc<Quotas>,
     /// What each tenant runs now, for its quotas.
     pub tenants: Arc<Tenants>,
-    draining: Arc<AtomicBool>,
+    /// Cancelled when the drain starts.
+    draining: tokio_util::sync::CancellationToken,
 }
 
 impl<B: Backend> Clone for AppState<B> {
@@ -49,7 +49,7 @@ impl<B: Backend> Clone for AppState<B> {
             keys: self.keys.clone(),
             quotas: Arc::clone(&self.quotas),
             tenants: Arc::clone(&self.tenants),
-            draining: Arc::clone(&self.draining),
+            draining: self.draining.clone(),
         }
     }
 }
@@ -81,7 +81,7 @@ impl<B: Backend> AppState<B> {
             keys: None,
             quotas: Arc::default(),
             tenants: Arc::default(),
-            draining: Arc::default(),
+            draining: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -124,10 +124,16 @@ impl<B: Backend> AppState<B> {
 
     /// From now on new invocations are refused with 503.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.draining.cancel();
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        self.draining.is_cancelled()
+    }
+
+    /// A token cancelled when the drain starts (for front ends that hold
+    /// requests open: MCP's streams end with it).
+    pub fn drain_token(&self) -> tokio_util::sync::CancellationToken {
+        self.draining.child_token()
     }
 }
