@@ -19,15 +19,15 @@ pub enum CodeLang {
     Bash,
 }
 
-/// A network for the command or session.
+/// A network for the command or session: "none" (the default), "open" (the
+/// internet, without the host's private ranges) or "policy" (only what `allow`
+/// names: host names, CIDRs, `host:port`; minus `deny`).
+// No doc comment per variant: schemars would turn the enum into one-of consts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
-    /// No network (the default).
     None,
-    /// The internet, without the host's private ranges.
     Open,
-    /// Only what `allow` names (host names, CIDRs, `host:port`), minus `deny`.
     Policy,
 }
 

@@ -5,10 +5,12 @@
 //! ([`tools`]), each a thin mapping onto the service layer as the key's
 //! tenant.
 //!
-//! Transport: rmcp's Streamable HTTP, stateless (no MCP session is kept:
-//! the 2026-07-28 protocol has none, and legacy clients that `initialize`
-//! get none either), JSON answers that turn into an SSE stream when a tool
-//! sends progress first. The key check is Ember's own middleware in front;
+//! Transport: rmcp's Streamable HTTP. The 2026-07-28 protocol is stateless;
+//! a legacy client (`initialize`, 2025-11-25) gets a transport session
+//! (`Mcp-Session-Id`, ended after 5 minutes idle) so that its cancels reach
+//! its calls; no tool depends on it (a session of Ember is always named).
+//! Answers are SSE streams pinged every 2 s, so that a client gone
+//! mid-call is noticed and its command killed. The key check is Ember's own middleware in front;
 //! rmcp checks the Host (loopback names plus `[mcp] allowed_hosts`) and
 //! any Origin (refused unless `[mcp] allowed_origins` lists it), and caps
 //! the request body. The drain's token ends open requests.
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use ember_pool::pool::Backend;
 use ember_service::invocation::AgentVm;
 use ember_service::AppState;
-use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +65,9 @@ impl Default for McpConfig {
     }
 }
 
+/// How often an open answer stream is pinged.
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The loopback names every MCP request may carry as its Host.
 const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
@@ -71,15 +76,24 @@ pub fn service<B: Backend>(
     state: AppState<B>,
     cfg: Arc<McpConfig>,
     cancel: CancellationToken,
-) -> StreamableHttpService<EmberMcp<B>, NeverSessionManager>
+) -> StreamableHttpService<EmberMcp<B>, LocalSessionManager>
 where
     B::Vm: AgentVm,
 {
     let hosts: Vec<String> =
         LOOPBACK_HOSTS.iter().map(|h| h.to_string()).chain(cfg.allowed_hosts.iter().cloned()).collect();
     let config = StreamableHttpServerConfig::default()
-        .with_legacy_session_mode(false)
-        .with_json_response(true)
+        // Requests of the current protocol (2026-07-28) are stateless
+        // whatever this says; a legacy client (`initialize`) gets a
+        // transport session, so that its `notifications/cancelled` reaches
+        // the call it cancels. Ember's own state never hangs on it.
+        .with_legacy_session_mode(true)
+        // Answers as SSE streams with a keep-alive: a client that gives up
+        // on a call (a legacy one sends its cancel where a stateless server
+        // cannot match it) is seen gone at the next ping, and the command
+        // is killed.
+        .with_json_response(false)
+        .with_sse_keep_alive(Some(KEEP_ALIVE))
         .with_cancellation_token(cancel)
         .with_allowed_hosts(hosts)
         .with_allowed_origins(cfg.allowed_origins.clone())
@@ -87,7 +101,7 @@ where
         .with_max_request_body_bytes(cfg.max_request_bytes);
     StreamableHttpService::new(
         move || Ok(EmberMcp::new(state.clone(), Arc::clone(&cfg))),
-        Arc::new(NeverSessionManager::default()),
+        Arc::new(LocalSessionManager::default()),
         config,
     )
 }

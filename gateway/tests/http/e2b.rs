@@ -15,11 +15,21 @@ fn e2b_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b")
 }
 
-/// The venv of a pin set, made (once per set) by `sdk.sh`.
-fn venv(requirements: &str) -> anyhow::Result<PathBuf> {
-    let out = Command::new(e2b_dir().join("sdk.sh")).arg(e2b_dir().join(requirements)).output()?;
-    ensure!(out.status.success(), "sdk.sh {requirements}: {}", String::from_utf8_lossy(&out.stderr));
+/// The venv of a pin set (a requirements file), made once per set by
+/// `sdk.sh` (the E2B and the MCP tests use it).
+pub fn venv_of(requirements: &Path) -> anyhow::Result<PathBuf> {
+    let out = Command::new(e2b_dir().join("sdk.sh")).arg(requirements).output()?;
+    ensure!(
+        out.status.success(),
+        "sdk.sh {}: {}",
+        requirements.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn venv(requirements: &str) -> anyhow::Result<PathBuf> {
+    venv_of(&e2b_dir().join(requirements))
 }
 
 /// Run `script` with the SDK of `requirements` against `s`; its output.

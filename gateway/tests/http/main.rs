@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test fixtures
 
 mod e2b;
+mod mcp;
 mod readme;
 mod server;
 mod tenants;
@@ -932,6 +933,7 @@ const CASES: &[(&str, Case)] = &[
     ),
     ("the_python_sdk_drives_a_sandboxs_life", e2b::the_python_sdk_drives_a_sandboxs_life),
     ("the_js_sdk_drives_a_sandbox", e2b::the_js_sdk_drives_a_sandbox),
+    ("an_mcp_client_uses_every_tool_in_both_protocols", mcp::an_mcp_client_uses_every_tool_in_both_protocols),
     ("metrics_and_pool_status", metrics_and_pool_status),
     (
         "a_long_lived_process_replays_its_output_minutes_later",
