@@ -133,6 +133,14 @@ pub fn two_tenants_with_keys_on_a_server_of_their_own(_: &Server) -> anyhow::Res
     }
     let read = call(&s, &alice, "GET", "/v1/sessions/demo/files/secret.txt", None)?;
     ensure!(read.status == 200 && read.body == b"alice only", "alice's session was touched: {read:?}");
+    // The same through MCP: keys as bearer tokens, tenants apart.
+    let out = crate::mcp::run_client(
+        &s,
+        "auth.py",
+        &[],
+        &[("KEY_A", &alice), ("KEY_B", &bob), ("SESSION", "demo")],
+    )?;
+    ensure!(out.trim_end().ends_with("ok done"), "{out}");
     // The session header runs bob's call in a "demo" of his own.
     let auth = format!("authorization: Bearer {bob}");
     let r = s.post(
