@@ -34,6 +34,7 @@ pub enum Network {
 /// A file put into the workspace before the command runs.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct FileArg {
     /// Relative to the home directory (/home/ember); `..` is refused.
     pub path: String,
@@ -45,6 +46,7 @@ pub struct FileArg {
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct RunArgs {
     /// A shell command line, run by /bin/sh -c. Give exactly one of cmd, argv and code.
     pub cmd: Option<String>,
@@ -97,6 +99,47 @@ pub fn policy(
     }
 }
 
+/// Optional fields as plain types: `"type": "string"`, not `["string",
+/// "null"]`, and no `null` among enum values or `anyOf` branches. A tool's
+/// optional argument is left out, never null; and some model providers
+/// refuse type lists in function schemas.
+pub fn plain_optionals(schema: &mut schemars::Schema) {
+    fn walk(v: &mut serde_json::Value) {
+        use serde_json::Value;
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::Array(types)) = m.get("type") {
+                    let rest: Vec<Value> = types.iter().filter(|t| *t != "null").cloned().collect();
+                    if rest.len() == 1 {
+                        m.insert("type".into(), rest[0].clone());
+                    }
+                }
+                if let Some(Value::Array(values)) = m.get_mut("enum") {
+                    values.retain(|x| !x.is_null());
+                }
+                let null = serde_json::json!({"type": "null"});
+                if let Some(Value::Array(any)) = m.get("anyOf") {
+                    let rest: Vec<Value> = any.iter().filter(|b| **b != null).cloned().collect();
+                    if rest.len() == 1 {
+                        m.remove("anyOf");
+                        if let Value::Object(inner) = &rest[0] {
+                            for (k, x) in inner {
+                                m.entry(k.clone()).or_insert_with(|| x.clone());
+                            }
+                        }
+                    }
+                }
+                m.values_mut().for_each(walk);
+            }
+            Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    if let Some(m) = schema.as_object_mut() {
+        m.values_mut().for_each(walk);
+    }
+}
+
 impl RunArgs {
     /// The session named, and the run request the service checks.
     pub fn into_request(self) -> Result<(Option<String>, RunRequest), String> {
@@ -139,6 +182,7 @@ impl RunArgs {
 /// A session, by the key session_create gave.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct SessionArg {
     /// The session's key.
     pub session: String,
@@ -146,6 +190,7 @@ pub struct SessionArg {
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct SessionCreateArgs {
     /// Its key (1-64 of A-Z a-z 0-9 - _ .); a new UUID when absent.
     pub key: Option<String>,
@@ -188,6 +233,7 @@ impl SessionCreateArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct ForkArgs {
     /// The session to copy (memory, processes, files).
     pub session: String,
@@ -197,6 +243,7 @@ pub struct ForkArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct TimeoutArgs {
     pub session: String,
     /// The session now ends this long from now, e.g. "2h".
@@ -205,6 +252,7 @@ pub struct TimeoutArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct ProcessStartArgs {
     pub session: String,
     /// A shell command line. Give cmd or argv.
@@ -235,6 +283,7 @@ impl ProcessStartArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct ProcessOutputArgs {
     pub session: String,
     pub pid: u32,
@@ -248,6 +297,7 @@ pub struct ProcessOutputArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct StdinArgs {
     pub session: String,
     pub pid: u32,
@@ -261,6 +311,7 @@ pub struct StdinArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct SignalArgs {
     pub session: String,
     pub pid: u32,
@@ -270,6 +321,7 @@ pub struct SignalArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct FileReadArgs {
     pub session: String,
     /// Relative to /home/ember, or absolute.
@@ -282,6 +334,7 @@ pub struct FileReadArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct FileWriteArgs {
     pub session: String,
     /// Relative to /home/ember, or absolute; parent directories are made.
@@ -294,6 +347,7 @@ pub struct FileWriteArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct FileListArgs {
     pub session: String,
     /// A directory (default: /home/ember).
@@ -304,6 +358,7 @@ pub struct FileListArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct FileDeleteArgs {
     pub session: String,
     pub path: String,
@@ -313,6 +368,7 @@ pub struct FileDeleteArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = plain_optionals)]
 pub struct FileEditArgs {
     pub session: String,
     pub path: String,
@@ -387,6 +443,23 @@ mod tests {
             Ok(Some(RawPolicy::Egress { .. }))
         ));
         assert!(policy(Some(Network::Open), Some(vec!["x".into()]), None).unwrap_err().contains("policy"));
+    }
+
+    #[test]
+    fn optional_arguments_are_plain_types_in_the_schema() {
+        for schema in [
+            serde_json::to_value(schemars::schema_for!(RunArgs)).unwrap(),
+            serde_json::to_value(schemars::schema_for!(SessionCreateArgs)).unwrap(),
+            serde_json::to_value(schemars::schema_for!(ProcessOutputArgs)).unwrap(),
+        ] {
+            let text = schema.to_string();
+            assert!(!text.contains("\"null\""), "{text}");
+            assert!(!text.contains("oneOf"), "{text}");
+        }
+        let run = serde_json::to_value(schemars::schema_for!(RunArgs)).unwrap();
+        assert_eq!(run["properties"]["cmd"]["type"], "string");
+        assert_eq!(run["properties"]["argv"]["type"], "array");
+        assert_eq!(run["properties"]["files"]["items"]["$ref"], "#/$defs/FileArg");
     }
 
     #[test]

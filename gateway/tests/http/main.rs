@@ -934,6 +934,7 @@ const CASES: &[(&str, Case)] = &[
     ("the_python_sdk_drives_a_sandboxs_life", e2b::the_python_sdk_drives_a_sandboxs_life),
     ("the_js_sdk_drives_a_sandbox", e2b::the_js_sdk_drives_a_sandbox),
     ("an_mcp_client_uses_every_tool_in_both_protocols", mcp::an_mcp_client_uses_every_tool_in_both_protocols),
+    ("the_mcp_inspector_cli_lists_and_calls_tools", mcp::the_mcp_inspector_cli_lists_and_calls_tools),
     ("metrics_and_pool_status", metrics_and_pool_status),
     (
         "a_long_lived_process_replays_its_output_minutes_later",

@@ -201,7 +201,17 @@ pub fn two_tenants_with_keys_on_a_server_of_their_own(_: &Server) -> anyhow::Res
     // A paused session keeps its tenant across a restart.
     let paused = call(&s, &alice, "POST", "/v1/sessions/demo/pause", Some(""))?;
     ensure!(paused.status == 200 && paused.json()?["state"] == "paused", "{paused:?}");
+    // The drain ends an MCP long-poll that is open (here: 30 s of wait).
+    let mut poll = crate::mcp::spawn_client(&s, "drain.py", &[("KEY_A", &alice)])?;
+    poll.wait_for_line("waiting", Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
     first.stop(Duration::from_secs(60))?;
+    println!("    drained with an MCP long-poll open in {:.1} s", t.elapsed().as_secs_f64());
+    let ended = poll.wait_for_line("ended", Duration::from_secs(30))?;
+    let secs: f64 = ended.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("seconds")?;
+    ensure!(secs < 20.0, "the long-poll outlived the drain: {ended}");
+    println!("    the long-poll {ended}");
     let second = start()?;
     let s = Server::attach(&second.url(), dir.path())?;
     ensure!(

@@ -73,6 +73,7 @@ async def main():
         for t in tools.values():
             assert t.input_schema["type"] == "object" and t.description, t.name
             assert "oneOf" not in str(t.input_schema), f"{t.name}: oneOf in its schema"
+            assert "'null'" not in str(t.input_schema), f"{t.name}: a nullable type in its schema"
         assert {"cmd", "argv", "code", "session"} <= set(tools["run"].input_schema["properties"])
         for name in ("images_list", "file_read", "process_output", "session_list"):
             assert tools[name].annotations.read_only_hint is True, name
