@@ -14,6 +14,11 @@ have() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok ins
 for p in busybox-static cpio curl debootstrap e2fsprogs file gzip jq tar; do
     have "$p" || need_apt+=("$p")
 done
+# The cluster's etcd client (etcd-client crate) is built from etcd's .proto
+# files: protoc and the well-known types it imports.
+for p in protobuf-compiler libprotobuf-dev; do
+    have "$p" || need_apt+=("$p")
+done
 if $for_tests; then
     # bubblewrap: the load tests' container-style baseline.
     have bubblewrap || need_apt+=(bubblewrap)
@@ -23,6 +28,10 @@ if $for_tests; then
     # Networking ([network] enabled): namespaces and TAPs, the VMs' rules,
     # their resolvers; sysctl for forwarding.
     for p in iproute2 nftables dnsmasq-base procps; do
+        have "$p" || need_apt+=("$p")
+    done
+    # The cluster suite runs a real etcd (Debian's 3.4; etcdctl too).
+    for p in etcd-server etcd-client; do
         have "$p" || need_apt+=("$p")
     done
     # The E2B tests run the real e2b SDKs from a venv (gateway/tests/e2b/sdk.sh):

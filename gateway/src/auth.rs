@@ -24,7 +24,7 @@ use crate::error::ApiError;
 /// Paths anyone may ask.
 const PUBLIC: &[&str] = &["/healthz", "/readyz"];
 /// Paths only an admin key may ask.
-const ADMIN: &[&str] = &["/metrics", "/v1/pool"];
+const ADMIN: &[&str] = &["/metrics", "/v1/pool", "/v1/cluster"];
 
 /// What the middleware checks against.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +42,8 @@ pub struct Access {
     pub e2b: Option<std::sync::Arc<ember_e2b::control::E2bConfig>>,
     /// The MCP endpoint (`[mcp]`), when on.
     pub mcp: Option<std::sync::Arc<ember_mcp::McpConfig>>,
+    /// This node's membership of a cluster (`[cluster]`), when on.
+    pub cluster: Option<std::sync::Arc<ember_cluster::Membership>>,
 }
 
 /// Why a request is refused before any route.

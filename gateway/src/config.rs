@@ -35,6 +35,8 @@ pub struct RawConfig {
     pub e2b: RawE2b,
     #[serde(default)]
     pub mcp: RawMcp,
+    #[serde(default)]
+    pub cluster: RawCluster,
     /// Quotas of a key that sets none of its own.
     #[serde(default)]
     pub quotas: ember_service::quotas::Quotas,
@@ -52,6 +54,32 @@ pub struct RawE2b {
     /// Template names → image names, besides `base` → `base-sudo`.
     #[serde(default)]
     pub templates: std::collections::BTreeMap<String, String>,
+}
+
+/// `[cluster]`: many hosts as one Ember, on etcd. Absent (or `enabled =
+/// false`): single-host, exactly as without it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// On when the section names `etcd` endpoints, unless this says false.
+    pub enabled: Option<bool>,
+    /// This node's name (default: the host name).
+    pub node: Option<String>,
+    /// The address peers reach this node at, `host:port` (default: the
+    /// listen address).
+    pub advertise: Option<String>,
+    /// etcd's client endpoints, `http://host:port`.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// The node's lease (default 5s); a lost node is gone about this long after.
+    #[serde(default, with = "humantime_serde")]
+    pub lease_ttl: Option<Duration>,
+    /// A file holding the secret node-to-node requests are signed with.
+    pub secret_file: Option<PathBuf>,
+}
+
+fn host_name() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "ember".into())
 }
 
 /// `[mcp]`: the MCP endpoint (`/mcp`) on Ember's listener.
@@ -223,6 +251,8 @@ pub struct Config {
     pub e2b: Option<ember_e2b::control::E2bConfig>,
     /// `[mcp]`, when enabled.
     pub mcp: Option<ember_mcp::McpConfig>,
+    /// `[cluster]`, when on.
+    pub cluster: Option<ember_cluster::ClusterConfig>,
 }
 
 impl Config {
@@ -397,6 +427,36 @@ impl RawConfig {
         if limits.max_pids < 8 {
             problems.push("limits.max_pids must be at least 8".into());
         }
+        let cluster = match self.cluster.enabled.unwrap_or(!self.cluster.etcd.is_empty()) {
+            false => None,
+            true => {
+                let secret = match &self.cluster.secret_file {
+                    None => None,
+                    Some(f) => match std::fs::read_to_string(f) {
+                        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                        Ok(_) => {
+                            problems.push(format!("cluster.secret_file {}: empty", f.display()));
+                            None
+                        }
+                        Err(e) => {
+                            problems.push(format!("cluster.secret_file {}: {e}", f.display()));
+                            None
+                        }
+                    },
+                };
+                let c = ember_cluster::ClusterConfig {
+                    node: self.cluster.node.clone().unwrap_or_else(host_name),
+                    advertise: self.cluster.advertise.clone().unwrap_or_default(),
+                    etcd: self.cluster.etcd.clone(),
+                    lease_ttl: self.cluster.lease_ttl.unwrap_or(Duration::from_secs(5)),
+                    secret,
+                };
+                if let Err(p) = c.check() {
+                    problems.extend(p);
+                }
+                Some(c)
+            }
+        };
         let mcp = self.mcp.enabled.unwrap_or(true).then(|| {
             let d = ember_mcp::McpConfig::default();
             ember_mcp::McpConfig {
@@ -435,6 +495,7 @@ impl RawConfig {
                     quotas: self.quotas,
                     e2b,
                     mcp,
+                    cluster,
                 })
             }
             _ => Err(problems),

@@ -50,6 +50,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/mcp"),
     ("DELETE", "/mcp"),
     ("GET", "/v1/pool"),
+    ("GET", "/v1/cluster"),
     ("GET", "/v1/images"),
     ("GET", "/v1/sessions"),
     ("POST", "/v1/sessions"),
@@ -111,6 +112,13 @@ where
         .route("/metrics", get(info::metrics::<B>))
         .route("/v1/run", post(run::run::<B>))
         .route("/v1/pool", get(info::pool::<B>))
+        .route(
+            "/v1/cluster",
+            get({
+                let cluster = access.cluster.clone();
+                move || info::cluster(cluster.clone())
+            }),
+        )
         .route("/v1/images", get(info::images::<B>))
         .route("/v1/sessions", get(sessions::list::<B>).post(sessions::open::<B>))
         .route("/v1/sessions/{key}", get(sessions::show::<B>).delete(sessions::end::<B>))

@@ -127,6 +127,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         allowed_hosts: cfg.gateway.allowed_hosts.clone(),
         allowed_origins: cfg.gateway.allowed_origins.clone(),
         mcp: cfg.mcp.clone().map(Arc::new),
+        cluster: None,
     };
     let watcher = keys.watch(Duration::from_secs(1));
     let tls = match cert {
@@ -169,7 +170,7 @@ async fn serve_images(
     front: Front,
     network: Option<Arc<Network>>,
 ) -> anyhow::Result<()> {
-    let Front { listener, access, tls } = front;
+    let Front { listener, mut access, tls } = front;
     let addr = listener.local_addr()?;
     let budget = Arc::new(MemoryBudget::new(cfg.pool.max_memory_mb));
     let (mut pools, mut hosts) = (BTreeMap::new(), Vec::new());
@@ -213,12 +214,54 @@ async fn serve_images(
             pools.default_pool().config().min_size
         );
     }
+    // Join the cluster once the pools exist (their load is what it publishes).
+    if let Some(mut cluster) = cfg.cluster.clone() {
+        if cluster.advertise.is_empty() || cluster.advertise.ends_with(":0") {
+            cluster.advertise = addr.to_string();
+        }
+        let st = state.clone();
+        let load = Box::new(move || cluster_load(&st));
+        let m = ember_cluster::Membership::join(cluster, load).await?;
+        println!("ember: node {} joined the cluster (incarnation {})", m.node(), m.incarnation());
+        access.cluster = Some(m);
+    }
+    let member = access.cluster.clone();
+    let signal = {
+        let member = member.clone();
+        async move {
+            shutdown_signal().await;
+            // Leave placement at once; the lease goes once the drain is done.
+            if let Some(m) = member {
+                m.start_draining().await;
+            }
+        }
+    };
     tokio::spawn(announce_ready(pools.clone(), addr));
-    let served = serve(listener, state, access, cfg.gateway.conn_limits, tls, shutdown_signal()).await;
+    let served = serve(listener, state, access, cfg.gateway.conn_limits, tls, signal).await;
+    if let Some(m) = member {
+        m.leave().await;
+    }
     for host in hosts {
         host.close().await;
     }
     served
+}
+
+/// What this node publishes as its load: per image, VMs ready, VMs it could
+/// still make, sessions; calls running.
+fn cluster_load(state: &AppState<VmBackend>) -> ember_cluster::Load {
+    let images = state
+        .pools
+        .iter()
+        .map(|(name, pool)| {
+            let s = pool.status();
+            let used = s.ready + s.booting + s.claimed + s.resetting + s.sessions;
+            let free = pool.config().max_size.saturating_sub(used);
+            (name.to_string(), ember_cluster::ImageLoad { ready: s.ready, free, sessions: s.sessions })
+        })
+        .collect();
+    let running = state.limits.max_concurrent_requests.saturating_sub(state.permits.available_permits());
+    ember_cluster::Load { images, running }
 }
 
 /// Every image the configuration knows that can be served now: built ones,

@@ -107,6 +107,25 @@ pub async fn pool<B: Backend>(State(state): State<AppState<B>>) -> Response {
     Json(top).into_response()
 }
 
+/// `GET /v1/cluster`: this node, and every live member with its load as
+/// this node's watch-fed copy has them (no etcd request).
+pub async fn cluster(member: Option<std::sync::Arc<ember_cluster::Membership>>) -> Response {
+    let Some(m) = member else {
+        return Json(json!({"enabled": false, "node": null, "members": []})).into_response();
+    };
+    let view = m.view();
+    Json(json!({
+        "enabled": true,
+        "node": m.node(),
+        "incarnation": m.incarnation(),
+        "fenced": m.fenced(),
+        "lease_ttl_secs": m.config().lease_ttl.as_secs(),
+        "revision": view.revision,
+        "members": view.listed(),
+    }))
+    .into_response()
+}
+
 /// `GET /v1/images`: every image served, what it holds, and its pool.
 pub async fn images<B: Backend>(State(state): State<AppState<B>>) -> Response {
     let list: Vec<serde_json::Value> = state

@@ -57,6 +57,24 @@ impl Report {
         }
     }
 
+    /// [`Self::run`] for a blocking case (no timeout: its own waits are bounded).
+    pub fn run_sync(&mut self, name: &str, case: impl FnOnce() -> anyhow::Result<()>) {
+        if !self.wants(name) {
+            return;
+        }
+        let t = Instant::now();
+        match case() {
+            Ok(()) => {
+                println!("test {name} ... ok ({} ms)", t.elapsed().as_millis());
+                self.passed += 1;
+            }
+            Err(e) => {
+                println!("test {name} ... FAILED ({} ms)\n    {e:#}", t.elapsed().as_millis());
+                self.failed.push(name.to_string());
+            }
+        }
+    }
+
     pub fn fail(&mut self, name: &str, e: anyhow::Error) {
         println!("test {name} ... FAILED\n    {e:#}");
         self.failed.push(name.to_string());

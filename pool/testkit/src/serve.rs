@@ -43,6 +43,10 @@ pub struct ServeOptions {
     /// Its keys file (`EMBER_KEYS`); by default `keys.json` in the state
     /// directory, which no test writes: the server needs no key.
     pub keys_file: PathBuf,
+    /// Run it as PID 1 of a PID namespace of its own (`unshare --pid`), so
+    /// that [`EmberServe::kill_host`] takes its QEMUs with it, as the loss
+    /// of its host would.
+    pub pid_namespace: bool,
 }
 
 impl ServeOptions {
@@ -60,6 +64,7 @@ impl ServeOptions {
             sessions_dir: state_dir.join("sessions"),
             return_when_listening: false,
             keys_file: state_dir.join("keys.json"),
+            pid_namespace: false,
         }
     }
 }
@@ -74,6 +79,8 @@ pub struct EmberServe {
     lines: mpsc::Receiver<(Instant, String)>,
     /// When its ready line came.
     ready: Option<Instant>,
+    /// Its pid as the host sees it, when it runs below `unshare`.
+    inner: Option<u32>,
 }
 
 impl EmberServe {
@@ -82,13 +89,18 @@ impl EmberServe {
     pub fn start(opts: &ServeOptions) -> anyhow::Result<Self> {
         let log = std::fs::File::create(&opts.log_file)
             .with_context(|| format!("creating {}", opts.log_file.display()))?;
-        let mut command = match &opts.netns {
-            Some(ns) => {
+        let mut command = match (&opts.netns, opts.pid_namespace) {
+            (Some(ns), _) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(&opts.ember);
                 c
             }
-            None => Command::new(&opts.ember),
+            (None, true) => {
+                let mut c = Command::new("unshare");
+                c.args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]).arg(&opts.ember);
+                c
+            }
+            (None, false) => Command::new(&opts.ember),
         };
         let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
@@ -115,12 +127,15 @@ impl EmberServe {
             }
         });
         let mut addr = None;
+        // Below `unshare --fork`: the server is its only child.
+        let inner = opts.pid_namespace.then(|| child_of(child.id())).flatten();
         let mut serve = Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             state_dir: opts.state_dir.clone(),
             child,
             lines: rx,
             ready: None,
+            inner,
         };
         let deadline = Instant::now() + opts.ready_within;
         while serve.ready.is_none() && !(opts.return_when_listening && addr.is_some()) {
@@ -172,14 +187,23 @@ impl EmberServe {
         format!("http://{}", self.addr)
     }
 
-    /// The server's pid (its VMs run below it).
+    /// The server's pid (its VMs run below it), as the host sees it.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.inner.unwrap_or_else(|| self.child.id())
     }
 
     /// Ask it to drain and exit.
     pub fn terminate(&self) -> anyhow::Result<()> {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).context("SIGTERM to ember serve")?;
+        kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM).context("SIGTERM to ember serve")?;
+        Ok(())
+    }
+
+    /// The loss of its host: SIGKILL to its PID namespace (the server and
+    /// every QEMU with it), no drain. Only with `pid_namespace`.
+    pub fn kill_host(&mut self) -> anyhow::Result<()> {
+        ensure!(self.inner.is_some(), "kill_host needs a server started with pid_namespace");
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL).context("SIGKILL to its namespace")?;
+        let _ = self.child.wait();
         Ok(())
     }
 
@@ -216,10 +240,24 @@ impl EmberServe {
     }
 }
 
+/// The first child of process `pid`, waited for a moment (it forks first).
+fn child_of(pid: u32) -> Option<u32> {
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(c) = children.split_whitespace().next().and_then(|c| c.parse().ok()) {
+            return Some(c);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
 impl Drop for EmberServe {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
             let _ = self.child.wait();
         }
     }
