@@ -78,6 +78,10 @@ pub struct RawCluster {
     pub secret_file: Option<PathBuf>,
 }
 
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
 fn host_name() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "ember".into())
 }
@@ -445,8 +449,19 @@ impl RawConfig {
                     },
                 };
                 let c = ember_cluster::ClusterConfig {
-                    node: self.cluster.node.clone().unwrap_or_else(host_name),
-                    advertise: self.cluster.advertise.clone().unwrap_or_default(),
+                    // The file, else the environment (a DaemonSet's downward API), else defaults.
+                    node: self
+                        .cluster
+                        .node
+                        .clone()
+                        .or_else(|| env_var("EMBER_NODE_NAME"))
+                        .unwrap_or_else(host_name),
+                    advertise: self
+                        .cluster
+                        .advertise
+                        .clone()
+                        .or_else(|| env_var("EMBER_ADVERTISE"))
+                        .unwrap_or_default(),
                     etcd: self.cluster.etcd.clone(),
                     lease_ttl: self.cluster.lease_ttl.unwrap_or(Duration::from_secs(5)),
                     secret,

@@ -182,7 +182,54 @@ fn until_members(urls: &[&str], want: &[&str], within: Duration) -> anyhow::Resu
     }
 }
 
+/// The Kubernetes manifests against Kubernetes' schemas, offline and
+/// strict (kubernetes-validate, pinned, in a venv by `sdk.sh`); a broken
+/// copy (a string where a boolean goes, a misspelt field) is refused.
+fn the_manifests_validate_offline() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let k8s = root.join("deploy/k8s");
+    let out = Command::new(root.join("tests/e2b/sdk.sh")).arg(k8s.join("requirements.txt")).output()?;
+    ensure!(out.status.success(), "sdk.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let python = PathBuf::from(String::from_utf8(out.stdout)?.trim()).join("bin/python");
+    let validate = |files: &[PathBuf]| -> anyhow::Result<(bool, String)> {
+        let out = Command::new(&python)
+            .args(["-m", "kubernetes_validate", "--strict", "-k", "1.32.0"])
+            .args(files)
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        ))
+    };
+    let files = vec![k8s.join("ember.yaml"), k8s.join("etcd.yaml")];
+    let (ok, text) = validate(&files)?;
+    ensure!(ok && text.matches("passed").count() == 7, "{text}");
+    let dir = tempfile::tempdir()?;
+    let original = std::fs::read_to_string(&files[0])?;
+    for (from, to) in
+        [("hostNetwork: true", "hostNetwork: \"yes\""), ("privileged: true", "priviledged: true")]
+    {
+        ensure!(original.contains(from), "{from} not in ember.yaml");
+        let broken = dir.path().join("broken.yaml");
+        std::fs::write(&broken, original.replace(from, to))?;
+        let (ok, text) = validate(&[broken])?;
+        ensure!(!ok, "a broken manifest ({to}) passed: {text}");
+    }
+    Ok(())
+}
+
 fn suite(report: &mut Report) -> anyhow::Result<()> {
+    report.run_sync("the_manifests_validate_offline", the_manifests_validate_offline);
+    let node_cases = [
+        "every_node_lists_every_member_within_2_s",
+        "one_shot_calls_cost_no_etcd_operation",
+        "a_node_that_stops_leaves_the_cluster_at_once",
+        "a_lost_host_is_dropped_within_the_lease",
+        "the_last_node_leaves_nothing_in_etcd",
+    ];
+    if !report.wants_any(node_cases) {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let etcd = Etcd::start()?;
     let mut nodes = Vec::new();
