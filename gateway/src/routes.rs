@@ -2,6 +2,7 @@
 //! through [`ApiError`]; unknown paths and methods too.
 
 mod files;
+pub mod forward;
 mod info;
 mod ports;
 mod processes;
@@ -110,7 +111,15 @@ where
         .route("/healthz", get(info::healthz::<B>))
         .route("/readyz", get(info::readyz::<B>))
         .route("/metrics", get(info::metrics::<B>))
-        .route("/v1/run", post(run::run::<B>))
+        .route("/v1/run", {
+            let run = post(run::run::<B>);
+            // In a cluster with a secret: a call this node has no VM ready for
+            // goes to a member that has.
+            match access.cluster.clone().and_then(|m| forward::Forwarder::new(state.clone(), m)) {
+                Some(f) => run.layer(axum::middleware::from_fn_with_state(f, forward::one_shot::<B>)),
+                None => run,
+            }
+        })
         .route("/v1/pool", get(info::pool::<B>))
         .route(
             "/v1/cluster",

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod keys;
 pub mod membership;
+pub mod placement;
 pub mod view;
 
 pub use config::ClusterConfig;

@@ -107,14 +107,15 @@ struct Node {
 
 fn start_node(etcd: &Etcd, dir: &Path, name: &str) -> anyhow::Result<Node> {
     let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[pool]\nmin_size = 1\nmax_size = 2\ntarget_free = 1\n[images]\nbuild_on_start = false\n\
-             [cluster]\nnode = \"{name}\"\netcd = [\"{}\"]\nlease_ttl = \"{TTL_SECS}s\"\n",
-            etcd.endpoint
-        ),
-    )?;
+    let secret = dir.join("cluster.key");
+    std::fs::write(&secret, "a test cluster's shared secret\n")?;
+    let text = format!(
+        "[pool]\nmin_size = 1\nmax_size = 2\ntarget_free = 1\n[images]\nbuild_on_start = false\n\
+         [cluster]\nnode = \"{name}\"\netcd = [\"{}\"]\nlease_ttl = \"{TTL_SECS}s\"\nsecret_file = \"{}\"\n",
+        etcd.endpoint,
+        secret.display()
+    );
+    std::fs::write(&config, text)?;
     let state = std::env::temp_dir().join(STATE_DIR).join(name);
     let mut opts = ServeOptions::new(
         Path::new(env!("CARGO_BIN_EXE_ember")),
@@ -137,21 +138,33 @@ fn get(url: &str) -> anyhow::Result<Value> {
 }
 
 fn run_true(url: &str) -> anyhow::Result<u16> {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "30",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--json",
-            r#"{"cmd":"true"}"#,
-        ])
-        .arg(format!("{url}/v1/run"))
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0))
+    Ok(run_on(url)?.0)
+}
+
+fn curl(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("curl").args(["-sS", "--max-time", "60"]).args(args).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A `true` call sent to `url`: its status and the node it ran on.
+fn run_on(url: &str) -> anyhow::Result<(u16, String)> {
+    let run = format!("{url}/v1/run");
+    let text =
+        curl(&["-o", "/dev/null", "-D", "-", "-w", "%{http_code}", "--json", r#"{"cmd":"true"}"#, &run])?;
+    let node = text
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-ember-node:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    let code = text.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    Ok((code, node))
+}
+
+fn post(url: &str, body: &str) -> anyhow::Result<u16> {
+    Ok(curl(&["-o", "/dev/null", "-w", "%{http_code}", "--json", body, url])?.trim().parse().unwrap_or(0))
+}
+
+fn delete(url: &str) -> anyhow::Result<u16> {
+    Ok(curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE", url])?.trim().parse().unwrap_or(0))
 }
 
 /// The member names `url`'s node lists.
@@ -223,6 +236,8 @@ fn suite(report: &mut Report) -> anyhow::Result<()> {
     let node_cases = [
         "every_node_lists_every_member_within_2_s",
         "one_shot_calls_cost_no_etcd_operation",
+        "calls_run_where_they_arrive_when_a_vm_is_ready",
+        "a_busy_node_forwards_to_a_member_with_room",
         "a_node_that_stops_leaves_the_cluster_at_once",
         "a_lost_host_is_dropped_within_the_lease",
         "the_last_node_leaves_nothing_in_etcd",
@@ -263,6 +278,44 @@ fn suite(report: &mut Report) -> anyhow::Result<()> {
         let bound = (3.0 * secs.ceil()) as i64 + 3;
         println!("    {calls} calls in {secs:.1} s: etcd revision +{grew} (load records; bound {bound})");
         ensure!(grew <= bound, "etcd grew by {grew} for {calls} calls in {secs:.1} s");
+        Ok(())
+    });
+
+    report.run_sync("calls_run_where_they_arrive_when_a_vm_is_ready", || {
+        let (mut here, mut total) = (0, 0);
+        for i in 0..15 {
+            let (code, node) = run_on(&urls[i % 3])?;
+            ensure!(code == 200, "call {i}: {code}");
+            total += 1;
+            here += usize::from(node == format!("n{}", i % 3 + 1));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        println!("    {here}/{total} calls ran on the node they were sent to");
+        ensure!(here * 10 >= total * 8, "only {here} of {total} ran where they arrived");
+        Ok(())
+    });
+
+    report.run_sync("a_busy_node_forwards_to_a_member_with_room", || {
+        // n1's two VMs held by two sessions (session calls stay where they are).
+        for k in ["hold-1", "hold-2"] {
+            let code = post(&format!("{}/v1/sessions", urls[0]), &format!(r#"{{"key": "{k}"}}"#))?;
+            ensure!(code == 201, "opening {k} on n1: {code}");
+        }
+        // The load n1 publishes says so within about a second.
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut ran = std::collections::BTreeMap::<String, usize>::new();
+        let t = Instant::now();
+        for i in 0..8 {
+            let (code, node) = run_on(&urls[0])?;
+            ensure!(code == 200, "call {i} to the busy n1: {code}");
+            *ran.entry(node).or_default() += 1;
+        }
+        println!("    8 calls to a busy n1 ran on {ran:?} in {:.1} s", t.elapsed().as_secs_f64());
+        ensure!(ran.get("n1").copied().unwrap_or(0) == 0, "a call ran on the full n1: {ran:?}");
+        ensure!(ran.keys().all(|n| n == "n2" || n == "n3"), "{ran:?}");
+        for k in ["hold-1", "hold-2"] {
+            ensure!(delete(&format!("{}/v1/sessions/{k}", urls[0]))? == 204);
+        }
         Ok(())
     });
 

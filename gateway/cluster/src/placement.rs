@@ -1,0 +1,178 @@
+//! Where a one-shot call runs: here when this node has a VM ready for it,
+//! else on the better of K members sampled from the published loads (best
+//! of K, as E2B places sandboxes: sampling keeps every node from piling on
+//! the one that looks best in stale figures), and here again when no one is
+//! better. A pure function over a [`View`]; the caller forwards.
+
+use crate::view::View;
+
+/// Members sampled per placement.
+pub const K: usize = 2;
+
+/// Where to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Local,
+    /// Forward to these, in order (the second is tried once if the first
+    /// refuses with a 429 or cannot be reached).
+    Forward(Vec<Target>),
+}
+
+/// A member to forward to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub node: String,
+    pub addr: String,
+}
+
+/// What this node knows of its own state for the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Here {
+    /// VMs of the image ready now.
+    pub ready: usize,
+    /// VMs it could still make for the image.
+    pub free: usize,
+}
+
+/// Choose for a call of `image` on node `me`. `inflight(node)` is how many
+/// calls this node forwarded there and has not had answered (counted
+/// against the member's published room); `pick(n)` is a random index below
+/// `n` (injected, so tests are exact).
+pub fn place(
+    view: &View,
+    me: &str,
+    image: &str,
+    here: Here,
+    inflight: impl Fn(&str) -> usize,
+    mut pick: impl FnMut(usize) -> usize,
+) -> Placement {
+    if here.ready > 0 {
+        return Placement::Local;
+    }
+    // Members that serve the image and have room, this one aside: (VMs
+    // ready for this call, room), less what this node already sent there.
+    let mut candidates: Vec<((usize, usize), Target)> = view
+        .members
+        .iter()
+        .filter(|(name, m)| name.as_str() != me && !m.draining)
+        .filter_map(|(name, m)| {
+            let load = view.loads.get(name)?.images.get(image)?;
+            let sent = inflight(name);
+            let ready = load.ready.saturating_sub(sent);
+            let room = (load.ready + load.free).saturating_sub(sent);
+            (room > 0).then(|| ((ready, room), Target { node: name.clone(), addr: m.addr.clone() }))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Placement::Local;
+    }
+    // Best of K sampled (all of them when there are no more than K): a
+    // ready VM first, then the most room.
+    let mut sampled = Vec::with_capacity(K);
+    while sampled.len() < K && !candidates.is_empty() {
+        let i = pick(candidates.len()) % candidates.len();
+        sampled.push(candidates.swap_remove(i));
+    }
+    sampled.sort_by(|a, b| {
+        let key = |c: &((usize, usize), Target)| (c.0 .0 > 0, c.0 .1);
+        key(b).cmp(&key(a)).then_with(|| a.1.node.cmp(&b.1.node))
+    });
+    // Here is as good when it can make a VM and the best has none ready.
+    if here.free > 0 && sampled[0].0 .0 == 0 {
+        return Placement::Local;
+    }
+    Placement::Forward(sampled.into_iter().map(|(_, t)| t).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::{ImageLoad, Load, Member};
+
+    fn view(nodes: &[(&str, usize, usize, bool)]) -> View {
+        let mut v = View::default();
+        for &(name, ready, free, draining) in nodes {
+            v.members.insert(
+                name.into(),
+                Member {
+                    node: name.into(),
+                    addr: format!("{name}:8080"),
+                    incarnation: 1,
+                    version: "0".into(),
+                    started: String::new(),
+                    draining,
+                },
+            );
+            let mut load = Load::default();
+            load.images.insert("default".into(), ImageLoad { ready, free, sessions: 0 });
+            v.loads.insert(name.into(), load);
+        }
+        v
+    }
+
+    fn nodes(p: &Placement) -> Vec<&str> {
+        match p {
+            Placement::Local => vec!["local"],
+            Placement::Forward(t) => t.iter().map(|t| t.node.as_str()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_ready_vm_here_wins() {
+        let v = view(&[("a", 1, 0, false), ("b", 5, 5, false)]);
+        assert_eq!(place(&v, "a", "default", Here { ready: 1, free: 0 }, |_| 0, |_| 0), Placement::Local);
+    }
+
+    #[test]
+    fn a_full_node_forwards_to_the_better_of_two() {
+        let v = view(&[("a", 0, 0, false), ("b", 0, 1, false), ("c", 2, 0, false)]);
+        let p = place(&v, "a", "default", Here { ready: 0, free: 0 }, |_| 0, |_| 0);
+        assert_eq!(nodes(&p), ["c", "b"]);
+    }
+
+    #[test]
+    fn draining_full_and_other_image_members_are_not_candidates() {
+        let mut v = view(&[("a", 0, 0, false), ("b", 3, 0, true), ("c", 0, 0, false)]);
+        v.loads.get_mut("c").unwrap().images.clear();
+        let p = place(&v, "a", "default", Here { ready: 0, free: 0 }, |_| 0, |_| 0);
+        assert_eq!(p, Placement::Local, "no one has room: here (it queues or says 429)");
+    }
+
+    #[test]
+    fn forwards_not_yet_answered_use_up_a_members_room() {
+        let v = view(&[("a", 0, 0, false), ("b", 1, 0, false), ("c", 0, 1, false)]);
+        let p = place(&v, "a", "default", Here { ready: 0, free: 0 }, |n| usize::from(n == "b"), |_| 0);
+        assert_eq!(nodes(&p), ["c"]);
+    }
+
+    #[test]
+    fn here_with_room_stays_unless_another_has_a_vm_ready() {
+        let v = view(&[("a", 0, 1, false), ("b", 0, 2, false)]);
+        assert_eq!(place(&v, "a", "default", Here { ready: 0, free: 1 }, |_| 0, |_| 0), Placement::Local);
+        let v = view(&[("a", 0, 1, false), ("b", 1, 0, false)]);
+        let p = place(&v, "a", "default", Here { ready: 0, free: 1 }, |_| 0, |_| 0);
+        assert_eq!(nodes(&p), ["b"]);
+    }
+
+    #[test]
+    fn sampling_spreads_over_equal_members() {
+        let v = view(&[("a", 0, 0, false), ("b", 1, 0, false), ("c", 1, 0, false), ("d", 1, 0, false)]);
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..12 {
+            let mut s = seed;
+            let p = place(
+                &v,
+                "a",
+                "default",
+                Here { ready: 0, free: 0 },
+                |_| 0,
+                |n| {
+                    s = s * 7 + 3;
+                    s % n
+                },
+            );
+            seen.insert(nodes(&p)[0].to_string());
+        }
+        assert!(seen.len() >= 2, "always the same member: {seen:?}");
+    }
+}
