@@ -45,16 +45,7 @@ impl Report {
                 "did not finish within {limit:?} (EMBER_CASE_TIMEOUT_SECS): a hung host part, say zfs-fuse"
             )),
         };
-        match outcome {
-            Ok(()) => {
-                println!("test {name} ... ok ({} ms)", t.elapsed().as_millis());
-                self.passed += 1;
-            }
-            Err(e) => {
-                println!("test {name} ... FAILED ({} ms)\n    {e:#}", t.elapsed().as_millis());
-                self.failed.push(name.to_string());
-            }
-        }
+        self.record(name, t, outcome);
     }
 
     /// [`Self::run`] for a blocking case (no timeout: its own waits are bounded).
@@ -63,13 +54,18 @@ impl Report {
             return;
         }
         let t = Instant::now();
-        match case() {
+        let outcome = case();
+        self.record(name, t, outcome);
+    }
+
+    fn record(&mut self, name: &str, started: Instant, outcome: anyhow::Result<()>) {
+        match outcome {
             Ok(()) => {
-                println!("test {name} ... ok ({} ms)", t.elapsed().as_millis());
+                println!("test {name} ... ok ({} ms)", started.elapsed().as_millis());
                 self.passed += 1;
             }
             Err(e) => {
-                println!("test {name} ... FAILED ({} ms)\n    {e:#}", t.elapsed().as_millis());
+                println!("test {name} ... FAILED ({} ms)\n    {e:#}", started.elapsed().as_millis());
                 self.failed.push(name.to_string());
             }
         }
