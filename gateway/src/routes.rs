@@ -107,6 +107,8 @@ where
 {
     let e2b = access.e2b.clone();
     let with_e2b = e2b.is_some();
+    // One forwarder for every route it serves (its unanswered-forward counts are shared).
+    let forwarder = access.cluster.clone().and_then(|m| forward::Forwarder::new(state.clone(), m));
     let ember = Router::new()
         .route("/healthz", get(info::healthz::<B>))
         .route("/readyz", get(info::readyz::<B>))
@@ -115,7 +117,7 @@ where
             let run = post(run::run::<B>);
             // In a cluster with a secret: a call this node has no VM ready for
             // goes to a member that has.
-            match access.cluster.clone().and_then(|m| forward::Forwarder::new(state.clone(), m)) {
+            match forwarder.clone() {
                 Some(f) => run.layer(axum::middleware::from_fn_with_state(f, forward::one_shot::<B>)),
                 None => run,
             }
@@ -153,7 +155,14 @@ where
         .route("/v1/sessions/{key}/ports/{port}/", any(ports::root::<B>))
         .route("/v1/sessions/{key}/ports/{port}/{*path}", any(ports::path::<B>))
         .route("/v1/functions", get(info::functions::<B>))
-        .route("/v1/functions/{name}", post(run::function::<B>));
+        .route("/v1/functions/{name}", {
+            let call = post(run::function::<B>);
+            // A function's calls go where its warm VMs are (or to its home).
+            match forwarder.clone() {
+                Some(f) => call.layer(axum::middleware::from_fn_with_state(f, forward::one_shot::<B>)),
+                None => call,
+            }
+        });
     let ember = match access.mcp.clone() {
         Some(config) => {
             ember.nest_service("/mcp", ember_mcp::service(state.clone(), config, state.drain_token()))

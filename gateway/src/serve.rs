@@ -257,7 +257,8 @@ fn cluster_load(state: &AppState<VmBackend>) -> ember_cluster::Load {
             let s = pool.status();
             let used = s.ready + s.booting + s.claimed + s.resetting + s.sessions;
             let free = pool.config().max_size.saturating_sub(used);
-            (name.to_string(), ember_cluster::ImageLoad { ready: s.ready, free, sessions: s.sessions })
+            let warm = s.warm_sets.clone();
+            (name.to_string(), ember_cluster::ImageLoad { ready: s.ready, free, sessions: s.sessions, warm })
         })
         .collect();
     let running = state.limits.max_concurrent_requests.saturating_sub(state.permits.available_permits());

@@ -84,6 +84,80 @@ pub fn place(
     Placement::Forward(sampled.into_iter().map(|(_, t)| t).collect())
 }
 
+/// Choose for a call of function warm set `set` (of `image`): here when a
+/// VM warm for it is ready here; else the members with VMs warm for it,
+/// most first; else as [`place`] does, but with the members ranked by a
+/// rendezvous hash of the set instead of sampled, so that a function's
+/// calls gather on one home node and its VMs stay warm there.
+pub fn place_function(
+    view: &View,
+    me: &str,
+    image: &str,
+    set: &str,
+    here: Here,
+    warm_here: usize,
+    inflight: impl Fn(&str) -> usize,
+) -> Placement {
+    if warm_here > 0 {
+        return Placement::Local;
+    }
+    let live = |name: &String, m: &crate::view::Member| name.as_str() != me && !m.draining;
+    let mut warm: Vec<(usize, Target)> = view
+        .members
+        .iter()
+        .filter(|(name, m)| live(name, m))
+        .filter_map(|(name, m)| {
+            let w = view
+                .loads
+                .get(name)?
+                .images
+                .get(image)?
+                .warm
+                .get(set)
+                .copied()?
+                .saturating_sub(inflight(name));
+            (w > 0).then(|| (w, Target { node: name.clone(), addr: m.addr.clone() }))
+        })
+        .collect();
+    if !warm.is_empty() {
+        warm.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.node.cmp(&b.1.node)));
+        return Placement::Forward(warm.into_iter().take(K).map(|(_, t)| t).collect());
+    }
+    if here.ready > 0 {
+        return Placement::Local;
+    }
+    // The set's home: the highest hash of (set, node) among this node and
+    // the members with room.
+    let mut ranked: Vec<(u64, Option<Target>)> = view
+        .members
+        .iter()
+        .filter(|(name, m)| live(name, m))
+        .filter_map(|(name, m)| {
+            let load = view.loads.get(name)?.images.get(image)?;
+            let room = (load.ready + load.free).saturating_sub(inflight(name));
+            (room > 0)
+                .then(|| (rendezvous(set, name), Some(Target { node: name.clone(), addr: m.addr.clone() })))
+        })
+        .collect();
+    if here.free > 0 {
+        ranked.push((rendezvous(set, me), None));
+    }
+    ranked.sort_by_key(|r| std::cmp::Reverse(r.0));
+    match ranked.first() {
+        None | Some((_, None)) => Placement::Local,
+        Some(_) => Placement::Forward(ranked.into_iter().map_while(|(_, t)| t).take(K).collect()),
+    }
+}
+
+/// A stable hash of a function set and a node (every node computes the
+/// same ranking).
+fn rendezvous(set: &str, node: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (set, node).hash(&mut h);
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,7 +178,8 @@ mod tests {
                 },
             );
             let mut load = Load::default();
-            load.images.insert("default".into(), ImageLoad { ready, free, sessions: 0 });
+            load.images
+                .insert("default".into(), ImageLoad { ready, free, sessions: 0, warm: Default::default() });
             v.loads.insert(name.into(), load);
         }
         v
@@ -152,6 +227,42 @@ mod tests {
         let v = view(&[("a", 0, 1, false), ("b", 1, 0, false)]);
         let p = place(&v, "a", "default", Here { ready: 0, free: 1 }, |_| 0, |_| 0);
         assert_eq!(nodes(&p), ["b"]);
+    }
+
+    #[test]
+    fn a_function_goes_where_its_warm_vms_are() {
+        let mut v = view(&[("a", 1, 1, false), ("b", 1, 1, false), ("c", 1, 1, false)]);
+        v.loads.get_mut("c").unwrap().images.get_mut("default").unwrap().warm.insert("f".into(), 2);
+        let here = Here { ready: 1, free: 1 };
+        assert_eq!(place_function(&v, "a", "default", "f", here, 1, |_| 0), Placement::Local, "warm here");
+        assert_eq!(nodes(&place_function(&v, "a", "default", "f", here, 0, |_| 0)), ["c"]);
+        // Its warm VMs all taken by this node's own forwards: placed as any call.
+        assert_eq!(
+            place_function(&v, "a", "default", "f", here, 0, |n| if n == "c" { 2 } else { 0 }),
+            Placement::Local
+        );
+    }
+
+    #[test]
+    fn without_warm_vms_a_function_has_one_home_every_node_agrees_on() {
+        let v = view(&[("a", 0, 1, false), ("b", 0, 1, false), ("c", 0, 1, false)]);
+        let here = Here { ready: 0, free: 1 };
+        let homes: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|me| match place_function(&v, me, "default", "wordfreq", here, 0, |_| 0) {
+                Placement::Local => me.to_string(),
+                Placement::Forward(t) => t[0].node.clone(),
+            })
+            .collect();
+        assert!(homes.iter().all(|h| *h == homes[0]), "nodes disagree on the home: {homes:?}");
+        // Other functions spread over other homes.
+        let spread: std::collections::BTreeSet<String> = (0..20)
+            .map(|i| match place_function(&v, "a", "default", &format!("fn{i}"), here, 0, |_| 0) {
+                Placement::Local => "a".to_string(),
+                Placement::Forward(t) => t[0].node.clone(),
+            })
+            .collect();
+        assert!(spread.len() >= 2, "every function had the same home: {spread:?}");
     }
 
     #[test]

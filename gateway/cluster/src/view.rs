@@ -30,6 +30,9 @@ pub struct ImageLoad {
     /// VMs it could still make (max_size - all it has).
     pub free: usize,
     pub sessions: usize,
+    /// Ready VMs per function warm set (scrubbed after serving it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub warm: BTreeMap<String, usize>,
 }
 
 /// A node's load record (`load/{node}`).

@@ -224,26 +224,33 @@ pub async fn one_shot<B: Backend>(State(f): State<Arc<Forwarder<B>>>, req: Reque
             .into_response()
         }
     };
-    let image = image_of(parts.uri.query(), &body);
-    let here = match f.state.pools.get(image.as_deref()) {
+    // A function's calls: its image, and its warm set (the caller's).
+    let function = parts.uri.path().strip_prefix("/v1/functions/").map(str::to_string);
+    let (image, set) = match &function {
+        Some(name) => {
+            let image = f.state.functions.get(name).and_then(|func| func.image.clone());
+            let caller = parts.extensions.get::<ember_service::Caller>();
+            (image, caller.map(|c| c.function_set(name)))
+        }
+        None => (image_of(parts.uri.query(), &body), None),
+    };
+    let (here, warm_here) = match f.state.pools.get(image.as_deref()) {
         Ok((_, pool)) => {
             let s = pool.status();
             let used = s.ready + s.booting + s.claimed + s.resetting + s.sessions;
-            Here { ready: s.ready, free: pool.config().max_size.saturating_sub(used) }
+            let warm = set.as_ref().and_then(|k| s.warm_sets.get(k).copied()).unwrap_or(0);
+            (Here { ready: s.ready, free: pool.config().max_size.saturating_sub(used) }, warm)
         }
         // An image this node does not serve: its own error, here.
-        Err(_) => Here { ready: 1, free: 0 },
+        Err(_) => (Here { ready: 1, free: 0 }, 0),
     };
     let image_name = image.unwrap_or_else(|| f.state.pools.default_name().to_string());
     let view = f.member.view();
-    let plan = placement::place(
-        &view,
-        &me,
-        &image_name,
-        here,
-        |n| f.inflight.get(n).map_or(0, |c| *c),
-        |n| f.pick(n),
-    );
+    let inflight = |n: &str| f.inflight.get(n).map_or(0, |c| *c);
+    let plan = match &set {
+        Some(set) => placement::place_function(&view, &me, &image_name, set, here, warm_here, inflight),
+        None => placement::place(&view, &me, &image_name, here, inflight, |n| f.pick(n)),
+    };
     if let Placement::Forward(targets) = plan {
         for target in &targets {
             match f.send(target, &parts, body.clone()).await {

@@ -109,9 +109,11 @@ fn start_node(etcd: &Etcd, dir: &Path, name: &str) -> anyhow::Result<Node> {
     let config = dir.join(format!("{name}.toml"));
     let secret = dir.join("cluster.key");
     std::fs::write(&secret, "a test cluster's shared secret\n")?;
+    let functions = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions-examples").canonicalize()?;
     let text = format!(
-        "[pool]\nmin_size = 1\nmax_size = 2\ntarget_free = 1\n[images]\nbuild_on_start = false\n\
+        "[gateway]\nfunctions_dir = \"{}\"\n[pool]\nmin_size = 1\nmax_size = 2\ntarget_free = 1\n[images]\nbuild_on_start = false\n\
          [cluster]\nnode = \"{name}\"\netcd = [\"{}\"]\nlease_ttl = \"{TTL_SECS}s\"\nsecret_file = \"{}\"\n",
+        functions.display(),
         etcd.endpoint,
         secret.display()
     );
@@ -148,9 +150,12 @@ fn curl(args: &[&str]) -> anyhow::Result<String> {
 
 /// A `true` call sent to `url`: its status and the node it ran on.
 fn run_on(url: &str) -> anyhow::Result<(u16, String)> {
-    let run = format!("{url}/v1/run");
-    let text =
-        curl(&["-o", "/dev/null", "-D", "-", "-w", "%{http_code}", "--json", r#"{"cmd":"true"}"#, &run])?;
+    call_on(&format!("{url}/v1/run"), r#"{"cmd":"true"}"#)
+}
+
+/// A POST of `body` to `url`: its status and the node it ran on.
+fn call_on(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let text = curl(&["-o", "/dev/null", "-D", "-", "-w", "%{http_code}", "--json", body, url])?;
     let node = text
         .lines()
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-ember-node:").map(|v| v.trim().to_string()))
@@ -238,6 +243,7 @@ fn suite(report: &mut Report) -> anyhow::Result<()> {
         "one_shot_calls_cost_no_etcd_operation",
         "calls_run_where_they_arrive_when_a_vm_is_ready",
         "a_busy_node_forwards_to_a_member_with_room",
+        "a_functions_calls_gather_where_it_is_warm",
         "a_node_that_stops_leaves_the_cluster_at_once",
         "a_lost_host_is_dropped_within_the_lease",
         "the_last_node_leaves_nothing_in_etcd",
@@ -316,6 +322,38 @@ fn suite(report: &mut Report) -> anyhow::Result<()> {
         for k in ["hold-1", "hold-2"] {
             ensure!(delete(&format!("{}/v1/sessions/{k}", urls[0]))? == 204);
         }
+        Ok(())
+    });
+
+    report.run_sync("a_functions_calls_gather_where_it_is_warm", || {
+        // Each call's VM is scrubbed back warm for the function where it
+        // ran; a node without one sends the next call to a node with one.
+        let mut ran = std::collections::BTreeMap::<String, usize>::new();
+        let (mut warm, mut counted) = (0, 0);
+        for i in 0..12 {
+            let url = format!("{}/v1/functions/wordfreq", urls[i % 3]);
+            let text = curl(&["-D", "-", "-w", "\n%{http_code}", "--json", "a b a", &url])?;
+            let mut lines: Vec<&str> = text.lines().collect();
+            let code: u16 = lines.pop().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+            let body: Value = serde_json::from_str(lines.pop().unwrap_or("{}")).unwrap_or_default();
+            ensure!(code == 200, "wordfreq call {i}: {code} {body}");
+            let node = lines
+                .iter()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("x-ember-node:").map(|v| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            *ran.entry(node).or_default() += 1;
+            if i >= 4 {
+                counted += 1;
+                warm += usize::from(body["warm"] == true);
+            }
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        println!(
+            "    12 wordfreq calls sent round-robin ran on {ran:?}; {warm}/{counted} of the last were warm"
+        );
+        ensure!(warm * 10 >= counted * 7, "only {warm} of {counted} function calls found a warm VM: {ran:?}");
         Ok(())
     });
 
